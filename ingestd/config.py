@@ -1,0 +1,235 @@
+"""Settings: one TOML file, every key overridable from the environment.
+
+The file is `--config PATH` (or `$INGESTD_CONFIG`). Any key can be overridden
+as `INGESTD_<SECTION>__<KEY>`, e.g. `INGESTD_MQTT__PORT=18830`. Every key is
+documented once, in `config/ingestd.toml`; this model must match it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from ingestd.errors import ConfigError
+from ingestd.routes import CompiledRoute, RouteSpecError, RouteTable, compile_route
+
+ENV_PREFIX = "INGESTD_"
+ENV_CONFIG = "INGESTD_CONFIG"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DaemonSettings(Section):
+    stop_timeout: float = Field(10.0, gt=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+
+class TlsSettings(Section):
+    enabled: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    insecure: bool = False
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TlsSettings:
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set but cert_file is not; set both or neither")
+        return self
+
+
+class MqttSettings(Section):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str = Field("ingestd", min_length=1, max_length=65535)
+    username: str | None = None
+    password: SecretStr | None = None
+    keepalive: int = Field(30, ge=5, le=65535)
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    persistent_session: bool = True
+    session_expiry: int = Field(86400, ge=0)
+    ack: Literal["after_commit", "on_receive"] = "after_commit"
+    max_inflight: int = Field(1000, ge=1, le=65535)
+    broker_max_inflight: int = Field(20, ge=0, le=65535)
+    shared_group: str = Field("", pattern=r"^[^/+#]*$")
+    reconnect_min_delay: float = Field(0.5, gt=0)
+    reconnect_max_delay: float = Field(30.0, gt=0)
+    tls: TlsSettings = TlsSettings()
+
+    @model_validator(mode="after")
+    def _delays_ordered(self) -> MqttSettings:
+        if self.reconnect_max_delay < self.reconnect_min_delay:
+            raise ValueError("reconnect_max_delay must not be below reconnect_min_delay")
+        return self
+
+
+class RouteSettings(Section):
+    topic: str = Field(min_length=1)
+    qos: Literal[0, 1, 2] = 1
+    format: Literal["json", "value"] = "json"
+    sensor: str = "{sensor}"
+    metric: str | None = None
+    timestamp_field: str = "ts"
+
+    @model_validator(mode="after")
+    def _compiles(self) -> RouteSettings:
+        try:
+            self.compile()
+        except RouteSpecError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def compile(self, index: int = 0) -> CompiledRoute:
+        return compile_route(
+            self.topic, self.sensor, self.effective_metric, self.format,
+            self.timestamp_field, index,
+        )
+
+    @property
+    def effective_metric(self) -> str:
+        if self.metric is not None:
+            return self.metric
+        return "{field}" if self.format == "json" else "{metric}"
+
+
+class Limit(Section):
+    min: float | None = None
+    max: float | None = None
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Limit:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        return self
+
+
+class ProcessorSettings(Section):
+    limits: dict[str, Limit] = Field(default_factory=dict)
+
+
+class BusSettings(Section):
+    stage_queue_size: int = Field(16, ge=1)
+    observer_queue_size: int = Field(256, ge=1)
+
+
+class BatchSettings(Section):
+    max_readings: int = Field(5000, ge=1)
+    max_delay_ms: int = Field(200, ge=0)
+
+
+class StoreSettings(Section):
+    path: Path = Path("/var/lib/ingestd/ingestd.db")
+    synchronous: Literal["full", "normal"] = "full"
+    busy_timeout_ms: int = Field(1000, ge=0)
+    retry_min_delay: float = Field(0.1, gt=0)
+    retry_max_delay: float = Field(5.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    daemon: DaemonSettings = DaemonSettings()
+    mqtt: MqttSettings = MqttSettings()
+    routes: list[RouteSettings] = Field(default_factory=list)
+    processor: ProcessorSettings = ProcessorSettings()
+    bus: BusSettings = BusSettings()
+    batch: BatchSettings = BatchSettings()
+    store: StoreSettings = StoreSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The file's content arrives as init data; the environment overrides it.
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _needs_routes(self) -> Settings:
+        if not self.routes:
+            raise ValueError("no [[routes]] configured: ingestd would subscribe to nothing")
+        return self
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read, merge and validate the configuration; raise ConfigError naming the key."""
+    env = os.environ
+    if path is None and env.get(ENV_CONFIG):
+        path = Path(env[ENV_CONFIG])
+    data: dict[str, Any] = {}
+    where = "defaults"
+    if path is not None:
+        where = str(path)
+        try:
+            with path.open("rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, where, env)) from None
+
+
+def _describe(exc: ValidationError, where: str, env: Mapping[str, str]) -> str:
+    lines = [f"{where}: invalid configuration ({exc.error_count()} problem(s)):"]
+    for err in exc.errors(include_url=False):
+        loc = err["loc"]
+        key = _dotted(loc)
+        env_name = ENV_PREFIX + "__".join(str(p).upper() for p in loc if isinstance(p, str))
+        origin = f" (from environment variable {env_name})" if env_name in env else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling against config/ingestd.toml)"
+        got = ""
+        if "input" in err and err["type"] not in ("missing", "extra_forbidden"):
+            got = f" (got {_short(err['input'])})"
+        lines.append(f"  {key or '<top level>'}: {msg}{got}{origin}")
+    return "\n".join(lines)
+
+
+def _dotted(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else part
+    return out
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def effective_settings_json(settings: Settings) -> str:
+    """The merged settings as JSON, secrets masked; what `check-config` prints."""
+    return json.dumps(settings.model_dump(mode="json"), indent=2, sort_keys=False)
+
+
+def route_table(settings: Settings) -> RouteTable:
+    return RouteTable([r.compile(i) for i, r in enumerate(settings.routes)])

@@ -1,0 +1,185 @@
+"""Payload decoders: bytes in, readings out, or a DecodeError saying why not.
+
+Pure functions of their input: no I/O, no clock (the receive time is passed in).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+import msgspec
+
+from ingestd.errors import DecodeError
+from ingestd.events import Reading, Rejected
+from ingestd.routes import RouteMatch, RouteTable
+
+# Device clocks in seconds: 1970 .. 2286. A larger number is almost always
+# milliseconds or microseconds sent where seconds were expected.
+_TS_MAX = 1e10
+_json_decode = msgspec.json.Decoder().decode
+_NUMBER = re.compile(rb"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
+
+
+def parse_timestamp(raw: Any) -> float:
+    """Unix seconds (int or float) or an ISO 8601 string; naive times are UTC."""
+    if isinstance(raw, bool):
+        raise DecodeError(f"timestamp must be a number or an ISO 8601 string, got {raw!r}")
+    if isinstance(raw, int | float):
+        ts = float(raw)
+    elif isinstance(raw, str):
+        try:
+            dt = datetime.fromisoformat(raw)
+        except ValueError:
+            raise DecodeError(f"timestamp {raw[:64]!r} is not ISO 8601") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=UTC)
+        ts = dt.timestamp()
+    else:
+        raise DecodeError(
+            f"timestamp must be a number or an ISO 8601 string, got {type(raw).__name__}"
+        )
+    if not math.isfinite(ts) or ts < 0:
+        raise DecodeError(f"timestamp {raw!r} is out of range")
+    if ts >= _TS_MAX:
+        raise DecodeError(
+            f"timestamp {raw!r} is too large for Unix seconds (milliseconds sent as seconds?)"
+        )
+    return ts
+
+
+def decode_value(payload: bytes) -> float:
+    """A plain number (`21.5`), or `true`/`false` as 1/0."""
+    text = payload.strip()
+    if text in (b"true", b"false"):
+        return 1.0 if text == b"true" else 0.0
+    if not _NUMBER.match(text):
+        shown = payload[:32].decode("utf-8", "backslashreplace")
+        raise DecodeError(f"payload is not a number: {shown!r}")
+    value = float(text)
+    if not math.isfinite(value):
+        raise DecodeError("value is not a finite number")
+    return value
+
+
+def decode_json_fields(
+    payload: bytes, ts_field: str
+) -> tuple[float | None, list[tuple[str, float]], list[str]]:
+    """A JSON object of numeric fields with an optional timestamp field.
+
+    Returns (device timestamp or None, [(field, value)], [problems with single fields]).
+    A payload that is not such an object at all raises DecodeError.
+    """
+    try:
+        doc = _json_decode(payload)
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"payload is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise DecodeError(f"JSON payload is not an object (got {_json_type(doc)})")
+    ts: float | None = None
+    fields: list[tuple[str, float]] = []
+    problems: list[str] = []
+    for key, raw in doc.items():
+        if key == ts_field:
+            ts = parse_timestamp(raw)
+            continue
+        value = _number(raw)
+        if value is None:
+            problems.append(f"field {key!r} is not a finite number (got {_json_type(raw)})")
+        else:
+            fields.append((key, value))
+    if not fields and not problems:
+        raise DecodeError("JSON object has no numeric fields")
+    return ts, fields, problems
+
+
+def _number(raw: Any) -> float | None:
+    if isinstance(raw, bool):
+        return 1.0 if raw else 0.0
+    if isinstance(raw, float):
+        return raw if math.isfinite(raw) else None
+    if isinstance(raw, int):
+        try:
+            value = float(raw)
+        except OverflowError:
+            return None
+        return value
+    return None
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return "object"
+
+
+def decode_message(
+    table: RouteTable,
+    topic: str,
+    payload: bytes,
+    received_at: float,
+    readings: list[Reading],
+    rejected: list[Rejected],
+) -> None:
+    """Decode one message, appending to `readings` and `rejected`."""
+    match = table.match(topic)
+    if match is None:
+        rejected.append(Rejected(topic, payload, "no route matches this topic", received_at))
+        return
+    if not match.sensor:
+        rejected.append(Rejected(topic, payload, "topic gives an empty sensor id", received_at))
+        return
+    try:
+        if match.format == "json":
+            _decode_json(match, topic, payload, received_at, readings, rejected)
+        else:
+            if not match.metric_prefix:
+                raise DecodeError("topic gives an empty metric name")
+            value = decode_value(payload)
+            readings.append(Reading(match.sensor, match.metric_prefix, received_at, value, topic))
+    except DecodeError as exc:
+        rejected.append(Rejected(topic, payload, str(exc), received_at))
+
+
+def _decode_json(
+    match: RouteMatch,
+    topic: str,
+    payload: bytes,
+    received_at: float,
+    readings: list[Reading],
+    rejected: list[Rejected],
+) -> None:
+    ts, fields, problems = decode_json_fields(payload, match.ts_field)
+    when = received_at if ts is None else ts
+    sensor, prefix, suffix = match.sensor, match.metric_prefix, match.metric_suffix
+    if not prefix and not suffix:
+        readings.extend([Reading(sensor, name, when, value, topic) for name, value in fields])
+    else:
+        readings.extend(
+            [Reading(sensor, prefix + name + suffix, when, value, topic) for name, value in fields]
+        )
+    if problems:
+        rejected.append(Rejected(topic, payload, "; ".join(problems), received_at))
+
+
+def decode_all(
+    table: RouteTable,
+    deliveries: Iterable[tuple[str, bytes, float]],
+) -> tuple[list[Reading], list[Rejected]]:
+    """Decode a chunk of (topic, payload, received_at) deliveries."""
+    readings: list[Reading] = []
+    rejected: list[Rejected] = []
+    for topic, payload, received_at in deliveries:
+        decode_message(table, topic, payload, received_at, readings, rejected)
+    return readings, rejected

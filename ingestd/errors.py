@@ -1,0 +1,40 @@
+"""The one exception hierarchy of ingestd.
+
+Messages are for the operator: they say what is wrong, where (file, key, topic)
+and, where it helps, what to do.
+"""
+
+from __future__ import annotations
+
+import os
+
+EX_CONFIG = os.EX_CONFIG if hasattr(os, "EX_CONFIG") else 78
+
+
+class IngestdError(Exception):
+    """Base class of every error ingestd raises on purpose."""
+
+
+class ConfigError(IngestdError):
+    """The configuration file or an environment override is invalid."""
+
+    exit_code = EX_CONFIG
+
+
+class DecodeError(IngestdError):
+    """A payload could not be turned into readings; the message is the reason."""
+
+
+class StoreError(IngestdError):
+    """The store failed in a way retrying will not fix."""
+
+
+class StoreUnavailable(IngestdError):
+    """The store cannot take writes right now (locked, full, read-only, I/O error).
+
+    The writer holds its batch and retries; nothing is acknowledged meanwhile.
+    """
+
+    def __init__(self, condition: str, detail: str) -> None:
+        super().__init__(f"{condition}: {detail}")
+        self.condition = condition

@@ -1,0 +1,90 @@
+"""What flows through the pipeline.
+
+The hot path carries chunks (every delivery that arrived in one loop tick), never
+one event per reading: each hop and each await is paid per chunk.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+
+class Reading(msgspec.Struct, frozen=True, gc=False):
+    """One measured value: `metric` of `sensor` at `ts` (Unix seconds, UTC).
+
+    `topic` is the MQTT topic it arrived on, kept so that a reading the
+    processor rejects can be quarantined with its origin.
+    """
+
+    sensor: str
+    metric: str
+    ts: float
+    value: float
+    topic: str = ""
+
+
+class Rejected(msgspec.Struct, frozen=True, gc=False):
+    """Input that will not be stored as readings, and why; it goes to quarantine."""
+
+    topic: str
+    payload: bytes
+    reason: str
+    received_at: float
+
+
+class Decoded(msgspec.Struct, frozen=True):
+    """The decoded form of every delivery received in one loop tick.
+
+    `acks` are the (message id, QoS) pairs to acknowledge once this chunk is
+    committed; they belong to connection `epoch` and are void on any other.
+    `deliveries` counts the messages, acknowledged or not (QoS 0), that the
+    chunk holds against the in-flight window.
+    """
+
+    readings: list[Reading]
+    rejected: list[Rejected]
+    deliveries: int
+    acks: list[tuple[int, int]]
+    epoch: int
+
+
+class Processed(Decoded, frozen=True):
+    """A chunk after validation: what remains in `readings` is to be stored."""
+
+
+class Flush(msgspec.Struct, frozen=True):
+    """Commit what is batched now instead of waiting for the batch to fill or age."""
+
+
+class EndOfStream(msgspec.Struct, frozen=True):
+    """The source has stopped; each stage finishes its work and returns."""
+
+
+class BatchCommitted(msgspec.Struct, frozen=True):
+    readings: int
+    duplicates: int
+    quarantined: int
+    deliveries: int
+    seconds: float
+
+
+class ConnectionChanged(msgspec.Struct, frozen=True):
+    connected: bool
+    broker: str
+    reason: str = ""
+
+
+class StoreStateChanged(msgspec.Struct, frozen=True):
+    available: bool
+    reason: str = ""
+
+
+Event = (
+    Decoded
+    | Processed
+    | Flush
+    | EndOfStream
+    | BatchCommitted
+    | ConnectionChanged
+    | StoreStateChanged
+)

@@ -1,0 +1,70 @@
+"""The in-flight window: how many received messages are not yet settled.
+
+A message is in flight from the moment the MQTT client hands it over until
+every reading it carried is committed (or quarantined) and, for QoS >= 1, it
+is acknowledged. The window bounds the memory ingestd holds for the broker:
+when it is full the source stops reading from the socket, and TCP flow
+control (or the broker's in-flight limit, or MQTT 5 Receive Maximum) holds
+the rest on the broker, where the session keeps it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+
+class InFlightWindow:
+    def __init__(self, limit: int, broker_limit: int = 0) -> None:
+        """`limit`: most messages in flight; `broker_limit`: the most unacknowledged
+        QoS >= 1 messages the broker will send before it waits for acks (0: none).
+        """
+        if limit < 1:
+            raise ValueError("the in-flight window must hold at least one message")
+        self.limit = limit
+        self.broker_limit = broker_limit
+        self.in_flight = 0
+        self.unacked = 0
+        self.peak = 0
+        self.pauses = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._on_full: Callable[[], None] | None = None
+        self._on_room: Callable[[], None] | None = None
+        self._paused = False
+
+    def on_flow(self, on_full: Callable[[], None], on_room: Callable[[], None]) -> None:
+        """Callbacks that stop and restart reading from the broker."""
+        self._on_full, self._on_room = on_full, on_room
+        self._paused = False
+
+    def take(self, messages: int, unacked: int) -> None:
+        self.in_flight += messages
+        self.unacked += unacked
+        self.peak = max(self.peak, self.in_flight)
+        if messages:
+            self._idle.clear()
+        if self.in_flight >= self.limit and not self._paused and self._on_full is not None:
+            self._paused = True
+            self.pauses += 1
+            self._on_full()
+
+    def settle(self, messages: int, unacked: int) -> None:
+        self.in_flight -= messages
+        self.unacked -= unacked
+        if self.in_flight <= 0:
+            self.in_flight = 0
+            self._idle.set()
+        if self._paused and self.in_flight < self.limit and self._on_room is not None:
+            self._paused = False
+            self._on_room()
+
+    @property
+    def saturated(self) -> bool:
+        """Nothing more will arrive until something is settled: commit now."""
+        if self.in_flight >= self.limit:
+            return True
+        return self.broker_limit > 0 and self.unacked >= self.broker_limit
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()

@@ -1,0 +1,1 @@
+"""Observability: logging, the event-log observer, systemd notification."""

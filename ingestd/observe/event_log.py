@@ -1,0 +1,65 @@
+"""The logger stage: a bus observer that turns pipeline events into log lines.
+
+It subscribes with the `drop` policy: under load it may miss events (and says
+how many), but it never slows ingestion down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import structlog
+
+from ingestd.bus import Subscription
+from ingestd.events import BatchCommitted, Processed
+
+log = structlog.get_logger("ingestd.events")
+
+_PAYLOAD_SHOWN = 200
+
+
+class EventLogger:
+    def __init__(self, inbox: Subscription) -> None:
+        self.inbox = inbox
+        self._reported_drops = 0
+
+    async def run(self) -> None:
+        try:
+            while True:
+                self._handle(await self.inbox.get())
+        except asyncio.CancelledError:
+            # Log what is already queued, then stop.
+            while not self.inbox.queue.empty():
+                self._handle(self.inbox.get_nowait())
+            raise
+
+    def _handle(self, event: Any) -> None:
+        if self.inbox.dropped > self._reported_drops:
+            log.warning(
+                "event log fell behind; events not logged",
+                dropped=self.inbox.dropped - self._reported_drops,
+            )
+            self._reported_drops = self.inbox.dropped
+        kind = type(event)
+        if kind is Processed:
+            for rej in event.rejected:
+                log.info(
+                    "quarantined",
+                    topic=rej.topic,
+                    reason=rej.reason,
+                    payload=rej.payload[:_PAYLOAD_SHOWN].decode("utf-8", "backslashreplace"),
+                    size=len(rej.payload),
+                )
+            if event.readings and log.is_enabled_for(10):
+                for r in event.readings:
+                    log.debug("reading", sensor=r.sensor, metric=r.metric, ts=r.ts, value=r.value)
+        elif kind is BatchCommitted:
+            log.info(
+                "batch committed",
+                readings=event.readings,
+                duplicates=event.duplicates,
+                quarantined=event.quarantined,
+                messages=event.deliveries,
+                ms=round(event.seconds * 1000, 2),
+            )

@@ -1,0 +1,67 @@
+"""The processor stage: validation between decoding and storage.
+
+`apply_limits` is pure; `Processor` is the bus stage around it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import msgspec
+
+from ingestd.bus import EventBus, Subscription
+from ingestd.config import Limit
+from ingestd.events import Decoded, EndOfStream, Processed, Reading, Rejected
+
+_encode = msgspec.json.encode
+
+
+def apply_limits(
+    readings: list[Reading], limits: Mapping[str, Limit], rejected: list[Rejected]
+) -> list[Reading]:
+    """Readings within their metric's [min, max]; the rest are appended to `rejected`."""
+    if not limits:
+        return readings
+    kept: list[Reading] = []
+    for r in readings:
+        limit = limits.get(r.metric)
+        if limit is not None:
+            reason = _violation(r, limit)
+            if reason is not None:
+                payload = _encode(
+                    {"sensor": r.sensor, "metric": r.metric, "ts": r.ts, "value": r.value}
+                )
+                rejected.append(Rejected(r.topic, payload, reason, r.ts))
+                continue
+        kept.append(r)
+    return kept
+
+
+def _violation(r: Reading, limit: Limit) -> str | None:
+    if limit.min is not None and r.value < limit.min:
+        return f"{r.metric}={r.value:g} is below the limit min={limit.min:g}"
+    if limit.max is not None and r.value > limit.max:
+        return f"{r.metric}={r.value:g} is above the limit max={limit.max:g}"
+    return None
+
+
+class Processor:
+    """Validates each decoded chunk and passes it on; control events pass through."""
+
+    def __init__(self, inbox: Subscription, bus: EventBus, limits: Mapping[str, Limit]) -> None:
+        self.inbox = inbox
+        self.bus = bus
+        self.limits = dict(limits)
+        self.rejected = 0
+
+    async def run(self) -> None:
+        while True:
+            event = await self.inbox.get()
+            if type(event) is Decoded:
+                rejected = list(event.rejected)
+                kept = apply_limits(event.readings, self.limits, rejected)
+                self.rejected += len(rejected) - len(event.rejected)
+                event = Processed(kept, rejected, event.deliveries, event.acks, event.epoch)
+            await self.bus.publish(event)
+            if type(event) is EndOfStream:
+                return

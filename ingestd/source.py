@@ -1,0 +1,286 @@
+"""The MQTT source: connect, subscribe, turn deliveries into decoded chunks.
+
+It owns the broker connection for the daemon's whole life: a broker that is
+down at start or drops the connection is retried with exponential backoff
+and jitter, and each state change is logged once. It never gives up.
+
+Messages are taken from paho's callback into an inbox; once per loop tick the
+inbox becomes one `Decoded` chunk on the bus. Publishing waits when the
+processor is behind, and the in-flight window pauses the socket when too many
+messages are unsettled: that is the whole of ingestd's backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import ssl
+import time
+from collections.abc import Callable
+from typing import cast
+
+import aiomqtt
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from ingestd.bus import EventBus
+from ingestd.config import MqttSettings, Settings
+from ingestd.decode import decode_all
+from ingestd.errors import ConfigError
+from ingestd.events import ConnectionChanged, Decoded, EndOfStream, Flush, Rejected
+from ingestd.flow import InFlightWindow
+from ingestd.mqtt_link import MqttLink
+from ingestd.routes import RouteTable
+
+log = structlog.get_logger("ingestd.source")
+
+
+class Backoff:
+    """Exponential backoff with equal jitter: half fixed, half random."""
+
+    def __init__(self, first: float, cap: float, rng: random.Random | None = None) -> None:
+        self.first, self.cap = first, cap
+        self.attempt = 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        base: float = min(self.cap, self.first * (2.0**self.attempt))
+        self.attempt = min(self.attempt + 1, 32)
+        jitter: float = self._rng.uniform(0, base / 2)
+        return base / 2 + jitter
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def subscriptions(settings: Settings, table: RouteTable) -> list[tuple[str, int]]:
+    """(filter, QoS) pairs; a filter shared by several routes gets the highest QoS."""
+    qos: dict[str, int] = {}
+    for route in table.routes:
+        want = settings.routes[route.index].qos
+        qos[route.subscription] = max(qos.get(route.subscription, 0), want)
+    group = settings.mqtt.shared_group
+    prefix = f"$share/{group}/" if group else ""
+    return [(prefix + topic, q) for topic, q in qos.items()]
+
+
+def tls_context(mqtt: MqttSettings) -> ssl.SSLContext | None:
+    tls = mqtt.tls
+    if not tls.enabled:
+        return None
+    try:
+        ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"mqtt.tls.ca_file: cannot load {tls.ca_file}: {exc}") from None
+    if tls.cert_file is not None:
+        try:
+            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"mqtt.tls.cert_file: cannot load {tls.cert_file}: {exc}"
+            ) from None
+    if tls.insecure:
+        ctx.check_hostname = False
+    return ctx
+
+
+class MqttSource:
+    def __init__(
+        self,
+        settings: Settings,
+        table: RouteTable,
+        bus: EventBus,
+        window: InFlightWindow,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings.mqtt
+        self.table = table
+        self.subscriptions = subscriptions(settings, table)
+        self.bus = bus
+        self.window = window
+        self.clock = clock
+        self.manual_ack = self.settings.ack == "after_commit"
+        self.broker = f"{self.settings.host}:{self.settings.port}"
+        self._tls = tls_context(self.settings)
+        self._inbox: list[paho.MQTTMessage] = []
+        self._wake = asyncio.Event()
+        self._link: MqttLink | None = None
+        self._epoch = 0
+        self.connected = False
+        self.reconnects = 0
+        self.received = 0
+        self.stale_acks = 0
+
+    # -- acknowledgement (called by the writer after a commit) -------------------
+
+    def acknowledge(self, epoch: int, acks: list[tuple[int, int]]) -> None:
+        """Acknowledge committed messages, in the order they were received.
+
+        Acks from an earlier connection are void: the broker redelivers those
+        messages, and storage is idempotent on (sensor, metric, ts).
+        """
+        link = self._link
+        if not acks:
+            return
+        if link is None or epoch != self._epoch or not link.connected:
+            self.stale_acks += len(acks)
+            return
+        for mid, qos in acks:
+            link.ack(mid, qos)
+
+    # -- the connection loop ------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event, on_ready: Callable[[], None]) -> None:
+        backoff = Backoff(self.settings.reconnect_min_delay, self.settings.reconnect_max_delay)
+        last_error: str | None = None
+        down_since = time.monotonic()
+        stop_waiter = asyncio.ensure_future(stop.wait())
+        try:
+            while not stop.is_set():
+                session = asyncio.ensure_future(self._session(stop, on_ready))
+                await asyncio.wait({session, stop_waiter}, return_when=asyncio.FIRST_COMPLETED)
+                if not session.done() and not self.connected:
+                    # Stopped while connecting: nothing was received on this link.
+                    session.cancel()
+                    await asyncio.gather(session, return_exceptions=True)
+                    break
+                # Connected: the session drains and disconnects by itself.
+                error = (await asyncio.gather(session, return_exceptions=True))[0]
+                if error is None:
+                    break
+                if not isinstance(error, aiomqtt.MqttError):
+                    raise error
+                if self.connected:
+                    self.connected = False
+                    down_since = time.monotonic()
+                    log.warning("broker connection lost", broker=self.broker, error=str(error))
+                    self.bus.publish_nowait(ConnectionChanged(False, self.broker, str(error)))
+                    backoff.reset()
+                    last_error = str(error)
+                elif str(error) != last_error:
+                    last_error = str(error)
+                    log.warning(
+                        "broker unreachable; retrying with backoff",
+                        broker=self.broker,
+                        error=last_error,
+                    )
+                delay = backoff.next()
+                log.debug("reconnecting", broker=self.broker, delay=round(delay, 3),
+                          down_for=round(time.monotonic() - down_since, 3))
+                await asyncio.wait({stop_waiter}, timeout=delay)
+        finally:
+            stop_waiter.cancel()
+            self.connected = False
+        # Whatever was received is handed on; then every stage finishes and returns.
+        await self._publish_inbox()
+        await self.bus.publish(Flush())
+        await self.bus.publish(EndOfStream())
+
+    def _make_link(self) -> MqttLink:
+        s = self.settings
+        v5 = s.protocol == "5"
+        properties = None
+        if v5:
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.ReceiveMaximum = s.max_inflight
+            if s.persistent_session and s.session_expiry:
+                properties.SessionExpiryInterval = s.session_expiry
+        password = s.password.get_secret_value() if s.password is not None else None
+        return MqttLink(
+            on_message=self._on_message,
+            manual_ack=self.manual_ack,
+            hostname=s.host,
+            port=s.port,
+            username=s.username,
+            password=password,
+            identifier=s.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            clean_session=None if v5 else not s.persistent_session,
+            clean_start=not s.persistent_session if v5 else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            keepalive=s.keepalive,
+            properties=properties,
+            tls_context=self._tls,
+            tls_insecure=s.tls.insecure if self._tls is not None else None,
+            timeout=10,
+        )
+
+    async def _session(self, stop: asyncio.Event, on_ready: Callable[[], None]) -> None:
+        link = self._make_link()
+        async with link:
+            self._epoch += 1
+            self._link = link
+            if self._epoch > 1:
+                self.reconnects += 1
+            self.connected = True
+            log.info("connected to broker", broker=self.broker, epoch=self._epoch,
+                     protocol=self.settings.protocol)
+            self.bus.publish_nowait(ConnectionChanged(True, self.broker))
+            for topic, qos in self.subscriptions:
+                await link.subscribe(topic, qos)
+            log.info("subscribed", topics=[t for t, _ in self.subscriptions])
+            self.window.on_flow(link.pause_reading, link.resume_reading)
+            if self.window.in_flight >= self.window.limit:
+                link.pause_reading()
+            on_ready()
+            link_lost = asyncio.ensure_future(link.wait_disconnected())
+            link_lost.add_done_callback(lambda _f: self._wake.set())
+            stop_cb = asyncio.ensure_future(stop.wait())
+            stop_cb.add_done_callback(lambda _f: self._wake.set())
+            try:
+                await self._pump(link, stop, link_lost)
+            finally:
+                stop_cb.cancel()
+                if not link_lost.done():
+                    link_lost.cancel()
+
+    async def _pump(
+        self, link: MqttLink, stop: asyncio.Event, link_lost: asyncio.Future[None]
+    ) -> None:
+        wake = self._wake
+        while True:
+            await wake.wait()
+            wake.clear()
+            await self._publish_inbox()
+            if link_lost.done():
+                # Let the connection loop see why (it raises MqttError).
+                link_lost.result()
+                raise aiomqtt.MqttError("disconnected by the broker")
+            if stop.is_set():
+                link.pause_reading()
+                await self._publish_inbox()
+                await self.bus.publish(Flush())
+                # Settle everything received on this link so its acks go out
+                # before DISCONNECT; the daemon bounds this by stop_timeout.
+                await self.window.wait_idle()
+                return
+
+    def _on_message(self, message: paho.MQTTMessage) -> None:
+        self._inbox.append(message)
+        self.window.take(1, 1 if (message.qos and self.manual_ack) else 0)
+        if len(self._inbox) == 1:
+            self._wake.set()
+
+    async def _publish_inbox(self) -> None:
+        if not self._inbox:
+            return
+        messages, self._inbox = self._inbox, []
+        self.received += len(messages)
+        now = self.clock()
+        deliveries: list[tuple[str, bytes, float]] = []
+        bad_topics: list[Rejected] = []
+        for m in messages:
+            # paho hands out bytes (typed bytes | bytearray); no copy needed.
+            payload = cast(bytes, m.payload)
+            try:
+                deliveries.append((m.topic, payload, now))
+            except UnicodeDecodeError:
+                shown = bytes(m._topic).decode("utf-8", "backslashreplace")
+                bad_topics.append(Rejected(shown, payload, "topic is not valid UTF-8", now))
+        readings, rejected = decode_all(self.table, deliveries)
+        if bad_topics:
+            rejected.extend(bad_topics)
+        acks = [(m.mid, m.qos) for m in messages if m.qos] if self.manual_ack else []
+        await self.bus.publish(Decoded(readings, rejected, len(messages), acks, self._epoch))

@@ -1,0 +1,260 @@
+"""The SQLite store: schema, migrations and transactional batches.
+
+Layout: `series` (one row per sensor and metric) and `samples` (series id,
+timestamp, value; a WITHOUT ROWID table keyed by (series_id, ts)). The view
+`readings(sensor, metric, ts, value)` joins them and is what users query.
+Keying samples by (series, ts) makes a redelivered reading with a device
+timestamp a no-op: the first write wins.
+
+Every write goes through `async with store.batch() as tx:`, one transaction
+that commits on exit and rolls back on any error or cancellation.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Literal
+
+import aiosqlite
+
+from ingestd.errors import StoreError, StoreUnavailable
+from ingestd.events import Reading, Rejected
+
+MIGRATIONS: tuple[str, ...] = (
+    # 1: initial schema
+    """
+    CREATE TABLE series (
+        id      INTEGER PRIMARY KEY,
+        sensor  TEXT NOT NULL,
+        metric  TEXT NOT NULL,
+        UNIQUE (sensor, metric)
+    );
+    CREATE TABLE samples (
+        series_id INTEGER NOT NULL REFERENCES series(id),
+        ts        REAL NOT NULL,
+        value     REAL NOT NULL,
+        PRIMARY KEY (series_id, ts)
+    ) WITHOUT ROWID;
+    CREATE VIEW readings (sensor, metric, ts, value) AS
+        SELECT s.sensor, s.metric, r.ts, r.value
+        FROM samples AS r JOIN series AS s ON s.id = r.series_id;
+    CREATE TABLE quarantine (
+        id          INTEGER PRIMARY KEY,
+        received_at REAL NOT NULL,
+        topic       TEXT NOT NULL,
+        payload     BLOB NOT NULL,
+        reason      TEXT NOT NULL
+    );
+    CREATE INDEX quarantine_by_time ON quarantine (received_at);
+    """,
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+# Primary result codes that mean "the store cannot write now, try again later".
+_TRANSIENT = {
+    sqlite3.SQLITE_BUSY: "database locked",
+    sqlite3.SQLITE_LOCKED: "database locked",
+    sqlite3.SQLITE_FULL: "disk full",
+    sqlite3.SQLITE_IOERR: "I/O error",
+    sqlite3.SQLITE_READONLY: "database read-only",
+    sqlite3.SQLITE_CANTOPEN: "cannot open database",
+    sqlite3.SQLITE_PROTOCOL: "locking protocol error",
+    sqlite3.SQLITE_NOMEM: "out of memory",
+}
+
+
+def classify(exc: sqlite3.Error) -> StoreUnavailable | None:
+    """A StoreUnavailable for transient conditions, None for real errors."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is None:
+        # Errors raised before reaching SQLite (e.g. opening a missing directory).
+        text = str(exc).lower()
+        if "unable to open" in text:
+            return StoreUnavailable("cannot open database", str(exc))
+        return None
+    condition = _TRANSIENT.get(code & 0xFF)
+    return StoreUnavailable(condition, str(exc)) if condition else None
+
+
+class Batch:
+    """One open transaction; see `SqliteStore.batch`."""
+
+    def __init__(self, store: SqliteStore, conn: aiosqlite.Connection) -> None:
+        self._store = store
+        self._conn = conn
+        self.new_series: dict[tuple[str, str], int] = {}
+        self.inserted = 0
+        self.duplicates = 0
+        self.quarantined = 0
+
+    async def add_readings(self, readings: Sequence[Reading]) -> None:
+        if not readings:
+            return
+        known = self._store.series_ids
+        new = self.new_series
+        rows: list[tuple[int, float, float]] = []
+        append = rows.append
+        for r in readings:
+            key = (r.sensor, r.metric)
+            sid = known.get(key) or new.get(key)
+            if sid is None:
+                sid = await self._series_id(key)
+                new[key] = sid
+            append((sid, r.ts, r.value))
+        cur = await self._conn.executemany(
+            "INSERT OR IGNORE INTO samples (series_id, ts, value) VALUES (?, ?, ?)", rows
+        )
+        inserted = cur.rowcount if cur.rowcount >= 0 else len(rows)
+        await cur.close()
+        self.inserted += inserted
+        self.duplicates += len(rows) - inserted
+
+    async def _series_id(self, key: tuple[str, str]) -> int:
+        await self._conn.execute(
+            "INSERT OR IGNORE INTO series (sensor, metric) VALUES (?, ?)", key
+        )
+        async with self._conn.execute(
+            "SELECT id FROM series WHERE sensor = ? AND metric = ?", key
+        ) as cur:
+            row = await cur.fetchone()
+        if row is None:  # pragma: no cover - the INSERT above guarantees a row
+            raise StoreError(f"series {key!r} vanished inside its own transaction")
+        return int(row[0])
+
+    async def add_rejected(self, rejected: Sequence[Rejected]) -> None:
+        if not rejected:
+            return
+        await self._conn.executemany(
+            "INSERT INTO quarantine (received_at, topic, payload, reason) VALUES (?, ?, ?, ?)",
+            [(r.received_at, r.topic, r.payload, r.reason) for r in rejected],
+        )
+        self.quarantined += len(rejected)
+
+
+class SqliteStore:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: Literal["full", "normal"] = "full",
+        busy_timeout_ms: int = 1000,
+    ) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.busy_timeout_ms = busy_timeout_ms
+        self.series_ids: dict[tuple[str, str], int] = {}
+        self._conn: aiosqlite.Connection | None = None
+
+    async def open(self) -> None:
+        """Open (creating and migrating the schema). Raises StoreUnavailable if it can't."""
+        if self._conn is not None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreUnavailable("cannot open database", f"{self.path.parent}: {exc}") from None
+        try:
+            conn = await aiosqlite.connect(self.path, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from exc
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            async with conn.execute("PRAGMA journal_mode = WAL") as cur:
+                row = await cur.fetchone()
+            if row is None or str(row[0]).lower() != "wal":
+                raise StoreError(f"{self.path}: could not enable WAL mode (got {row!r})")
+            await conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            await self._migrate(conn)
+            async with conn.execute("SELECT sensor, metric, id FROM series") as cur:
+                self.series_ids = {(s, m): i for s, m, i in await cur.fetchall()}
+        except BaseException as exc:
+            await conn.close()
+            if isinstance(exc, sqlite3.Error):
+                raise self._translate(exc) from exc
+            raise
+        self._conn = conn
+
+    async def _migrate(self, conn: aiosqlite.Connection) -> None:
+        async with conn.execute("PRAGMA user_version") as cur:
+            row = await cur.fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path}: schema version {version} is newer than this ingestd "
+                f"understands ({SCHEMA_VERSION}); upgrade ingestd"
+            )
+        for number in range(version + 1, SCHEMA_VERSION + 1):
+            script = MIGRATIONS[number - 1]
+            try:
+                await conn.executescript(
+                    f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
+                )
+            except BaseException:
+                if conn.in_transaction:
+                    await conn.rollback()
+                raise
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with suppress(sqlite3.Error):
+                await conn.close()
+
+    async def __aenter__(self) -> SqliteStore:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _translate(self, exc: sqlite3.Error) -> Exception:
+        unavailable = classify(exc)
+        if unavailable is not None:
+            return unavailable
+        return StoreError(f"{self.path}: {exc}")
+
+    @asynccontextmanager
+    async def batch(self) -> AsyncIterator[Batch]:
+        """One transaction: commits on exit, rolls back on error or cancellation.
+
+        Transient SQLite conditions surface as StoreUnavailable; the caller holds
+        its data and retries.
+        """
+        await self.open()
+        conn = self._conn
+        assert conn is not None
+        tx = Batch(self, conn)
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+            yield tx
+            await conn.execute("COMMIT")
+        except BaseException as exc:
+            await self._abandon(conn, exc)
+            if isinstance(exc, sqlite3.Error):
+                raise self._translate(exc) from exc
+            raise
+        self.series_ids.update(tx.new_series)
+
+    async def _abandon(self, conn: aiosqlite.Connection, exc: BaseException) -> None:
+        try:
+            if conn.in_transaction:
+                await conn.rollback()
+        except sqlite3.Error:
+            pass
+        except BaseException:
+            # Cancelled while rolling back: drop the connection; SQLite rolls back.
+            await self._reset()
+            raise
+        unavailable = classify(exc) if isinstance(exc, sqlite3.Error) else None
+        if unavailable is not None and unavailable.condition != "database locked":
+            # After disk-full, I/O errors or a read-only file, start afresh.
+            await self._reset()
+
+    async def _reset(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with suppress(Exception):
+                await conn.close()

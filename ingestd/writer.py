@@ -1,0 +1,168 @@
+"""The batch writer: readings in, one transaction per batch, acknowledgements out.
+
+A batch is committed when it holds `max_readings`, when its oldest chunk is
+`max_delay` old, when the in-flight window is saturated (nothing more can
+arrive until we acknowledge, so waiting would only add latency), or on Flush.
+
+A store that cannot take writes (locked, full, read-only, I/O error) is waited
+out: the batch is held and retried with backoff, nothing is acknowledged, and
+the condition is logged once when it starts and once when it clears.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Callable
+
+import structlog
+
+from ingestd.bus import EventBus, Subscription
+from ingestd.errors import StoreUnavailable
+from ingestd.events import (
+    BatchCommitted,
+    EndOfStream,
+    Flush,
+    Processed,
+    Reading,
+    Rejected,
+    StoreStateChanged,
+)
+from ingestd.flow import InFlightWindow
+from ingestd.store import SqliteStore
+
+log = structlog.get_logger("ingestd.writer")
+
+Acknowledge = Callable[[int, list[tuple[int, int]]], None]
+
+
+class BatchWriter:
+    def __init__(
+        self,
+        store: SqliteStore,
+        inbox: Subscription,
+        bus: EventBus,
+        window: InFlightWindow,
+        acknowledge: Acknowledge,
+        *,
+        max_readings: int,
+        max_delay: float,
+        retry_min_delay: float,
+        retry_max_delay: float,
+    ) -> None:
+        self.store = store
+        self.inbox = inbox
+        self.bus = bus
+        self.window = window
+        self.acknowledge = acknowledge
+        self.max_readings = max_readings
+        self.max_delay = max_delay
+        self.retry_min_delay = retry_min_delay
+        self.retry_max_delay = retry_max_delay
+        self._chunks: list[Processed] = []
+        self._size = 0
+        self._opened_at = 0.0
+        self.committed = 0
+        self.duplicates = 0
+        self.quarantined = 0
+        self.batches = 0
+        self.store_available = True
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._chunks:
+                remaining = self._opened_at + self.max_delay - loop.time()
+                if remaining <= 0:
+                    await self.flush()
+                    continue
+                try:
+                    async with asyncio.timeout(remaining):
+                        event = await self.inbox.get()
+                except TimeoutError:
+                    await self.flush()
+                    continue
+            else:
+                event = await self.inbox.get()
+            kind = type(event)
+            if kind is Processed:
+                self._add(event, loop.time())
+                # Take whatever else is already queued without waiting.
+                while self._size < self.max_readings and not self.inbox.queue.empty():
+                    nxt = self.inbox.get_nowait()
+                    if type(nxt) is not Processed:
+                        await self.flush()
+                        if type(nxt) is EndOfStream:
+                            return
+                        break
+                    self._add(nxt, loop.time())
+                if self._size >= self.max_readings or self.window.saturated:
+                    await self.flush()
+            elif kind is Flush:
+                await self.flush()
+            elif kind is EndOfStream:
+                await self.flush()
+                return
+
+    def _add(self, chunk: Processed, now: float) -> None:
+        if not self._chunks:
+            self._opened_at = now
+        self._chunks.append(chunk)
+        self._size += len(chunk.readings) + len(chunk.rejected)
+
+    async def flush(self) -> None:
+        chunks = self._chunks
+        if not chunks:
+            return
+        self._chunks, self._size = [], 0
+        readings: list[Reading] = []
+        rejected: list[Rejected] = []
+        for c in chunks:
+            readings.extend(c.readings)
+            rejected.extend(c.rejected)
+        started = time.perf_counter()
+        inserted, duplicates = await self._commit(readings, rejected)
+        seconds = time.perf_counter() - started
+        deliveries = 0
+        for c in chunks:
+            # Chunks are in arrival order, so acknowledgements are too.
+            self.acknowledge(c.epoch, c.acks)
+            self.window.settle(c.deliveries, len(c.acks))
+            deliveries += c.deliveries
+        self.committed += inserted
+        self.duplicates += duplicates
+        self.quarantined += len(rejected)
+        self.batches += 1
+        self.bus.publish_nowait(
+            BatchCommitted(inserted, duplicates, len(rejected), deliveries, seconds)
+        )
+
+    async def _commit(self, readings: list[Reading], rejected: list[Rejected]) -> tuple[int, int]:
+        delay = self.retry_min_delay
+        condition: str | None = None
+        while True:
+            try:
+                async with self.store.batch() as tx:
+                    await tx.add_readings(readings)
+                    await tx.add_rejected(rejected)
+            except StoreUnavailable as exc:
+                if exc.condition != condition:
+                    condition = exc.condition
+                    self.store_available = False
+                    log.error(
+                        "store unavailable; holding the batch and retrying",
+                        condition=exc.condition,
+                        error=str(exc),
+                        readings=len(readings),
+                        path=str(self.store.path),
+                    )
+                    self.bus.publish_nowait(StoreStateChanged(False, exc.condition))
+                await asyncio.sleep(delay / 2 + random.uniform(0, delay / 2))
+                delay = min(self.retry_max_delay, delay * 2)
+                continue
+            if condition is not None:
+                self.store_available = True
+                log.warning("store available again; batch committed", after=condition)
+                self.bus.publish_nowait(StoreStateChanged(True))
+            return tx.inserted, tx.duplicates
