@@ -19,7 +19,7 @@ from ingestd import __version__
 from ingestd.bus import EventBus
 from ingestd.config import Settings, route_table
 from ingestd.errors import StoreUnavailable
-from ingestd.events import BatchCommitted, Decoded, EndOfStream, Flush, Processed
+from ingestd.events import BatchCommitted, Decoded, Processed
 from ingestd.flow import InFlightWindow
 from ingestd.observe.event_log import EventLogger
 from ingestd.observe.systemd import SystemdNotifier
@@ -118,10 +118,10 @@ class Daemon:
         )
         stage_q, observer_q = s.bus.stage_queue_size, s.bus.observer_queue_size
         to_processor = bus.subscribe(
-            "processor", [Decoded, Flush, EndOfStream], policy="block", maxsize=stage_q
+            "processor", [Decoded], policy="block", maxsize=stage_q
         )
         to_writer = bus.subscribe(
-            "writer", [Processed, Flush, EndOfStream], policy="block", maxsize=stage_q
+            "writer", [Processed], policy="block", maxsize=stage_q
         )
         to_logger = bus.subscribe(
             "logger", [Processed, BatchCommitted], policy="drop", maxsize=observer_q

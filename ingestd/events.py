@@ -39,6 +39,11 @@ class Decoded(msgspec.Struct, frozen=True):
     committed; they belong to connection `epoch` and are void on any other.
     `deliveries` counts the messages, acknowledged or not (QoS 0), that the
     chunk holds against the in-flight window.
+
+    Control travels in band, so it keeps its place behind the data before it:
+    `flush` asks the writer to commit now rather than wait for the batch to
+    fill or age; `last` says the source has stopped and each stage is to
+    finish its work and return.
     """
 
     readings: list[Reading]
@@ -46,18 +51,12 @@ class Decoded(msgspec.Struct, frozen=True):
     deliveries: int
     acks: list[tuple[int, int]]
     epoch: int
+    flush: bool = False
+    last: bool = False
 
 
 class Processed(Decoded, frozen=True):
     """A chunk after validation: what remains in `readings` is to be stored."""
-
-
-class Flush(msgspec.Struct, frozen=True):
-    """Commit what is batched now instead of waiting for the batch to fill or age."""
-
-
-class EndOfStream(msgspec.Struct, frozen=True):
-    """The source has stopped; each stage finishes its work and returns."""
 
 
 class BatchCommitted(msgspec.Struct, frozen=True):
@@ -82,9 +81,12 @@ class StoreStateChanged(msgspec.Struct, frozen=True):
 Event = (
     Decoded
     | Processed
-    | Flush
-    | EndOfStream
     | BatchCommitted
     | ConnectionChanged
     | StoreStateChanged
 )
+
+
+def control(*, last: bool, epoch: int = 0) -> Decoded:
+    """An empty chunk that only carries `flush` (and, if `last`, end of stream)."""
+    return Decoded([], [], 0, [], epoch, flush=True, last=last)

@@ -38,6 +38,9 @@ REQUIRED_INTERNALS: tuple[tuple[type[Any], str], ...] = (
 # Instance attributes of aiomqtt.Client (set in __init__) we rely on.
 REQUIRED_INSTANCE_ATTRS = ("_client", "_disconnected", "_loop", "_misc_task")
 
+# The clock paho stamps `MQTTMessage.timestamp` with on arrival (monotonic).
+ARRIVAL_CLOCK: Callable[[], float] = paho.time_func
+
 MessageHandler = Callable[[paho.MQTTMessage], None]
 
 # Packets read per socket wake-up before yielding to the event loop.

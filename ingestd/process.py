@@ -11,7 +11,7 @@ import msgspec
 
 from ingestd.bus import EventBus, Subscription
 from ingestd.config import Limit
-from ingestd.events import Decoded, EndOfStream, Processed, Reading, Rejected
+from ingestd.events import Decoded, Processed, Reading, Rejected
 
 _encode = msgspec.json.encode
 
@@ -46,7 +46,7 @@ def _violation(r: Reading, limit: Limit) -> str | None:
 
 
 class Processor:
-    """Validates each decoded chunk and passes it on; control events pass through."""
+    """Validates each decoded chunk and passes it on, in order."""
 
     def __init__(self, inbox: Subscription, bus: EventBus, limits: Mapping[str, Limit]) -> None:
         self.inbox = inbox
@@ -56,12 +56,13 @@ class Processor:
 
     async def run(self) -> None:
         while True:
-            event = await self.inbox.get()
-            if type(event) is Decoded:
-                rejected = list(event.rejected)
-                kept = apply_limits(event.readings, self.limits, rejected)
-                self.rejected += len(rejected) - len(event.rejected)
-                event = Processed(kept, rejected, event.deliveries, event.acks, event.epoch)
-            await self.bus.publish(event)
-            if type(event) is EndOfStream:
+            chunk: Decoded = await self.inbox.get()
+            rejected = list(chunk.rejected)
+            kept = apply_limits(chunk.readings, self.limits, rejected)
+            self.rejected += len(rejected) - len(chunk.rejected)
+            await self.bus.publish(
+                Processed(kept, rejected, chunk.deliveries, chunk.acks, chunk.epoch,
+                          flush=chunk.flush, last=chunk.last)
+            )
+            if chunk.last:
                 return

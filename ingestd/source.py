@@ -29,9 +29,9 @@ from ingestd.bus import EventBus
 from ingestd.config import MqttSettings, Settings
 from ingestd.decode import decode_all
 from ingestd.errors import ConfigError
-from ingestd.events import ConnectionChanged, Decoded, EndOfStream, Flush, Rejected
+from ingestd.events import ConnectionChanged, Decoded, Rejected, control
 from ingestd.flow import InFlightWindow
-from ingestd.mqtt_link import MqttLink
+from ingestd.mqtt_link import ARRIVAL_CLOCK, MqttLink
 from ingestd.routes import RouteTable
 
 log = structlog.get_logger("ingestd.source")
@@ -176,8 +176,7 @@ class MqttSource:
             self.connected = False
         # Whatever was received is handed on; then every stage finishes and returns.
         await self._publish_inbox()
-        await self.bus.publish(Flush())
-        await self.bus.publish(EndOfStream())
+        await self.bus.publish(control(last=True, epoch=self._epoch))
 
     def _make_link(self) -> MqttLink:
         s = self.settings
@@ -251,7 +250,7 @@ class MqttSource:
             if stop.is_set():
                 link.pause_reading()
                 await self._publish_inbox()
-                await self.bus.publish(Flush())
+                await self.bus.publish(control(last=False, epoch=self._epoch))
                 # Settle everything received on this link so its acks go out
                 # before DISCONNECT; the daemon bounds this by stop_timeout.
                 await self.window.wait_idle()
@@ -268,10 +267,14 @@ class MqttSource:
             return
         messages, self._inbox = self._inbox, []
         self.received += len(messages)
-        now = self.clock()
+        # paho stamps each message with a monotonic clock on arrival; turn that
+        # into wall-clock time so readings without a device timestamp get
+        # their own receive time, not the chunk's.
+        offset = self.clock() - ARRIVAL_CLOCK()
         deliveries: list[tuple[str, bytes, float]] = []
         bad_topics: list[Rejected] = []
         for m in messages:
+            now = m.timestamp + offset
             # paho hands out bytes (typed bytes | bytearray); no copy needed.
             payload = cast(bytes, m.payload)
             try:

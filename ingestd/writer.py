@@ -2,7 +2,8 @@
 
 A batch is committed when it holds `max_readings`, when its oldest chunk is
 `max_delay` old, when the in-flight window is saturated (nothing more can
-arrive until we acknowledge, so waiting would only add latency), or on Flush.
+arrive until we acknowledge, so waiting would only add latency), or when a
+chunk asks for a flush (shutdown).
 
 A store that cannot take writes (locked, full, read-only, I/O error) is waited
 out: the batch is held and retried with backoff, nothing is acknowledged, and
@@ -20,15 +21,7 @@ import structlog
 
 from ingestd.bus import EventBus, Subscription
 from ingestd.errors import StoreUnavailable
-from ingestd.events import (
-    BatchCommitted,
-    EndOfStream,
-    Flush,
-    Processed,
-    Reading,
-    Rejected,
-    StoreStateChanged,
-)
+from ingestd.events import BatchCommitted, Processed, Reading, Rejected, StoreStateChanged
 from ingestd.flow import InFlightWindow
 from ingestd.store import SqliteStore
 
@@ -85,27 +78,24 @@ class BatchWriter:
                     continue
             else:
                 event = await self.inbox.get()
-            kind = type(event)
-            if kind is Processed:
-                self._add(event, loop.time())
-                # Take whatever else is already queued without waiting.
-                while self._size < self.max_readings and not self.inbox.queue.empty():
-                    nxt = self.inbox.get_nowait()
-                    if type(nxt) is not Processed:
-                        await self.flush()
-                        if type(nxt) is EndOfStream:
-                            return
-                        break
-                    self._add(nxt, loop.time())
-                if self._size >= self.max_readings or self.window.saturated:
-                    await self.flush()
-            elif kind is Flush:
+            chunk: Processed = event
+            self._add(chunk, loop.time())
+            # Take whatever else is already queued without waiting.
+            while (
+                not chunk.flush
+                and self._size < self.max_readings
+                and not self.inbox.queue.empty()
+            ):
+                chunk = self.inbox.get_nowait()
+                self._add(chunk, loop.time())
+            if chunk.flush or self._size >= self.max_readings or self.window.saturated:
                 await self.flush()
-            elif kind is EndOfStream:
-                await self.flush()
+            if chunk.last:
                 return
 
     def _add(self, chunk: Processed, now: float) -> None:
+        if not (chunk.readings or chunk.rejected or chunk.deliveries):
+            return  # a control chunk
         if not self._chunks:
             self._opened_at = now
         self._chunks.append(chunk)

@@ -1,0 +1,293 @@
+"""Real processes for the tests: a Mosquitto broker, the daemon, a publisher.
+
+Nothing here is a mock: the broker is the mosquitto binary on a free loopback
+port, the daemon is `python -m ingestd` in a subprocess, and readiness comes
+over a real NOTIFY_SOCKET.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED_CONFIG = REPO / "config" / "ingestd.toml"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05,
+             what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Mosquitto:
+    """A private broker: start, stop (SIGTERM, saves persistence), kill -9, restart."""
+
+    def __init__(self, workdir: Path, port: int | None = None, *,
+                 max_inflight: int = 20, extra: str = "") -> None:
+        self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.conf = self.dir / "mosquitto.conf"
+        self.log = self.dir / "mosquitto.log"
+        self.conf.write_text(
+            f"listener {self.port} 127.0.0.1\n"
+            "allow_anonymous true\n"
+            "persistence true\n"
+            f"persistence_location {self.dir}/\n"
+            "autosave_interval 1\n"
+            f"max_inflight_messages {max_inflight}\n"
+            "max_queued_messages 0\n"
+            f"user {getpass.getuser()}\n"
+            f"{extra}\n"
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Mosquitto:
+        assert self.proc is None or self.proc.poll() is not None
+        with self.log.open("ab") as fh:
+            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)],
+                                         stdout=fh, stderr=subprocess.STDOUT)
+        wait_for(lambda: port_open(self.port), 10, what=f"mosquitto on port {self.port}")
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@dataclass
+class Daemon:
+    """`python -m ingestd` as a subprocess, with a NOTIFY_SOCKET to hear READY=1."""
+
+    config: Path
+    env: dict[str, str]
+    workdir: Path
+    proc: subprocess.Popen[bytes] | None = None
+    notices: list[str] = field(default_factory=list)
+    _sock: socket.socket | None = None
+    _reader: threading.Thread | None = None
+    log_path: Path = field(init=False)
+    peak_rss_kb: int = 0
+
+    def __post_init__(self) -> None:
+        self.log_path = self.workdir / "daemon.log"
+
+    def start(self) -> Daemon:
+        sock_path = self.workdir / f"notify-{time.monotonic_ns()}.sock"
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self._sock.bind(str(sock_path))
+        self._sock.settimeout(0.2)
+        self.notices = []
+        self._reader = threading.Thread(target=self._listen, daemon=True)
+        self._reader.start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
+        env.update(self.env)
+        env["NOTIFY_SOCKET"] = str(sock_path)
+        with self.log_path.open("ab") as fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "ingestd", "--config", str(self.config)],
+                stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
+            )
+        return self
+
+    def _listen(self) -> None:
+        sock = self._sock
+        while sock is not None and sock.fileno() >= 0:
+            try:
+                data = sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.notices.extend(data.decode().split("\n"))
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        def ready() -> bool:
+            if self.proc is not None and self.proc.poll() is not None:
+                code = self.proc.returncode
+                raise AssertionError(f"daemon exited early ({code}):\n{self.logs()}")
+            return "READY=1" in self.notices
+        wait_for(ready, timeout, what="READY=1 from the daemon")
+
+    def sample_rss(self) -> int:
+        """The daemon's peak RSS so far (VmHWM), in kB."""
+        if self.proc is None:
+            return 0
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak_rss_kb = max(self.peak_rss_kb, int(line.split()[1]))
+        return self.peak_rss_kb
+
+    def signal(self, sig: int = signal.SIGTERM) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            self._close_socket()
+
+    def stop(self, timeout: float = 30) -> int:
+        """SIGTERM and wait; returns the exit status."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._close_socket()
+            return self.proc.returncode if self.proc else 0
+        self.sample_rss()
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def write_config(path: Path, routes: str | None = None, **sections: dict[str, object]) -> Path:
+    """A TOML config: the given sections (plain key = value tables) and routes."""
+    lines: list[str] = []
+    for name, values in sections.items():
+        lines.append(f"[{name.replace('__', '.')}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {_toml(value)}")
+        lines.append("")
+    lines.append(routes if routes is not None else DEFAULT_ROUTES)
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _toml(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str | Path):
+        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return str(value)
+
+
+DEFAULT_ROUTES = """
+[[routes]]
+topic = "sensors/{sensor}/telemetry"
+format = "json"
+qos = 1
+
+[[routes]]
+topic = "sensors/{sensor}/{metric}"
+format = "value"
+qos = 1
+"""
+
+
+def publish(port: int, messages: Iterable[tuple[str, bytes]], *, qos: int = 1,
+            inflight: int = 1000, client_id: str = "") -> int:
+    """Publish and wait until every message is acknowledged by the broker.
+
+    The in-flight window stays well under 65,535 so message ids never collide.
+    """
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=paho.MQTTv311)
+    client.max_inflight_messages_set(inflight)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        infos = []
+        count = 0
+        for topic, payload in messages:
+            infos.append(client.publish(topic, payload, qos=qos))
+            count += 1
+            if len(infos) >= 5000:
+                for info in infos:
+                    info.wait_for_publish(30)
+                infos.clear()
+        for info in infos:
+            info.wait_for_publish(30)
+        return count
+    finally:
+        client.disconnect()
+        client.loop_stop()
+
+
+class DbReader:
+    """Read-only looks into the daemon's SQLite file (a separate connection)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @contextlib.contextmanager
+    def connect(self) -> Iterator[sqlite3.Connection]:
+        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
+        try:
+            yield conn
+        finally:
+            conn.close()
+
+    def count(self, table: str = "readings") -> int:
+        if not self.path.exists():
+            return 0
+        try:
+            with self.connect() as c:
+                return int(c.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
+    def rows(self, sql: str, *args: object) -> list[tuple[object, ...]]:
+        with self.connect() as c:
+            return list(c.execute(sql, args).fetchall())
