@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Prepare this checkout to run ingestd and its tests; safe to run again.
+#   - Mosquitto (and python3-venv) from apt-get when missing (Debian/Ubuntu)
+#   - a virtualenv in .venv with ingestd and its development tools
+# PYTHON=/path/to/python3.11+ picks the interpreter (default: python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+say() { printf 'setup: %s\n' "$*" >&2; }
+
+if ! command -v "$PYTHON" >/dev/null 2>&1; then
+  say "no $PYTHON found: install Python 3.11 or newer (apt-get install python3)"; exit 1
+fi
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  say "$("$PYTHON" --version 2>&1) is too old: ingestd needs Python 3.11 or newer (set PYTHON=...)"
+  exit 1
+fi
+
+packages=()
+if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
+  packages+=(mosquitto mosquitto-clients)
+fi
+if [ ! -x .venv/bin/python ] && ! "$PYTHON" -c 'import ensurepip, venv' >/dev/null 2>&1; then
+  packages+=(python3-venv)
+fi
+if [ ${#packages[@]} -gt 0 ]; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    say "missing ${packages[*]} and no apt-get here: install them with your package manager"; exit 1
+  fi
+  sudo=""
+  if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+  say "installing ${packages[*]} with apt-get"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv with $("$PYTHON" --version 2>&1)"
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+say "ready: $(.venv/bin/ingestd --version), $(mosquitto -h 2>/dev/null | head -1 || /usr/sbin/mosquitto -h | head -1)"

@@ -1,0 +1,189 @@
+"""The SQLite store and the batch writer against real database files."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ingestd.bus import EventBus
+from ingestd.errors import StoreError, StoreUnavailable
+from ingestd.events import Processed, Reading, Rejected
+from ingestd.flow import InFlightWindow
+from ingestd.store import SCHEMA_VERSION, SqliteStore
+from ingestd.writer import BatchWriter
+
+
+def readings(n: int, sensor: str = "s", t0: float = 1e9) -> list[Reading]:
+    return [Reading(sensor, "temperature", t0 + i, float(i), "t") for i in range(n)]
+
+
+def db_rows(path: Path, sql: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(path) as c:
+        return list(c.execute(sql).fetchall())
+
+
+async def test_schema_is_created_versioned_and_in_wal_mode(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "dir" / "x.db"
+    async with SqliteStore(path):
+        pass
+    assert db_rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert db_rows(path, "PRAGMA journal_mode") == [("wal",)]
+    names = {n for (n,) in db_rows(path, "SELECT name FROM sqlite_master")}
+    assert {"series", "samples", "readings", "quarantine"} <= names
+    # Reopening does not migrate again.
+    async with SqliteStore(path):
+        pass
+    assert db_rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    with sqlite3.connect(path) as c:
+        c.execute("PRAGMA user_version = 999")
+    with pytest.raises(StoreError, match="newer than this ingestd understands"):
+        await SqliteStore(path).open()
+
+
+async def test_batch_commits_and_is_idempotent_on_sensor_metric_ts(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    async with SqliteStore(path) as store:
+        async with store.batch() as tx:
+            await tx.add_readings(readings(100))
+            await tx.add_rejected([Rejected("a/b", b"\xff", "bad", 1.0)])
+        assert (tx.inserted, tx.duplicates, tx.quarantined) == (100, 0, 1)
+        async with store.batch() as tx:
+            await tx.add_readings(readings(150))
+        assert (tx.inserted, tx.duplicates) == (50, 100)
+    assert db_rows(path, "SELECT count(*) FROM readings") == [(150,)]
+    quarantined = db_rows(path, "SELECT topic, payload, reason FROM quarantine")
+    assert quarantined == [("a/b", b"\xff", "bad")]
+    # First write wins.
+    assert db_rows(path, "SELECT value FROM readings WHERE ts = 1e9 + 5") == [(5.0,)]
+
+
+async def test_an_error_rolls_the_whole_batch_back(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    async with SqliteStore(path) as store:
+        with pytest.raises(RuntimeError):
+            async with store.batch() as tx:
+                await tx.add_readings(readings(10, sensor="new"))
+                raise RuntimeError("boom")
+        assert ("new", "temperature") not in store.series_ids, "no id from a rolled-back batch"
+        async with store.batch() as tx:
+            await tx.add_readings(readings(3, sensor="new"))
+    assert db_rows(path, "SELECT count(*) FROM readings") == [(3,)]
+    assert db_rows(path, "SELECT count(*) FROM series") == [(1,)]
+
+
+async def test_cancellation_rolls_back(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    async with SqliteStore(path) as store:
+        entered = asyncio.Event()
+
+        async def slow_batch() -> None:
+            async with store.batch() as tx:
+                await tx.add_readings(readings(10))
+                entered.set()
+                await asyncio.sleep(10)
+
+        task = asyncio.create_task(slow_batch())
+        await entered.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        async with store.batch() as tx:
+            await tx.add_readings(readings(2, sensor="after"))
+    assert db_rows(path, "SELECT sensor, count(*) FROM readings GROUP BY 1") == [("after", 2)]
+
+
+def hold_exclusive_lock(path: Path, seconds: float) -> threading.Thread:
+    locked = threading.Event()
+
+    def run() -> None:
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        time.sleep(seconds)
+        conn.execute("ROLLBACK")
+        conn.close()
+
+    t = threading.Thread(target=run)
+    t.start()
+    locked.wait(5)
+    return t
+
+
+async def test_a_locked_database_is_reported_as_unavailable(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    async with SqliteStore(path, busy_timeout_ms=100) as store:
+        holder = hold_exclusive_lock(path, 1.0)
+        with pytest.raises(StoreUnavailable) as info:
+            async with store.batch() as tx:
+                await tx.add_readings(readings(5))
+        assert info.value.condition == "database locked"
+        holder.join()
+        async with store.batch() as tx:
+            await tx.add_readings(readings(5))
+    assert db_rows(path, "SELECT count(*) FROM readings") == [(5,)]
+
+
+async def test_writer_holds_the_batch_through_a_lock_and_acks_once(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    acked: list[tuple[int, list[tuple[int, int]]]] = []
+    async with SqliteStore(path, busy_timeout_ms=50) as store:
+        bus = EventBus()
+        inbox = bus.subscribe("writer", [Processed], policy="block", maxsize=4)
+        window = InFlightWindow(100)
+        window.take(2, 2)
+        writer = BatchWriter(store, inbox, bus, window, lambda e, a: acked.append((e, a)),
+                             max_readings=1000, max_delay=0.05, retry_min_delay=0.05,
+                             retry_max_delay=0.2)
+        task = asyncio.create_task(writer.run())
+        holder = hold_exclusive_lock(path, 1.5)
+        started = time.monotonic()
+        await bus.publish(Processed(readings(40), [], 2, [(1, 1), (2, 1)], 7))
+        await asyncio.sleep(0.5)
+        assert acked == [], "nothing is acknowledged while the store is locked"
+        assert not writer.store_available
+        await asyncio.to_thread(holder.join)
+        await bus.publish(Processed([], [], 0, [], 7, flush=True, last=True))
+        await asyncio.wait_for(task, 10)
+        assert time.monotonic() - started >= 1.4
+    assert acked == [(7, [(1, 1), (2, 1)])]
+    assert window.in_flight == 0
+    assert writer.store_available
+    assert db_rows(path, "SELECT count(*) FROM readings") == [(40,)]
+
+
+async def test_writer_flushes_by_size_age_and_saturation(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    async with SqliteStore(path) as store:
+        bus = EventBus()
+        inbox = bus.subscribe("writer", [Processed], policy="block", maxsize=4)
+        window = InFlightWindow(1000, broker_limit=3)
+        writer = BatchWriter(store, inbox, bus, window, lambda e, a: None, max_readings=50,
+                             max_delay=0.3, retry_min_delay=0.05, retry_max_delay=0.1)
+        task = asyncio.create_task(writer.run())
+        # Size: 60 readings >= 50 commit at once.
+        await bus.publish(Processed(readings(60, "size"), [], 1, [], 1))
+        await asyncio.sleep(0.05)
+        assert writer.batches == 1
+        # Age: 5 readings wait for max_delay.
+        await bus.publish(Processed(readings(5, "age"), [], 1, [], 1))
+        await asyncio.sleep(0.1)
+        assert writer.batches == 1
+        await asyncio.sleep(0.35)
+        assert writer.batches == 2
+        # Saturation: the broker will send nothing more until we ack.
+        window.take(3, 3)
+        await bus.publish(Processed(readings(3, "sat"), [], 3, [(1, 1), (2, 1), (3, 1)], 1))
+        await asyncio.sleep(0.05)
+        assert writer.batches == 3
+        await bus.publish(Processed([], [], 0, [], 1, flush=True, last=True))
+        await asyncio.wait_for(task, 5)
+    assert db_rows(path, "SELECT count(*) FROM readings") == [(68,)]

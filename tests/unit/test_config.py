@@ -1,0 +1,129 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ingestd.config import effective_settings_json, load_settings, route_table
+from ingestd.errors import ConfigError
+from tests.helpers import SHIPPED_CONFIG
+
+ROUTE = '\n[[routes]]\ntopic = "s/{sensor}/{metric}"\nformat = "value"\n'
+
+
+def _load(tmp_path: Path, text: str) -> object:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    return load_settings(path)
+
+
+def _error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, text)
+    return str(info.value)
+
+
+def test_shipped_config_is_valid_and_matches_the_model_defaults() -> None:
+    settings = load_settings(SHIPPED_CONFIG)
+    assert settings.mqtt.ack == "after_commit"
+    assert [r.topic for r in settings.routes] == [
+        "sensors/{sensor}/telemetry", "sensors/{sensor}/{metric}"]
+    # Every documented default in the file equals the model's default.
+    defaults = type(settings.mqtt)()
+    assert settings.mqtt == defaults
+    assert settings.batch == type(settings.batch)()
+    assert settings.store == type(settings.store)()
+    assert settings.bus == type(settings.bus)()
+    assert settings.daemon == type(settings.daemon)()
+
+
+def test_every_model_key_is_documented_in_the_shipped_config() -> None:
+    text = SHIPPED_CONFIG.read_text()
+    settings = load_settings(SHIPPED_CONFIG)
+    for section in ("daemon", "mqtt", "batch", "store", "bus"):
+        model = getattr(settings, section)
+        for key in type(model).model_fields:
+            if key == "tls":
+                continue
+            assert f"\n{key} = " in text or f"\n# {key} = " in text, f"{section}.{key}"
+    for key in type(settings.mqtt.tls).model_fields:
+        assert f"\n{key} = " in text or f"\n# {key} = " in text, f"mqtt.tls.{key}"
+    for key in ("topic", "qos", "format", "sensor", "metric", "timestamp_field"):
+        assert f"#   {key}" in text, f"routes.{key}"
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INGESTD_MQTT__PORT", "18830")
+    monkeypatch.setenv("INGESTD_STORE__PATH", "/tmp/x.db")
+    settings = load_settings(SHIPPED_CONFIG)
+    assert settings.mqtt.port == 18830
+    assert str(settings.store.path) == "/tmp/x.db"
+    assert settings.mqtt.host == "127.0.0.1"  # the rest of [mqtt] still comes from the file
+
+
+def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[mqtt]\nport = 2000\n" + ROUTE)
+    monkeypatch.setenv("INGESTD_CONFIG", str(path))
+    assert load_settings(None).mqtt.port == 2000
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[mqtt]\nport = 0\n" + ROUTE, "mqtt.port: Input should be greater than or equal to 1"),
+        ("[mqtt]\nprotocol = \"4\"\n" + ROUTE, "mqtt.protocol"),
+        ("[mqtt]\nhots = \"x\"\n" + ROUTE, "mqtt.hots: unknown key"),
+        ("[storage]\npath = \"x\"\n" + ROUTE, "storage: unknown key"),
+        ("[mqtt]\nreconnect_min_delay = 5\nreconnect_max_delay = 1\n" + ROUTE,
+         "reconnect_max_delay must not be below reconnect_min_delay"),
+        ("[processor.limits]\ntemperature = { min = 5, max = 1 }\n" + ROUTE,
+         "processor.limits.temperature: min (5.0) is above max (1.0)"),
+        ("[mqtt]\n", "no [[routes]] configured"),
+        ('[[routes]]\ntopic = "a/#/b"\n', "'#' must be the last level"),
+        ('[[routes]]\ntopic = "a/x{y}"\n', "mixes text with a wildcard"),
+        ('[[routes]]\ntopic = "a/{sensor}"\nformat = "value"\n',
+         "metric template '{metric}' uses {metric}, which topic 'a/{sensor}' does not name"),
+        ('[[routes]]\ntopic = "a/{sensor}"\nqos = 3\n', "routes[0].qos"),
+        ('[[routes]]\ntopic = "a/{sensor}"\nformat = "xml"\n', "routes[0].format"),
+        ("[mqtt.tls]\nkey_file = \"k\"\n" + ROUTE, "key_file is set but cert_file is not"),
+        ("[mqtt]\nshared_group = \"a/b\"\n" + ROUTE, "mqtt.shared_group"),
+    ],
+)
+def test_errors_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    message = _error(tmp_path, text)
+    assert str(tmp_path / "c.toml") in message
+    assert expected in message
+
+
+def test_env_error_names_the_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INGESTD_BATCH__MAX_READINGS", "lots")
+    message = _error(tmp_path, ROUTE)
+    assert "batch.max_readings" in message
+    assert "from environment variable INGESTD_BATCH__MAX_READINGS" in message
+
+
+def test_unreadable_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_settings(tmp_path / "missing.toml")
+    message = _error(tmp_path, "[mqtt\n")
+    assert "not valid TOML" in message
+    assert "line 1" in message
+
+
+def test_effective_settings_mask_the_password(tmp_path: Path) -> None:
+    settings = _load(tmp_path, '[mqtt]\nusername = "u"\npassword = "s3cret"\n' + ROUTE)
+    text = effective_settings_json(settings)  # type: ignore[arg-type]
+    assert "s3cret" not in text
+    assert '"password": "**********"' in text
+
+
+def test_route_table_from_settings(tmp_path: Path) -> None:
+    settings = load_settings(SHIPPED_CONFIG)
+    table = route_table(settings)
+    match = table.match("sensors/kitchen/telemetry")
+    assert match is not None
+    assert (match.format, match.sensor) == ("json", "kitchen")
+    value = table.match("sensors/kitchen/co2")
+    assert value is not None
+    assert (value.format, value.sensor, value.metric_prefix) == ("value", "kitchen", "co2")

@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingestd.decode import decode_all, decode_json_fields, decode_value, parse_timestamp
+from ingestd.errors import DecodeError
+from ingestd.events import Reading
+from ingestd.routes import RouteTable, compile_route
+
+TABLE = RouteTable([
+    compile_route("sensors/{sensor}/telemetry", "{sensor}", "{field}", "json", "ts", 0),
+    compile_route("sensors/{sensor}/{metric}", "{sensor}", "{metric}", "value", "ts", 1),
+])
+NOW = 1_700_000_100.0
+
+
+def decode(topic: str, payload: bytes) -> tuple[list[Reading], list[str]]:
+    readings, rejected = decode_all(TABLE, [(topic, payload, NOW)])
+    return readings, [r.reason for r in rejected]
+
+
+def test_json_object_gives_one_reading_per_numeric_field() -> None:
+    readings, rejected = decode(
+        "sensors/kitchen/telemetry", b'{"ts": 1700000000.5, "temperature": 21.5, "humidity": 40}'
+    )
+    assert rejected == []
+    assert readings == [
+        Reading("kitchen", "temperature", 1700000000.5, 21.5, "sensors/kitchen/telemetry"),
+        Reading("kitchen", "humidity", 1700000000.5, 40.0, "sensors/kitchen/telemetry"),
+    ]
+
+
+def test_json_without_timestamp_uses_receive_time() -> None:
+    readings, _ = decode("sensors/k/telemetry", b'{"temperature": 1}')
+    assert readings[0].ts == NOW
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (1700000000, 1700000000.0),
+        (1700000000.25, 1700000000.25),
+        ("2023-11-14T22:13:20Z", 1700000000.0),
+        ("2023-11-14T22:13:20.500+00:00", 1700000000.5),
+        ("2023-11-14T23:13:20+01:00", 1700000000.0),
+        ("2023-11-14T22:13:20", 1700000000.0),  # naive = UTC
+    ],
+)
+def test_timestamps(raw: object, expected: float) -> None:
+    assert parse_timestamp(raw) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        (1700000000000, "milliseconds sent as seconds"),
+        (-1, "out of range"),
+        ("yesterday", "not ISO 8601"),
+        (True, "must be a number"),
+        ([1], "must be a number"),
+    ],
+)
+def test_bad_timestamps(raw: object, message: str) -> None:
+    with pytest.raises(DecodeError, match=message):
+        parse_timestamp(raw)
+
+
+def test_plain_value_payloads() -> None:
+    assert decode_value(b"21.5") == 21.5
+    assert decode_value(b" -3e2\n") == -300.0
+    assert decode_value(b"true") == 1.0
+    assert decode_value(b"false") == 0.0
+    readings, rejected = decode("sensors/kitchen/temperature", b"21.5")
+    assert rejected == []
+    assert readings == [Reading("kitchen", "temperature", NOW, 21.5, "sensors/kitchen/temperature")]
+
+
+@pytest.mark.parametrize("payload", [b"", b"NaN", b"inf", b"-Infinity", b"1_000", b"0x10",
+                                     b"21.5C", b"\xff", b"1e999", b"[1]"])
+def test_bad_values_are_rejected(payload: bytes) -> None:
+    readings, rejected = decode("sensors/k/temperature", payload)
+    assert readings == []
+    assert len(rejected) == 1
+    assert "number" in rejected[0]
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"{", "not valid JSON"),
+        (b"\xff\xfe", "not valid JSON"),
+        (b"[]", "not an object (got array)"),
+        (b"42", "not an object (got number)"),
+        (b"{}", "no numeric fields"),
+        (b'{"ts": 1}', "no numeric fields"),
+        (b"NaN", "not valid JSON"),
+        (b'{"t": NaN}', "not valid JSON"),
+        (b'{"t": 1e999}', "not valid JSON"),
+    ],
+)
+def test_malformed_json_is_rejected_with_reason(payload: bytes, reason: str) -> None:
+    readings, rejected = decode("sensors/k/telemetry", payload)
+    assert readings == []
+    assert len(rejected) == 1
+    assert reason in rejected[0]
+
+
+def test_bad_fields_are_quarantined_and_good_ones_kept() -> None:
+    readings, rejected = decode(
+        "sensors/k/telemetry", b'{"temperature": 20, "status": "ok", "nested": {"a": 1}, "n": null}'
+    )
+    assert [r.metric for r in readings] == ["temperature"]
+    assert len(rejected) == 1
+    assert "'status' is not a finite number (got string)" in rejected[0]
+    assert "'nested' is not a finite number (got object)" in rejected[0]
+    assert "'n' is not a finite number (got null)" in rejected[0]
+
+
+def test_huge_integers_are_not_finite_numbers() -> None:
+    _, fields, problems = decode_json_fields(b'{"x": ' + b"9" * 400 + b"}", "ts")
+    assert fields == []
+    assert "not a finite number" in problems[0]
+
+
+def test_unrouted_topic_and_empty_levels() -> None:
+    assert decode("elsewhere/x", b"1")[1] == ["no route matches this topic"]
+    assert decode("sensors//temperature", b"1")[1] == ["topic gives an empty sensor id"]
+    assert decode("sensors/k/", b"1")[1] == ["topic gives an empty metric name"]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(topic=st.sampled_from(["sensors/a/telemetry", "sensors/a/t", "x/y", "sensors//x"]),
+       payload=st.binary(max_size=256))
+def test_any_bytes_give_readings_or_a_reason_never_an_exception(topic: str, payload: bytes) -> None:
+    readings, rejected = decode_all(TABLE, [(topic, payload, NOW)])
+    assert readings or rejected
+    for r in readings:
+        assert math.isfinite(r.value)
+        assert math.isfinite(r.ts)
+    for rej in rejected:
+        assert rej.reason
+        assert rej.payload == payload
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8),
+                                                                        children, max_size=4),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(doc=st.dictionaries(st.text(max_size=10), json_values, max_size=8))
+def test_any_json_object_decodes_or_is_rejected(doc: dict[str, object]) -> None:
+    import json
+
+    payload = json.dumps(doc).encode()
+    readings, rejected = decode_all(TABLE, [("sensors/a/telemetry", payload, NOW)])
+    assert readings or rejected
+    assert all(math.isfinite(r.value) for r in readings)

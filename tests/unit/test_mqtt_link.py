@@ -1,0 +1,41 @@
+"""Fails loudly if an aiomqtt or paho-mqtt upgrade removes what the adapter uses."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import time
+
+import aiomqtt
+import paho.mqtt.client as paho
+
+from ingestd import mqtt_link
+
+
+def test_private_attributes_the_adapter_relies_on_still_exist() -> None:
+    for owner, name in mqtt_link.REQUIRED_INTERNALS:
+        assert hasattr(owner, name), (
+            f"{owner.__module__}.{owner.__name__}.{name} is gone: ingestd/mqtt_link.py must be "
+            "updated for this aiomqtt/paho-mqtt version"
+        )
+
+
+async def test_instance_attributes_and_callback_wiring() -> None:
+    client = aiomqtt.Client("127.0.0.1", 1)
+    for name in mqtt_link.REQUIRED_INSTANCE_ATTRS:
+        assert hasattr(client, name), f"aiomqtt.Client().{name} is gone"
+    assert isinstance(client._client, paho.Client)
+    assert isinstance(client._disconnected, asyncio.Future)
+    # aiomqtt must look the socket callback up on self, so our override is used.
+    link = mqtt_link.MqttLink(on_message=lambda m: None, manual_ack=True, hostname="127.0.0.1")
+    assert link._client.on_socket_open.__func__ is mqtt_link.MqttLink._on_socket_open
+    assert link._client.on_socket_close.__func__ is mqtt_link.MqttLink._on_socket_close
+    assert link._client._manual_ack is True
+
+
+def test_paho_signatures_we_call() -> None:
+    assert list(inspect.signature(paho.Client.ack).parameters) == ["self", "mid", "qos"]
+    assert list(inspect.signature(paho.Client.manual_ack_set).parameters) == ["self", "on"]
+    # MQTTMessage.timestamp is stamped with this clock on arrival.
+    assert mqtt_link.ARRIVAL_CLOCK is time.monotonic
+    assert aiomqtt.__version__.startswith("2.5"), "adapter written against aiomqtt 2.5"

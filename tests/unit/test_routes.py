@@ -1,0 +1,95 @@
+from __future__ import annotations
+
+import pytest
+
+from ingestd.routes import RouteSpecError, RouteTable, compile_route
+
+
+def table(*specs: tuple[str, str, str, str]) -> RouteTable:
+    return RouteTable([compile_route(t, s, m, f, index=i) for i, (t, s, m, f) in enumerate(specs)])
+
+
+def test_named_levels_become_wildcards_and_captures() -> None:
+    r = compile_route("sensors/{site}/{device}/{metric}", "{site}.{device}", "{metric}", "value")
+    assert r.subscription == "sensors/+/+/+"
+    t = RouteTable([r])
+    m = t.match("sensors/lab/d7/temperature")
+    assert m is not None
+    assert (m.sensor, m.metric_prefix) == ("lab.d7", "temperature")
+    assert t.match("sensors/lab/d7") is None
+    assert t.match("sensors/lab/d7/temperature/extra") is None
+    assert t.match("other/lab/d7/temperature") is None
+
+
+def test_json_metric_template_wraps_the_field() -> None:
+    t = table(("plant/{line}/{sensor}", "{sensor}", "{line}_{field}", "json"))
+    m = t.match("plant/l2/press")
+    assert m is not None
+    assert (m.metric_prefix, m.metric_suffix) == ("l2_", "")
+    assert m.metric_prefix + "rpm" + m.metric_suffix == "l2_rpm"
+
+
+def test_most_specific_route_wins_regardless_of_order() -> None:
+    t = table(
+        ("sensors/#", "any", "x", "value"),
+        ("sensors/{sensor}/{metric}", "{sensor}", "{metric}", "value"),
+        ("sensors/{sensor}/telemetry", "{sensor}", "{field}", "json"),
+    )
+    assert [r.pattern for r in t.routes] == [
+        "sensors/{sensor}/telemetry", "sensors/{sensor}/{metric}", "sensors/#"]
+    telemetry = t.match("sensors/a/telemetry")
+    assert telemetry is not None
+    assert telemetry.format == "json"
+    other = t.match("sensors/a/co2")
+    assert other is not None
+    assert other.route == 1
+    deep = t.match("sensors/a/b/c")
+    assert deep is not None
+    assert deep.route == 0
+
+
+def test_multi_level_wildcard_matches_its_parent_too() -> None:
+    t = table(("a/b/#", "s", "m", "value"))
+    assert t.match("a/b") is not None
+    assert t.match("a/b/c/d") is not None
+    assert t.match("a/c") is None
+
+
+def test_wildcards_do_not_match_dollar_topics() -> None:
+    t = table(("+/x", "s", "m", "value"), ("#", "s", "m", "value"))
+    assert t.match("$SYS/x") is None
+    assert t.match("$SYS/broker/uptime") is None
+    assert t.match("a/x") is not None
+
+
+def test_subscriptions_are_unique() -> None:
+    t = table(("a/{sensor}/{metric}", "{sensor}", "{metric}", "value"),
+              ("a/+/+", "x", "y", "value"))
+    assert [f for f, _ in t.subscriptions()] == ["a/+/+"]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "sensor", "metric", "fmt", "message"),
+    [
+        ("a/#/b", "s", "m", "value", "'#' must be the last level"),
+        ("a/b+", "s", "m", "value", "mixes text"),
+        ("a/{x}/{x}", "{x}", "m", "value", "used twice"),
+        ("a/{x}", "{y}", "m", "value", "uses {y}"),
+        ("a/{x}", "{x}", "{field}", "value", "uses {field}"),
+        ("a/{x}", "{x}", "{field}{field}", "json", "only once"),
+        ("a/{x}", "{x!r}", "m", "value", "no format specs"),
+        ("a/{x}", "", "m", "value", "empty"),
+        ("a/{x}", "{x", "m", "value", "sensor template"),
+    ],
+)
+def test_bad_specs_are_rejected(pattern: str, sensor: str, metric: str, fmt: str,
+                                message: str) -> None:
+    with pytest.raises(RouteSpecError, match=message.replace("{", r"\{").replace("+", r"\+")):
+        compile_route(pattern, sensor, metric, fmt)
+
+
+def test_match_cache_is_bounded() -> None:
+    t = table(("d/{sensor}/{metric}", "{sensor}", "{metric}", "value"))
+    for i in range(70_000):
+        t.match(f"d/s{i}/m")
+    assert len(t._cache) <= 65536
