@@ -18,7 +18,7 @@ import structlog
 from ingestd import __version__
 from ingestd.bus import EventBus
 from ingestd.config import Settings, route_table
-from ingestd.errors import StoreUnavailable
+from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import BatchCommitted, Decoded, Processed
 from ingestd.flow import InFlightWindow
 from ingestd.observe.event_log import EventLogger
@@ -84,6 +84,9 @@ class Daemon:
             if not await self._open_store(store):
                 return EXIT_OK
             return await self._main(store)
+        except StoreError as exc:
+            log.error("store failed; exiting", path=str(store.path), error=str(exc))
+            return EXIT_FAILURE
         finally:
             await store.close()
             self.notifier.close()

@@ -9,8 +9,10 @@ match the routes of the shipped config/ingestd.toml.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -65,13 +67,17 @@ async def simulate(
     qos: int = 1,
     seed: int = 1,
 ) -> int:
-    """Publish until `rounds` rounds are done (0: forever). Returns messages sent."""
+    """Publish until `rounds` rounds are done (0: until SIGINT/SIGTERM). Returns messages sent."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     m = settings.mqtt
     fleet = make_sensors(sensors, seed)
     sent = 0
     password = m.password.get_secret_value() if m.password else None
     backoff = 0.5
-    while True:
+    while not stop.is_set():
         try:
             async with aiomqtt.Client(
                 m.host, m.port, username=m.username, password=password,
@@ -82,7 +88,7 @@ async def simulate(
                 backoff = 0.5
                 done = 0
                 next_round = time.monotonic()
-                while rounds == 0 or done < rounds:
+                while (rounds == 0 or done < rounds) and not stop.is_set():
                     now = time.time()
                     for s in fleet:
                         await client.publish(f"sensors/{s.name}/telemetry",
@@ -94,10 +100,15 @@ async def simulate(
                             sent += 1
                     done += 1
                     next_round += interval
-                    await asyncio.sleep(max(0.0, next_round - time.monotonic()))
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(max(0.0, next_round - time.monotonic())):
+                            await stop.wait()
                 return sent
         except aiomqtt.MqttError as exc:
             print(f"simulator: broker {m.host}:{m.port} unavailable ({exc}); retrying",
                   file=sys.stderr)
-            await asyncio.sleep(backoff)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff):
+                    await stop.wait()
             backoff = min(backoff * 2, 10.0)
+    return sent

@@ -39,6 +39,17 @@ if [ ! -x .venv/bin/python ]; then
   say "creating .venv with $("$PYTHON" --version 2>&1)"
   "$PYTHON" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check --upgrade pip
-.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[dev]'
+# Reinstall only when the dependencies changed (pyproject.toml is the stamp).
+stamp=.venv/.ingestd-installed
+want=$(cksum < pyproject.toml)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  say "installing ingestd and its dependencies into .venv"
+  log=$(mktemp)
+  if ! { .venv/bin/python -m pip install --disable-pip-version-check --upgrade pip \
+         && .venv/bin/python -m pip install --disable-pip-version-check -e '.[dev]'; } >"$log" 2>&1; then
+    cat "$log" >&2; rm -f "$log"; say "pip install failed (output above)"; exit 1
+  fi
+  rm -f "$log"
+  echo "$want" > "$stamp"
+fi
 say "ready: $(.venv/bin/ingestd --version), $(mosquitto -h 2>/dev/null | head -1 || /usr/sbin/mosquitto -h | head -1)"

@@ -226,3 +226,44 @@ def test_sigint_drains_and_exits_0(tmp_path: Path, mosquitto: Mosquitto) -> None
         daemon.kill()
     assert db.count() == 5
     assert "STOPPING=1" in daemon.notices
+
+
+def test_a_store_it_cannot_use_stops_it_with_status_1(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    db = tmp_path / "data" / "ingestd.db"
+    db.parent.mkdir()
+    import sqlite3
+
+    with sqlite3.connect(db) as c:
+        c.execute("PRAGMA user_version = 999")
+    daemon = _daemon(tmp_path, mosquitto.port).start()
+    try:
+        assert daemon.wait(20) == 1
+    finally:
+        daemon.kill()
+    assert "newer than this ingestd understands" in daemon.logs()
+    assert "READY=1" not in daemon.notices
+
+
+def test_a_failing_component_cancels_the_rest_and_exits_non_zero(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    import sqlite3
+
+    daemon = _daemon(tmp_path, mosquitto.port).start()
+    db = tmp_path / "data" / "ingestd.db"
+    try:
+        daemon.wait_ready()
+        publish(mosquitto.port, [("sensors/a/temperature", b"1")])
+        wait_for(lambda: DbReader(db).count() == 1, 10, what="first reading")
+        # Sabotage the schema under the running daemon: not a transient condition.
+        with sqlite3.connect(db) as c:
+            c.execute("DROP VIEW readings")
+            c.execute("DROP TABLE samples")
+        publish(mosquitto.port, [("sensors/a/temperature", b"2")])
+        status = daemon.wait(20)
+    finally:
+        daemon.kill()
+    assert status == 1
+    logs = daemon.logs()
+    assert "component failed" in logs
+    assert "no such table: samples" in logs
