@@ -34,9 +34,17 @@ class InFlightWindow:
         self._paused = False
 
     def on_flow(self, on_full: Callable[[], None], on_room: Callable[[], None]) -> None:
-        """Callbacks that stop and restart reading from the broker."""
+        """Callbacks that stop and restart reading from a (new) broker connection.
+
+        If the window is already full (a persistent session's backlog can
+        arrive before the callbacks are wired), reading stops at once.
+        """
         self._on_full, self._on_room = on_full, on_room
         self._paused = False
+        if self.in_flight >= self.limit:
+            self._paused = True
+            self.pauses += 1
+            on_full()
 
     def take(self, messages: int, unacked: int) -> None:
         self.in_flight += messages

@@ -56,14 +56,42 @@ class Backoff:
 
 
 def subscriptions(settings: Settings, table: RouteTable) -> list[tuple[str, int]]:
-    """(filter, QoS) pairs; a filter shared by several routes gets the highest QoS."""
-    qos: dict[str, int] = {}
-    for route in table.routes:
-        want = settings.routes[route.index].qos
-        qos[route.subscription] = max(qos.get(route.subscription, 0), want)
+    """(filter, QoS) pairs, without overlap.
+
+    A broker delivers a message once per matching subscription (Mosquitto 2
+    does, for 3.1.1 and 5 alike), so a filter covered by another route's
+    filter is not subscribed: `sensors/+/telemetry` is left out next to
+    `sensors/+/+`. The covering filter gets the highest QoS of those it covers;
+    routing to the most specific route happens on our side.
+    """
+    wanted = [(r.subscription, settings.routes[r.index].qos) for r in table.routes]
+    kept: dict[str, int] = {}
+    for topic, _ in wanted:
+        if any(other != topic and filter_covers(other, topic) for other, _ in wanted):
+            continue
+        kept.setdefault(topic, 0)
+    for topic, qos in wanted:
+        for keeper, current in kept.items():
+            if filter_covers(keeper, topic):
+                kept[keeper] = max(current, qos)
     group = settings.mqtt.shared_group
     prefix = f"$share/{group}/" if group else ""
-    return [(prefix + topic, q) for topic, q in qos.items()]
+    return [(prefix + topic, q) for topic, q in kept.items()]
+
+
+def filter_covers(outer: str, inner: str) -> bool:
+    """True if every topic matching filter `inner` also matches filter `outer`."""
+    a, b = outer.split("/"), inner.split("/")
+    for i, level in enumerate(a):
+        if level == "#":
+            return True
+        if i >= len(b):
+            return False
+        if b[i] == "#":
+            return False
+        if level != "+" and level != b[i]:
+            return False
+    return len(a) == len(b)
 
 
 def tls_context(mqtt: MqttSettings) -> ssl.SSLContext | None:
@@ -221,8 +249,6 @@ class MqttSource:
                 await link.subscribe(topic, qos)
             log.info("subscribed", topics=[t for t, _ in self.subscriptions])
             self.window.on_flow(link.pause_reading, link.resume_reading)
-            if self.window.in_flight >= self.window.limit:
-                link.pause_reading()
             on_ready()
             link_lost = asyncio.ensure_future(link.wait_disconnected())
             link_lost.add_done_callback(lambda _f: self._wake.set())

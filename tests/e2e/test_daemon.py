@@ -78,6 +78,11 @@ def test_ingests_20000_qos1_messages_exactly_once(
 
     assert db.count() == 40_000
     assert db.count("quarantine") == 0
+    # Each message was delivered once (no overlapping subscriptions), none redelivered.
+    stopped = next(json.loads(line) for line in daemon.logs().splitlines()
+                   if '"msg": "stopped"' in line)
+    assert stopped["received"] == 20_000
+    assert stopped["duplicates"] == 0
     distinct = db.rows("SELECT count(*) FROM (SELECT DISTINCT sensor, metric, ts FROM readings)")
     assert distinct[0][0] == 40_000
     # Every value is the one sent for that sensor, metric and time.

@@ -93,3 +93,33 @@ def test_match_cache_is_bounded() -> None:
     for i in range(70_000):
         t.match(f"d/s{i}/m")
     assert len(t._cache) <= 65536
+
+
+@pytest.mark.parametrize(
+    ("outer", "inner", "covers"),
+    [
+        ("a/+/+", "a/+/t", True),
+        ("a/+/t", "a/+/+", False),
+        ("a/#", "a/b/c", True),
+        ("a/#", "a", True),
+        ("#", "x/+/#", True),
+        ("a/+", "a/#", False),
+        ("a/+", "a/b/c", False),
+        ("a/b", "a/b", True),
+        ("a/b", "a/c", False),
+        ("+/+", "a", False),
+    ],
+)
+def test_filter_covers(outer: str, inner: str, covers: bool) -> None:
+    from ingestd.source import filter_covers
+
+    assert filter_covers(outer, inner) is covers
+
+
+def test_overlapping_route_filters_are_subscribed_once() -> None:
+    from ingestd.config import load_settings, route_table
+    from ingestd.source import subscriptions
+    from tests.helpers import SHIPPED_CONFIG
+
+    settings = load_settings(SHIPPED_CONFIG)
+    assert subscriptions(settings, route_table(settings)) == [("sensors/+/+", 1)]

@@ -1,0 +1,168 @@
+"""Persistent sessions (3.1.1 and 5), TLS, forced and timed-out stops, the unit file."""
+
+from __future__ import annotations
+
+import shutil
+import signal
+import sqlite3
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_daemon import _daemon
+from tests.helpers import REPO, DbReader, Mosquitto, publish, wait_for
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_messages_published_while_it_is_down_are_ingested_on_restart(
+    tmp_path: Path, mosquitto: Mosquitto, protocol: str
+) -> None:
+    env = {"INGESTD_MQTT__PROTOCOL": protocol, "INGESTD_MQTT__MAX_INFLIGHT": "50"}
+    db = DbReader(tmp_path / "data" / "ingestd.db")
+    first = _daemon(tmp_path, mosquitto.port, **env).start()
+    try:
+        first.wait_ready()  # the session now exists on the broker
+        publish(mosquitto.port, [("sensors/p/telemetry", b'{"ts": 1e9, "x": 1}')])
+        wait_for(lambda: db.count() == 1, 10, what="first reading")
+        assert first.stop() == 0, first.logs()
+    finally:
+        first.kill()
+    msgs = [(f"sensors/d{i % 7}/telemetry", f'{{"ts": {1e9 + i}, "x": {i}}}'.encode())
+            for i in range(1, 1001)]
+    publish(mosquitto.port, msgs)  # nobody is connected: the broker queues them
+    second = _daemon(tmp_path, mosquitto.port, **env).start()
+    try:
+        second.wait_ready()
+        wait_for(lambda: db.count() == 1001, 30, what="the queued messages")
+        assert second.stop() == 0, second.logs()
+    finally:
+        second.kill()
+    assert db.count() == 1001
+    assert f'"protocol": "{protocol}"' in second.logs()
+
+
+def _make_certs(d: Path) -> tuple[Path, Path, Path]:
+    d.mkdir()
+    ca_key, ca, key, csr, crt = (d / n for n in ("ca.key", "ca.crt", "srv.key", "srv.csr",
+                                                  "srv.crt"))
+    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+        "-subj", "/CN=ingestd test CA", "-keyout", str(ca_key), "-out", str(ca))
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
+        "-keyout", str(key), "-out", str(csr))
+    ext = d / "ext.cnf"
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+        "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(crt))
+    return ca, crt, key
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls_with_a_ca_file(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    ca, crt, key = _make_certs(tmp_path / "pki")
+    from tests.helpers import free_port
+
+    tls_port = free_port()
+    broker = Mosquitto(
+        tmp_path / "tls-broker",
+        extra=f"listener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {crt}\nkeyfile {key}\n",
+    ).start()
+    db = DbReader(tmp_path / "data" / "ingestd.db")
+    daemon = _daemon(tmp_path, tls_port, INGESTD_MQTT__TLS__ENABLED="true",
+                     INGESTD_MQTT__TLS__CA_FILE=str(ca)).start()
+    try:
+        daemon.wait_ready()
+        # Publish on the plain listener of the same broker; ingestd reads over TLS.
+        publish(broker.port, [("sensors/tls/temperature", b"7.5")] * 3)
+        wait_for(lambda: db.count() >= 1, 15, what="a reading over TLS")
+        assert daemon.stop() == 0, daemon.logs()
+    finally:
+        daemon.kill()
+        broker.kill()
+    assert db.rows("SELECT sensor, value FROM readings LIMIT 1") == [("tls", 7.5)]
+
+    # Without the CA the broker's certificate is refused: retried, never accepted.
+    untrusting = _daemon(tmp_path / "x", tls_port, INGESTD_MQTT__TLS__ENABLED="true")
+    (tmp_path / "x").mkdir()
+    broker.start()
+    untrusting.start()
+    try:
+        wait_for(lambda: "broker unreachable" in untrusting.logs(), 15, what="TLS refusal")
+        assert "CERTIFICATE_VERIFY_FAILED" in untrusting.logs()
+        assert untrusting.stop() == 0
+    finally:
+        untrusting.kill()
+        broker.kill()
+
+
+def _hold_lock(path: Path, seconds: float) -> threading.Event:
+    held = threading.Event()
+
+    def run() -> None:
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE")
+        held.set()
+        time.sleep(seconds)
+        conn.execute("ROLLBACK")
+        conn.close()
+
+    threading.Thread(target=run, daemon=True).start()
+    held.wait(5)
+    return held
+
+
+def test_stop_timeout_and_second_signal(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    db_path = tmp_path / "data" / "ingestd.db"
+    daemon = _daemon(tmp_path, mosquitto.port, INGESTD_DAEMON__STOP_TIMEOUT="1.5",
+                     INGESTD_STORE__BUSY_TIMEOUT_MS="50").start()
+    try:
+        daemon.wait_ready()
+        _hold_lock(db_path, 6)
+        publish(mosquitto.port, [("sensors/a/temperature", b"1")])
+        time.sleep(0.5)
+        started = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        status = daemon.wait(10)
+        elapsed = time.monotonic() - started
+    finally:
+        daemon.kill()
+    assert status == 1, "the drain could not finish within stop_timeout"
+    assert 1.4 <= elapsed < 4
+    assert "stop timeout exceeded" in daemon.logs()
+
+    time.sleep(6)  # the lock is gone; the unacknowledged message is still on the broker
+    again = _daemon(tmp_path, mosquitto.port, INGESTD_STORE__BUSY_TIMEOUT_MS="50").start()
+    try:
+        again.wait_ready()
+        wait_for(lambda: DbReader(db_path).count() == 1, 10, what="the redelivered reading")
+        _hold_lock(db_path, 6)
+        publish(mosquitto.port, [("sensors/a/temperature", b"2")])
+        time.sleep(0.5)
+        again.signal(signal.SIGTERM)
+        time.sleep(0.3)
+        again.signal(signal.SIGTERM)
+        assert again.wait(5) == 128 + signal.SIGTERM
+    finally:
+        again.kill()
+    assert "second signal: forcing exit" in again.logs()
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    unit = (REPO / "systemd" / "ingestd.service").read_text()
+    for key in ("Type=notify", "Restart=on-failure", "RestartPreventExitStatus=78",
+                "StateDirectory=ingestd", "DynamicUser=yes", "NoNewPrivileges=yes",
+                "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes"):
+        assert f"\n{key}\n" in unit, key
+    # Point ExecStart at this checkout's interpreter so verify can check it.
+    exe = shutil.which("ingestd") or str(REPO / ".venv" / "bin" / "ingestd")
+    local = tmp_path / "ingestd.service"
+    local.write_text(unit.replace("/opt/ingestd/.venv/bin/ingestd", exe))
+    proc = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True,
+                          text=True, timeout=60)
+    problems = [line for line in (proc.stdout + proc.stderr).splitlines()
+                if "ingestd.service" in line]
+    assert problems == [], problems
