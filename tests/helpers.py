@@ -291,3 +291,21 @@ class DbReader:
     def rows(self, sql: str, *args: object) -> list[tuple[object, ...]]:
         with self.connect() as c:
             return list(c.execute(sql, args).fetchall())
+
+
+def hold_exclusive_lock(path: Path, seconds: float) -> threading.Thread:
+    """Another writer holding an exclusive lock on the database for `seconds`."""
+    locked = threading.Event()
+
+    def run() -> None:
+        conn = sqlite3.connect(path, isolation_level=None)
+        conn.execute("BEGIN EXCLUSIVE")
+        locked.set()
+        time.sleep(seconds)
+        conn.execute("ROLLBACK")
+        conn.close()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    locked.wait(5)
+    return t

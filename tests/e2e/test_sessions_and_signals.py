@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import shutil
 import signal
-import sqlite3
 import subprocess
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.test_daemon import _daemon
-from tests.helpers import REPO, DbReader, Mosquitto, publish, wait_for
+from tests.helpers import REPO, DbReader, Mosquitto, hold_exclusive_lock, publish, wait_for
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
@@ -98,29 +96,13 @@ def test_tls_with_a_ca_file(tmp_path: Path, mosquitto: Mosquitto) -> None:
         broker.kill()
 
 
-def _hold_lock(path: Path, seconds: float) -> threading.Event:
-    held = threading.Event()
-
-    def run() -> None:
-        conn = sqlite3.connect(path, isolation_level=None)
-        conn.execute("BEGIN EXCLUSIVE")
-        held.set()
-        time.sleep(seconds)
-        conn.execute("ROLLBACK")
-        conn.close()
-
-    threading.Thread(target=run, daemon=True).start()
-    held.wait(5)
-    return held
-
-
 def test_stop_timeout_and_second_signal(tmp_path: Path, mosquitto: Mosquitto) -> None:
     db_path = tmp_path / "data" / "ingestd.db"
     daemon = _daemon(tmp_path, mosquitto.port, INGESTD_DAEMON__STOP_TIMEOUT="1.5",
                      INGESTD_STORE__BUSY_TIMEOUT_MS="50").start()
     try:
         daemon.wait_ready()
-        _hold_lock(db_path, 6)
+        hold_exclusive_lock(db_path, 6)
         publish(mosquitto.port, [("sensors/a/temperature", b"1")])
         time.sleep(0.5)
         started = time.monotonic()
@@ -138,7 +120,7 @@ def test_stop_timeout_and_second_signal(tmp_path: Path, mosquitto: Mosquitto) ->
     try:
         again.wait_ready()
         wait_for(lambda: DbReader(db_path).count() == 1, 10, what="the redelivered reading")
-        _hold_lock(db_path, 6)
+        hold_exclusive_lock(db_path, 6)
         publish(mosquitto.port, [("sensors/a/temperature", b"2")])
         time.sleep(0.5)
         again.signal(signal.SIGTERM)

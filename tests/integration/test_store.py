@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from ingestd.events import Processed, Reading, Rejected
 from ingestd.flow import InFlightWindow
 from ingestd.store import SCHEMA_VERSION, SqliteStore
 from ingestd.writer import BatchWriter
+from tests.helpers import hold_exclusive_lock
 
 
 def readings(n: int, sensor: str = "s", t0: float = 1e9) -> list[Reading]:
@@ -99,23 +99,6 @@ async def test_cancellation_rolls_back(tmp_path: Path) -> None:
         async with store.batch() as tx:
             await tx.add_readings(readings(2, sensor="after"))
     assert db_rows(path, "SELECT sensor, count(*) FROM readings GROUP BY 1") == [("after", 2)]
-
-
-def hold_exclusive_lock(path: Path, seconds: float) -> threading.Thread:
-    locked = threading.Event()
-
-    def run() -> None:
-        conn = sqlite3.connect(path, isolation_level=None)
-        conn.execute("BEGIN EXCLUSIVE")
-        locked.set()
-        time.sleep(seconds)
-        conn.execute("ROLLBACK")
-        conn.close()
-
-    t = threading.Thread(target=run)
-    t.start()
-    locked.wait(5)
-    return t
 
 
 async def test_a_locked_database_is_reported_as_unavailable(tmp_path: Path) -> None:
