@@ -36,6 +36,9 @@ from ingestd.routes import RouteTable
 
 log = structlog.get_logger("ingestd.source")
 
+# Backpressure is logged at most this often (seconds), with a count.
+BACKPRESSURE_LOG_INTERVAL = 10.0
+
 
 class Backoff:
     """Exponential backoff with equal jitter: half fixed, half random."""
@@ -137,6 +140,9 @@ class MqttSource:
         self._wake = asyncio.Event()
         self._link: MqttLink | None = None
         self._epoch = 0
+        self._paused_at = 0.0
+        self._pause_logged = -BACKPRESSURE_LOG_INTERVAL
+        self._pauses = 0
         self.connected = False
         self.reconnects = 0
         self.received = 0
@@ -248,7 +254,7 @@ class MqttSource:
             for topic, qos in self.subscriptions:
                 await link.subscribe(topic, qos)
             log.info("subscribed", topics=[t for t, _ in self.subscriptions])
-            self.window.on_flow(link.pause_reading, link.resume_reading)
+            self.window.on_flow(lambda: self._pause(link), lambda: self._resume(link))
             on_ready()
             link_lost = asyncio.ensure_future(link.wait_disconnected())
             link_lost.add_done_callback(lambda _f: self._wake.set())
@@ -281,6 +287,26 @@ class MqttSource:
                 # before DISCONNECT; the daemon bounds this by stop_timeout.
                 await self.window.wait_idle()
                 return
+
+    def _pause(self, link: MqttLink) -> None:
+        link.pause_reading()
+        self._paused_at = time.monotonic()
+        self._pauses += 1
+        if self._paused_at - self._pause_logged >= BACKPRESSURE_LOG_INTERVAL:
+            log.warning(
+                "in-flight window full: reading from the broker paused until the store "
+                "catches up (the broker holds the rest)",
+                window=self.window.limit,
+                pauses=self._pauses,
+            )
+            self._pause_logged = self._paused_at
+            self._pauses = 0
+
+    def _resume(self, link: MqttLink) -> None:
+        link.resume_reading()
+        paused_for = time.monotonic() - self._paused_at
+        if paused_for >= BACKPRESSURE_LOG_INTERVAL:
+            log.warning("reading from the broker resumed", paused_seconds=round(paused_for, 1))
 
     def _on_message(self, message: paho.MQTTMessage) -> None:
         self._inbox.append(message)
