@@ -168,6 +168,7 @@ class Daemon:
         log.info("stopped", committed=writer.committed, duplicates=writer.duplicates,
                  quarantined=writer.quarantined, batches=writer.batches,
                  received=source.received, stale_acks=source.stale_acks,
+                 in_flight_peak=window.peak, window=window.limit,
                  seconds=round(time.monotonic() - self._stop_started, 3))
         return EXIT_OK
 

@@ -29,6 +29,8 @@ class InFlightWindow:
         self.pauses = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        self._room = asyncio.Event()
+        self._room.set()
         self._on_full: Callable[[], None] | None = None
         self._on_room: Callable[[], None] | None = None
         self._paused = False
@@ -52,6 +54,8 @@ class InFlightWindow:
         self.peak = max(self.peak, self.in_flight)
         if messages:
             self._idle.clear()
+        if self.in_flight >= self.limit:
+            self._room.clear()
         if self.in_flight >= self.limit and not self._paused and self._on_full is not None:
             self._paused = True
             self.pauses += 1
@@ -63,6 +67,8 @@ class InFlightWindow:
         if self.in_flight <= 0:
             self.in_flight = 0
             self._idle.set()
+        if self.in_flight < self.limit:
+            self._room.set()
         if self._paused and self.in_flight < self.limit and self._on_room is not None:
             self._paused = False
             self._on_room()
@@ -76,3 +82,7 @@ class InFlightWindow:
 
     async def wait_idle(self) -> None:
         await self._idle.wait()
+
+    async def wait_room(self) -> None:
+        """Until fewer than `limit` messages are in flight."""
+        await self._room.wait()

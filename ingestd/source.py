@@ -13,11 +13,12 @@ messages are unsettled: that is the whole of ingestd's backpressure.
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import ssl
 import time
 from collections.abc import Callable
-from typing import cast
+from typing import Any, cast
 
 import aiomqtt
 import paho.mqtt.client as paho
@@ -241,7 +242,12 @@ class MqttSource:
         )
 
     async def _session(self, stop: asyncio.Event, on_ready: Callable[[], None]) -> None:
+        # Never connect while the pipeline is full: a persistent session's
+        # backlog starts flowing right after CONNACK.
+        await self.window.wait_room()
         link = self._make_link()
+        # Wired before connecting, so the backlog is bounded from its first message.
+        self.window.on_flow(lambda: self._pause(link), lambda: self._resume(link))
         async with link:
             self._epoch += 1
             self._link = link
@@ -251,21 +257,48 @@ class MqttSource:
             log.info("connected to broker", broker=self.broker, epoch=self._epoch,
                      protocol=self.settings.protocol)
             self.bus.publish_nowait(ConnectionChanged(True, self.broker))
-            for topic, qos in self.subscriptions:
-                await link.subscribe(topic, qos)
-            log.info("subscribed", topics=[t for t, _ in self.subscriptions])
-            self.window.on_flow(lambda: self._pause(link), lambda: self._resume(link))
-            on_ready()
             link_lost = asyncio.ensure_future(link.wait_disconnected())
             link_lost.add_done_callback(lambda _f: self._wake.set())
             stop_cb = asyncio.ensure_future(stop.wait())
             stop_cb.add_done_callback(lambda _f: self._wake.set())
+            # The pump runs while we subscribe: the SUBACK may sit behind a backlog
+            # that only drains as the pipeline commits it.
+            pump = asyncio.ensure_future(self._pump(link, stop, link_lost))
             try:
-                await self._pump(link, stop, link_lost)
+                if await self._subscribe(link, link_lost, pump):
+                    on_ready()
+                await pump
             finally:
                 stop_cb.cancel()
                 if not link_lost.done():
                     link_lost.cancel()
+                if not pump.done():
+                    pump.cancel()
+                    await asyncio.gather(pump, return_exceptions=True)
+
+    async def _subscribe(
+        self, link: MqttLink, link_lost: asyncio.Future[None], pump: asyncio.Future[None]
+    ) -> bool:
+        """Subscribe to every filter; False if the pump ended first (a stop)."""
+        for topic, qos in self.subscriptions:
+            request = asyncio.ensure_future(link.subscribe(topic, qos, timeout=math.inf))
+            waiting: set[asyncio.Future[Any]] = {request, link_lost, pump}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if not request.done():
+                request.cancel()
+                await asyncio.gather(request, return_exceptions=True)
+                if link_lost.done():
+                    link_lost.result()
+                    raise aiomqtt.MqttError("disconnected while subscribing")
+                return False
+            granted = request.result()
+            code = granted[0]
+            value = code.value if hasattr(code, "value") else int(code)
+            if value >= 0x80:
+                log.error("subscription refused by the broker; check its ACLs",
+                          topic=topic, qos=qos, reason=str(code))
+        log.info("subscribed", topics=[t for t, _ in self.subscriptions])
+        return True
 
     async def _pump(
         self, link: MqttLink, stop: asyncio.Event, link_lost: asyncio.Future[None]

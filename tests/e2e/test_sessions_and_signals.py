@@ -148,3 +148,39 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
     problems = [line for line in (proc.stdout + proc.stderr).splitlines()
                 if "ingestd.service" in line]
     assert problems == [], problems
+
+
+@pytest.mark.parametrize(("qos", "ack"), [(1, "after_commit"), (1, "on_receive"), (0, "")])
+def test_a_large_backlog_is_taken_within_the_window(
+    tmp_path: Path, qos: int, ack: str
+) -> None:
+    """The backlog arrives before SUBACK; the window must bound it from the first message."""
+    broker = Mosquitto(tmp_path / "broker", max_inflight=0,
+                       extra="queue_qos0_messages true\nmax_queued_bytes 0\n").start()
+    db = DbReader(tmp_path / "data" / "ingestd.db")
+    env = {"INGESTD_MQTT__MAX_INFLIGHT": "200", "INGESTD_MQTT__BROKER_MAX_INFLIGHT": "0"}
+    if ack:
+        env["INGESTD_MQTT__ACK"] = ack
+    config = tmp_path / "qos.toml"
+    config.write_text((REPO / "config" / "ingestd.toml").read_text()
+                      .replace("qos = 1", f"qos = {qos}"))
+    daemon = _daemon(tmp_path, broker.port, config=config, **env).start()
+    try:
+        daemon.wait_ready()
+        assert daemon.stop() == 0
+        n = 20_000
+        publish(broker.port, [(f"sensors/b{i % 10}/telemetry", b'{"ts": %d, "v": 1}' % (i + 1))
+                              for i in range(n)], qos=qos)
+        daemon = _daemon(tmp_path, broker.port, config=config, **env).start()
+        daemon.wait_ready(60)
+        wait_for(lambda: db.count() >= n, 60, interval=0.1, what="the backlog")
+        assert daemon.stop() == 0, daemon.logs()
+    finally:
+        daemon.kill()
+        broker.kill()
+    import json
+
+    stopped = [json.loads(line) for line in daemon.logs().splitlines()
+               if '"msg": "stopped"' in line][-1]
+    assert stopped["received"] == n
+    assert stopped["in_flight_peak"] <= 200, stopped
