@@ -1,0 +1,284 @@
+"""ingestd benchmark: throughput of consuming a broker backlog, against baselines.
+
+    .venv/bin/python -m bench.bench                  # everything, 3 interleaved rounds
+    .venv/bin/python -m bench.bench --quick          # one round, fewer messages
+
+Method. For each run a fresh Mosquitto is started on a free loopback port and a
+persistent session is registered for the consumer. The backlog is then
+preloaded with `mosquitto_pub -l` (C, one process per sensor topic, over
+100k msg/s here) while the consumer is not running, so the publisher never
+competes with the consumer for the CPU. Then the consumer is started and timed
+from its first to its last reading (committed, for ingestd and the script;
+received, for the counting loop). Scenarios run interleaved, round by round,
+and the table reports medians: the machine is noisy.
+
+Each consumer runs as its own process; CPU seconds and peak RSS are read from
+/proc (ingestd, before it is stopped) or reported by the consumer itself
+(getrusage, the baselines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from tests.helpers import SHIPPED_CONFIG, Mosquitto, wait_for
+
+REPO = Path(__file__).resolve().parent.parent
+PY = sys.executable
+SENSORS = 8
+T0 = 1_700_000_000.0
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    consumer: str  # "ingestd" | "aiomqtt" | "paho_sqlite"
+    qos: int
+    broker_inflight: int
+    env: tuple[tuple[str, str], ...] = ()
+    messages: int | None = None  # overrides --messages (the slow script)
+    readings_per_message: int = 2
+
+
+@dataclass
+class Result:
+    scenario: Scenario
+    messages: int
+    readings: int
+    seconds: float
+    cpu: float
+    rss_mb: float
+    lost: int
+
+    @property
+    def rate(self) -> float:
+        return self.readings / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Run:
+    results: dict[str, list[Result]] = field(default_factory=dict)
+
+
+def scenarios() -> list[Scenario]:
+    fast = (("INGESTD_MQTT__BROKER_MAX_INFLIGHT", "1000"),)
+    return [
+        Scenario("aiomqtt loop, QoS 0", "aiomqtt", 0, 1000),
+        Scenario("ingestd, QoS 0", "ingestd", 0, 1000),
+        Scenario("aiomqtt loop, QoS 1, broker inflight 20", "aiomqtt", 1, 20),
+        Scenario("aiomqtt loop, QoS 1, broker inflight 1000", "aiomqtt", 1, 1000),
+        Scenario("ingestd, QoS 1 ack after commit, broker inflight 20", "ingestd", 1, 20),
+        Scenario("ingestd, QoS 1 ack after commit, broker inflight 1000", "ingestd", 1, 1000,
+                 fast),
+        Scenario("ingestd, QoS 1 ack on receive, broker inflight 20", "ingestd", 1, 20,
+                 (("INGESTD_MQTT__ACK", "on_receive"),)),
+        Scenario("ingestd, QoS 1 ack on receive, broker inflight 1000", "ingestd", 1, 1000,
+                 (("INGESTD_MQTT__ACK", "on_receive"), *fast)),
+        Scenario("hand-written paho + sqlite3 script, QoS 1", "paho_sqlite", 1, 1000,
+                 messages=3000),
+    ]
+
+
+def preload(broker: Mosquitto, messages: int, qos: int, workdir: Path) -> None:
+    per = messages // SENSORS
+    procs = []
+    for s in range(SENSORS):
+        lines = workdir / f"load-{s}.txt"
+        with lines.open("w") as fh:
+            for i in range(per):
+                fh.write(f'{{"ts": {T0 + i * 0.001:.3f}, "temperature": {20 + (i % 100) / 10}, '
+                         f'"humidity": {i % 100}}}\n')
+        procs.append(subprocess.Popen(
+            ["mosquitto_pub", "-p", str(broker.port), "-q", str(qos), "-M", "1000",
+             "-t", f"sensors/dev{s}/telemetry", "-l"],
+            stdin=lines.open("rb"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        if p.returncode != 0:
+            raise RuntimeError(f"mosquitto_pub failed: {err.decode()}")
+
+
+def register_session(port: int, client_id: str, qos: int) -> None:
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    info = c.subscribe("sensors/+/+", qos)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and info[0] != 0:
+        time.sleep(0.01)
+    time.sleep(0.2)
+    c.disconnect()
+    c.loop_stop()
+
+
+def proc_stats(pid: int) -> tuple[float, float]:
+    """(CPU seconds, peak RSS in MB) of a live process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    hwm = 0
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            hwm = int(line.split()[1])
+    return cpu, hwm / 1024
+
+
+def run_ingestd(sc: Scenario, broker: Mosquitto, messages: int, work: Path) -> Result:
+    client_id = "bench-ingestd"
+    register_session(broker.port, client_id, sc.qos)
+    preload(broker, messages, sc.qos, work)
+    expected = messages * sc.readings_per_message
+    config = work / "ingestd.toml"
+    config.write_text(SHIPPED_CONFIG.read_text().replace("qos = 1", f"qos = {sc.qos}"))
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")},
+           "INGESTD_MQTT__PORT": str(broker.port), "INGESTD_MQTT__CLIENT_ID": client_id,
+           "INGESTD_STORE__PATH": str(work / "ingestd.db"),
+           "INGESTD_DAEMON__LOG_FORMAT": "json", **dict(sc.env)}
+    log = work / "ingestd.log"
+    with log.open("wb") as fh:
+        proc = subprocess.Popen([PY, "-m", "ingestd", "--config", str(config)], env=env,
+                                stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+    commits: list[tuple[float, int]] = []
+    connected: list[float] = []
+
+    def committed() -> bool:
+        commits.clear()
+        connected.clear()
+        for line in log.read_text().splitlines():
+            if '"batch committed"' in line or '"connected to broker"' in line:
+                e = json.loads(line)
+                at = dt.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00"))
+                if "readings" in e:
+                    commits.append((at.timestamp(), e["readings"]))
+                else:
+                    connected.append(at.timestamp())
+        if proc.poll() is not None:
+            raise RuntimeError(f"ingestd exited early:\n{log.read_text()[-3000:]}")
+        return sum(n for _, n in commits) >= expected
+
+    try:
+        wait_for(committed, 600, interval=0.2, what="the backlog to be committed")
+        cpu, rss = proc_stats(proc.pid)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+    total = sum(n for _, n in commits)
+    # From the connection (the backlog starts flowing) to the commit that completed
+    # it. The baselines are timed from their first message, which favours them a little.
+    return Result(sc, messages, total, max(commits[-1][0] - connected[0], 1e-9), cpu, rss,
+                  lost=expected - total)
+
+
+def run_baseline(sc: Scenario, broker: Mosquitto, messages: int, work: Path) -> Result:
+    client_id = f"bench-{sc.consumer}"
+    register_session(broker.port, client_id, sc.qos)
+    preload(broker, messages, sc.qos, work)
+    args = [PY, "-m", f"bench.consumers.{sc.consumer}_count" if sc.consumer == "aiomqtt"
+            else f"bench.consumers.{sc.consumer}",
+            "--port", str(broker.port), "--expect", str(messages), "--qos", str(sc.qos),
+            "--client-id", client_id]
+    if sc.consumer == "paho_sqlite":
+        args += ["--db", str(work / "script.db")]
+    proc = subprocess.run(args, capture_output=True, cwd=REPO, timeout=600, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{sc.consumer} failed: {proc.stderr.decode()[-2000:]}")
+    r = json.loads(proc.stdout.decode().strip().splitlines()[-1])
+    readings = (r["count"] - 1) * sc.readings_per_message
+    # The consumer reports its own getrusage(): CPU seconds and peak RSS.
+    return Result(sc, messages, readings, max(r["last"] - r["first"], 1e-9), r["cpu"],
+                  r["rss_kb"] / 1024, lost=messages - r["count"])
+
+
+def run_one(sc: Scenario, messages: int) -> Result:
+    work = Path(tempfile.mkdtemp(prefix="ingestd-bench-"))
+    broker = Mosquitto(work / "broker", max_inflight=sc.broker_inflight,
+                       extra="queue_qos0_messages true\nmax_queued_bytes 0\n"
+                             "autosave_interval 3600\n").start()
+    try:
+        n = sc.messages or messages
+        if sc.consumer == "ingestd":
+            return run_ingestd(sc, broker, n, work)
+        return run_baseline(sc, broker, n, work)
+    finally:
+        broker.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else 0.0
+
+
+def report(run: Run, rounds: int, messages: int, command: str, elapsed: float) -> str:
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    cpu = platform.processor() or platform.machine()
+    mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True,
+                          check=False).stdout.split("\n")[0]
+    lines = [
+        f"Measured {now} on {os.cpu_count()} cores ({cpu}), {platform.python_implementation()} "
+        f"{platform.python_version()}, {mosq.strip()}, broker and consumer on one machine.",
+        f"Command: `{command}` ({rounds} interleaved round(s), {messages:,} messages per run "
+        f"unless noted, {elapsed:.0f} s in all).",
+        "",
+        "| scenario | messages | readings/s (median) | min-max | CPU s | peak RSS MB | lost |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, results in run.results.items():
+        rates = [r.rate for r in results]
+        lines.append(
+            f"| {name} | {results[0].messages:,} | {median(rates):,.0f} | "
+            f"{min(rates):,.0f}-{max(rates):,.0f} | {median([r.cpu for r in results]):.2f} | "
+            f"{median([r.rss_mb for r in results]):.1f} | {max(r.lost for r in results)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--messages", type=int, default=100_000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="1 round of 20,000 messages")
+    p.add_argument("--only", default="", help="run scenarios whose name contains this")
+    p.add_argument("--out", type=Path, default=None, help="write the table to this file")
+    a = p.parse_args()
+    if a.quick:
+        a.rounds, a.messages = 1, 20_000
+    if shutil.which("mosquitto_pub") is None:
+        print("bench: mosquitto_pub not found (apt-get install mosquitto-clients)", file=sys.stderr)
+        return 1
+    chosen = [s for s in scenarios() if a.only.lower() in s.name.lower()]
+    run = Run({s.name: [] for s in chosen})
+    started = time.monotonic()
+    for rnd in range(a.rounds):
+        for sc in chosen:
+            r = run_one(sc, a.messages)
+            run.results[sc.name].append(r)
+            print(f"round {rnd + 1}: {sc.name}: {r.rate:,.0f} readings/s, cpu {r.cpu:.2f}s, "
+                  f"rss {r.rss_mb:.1f} MB, lost {r.lost}", file=sys.stderr, flush=True)
+    command = "python -m bench.bench " + " ".join(sys.argv[1:])
+    table = report(run, a.rounds, a.messages, command.strip(), time.monotonic() - started)
+    print(table)
+    if a.out:
+        a.out.write_text(table)
+    return 0
+
+
+if __name__ == "__main__":
+    socket.setdefaulttimeout(30)
+    raise SystemExit(main())

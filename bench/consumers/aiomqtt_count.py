@@ -1,0 +1,43 @@
+"""Baseline (a): the library's own ceiling. A bare aiomqtt loop that only counts.
+
+Prints one JSON line: {"count", "first", "last"} (wall-clock seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+
+import aiomqtt
+import uvloop
+
+
+async def main(port: int, expect: int, qos: int, client_id: str) -> None:
+    count = 0
+    first = last = 0.0
+    async with aiomqtt.Client("127.0.0.1", port, identifier=client_id,
+                              clean_session=False) as client:
+        await client.subscribe("sensors/+/+", qos)
+        async for _message in client.messages:
+            count += 1
+            if count == 1:
+                first = time.time()
+            if count >= expect:
+                last = time.time()
+                break
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({"count": count, "first": first, "last": last,
+                      "cpu": usage.ru_utime + usage.ru_stime, "rss_kb": usage.ru_maxrss}),
+          flush=True)
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--expect", type=int, required=True)
+    p.add_argument("--qos", type=int, default=1)
+    p.add_argument("--client-id", required=True)
+    a = p.parse_args()
+    uvloop.run(main(a.port, a.expect, a.qos, a.client_id))
