@@ -144,6 +144,7 @@ class MqttSource:
         self._paused_at = 0.0
         self._pause_logged = -BACKPRESSURE_LOG_INTERVAL
         self._pauses = 0
+        self._draining = False
         self.connected = False
         self.reconnects = 0
         self.received = 0
@@ -313,6 +314,7 @@ class MqttSource:
                 link_lost.result()
                 raise aiomqtt.MqttError("disconnected by the broker")
             if stop.is_set():
+                self._draining = True
                 link.pause_reading()
                 await self._publish_inbox()
                 await self.bus.publish(control(last=False, epoch=self._epoch))
@@ -336,6 +338,8 @@ class MqttSource:
             self._pauses = 0
 
     def _resume(self, link: MqttLink) -> None:
+        if self._draining:
+            return  # stopping: what is not read stays with the broker
         link.resume_reading()
         paused_for = time.monotonic() - self._paused_at
         if paused_for >= BACKPRESSURE_LOG_INTERVAL:

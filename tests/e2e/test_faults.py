@@ -272,7 +272,7 @@ def rss_kb(pid: int) -> int:
 @pytest.mark.slow
 @pytest.mark.parametrize("qos", [1, 0])
 def test_overload_keeps_memory_flat(tmp_path: Path, qos: int) -> None:
-    """A publisher far faster than the store: the store is locked 95% of the time."""
+    """A publisher far faster than the store: the store is locked 97% of the time."""
     n = 100_000
     b = broker(tmp_path)
     db_path = tmp_path / "data" / "ingestd.db"
@@ -290,7 +290,7 @@ def test_overload_keeps_memory_flat(tmp_path: Path, qos: int) -> None:
 
         def stall_store() -> None:
             while not stop.is_set():
-                hold_exclusive_lock(db_path, 0.95).join()
+                hold_exclusive_lock(db_path, 1.9).join()
                 time.sleep(0.05)
 
         staller = threading.Thread(target=stall_store, daemon=True)
