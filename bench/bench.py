@@ -8,9 +8,10 @@ persistent session is registered for the consumer. The backlog is then
 preloaded with `mosquitto_pub -l` (C, one process per sensor topic, over
 100k msg/s here) while the consumer is not running, so the publisher never
 competes with the consumer for the CPU. Then the consumer is started and timed
-from its first to its last reading (committed, for ingestd and the script;
-received, for the counting loop). Scenarios run interleaved, round by round,
-and the table reports medians: the machine is noisy.
+from its connection (CONNACK: the backlog starts flowing) to its last reading
+(committed, for ingestd and the script; received, for the counting loop).
+Scenarios run interleaved, round by round, and the table reports medians: the
+machine is noisy.
 
 Each consumer runs as its own process; CPU seconds and peak RSS are read from
 /proc (ingestd, before it is stopped) or reported by the consumer itself
@@ -180,8 +181,8 @@ def run_ingestd(sc: Scenario, broker: Mosquitto, messages: int, work: Path) -> R
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     total = sum(n for _, n in commits)
-    # From the connection (the backlog starts flowing) to the commit that completed
-    # it. The baselines are timed from their first message, which favours them a little.
+    # From the connection (the backlog starts flowing) to the commit that completed it;
+    # every consumer is timed the same way.
     return Result(sc, messages, total, max(commits[-1][0] - connected[0], 1e-9), cpu, rss,
                   lost=expected - total)
 
@@ -200,7 +201,7 @@ def run_baseline(sc: Scenario, broker: Mosquitto, messages: int, work: Path) -> 
     if proc.returncode != 0:
         raise RuntimeError(f"{sc.consumer} failed: {proc.stderr.decode()[-2000:]}")
     r = json.loads(proc.stdout.decode().strip().splitlines()[-1])
-    readings = (r["count"] - 1) * sc.readings_per_message
+    readings = r["count"] * sc.readings_per_message
     # The consumer reports its own getrusage(): CPU seconds and peak RSS.
     return Result(sc, messages, readings, max(r["last"] - r["first"], 1e-9), r["cpu"],
                   r["rss_kb"] / 1024, lost=messages - r["count"])

@@ -1,9 +1,10 @@
 """The batch writer: readings in, one transaction per batch, acknowledgements out.
 
 A batch is committed when it holds `max_readings`, when its oldest chunk is
-`max_delay` old, when the in-flight window is saturated (nothing more can
-arrive until we acknowledge, so waiting would only add latency), or when a
-chunk asks for a flush (shutdown).
+`max_delay` old, when it holds half of the in-flight window or half of what
+the broker sends before it waits for acknowledgements (more can only come as
+fast as we commit, so waiting would only add latency), or when a chunk asks
+for a flush (shutdown).
 
 A store that cannot take writes (locked, full, read-only, I/O error) is waited
 out: the batch is held and retried with backoff, nothing is acknowledged, and
@@ -55,6 +56,8 @@ class BatchWriter:
         self.retry_max_delay = retry_max_delay
         self._chunks: list[Processed] = []
         self._size = 0
+        self._deliveries = 0
+        self._unacked = 0
         self._opened_at = 0.0
         self.committed = 0
         self.duplicates = 0
@@ -88,10 +91,25 @@ class BatchWriter:
             ):
                 chunk = self.inbox.get_nowait()
                 self._add(chunk, loop.time())
-            if chunk.flush or self._size >= self.max_readings or self.window.saturated:
+            if chunk.flush or self._full():
                 await self.flush()
             if chunk.last:
                 return
+
+    def _full(self) -> bool:
+        """Commit now rather than wait for more?
+
+        Besides `max_readings`: once the batch holds half the in-flight window
+        (or half of what the broker sends before it waits for acks), more can
+        only arrive as fast as we commit. Committing at half, not at full,
+        lets the other half be read while this half is written.
+        """
+        if self._size >= self.max_readings or self.window.saturated:
+            return True
+        w = self.window
+        if self._deliveries * 2 >= w.limit:
+            return True
+        return w.broker_limit > 0 and self._unacked * 2 >= w.broker_limit
 
     def _add(self, chunk: Processed, now: float) -> None:
         if not (chunk.readings or chunk.rejected or chunk.deliveries):
@@ -100,12 +118,14 @@ class BatchWriter:
             self._opened_at = now
         self._chunks.append(chunk)
         self._size += len(chunk.readings) + len(chunk.rejected)
+        self._deliveries += chunk.deliveries
+        self._unacked += len(chunk.acks)
 
     async def flush(self) -> None:
         chunks = self._chunks
         if not chunks:
             return
-        self._chunks, self._size = [], 0
+        self._chunks, self._size, self._deliveries, self._unacked = [], 0, 0, 0
         readings: list[Reading] = []
         rejected: list[Rejected] = []
         for c in chunks:
