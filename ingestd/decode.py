@@ -73,12 +73,55 @@ def decode_json_fields(
     Returns (device timestamp or None, [(field, value)], [problems with single fields]).
     A payload that is not such an object at all raises DecodeError.
     """
-    try:
-        doc = _json_decode(payload)
-    except msgspec.DecodeError as exc:
-        raise DecodeError(f"payload is not valid JSON: {exc}") from None
+    doc = _parse_json(payload)
     if not isinstance(doc, dict):
         raise DecodeError(f"JSON payload is not an object (got {_json_type(doc)})")
+    return _object_fields(doc, ts_field)
+
+
+def decode_json_records(
+    payload: bytes, ts_field: str
+) -> tuple[list[tuple[float | None, list[tuple[str, float]]]], list[str]]:
+    """An object, or an array of objects, each as in `decode_json_fields`.
+
+    Returns ([(timestamp or None, fields)], [problems]). An element that is not
+    an object, or whose timestamp is bad, is a problem; the others still count.
+    """
+    doc = _parse_json(payload)
+    if isinstance(doc, dict):
+        ts, fields, field_problems = _object_fields(doc, ts_field)
+        return [(ts, fields)], field_problems
+    if not isinstance(doc, list) or not doc:
+        what = "an empty array" if isinstance(doc, list) else _json_type(doc)
+        raise DecodeError(f"JSON payload is not an object or an array of objects (got {what})")
+    records: list[tuple[float | None, list[tuple[str, float]]]] = []
+    problems: list[str] = []
+    for i, element in enumerate(doc):
+        if not isinstance(element, dict):
+            problems.append(f"element {i} is not an object (got {_json_type(element)})")
+            continue
+        try:
+            ts, fields, element_problems = _object_fields(element, ts_field)
+        except DecodeError as exc:
+            problems.append(f"element {i}: {exc}")
+            continue
+        records.append((ts, fields))
+        problems.extend(f"element {i}: {p}" for p in element_problems)
+    if not records:
+        raise DecodeError("; ".join(problems[:5]) or "no usable elements")
+    return records, problems
+
+
+def _parse_json(payload: bytes) -> Any:
+    try:
+        return _json_decode(payload)
+    except msgspec.DecodeError as exc:
+        raise DecodeError(f"payload is not valid JSON: {exc}") from None
+
+
+def _object_fields(
+    doc: dict[str, Any], ts_field: str
+) -> tuple[float | None, list[tuple[str, float]], list[str]]:
     ts: float | None = None
     fields: list[tuple[str, float]] = []
     problems: list[str] = []
@@ -160,15 +203,17 @@ def _decode_json(
     readings: list[Reading],
     rejected: list[Rejected],
 ) -> None:
-    ts, fields, problems = decode_json_fields(payload, match.ts_field)
-    when = received_at if ts is None else ts
+    records, problems = decode_json_records(payload, match.ts_field)
     sensor, prefix, suffix = match.sensor, match.metric_prefix, match.metric_suffix
-    if not prefix and not suffix:
-        readings.extend([Reading(sensor, name, when, value, topic) for name, value in fields])
-    else:
-        readings.extend(
-            [Reading(sensor, prefix + name + suffix, when, value, topic) for name, value in fields]
-        )
+    for ts, fields in records:
+        when = received_at if ts is None else ts
+        if not prefix and not suffix:
+            readings.extend([Reading(sensor, name, when, value, topic) for name, value in fields])
+        else:
+            readings.extend(
+                [Reading(sensor, prefix + name + suffix, when, value, topic)
+                 for name, value in fields]
+            )
     if problems:
         rejected.append(Rejected(topic, payload, "; ".join(problems), received_at))
 

@@ -93,8 +93,10 @@ def test_bad_values_are_rejected(payload: bytes) -> None:
     [
         (b"{", "not valid JSON"),
         (b"\xff\xfe", "not valid JSON"),
-        (b"[]", "not an object (got array)"),
-        (b"42", "not an object (got number)"),
+        (b"[]", "not an object or an array of objects (got an empty array)"),
+        (b"42", "not an object or an array of objects (got number)"),
+        (b"[1, 2]", "element 0 is not an object (got number); element 1 is not an object"),
+        (b'[{"ts": "x", "a": 1}]', "element 0: timestamp 'x' is not ISO 8601"),
         (b"{}", "no numeric fields"),
         (b'{"ts": 1}', "no numeric fields"),
         (b"NaN", "not valid JSON"),
@@ -163,3 +165,21 @@ def test_any_json_object_decodes_or_is_rejected(doc: dict[str, object]) -> None:
     readings, rejected = decode_all(TABLE, [("sensors/a/telemetry", payload, NOW)])
     assert readings or rejected
     assert all(math.isfinite(r.value) for r in readings)
+
+
+def test_json_array_of_objects_gives_every_record() -> None:
+    payload = b'[{"ts": 1700000000, "t": 1, "h": 2}, {"ts": 1700000001, "t": 3}, {"t": 4}]'
+    readings, rejected = decode("sensors/k/telemetry", payload)
+    assert rejected == []
+    assert [(r.metric, r.ts, r.value) for r in readings] == [
+        ("t", 1700000000.0, 1.0), ("h", 1700000000.0, 2.0), ("t", 1700000001.0, 3.0),
+        ("t", NOW, 4.0)]
+
+
+def test_bad_array_elements_are_quarantined_and_the_rest_kept() -> None:
+    payload = b'[{"ts": 1700000000, "t": 1}, 5, {"ts": "never", "t": 2}, {"t": "x", "u": 3}]'
+    readings, rejected = decode("sensors/k/telemetry", payload)
+    assert [(r.metric, r.value) for r in readings] == [("t", 1.0), ("u", 3.0)]
+    assert rejected == ["element 1 is not an object (got number); "
+                        "element 2: timestamp 'never' is not ISO 8601; "
+                        "element 3: field 't' is not a finite number (got string)"]
