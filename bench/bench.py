@@ -55,7 +55,11 @@ class Scenario:
     broker_inflight: int
     env: tuple[tuple[str, str], ...] = ()
     messages: int | None = None  # overrides --messages (the slow script)
-    readings_per_message: int = 2
+    batch: int = 0  # records per message (a JSON array); 0: one object per message
+
+    @property
+    def readings_per_message(self) -> int:
+        return 2 * max(self.batch, 1)
 
 
 @dataclass
@@ -94,18 +98,28 @@ def scenarios() -> list[Scenario]:
                  (("INGESTD_MQTT__ACK", "on_receive"), *fast)),
         Scenario("hand-written paho + sqlite3 script, QoS 1", "paho_sqlite", 1, 1000,
                  messages=3000),
+        Scenario("ingestd, batch payloads (50 readings/message), QoS 1 ack after commit",
+                 "ingestd", 1, 1000, fast, messages=10_000, batch=25),
     ]
 
 
-def preload(broker: Mosquitto, messages: int, qos: int, workdir: Path) -> None:
+def record(i: int) -> str:
+    return (f'{{"ts": {T0 + i * 0.001:.3f}, "temperature": {20 + (i % 100) / 10}, '
+            f'"humidity": {i % 100}}}')
+
+
+def preload(broker: Mosquitto, messages: int, qos: int, workdir: Path, batch: int = 0) -> None:
     per = messages // SENSORS
     procs = []
     for s in range(SENSORS):
         lines = workdir / f"load-{s}.txt"
         with lines.open("w") as fh:
             for i in range(per):
-                fh.write(f'{{"ts": {T0 + i * 0.001:.3f}, "temperature": {20 + (i % 100) / 10}, '
-                         f'"humidity": {i % 100}}}\n')
+                if batch:
+                    fh.write("[" + ", ".join(record(i * batch + j) for j in range(batch))
+                             + "]\n")
+                else:
+                    fh.write(record(i) + "\n")
         procs.append(subprocess.Popen(
             ["mosquitto_pub", "-p", str(broker.port), "-q", str(qos), "-M", "1000",
              "-t", f"sensors/dev{s}/telemetry", "-l"],
@@ -144,7 +158,7 @@ def proc_stats(pid: int) -> tuple[float, float]:
 def run_ingestd(sc: Scenario, broker: Mosquitto, messages: int, work: Path) -> Result:
     client_id = "bench-ingestd"
     register_session(broker.port, client_id, sc.qos)
-    preload(broker, messages, sc.qos, work)
+    preload(broker, messages, sc.qos, work, sc.batch)
     expected = messages * sc.readings_per_message
     config = work / "ingestd.toml"
     config.write_text(SHIPPED_CONFIG.read_text().replace("qos = 1", f"qos = {sc.qos}"))

@@ -273,6 +273,8 @@ class MqttSource:
                 stop_cb.cancel()
                 if not link_lost.done():
                     link_lost.cancel()
+                elif not link_lost.cancelled():
+                    link_lost.exception()  # seen; it only matters if the pump raised it
                 if not pump.done():
                     pump.cancel()
                     await asyncio.gather(pump, return_exceptions=True)
