@@ -34,7 +34,10 @@ REQUIRED_INTERNALS: tuple[tuple[type[Any], str], ...] = (
     (paho.Client, "manual_ack_set"),
     (paho.Client, "ack"),
     (paho.Client, "loop_read"),
+    (paho.Client, "_send_pingreq"),
 )
+# paho.Client instance attributes: `_ping_t` is non-zero while a PINGREQ is unanswered.
+REQUIRED_PAHO_ATTRS = ("_ping_t",)
 # Instance attributes of aiomqtt.Client (set in __init__) we rely on.
 REQUIRED_INSTANCE_ATTRS = ("_client", "_disconnected", "_loop", "_misc_task")
 
@@ -58,6 +61,8 @@ class MqttLink(aiomqtt.Client):
         super().__init__(**kwargs)
         self._handler = on_message
         self._received = 0
+        self._discarding = False
+        self.discarded = 0
         self._paused = False
         self._fd: int | None = None
         paho_client: paho.Client = self._client
@@ -66,6 +71,9 @@ class MqttLink(aiomqtt.Client):
 
     def _deliver(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
         self._received += 1
+        if self._discarding:
+            self.discarded += 1  # not acknowledged: the broker redelivers it next session
+            return
         self._handler(message)
 
     def ack(self, mid: int, qos: int) -> bool:
@@ -85,6 +93,38 @@ class MqttLink(aiomqtt.Client):
         self._paused = False
         if self._fd is not None:
             self._loop.add_reader(self._fd, self._read)
+
+    async def confirm_processed(self) -> bool:
+        """Return once the broker has processed everything sent so far (our acks).
+
+        Closing a socket that still holds unread data makes the kernel send RST
+        instead of FIN, and the broker's kernel then drops whatever it had not
+        read yet: the last acknowledgements would be lost and those messages
+        redelivered. So before DISCONNECT: read again, discarding (without
+        acknowledging) what arrives, and wait for a PINGREQ's PINGRESP: the
+        broker handles a connection's packets in order. False if the connection
+        is gone first; bound it with `asyncio.timeout`.
+        """
+        client: paho.Client = self._client
+        self._discarding = True
+        if self._paused:
+            self._paused = False
+            if self._fd is not None:
+                self._loop.add_reader(self._fd, self._read)
+
+        async def until_no_ping_outstanding() -> bool:
+            while client._ping_t != 0:
+                if not self.connected:
+                    return False
+                await asyncio.sleep(0.005)
+            return True
+
+        # A keepalive ping already in flight would be answered first: let it.
+        if not await until_no_ping_outstanding():
+            return False
+        if client._send_pingreq() != paho.MQTT_ERR_SUCCESS:
+            return False
+        return await until_no_ping_outstanding()
 
     @property
     def connected(self) -> bool:

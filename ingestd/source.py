@@ -13,6 +13,7 @@ messages are unsettled: that is the whole of ingestd's backpressure.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import ssl
@@ -37,6 +38,8 @@ from ingestd.routes import RouteTable
 
 log = structlog.get_logger("ingestd.source")
 
+# How long a stop waits for the broker to confirm our last acknowledgements.
+ACK_CONFIRM_TIMEOUT = 3.0
 # Backpressure is logged at most this often (seconds), with a count.
 BACKPRESSURE_LOG_INTERVAL = 10.0
 
@@ -323,7 +326,20 @@ class MqttSource:
                 # Settle everything received on this link so its acks go out
                 # before DISCONNECT; the daemon bounds this by stop_timeout.
                 await self.window.wait_idle()
+                if self.manual_ack:
+                    await self._confirm_acks(link)
                 return
+
+    async def _confirm_acks(self, link: MqttLink) -> None:
+        confirmed = False
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(ACK_CONFIRM_TIMEOUT):
+                confirmed = await link.confirm_processed()
+        if confirmed:
+            log.debug("acknowledgements confirmed by the broker", discarded=link.discarded)
+        else:
+            log.warning("the broker did not confirm the last acknowledgements; it may "
+                        "redeliver some messages", broker=self.broker)
 
     def _pause(self, link: MqttLink) -> None:
         link.pause_reading()

@@ -78,3 +78,70 @@ async def test_paused_link_reads_nothing_more(mosquitto: Mosquitto) -> None:
             assert len(got) == 2000
     finally:
         broker.kill()
+
+
+async def _ack_then_close(port: int, *, confirm: bool) -> None:
+    """Ack 500 messages (the last 300 right before closing) with thousands unread."""
+    got: list[paho.MQTTMessage] = []
+    held: list[tuple[int, int]] = []
+    reached = asyncio.Event()
+    link: MqttLink | None = None
+
+    def on_message(m: paho.MQTTMessage) -> None:
+        assert link is not None
+        got.append(m)
+        if len(got) <= 200:
+            link.ack(m.mid, m.qos)
+        elif len(got) <= 500:
+            held.append((m.mid, m.qos))
+        if len(got) == 500:
+            link.pause_reading()
+            reached.set()
+
+    link = MqttLink(on_message=on_message, manual_ack=True, hostname="127.0.0.1", port=port,
+                    identifier="link-rst", clean_session=False)
+    async with link:
+        await reached.wait()
+        await asyncio.sleep(0.2)  # the broker keeps sending: unread data piles up
+        for mid, qos in held:
+            link.ack(mid, qos)
+        if confirm:
+            async with asyncio.timeout(5):
+                assert await link.confirm_processed()
+
+
+async def _drain_count(port: int) -> int:
+    got = 0
+    link: MqttLink | None = None
+
+    def on_message(m: paho.MQTTMessage) -> None:
+        nonlocal got
+        got += 1
+        assert link is not None
+        link.ack(m.mid, m.qos)
+
+    link = MqttLink(on_message=on_message, manual_ack=True, hostname="127.0.0.1", port=port,
+                    identifier="link-rst", clean_session=False)
+    async with link:
+        await asyncio.sleep(3)
+    return got
+
+
+async def test_acks_sent_just_before_closing_are_not_lost(mosquitto: Mosquitto) -> None:
+    """Closing with unread data sends RST, and the broker drops acks it had not read.
+
+    confirm_processed() waits for a PINGRESP (reading and discarding meanwhile),
+    so every acknowledgement has been processed before the socket closes.
+    """
+    broker = Mosquitto(mosquitto.dir.parent / "rst", max_inflight=1000).start()
+    try:
+        setup = MqttLink(on_message=lambda m: None, manual_ack=True, hostname="127.0.0.1",
+                         port=broker.port, identifier="link-rst", clean_session=False)
+        async with setup:
+            await setup.subscribe("t/#", 1)
+        messages = [(f"t/{i}", b"x" * 200) for i in range(20_000)]
+        await asyncio.to_thread(publish, broker.port, messages)
+        await _ack_then_close(broker.port, confirm=True)
+        assert await _drain_count(broker.port) == 20_000 - 500, "every ack reached the broker"
+    finally:
+        broker.kill()

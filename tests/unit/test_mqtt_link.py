@@ -31,6 +31,8 @@ async def test_instance_attributes_and_callback_wiring() -> None:
     assert link._client.on_socket_open.__func__ is mqtt_link.MqttLink._on_socket_open
     assert link._client.on_socket_close.__func__ is mqtt_link.MqttLink._on_socket_close
     assert link._client._manual_ack is True
+    for name in mqtt_link.REQUIRED_PAHO_ATTRS:
+        assert hasattr(link._client, name), f"paho.Client().{name} is gone"
 
 
 def test_paho_signatures_we_call() -> None:
