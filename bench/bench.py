@@ -28,6 +28,7 @@ import platform
 import shutil
 import signal
 import socket
+import sqlite3
 import statistics
 import subprocess
 import sys
@@ -221,6 +222,66 @@ def run_baseline(sc: Scenario, broker: Mosquitto, messages: int, work: Path) -> 
                   r["rss_kb"] / 1024, lost=messages - r["count"])
 
 
+def run_latency(broker: Mosquitto, rate: float, seconds: float, work: Path,
+                env_extra: dict[str, str]) -> dict[str, float]:
+    """Publish live at `rate` messages/s; the publish-to-commit latency of every reading.
+
+    Each record carries its publish time; the database is polled every 10 ms
+    through the per-series index, so a reading's commit time is known to
+    within one poll.
+    """
+    client_id = "bench-latency"
+    count = int(rate * seconds)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")},
+           "INGESTD_MQTT__PORT": str(broker.port), "INGESTD_MQTT__CLIENT_ID": client_id,
+           "INGESTD_STORE__PATH": str(work / "latency.db"),
+           "INGESTD_DAEMON__LOG_FORMAT": "json", **env_extra}
+    log = work / "latency.log"
+    with log.open("wb") as fh:
+        daemon = subprocess.Popen([PY, "-m", "ingestd", "--config", str(SHIPPED_CONFIG)],
+                                  env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+    pubs: list[subprocess.Popen[bytes]] = []
+    latencies: list[float] = []
+    try:
+        wait_for(lambda: '"msg": "ready"' in log.read_text(), 30, what="ingestd ready")
+        per = rate / SENSORS
+        for s in range(SENSORS):
+            gen = subprocess.Popen([PY, "-m", "bench.paced", "--rate", str(per), "--count",
+                                    str(count // SENSORS)], stdout=subprocess.PIPE, cwd=REPO)
+            assert gen.stdout is not None
+            pubs.append(gen)
+            pubs.append(subprocess.Popen(
+                ["mosquitto_pub", "-p", str(broker.port), "-q", "1", "-M", "1000",
+                 "-t", f"sensors/live{s}/telemetry", "-l"], stdin=gen.stdout))
+            gen.stdout.close()
+        expected = (count // SENSORS) * SENSORS * 2
+        db = sqlite3.connect(f"file:{work / 'latency.db'}?mode=ro", uri=True)
+        seen: dict[int, float] = {}
+        deadline = time.monotonic() + seconds * 3 + 30
+        while len(latencies) < expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+            now = time.time()
+            for sid, in db.execute("SELECT id FROM series").fetchall():
+                rows = db.execute("SELECT ts FROM samples WHERE series_id = ? AND ts > ?",
+                                  (sid, seen.get(sid, 0.0))).fetchall()
+                if rows:
+                    latencies.extend(now - ts for ts, in rows)
+                    seen[sid] = max(ts for ts, in rows)
+        db.close()
+        cpu, rss = proc_stats(daemon.pid)
+    finally:
+        for p in pubs:
+            if p.poll() is None:
+                p.kill()
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(30)
+    latencies.sort()
+    q = statistics.quantiles(latencies, n=100)
+    return {"readings": len(latencies), "expected": expected, "p50": q[49] * 1000,
+            "p99": q[98] * 1000, "max": latencies[-1] * 1000, "rate": rate * 2,
+            "cpu": cpu, "rss": rss}
+
+
 def run_one(sc: Scenario, messages: int) -> Result:
     work = Path(tempfile.mkdtemp(prefix="ingestd-bench-"))
     broker = Mosquitto(work / "broker", max_inflight=sc.broker_inflight,
@@ -264,6 +325,34 @@ def report(run: Run, rounds: int, messages: int, command: str, elapsed: float) -
     return "\n".join(lines) + "\n"
 
 
+def latency_report(rate: float, seconds: float, rounds: int) -> str:
+    runs = []
+    for rnd in range(rounds):
+        work = Path(tempfile.mkdtemp(prefix="ingestd-latency-"))
+        broker = Mosquitto(work / "broker", max_inflight=1000).start()
+        try:
+            r = run_latency(broker, rate, seconds, work,
+                            {"INGESTD_MQTT__BROKER_MAX_INFLIGHT": "1000"})
+        finally:
+            broker.kill()
+            shutil.rmtree(work, ignore_errors=True)
+        runs.append(r)
+        print(f"latency round {rnd + 1}: p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms, "
+              f"max {r['max']:.0f} ms, {r['readings']}/{r['expected']} readings",
+              file=sys.stderr, flush=True)
+    return (
+        f"\nLatency, live QoS 1 publishing at {rate:,.0f} messages/s ({2 * rate:,.0f} "
+        f"readings/s) for {seconds:.0f} s, {rounds} run(s), default batch settings "
+        "(max_delay_ms 200); publish time from the payload, commit time by polling the "
+        "database every 10 ms:\n\n"
+        "| run | readings | p50 ms | p99 ms | max ms | CPU s | peak RSS MB |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n"
+        + "".join(f"| {i + 1} | {r['readings']:,}/{r['expected']:,} | {r['p50']:.0f} | "
+                  f"{r['p99']:.0f} | {r['max']:.0f} | {r['cpu']:.2f} | {r['rss']:.1f} |\n"
+                  for i, r in enumerate(runs))
+    )
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--messages", type=int, default=100_000)
@@ -271,6 +360,9 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="1 round of 20,000 messages")
     p.add_argument("--only", default="", help="run scenarios whose name contains this")
     p.add_argument("--out", type=Path, default=None, help="write the table to this file")
+    p.add_argument("--latency-rate", type=float, default=0.0,
+                   help="also run the latency test, publishing this many messages/s")
+    p.add_argument("--latency-seconds", type=float, default=10.0)
     a = p.parse_args()
     if a.quick:
         a.rounds, a.messages = 1, 20_000
@@ -288,6 +380,8 @@ def main() -> int:
                   f"rss {r.rss_mb:.1f} MB, lost {r.lost}", file=sys.stderr, flush=True)
     command = "python -m bench.bench " + " ".join(sys.argv[1:])
     table = report(run, a.rounds, a.messages, command.strip(), time.monotonic() - started)
+    if a.latency_rate:
+        table += latency_report(a.latency_rate, a.latency_seconds, a.rounds)
     print(table)
     if a.out:
         a.out.write_text(table)
