@@ -76,40 +76,10 @@ def decode_json_fields(
     doc = _parse_json(payload)
     if not isinstance(doc, dict):
         raise DecodeError(f"JSON payload is not an object (got {_json_type(doc)})")
-    return _object_fields(doc, ts_field)
-
-
-def decode_json_records(
-    payload: bytes, ts_field: str
-) -> tuple[list[tuple[float | None, list[tuple[str, float]]]], list[str]]:
-    """An object, or an array of objects, each as in `decode_json_fields`.
-
-    Returns ([(timestamp or None, fields)], [problems]). An element that is not
-    an object, or whose timestamp is bad, is a problem; the others still count.
-    """
-    doc = _parse_json(payload)
-    if isinstance(doc, dict):
-        ts, fields, field_problems = _object_fields(doc, ts_field)
-        return [(ts, fields)], field_problems
-    if not isinstance(doc, list) or not doc:
-        what = "an empty array" if isinstance(doc, list) else _json_type(doc)
-        raise DecodeError(f"JSON payload is not an object or an array of objects (got {what})")
-    records: list[tuple[float | None, list[tuple[str, float]]]] = []
+    out: list[Reading] = []
     problems: list[str] = []
-    for i, element in enumerate(doc):
-        if not isinstance(element, dict):
-            problems.append(f"element {i} is not an object (got {_json_type(element)})")
-            continue
-        try:
-            ts, fields, element_problems = _object_fields(element, ts_field)
-        except DecodeError as exc:
-            problems.append(f"element {i}: {exc}")
-            continue
-        records.append((ts, fields))
-        problems.extend(f"element {i}: {p}" for p in element_problems)
-    if not records:
-        raise DecodeError("; ".join(problems[:5]) or "no usable elements")
-    return records, problems
+    ts = _object_readings(doc, ts_field, None, "", "", "", "", out, problems)
+    return ts, [(r.metric, r.value) for r in out], problems
 
 
 def _parse_json(payload: bytes) -> Any:
@@ -119,38 +89,54 @@ def _parse_json(payload: bytes) -> Any:
         raise DecodeError(f"payload is not valid JSON: {exc}") from None
 
 
-def _object_fields(
-    doc: dict[str, Any], ts_field: str
-) -> tuple[float | None, list[tuple[str, float]], list[str]]:
-    ts: float | None = None
-    fields: list[tuple[str, float]] = []
-    problems: list[str] = []
+def _object_readings(
+    doc: dict[str, Any],
+    ts_field: str,
+    received_at: float | None,
+    sensor: str,
+    prefix: str,
+    suffix: str,
+    topic: str,
+    out: list[Reading],
+    problems: list[str],
+) -> float | None:
+    """Append one Reading per numeric field of `doc`; return its device time (or None).
+
+    The hot path of the json format, so one pass and no helper calls per field.
+    msgspec never yields a non-finite float (JSON has no NaN or Infinity, and
+    out-of-range literals are decode errors); a huge integer can still
+    overflow a float.
+    """
+    raw_ts = doc.get(ts_field, _MISSING)
+    ts = None if raw_ts is _MISSING else parse_timestamp(raw_ts)
+    when = ts if ts is not None else received_at if received_at is not None else 0.0
+    before = len(out)
+    plain = not prefix and not suffix
     for key, raw in doc.items():
-        if key == ts_field:
-            ts = parse_timestamp(raw)
-            continue
-        value = _number(raw)
-        if value is None:
-            problems.append(f"field {key!r} is not a finite number (got {_json_type(raw)})")
+        kind = type(raw)
+        if kind is float:
+            value = raw
+        elif kind is int:
+            try:
+                value = float(raw)
+            except OverflowError:
+                problems.append(f"field {key!r} is not a finite number (got number)")
+                continue
+        elif kind is bool:
+            value = 1.0 if raw else 0.0
         else:
-            fields.append((key, value))
-    if not fields and not problems:
+            if key != ts_field:
+                problems.append(f"field {key!r} is not a finite number (got {_json_type(raw)})")
+            continue
+        if key == ts_field:
+            continue
+        out.append(Reading(sensor, key if plain else prefix + key + suffix, when, value, topic))
+    if len(out) == before and not problems:
         raise DecodeError("JSON object has no numeric fields")
-    return ts, fields, problems
+    return ts
 
 
-def _number(raw: Any) -> float | None:
-    if isinstance(raw, bool):
-        return 1.0 if raw else 0.0
-    if isinstance(raw, float):
-        return raw if math.isfinite(raw) else None
-    if isinstance(raw, int):
-        try:
-            value = float(raw)
-        except OverflowError:
-            return None
-        return value
-    return None
+_MISSING: Any = object()
 
 
 def _json_type(value: Any) -> str:
@@ -203,17 +189,35 @@ def _decode_json(
     readings: list[Reading],
     rejected: list[Rejected],
 ) -> None:
-    records, problems = decode_json_records(payload, match.ts_field)
-    sensor, prefix, suffix = match.sensor, match.metric_prefix, match.metric_suffix
-    for ts, fields in records:
-        when = received_at if ts is None else ts
-        if not prefix and not suffix:
-            readings.extend([Reading(sensor, name, when, value, topic) for name, value in fields])
-        else:
-            readings.extend(
-                [Reading(sensor, prefix + name + suffix, when, value, topic)
-                 for name, value in fields]
-            )
+    """An object, or an array of objects (each with its own timestamp).
+
+    An array element that is not an object, or whose timestamp is bad, is a
+    problem quarantined with its index; the other elements still count.
+    """
+    doc = _parse_json(payload)
+    problems: list[str] = []
+    args = (match.ts_field, received_at, match.sensor, match.metric_prefix, match.metric_suffix,
+            topic, readings)
+    if isinstance(doc, dict):
+        _object_readings(doc, *args, problems)
+    elif isinstance(doc, list) and doc:
+        before = len(readings)
+        for i, element in enumerate(doc):
+            if not isinstance(element, dict):
+                problems.append(f"element {i} is not an object (got {_json_type(element)})")
+                continue
+            element_problems: list[str] = []
+            try:
+                _object_readings(element, *args, element_problems)
+            except DecodeError as exc:
+                problems.append(f"element {i}: {exc}")
+                continue
+            problems.extend(f"element {i}: {p}" for p in element_problems)
+        if len(readings) == before:
+            raise DecodeError("; ".join(problems[:5]) or "no usable elements")
+    else:
+        what = "an empty array" if isinstance(doc, list) else _json_type(doc)
+        raise DecodeError(f"JSON payload is not an object or an array of objects (got {what})")
     if problems:
         rejected.append(Rejected(topic, payload, "; ".join(problems), received_at))
 

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import msgspec
@@ -22,27 +23,30 @@ def apply_limits(
     """Readings within their metric's [min, max]; the rest are appended to `rejected`."""
     if not limits:
         return readings
+    bounds = {
+        metric: (
+            -math.inf if lim.min is None else lim.min,
+            math.inf if lim.max is None else lim.max,
+        )
+        for metric, lim in limits.items()
+    }
+    get = bounds.get
     kept: list[Reading] = []
+    keep = kept.append
     for r in readings:
-        limit = limits.get(r.metric)
-        if limit is not None:
-            reason = _violation(r, limit)
-            if reason is not None:
-                payload = _encode(
-                    {"sensor": r.sensor, "metric": r.metric, "ts": r.ts, "value": r.value}
-                )
-                rejected.append(Rejected(r.topic, payload, reason, r.ts))
-                continue
-        kept.append(r)
+        b = get(r.metric)
+        if b is None or b[0] <= r.value <= b[1]:
+            keep(r)
+            continue
+        payload = _encode({"sensor": r.sensor, "metric": r.metric, "ts": r.ts, "value": r.value})
+        rejected.append(Rejected(r.topic, payload, _violation(r, limits[r.metric]), r.ts))
     return kept
 
 
-def _violation(r: Reading, limit: Limit) -> str | None:
+def _violation(r: Reading, limit: Limit) -> str:
     if limit.min is not None and r.value < limit.min:
         return f"{r.metric}={r.value:g} is below the limit min={limit.min:g}"
-    if limit.max is not None and r.value > limit.max:
-        return f"{r.metric}={r.value:g} is above the limit max={limit.max:g}"
-    return None
+    return f"{r.metric}={r.value:g} is above the limit max={limit.max:g}"
 
 
 class Processor:

@@ -170,3 +170,17 @@ async def test_writer_flushes_by_size_age_and_saturation(tmp_path: Path) -> None
         await bus.publish(Processed([], [], 0, [], 1, flush=True, last=True))
         await asyncio.wait_for(task, 5)
     assert db_rows(path, "SELECT count(*) FROM readings") == [(68,)]
+
+
+async def test_large_batches_count_inserted_and_duplicates_exactly(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    async with SqliteStore(path) as store:
+        async with store.batch() as tx:
+            await tx.add_readings(readings(1000, "a") + readings(3, "b"))
+        assert (tx.inserted, tx.duplicates) == (1003, 0)
+        # 1,300 rows: whole multi-row groups plus a remainder, 1,000 of them repeats.
+        async with store.batch() as tx:
+            await tx.add_readings(readings(1300, "a"))
+        assert (tx.inserted, tx.duplicates) == (300, 1000)
+    assert db_rows(path, "SELECT sensor, count(*), sum(value) FROM readings GROUP BY 1") == [
+        ("a", 1300, sum(range(1300))), ("b", 3, 3.0)]
