@@ -6,13 +6,14 @@ the time the connection was established.
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import time
 
 import aiomqtt
 import uvloop
+
+from bench.consumers import arguments
 
 
 async def main(port: int, expect: int, qos: int, client_id: str) -> None:
@@ -36,10 +37,5 @@ async def main(port: int, expect: int, qos: int, client_id: str) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--expect", type=int, required=True)
-    p.add_argument("--qos", type=int, default=1)
-    p.add_argument("--client-id", required=True)
-    a = p.parse_args()
+    a = arguments()
     uvloop.run(main(a.port, a.expect, a.qos, a.client_id))

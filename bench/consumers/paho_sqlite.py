@@ -8,7 +8,6 @@ time the connection was established).
 
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import sqlite3
@@ -17,6 +16,8 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
+
+from bench.consumers import arguments
 
 
 def main(port: int, expect: int, qos: int, client_id: str, db: str) -> None:
@@ -52,11 +53,5 @@ def main(port: int, expect: int, qos: int, client_id: str, db: str) -> None:
 
 
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--expect", type=int, required=True)
-    p.add_argument("--qos", type=int, default=1)
-    p.add_argument("--client-id", required=True)
-    p.add_argument("--db", required=True)
-    a = p.parse_args()
+    a = arguments(db=True)
     main(a.port, a.expect, a.qos, a.client_id, a.db)
