@@ -65,23 +65,6 @@ def decode_value(payload: bytes) -> float:
     return value
 
 
-def decode_json_fields(
-    payload: bytes, ts_field: str
-) -> tuple[float | None, list[tuple[str, float]], list[str]]:
-    """A JSON object of numeric fields with an optional timestamp field.
-
-    Returns (device timestamp or None, [(field, value)], [problems with single fields]).
-    A payload that is not such an object at all raises DecodeError.
-    """
-    doc = _parse_json(payload)
-    if not isinstance(doc, dict):
-        raise DecodeError(f"JSON payload is not an object (got {_json_type(doc)})")
-    out: list[Reading] = []
-    problems: list[str] = []
-    ts = _object_readings(doc, ts_field, None, "", "", "", "", out, problems)
-    return ts, [(r.metric, r.value) for r in out], problems
-
-
 def _parse_json(payload: bytes) -> Any:
     try:
         return _json_decode(payload)
