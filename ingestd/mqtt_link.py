@@ -10,7 +10,10 @@ plumbing, but not three things an at-least-once ingester needs:
    so TCP and the broker hold what we cannot take yet;
 3. cheap delivery: aiomqtt wraps each message in `Message`/`Topic` objects and
    its iterator creates a task per message. We take paho's message straight
-   from its `on_message` callback, in the event-loop thread, and batch it.
+   from its `on_message` callback, in the event-loop thread, and batch it;
+4. cheap reading: paho reads each packet with three or more `recv()` calls
+   (the command byte, each remaining-length byte, the rest), a system call
+   each. `_BufferedSocket` serves them from one large read.
 
 Everything here that reaches into a private attribute is listed in
 `REQUIRED_INTERNALS`; `tests/unit/test_mqtt_link.py` fails loudly if an
@@ -35,9 +38,11 @@ REQUIRED_INTERNALS: tuple[tuple[type[Any], str], ...] = (
     (paho.Client, "ack"),
     (paho.Client, "loop_read"),
     (paho.Client, "_send_pingreq"),
+    (paho.Client, "_sock_recv"),
 )
-# paho.Client instance attributes: `_ping_t` is non-zero while a PINGREQ is unanswered.
-REQUIRED_PAHO_ATTRS = ("_ping_t",)
+# paho.Client instance attributes: `_ping_t` is non-zero while a PINGREQ is unanswered;
+# `_sock` is the socket paho reads from (we put a buffer in front of it).
+REQUIRED_PAHO_ATTRS = ("_ping_t", "_sock")
 # Instance attributes of aiomqtt.Client (set in __init__) we rely on.
 REQUIRED_INSTANCE_ATTRS = ("_client", "_disconnected", "_loop", "_misc_task")
 
@@ -48,6 +53,44 @@ MessageHandler = Callable[[paho.MQTTMessage], None]
 
 # Packets read per socket wake-up before yielding to the event loop.
 _READS_PER_WAKEUP = 256
+# Bytes asked of the kernel per read: a few hundred typical PUBLISH packets.
+_READ_SIZE = 64 * 1024
+
+
+class _BufferedSocket:
+    """A socket whose `recv(n)` is served from one large read of the real socket.
+
+    Everything else (send, fileno, close, TLS attributes) goes to the real
+    socket. `pending()` counts the buffered bytes too, so the reader knows to
+    go on reading although the kernel has nothing more to report readable.
+    """
+
+    __slots__ = ("_buf", "_pos", "_sock")
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, n: int) -> bytes:
+        buf, pos = self._buf, self._pos
+        if pos < len(buf):
+            end = pos + n
+            self._pos = end
+            return buf[pos:end]
+        data: bytes = self._sock.recv(max(n, _READ_SIZE))  # may raise BlockingIOError
+        if len(data) <= n:
+            return data
+        self._buf, self._pos = data, n
+        return data[:n]
+
+    def pending(self) -> int:
+        buffered = len(self._buf) - self._pos
+        inner = getattr(self._sock, "pending", None)
+        return max(buffered, 0) + (inner() if inner is not None else 0)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
 
 
 class MqttLink(aiomqtt.Client):
@@ -91,8 +134,19 @@ class MqttLink(aiomqtt.Client):
         if not self._paused:
             return
         self._paused = False
-        if self._fd is not None:
-            self._loop.add_reader(self._fd, self._read)
+        self._add_reader()
+
+    def _add_reader(self) -> None:
+        if self._fd is None:
+            return
+        self._loop.add_reader(self._fd, self._read)
+        if self._buffered():
+            # Already read from the kernel: the selector will not report it.
+            self._loop.call_soon(self._read)
+
+    def _buffered(self) -> bool:
+        sock = self._client.socket()
+        return sock is not None and hasattr(sock, "pending") and sock.pending() > 0
 
     async def confirm_processed(self) -> bool:
         """Return once the broker has processed everything sent so far (our acks).
@@ -109,8 +163,7 @@ class MqttLink(aiomqtt.Client):
         self._discarding = True
         if self._paused:
             self._paused = False
-            if self._fd is not None:
-                self._loop.add_reader(self._fd, self._read)
+            self._add_reader()
 
         async def until_no_ping_outstanding() -> bool:
             while client._ping_t != 0:
@@ -139,7 +192,9 @@ class MqttLink(aiomqtt.Client):
     # -- socket plumbing (replaces aiomqtt.Client._on_socket_open) --------------
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
-        # paho calls this from the executor thread that runs connect().
+        # paho calls this from the executor thread that runs connect(), after
+        # creating the socket and before sending CONNECT on it.
+        client._sock = _BufferedSocket(sock)
         fd = sock.fileno()
 
         def register() -> None:
@@ -155,19 +210,22 @@ class MqttLink(aiomqtt.Client):
         super()._on_socket_close(client, userdata, sock)
 
     def _read(self) -> None:
+        if self._paused:
+            return  # a call_soon from before the pause
         client: paho.Client = self._client
         try:
             for _ in range(_READS_PER_WAKEUP):
                 before = self._received
                 rc = client.loop_read()
                 if rc != paho.MQTT_ERR_SUCCESS or self._paused:
-                    break
-                sock = client.socket()
-                # TLS sockets may hold decrypted bytes the selector cannot see.
-                if sock is not None and hasattr(sock, "pending") and sock.pending() > 0:
+                    return
+                # Our buffer (and TLS) may hold bytes the selector cannot see.
+                if self._buffered():
                     continue
                 if self._received == before:
-                    break  # a partial packet, or a control packet: wait for the selector
+                    return  # a partial packet, or a control packet: wait for the selector
+            if self._buffered():
+                self._loop.call_soon(self._read)  # yield to the loop, then go on
         except Exception as exc:
             fut: asyncio.Future[None] = self._disconnected
             if not fut.done():

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import select
+import socket
 import time
 
 import aiomqtt
 import paho.mqtt.client as paho
+import pytest
 
 from ingestd import mqtt_link
 
@@ -41,3 +44,45 @@ def test_paho_signatures_we_call() -> None:
     # MQTTMessage.timestamp is stamped with this clock on arrival.
     assert mqtt_link.ARRIVAL_CLOCK is time.monotonic
     assert aiomqtt.__version__.startswith("2.5"), "adapter written against aiomqtt 2.5"
+
+
+def test_buffered_socket_serves_small_reads_from_one_large_read() -> None:
+    a, b = socket.socketpair()
+    try:
+        b.setblocking(False)
+        buffered = mqtt_link._BufferedSocket(b)
+        with pytest.raises(BlockingIOError):
+            buffered.recv(1)  # nothing sent yet: the caller's non-blocking contract holds
+        a.sendall(b"\x30\x05hello\x30\x03abc")
+        assert wait_readable(b)
+        assert buffered.recv(1) == b"\x30"
+        assert buffered.pending() == 11  # the rest came with the first read
+        assert buffered.recv(1) == b"\x05"
+        assert buffered.recv(5) == b"hello"
+        assert buffered.recv(1) == b"\x30"
+        assert buffered.recv(1) == b"\x03"
+        assert buffered.recv(10) == b"abc"  # a short read, as from the socket itself
+        assert buffered.pending() == 0
+        a.sendall(b"\x30" + b"x" * 99_999)
+        a.close()
+        assert wait_readable(b)
+        assert buffered.recv(1) == b"\x30"
+        got = b""
+        while True:  # large reads pass through; then EOF reads as b""
+            try:
+                chunk = buffered.recv(99_999 - len(got) or 1)
+            except BlockingIOError:
+                assert wait_readable(b)
+                continue
+            if not chunk:
+                break
+            got += chunk
+        assert got == b"x" * 99_999
+        assert buffered.fileno() == b.fileno()  # everything else goes to the socket
+    finally:
+        a.close()
+        b.close()
+
+
+def wait_readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 5)[0])
