@@ -91,9 +91,14 @@ def _object_readings(
     overflow a float.
     """
     raw_ts = doc.get(ts_field, _MISSING)
-    ts = None if raw_ts is _MISSING else parse_timestamp(raw_ts)
+    if raw_ts is _MISSING:
+        ts = None
+    elif type(raw_ts) is float and 0.0 <= raw_ts < _TS_MAX:
+        ts = raw_ts  # the common case, without the call
+    else:
+        ts = parse_timestamp(raw_ts)
     when = ts if ts is not None else received_at if received_at is not None else 0.0
-    before = len(out)
+    before, problems_before = len(out), len(problems)
     plain = not prefix and not suffix
     for key, raw in doc.items():
         kind = type(raw)
@@ -114,7 +119,7 @@ def _object_readings(
         if key == ts_field:
             continue
         out.append(Reading(sensor, key if plain else prefix + key + suffix, when, value, topic))
-    if len(out) == before and not problems:
+    if len(out) == before and len(problems) == problems_before:
         raise DecodeError("JSON object has no numeric fields")
     return ts
 
@@ -186,16 +191,17 @@ def _decode_json(
     elif isinstance(doc, list) and doc:
         before = len(readings)
         for i, element in enumerate(doc):
-            if not isinstance(element, dict):
+            if type(element) is not dict:
                 problems.append(f"element {i} is not an object (got {_json_type(element)})")
                 continue
-            element_problems: list[str] = []
+            seen = len(problems)
             try:
-                _object_readings(element, *args, element_problems)
+                _object_readings(element, *args, problems)
             except DecodeError as exc:
                 problems.append(f"element {i}: {exc}")
                 continue
-            problems.extend(f"element {i}: {p}" for p in element_problems)
+            if len(problems) > seen:  # the element's own problems, prefixed with its index
+                problems[seen:] = [f"element {i}: {p}" for p in problems[seen:]]
         if len(readings) == before:
             raise DecodeError("; ".join(problems[:5]) or "no usable elements")
     else:

@@ -177,9 +177,11 @@ def test_json_array_of_objects_gives_every_record() -> None:
 
 
 def test_bad_array_elements_are_quarantined_and_the_rest_kept() -> None:
-    payload = b'[{"ts": 1700000000, "t": 1}, 5, {"ts": "never", "t": 2}, {"t": "x", "u": 3}]'
+    payload = (b'[{"ts": 1700000000, "t": 1}, 5, {"ts": "never", "t": 2}, {"t": "x", "u": 3},'
+               b' {"ts": 1700000002}]')
     readings, rejected = decode("sensors/k/telemetry", payload)
     assert [(r.metric, r.value) for r in readings] == [("t", 1.0), ("u", 3.0)]
     assert rejected == ["element 1 is not an object (got number); "
                         "element 2: timestamp 'never' is not ISO 8601; "
-                        "element 3: field 't' is not a finite number (got string)"]
+                        "element 3: field 't' is not a finite number (got string); "
+                        "element 4: JSON object has no numeric fields"]
