@@ -25,6 +25,7 @@ import datetime as dt
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -40,6 +41,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from bench.profile import Profiler, summarize
 from tests.helpers import SHIPPED_CONFIG, Mosquitto, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,7 +102,7 @@ def scenarios() -> list[Scenario]:
         Scenario("hand-written paho + sqlite3 script, QoS 1", "paho_sqlite", 1, 1000,
                  messages=3000),
         Scenario("ingestd, batch payloads (50 readings/message), QoS 1 ack after commit",
-                 "ingestd", 1, 1000, fast, messages=10_000, batch=25),
+                 "ingestd", 1, 1000, fast, messages=20_000, batch=25),
     ]
 
 
@@ -156,7 +158,8 @@ def proc_stats(pid: int) -> tuple[float, float]:
     return cpu, hwm / 1024
 
 
-def run_ingestd(sc: Scenario, broker: Mosquitto, messages: int, work: Path) -> Result:
+def run_ingestd(sc: Scenario, broker: Mosquitto, messages: int, work: Path,
+                profile: Path | None = None) -> Result:
     client_id = "bench-ingestd"
     register_session(broker.port, client_id, sc.qos)
     preload(broker, messages, sc.qos, work, sc.batch)
@@ -171,6 +174,7 @@ def run_ingestd(sc: Scenario, broker: Mosquitto, messages: int, work: Path) -> R
     with log.open("wb") as fh:
         proc = subprocess.Popen([PY, "-m", "ingestd", "--config", str(config)], env=env,
                                 stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+    profiler = Profiler(proc.pid, profile) if profile else None
     commits: list[tuple[float, int]] = []
     connected: list[float] = []
 
@@ -193,6 +197,8 @@ def run_ingestd(sc: Scenario, broker: Mosquitto, messages: int, work: Path) -> R
         wait_for(committed, 600, interval=0.2, what="the backlog to be committed")
         cpu, rss = proc_stats(proc.pid)
     finally:
+        if profiler:
+            profiler.stop()
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
     total = sum(n for _, n in commits)
@@ -282,7 +288,7 @@ def run_latency(broker: Mosquitto, rate: float, seconds: float, work: Path,
             "cpu": cpu, "rss": rss}
 
 
-def run_one(sc: Scenario, messages: int) -> Result:
+def run_one(sc: Scenario, messages: int, profile: Path | None = None) -> Result:
     work = Path(tempfile.mkdtemp(prefix="ingestd-bench-"))
     broker = Mosquitto(work / "broker", max_inflight=sc.broker_inflight,
                        extra="queue_qos0_messages true\nmax_queued_bytes 0\n"
@@ -290,7 +296,7 @@ def run_one(sc: Scenario, messages: int) -> Result:
     try:
         n = sc.messages or messages
         if sc.consumer == "ingestd":
-            return run_ingestd(sc, broker, n, work)
+            return run_ingestd(sc, broker, n, work, profile)
         return run_baseline(sc, broker, n, work)
     finally:
         broker.kill()
@@ -363,6 +369,8 @@ def main() -> int:
     p.add_argument("--latency-rate", type=float, default=0.0,
                    help="also run the latency test, publishing this many messages/s")
     p.add_argument("--latency-seconds", type=float, default=10.0)
+    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
+                   help="sample the daemon with py-spy; write and summarize profiles in DIR")
     a = p.parse_args()
     if a.quick:
         a.rounds, a.messages = 1, 20_000
@@ -372,12 +380,20 @@ def main() -> int:
     chosen = [s for s in scenarios() if a.only.lower() in s.name.lower()]
     run = Run({s.name: [] for s in chosen})
     started = time.monotonic()
+    if a.profile:
+        a.profile.mkdir(parents=True, exist_ok=True)
     for rnd in range(a.rounds):
         for sc in chosen:
-            r = run_one(sc, a.messages)
+            prof = None
+            if a.profile and sc.consumer == "ingestd":
+                slug = re.sub(r"[^a-z0-9]+", "-", sc.name.lower()).strip("-")
+                prof = a.profile / f"{slug}-{rnd + 1}.txt"
+            r = run_one(sc, a.messages, prof)
             run.results[sc.name].append(r)
             print(f"round {rnd + 1}: {sc.name}: {r.rate:,.0f} readings/s, cpu {r.cpu:.2f}s, "
                   f"rss {r.rss_mb:.1f} MB, lost {r.lost}", file=sys.stderr, flush=True)
+            if prof and prof.exists():
+                print(summarize(prof), file=sys.stderr, flush=True)
     command = "python -m bench.bench " + " ".join(sys.argv[1:])
     table = report(run, a.rounds, a.messages, command.strip(), time.monotonic() - started)
     if a.latency_rate:
