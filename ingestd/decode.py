@@ -152,10 +152,12 @@ def decode_message(
     """Decode one message, appending to `readings` and `rejected`."""
     match = table.match(topic)
     if match is None:
-        rejected.append(Rejected(topic, payload, "no route matches this topic", received_at))
+        rejected.append(Rejected(topic, payload, "no route matches this topic", received_at,
+                                 "no_route"))
         return
     if not match.sensor:
-        rejected.append(Rejected(topic, payload, "topic gives an empty sensor id", received_at))
+        rejected.append(Rejected(topic, payload, "topic gives an empty sensor id", received_at,
+                                 "bad_topic"))
         return
     try:
         if match.format == "json":

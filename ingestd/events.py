@@ -30,6 +30,12 @@ class Rejected(msgspec.Struct, frozen=True, gc=False):
     payload: bytes
     reason: str
     received_at: float
+    # A small fixed set, for counting (a metrics label): see REJECT_KINDS.
+    kind: str = "decode"
+
+
+# Why input is quarantined, by kind; the free-text reason says the rest.
+REJECT_KINDS = ("decode", "no_route", "bad_topic", "out_of_range")
 
 
 class Decoded(msgspec.Struct, frozen=True):
@@ -65,6 +71,7 @@ class BatchCommitted(msgspec.Struct, frozen=True):
     quarantined: int
     deliveries: int
     seconds: float
+    size: int = 0  # rows written: readings offered (inserted or duplicate) + quarantined
 
 
 class ConnectionChanged(msgspec.Struct, frozen=True):

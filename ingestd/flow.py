@@ -11,6 +11,7 @@ the rest on the broker, where the session keeps it.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 
 
@@ -27,6 +28,9 @@ class InFlightWindow:
         self.unacked = 0
         self.peak = 0
         self.pauses = 0
+        # monotonic time of the last settle, or of the first take after idle:
+        # work in flight with no progress for long means a stalled pipeline.
+        self.progress_at = time.monotonic()
         self._idle = asyncio.Event()
         self._idle.set()
         self._room = asyncio.Event()
@@ -49,6 +53,8 @@ class InFlightWindow:
             on_full()
 
     def take(self, messages: int, unacked: int) -> None:
+        if self.in_flight == 0:
+            self.progress_at = time.monotonic()
         self.in_flight += messages
         self.unacked += unacked
         self.peak = max(self.peak, self.in_flight)
@@ -62,6 +68,7 @@ class InFlightWindow:
             self._on_full()
 
     def settle(self, messages: int, unacked: int) -> None:
+        self.progress_at = time.monotonic()
         self.in_flight -= messages
         self.unacked -= unacked
         if self.in_flight <= 0:

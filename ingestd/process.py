@@ -39,7 +39,8 @@ def apply_limits(
             keep(r)
             continue
         payload = _encode({"sensor": r.sensor, "metric": r.metric, "ts": r.ts, "value": r.value})
-        rejected.append(Rejected(r.topic, payload, _violation(r, limits[r.metric]), r.ts))
+        rejected.append(Rejected(r.topic, payload, _violation(r, limits[r.metric]), r.ts,
+                                 "out_of_range"))
     return kept
 
 

@@ -28,7 +28,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ingestd.bus import EventBus
-from ingestd.config import MqttSettings, Settings
+from ingestd.config import MqttSettings, Settings, route_table
 from ingestd.decode import decode_all
 from ingestd.errors import ConfigError
 from ingestd.events import ConnectionChanged, Decoded, Rejected, control
@@ -148,6 +148,7 @@ class MqttSource:
         self._pause_logged = -BACKPRESSURE_LOG_INTERVAL
         self._pauses = 0
         self._draining = False
+        self._resubscribing: set[asyncio.Task[None]] = set()
         self.connected = False
         self.reconnects = 0
         self.received = 0
@@ -169,6 +170,48 @@ class MqttSource:
             return
         for mid, qos in acks:
             link.ack(mid, qos)
+
+    # -- reload ---------------------------------------------------------------------
+
+    def update_routes(self, settings: Settings) -> None:
+        """Apply a reloaded config's routes: decode with the new table from the
+        next chunk on, and change the live subscriptions to match.
+
+        New filters are subscribed before old ones are unsubscribed, so a route
+        that moves to a wider filter misses nothing (for the moment both are
+        subscribed, a message may arrive twice: one with a device timestamp
+        is stored once, one without gets a second receive time). Without a
+        connection, the next one subscribes to the new list.
+        """
+        table = route_table(settings)
+        new = subscriptions(settings, table)
+        old = dict(self.subscriptions)
+        wanted = dict(new)
+        added = [(t, q) for t, q in new if old.get(t) != q]
+        removed = [t for t in old if t not in wanted]
+        self.table, self.subscriptions = table, new
+        log.info("routes reloaded", routes=len(table.routes),
+                 subscribe=[t for t, _ in added], unsubscribe=removed)
+        link = self._link
+        if link is not None and self.connected and (added or removed):
+            task = asyncio.ensure_future(self._resubscribe(link, added, removed))
+            self._resubscribing.add(task)
+            task.add_done_callback(self._resubscribing.discard)
+
+    async def _resubscribe(
+        self, link: MqttLink, added: list[tuple[str, int]], removed: list[str]
+    ) -> None:
+        try:
+            for topic, qos in added:
+                # The SUBACK may queue behind a backlog the pipeline drains.
+                await link.subscribe(topic, qos, timeout=math.inf)
+            for topic in removed:
+                await link.unsubscribe(topic, timeout=math.inf)
+        except aiomqtt.MqttError as exc:
+            # The connection went; the next one subscribes to the new list.
+            log.warning("subscription change interrupted by a disconnect", error=str(exc))
+            return
+        log.info("subscriptions updated", topics=[t for t, _ in self.subscriptions])
 
     # -- the connection loop ------------------------------------------------------
 
@@ -213,6 +256,8 @@ class MqttSource:
         finally:
             stop_waiter.cancel()
             self.connected = False
+            for task in list(self._resubscribing):
+                task.cancel()
         # Whatever was received is handed on; then every stage finishes and returns.
         await self._publish_inbox()
         await self.bus.publish(control(last=True, epoch=self._epoch))
@@ -388,7 +433,8 @@ class MqttSource:
                 deliveries.append((m.topic, payload, now))
             except UnicodeDecodeError:
                 shown = bytes(m._topic).decode("utf-8", "backslashreplace")
-                bad_topics.append(Rejected(shown, payload, "topic is not valid UTF-8", now))
+                bad_topics.append(Rejected(shown, payload, "topic is not valid UTF-8", now,
+                                           "bad_topic"))
         readings, rejected = decode_all(self.table, deliveries)
         if bad_topics:
             rejected.extend(bad_topics)

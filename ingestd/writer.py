@@ -64,6 +64,14 @@ class BatchWriter:
         self.quarantined = 0
         self.batches = 0
         self.store_available = True
+        # For metrics and health (read from the metrics server's thread too).
+        self.quarantined_by_kind: dict[str, int] = {}
+        self.store_errors: dict[str, int] = {}
+        self.last_commit_at = 0.0  # wall clock, 0 before the first
+        # monotonic start of the store call in progress, else None: a call that
+        # never returns (a lock held forever) is how a writer wedges.
+        self.busy_since: float | None = None
+        self.on_commit: Callable[[BatchCommitted], None] | None = None
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -143,20 +151,30 @@ class BatchWriter:
         self.committed += inserted
         self.duplicates += duplicates
         self.quarantined += len(rejected)
+        if rejected:
+            by_kind = self.quarantined_by_kind
+            for r in rejected:
+                by_kind[r.kind] = by_kind.get(r.kind, 0) + 1
         self.batches += 1
-        self.bus.publish_nowait(
-            BatchCommitted(inserted, duplicates, len(rejected), deliveries, seconds)
-        )
+        self.last_commit_at = time.time()
+        event = BatchCommitted(inserted, duplicates, len(rejected), deliveries, seconds,
+                               len(readings) + len(rejected))
+        if self.on_commit is not None:
+            self.on_commit(event)
+        self.bus.publish_nowait(event)
 
     async def _commit(self, readings: list[Reading], rejected: list[Rejected]) -> tuple[int, int]:
         delay = self.retry_min_delay
         condition: str | None = None
         while True:
+            self.busy_since = time.monotonic()
             try:
                 async with self.store.batch() as tx:
                     await tx.add_readings(readings)
                     await tx.add_rejected(rejected)
             except StoreUnavailable as exc:
+                self.busy_since = None
+                self.store_errors[exc.condition] = self.store_errors.get(exc.condition, 0) + 1
                 if exc.condition != condition:
                     condition = exc.condition
                     self.store_available = False
@@ -171,6 +189,8 @@ class BatchWriter:
                 await asyncio.sleep(delay / 2 + random.uniform(0, delay / 2))
                 delay = min(self.retry_max_delay, delay * 2)
                 continue
+            finally:
+                self.busy_since = None
             if condition is not None:
                 self.store_available = True
                 log.warning("store available again; batch committed", after=condition)

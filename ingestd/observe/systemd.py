@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
 
 class SystemdNotifier:
@@ -36,3 +37,24 @@ class SystemdNotifier:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+def watchdog_interval(environ: dict[str, str] | None = None) -> float | None:
+    """Seconds within which systemd expects WATCHDOG=1 (WatchdogSec=), or None.
+
+    systemd sets WATCHDOG_USEC, and WATCHDOG_PID naming the process meant
+    (a child that inherited the variables must not answer for its parent).
+    """
+    env = os.environ if environ is None else environ
+    usec = env.get("WATCHDOG_USEC", "")
+    pid = env.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0:
+        return None
+    if pid and pid != str(os.getpid()):
+        return None
+    return int(usec) / 1_000_000
+
+
+def monotonic_usec() -> int:
+    """CLOCK_MONOTONIC in microseconds, for RELOADING=1's MONOTONIC_USEC=."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000

@@ -1,0 +1,286 @@
+"""Prometheus metrics, health and readiness, served over HTTP off the event loop.
+
+Counters live where the work happens, as plain integers on the components
+(the hot path pays nothing for them); a collector reads them at scrape time.
+Only the two histograms (batch size, commit latency) are observed as events
+happen, once per batch.
+
+The HTTP server (prometheus-client's WSGI app, `wsgiref`) runs in its own
+thread, so a slow or hung scraper never touches ingestion. It reads the
+components' integers and flags, which is safe from another thread.
+
+- `/metrics`: Prometheus text format.
+- `/healthz`: 200 while the event loop is turning (it ticks every second);
+  503 once it has not for `LOOP_STALL` seconds: the process is wedged.
+- `/readyz`: 200 when connected to the broker, the store takes writes and the
+  pipeline is not stalled; 503 otherwise. The body (JSON) names each check.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Histogram, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from ingestd import __version__
+from ingestd.events import REJECT_KINDS, BatchCommitted
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics_core import Metric
+
+    from ingestd.bus import EventBus
+    from ingestd.flow import InFlightWindow
+    from ingestd.source import MqttSource
+    from ingestd.writer import BatchWriter
+
+# The event loop ticks the health clock every second; this long without a
+# tick means it is blocked (/healthz fails).
+LOOP_STALL = 10.0
+
+StartResponse = Callable[[str, list[tuple[str, str]]], Any]
+
+
+@dataclass
+class Pipeline:
+    """The running components, once the store is open (None before)."""
+
+    source: MqttSource
+    writer: BatchWriter
+    window: InFlightWindow
+    bus: EventBus
+    started_at: float = field(default_factory=time.time)
+
+
+class Health:
+    """Liveness, readiness and progress: what /healthz, /readyz, WATCHDOG=1 and
+    STATUS= report. Read from the HTTP thread and the event loop alike."""
+
+    def __init__(self, stall_timeout: float) -> None:
+        self.stall_timeout = stall_timeout
+        self.pipeline: Pipeline | None = None
+        self.tick_at = time.monotonic()
+        self.store_open = False
+        self.reloads = 0
+        self.reload_failures = 0
+
+    def tick(self) -> None:
+        self.tick_at = time.monotonic()
+
+    def live(self) -> bool:
+        return time.monotonic() - self.tick_at < LOOP_STALL
+
+    def stall(self) -> str | None:
+        """Why the pipeline is stalled, or None while it makes progress.
+
+        Stalled: a store call has not returned for `stall_timeout` (a writer
+        wedged on a lock held forever), or messages are in flight and nothing
+        has been settled for `stall_timeout` while the store is available (a
+        store outage is waited out, retrying; it is reported as such).
+        """
+        p = self.pipeline
+        if p is None:
+            return None
+        now = time.monotonic()
+        busy = p.writer.busy_since
+        if busy is not None and now - busy > self.stall_timeout:
+            return f"a store call has not returned for {now - busy:.0f} s"
+        if not p.writer.store_available:
+            return None
+        idle_for = now - p.window.progress_at
+        if p.window.in_flight > 0 and idle_for > self.stall_timeout:
+            return f"{p.window.in_flight} message(s) in flight, none settled for {idle_for:.0f} s"
+        return None
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        p = self.pipeline
+        checks: dict[str, Any] = {"event_loop": self.live()}
+        if p is None:
+            checks["store"] = "not open yet"
+            return False, checks
+        checks["broker"] = p.source.connected
+        checks["store"] = p.writer.store_available
+        stall = self.stall()
+        checks["pipeline"] = stall is None
+        if stall is not None:
+            checks["stall"] = stall
+        ok = all(v is True for k, v in checks.items() if k != "stall")
+        return ok, checks
+
+
+class PipelineCollector(Collector):
+    """Reads the components' counters at scrape time."""
+
+    def __init__(self, health: Health) -> None:
+        self.health = health
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # collected fresh on each scrape; names may appear later
+
+    def collect(self) -> Iterator[Metric]:
+        info = InfoMetricFamily("ingestd_build", "ingestd version")
+        info.add_metric([], {"version": __version__})
+        yield info
+        h = self.health
+        yield _gauge("ingestd_up", "1 while the event loop is turning", 1 if h.live() else 0)
+        ready, _ = h.readiness()
+        yield _gauge("ingestd_ready", "1 when /readyz would answer 200", 1 if ready else 0)
+        yield _counter("ingestd_reloads", "Configuration reloads applied", h.reloads)
+        yield _counter("ingestd_reload_failures",
+                       "Configuration reloads rejected (invalid file)", h.reload_failures)
+        p = h.pipeline
+        if p is None:
+            return
+        src, w, win = p.source, p.writer, p.window
+        yield _counter("ingestd_messages_received", "MQTT messages received", src.received)
+        yield _counter("ingestd_readings_committed", "Readings committed to the store",
+                       w.committed)
+        yield _counter("ingestd_readings_duplicate",
+                       "Readings already stored (redeliveries), not written again",
+                       w.duplicates)
+        q = CounterMetricFamily("ingestd_quarantined",
+                                "Rejected payloads and readings stored in quarantine, by reason",
+                                labels=["reason"])
+        by_kind = dict(w.quarantined_by_kind)
+        for kind in sorted({*REJECT_KINDS, *by_kind}):
+            q.add_metric([kind], by_kind.get(kind, 0))
+        yield q
+        yield _counter("ingestd_batches_committed", "Store transactions committed", w.batches)
+        yield _gauge("ingestd_last_commit_timestamp_seconds",
+                     "Wall-clock time of the last commit (0: none yet)", w.last_commit_at)
+        depth = GaugeMetricFamily("ingestd_bus_queue_depth", "Events waiting, per subscriber",
+                                  labels=["subscriber", "policy"])
+        cap = GaugeMetricFamily("ingestd_bus_queue_capacity", "Queue bound, per subscriber",
+                                labels=["subscriber", "policy"])
+        dropped = CounterMetricFamily("ingestd_bus_dropped",
+                                      "Events dropped by a full observer queue",
+                                      labels=["subscriber"])
+        delivered = CounterMetricFamily("ingestd_bus_delivered", "Events delivered",
+                                        labels=["subscriber"])
+        for sub in p.bus.subscriptions:
+            depth.add_metric([sub.name, sub.policy], sub.depth)
+            cap.add_metric([sub.name, sub.policy], sub.queue.maxsize)
+            dropped.add_metric([sub.name], sub.dropped)
+            delivered.add_metric([sub.name], sub.delivered)
+        yield from (depth, cap, dropped, delivered)
+        yield _gauge("ingestd_inflight_messages",
+                     "Messages received and not yet committed and acknowledged", win.in_flight)
+        yield _gauge("ingestd_inflight_unacked_messages",
+                     "QoS 1/2 messages not yet acknowledged to the broker", win.unacked)
+        yield _gauge("ingestd_inflight_limit", "The in-flight window (mqtt.max_inflight)",
+                     win.limit)
+        yield _counter("ingestd_inflight_pauses",
+                       "Times reading from the broker paused on a full window", win.pauses)
+        yield _gauge("ingestd_broker_connected", "1 while connected to the broker",
+                     1 if src.connected else 0)
+        yield _counter("ingestd_broker_reconnects", "Connections after the first",
+                       src.reconnects)
+        yield _gauge("ingestd_store_available", "0 while the store refuses writes",
+                     1 if w.store_available else 0)
+        errors = CounterMetricFamily("ingestd_store_errors",
+                                     "Failed commit attempts (retried), by condition",
+                                     labels=["condition"])
+        for condition, n in sorted(dict(w.store_errors).items()):
+            errors.add_metric([condition], n)
+        yield errors
+
+
+def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, doc, value=value)
+
+
+def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, doc, value=value)
+
+
+class Metrics:
+    def __init__(self, health: Health) -> None:
+        self.health = health
+        self.registry = CollectorRegistry()
+        self.registry.register(PipelineCollector(health))
+        self.batch_size = Histogram(
+            "ingestd_batch_rows", "Rows (readings and quarantined) per committed batch",
+            buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000),
+            registry=self.registry,
+        )
+        self.commit_seconds = Histogram(
+            "ingestd_commit_duration_seconds",
+            "Time to commit one batch, retries included",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+
+    def observe_commit(self, event: BatchCommitted) -> None:
+        self.batch_size.observe(event.size)
+        self.commit_seconds.observe(event.seconds)
+
+
+class _Server(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass  # scrapes every few seconds would drown the log
+
+
+class MetricsServer:
+    """The HTTP endpoint, in a thread of its own."""
+
+    def __init__(self, host: str, port: int, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self._prometheus = make_wsgi_app(metrics.registry)
+        self._server = make_server(host, port, self._app, _Server, _QuietHandler)
+        address = self._server.server_address
+        self.host, self.port = str(address[0]), int(address[1])
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
+            name="metrics-http", daemon=True,
+        )
+
+    def start(self) -> MetricsServer:
+        self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(5)
+
+    def _app(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/")
+        health = self.metrics.health
+        if path == "/metrics":
+            return self._prometheus(environ, start_response)  # type: ignore[no-any-return]
+        if path == "/healthz":
+            live = health.live()
+            return _json(start_response, 200 if live else 503,
+                         {"live": live, "loop_tick_age_s": round(time.monotonic() -
+                                                                 health.tick_at, 3)})
+        if path == "/readyz":
+            ready, checks = health.readiness()
+            return _json(start_response, 200 if ready else 503, {"ready": ready, **checks})
+        if path == "/":
+            body = b"ingestd: /metrics /healthz /readyz\n"
+            start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8"),
+                                      ("Content-Length", str(len(body)))])
+            return [body]
+        return _json(start_response, 404, {"error": f"no such path: {path}"})
+
+
+def _json(start_response: StartResponse, status: int, body: dict[str, Any]) -> list[bytes]:
+    data = json.dumps(body).encode() + b"\n"
+    reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
+    start_response(f"{status} {reason}", [("Content-Type", "application/json"),
+                                          ("Content-Length", str(len(data))),
+                                          ("Cache-Control", "no-store")])
+    return [data]
