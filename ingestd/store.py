@@ -12,8 +12,9 @@ that commits on exit and rolls back on any error or cancellation.
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from itertools import chain
 from pathlib import Path
@@ -286,3 +287,38 @@ class SqliteStore:
         if conn is not None:
             with suppress(Exception):
                 await conn.close()
+
+
+async def backup(source: Path, dest: Path,
+                 progress: Callable[[int, int], None] | None = None,
+                 pages_per_step: int = 4096) -> None:
+    """An online copy of the database with SQLite's backup API, in an executor.
+
+    Safe while the daemon writes: the backup restarts a step when the source
+    changes under it, and the copy is a consistent snapshot. `progress` gets
+    (pages remaining, total pages) after each step.
+    """
+
+    def run() -> None:
+        if not source.exists():
+            raise StoreError(f"{source}: no database to back up")
+        if dest.exists():
+            raise StoreError(f"{dest}: already exists; not overwriting it")
+        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+        partial = dest.with_name(dest.name + ".partial")
+        try:
+            out = sqlite3.connect(partial)
+            try:
+                src.backup(out, pages=pages_per_step,
+                           progress=(lambda _s, rem, total: progress(rem, total))
+                           if progress else None)
+            finally:
+                out.close()
+            partial.rename(dest)  # only a complete copy takes the name
+        except sqlite3.Error as exc:
+            partial.unlink(missing_ok=True)
+            raise StoreError(f"backup of {source} to {dest} failed: {exc}") from None
+        finally:
+            src.close()
+
+    await asyncio.get_running_loop().run_in_executor(None, run)
