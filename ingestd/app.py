@@ -1,9 +1,12 @@
 """The daemon: wires the components and runs them under one TaskGroup.
 
 Phases, as in uvicorn's Server: startup (open the store, build the pipeline),
-main loop (TaskGroup supervising source, processor, writer and logger),
-shutdown (stop intake, drain the bus, commit, acknowledge, disconnect), with
-a forced exit on a second signal or when `daemon.stop_timeout` runs out.
+main loop (TaskGroup supervising source, processor, writer, logger and store
+maintenance), shutdown (stop intake, drain the bus, commit, acknowledge,
+disconnect), with a forced exit on a second signal or when
+`daemon.stop_timeout` runs out. Alongside, from start to exit: the health
+monitor (systemd watchdog and STATUS=) and the metrics HTTP server.
+SIGHUP reloads the configuration (see `_reload`).
 """
 
 from __future__ import annotations
@@ -12,17 +15,22 @@ import asyncio
 import os
 import signal
 import time
+from pathlib import Path
+from typing import Any
 
 import structlog
 
 from ingestd import __version__
 from ingestd.bus import EventBus
-from ingestd.config import Settings, route_table
-from ingestd.errors import StoreError, StoreUnavailable
+from ingestd.config import Settings, load_settings, route_table
+from ingestd.errors import ConfigError, StoreError, StoreUnavailable
 from ingestd.events import BatchCommitted, Decoded, Processed
 from ingestd.flow import InFlightWindow
+from ingestd.maintenance import Maintenance
 from ingestd.observe.event_log import EventLogger
-from ingestd.observe.systemd import SystemdNotifier
+from ingestd.observe.log import configure_logging
+from ingestd.observe.metrics import Health, Metrics, MetricsServer, Pipeline
+from ingestd.observe.systemd import SystemdNotifier, monotonic_usec, watchdog_interval
 from ingestd.process import Processor
 from ingestd.source import Backoff, MqttSource
 from ingestd.store import SqliteStore
@@ -32,6 +40,15 @@ log = structlog.get_logger("ingestd")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+STATUS_INTERVAL = 5.0
+
+# Settings a reload applies to the running daemon; any other change is logged
+# as needing a restart.
+LIVE_KEYS = (
+    "daemon.log_level", "daemon.log_format", "daemon.stop_timeout", "daemon.stall_timeout",
+    "routes", "processor.", "batch.", "store.retry_min_delay", "store.retry_max_delay",
+    "store.retention_days", "store.maintenance_interval", "store.retention_batch",
+)
 
 
 class StopTimeout(Exception):
@@ -39,13 +56,20 @@ class StopTimeout(Exception):
 
 
 class Daemon:
-    def __init__(self, settings: Settings, notifier: SystemdNotifier | None = None) -> None:
+    def __init__(self, settings: Settings, notifier: SystemdNotifier | None = None,
+                 config_path: Path | None = None) -> None:
         self.settings = settings
+        self._boot_settings = settings
+        self.config_path = config_path
         self.notifier = notifier or SystemdNotifier()
         self.stop = asyncio.Event()
         self._signals = 0
         self._stop_started = 0.0
         self.ready = asyncio.Event()
+        self.health = Health(settings.daemon.stall_timeout)
+        self.metrics = Metrics(self.health)
+        self._components: dict[str, Any] = {}
+        self._reloading: asyncio.Task[None] | None = None
 
     # -- signals -------------------------------------------------------------
 
@@ -53,6 +77,15 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_reload_signal)
+
+    def _on_reload_signal(self) -> None:
+        if self.stop.is_set():
+            return
+        if self._reloading is not None and not self._reloading.done():
+            log.warning("reload already in progress; SIGHUP ignored")
+            return
+        self._reloading = asyncio.get_running_loop().create_task(self._reload(), name="reload")
 
     def _on_signal(self, sig: signal.Signals) -> None:
         self._signals += 1
@@ -80,6 +113,8 @@ class Daemon:
         store = SqliteStore(
             s.store.path, synchronous=s.store.synchronous, busy_timeout_ms=s.store.busy_timeout_ms
         )
+        server = self._start_metrics_server()
+        monitor = asyncio.get_running_loop().create_task(self._monitor(), name="monitor")
         try:
             if not await self._open_store(store):
                 return EXIT_OK
@@ -88,8 +123,70 @@ class Daemon:
             log.error("store failed; exiting", path=str(store.path), error=str(exc))
             return EXIT_FAILURE
         finally:
+            monitor.cancel()
+            if self._reloading is not None:
+                self._reloading.cancel()
+            await asyncio.gather(monitor, return_exceptions=True)
+            if server is not None:
+                await asyncio.to_thread(server.close)
             await store.close()
             self.notifier.close()
+
+    def _start_metrics_server(self) -> MetricsServer | None:
+        m = self.settings.metrics
+        if not m.enabled:
+            return None
+        try:
+            server = MetricsServer(m.host, m.port, self.metrics).start()
+        except OSError as exc:
+            # Ingestion matters more than its metrics: go on without them.
+            log.error("cannot listen for metrics; running without /metrics and health endpoints",
+                      host=m.host, port=m.port, error=str(exc))
+            return None
+        log.info("metrics listening", url=f"http://{server.host}:{server.port}/metrics",
+                 host=server.host, port=server.port)
+        return server
+
+    async def _monitor(self) -> None:
+        """Ticks the liveness clock; WATCHDOG=1 while the pipeline makes progress; STATUS=."""
+        interval = watchdog_interval()
+        tick = min(1.0, interval / 4) if interval else 1.0
+        last_ping = last_status = 0.0
+        reported_stall: str | None = None
+        last_committed, last_at = 0, time.monotonic()
+        while True:
+            self.health.tick()
+            now = time.monotonic()
+            stall = self.health.stall()
+            if stall is not None and reported_stall is None:
+                log.error("pipeline stalled; withholding the systemd watchdog ping",
+                          reason=stall, stall_timeout=self.health.stall_timeout)
+            elif stall is None and reported_stall is not None:
+                log.warning("pipeline moving again")
+            reported_stall = stall
+            if interval and stall is None and now - last_ping >= interval / 2:
+                self.notifier.notify("WATCHDOG=1")
+                last_ping = now
+            if now - last_status >= STATUS_INTERVAL:
+                p = self.health.pipeline
+                if p is not None and self.ready.is_set() and not self.stop.is_set():
+                    committed = p.writer.committed
+                    rate = (committed - last_committed) / max(now - last_at, 1e-9)
+                    last_committed, last_at = committed, now
+                    self.notifier.notify("STATUS=" + self._status(p, rate, stall))
+                last_status = now
+            await asyncio.sleep(tick)
+
+    def _status(self, p: Pipeline, rate: float, stall: str | None) -> str:
+        if stall is not None:
+            return f"stalled: {stall}"
+        if not p.writer.store_available:
+            return "store unavailable; holding data and retrying"
+        if not p.source.connected:
+            return f"waiting for the broker {p.source.broker}"
+        queued = sum(s.depth for s in p.bus.subscriptions if s.policy == "block")
+        return (f"ingesting: {rate:,.0f} readings/s, in flight {p.window.in_flight}/"
+                f"{p.window.limit}, queued {queued}, committed {p.writer.committed:,}")
 
     async def _open_store(self, store: SqliteStore) -> bool:
         backoff = Backoff(self.settings.store.retry_min_delay, self.settings.store.retry_max_delay)
@@ -139,6 +236,11 @@ class Daemon:
             retry_max_delay=s.store.retry_max_delay,
         )
         event_logger = EventLogger(to_logger)
+        writer.on_commit = self.metrics.observe_commit
+        maintenance = Maintenance(lambda: self.settings.store)
+        self.health.pipeline = Pipeline(source, writer, window, bus)
+        self._components = {"source": source, "processor": processor, "writer": writer,
+                            "maintenance": maintenance}
 
         def on_ready() -> None:
             if not self.ready.is_set():
@@ -153,6 +255,7 @@ class Daemon:
                 tg.create_task(processor.run(), name="processor")
                 writer_task = tg.create_task(writer.run(), name="writer")
                 logger_task = tg.create_task(event_logger.run(), name="logger")
+                tg.create_task(maintenance.run(self.stop), name="maintenance")
                 tg.create_task(self._supervise_stop(writer_task, logger_task), name="stop")
         except* StopTimeout:
             log.error("stop timeout exceeded; exiting with work in flight (it stays unacknowledged "
@@ -184,3 +287,63 @@ class Daemon:
         except TimeoutError:
             raise StopTimeout from None
         logger_task.cancel()
+
+    # -- reload ----------------------------------------------------------------
+
+    async def _reload(self) -> None:
+        """SIGHUP: re-read the config file (and the environment it started with).
+
+        What can change live is applied between chunks, so nothing in flight
+        is lost or stored twice; what needs a restart is named in the log. An
+        invalid file is rejected with its error and the running config kept.
+        """
+        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}",
+                             "STATUS=reloading the configuration")
+        log.info("reloading configuration", path=str(self.config_path or "defaults"))
+        try:
+            new = await asyncio.to_thread(load_settings, self.config_path)
+        except ConfigError as exc:
+            self.health.reload_failures += 1
+            log.error("reload rejected; the running configuration is kept", error=str(exc))
+        else:
+            self._apply(new)
+            self.health.reloads += 1
+        finally:
+            self.notifier.notify("READY=1", "STATUS=configuration reloaded")
+
+    def _apply(self, new: Settings) -> None:
+        old = self.settings
+        changed = _changed_keys(old, new)
+        live = [k for k in changed if k.startswith(LIVE_KEYS)]
+        restart = [k for k in _changed_keys(self._boot_settings, new)
+                   if not k.startswith(LIVE_KEYS)]
+        self.settings = new
+        if new.daemon.log_level != old.daemon.log_level or \
+                new.daemon.log_format != old.daemon.log_format:
+            configure_logging(new.daemon.log_level, new.daemon.log_format)
+        self.health.stall_timeout = new.daemon.stall_timeout
+        c = self._components
+        if c:
+            c["processor"].limits = dict(new.processor.limits)
+            writer = c["writer"]
+            writer.max_readings = new.batch.max_readings
+            writer.max_delay = new.batch.max_delay_ms / 1000
+            writer.retry_min_delay = new.store.retry_min_delay
+            writer.retry_max_delay = new.store.retry_max_delay
+            if any(k.startswith("routes") for k in changed):
+                c["source"].update_routes(new)
+        log.info("configuration reloaded", applied=live)
+        if restart:
+            log.warning("changed settings need a restart to apply", keys=restart)
+
+
+def _changed_keys(old: Settings, new: Settings) -> list[str]:
+    a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
+    out: list[str] = []
+    for section in a.keys() | b.keys():
+        x, y = a.get(section), b.get(section)
+        if isinstance(x, dict) and isinstance(y, dict) and section != "processor":
+            out += [f"{section}.{k}" for k in sorted(x.keys() | y.keys()) if x.get(k) != y.get(k)]
+        elif x != y:
+            out.append("routes" if section == "routes" else f"{section}.limits")
+    return sorted(out)

@@ -30,6 +30,7 @@ class Section(BaseModel):
 
 class DaemonSettings(Section):
     stop_timeout: float = Field(10.0, gt=0)
+    stall_timeout: float = Field(60.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
 
@@ -133,6 +134,15 @@ class StoreSettings(Section):
     busy_timeout_ms: int = Field(1000, ge=0)
     retry_min_delay: float = Field(0.1, gt=0)
     retry_max_delay: float = Field(5.0, gt=0)
+    retention_days: float = Field(0.0, ge=0)
+    maintenance_interval: float = Field(300.0, gt=0)
+    retention_batch: int = Field(5000, ge=1)
+
+
+class MetricsSettings(Section):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(9799, ge=0, le=65535)
 
 
 class Settings(BaseSettings):
@@ -150,6 +160,7 @@ class Settings(BaseSettings):
     bus: BusSettings = BusSettings()
     batch: BatchSettings = BatchSettings()
     store: StoreSettings = StoreSettings()
+    metrics: MetricsSettings = MetricsSettings()
 
     @classmethod
     def settings_customise_sources(

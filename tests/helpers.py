@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import getpass
+import json
 import os
 import shutil
 import signal
@@ -111,6 +112,8 @@ class Daemon:
     workdir: Path
     proc: subprocess.Popen[bytes] | None = None
     notices: list[str] = field(default_factory=list)
+    # (monotonic time, notice) for each field received, in order.
+    timed_notices: list[tuple[float, str]] = field(default_factory=list)
     _sock: socket.socket | None = None
     _reader: threading.Thread | None = None
     log_path: Path = field(init=False)
@@ -128,6 +131,7 @@ class Daemon:
         self._reader = threading.Thread(target=self._listen, daemon=True)
         self._reader.start()
         env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
+        env["INGESTD_METRICS__PORT"] = "0"  # a free port, read back with metrics_url()
         env.update(self.env)
         env["NOTIFY_SOCKET"] = str(sock_path)
         with self.log_path.open("ab") as fh:
@@ -146,7 +150,23 @@ class Daemon:
                 continue
             except OSError:
                 return
-            self.notices.extend(data.decode().split("\n"))
+            fields = data.decode().split("\n")
+            now = time.monotonic()
+            self.timed_notices.extend((now, f) for f in fields)
+            self.notices.extend(fields)
+
+    def metrics_url(self, timeout: float = 20) -> str:
+        """http://host:port of the daemon's metrics server, from its log."""
+        found: list[str] = []
+
+        def listening() -> bool:
+            for line in self.logs().splitlines():
+                if '"metrics listening"' in line:
+                    found.append(json.loads(line)["url"].removesuffix("/metrics"))
+                    return True
+            return False
+        wait_for(listening, timeout, what="the metrics server")
+        return found[0]
 
     def wait_ready(self, timeout: float = 20) -> None:
         def ready() -> bool:
