@@ -1,16 +1,19 @@
-"""The command line: `ingestd [run]`, `check-config`, `simulate`."""
+"""The command line: `ingestd [run]`, `check-config`, `simulate`, and the
+operator's tools: `sensors`, `query`, `quarantine`, `stats`, `backup`."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import sys
+import time
 from collections.abc import Coroutine, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ingestd import __version__
-from ingestd.config import ENV_CONFIG, effective_settings_json, load_settings
+from ingestd.config import ENV_CONFIG, Settings, effective_settings_json, load_settings
 from ingestd.errors import EX_CONFIG, ConfigError
 
 T = TypeVar("T")
@@ -39,6 +42,39 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("--rounds", type=int, default=0,
                      help="stop after this many rounds (default 0: run until interrupted)")
     sim.add_argument("--qos", type=int, choices=(0, 1, 2), default=1)
+    data = argparse.ArgumentParser(add_help=False, parents=[common])
+    data.add_argument("--db", type=Path, default=None,
+                      help="the database (default: store.path from the config)")
+    fmt = argparse.ArgumentParser(add_help=False)
+    fmt.add_argument("--format", "-f", choices=("table", "csv", "json"), default="table")
+
+    sens = sub.add_parser("sensors", parents=[data, fmt],
+                          help="sensors and metrics, with their last value and time")
+    sens.add_argument("--sensor", default=None, help="only sensors matching this glob")
+    q = sub.add_parser("query", parents=[data, fmt], help="readings of one sensor over time")
+    q.add_argument("--sensor", "-s", required=True)
+    q.add_argument("--metric", "-m", default=None, help="one metric (default: all)")
+    q.add_argument("--since", default="1h",
+                   help="start: a duration ago (90s, 30m, 1h, 2d, 1w), ISO 8601 or Unix "
+                        "seconds (default 1h)")
+    q.add_argument("--until", default=None, help="end, exclusive (default: now)")
+    q.add_argument("--limit", type=int, default=None)
+    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="report export progress on stderr (default: when stderr is a "
+                        "terminal and stdout is not)")
+    qu = sub.add_parser("quarantine", parents=[data, fmt],
+                        help="recent rejected payloads with the reasons")
+    qu.add_argument("--since", default="1d", help="how far back (default 1d)")
+    qu.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    st = sub.add_parser("stats", parents=[data],
+                        help="live figures from the running daemon, else the database's totals")
+    st.add_argument("--url", default=None,
+                    help="the daemon's metrics address (default: from [metrics])")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    bk = sub.add_parser("backup", parents=[data],
+                        help="an online, consistent copy of the database")
+    bk.add_argument("dest", type=Path, help="the copy's path (must not exist)")
+
     p.add_argument("--config", "-c", type=Path, default=None, dest="top_config",
                    help=argparse.SUPPRESS)
     return p
@@ -68,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ingestd: configuration OK ({config_path or 'defaults'})", file=sys.stderr)
         return 0
 
+    if command in ("sensors", "query", "quarantine", "stats", "backup"):
+        return _data_command(command, args, settings)
+
     from ingestd.observe.log import configure_logging  # noqa: PLC0415
 
     if command == "simulate":
@@ -86,10 +125,73 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(settings.daemon.log_level, settings.daemon.log_format)
 
     async def _daemon() -> int:
-        return await Daemon(settings).run()
+        return await Daemon(settings, config_path=config_path).run()
 
     try:
         return _run_async(_daemon())
     except ConfigError as exc:
         print(f"ingestd: {exc}", file=sys.stderr)
         return EX_CONFIG
+
+
+def _data_command(command: str, args: argparse.Namespace, settings: Settings) -> int:
+    from ingestd import inspect  # noqa: PLC0415
+    from ingestd.errors import StoreError  # noqa: PLC0415
+
+    db: Path = args.db or settings.store.path
+    try:
+        if command == "backup":
+            return _backup(db, args.dest)
+        if command == "stats":
+            m = settings.metrics
+            url = args.url or f"http://{m.host}:{m.port}"
+            stats = inspect.live_stats(url) if (args.url or m.enabled) else None
+            if stats is None:
+                with closing(inspect.connect_ro(db)) as conn:
+                    stats = inspect.db_stats(conn, db)
+            inspect.print_stats(stats, as_json=args.json)
+            return 0
+        with closing(inspect.connect_ro(db)) as conn:
+            progress = None
+            if command == "sensors":
+                table = inspect.sensors(conn, args.sensor)
+            elif command == "query":
+                now = time.time()
+                since = inspect.parse_time(args.since, now)
+                until = inspect.parse_time(args.until, now) if args.until else now
+                table = inspect.query(conn, args.sensor, args.metric, since, until, args.limit)
+                show = args.progress
+                if show is None:
+                    show = sys.stderr.isatty() and not sys.stdout.isatty()
+                progress = sys.stderr if show else None
+            else:
+                since = inspect.parse_time(args.since)
+                table = inspect.quarantine(conn, since, args.limit)
+            inspect.write_table(sys.stdout, table, args.format, progress=progress)
+    except (inspect.InspectError, StoreError) as exc:
+        print(f"ingestd: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `ingestd query ... | head`
+        sys.stderr.close()
+        return 0
+    return 0
+
+
+def _backup(source: Path, dest: Path) -> int:
+    from ingestd.store import backup  # noqa: PLC0415
+
+    started = time.monotonic()
+    shown = [-1]
+
+    def progress(remaining: int, total: int) -> None:
+        pct = int(100 * (total - remaining) / max(total, 1))
+        if pct // 10 != shown[0] // 10:
+            shown[0] = pct
+            print(f"ingestd: backup {pct}% ({total - remaining:,}/{total:,} pages)",
+                  file=sys.stderr)
+
+    _run_async(backup(source, dest, progress))
+    size = dest.stat().st_size / 1e6
+    print(f"ingestd: backed up {source} to {dest} ({size:,.1f} MB) in "
+          f"{time.monotonic() - started:.1f} s", file=sys.stderr)
+    return 0

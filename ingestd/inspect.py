@@ -1,0 +1,258 @@
+"""Getting the data out: `ingestd sensors`, `query`, `quarantine`, `stats`.
+
+Read-only connections to the database (safe next to the running daemon: WAL
+readers never block its writer), each query led by the (series_id, ts) key,
+results streamed to the output as they are read.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import sqlite3
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+from ingestd.errors import IngestdError
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+PROGRESS_EVERY = 100_000
+
+
+class InspectError(IngestdError):
+    """A bad argument or an unreadable database; the CLI prints it and exits 1."""
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """`1h`/`30m`/`2d`/`1w`/`90s` ago, an ISO 8601 time (naive = UTC), or Unix seconds."""
+    now = time.time() if now is None else now
+    t = text.strip()
+    m = _DURATION.match(t)
+    if m:
+        return now - float(m[1]) * _UNITS[m[2]]
+    try:
+        value = float(t)
+    except ValueError:
+        pass
+    else:
+        if math.isfinite(value):
+            return value
+    try:
+        dt = datetime.fromisoformat(t)
+    except ValueError:
+        raise InspectError(
+            f"cannot read time {text!r}: use a duration (90s, 30m, 1h, 2d, 1w), "
+            "an ISO 8601 time or Unix seconds") from None
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.timestamp()
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
+        "+00:00", "Z")
+
+
+def connect_ro(path: Path) -> sqlite3.Connection:
+    if not path.exists():
+        raise InspectError(f"{path}: no database here (is store.path right? --db PATH)")
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        conn.execute("SELECT 1 FROM series LIMIT 1")
+    except sqlite3.Error as exc:
+        raise InspectError(f"{path}: cannot read the database: {exc}") from None
+    return conn
+
+
+@dataclass(frozen=True)
+class Table:
+    columns: Sequence[str]
+    rows: Iterable[Sequence[Any]]
+
+
+def write_table(out: TextIO, table: Table, fmt: str, *, progress: TextIO | None = None) -> int:
+    """Write rows as an aligned text table, CSV or a JSON array; return the count."""
+    rows: Iterable[Sequence[Any]] = table.rows
+    if progress is not None:
+        rows = _with_progress(rows, progress)
+    n = 0
+    if fmt == "csv":
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(table.columns)
+        for row in rows:
+            w.writerow(row)
+            n += 1
+    elif fmt == "json":
+        cols = list(table.columns)
+        out.write("[")
+        for row in rows:
+            out.write(",\n " if n else "\n ")
+            out.write(json.dumps(dict(zip(cols, row, strict=True)), default=str))
+            n += 1
+        out.write("\n]\n" if n else "]\n")
+    else:
+        # Aligned columns need the widths first: buffer, but only the text.
+        text = [[_cell(v) for v in row] for row in rows]
+        n = len(text)
+        widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(table.columns)]
+        out.write("  ".join(c.ljust(w) for c, w in zip(table.columns, widths, strict=True))
+                  .rstrip() + "\n")
+        for r in text:
+            out.write("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
+                      + "\n")
+    return n
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:g}"
+    return "" if v is None else str(v)
+
+
+def _with_progress(rows: Iterable[Sequence[Any]], err: TextIO) -> Iterator[Sequence[Any]]:
+    started = time.monotonic()
+    n = 0
+    for row in rows:
+        yield row
+        n += 1
+        if n % PROGRESS_EVERY == 0:
+            rate = n / max(time.monotonic() - started, 1e-9)
+            err.write(f"ingestd: {n:,} rows exported ({rate:,.0f}/s)\n")
+            err.flush()
+    err.write(f"ingestd: {n:,} rows exported in {time.monotonic() - started:.2f} s\n")
+
+
+# -- the commands' queries ------------------------------------------------------------
+
+
+def sensors(conn: sqlite3.Connection, like: str | None = None) -> Table:
+    """Each series with its last reading: one index probe per series."""
+    args: tuple[str, ...]
+    where, args = "", ()
+    if like:
+        where, args = "WHERE s.sensor GLOB ?", (like,)
+    cur = conn.execute(
+        f"""SELECT s.sensor, s.metric, r.value, r.ts
+            FROM series AS s JOIN samples AS r
+              ON r.series_id = s.id
+             AND r.ts = (SELECT max(ts) FROM samples WHERE series_id = s.id)
+            {where}
+            ORDER BY s.sensor, s.metric""", args)
+    return Table(("sensor", "metric", "last_value", "last_seen"),
+                 ((s, m, v, iso(ts)) for s, m, v, ts in cur))
+
+
+def query(conn: sqlite3.Connection, sensor: str, metric: str | None, since: float,
+          until: float, limit: int | None = None) -> Table:
+    if until <= since:
+        raise InspectError("--until must be later than --since")
+    sql = ("SELECT s.sensor, s.metric, r.ts, r.value FROM series AS s "
+           "JOIN samples AS r ON r.series_id = s.id "
+           "WHERE s.sensor = ? AND r.ts >= ? AND r.ts < ?")
+    args: list[Any] = [sensor, since, until]
+    if metric:
+        sql += " AND s.metric = ?"
+        args.append(metric)
+    sql += " ORDER BY r.ts, s.metric"
+    if limit:
+        sql += " LIMIT ?"
+        args.append(limit)
+    cur = conn.execute(sql, args)
+    return Table(("sensor", "metric", "time", "ts", "value"),
+                 ((s, m, iso(ts), ts, v) for s, m, ts, v in cur))
+
+
+def quarantine(conn: sqlite3.Connection, since: float, limit: int) -> Table:
+    cur = conn.execute(
+        "SELECT received_at, topic, reason, payload FROM quarantine WHERE received_at >= ? "
+        "ORDER BY received_at DESC, id DESC LIMIT ?", (since, limit))
+    return Table(("received", "topic", "reason", "payload"),
+                 ((iso(t), topic, reason, _preview(bytes(p))) for t, topic, reason, p in cur))
+
+
+def _preview(payload: bytes, size: int = 120) -> str:
+    text = payload[:size].decode("utf-8", "backslashreplace")
+    # Devices send anything: keep one line, control characters escaped.
+    text = text.encode("unicode_escape").decode("ascii")
+    return text + ("..." if len(payload) > size else "")
+
+
+def db_stats(conn: sqlite3.Connection, path: Path) -> dict[str, Any]:
+    one = conn.execute
+    series = one("SELECT count(*) FROM series").fetchone()[0]
+    sensors_n = one("SELECT count(DISTINCT sensor) FROM series").fetchone()[0]
+    readings = one("SELECT count(*) FROM samples").fetchone()[0]
+    quarantined = one("SELECT count(*) FROM quarantine").fetchone()[0]
+    first = one("SELECT min(ts) FROM samples").fetchone()[0]
+    last = one("SELECT max(ts) FROM samples").fetchone()[0]
+    size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+    return {"source": "database", "path": str(path), "sensors": sensors_n, "series": series,
+            "readings": readings, "quarantined": quarantined,
+            "first_reading": iso(first) if first is not None else None,
+            "last_reading": iso(last) if last is not None else None,
+            "size_mb": round(size / 1e6, 1)}
+
+
+_LIVE = {
+    "ingestd_messages_received_total": "messages_received",
+    "ingestd_readings_committed_total": "readings_committed",
+    "ingestd_readings_duplicate_total": "readings_duplicate",
+    "ingestd_batches_committed_total": "batches",
+    "ingestd_inflight_messages": "in_flight",
+    "ingestd_broker_connected": "broker_connected",
+    "ingestd_broker_reconnects_total": "reconnects",
+    "ingestd_store_available": "store_available",
+    "ingestd_ready": "ready",
+}
+
+
+def live_stats(url: str, timeout: float = 2.0) -> dict[str, Any] | None:
+    """The running daemon's figures from its /metrics, or None if it does not answer."""
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/metrics", timeout=timeout) as resp:
+            text = resp.read().decode()
+    except (urllib.error.URLError, OSError):
+        return None
+    out: dict[str, Any] = {"source": "daemon", "url": url}
+    quarantined = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        key, _, value = line.rpartition(" ")
+        name = key.split("{", 1)[0]
+        if name in _LIVE:
+            out[_LIVE[name]] = _number(value)
+        elif name == "ingestd_quarantined_total":
+            quarantined += float(value)
+            reason = key.split('reason="', 1)[1].split('"', 1)[0] if 'reason="' in key else "?"
+            out[f"quarantined_{reason}"] = _number(value)
+        elif name == "ingestd_bus_queue_depth":
+            sub = key.split('subscriber="', 1)[1].split('"', 1)[0]
+            out[f"queue_{sub}"] = _number(value)
+    out["quarantined"] = _number(str(quarantined))
+    return out
+
+
+def _number(text: str) -> int | float:
+    v = float(text)
+    return int(v) if v.is_integer() else v
+
+
+def print_stats(stats: dict[str, Any], out: TextIO = sys.stdout, as_json: bool = False) -> None:
+    if as_json:
+        out.write(json.dumps(stats, indent=2) + "\n")
+        return
+    width = max(len(k) for k in stats)
+    for k, v in stats.items():
+        shown = f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else v
+        out.write(f"{k.ljust(width)}  {shown}\n")

@@ -1,0 +1,149 @@
+"""The operator's commands, run as a user would, against a populated database."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ingestd.events import Reading, Rejected
+from ingestd.store import SqliteStore
+from tests.helpers import SHIPPED_CONFIG, Daemon, Mosquitto, publish, wait_for
+
+T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+
+
+def ingestd(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "ingestd", *args], capture_output=True,
+                          text=True, timeout=60, env=env)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> Path:
+    path = tmp_path / "data.db"
+    async with SqliteStore(path) as store, store.batch() as tx:
+        await tx.add_readings(
+            [Reading("kitchen", "temperature", T0 + i * 60, 20 + i / 100) for i in range(1440)]
+            + [Reading("kitchen", "humidity", T0 + i * 60, 40.0) for i in range(1440)]
+            + [Reading("garage", "temperature", T0 + i * 600, 5.5) for i in range(144)])
+        await tx.add_rejected([
+            Rejected("sensors/x/telemetry", b"{oops\x00\x1b[31m", "payload is not valid JSON",
+                     T0 + 10),
+            Rejected("sensors/y/t", b"999", "t=999 is above the limit max=100", T0 + 20),
+        ])
+    return path
+
+
+def cli(db: Path, *args: str) -> list[str]:
+    return [*args, "--config", str(SHIPPED_CONFIG), "--db", str(db)]
+
+
+def test_sensors_lists_every_series_with_its_last_value(db: Path) -> None:
+    out = ingestd(*cli(db, "sensors", "--format", "json")).stdout
+    rows = json.loads(out)
+    assert [(r["sensor"], r["metric"]) for r in rows] == [
+        ("garage", "temperature"), ("kitchen", "humidity"), ("kitchen", "temperature")]
+    kitchen_t = rows[2]
+    assert kitchen_t["last_value"] == pytest.approx(20 + 1439 / 100)
+    assert kitchen_t["last_seen"] == "2023-11-15T22:12:20.000Z"
+    table = ingestd(*cli(db, "sensors", "--sensor", "gar*")).stdout.splitlines()
+    assert table[0].split() == ["sensor", "metric", "last_value", "last_seen"]
+    assert len(table) == 2
+    assert table[1].startswith("garage")
+
+
+def test_query_a_time_range_as_csv_and_json(db: Path) -> None:
+    since, until = "2023-11-15T00:00:00Z", "2023-11-15T01:00:00Z"
+    out = ingestd(*cli(db, "query", "--sensor", "kitchen", "--metric", "temperature",
+                       "--since", since, "--until", until, "--format", "csv")).stdout
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 60  # one a minute, the end excluded
+    assert rows[0]["time"] == "2023-11-15T00:00:20.000Z"
+    assert float(rows[0]["ts"]) == T0 + 107 * 60
+    assert float(rows[0]["value"]) == pytest.approx(20 + 107 / 100)
+    assert all(r["metric"] == "temperature" for r in rows)
+
+    both = json.loads(ingestd(*cli(db, "query", "-s", "kitchen", "--since", since,
+                                   "--until", until, "-f", "json")).stdout)
+    assert len(both) == 120
+    assert {r["metric"] for r in both} == {"temperature", "humidity"}
+    assert [r["ts"] for r in both] == sorted(r["ts"] for r in both)
+
+    # Durations are relative to now: these readings are from 2023.
+    assert json.loads(ingestd(*cli(db, "query", "-s", "kitchen", "--since", "1h",
+                                   "-f", "json")).stdout) == []
+    progress = ingestd(*cli(db, "query", "-s", "kitchen", "--since", str(T0),
+                            "--until", str(T0 + 86400), "-f", "csv", "--progress"))
+    assert len(progress.stdout.splitlines()) == 1 + 2 * 1440
+    assert "2,880 rows exported" in progress.stderr
+
+
+def test_quarantine_shows_reasons_with_device_bytes_escaped(db: Path) -> None:
+    out = ingestd(*cli(db, "quarantine", "--since", str(T0), "-f", "json")).stdout
+    rows = json.loads(out)
+    assert [r["reason"] for r in rows] == ["t=999 is above the limit max=100",
+                                           "payload is not valid JSON"]
+    shown = rows[1]["payload"]
+    assert "\x1b" not in shown
+    assert "\\x1b" in shown
+    assert "\\x00" in shown
+
+
+def test_bad_arguments_and_missing_database_are_clear_errors(db: Path, tmp_path: Path) -> None:
+    bad = ingestd(*cli(db, "query", "-s", "kitchen", "--since", "yesterday"), check=False)
+    assert bad.returncode == 1
+    assert "cannot read time 'yesterday'" in bad.stderr
+    missing = ingestd(*cli(tmp_path / "none.db", "sensors"), check=False)
+    assert missing.returncode == 1
+    assert "no database here" in missing.stderr
+
+
+def test_stats_and_backup_from_the_database(db: Path, tmp_path: Path) -> None:
+    # No daemon answers on this URL: the database's totals.
+    out = ingestd(*cli(db, "stats", "--json", "--url", "http://127.0.0.1:9")).stdout
+    stats = json.loads(out)
+    assert stats["source"] == "database"
+    assert stats["readings"] == 1440 * 2 + 144
+    assert stats["sensors"] == 2
+    assert stats["quarantined"] == 2
+    copy = tmp_path / "backup.db"
+    result = ingestd(*cli(db, "backup", str(copy)))
+    assert "backed up" in result.stderr
+    assert "backup 100%" in result.stderr
+    again = ingestd(*cli(copy, "stats", "--json", "--url", "http://127.0.0.1:9")).stdout
+    assert json.loads(again)["readings"] == stats["readings"]
+
+
+def test_stats_from_the_running_daemon(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    daemon = Daemon(SHIPPED_CONFIG, {
+        "INGESTD_MQTT__PORT": str(mosquitto.port),
+        "INGESTD_STORE__PATH": str(tmp_path / "live.db"),
+        "INGESTD_MQTT__CLIENT_ID": "ingestd-cli-stats",
+        "INGESTD_DAEMON__LOG_FORMAT": "json"}, tmp_path).start()
+    try:
+        daemon.wait_ready()
+        publish(mosquitto.port, [("sensors/a/telemetry", b'{"temperature": 1, "humidity": 2}')
+                                 for _ in range(10)])
+        url = daemon.metrics_url()
+
+        def live() -> dict[str, object]:
+            out = ingestd(*cli(tmp_path / "live.db", "stats", "--json", "--url", url)).stdout
+            return dict(json.loads(out))
+        wait_for(lambda: live().get("readings_committed") == 20, 20, what="live stats")
+        stats = live()
+        assert stats["source"] == "daemon"
+        assert stats["messages_received"] == 10
+        assert stats["broker_connected"] == 1
+        assert stats["ready"] == 1
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
