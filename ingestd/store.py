@@ -72,6 +72,7 @@ _TRANSIENT = {
     sqlite3.SQLITE_PROTOCOL: "locking protocol error",
     sqlite3.SQLITE_NOMEM: "out of memory",
 }
+STORE_CONDITIONS = tuple(sorted(set(_TRANSIENT.values())))
 
 
 def classify(exc: sqlite3.Error) -> StoreUnavailable | None:

@@ -33,6 +33,7 @@ from prometheus_client.registry import Collector
 
 from ingestd import __version__
 from ingestd.events import REJECT_KINDS, BatchCommitted
+from ingestd.store import STORE_CONDITIONS
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -188,8 +189,9 @@ class PipelineCollector(Collector):
         errors = CounterMetricFamily("ingestd_store_errors",
                                      "Failed commit attempts (retried), by condition",
                                      labels=["condition"])
-        for condition, n in sorted(dict(w.store_errors).items()):
-            errors.add_metric([condition], n)
+        counts = dict(w.store_errors)
+        for condition in sorted({*STORE_CONDITIONS, *counts}):
+            errors.add_metric([condition], counts.get(condition, 0))
         yield errors
 
 

@@ -4,6 +4,7 @@ watchdog over a real notify socket, and SIGHUP reloads."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import threading
 import time
@@ -13,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tests.helpers import (
+    REPO,
     Daemon,
     DbReader,
     Mosquitto,
@@ -104,6 +106,13 @@ def test_metrics_and_health_endpoints_follow_the_pipeline(
         assert _metric(text, "ingestd_last_commit_timestamp_seconds") > T0
         assert _metric(text, "ingestd_store_available") == 1
         assert _get(base + "/nope")[0] == 404
+        # Every series the shipped Grafana dashboard plots is served.
+        dashboard = (REPO / "config" / "grafana" / "ingestd-dashboard.json").read_text()
+        served = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
+                  if line.startswith("ingestd_")}
+        plotted = set(re.findall(r"ingestd_[a-z_]+", dashboard)) - {"ingestd_overview"}
+        assert plotted, "no metrics found in the dashboard"
+        assert plotted <= served, plotted - served
 
         # The broker goes away: not ready (a load balancer stops sending), still alive.
         mosquitto.stop()

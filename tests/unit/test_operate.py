@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from ingestd.app import LIVE_KEYS, _changed_keys
+from ingestd.config import Settings
+from ingestd.inspect import InspectError, parse_time
+from ingestd.observe.systemd import watchdog_interval
+
+ROUTE = {"topic": "sensors/{sensor}/telemetry"}
+
+
+def test_watchdog_interval_from_systemd_variables() -> None:
+    assert watchdog_interval({}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "30000000"}) == 30.0
+    assert watchdog_interval({"WATCHDOG_USEC": "0"}) is None
+    assert watchdog_interval({"WATCHDOG_USEC": "x"}) is None
+    mine = {"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}
+    assert watchdog_interval(mine) == 2.0
+    # Meant for another process (inherited): not ours to answer.
+    assert watchdog_interval({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "1"}) is None
+
+
+def test_reload_tells_live_settings_from_restart_ones() -> None:
+    old = Settings(routes=[ROUTE])
+    new = Settings(routes=[ROUTE, {"topic": "plant/{sensor}/x"}],
+                   daemon={"log_level": "debug"}, mqtt={"port": 1884},
+                   processor={"limits": {"t": {"max": 1}}}, batch={"max_readings": 10})
+    changed = _changed_keys(old, new)
+    assert changed == ["batch.max_readings", "daemon.log_level", "mqtt.port",
+                       "processor.limits", "routes"]
+    assert [k for k in changed if not k.startswith(LIVE_KEYS)] == ["mqtt.port"]
+    assert _changed_keys(old, Settings(routes=[ROUTE])) == []
+
+
+def test_parse_time_forms() -> None:
+    now = 1_700_000_000.0
+    assert parse_time("90s", now) == now - 90
+    assert parse_time("1h", now) == now - 3600
+    assert parse_time("2d", now) == now - 2 * 86400
+    assert parse_time("1w", now) == now - 604800
+    assert parse_time("1700000000.5", now) == 1700000000.5
+    assert parse_time("2023-11-14T22:13:20Z", now) == 1700000000.0
+    assert parse_time("2023-11-14T22:13:20", now) == 1700000000.0  # naive is UTC
+    with pytest.raises(InspectError, match="cannot read time"):
+        parse_time("yesterday", now)
+    with pytest.raises(InspectError):
+        parse_time("nan", now)
