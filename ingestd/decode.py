@@ -70,6 +70,11 @@ def _parse_json(payload: bytes) -> Any:
         return _json_decode(payload)
     except msgspec.DecodeError as exc:
         raise DecodeError(f"payload is not valid JSON: {exc}") from None
+    # msgspec raises these two outside its DecodeError; a device can send either.
+    except UnicodeDecodeError:
+        raise DecodeError("payload is not valid UTF-8") from None
+    except RecursionError:
+        raise DecodeError("JSON is nested too deeply") from None
 
 
 def _object_readings(

@@ -136,24 +136,27 @@ def test_malformed_messages_are_quarantined_and_the_rest_stored(
         ("sensors/b7/telemetry", b"\xff\xfe\x00"),
         ("sensors/b8/temperature", b"1e999"),
         ("sensors/b9/telemetry", b'{"temperature": 500}'),  # above the shipped limit
+        # Poison messages: each once crashed the daemon, and redelivery crashed it again.
+        ("sensors/b10/telemetry", b'{"temperature": 1, "note": "\xff"}'),
+        ("sensors/b11/telemetry", b"[" * 5000 + b"]" * 5000),
     ]
     messages: list[tuple[str, bytes]] = []
     for i in range(300):
         messages.append((f"sensors/good{i % 10}/telemetry",
                          json.dumps({"ts": T0 + i, "temperature": 20.5, "humidity": 50}).encode()))
-        if i % 30 == 0:
-            messages.append(bad[(i // 30) % len(bad)])
+        if i % 25 == 0:  # 12 bad messages: every kind, the first twice
+            messages.append(bad[(i // 25) % len(bad)])
     try:
         daemon.wait_ready()
         publish(mosquitto.port, messages)
-        wait_for(lambda: db.count() >= 600 and db.count("quarantine") >= 10, 30,
+        wait_for(lambda: db.count() >= 600 and db.count("quarantine") >= 12, 30,
                  what="good readings and quarantined messages")
         assert daemon.stop() == 0, daemon.logs()
     finally:
         daemon.kill()
     assert db.count() == 600
     reasons = db.rows("SELECT topic, reason, payload FROM quarantine ORDER BY id")
-    assert len(reasons) == 10
+    assert len(reasons) == 12
     by_topic = {t: r for t, r, _ in reasons}
     assert "not valid JSON" in by_topic["sensors/b1/telemetry"]
     assert "not an object" in by_topic["sensors/b2/telemetry"]
@@ -164,6 +167,8 @@ def test_malformed_messages_are_quarantined_and_the_rest_stored(
     assert "not valid JSON" in by_topic["sensors/b7/telemetry"]
     assert "not a finite number" in by_topic["sensors/b8/temperature"]
     assert "above the limit max=100" in by_topic["sensors/b9/telemetry"]
+    assert by_topic["sensors/b10/telemetry"] == "payload is not valid UTF-8"
+    assert by_topic["sensors/b11/telemetry"] == "JSON is nested too deeply"
     # The raw payload is kept for inspection.
     assert (b"{not json",) in db.rows("SELECT payload FROM quarantine")
     logs = daemon.logs()

@@ -185,3 +185,13 @@ def test_bad_array_elements_are_quarantined_and_the_rest_kept() -> None:
                         "element 2: timestamp 'never' is not ISO 8601; "
                         "element 3: field 't' is not a finite number (got string); "
                         "element 4: JSON object has no numeric fields"]
+
+
+def test_invalid_utf8_and_deep_nesting_are_reasons_not_crashes() -> None:
+    # msgspec raises UnicodeDecodeError and RecursionError for these, outside
+    # its own DecodeError: either would have stopped the daemon, and the
+    # broker's redelivery would have stopped it again on every restart.
+    assert decode("sensors/k/telemetry", b'{"t": 1, "s": "\xff"}') == (
+        [], ["payload is not valid UTF-8"])
+    assert decode("sensors/k/telemetry", b"[" * 5000 + b"]" * 5000) == (
+        [], ["JSON is nested too deeply"])
