@@ -227,7 +227,7 @@ class Daemon:
             "logger", [Processed, BatchCommitted], policy="drop", maxsize=observer_q
         )
         source = MqttSource(s, route_table(s), bus, window)
-        processor = Processor(to_processor, bus, s.processor.limits)
+        processor = Processor(to_processor, bus, s.processor)
         writer = BatchWriter(
             store, to_writer, bus, window, source.acknowledge,
             max_readings=s.batch.max_readings,
@@ -324,7 +324,7 @@ class Daemon:
         self.health.stall_timeout = new.daemon.stall_timeout
         c = self._components
         if c:
-            c["processor"].limits = dict(new.processor.limits)
+            c["processor"].settings = new.processor
             writer = c["writer"]
             writer.max_readings = new.batch.max_readings
             writer.max_delay = new.batch.max_delay_ms / 1000

@@ -32,8 +32,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="run the daemon (the default command)")
-    sub.add_parser("check-config", parents=[common],
-                   help="validate the config and print the effective settings")
+    sample = argparse.ArgumentParser(add_help=False)
+    sample.add_argument("--topic", "-t", default=None,
+                        help="show which route this topic matches and what it yields")
+    sample.add_argument("--payload", "-p", default=None,
+                        help="a sample payload for --topic (text; \\n for new lines)")
+    sample.add_argument("--payload-file", type=Path, default=None,
+                        help="read the sample payload from this file (bytes as they are)")
+    sub.add_parser("check-config", parents=[common, sample],
+                   help="validate the config and print the effective settings "
+                        "(with --topic: explain a sample message instead)")
+    sub.add_parser("explain", parents=[common, sample],
+                   help="which route a topic matches, and the readings a payload yields")
     sim = sub.add_parser("simulate", parents=[common],
                          help="publish sample sensor data to the configured broker")
     sim.add_argument("--sensors", type=int, default=8, help="number of sensors (default 8)")
@@ -59,6 +69,8 @@ def _parser() -> argparse.ArgumentParser:
                         "seconds (default 1h)")
     q.add_argument("--until", default=None, help="end, exclusive (default: now)")
     q.add_argument("--limit", type=int, default=None)
+    q.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
+                   help="only series with this tag (repeatable)")
     q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="report export progress on stderr (default: when stderr is a "
                         "terminal and stdout is not)")
@@ -98,6 +110,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ingestd: {exc}", file=sys.stderr)
         return EX_CONFIG
+
+    if command == "explain" or (command == "check-config" and args.topic):
+        if not args.topic:
+            print("ingestd: explain needs --topic", file=sys.stderr)
+            return 2
+        from ingestd.explain import explain  # noqa: PLC0415
+
+        if args.payload_file is not None:
+            payload = args.payload_file.read_bytes()
+        else:
+            payload = (args.payload or "").replace("\\n", "\n").encode()
+        print(explain(settings, args.topic, payload if (args.payload or args.payload_file)
+                      else None))
+        return 0
 
     if command == "check-config":
         print(effective_settings_json(settings))
@@ -159,7 +185,8 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
                 now = time.time()
                 since = inspect.parse_time(args.since, now)
                 until = inspect.parse_time(args.until, now) if args.until else now
-                table = inspect.query(conn, args.sensor, args.metric, since, until, args.limit)
+                table = inspect.query(conn, args.sensor, args.metric, since, until, args.limit,
+                                      args.tag)
                 show = args.progress
                 if show is None:
                     show = sys.stderr.isatty() and not sys.stdout.isatty()

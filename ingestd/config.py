@@ -18,7 +18,14 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, m
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ingestd.errors import ConfigError
-from ingestd.routes import CompiledRoute, RouteSpecError, RouteTable, compile_route
+from ingestd.routes import (
+    CompiledRoute,
+    FormatOptions,
+    InputLimits,
+    RouteSpecError,
+    RouteTable,
+    compile_route,
+)
 
 ENV_PREFIX = "INGESTD_"
 ENV_CONFIG = "INGESTD_CONFIG"
@@ -77,13 +84,26 @@ class MqttSettings(Section):
 class RouteSettings(Section):
     topic: str = Field(min_length=1)
     qos: Literal[0, 1, 2] = 1
-    format: Literal["json", "value"] = "json"
+    format: Literal["json", "senml", "influx", "value"] = "json"
     sensor: str = "{sensor}"
     metric: str | None = None
     timestamp_field: str = "ts"
+    timestamp_unit: Literal["auto", "s", "ms", "us", "ns", "iso"] = "auto"
+    flatten_separator: str = Field(".", min_length=1, max_length=8)
+    fields: list[str] = Field(default_factory=list)
+    exclude_fields: list[str] = Field(default_factory=list)
+    sensor_tag: str = ""
+    rate_limit: float = Field(0.0, ge=0)
+    rate_burst: float = Field(0.0, ge=0)
+    rate_policy: Literal["drop", "quarantine"] = "drop"
 
     @model_validator(mode="after")
     def _compiles(self) -> RouteSettings:
+        if self.timestamp_unit == "iso" and self.format in ("senml", "influx"):
+            raise ValueError(f"timestamp_unit 'iso' is for json routes; {self.format} "
+                             "timestamps are numbers")
+        if self.sensor_tag and self.format != "influx":
+            raise ValueError("sensor_tag is for influx routes (the tag naming the sensor)")
         try:
             self.compile()
         except RouteSpecError as exc:
@@ -91,16 +111,27 @@ class RouteSettings(Section):
         return self
 
     def compile(self, index: int = 0) -> CompiledRoute:
+        options = FormatOptions(
+            ts_unit=self.timestamp_unit,
+            flatten_separator=self.flatten_separator,
+            fields=frozenset(self.fields) if self.fields else None,
+            exclude_fields=frozenset(self.exclude_fields),
+            sensor_tag=self.sensor_tag,
+            rate_limit=self.rate_limit,
+            rate_burst=self.rate_burst or max(self.rate_limit, 1.0),
+            rate_policy=self.rate_policy,
+        )
         return compile_route(
             self.topic, self.sensor, self.effective_metric, self.format,
-            self.timestamp_field, index,
+            self.timestamp_field, index, options,
         )
 
     @property
     def effective_metric(self) -> str:
         if self.metric is not None:
             return self.metric
-        return "{field}" if self.format == "json" else "{metric}"
+        return {"json": "{field}", "senml": "{field}", "influx": "{measurement}.{field}"}.get(
+            self.format, "{metric}")
 
 
 class Limit(Section):
@@ -114,8 +145,22 @@ class Limit(Section):
         return self
 
 
+class Scaling(Section):
+    scale: float = 1.0
+    offset: float = 0.0
+    unit: str = ""
+
+
 class ProcessorSettings(Section):
     limits: dict[str, Limit] = Field(default_factory=dict)
+    scaling: dict[str, Scaling] = Field(default_factory=dict)
+    max_future_seconds: float = Field(300.0, ge=0)
+    max_age_days: float = Field(3650.0, ge=0)
+
+
+class InputSettings(Section):
+    max_payload_bytes: int = Field(262144, ge=1)
+    max_json_depth: int = Field(16, ge=1, le=256)
 
 
 class BusSettings(Section):
@@ -157,6 +202,7 @@ class Settings(BaseSettings):
     mqtt: MqttSettings = MqttSettings()
     routes: list[RouteSettings] = Field(default_factory=list)
     processor: ProcessorSettings = ProcessorSettings()
+    input: InputSettings = InputSettings()
     bus: BusSettings = BusSettings()
     batch: BatchSettings = BatchSettings()
     store: StoreSettings = StoreSettings()
@@ -243,4 +289,7 @@ def effective_settings_json(settings: Settings) -> str:
 
 
 def route_table(settings: Settings) -> RouteTable:
-    return RouteTable([r.compile(i) for i, r in enumerate(settings.routes)])
+    inp = settings.input
+    limits = InputLimits(max_payload_bytes=inp.max_payload_bytes,
+                         max_json_depth=inp.max_json_depth)
+    return RouteTable([r.compile(i) for i, r in enumerate(settings.routes)], limits)

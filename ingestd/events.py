@@ -21,6 +21,9 @@ class Reading(msgspec.Struct, frozen=True, gc=False):
     ts: float
     value: float
     topic: str = ""
+    # Canonical JSON of the reading's tags (topic levels, influx tags), or "".
+    tags: str = ""
+    unit: str = ""
 
 
 class Rejected(msgspec.Struct, frozen=True, gc=False):
@@ -35,7 +38,8 @@ class Rejected(msgspec.Struct, frozen=True, gc=False):
 
 
 # Why input is quarantined, by kind; the free-text reason says the rest.
-REJECT_KINDS = ("decode", "no_route", "bad_topic", "out_of_range")
+REJECT_KINDS = ("decode", "no_route", "bad_topic", "out_of_range", "too_large", "clock",
+                "rate_limited")
 
 
 class Decoded(msgspec.Struct, frozen=True):

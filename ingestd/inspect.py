@@ -142,34 +142,41 @@ def sensors(conn: sqlite3.Connection, like: str | None = None) -> Table:
     if like:
         where, args = "WHERE s.sensor GLOB ?", (like,)
     cur = conn.execute(
-        f"""SELECT s.sensor, s.metric, r.value, r.ts
+        f"""SELECT s.sensor, s.metric, s.tags, s.unit, r.value, r.ts
             FROM series AS s JOIN samples AS r
               ON r.series_id = s.id
              AND r.ts = (SELECT max(ts) FROM samples WHERE series_id = s.id)
             {where}
-            ORDER BY s.sensor, s.metric""", args)
-    return Table(("sensor", "metric", "last_value", "last_seen"),
-                 ((s, m, v, iso(ts)) for s, m, v, ts in cur))
+            ORDER BY s.sensor, s.metric, s.tags""", args)
+    return Table(("sensor", "metric", "tags", "unit", "last_value", "last_seen"),
+                 ((s, m, t, u, v, iso(ts)) for s, m, t, u, v, ts in cur))
 
 
 def query(conn: sqlite3.Connection, sensor: str, metric: str | None, since: float,
-          until: float, limit: int | None = None) -> Table:
+          until: float, limit: int | None = None, tags: Sequence[str] = ()) -> Table:
     if until <= since:
         raise InspectError("--until must be later than --since")
-    sql = ("SELECT s.sensor, s.metric, r.ts, r.value FROM series AS s "
+    sql = ("SELECT s.sensor, s.metric, r.ts, r.value, s.tags, s.unit FROM series AS s "
            "JOIN samples AS r ON r.series_id = s.id "
            "WHERE s.sensor = ? AND r.ts >= ? AND r.ts < ?")
     args: list[Any] = [sensor, since, until]
     if metric:
         sql += " AND s.metric = ?"
         args.append(metric)
+    for tag in tags:
+        key, eq, value = tag.partition("=")
+        if not eq or not key:
+            raise InspectError(f"--tag {tag!r}: expected KEY=VALUE")
+        # A bound JSON path: the key never becomes SQL text.
+        sql += " AND json_extract(nullif(s.tags, ''), ?) = ?"
+        args += ["$." + json.dumps(key), value]
     sql += " ORDER BY r.ts, s.metric"
     if limit:
         sql += " LIMIT ?"
         args.append(limit)
     cur = conn.execute(sql, args)
-    return Table(("sensor", "metric", "time", "ts", "value"),
-                 ((s, m, iso(ts), ts, v) for s, m, ts, v in cur))
+    return Table(("sensor", "metric", "time", "ts", "value", "tags", "unit"),
+                 ((s, m, iso(ts), ts, v, t, u) for s, m, ts, v, t, u in cur))
 
 
 def quarantine(conn: sqlite3.Connection, since: float, limit: int) -> Table:

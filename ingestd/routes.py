@@ -3,23 +3,57 @@
 A route's topic pattern is an MQTT topic filter whose single-level wildcards
 may be named: `sensors/{sensor}/{metric}` subscribes to `sensors/+/+` and
 captures the two levels. The sensor id and metric name are templates over the
-captured names (`{site}.{device}`); a JSON route's metric template may also use
-`{field}`, the payload field the value came from.
+captured names (`{site}.{device}`); the metric template of a json or senml
+route may also use `{field}` (the payload field, or the SenML name), and of
+an influx route `{measurement}` and `{field}`. Named levels that neither
+template uses become the reading's tags (`sensors/{site}/{sensor}` tags each
+reading with its site).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import msgspec
+
 _NAME = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _CACHE_MAX = 65536
+_encode = msgspec.json.encode
 
 
 class RouteSpecError(ValueError):
     """A route's topic pattern or template is malformed."""
+
+
+@dataclass(frozen=True, slots=True)
+class FormatOptions:
+    """How a route reads its payloads, beyond the format's name."""
+
+    ts_unit: str = "auto"  # auto | s | ms | us | ns | iso
+    flatten_separator: str = "."
+    fields: frozenset[str] | None = None  # allow list (None: every field)
+    exclude_fields: frozenset[str] = frozenset()
+    sensor_tag: str = ""  # influx: the tag holding the sensor id
+    rate_limit: float = 0.0  # readings/s per sensor (0: no limit)
+    rate_burst: float = 1.0
+    rate_policy: str = "drop"  # drop | quarantine
+
+
+@dataclass(frozen=True, slots=True)
+class InputLimits:
+    max_payload_bytes: int = 262144
+    max_json_depth: int = 16
+
+
+def canonical_tags(tags: dict[str, str]) -> str:
+    """Tags as stored: a JSON object with sorted keys, or "" for none."""
+    if not tags:
+        return ""
+    return _encode(tags, order="sorted").decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,6 +68,8 @@ class CompiledRoute:
     metric_template: str
     format: str
     ts_field: str
+    options: FormatOptions = FormatOptions()
+    tag_names: tuple[tuple[int, str], ...] = ()  # captured levels that become tags
 
     def specificity(self) -> tuple[int, ...]:
         """Sort key: literal levels before wildcards, level by level, '#' last."""
@@ -51,14 +87,21 @@ class RouteMatch:
     format: str
     ts_field: str
     sensor: str
-    # For a JSON route the metric is `metric_prefix + field + metric_suffix`;
-    # for a value route `metric_prefix` is the whole metric name.
+    # For a json or senml route the metric is `metric_prefix + field +
+    # metric_suffix`; for a value route `metric_prefix` is the whole metric
+    # name; an influx route formats `metric_template` with `values`.
     metric_prefix: str
     metric_suffix: str
+    options: FormatOptions = FormatOptions()
+    tags: str = ""  # canonical JSON of the topic's tag levels
+    topic_tags: tuple[tuple[str, str], ...] = ()
+    metric_template: str = ""
+    values: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def compile_route(
-    pattern: str, sensor: str, metric: str, fmt: str, ts_field: str = "ts", index: int = 0
+    pattern: str, sensor: str, metric: str, fmt: str, ts_field: str = "ts", index: int = 0,
+    options: FormatOptions | None = None,
 ) -> CompiledRoute:
     parts = pattern.split("/")
     levels: list[str | None] = []
@@ -93,11 +136,14 @@ def compile_route(
         levels.append(part)
         sub.append(part)
     names = {n for _, n in captures}
-    _check_template("sensor", sensor, pattern, names)
-    extra = {"field"} if fmt == "json" else set()
+    used = set(_check_template("sensor", sensor, pattern, names))
+    extra = {"json": {"field"}, "senml": {"field"}, "influx": {"field", "measurement"}}.get(
+        fmt, set())
     fields = _check_template("metric", metric, pattern, names | extra)
-    if fmt == "json" and fields.count("field") > 1:
+    used.update(fields)
+    if fmt in ("json", "senml") and fields.count("field") > 1:
         raise RouteSpecError(f"metric template {metric!r}: {{field}} may appear only once")
+    tag_names = tuple((pos, n) for pos, n in captures if n not in used)
     return CompiledRoute(
         index=index,
         pattern=pattern,
@@ -109,6 +155,8 @@ def compile_route(
         metric_template=metric,
         format=fmt,
         ts_field=ts_field,
+        options=options or FormatOptions(),
+        tag_names=tag_names,
     )
 
 
@@ -138,9 +186,14 @@ def _check_template(what: str, template: str, pattern: str, allowed: set[str]) -
 class RouteTable:
     """Routes ordered most specific first; `match` resolves a topic, cached."""
 
-    def __init__(self, routes: Sequence[CompiledRoute]) -> None:
+    def __init__(self, routes: Sequence[CompiledRoute], limits: InputLimits | None = None) -> None:
         self.routes = sorted(routes, key=CompiledRoute.specificity)
+        self.limits = limits or InputLimits()
         self._cache: dict[str, RouteMatch | None] = {}
+        # Per-device rate limiting: (route, sensor) -> [tokens, last refill time].
+        self.buckets: dict[tuple[int, str], list[float]] = {}
+        self.rate_dropped = 0
+        self.rate_quarantined = 0
 
     def subscriptions(self) -> list[tuple[str, int]]:
         """Unique subscription filters, in route order (QoS is chosen by the caller)."""
@@ -166,14 +219,34 @@ class RouteTable:
             if _matches(route, parts):
                 values = {name: parts[pos] for pos, name in route.captures}
                 sensor = route.sensor_template.format_map(values)
-                if route.format == "json":
+                prefix = suffix = ""
+                if route.format in ("json", "senml"):
                     marker = "\x00"
                     metric = route.metric_template.format_map({**values, "field": marker})
                     prefix, _, suffix = metric.partition(marker)
-                else:
-                    prefix, suffix = route.metric_template.format_map(values), ""
-                return RouteMatch(route.index, route.format, route.ts_field, sensor, prefix, suffix)
+                elif route.format == "value":
+                    prefix = route.metric_template.format_map(values)
+                topic_tags = tuple((n, parts[pos]) for pos, n in route.tag_names)
+                return RouteMatch(route.index, route.format, route.ts_field, sensor, prefix,
+                                  suffix, route.options, canonical_tags(dict(topic_tags)),
+                                  topic_tags, route.metric_template, values)
         return None
+
+    def allow(self, route: int, sensor: str, options: FormatOptions, n: int,
+              now: float) -> int:
+        """How many of `n` readings from this sensor the route's rate limit lets
+        through now (a token bucket of `rate_burst`, refilled at `rate_limit`/s)."""
+        key = (route, sensor)
+        bucket = self.buckets.get(key)
+        if bucket is None:
+            if len(self.buckets) >= _CACHE_MAX:
+                self.buckets.clear()
+            bucket = self.buckets[key] = [options.rate_burst, now]
+        tokens = min(options.rate_burst, bucket[0] + max(now - bucket[1], 0.0) *
+                     options.rate_limit)
+        allowed = min(n, int(tokens))
+        bucket[0], bucket[1] = tokens - allowed, now
+        return allowed
 
 
 def _matches(route: CompiledRoute, parts: list[str]) -> bool:

@@ -189,6 +189,9 @@ class MqttSource:
         wanted = dict(new)
         added = [(t, q) for t, q in new if old.get(t) != q]
         removed = [t for t in old if t not in wanted]
+        # Rate-limit state and counts carry over: a reload must not reset a device's bucket.
+        table.buckets, table.rate_dropped = self.table.buckets, self.table.rate_dropped
+        table.rate_quarantined = self.table.rate_quarantined
         self.table, self.subscriptions = table, new
         log.info("routes reloaded", routes=len(table.routes),
                  subscribe=[t for t, _ in added], unsubscribe=removed)

@@ -52,6 +52,25 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX quarantine_by_time ON quarantine (received_at);
     """,
+    # 2: tags and units. A series is now (sensor, metric, tags); tags are a
+    # JSON object with sorted keys ('' for none), so json_extract() queries them.
+    """
+    CREATE TABLE series_v2 (
+        id      INTEGER PRIMARY KEY,
+        sensor  TEXT NOT NULL,
+        metric  TEXT NOT NULL,
+        tags    TEXT NOT NULL DEFAULT '',
+        unit    TEXT NOT NULL DEFAULT '',
+        UNIQUE (sensor, metric, tags)
+    );
+    INSERT INTO series_v2 (id, sensor, metric) SELECT id, sensor, metric FROM series;
+    DROP VIEW readings;
+    DROP TABLE series;
+    ALTER TABLE series_v2 RENAME TO series;
+    CREATE VIEW readings (sensor, metric, ts, value, tags, unit) AS
+        SELECT s.sensor, s.metric, r.ts, r.value, s.tags, s.unit
+        FROM samples AS r JOIN series AS s ON s.id = r.series_id;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -94,7 +113,8 @@ class Batch:
     def __init__(self, store: SqliteStore, conn: aiosqlite.Connection) -> None:
         self._store = store
         self._conn = conn
-        self.new_series: dict[tuple[str, str], int] = {}
+        self.new_series: dict[tuple[str, str, str], int] = {}
+        self.new_units: dict[int, str] = {}
         self.inserted = 0
         self.duplicates = 0
         self.quarantined = 0
@@ -105,9 +125,12 @@ class Batch:
         known = self._store.series_ids
         try:
             # Every series already known: the common case, in one comprehension.
-            rows = [(known[(r.sensor, r.metric)], r.ts, r.value) for r in readings]
+            rows = [(known[(r.sensor, r.metric, r.tags)], r.ts, r.value) for r in readings]
         except KeyError:
             rows = await self._rows_with_new_series(readings)
+        units = {row[0]: r.unit for row, r in zip(rows, readings, strict=True) if r.unit}
+        if units:
+            await self._set_units(units)
         inserted = 0
         # Multi-row statements: about 30% less work per row than one row per step.
         whole = len(rows) - len(rows) % ROWS_PER_INSERT
@@ -134,7 +157,7 @@ class Batch:
         rows: list[tuple[int, float, float]] = []
         append = rows.append
         for r in readings:
-            key = (r.sensor, r.metric)
+            key = (r.sensor, r.metric, r.tags)
             sid = known.get(key) or new.get(key)
             if sid is None:
                 sid = await self._series_id(key)
@@ -142,12 +165,21 @@ class Batch:
             append((sid, r.ts, r.value))
         return rows
 
-    async def _series_id(self, key: tuple[str, str]) -> int:
+    async def _set_units(self, units: dict[int, str]) -> None:
+        """Label series with the unit their readings carry, when it changes."""
+        current = self._store.units
+        changed = [(u, sid) for sid, u in units.items()
+                   if current.get(sid) != u and self.new_units.get(sid) != u]
+        if changed:
+            await self._conn.executemany("UPDATE series SET unit = ? WHERE id = ?", changed)
+            self.new_units.update((sid, u) for u, sid in changed)
+
+    async def _series_id(self, key: tuple[str, str, str]) -> int:
         await self._conn.execute(
-            "INSERT OR IGNORE INTO series (sensor, metric) VALUES (?, ?)", key
+            "INSERT OR IGNORE INTO series (sensor, metric, tags) VALUES (?, ?, ?)", key
         )
         async with self._conn.execute(
-            "SELECT id FROM series WHERE sensor = ? AND metric = ?", key
+            "SELECT id FROM series WHERE sensor = ? AND metric = ? AND tags = ?", key
         ) as cur:
             row = await cur.fetchone()
         if row is None:  # pragma: no cover - the INSERT above guarantees a row
@@ -175,7 +207,8 @@ class SqliteStore:
         self.path = path
         self.synchronous = synchronous
         self.busy_timeout_ms = busy_timeout_ms
-        self.series_ids: dict[tuple[str, str], int] = {}
+        self.series_ids: dict[tuple[str, str, str], int] = {}
+        self.units: dict[int, str] = {}
         self._conn: aiosqlite.Connection | None = None
 
     async def open(self) -> None:
@@ -198,8 +231,10 @@ class SqliteStore:
                 raise StoreError(f"{self.path}: could not enable WAL mode (got {row!r})")
             await conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
             await self._migrate(conn)
-            async with conn.execute("SELECT sensor, metric, id FROM series") as cur:
-                self.series_ids = {(s, m): i for s, m, i in await cur.fetchall()}
+            async with conn.execute("SELECT sensor, metric, tags, id, unit FROM series") as cur:
+                rows = list(await cur.fetchall())
+            self.series_ids = {(s, m, t): i for s, m, t, i, _ in rows}
+            self.units = {i: u for _, _, _, i, u in rows if u}
         except BaseException as exc:
             await conn.close()
             if isinstance(exc, sqlite3.Error):
@@ -267,6 +302,7 @@ class SqliteStore:
                 raise self._translate(exc) from exc
             raise
         self.series_ids.update(tx.new_series)
+        self.units.update(tx.new_units)
 
     async def _abandon(self, conn: aiosqlite.Connection, exc: BaseException) -> None:
         try:

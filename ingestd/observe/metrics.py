@@ -154,6 +154,12 @@ class PipelineCollector(Collector):
         for kind in sorted({*REJECT_KINDS, *by_kind}):
             q.add_metric([kind], by_kind.get(kind, 0))
         yield q
+        limited = CounterMetricFamily("ingestd_readings_rate_limited",
+                                      "Readings over a route's per-device rate limit",
+                                      labels=["policy"])
+        limited.add_metric(["drop"], src.table.rate_dropped)
+        limited.add_metric(["quarantine"], src.table.rate_quarantined)
+        yield limited
         yield _counter("ingestd_batches_committed", "Store transactions committed", w.batches)
         yield _gauge("ingestd_last_commit_timestamp_seconds",
                      "Wall-clock time of the last commit (0: none yet)", w.last_commit_at)

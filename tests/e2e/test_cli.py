@@ -34,7 +34,9 @@ async def db(tmp_path: Path) -> Path:
         await tx.add_readings(
             [Reading("kitchen", "temperature", T0 + i * 60, 20 + i / 100) for i in range(1440)]
             + [Reading("kitchen", "humidity", T0 + i * 60, 40.0) for i in range(1440)]
-            + [Reading("garage", "temperature", T0 + i * 600, 5.5) for i in range(144)])
+            + [Reading("garage", "temperature", T0 + i * 600, 5.5) for i in range(144)]
+            + [Reading("meter", "power", T0 + i, float(i), "", f'{{"phase":"{p}"}}', "W")
+               for i in range(10) for p in ("L1", "L2")])
         await tx.add_rejected([
             Rejected("sensors/x/telemetry", b"{oops\x00\x1b[31m", "payload is not valid JSON",
                      T0 + 10),
@@ -50,13 +52,16 @@ def cli(db: Path, *args: str) -> list[str]:
 def test_sensors_lists_every_series_with_its_last_value(db: Path) -> None:
     out = ingestd(*cli(db, "sensors", "--format", "json")).stdout
     rows = json.loads(out)
-    assert [(r["sensor"], r["metric"]) for r in rows] == [
-        ("garage", "temperature"), ("kitchen", "humidity"), ("kitchen", "temperature")]
+    assert [(r["sensor"], r["metric"], r["tags"]) for r in rows] == [
+        ("garage", "temperature", ""), ("kitchen", "humidity", ""),
+        ("kitchen", "temperature", ""), ("meter", "power", '{"phase":"L1"}'),
+        ("meter", "power", '{"phase":"L2"}')]
+    assert rows[3]["unit"] == "W"
     kitchen_t = rows[2]
     assert kitchen_t["last_value"] == pytest.approx(20 + 1439 / 100)
     assert kitchen_t["last_seen"] == "2023-11-15T22:12:20.000Z"
     table = ingestd(*cli(db, "sensors", "--sensor", "gar*")).stdout.splitlines()
-    assert table[0].split() == ["sensor", "metric", "last_value", "last_seen"]
+    assert table[0].split() == ["sensor", "metric", "tags", "unit", "last_value", "last_seen"]
     assert len(table) == 2
     assert table[1].startswith("garage")
 
@@ -112,8 +117,8 @@ def test_stats_and_backup_from_the_database(db: Path, tmp_path: Path) -> None:
     out = ingestd(*cli(db, "stats", "--json", "--url", "http://127.0.0.1:9")).stdout
     stats = json.loads(out)
     assert stats["source"] == "database"
-    assert stats["readings"] == 1440 * 2 + 144
-    assert stats["sensors"] == 2
+    assert stats["readings"] == 1440 * 2 + 144 + 20
+    assert stats["sensors"] == 3
     assert stats["quarantined"] == 2
     copy = tmp_path / "backup.db"
     result = ingestd(*cli(db, "backup", str(copy)))
@@ -147,3 +152,15 @@ def test_stats_from_the_running_daemon(tmp_path: Path, mosquitto: Mosquitto) -> 
         assert daemon.stop() == 0
     finally:
         daemon.kill()
+
+
+def test_query_by_tag(db: Path) -> None:
+    out = ingestd(*cli(db, "query", "-s", "meter", "--since", str(T0), "--until", str(T0 + 60),
+                       "--tag", "phase=L2", "-f", "json")).stdout
+    rows = json.loads(out)
+    assert len(rows) == 10
+    assert {(r["tags"], r["unit"]) for r in rows} == {('{"phase":"L2"}', "W")}
+    # A tag key is a bound JSON path, never SQL text.
+    none = ingestd(*cli(db, "query", "-s", "meter", "--since", str(T0), "--tag",
+                        "x') OR 1=1 --=L2", "-f", "json")).stdout
+    assert json.loads(none) == []

@@ -23,12 +23,12 @@ def test_messages_published_while_it_is_down_are_ingested_on_restart(
     first = _daemon(tmp_path, mosquitto.port, **env).start()
     try:
         first.wait_ready()  # the session now exists on the broker
-        publish(mosquitto.port, [("sensors/p/telemetry", b'{"ts": 1e9, "x": 1}')])
+        publish(mosquitto.port, [("sensors/p/telemetry", b'{"ts": 1.7e9, "x": 1}')])
         wait_for(lambda: db.count() == 1, 10, what="first reading")
         assert first.stop() == 0, first.logs()
     finally:
         first.kill()
-    msgs = [(f"sensors/d{i % 7}/telemetry", f'{{"ts": {1e9 + i}, "x": {i}}}'.encode())
+    msgs = [(f"sensors/d{i % 7}/telemetry", f'{{"ts": {1.7e9 + i}, "x": {i}}}'.encode())
             for i in range(1, 1001)]
     publish(mosquitto.port, msgs)  # nobody is connected: the broker queues them
     second = _daemon(tmp_path, mosquitto.port, **env).start()
@@ -169,7 +169,8 @@ def test_a_large_backlog_is_taken_within_the_window(
         daemon.wait_ready()
         assert daemon.stop() == 0
         n = 20_000
-        publish(broker.port, [(f"sensors/b{i % 10}/telemetry", b'{"ts": %d, "v": 1}' % (i + 1))
+        publish(broker.port, [(f"sensors/b{i % 10}/telemetry",
+                               b'{"ts": %d, "v": 1}' % (1_700_000_000 + i))
                               for i in range(n)], qos=qos)
         daemon = _daemon(tmp_path, broker.port, config=config, **env).start()
         daemon.wait_ready(60)

@@ -184,3 +184,28 @@ async def test_large_batches_count_inserted_and_duplicates_exactly(tmp_path: Pat
         assert (tx.inserted, tx.duplicates) == (300, 1000)
     assert db_rows(path, "SELECT sensor, count(*), sum(value) FROM readings GROUP BY 1") == [
         ("a", 1300, sum(range(1300))), ("b", 3, 3.0)]
+
+
+async def test_version_1_database_migrates_to_tags_and_units_keeping_its_data(
+    tmp_path: Path,
+) -> None:
+    from ingestd.store import MIGRATIONS
+
+    path = tmp_path / "v1.db"
+    with sqlite3.connect(path) as c:  # a database as ingestd 0.1 left it
+        c.executescript(MIGRATIONS[0] + "\nPRAGMA user_version = 1;")
+        c.execute("INSERT INTO series (id, sensor, metric) VALUES (7, 'k', 'temperature')")
+        c.executemany("INSERT INTO samples VALUES (7, ?, ?)", [(1e9 + i, i) for i in range(5)])
+    async with SqliteStore(path) as store:
+        assert store.series_ids == {("k", "temperature", ""): 7}
+        async with store.batch() as tx:
+            await tx.add_readings([
+                Reading("k", "temperature", 1e9 + 5, 5.0),  # the same series, continued
+                Reading("k", "temperature", 1e9, 9.0, "", '{"room":"a"}', "Cel"),  # tagged
+            ])
+    assert db_rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
+    assert db_rows(path, "SELECT count(*) FROM readings WHERE tags = ''") == [(6,)]
+    assert db_rows(path, "SELECT value, unit FROM readings "
+                         "WHERE json_extract(nullif(tags, ''), '$.room') = 'a'") == [(9.0, "Cel")]
+    assert db_rows(path, "SELECT id, tags, unit FROM series ORDER BY id") == [
+        (7, "", ""), (8, '{"room":"a"}', "Cel")]

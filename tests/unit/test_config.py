@@ -35,20 +35,25 @@ def test_shipped_config_is_valid_and_matches_the_model_defaults() -> None:
     assert settings.store == type(settings.store)()
     assert settings.bus == type(settings.bus)()
     assert settings.daemon == type(settings.daemon)()
+    assert settings.metrics == type(settings.metrics)()
+    assert settings.input == type(settings.input)()
+    p = settings.processor
+    assert (p.max_future_seconds, p.max_age_days) == (300.0, 3650.0)
 
 
 def test_every_model_key_is_documented_in_the_shipped_config() -> None:
     text = SHIPPED_CONFIG.read_text()
     settings = load_settings(SHIPPED_CONFIG)
-    for section in ("daemon", "mqtt", "batch", "store", "bus"):
+    for section in ("daemon", "mqtt", "batch", "store", "bus", "metrics", "input", "processor"):
         model = getattr(settings, section)
         for key in type(model).model_fields:
-            if key == "tls":
+            if key in ("tls", "limits", "scaling"):
+                assert f"[{section}.{key}]" in text, f"{section}.{key}"
                 continue
             assert f"\n{key} = " in text or f"\n# {key} = " in text, f"{section}.{key}"
     for key in type(settings.mqtt.tls).model_fields:
         assert f"\n{key} = " in text or f"\n# {key} = " in text, f"mqtt.tls.{key}"
-    for key in ("topic", "qos", "format", "sensor", "metric", "timestamp_field"):
+    for key in type(settings.routes[0]).model_fields:
         assert f"#   {key}" in text, f"routes.{key}"
 
 

@@ -113,13 +113,15 @@ def test_malformed_json_is_rejected_with_reason(payload: bytes, reason: str) -> 
 
 def test_bad_fields_are_quarantined_and_good_ones_kept() -> None:
     readings, rejected = decode(
-        "sensors/k/telemetry", b'{"temperature": 20, "status": "ok", "nested": {"a": 1}, "n": null}'
+        "sensors/k/telemetry",
+        b'{"temperature": 20, "status": "ok", "nested": {"a": 1, "b": [1]}, "n": null, "": 3}'
     )
-    assert [r.metric for r in readings] == ["temperature"]
+    assert [r.metric for r in readings] == ["temperature", "nested.a"]
     assert len(rejected) == 1
     assert "'status' is not a finite number (got string)" in rejected[0]
-    assert "'nested' is not a finite number (got object)" in rejected[0]
+    assert "'nested.b' is not a finite number (got array)" in rejected[0]
     assert "'n' is not a finite number (got null)" in rejected[0]
+    assert "a field with an empty name" in rejected[0]
 
 
 def test_huge_integers_are_not_finite_numbers() -> None:

@@ -1,0 +1,68 @@
+"""Decode throughput of each payload format, on one core, without MQTT or SQLite.
+
+    .venv/bin/python -m bench.decode_bench
+
+Each format decodes the same representative message over and over through
+`decode_all` (route matching, decoding, the Reading structs), in chunks of
+1,000 messages as the daemon does; the median of 5 runs is reported as
+readings/s and microseconds per reading.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+from ingestd.config import Settings, route_table
+from ingestd.decode import decode_all
+
+T0 = 1_700_000_000.0
+ROUTES = [
+    {"topic": "json/{sensor}", "format": "json"},
+    {"topic": "senml/{sensor}", "format": "senml"},
+    {"topic": "influx/{sensor}", "format": "influx"},
+    {"topic": "value/{sensor}/{metric}", "format": "value"},
+]
+CASES = [
+    ("json, flat object, 2 readings", "json/d1",
+     json.dumps({"ts": T0, "temperature": 21.5, "humidity": 40.2}).encode()),
+    ("json, nested objects, 4 readings", "json/d1",
+     json.dumps({"ts": T0, "env": {"t": 21.5, "h": 40.2}, "power": {"v": 230.1, "a": 1.5}})
+     .encode()),
+    ("json, array of 25 objects, 50 readings", "json/d1",
+     json.dumps([{"ts": T0 + i, "temperature": 21.5, "humidity": 40.2}
+                 for i in range(25)]).encode()),
+    ("senml, pack of 10 records", "senml/d1",
+     json.dumps([{"bn": "urn:dev:mac:0024befffe804ff1:", "bt": T0, "bu": "Cel", "n": "temp",
+                  "v": 21.5}] + [{"n": "temp", "t": i, "v": 21.5 + i / 10}
+                                 for i in range(1, 10)]).encode()),
+    ("influx, 10 lines x 2 fields, tags", "influx/d1",
+     "\n".join(f"cpu,host=web1,core={i} usage_user={i}.5,usage_system=3i "
+               f"{int((T0 + i) * 1e9)}" for i in range(10)).encode()),
+    ("value, one number", "value/d1/temperature", b"21.5"),
+]
+
+
+def main() -> int:
+    table = route_table(Settings(routes=ROUTES))
+    print(f"{'format':<42} {'readings/s':>12} {'us/reading':>11} {'msgs/s':>10}")
+    for name, topic, payload in CASES:
+        chunk = [(topic, payload, T0)] * 1000
+        readings, rejected = decode_all(table, chunk)
+        assert readings, name
+        assert not rejected, rejected[:1]
+        per_message = len(readings) // 1000
+        runs = []
+        for _ in range(5):
+            n, started = 0, time.perf_counter()
+            while time.perf_counter() - started < 0.5:
+                n += len(decode_all(table, chunk)[0])
+            runs.append(n / (time.perf_counter() - started))
+        rate = statistics.median(runs)
+        print(f"{name:<42} {rate:>12,.0f} {1e6 / rate:>11.2f} {rate / per_message:>10,.0f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,61 @@
+"""`ingestd explain`: what the daemon would do with one message, without a broker.
+
+The same route table, decoders and processor the daemon runs, on a sample
+topic and payload: the matching route, the sensor and tags the topic gives,
+and the readings (or the reasons for quarantine) that would be stored.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ingestd.config import Settings, route_table
+from ingestd.decode import decode_message
+from ingestd.events import Reading, Rejected
+from ingestd.inspect import iso
+from ingestd.process import process
+
+
+def explain(settings: Settings, topic: str, payload: bytes | None,
+            now: float | None = None) -> str:
+    now = time.time() if now is None else now
+    table = route_table(settings)
+    lines = [f"topic:   {topic}"]
+    match = table.match(topic)
+    if match is None:
+        lines.append("route:   none matches: such a message is quarantined "
+                     "(\"no route matches this topic\")")
+        return "\n".join(lines)
+    route = settings.routes[match.route]
+    lines += [
+        f"route:   #{match.route + 1} {route.topic!r} (format {route.format}, qos {route.qos})",
+        f"sensor:  {match.sensor!r}",
+        f"tags:    {match.tags or '(none)'}",
+    ]
+    if route.format == "value":
+        lines.append(f"metric:  {match.metric_prefix!r}")
+    else:
+        lines.append(f"metric:  template {route.effective_metric!r}")
+    if payload is None:
+        return "\n".join(lines)
+    readings: list[Reading] = []
+    rejected: list[Rejected] = []
+    decode_message(table, topic, payload, now, readings, rejected)
+    kept = process(readings, settings.processor, now, rejected)
+    lines.append(f"payload: {len(payload)} bytes")
+    if kept:
+        lines.append(f"readings ({len(kept)}):")
+        for r in kept:
+            unit = f" {r.unit}" if r.unit else ""
+            when = "receive time" if r.ts == now else iso(r.ts)
+            tags = f"  tags {r.tags}" if r.tags and r.tags != match.tags else ""
+            lines.append(f"  {r.sensor} {r.metric} = {r.value:g}{unit} at {when}{tags}")
+    else:
+        lines.append("readings: none")
+    for rej in rejected:
+        lines.append(f"quarantined ({rej.kind}): {rej.reason}")
+    if table.rate_dropped:
+        lines.append(f"dropped by the rate limit: {table.rate_dropped}")
+    return "\n".join(lines)
+
+

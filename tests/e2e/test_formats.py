@@ -1,0 +1,210 @@
+"""Devices as they are, against the running daemon: mixed formats on several
+routes, a runaway device, and a fuzz run of 100,000 generated payloads."""
+
+from __future__ import annotations
+
+import json
+import random
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_operate import _daemon, _get, _metric
+from tests.helpers import DbReader, Mosquitto, publish, wait_for, write_config
+
+T0 = 1_700_000_000.0
+
+MIXED_ROUTES = """
+[[routes]]
+topic = "plant/{site}/{sensor}/json"
+format = "json"
+exclude_fields = ["status"]
+
+[[routes]]
+topic = "senml/{sensor}"
+format = "senml"
+
+[[routes]]
+topic = "telegraf/{site}"
+format = "influx"
+sensor = "{site}"
+sensor_tag = "host"
+
+[[routes]]
+topic = "sensors/{sensor}/{metric}"
+format = "value"
+"""
+
+
+def test_mixed_formats_on_several_routes(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    config = write_config(tmp_path / "ingestd.toml", routes=MIXED_ROUTES)
+    config.write_text(config.read_text() + '\n[processor.scaling]\npressure = { scale = 0.01, '
+                      'unit = "hPa" }\n')
+    daemon = _daemon(tmp_path, config, mosquitto.port).start()
+    db = DbReader(tmp_path / "ingestd.db")
+    try:
+        daemon.wait_ready()
+        publish(mosquitto.port, [
+            ("plant/lyon/p1/json", json.dumps({"ts": T0, "status": "ok", "pressure": 101325,
+                                               "env": {"t": 21.5}}).encode()),
+            ("senml/dev7", json.dumps([{"bn": "dev7:", "bt": T0, "n": "temp", "u": "Cel",
+                                        "v": 23.1}, {"n": "temp", "t": 60, "v": 23.4},
+                                       {"n": "door", "vb": True, "t": 60}]).encode()),
+            ("telegraf/paris", b"cpu,host=web1,core=0 idle=97.5 1700000000000000000\n"
+                               b"cpu,host=web2,core=0 idle=12 1700000000000000000"),
+            ("sensors/k1/temperature", b"19.25"),
+        ])
+        wait_for(lambda: db.count() == 8, 20, what="8 readings")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    rows = db.rows("SELECT sensor, metric, ts, value, tags, unit FROM readings "
+                   "WHERE sensor != 'k1' ORDER BY sensor, metric, ts")
+    assert rows == [
+        ("dev7", "dev7:door", T0 + 60, 1.0, "", ""),
+        ("dev7", "dev7:temp", T0, 23.1, "", "Cel"),
+        ("dev7", "dev7:temp", T0 + 60, 23.4, "", "Cel"),
+        ("p1", "env.t", T0, 21.5, '{"site":"lyon"}', ""),
+        ("p1", "pressure", T0, pytest.approx(1013.25), '{"site":"lyon"}', "hPa"),
+        ("web1", "cpu.idle", T0, 97.5, '{"core":"0"}', ""),
+        ("web2", "cpu.idle", T0, 12.0, '{"core":"0"}', ""),
+    ]
+    (k1,) = db.rows("SELECT metric, value FROM readings WHERE sensor = 'k1'")
+    assert k1 == ("temperature", 19.25)
+    assert db.count("quarantine") == 0
+
+
+def test_a_runaway_device_cannot_starve_the_others(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    routes = """
+[[routes]]
+topic = "sensors/{sensor}/{metric}"
+format = "value"
+rate_limit = 50
+rate_burst = 100
+"""
+    config = write_config(tmp_path / "ingestd.toml", routes=routes)
+    daemon = _daemon(tmp_path, config, mosquitto.port).start()
+    db = DbReader(tmp_path / "ingestd.db")
+    loud = 20_000
+    try:
+        daemon.wait_ready()
+        base = daemon.metrics_url()
+        messages = []
+        for i in range(loud):
+            messages.append(("sensors/loud/t", b"%d" % i))
+            if i % 20 == 0:  # 10 quiet devices, 100 readings each, at 1 per 200 loud ones
+                messages.append((f"sensors/quiet{i // 20 % 10}/t", b"%d" % i))
+        publish(mosquitto.port, messages)
+        wait_for(lambda: db.count("readings WHERE sensor GLOB 'quiet*'") == 1000, 30,
+                 what="every quiet reading")
+        wait_for(lambda: _metric(_get(base + "/metrics")[1], "ingestd_messages_received_total")
+                 == loud + 1000, 30, what="all messages received")
+        _, text = _get(base + "/metrics")
+        dropped = _metric(text, "ingestd_readings_rate_limited_total", 'policy="drop"')
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    stored = db.count("readings WHERE sensor = 'loud'")
+    assert stored + dropped == loud
+    # The burst, then 50/s for as long as the flood lasted (a few seconds here).
+    assert 100 <= stored < 2000, stored
+    assert db.count("readings WHERE sensor GLOB 'quiet*'") == 1000
+
+
+# -- fuzz ---------------------------------------------------------------------------------
+
+FUZZ_ROUTES = """
+[[routes]]
+topic = "fzj/{sensor}"
+format = "json"
+[[routes]]
+topic = "fzs/{sensor}"
+format = "senml"
+[[routes]]
+topic = "fzi/{sensor}"
+format = "influx"
+[[routes]]
+topic = "fzv/{sensor}"
+format = "value"
+metric = "v"
+"""
+SEEDS = {
+    "fzj": [b'{"ts": 1700000000, "t": 21.5, "env": {"h": 40, "co2": 400}}',
+            b'[{"ts": 1700000000.5, "a": 1}, {"ts": "2023-11-14T22:13:20Z", "b": true}]'],
+    "fzs": [b'[{"bn":"d:","bt":1700000000,"bu":"Cel","n":"t","v":21.5},{"n":"h","v":40,"t":5}]',
+            b'[{"n":"x","v":1,"s":2}]'],
+    "fzi": [b"cpu,host=a,core=0 idle=97.5,user=2i 1700000000000000000\nmem used=1u",
+            b'weather,loc=x temp=21.5,ok=t,desc="fine" 1700000000000000000'],
+    "fzv": [b"21.5", b"-1e3", b"true"],
+}
+TOKENS = [b"NaN", b"Infinity", b"1e999", b"9" * 400, b"\xff\xfe", b"\x00", b"[[[[[[", b'"',
+          b"\\", b"\n", b",", b"=", b" ", b"{}", b"[]", b"null", b'"bver":99', b'"x_":1',
+          b"\xe2\x82", b"-", b"e", b"i", b"u", b'"vs":"a"', b"{" * 600]
+
+
+def _mutate(rng: random.Random, seed: bytes) -> bytes:
+    data = bytearray(seed)
+    for _ in range(rng.randint(1, 4)):
+        op = rng.randrange(5)
+        pos = rng.randrange(len(data) + 1)
+        if op == 0 and data:
+            del data[min(pos, len(data) - 1)]
+        elif op == 1:
+            data[pos:pos] = rng.choice(TOKENS)
+        elif op == 2:
+            data[pos:pos] = rng.randbytes(rng.randint(1, 6))
+        elif op == 3:
+            del data[pos:]
+        elif data:
+            i = rng.randrange(len(data))
+            data[i] ^= 1 << rng.randrange(8)
+    return bytes(data)
+
+
+@pytest.mark.slow
+def test_fuzz_100000_generated_payloads_through_the_daemon(
+    tmp_path: Path, mosquitto: Mosquitto, record_property: pytest.RecordProperty
+) -> None:
+    config = write_config(tmp_path / "ingestd.toml", routes=FUZZ_ROUTES,
+                          processor={"max_age_days": 0, "max_future_seconds": 0})
+    daemon = _daemon(tmp_path, config, mosquitto.port).start()
+    rng = random.Random(20261125)
+    n = 100_000
+    messages = []
+    for i in range(n):
+        prefix = rng.choice(list(SEEDS))
+        messages.append((f"{prefix}/f{i}", _mutate(rng, rng.choice(SEEDS[prefix]))))
+    try:
+        daemon.wait_ready()
+        base = daemon.metrics_url()
+        publish(mosquitto.port, messages)
+
+        def settled() -> bool:
+            text = _get(base + "/metrics")[1]
+            return (_metric(text, "ingestd_messages_received_total") == n
+                    and _metric(text, "ingestd_inflight_messages") == 0)
+        wait_for(settled, 120, interval=0.5, what="every fuzz message settled")
+        assert daemon.proc is not None
+        assert daemon.proc.poll() is None, "the daemon died"
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    with sqlite3.connect(tmp_path / "ingestd.db") as c:
+        stored = {s for (s,) in c.execute("SELECT DISTINCT sensor FROM series")}
+        quarantined = {t.split("/", 1)[1]: r for t, r in
+                       c.execute("SELECT topic, reason FROM quarantine")}
+    assert all(quarantined.values()), "a quarantine row without a reason"
+    bugs = [r for r in quarantined.values() if r.startswith("decoder error")]
+    assert bugs == [], bugs[:5]
+    unaccounted = [f"f{i}" for i in range(n) if f"f{i}" not in stored
+                   and f"f{i}" not in quarantined]
+    assert unaccounted == [], f"{len(unaccounted)} messages neither stored nor quarantined"
+    only_quarantined = len(set(quarantined) - stored)
+    record_property("fuzz_messages", n)
+    record_property("fuzz_quarantined", len(quarantined))
+    record_property("fuzz_only_quarantined", only_quarantined)
+    record_property("fuzz_stored_some", len(stored))
+    print(f"fuzz: {n} messages, {len(quarantined)} quarantined with a reason "
+          f"({only_quarantined} wholly), {len(stored)} yielded readings; 0 crashes")
+    assert len(quarantined) > n // 2  # mostly malformed, as generated
