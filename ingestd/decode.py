@@ -351,6 +351,16 @@ def _decode_json(
         rejected.append(Rejected(topic, payload, _join(problems), received_at))
 
 
+def _settle(readings: list[Reading], before: int, problems: list[str], nothing: str,
+            topic: str, payload: bytes, received_at: float, rejected: list[Rejected]) -> None:
+    """A message's end: no readings at all is a decode error (its problems, or
+    `nothing`); readings with problems keep the readings and quarantine once."""
+    if len(readings) == before:
+        raise DecodeError(_join(problems) or nothing)
+    if problems:
+        rejected.append(Rejected(topic, payload, _join(problems), received_at))
+
+
 def _join(problems: list[str], most: int = 20) -> str:
     shown = "; ".join(problems[:most])
     if len(problems) > most:
@@ -382,10 +392,8 @@ def _decode_senml(
             readings.append(Reading(sensor, metric, when, rec.value, topic, tags, rec.unit))
         if rec.sum is not None:
             readings.append(Reading(sensor, metric + "_sum", when, rec.sum, topic, tags, rec.unit))
-    if len(readings) == before:
-        raise DecodeError(_join(problems) or "SenML pack has no numeric records")
-    if problems:
-        rejected.append(Rejected(topic, payload, _join(problems), received_at))
+    _settle(readings, before, problems, "SenML pack has no numeric records", topic, payload,
+            received_at, rejected)
 
 
 def _decode_influx(
@@ -434,10 +442,8 @@ def _decode_influx(
                 metric = metrics[(p.measurement, field)] = template.format_map(
                     {**values, "measurement": p.measurement, "field": field})
             readings.append(Reading(sensor, metric, when, value, topic, tag_text))
-    if len(readings) == before:
-        raise DecodeError(_join(problems) or "no points with numeric fields")
-    if problems:
-        rejected.append(Rejected(topic, payload, _join(problems), received_at))
+    _settle(readings, before, problems, "no points with numeric fields", topic, payload,
+            received_at, rejected)
 
 
 def decode_all(
