@@ -46,10 +46,12 @@ class EventLogger:
             for rej in event.rejected:
                 log.info(
                     "quarantined",
-                    topic=rej.topic,
-                    reason=rej.reason,
-                    payload=rej.payload[:_PAYLOAD_SHOWN].decode("utf-8", "backslashreplace"),
+                    topic=printable(rej.topic),
+                    reason=printable(rej.reason),
+                    payload=printable(
+                        rej.payload[:_PAYLOAD_SHOWN].decode("utf-8", "backslashreplace")),
                     size=len(rej.payload),
+                    kind=rej.kind,
                 )
             if event.readings and log.is_enabled_for(10):
                 for r in event.readings:
@@ -63,3 +65,12 @@ class EventLogger:
                 messages=event.deliveries,
                 ms=round(event.seconds * 1000, 2),
             )
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+
+
+def printable(text: str) -> str:
+    """What a device sent, safe for a terminal or a log line: control characters
+    (escape sequences, newlines) shown as \\xNN."""
+    return text.translate(_CONTROL)
