@@ -142,12 +142,7 @@ class BatchWriter:
         started = time.perf_counter()
         inserted, duplicates = await self._commit(readings, rejected)
         seconds = time.perf_counter() - started
-        deliveries = 0
-        for c in chunks:
-            # Chunks are in arrival order, so acknowledgements are too.
-            self.acknowledge(c.epoch, c.acks)
-            self.window.settle(c.deliveries, len(c.acks))
-            deliveries += c.deliveries
+        # Counters first: whoever sees the window settle (a scrape, say) sees them too.
         self.committed += inserted
         self.duplicates += duplicates
         self.quarantined += len(rejected)
@@ -157,6 +152,12 @@ class BatchWriter:
                 by_kind[r.kind] = by_kind.get(r.kind, 0) + 1
         self.batches += 1
         self.last_commit_at = time.time()
+        deliveries = 0
+        for c in chunks:
+            # Chunks are in arrival order, so acknowledgements are too.
+            self.acknowledge(c.epoch, c.acks)
+            self.window.settle(c.deliveries, len(c.acks))
+            deliveries += c.deliveries
         event = BatchCommitted(inserted, duplicates, len(rejected), deliveries, seconds,
                                len(readings) + len(rejected))
         if self.on_commit is not None:

@@ -98,8 +98,11 @@ rate_burst = 100
         publish(mosquitto.port, messages)
         wait_for(lambda: db.count("readings WHERE sensor GLOB 'quiet*'") == 1000, 30,
                  what="every quiet reading")
-        wait_for(lambda: _metric(_get(base + "/metrics")[1], "ingestd_messages_received_total")
-                 == loud + 1000, 30, what="all messages received")
+        def settled() -> bool:
+            text = _get(base + "/metrics")[1]
+            return (_metric(text, "ingestd_messages_received_total") == loud + 1000
+                    and _metric(text, "ingestd_inflight_messages") == 0)
+        wait_for(settled, 30, what="all messages received and settled")
         _, text = _get(base + "/metrics")
         dropped = _metric(text, "ingestd_readings_rate_limited_total", 'policy="drop"')
         assert daemon.stop() == 0

@@ -87,6 +87,9 @@ def test_metrics_and_health_endpoints_follow_the_pipeline(
                                  ("sensors/a/telemetry", b'{"temperature": 500}')])
         db = DbReader(tmp_path / "ingestd.db")
         wait_for(lambda: db.count("quarantine") == 2, 20, what="2 quarantined")
+        # The counters move just after the commit the database shows.
+        wait_for(lambda: _metric(_get(base + "/metrics")[1],
+                                 "ingestd_inflight_messages") == 0, 10, what="all settled")
 
         _, text = _get(base + "/metrics")
         assert _metric(text, "ingestd_messages_received_total") == 502
