@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ingestd.errors import IngestdError
+from ingestd.store import SCHEMA_VERSION
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -68,9 +69,18 @@ def connect_ro(path: Path) -> sqlite3.Connection:
         raise InspectError(f"{path}: no database here (is store.path right? --db PATH)")
     try:
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
-        conn.execute("SELECT 1 FROM series LIMIT 1")
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.Error as exc:
         raise InspectError(f"{path}: cannot read the database: {exc}") from None
+    if version != SCHEMA_VERSION:
+        conn.close()
+        if version == 0:
+            raise InspectError(f"{path}: not an ingestd database (no schema version)")
+        newer = version > SCHEMA_VERSION
+        raise InspectError(
+            f"{path}: schema version {version}, this ingestd reads {SCHEMA_VERSION}: "
+            + ("upgrade ingestd" if newer else
+               "start the daemon once (it migrates the database), then try again"))
     return conn
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,15 @@ def test_query_by_tag(db: Path) -> None:
     none = ingestd(*cli(db, "query", "-s", "meter", "--since", str(T0), "--tag",
                         "x') OR 1=1 --=L2", "-f", "json")).stdout
     assert json.loads(none) == []
+
+
+def test_an_older_schema_is_named_not_misread(tmp_path: Path) -> None:
+    from ingestd.store import MIGRATIONS, SCHEMA_VERSION  # MIGRATIONS[0]: ingestd 0.1
+
+    old = tmp_path / "v1.db"
+    with sqlite3.connect(old) as c:
+        c.executescript(MIGRATIONS[0] + "\nPRAGMA user_version = 1;")
+    result = ingestd(*cli(old, "sensors"), check=False)
+    assert result.returncode == 1
+    assert (f"schema version 1, this ingestd reads {SCHEMA_VERSION}: start the daemon once"
+            in result.stderr)
