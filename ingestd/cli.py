@@ -17,6 +17,8 @@ from ingestd.config import ENV_CONFIG, Settings, effective_settings_json, load_s
 from ingestd.errors import EX_CONFIG, ConfigError
 
 T = TypeVar("T")
+# Commands that read the database and need no [[routes]].
+DATA_COMMANDS = ("sensors", "query", "quarantine", "stats", "backup")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -106,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command or "run"
     config_path: Path | None = getattr(args, "config", None) or args.top_config
     try:
-        settings = load_settings(config_path)
+        settings = load_settings(config_path, need_routes=command not in DATA_COMMANDS)
     except ConfigError as exc:
         print(f"ingestd: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -130,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ingestd: configuration OK ({config_path or 'defaults'})", file=sys.stderr)
         return 0
 
-    if command in ("sensors", "query", "quarantine", "stats", "backup"):
+    if command in DATA_COMMANDS:
         return _data_command(command, args, settings)
 
     from ingestd.observe.log import configure_logging  # noqa: PLC0415

@@ -220,15 +220,13 @@ class Settings(BaseSettings):
         # The file's content arrives as init data; the environment overrides it.
         return (env_settings, init_settings)
 
-    @model_validator(mode="after")
-    def _needs_routes(self) -> Settings:
-        if not self.routes:
-            raise ValueError("no [[routes]] configured: ingestd would subscribe to nothing")
-        return self
 
+def load_settings(path: Path | None, *, need_routes: bool = True) -> Settings:
+    """Read, merge and validate the configuration; raise ConfigError naming the key.
 
-def load_settings(path: Path | None) -> Settings:
-    """Read, merge and validate the configuration; raise ConfigError naming the key."""
+    The daemon needs at least one route; the data commands (`query`, ...) only
+    need the store's path, so they load without.
+    """
     env = os.environ
     if path is None and env.get(ENV_CONFIG):
         path = Path(env[ENV_CONFIG])
@@ -246,9 +244,13 @@ def load_settings(path: Path | None) -> Settings:
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, where, env)) from None
+    if need_routes and not settings.routes:
+        raise ConfigError(f"{where}: invalid configuration (1 problem(s)):\n  routes: no "
+                          "[[routes]] configured: ingestd would subscribe to nothing")
+    return settings
 
 
 def _describe(exc: ValidationError, where: str, env: Mapping[str, str]) -> str:

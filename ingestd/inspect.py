@@ -125,7 +125,7 @@ def write_table(out: TextIO, table: Table, fmt: str, *, progress: TextIO | None 
 
 def _cell(v: Any) -> str:
     if isinstance(v, float):
-        return f"{v:g}"
+        return f"{v:.15g}"
     return "" if v is None else str(v)
 
 

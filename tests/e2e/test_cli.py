@@ -177,3 +177,17 @@ def test_an_older_schema_is_named_not_misread(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert (f"schema version 1, this ingestd reads {SCHEMA_VERSION}: start the daemon once"
             in result.stderr)
+
+
+def test_data_commands_need_no_config_file(db: Path) -> None:
+    # The daemon needs [[routes]]; looking at a database does not.
+    proc = subprocess.run([sys.executable, "-m", "ingestd", "query", "--db", str(db), "-s",
+                           "garage", "--since", str(T0), "--until", str(T0 + 1200)],
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0].split() == ["sensor", "metric", "time", "ts", "value", "tags", "unit"]
+    assert lines[1].split()[:5] == ["garage", "temperature", "2023-11-14T22:13:20.000Z",
+                                    "1700000000", "5.5"]
+    assert len(lines) == 3
