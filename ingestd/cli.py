@@ -70,7 +70,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="start: a duration ago (90s, 30m, 1h, 2d, 1w), ISO 8601 or Unix "
                         "seconds (default 1h)")
     q.add_argument("--until", default=None, help="end, exclusive (default: now)")
-    q.add_argument("--limit", type=int, default=None)
+    q.add_argument("--limit", type=int, default=0,
+                   help="at most this many rows (default 0: all)")
     q.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
                    help="only series with this tag (repeatable)")
     q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -79,9 +80,11 @@ def _parser() -> argparse.ArgumentParser:
     qu = sub.add_parser("quarantine", parents=[data, fmt],
                         help="recent rejected payloads with the reasons")
     qu.add_argument("--since", default="1d", help="how far back (default 1d)")
-    qu.add_argument("--limit", type=int, default=50, help="at most this many (default 50)")
+    qu.add_argument("--limit", type=int, default=50,
+                    help="at most this many (default 50; 0: all)")
     st = sub.add_parser("stats", parents=[data],
-                        help="live figures from the running daemon, else the database's totals")
+                        help="live figures from the running daemon, else the database's totals "
+                             "(with --db: that database's totals)")
     st.add_argument("--url", default=None,
                     help="the daemon's metrics address (default: from [metrics])")
     st.add_argument("--json", action="store_true", help="print JSON")
@@ -173,7 +176,9 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
         if command == "stats":
             m = settings.metrics
             url = args.url or f"http://{m.host}:{m.port}"
-            stats = inspect.live_stats(url) if (args.url or m.enabled) else None
+            # --db names a file: its totals, not whatever daemon answers on the port.
+            ask_daemon = args.url is not None or (m.enabled and args.db is None)
+            stats = inspect.live_stats(url) if ask_daemon else None
             if stats is None:
                 with closing(inspect.connect_ro(db)) as conn:
                     stats = inspect.db_stats(conn, db)

@@ -32,7 +32,9 @@ ENV_CONFIG = "INGESTD_CONFIG"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN or Infinity in a limit, a scale or a delay passes every comparison
+    # the wrong way: reject it where it is written.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class DaemonSettings(Section):
@@ -104,6 +106,11 @@ class RouteSettings(Section):
                              "timestamps are numbers")
         if self.sensor_tag and self.format != "influx":
             raise ValueError("sensor_tag is for influx routes (the tag naming the sensor)")
+        if self.format != "value" and "{field}" not in self.effective_metric:
+            # Without it every field of a payload would get the same metric name.
+            raise ValueError(f"metric template {self.effective_metric!r} must contain "
+                             f"{{field}}: a {self.format} payload carries several fields, "
+                             "each its own metric (e.g. metric = \"{site}.{field}\")")
         try:
             self.compile()
         except RouteSpecError as exc:
@@ -196,6 +203,7 @@ class Settings(BaseSettings):
         env_nested_delimiter="__",
         extra="forbid",
         frozen=True,
+        allow_inf_nan=False,
     )
 
     daemon: DaemonSettings = DaemonSettings()
@@ -243,6 +251,13 @@ def load_settings(path: Path | None, *, need_routes: bool = True) -> Settings:
             raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    unknown = unknown_env_keys(env)
+    if unknown:
+        lines = [f"{where}: invalid configuration ({len(unknown)} problem(s)):"]
+        lines += [f"  {name}: environment variable names no setting (the form is "
+                  f"INGESTD_<SECTION>__<KEY>, e.g. INGESTD_MQTT__PORT; see config/ingestd.toml)"
+                  for name in unknown]
+        raise ConfigError("\n".join(lines))
     try:
         settings = Settings(**data)
     except ValidationError as exc:
@@ -251,6 +266,42 @@ def load_settings(path: Path | None, *, need_routes: bool = True) -> Settings:
         raise ConfigError(f"{where}: invalid configuration (1 problem(s)):\n  routes: no "
                           "[[routes]] configured: ingestd would subscribe to nothing")
     return settings
+
+
+def unknown_env_keys(env: Mapping[str, str]) -> list[str]:
+    """INGESTD_* variables that name no setting: a typo there would otherwise be
+    ignored silently while the file's (or the default) value applies."""
+    unknown: list[str] = []
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
+            continue
+        path = name[len(ENV_PREFIX):].lower().split("__")
+        annotation: Any = Settings
+        free_key = False
+        for part in path:
+            if free_key:  # a key of a dict-valued setting (processor.limits.<metric>)
+                free_key = False
+                continue
+            fields = getattr(_model_of(annotation), "model_fields", None)
+            if fields is None or part not in fields:
+                unknown.append(name)
+                break
+            annotation = fields[part].annotation
+            if getattr(annotation, "__origin__", None) is dict:
+                free_key, annotation = True, annotation.__args__[1]
+    return unknown
+
+
+def _model_of(annotation: Any) -> Any:
+    """The pydantic model inside an annotation (X, X | None), else None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseSettings):
+        return annotation
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
 
 
 def _describe(exc: ValidationError, where: str, env: Mapping[str, str]) -> str:

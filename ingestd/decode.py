@@ -9,6 +9,8 @@ and nesting limits are checked before anything deep is attempted.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import re
 from collections.abc import Iterable
@@ -20,30 +22,42 @@ import structlog
 
 from ingestd import influx, senml
 from ingestd.errors import DecodeError
-from ingestd.events import Reading, Rejected
+from ingestd.events import NS, Reading, Rejected
 from ingestd.routes import FormatOptions, RouteMatch, RouteTable, canonical_tags
 
 log = structlog.get_logger("ingestd.decode")
 
-# Device clocks in seconds: 1970 .. 2286. A larger number is almost always
-# milliseconds or microseconds sent where seconds were expected.
-_TS_MAX = 1e10
+# Device clocks: 1970 .. 2255 (an int64 of nanoseconds ends in 2262). A larger
+# number of seconds is almost always milliseconds or microseconds sent where
+# seconds were expected.
+_TS_MAX = 9e9
+_TS_MAX_NS = 9_000_000_000 * NS
 _json_decode = msgspec.json.Decoder().decode
 _NUMBER = re.compile(rb"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
-_DIVISOR = {"s": 1.0, "ms": 1e3, "us": 1e6, "ns": 1e9}
+# Nanoseconds per unit.
+_NS_PER = {"s": NS, "ms": 1_000_000, "us": 1_000, "ns": 1, "auto": NS}
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_BOM = b"\xef\xbb\xbf"
 
 
-def parse_timestamp(raw: Any, unit: str = "auto") -> float:
-    """Unix time in `unit` (auto: seconds for a number) or ISO 8601 (naive = UTC)."""
+def parse_timestamp(raw: Any, unit: str = "auto") -> int:
+    """Unix time in `unit` (auto: seconds for a number) or ISO 8601 (naive = UTC),
+    as integer nanoseconds.
+
+    An integer is exact; a float is taken to the microsecond (a double cannot
+    carry nanoseconds of today's Unix time), so a device sending 6 decimals of
+    seconds keeps every one of them.
+    """
     if isinstance(raw, bool):
         raise DecodeError(f"timestamp must be a number or an ISO 8601 string, got {raw!r}")
-    if isinstance(raw, int | float):
+    if isinstance(raw, int):
         if unit == "iso":
             raise DecodeError(f"timestamp {raw!r} is a number; this route expects ISO 8601")
-        try:
-            ts = float(raw) / _DIVISOR.get(unit, 1.0)
-        except OverflowError:
-            raise DecodeError("timestamp is out of range") from None
+        ns = raw * _NS_PER.get(unit, NS)
+    elif isinstance(raw, float):
+        if unit == "iso":
+            raise DecodeError(f"timestamp {raw!r} is a number; this route expects ISO 8601")
+        ns = float_ns(raw, _NS_PER.get(unit, NS), raw)
     elif isinstance(raw, str):
         if unit not in ("auto", "iso"):
             raise DecodeError(f"timestamp {raw[:64]!r} is a string; this route expects a "
@@ -54,23 +68,37 @@ def parse_timestamp(raw: Any, unit: str = "auto") -> float:
             raise DecodeError(f"timestamp {raw[:64]!r} is not ISO 8601") from None
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=UTC)
-        ts = dt.timestamp()
+        delta = dt - _EPOCH
+        ns = ((delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds) * 1000
     else:
         raise DecodeError(
             f"timestamp must be a number or an ISO 8601 string, got {type(raw).__name__}"
         )
-    return check_seconds(ts, raw)
+    return check_ns(ns, raw)
 
 
-def check_seconds(ts: float, raw: Any) -> float:
-    if not math.isfinite(ts) or ts < 0:
+def float_ns(value: float, ns_per_unit: int, raw: Any) -> int:
+    """A float count of units as integer nanoseconds, rounded to the microsecond
+    (to the nanosecond for units finer than a microsecond)."""
+    if not math.isfinite(value):
         raise DecodeError(f"timestamp {raw!r} is out of range")
-    if ts >= _TS_MAX:
+    try:
+        if ns_per_unit >= 1000:
+            return round(value * (ns_per_unit // 1000)) * 1000
+        return round(value * ns_per_unit)
+    except OverflowError:
+        raise DecodeError(f"timestamp {raw!r} is out of range") from None
+
+
+def check_ns(ns: int, raw: Any) -> int:
+    if ns < 0:
+        raise DecodeError(f"timestamp {raw!r} is out of range")
+    if ns >= _TS_MAX_NS:
         raise DecodeError(
             f"timestamp {raw!r} is too large for Unix seconds (milliseconds sent as "
             "seconds? set the route's timestamp_unit)"
         )
-    return ts
+    return ns
 
 
 def decode_value(payload: bytes) -> float:
@@ -88,14 +116,62 @@ def decode_value(payload: bytes) -> float:
 
 
 def _parse_json(payload: bytes) -> Any:
+    if payload[:3] == _BOM:
+        payload = payload[3:]  # RFC 8259 8.1: a parser may ignore a byte order mark
     try:
-        return _json_decode(payload)
+        doc = _json_decode(payload)
     except msgspec.DecodeError as exc:
         raise DecodeError(f"payload is not valid JSON: {exc}") from None
     except UnicodeDecodeError:
         raise DecodeError("payload is not valid UTF-8") from None
     except RecursionError:
         raise DecodeError("JSON is nested too deeply") from None
+    _check_unique_keys(payload, doc)
+    return doc
+
+
+def _check_unique_keys(payload: bytes, doc: Any) -> None:
+    """Reject an object that names a field twice, which a dict would silently
+    collapse to its last value.
+
+    Every key is followed by a colon, so when the payload has no more colons
+    than the decoded objects have keys, no key was lost: the common case costs
+    a count. Otherwise (colons inside strings, say) the standard parser checks.
+    """
+    colons = payload.count(b":")
+    if type(doc) is dict:
+        if colons == len(doc):
+            return
+    elif type(doc) is list:
+        if colons == sum(len(e) for e in doc if type(e) is dict):
+            return
+    else:
+        return
+    if colons <= _count_keys(doc):
+        return
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out = dict(items)
+        if len(out) != len(items):
+            names: set[str] = set()
+            for k, _ in items:
+                if k in names:
+                    raise DecodeError(f"field {k[:64]!r} appears more than once in an object "
+                                      "(which value is meant is ambiguous)")
+                names.add(k)
+        return out
+
+    # msgspec accepted it; only duplicate names are this check's business.
+    with contextlib.suppress(ValueError, RecursionError):
+        json.loads(payload, object_pairs_hook=pairs)
+
+
+def _count_keys(doc: Any) -> int:
+    if type(doc) is dict:
+        return len(doc) + sum(_count_keys(v) for v in doc.values() if type(v) in (dict, list))
+    if type(doc) is list:
+        return sum(_count_keys(v) for v in doc if type(v) in (dict, list))
+    return 0
 
 
 _MISSING: Any = object()
@@ -104,26 +180,27 @@ _MISSING: Any = object()
 def _object_readings(
     doc: dict[str, Any],
     match: RouteMatch,
-    received_at: float,
+    received_ns: int,
     topic: str,
     out: list[Reading],
     problems: list[str],
     max_depth: int,
-) -> None:
+) -> bool:
     """Append one Reading per numeric field of `doc` (nested objects flattened).
 
     The hot path of the json format: one pass, and no call per field for a
     flat object without field filters. msgspec never yields a non-finite
     float (JSON has no NaN or Infinity; out-of-range literals are decode
-    errors); a huge integer can still overflow a float.
+    errors); a huge integer can still overflow a float. Returns True if a
+    nested object was flattened (only then can two fields share a metric name).
     """
     opts = match.options
     ts_field = match.ts_field
     raw_ts = doc.get(ts_field, _MISSING)
     if raw_ts is _MISSING:
-        when = received_at
+        when = received_ns
     elif type(raw_ts) is float and opts.ts_unit == "auto" and 0.0 <= raw_ts < _TS_MAX:
-        when = raw_ts  # the common case, without the call
+        when = round(raw_ts * 1e6) * 1000  # the common case, without the call
     else:
         when = parse_timestamp(raw_ts, opts.ts_unit)
     before, problems_before = len(out), len(problems)
@@ -131,6 +208,7 @@ def _object_readings(
     plain = not prefix and not suffix
     sensor, tags = match.sensor, match.tags
     filtered = opts.fields is not None or bool(opts.exclude_fields)
+    flattened = False
     for key, raw in doc.items():
         if key == ts_field:
             continue
@@ -150,6 +228,7 @@ def _object_readings(
         elif kind is bool:
             value = 1.0 if raw else 0.0
         elif kind is dict:
+            flattened = True
             _nested(raw, key, match, when, topic, out, problems, 2, max_depth)
             continue
         else:
@@ -162,6 +241,7 @@ def _object_readings(
                            tags))
     if len(out) == before and len(problems) == problems_before:
         raise DecodeError("JSON object has no numeric fields")
+    return flattened
 
 
 def _wanted(opts: FormatOptions, key: str) -> bool:
@@ -171,7 +251,7 @@ def _wanted(opts: FormatOptions, key: str) -> bool:
 
 
 def _nested(
-    doc: dict[str, Any], path: str, match: RouteMatch, when: float, topic: str,
+    doc: dict[str, Any], path: str, match: RouteMatch, when: int, topic: str,
     out: list[Reading], problems: list[str], depth: int, max_depth: int,
 ) -> None:
     """A nested object's fields as `path<sep>field` readings."""
@@ -222,15 +302,52 @@ def _json_type(value: Any) -> str:
     return "object"
 
 
+def number_repeats(readings: list[Reading], before: int) -> None:
+    """Give readings of one message that share series and time a distinct `seq`.
+
+    They are distinct readings (an array without timestamps, a repeated
+    timestamp, two fields that flatten to one name): each is stored. The
+    numbering follows the message's order, so a redelivery of the message
+    yields the same keys and is recognised as one.
+    """
+    n = len(readings) - before
+    if n < 2:
+        return
+    fresh = readings[before:]
+    if len({(r.sensor, r.metric, r.tags, r.unit, r.ts_ns) for r in fresh}) == n:
+        return
+    seen: dict[tuple[str, str, str, str, int], int] = {}
+    for i, r in enumerate(fresh):
+        key = (r.sensor, r.metric, r.tags, r.unit, r.ts_ns)
+        seq = seen.get(key, -1) + 1
+        seen[key] = seq
+        if seq:
+            readings[before + i] = Reading(r.sensor, r.metric, r.ts_ns, r.value, r.topic,
+                                           r.tags, r.unit, seq)
+
+
 def decode_message(
     table: RouteTable,
     topic: str,
     payload: bytes,
-    received_at: float,
+    received_ns: int,
     readings: list[Reading],
     rejected: list[Rejected],
 ) -> None:
-    """Decode one message, appending to `readings` and `rejected`."""
+    """Decode one message, appending to `readings` and `rejected`.
+
+    `received_ns` is the receive time (Unix ns), unique per message: readings
+    without a device time are stamped with it.
+    """
+    received_at = received_ns / NS
+    limit = table.limits.max_payload_bytes
+    if len(payload) > limit:
+        # Before anything else: no route, bad topic or good, nothing over the
+        # limit is kept whole.
+        rejected.append(Rejected(
+            topic, payload[:1024], f"payload is {len(payload):,} bytes, over the limit of "
+            f"{limit:,} (input.max_payload_bytes; first 1 KiB kept)", received_at, "too_large"))
+        return
     match = table.match(topic)
     if match is None:
         rejected.append(Rejected(topic, payload, "no route matches this topic", received_at,
@@ -240,28 +357,22 @@ def decode_message(
         rejected.append(Rejected(topic, payload, "topic gives an empty sensor id", received_at,
                                  "bad_topic"))
         return
-    limit = table.limits.max_payload_bytes
-    if len(payload) > limit:
-        rejected.append(Rejected(
-            topic, payload[:1024], f"payload is {len(payload):,} bytes, over the limit of "
-            f"{limit:,} (input.max_payload_bytes; first 1 KiB kept)", received_at, "too_large"))
-        return
     before = len(readings)
     try:
         fmt = match.format
         if fmt == "json":
-            _decode_json(match, topic, payload, received_at, readings, rejected,
+            _decode_json(match, topic, payload, received_ns, readings, rejected,
                          table.limits.max_json_depth)
         elif fmt == "value":
             if not match.metric_prefix:
                 raise DecodeError("topic gives an empty metric name")
             value = decode_value(payload)
-            readings.append(Reading(match.sensor, match.metric_prefix, received_at, value, topic,
+            readings.append(Reading(match.sensor, match.metric_prefix, received_ns, value, topic,
                                     match.tags))
         elif fmt == "senml":
-            _decode_senml(match, topic, payload, received_at, readings, rejected)
+            _decode_senml(match, topic, payload, received_ns, readings, rejected)
         else:
-            _decode_influx(match, topic, payload, received_at, readings, rejected)
+            _decode_influx(match, topic, payload, received_ns, readings, rejected)
     except DecodeError as exc:
         del readings[before:]
         rejected.append(Rejected(topic, payload, str(exc), received_at))
@@ -272,8 +383,8 @@ def decode_message(
         del readings[before:]
         log.error("decoder error; message quarantined (please report this as a bug)",
                   topic=topic, format=match.format, error=repr(exc))
-        rejected.append(Rejected(topic, payload, f"decoder error (a bug in ingestd): {exc!r}",
-                                 received_at))
+        rejected.append(Rejected(topic, payload, f"internal error: decoder failed (a bug in "
+                                 f"ingestd): {exc!r}", received_at, "internal"))
         return
     if match.options.rate_limit and len(readings) > before:
         _rate_limit(table, match, topic, payload, received_at, readings, before, rejected)
@@ -282,13 +393,22 @@ def decode_message(
 def _rate_limit(table: RouteTable, match: RouteMatch, topic: str, payload: bytes,
                 received_at: float, readings: list[Reading], before: int,
                 rejected: list[Rejected]) -> None:
-    """Keep what each sensor's token bucket allows; drop or quarantine the rest."""
+    """Keep what each sensor's token bucket allows; drop or quarantine the rest.
+
+    The bucket runs on the device's clock (the readings' time, which is the
+    receive time only where the device sends none): a backlog delivered at
+    once after an outage was produced at the device's pace and passes.
+    """
     fresh = readings[before:]
     counts: dict[str, int] = {}
+    latest: dict[str, int] = {}
     for r in fresh:
         counts[r.sensor] = counts.get(r.sensor, 0) + 1
+        if r.ts_ns > latest.get(r.sensor, -1):
+            latest[r.sensor] = r.ts_ns
     opts = match.options
-    allowed = {s: table.allow(match.route, s, opts, n, received_at) for s, n in counts.items()}
+    allowed = {s: table.allow(match.route, s, opts, n, latest[s] / NS)
+               for s, n in counts.items()}
     if all(allowed[s] == n for s, n in counts.items()):
         return
     kept: list[Reading] = []
@@ -313,7 +433,7 @@ def _decode_json(
     match: RouteMatch,
     topic: str,
     payload: bytes,
-    received_at: float,
+    received_ns: int,
     readings: list[Reading],
     rejected: list[Rejected],
     max_depth: int,
@@ -325,17 +445,18 @@ def _decode_json(
     """
     doc = _parse_json(payload)
     problems: list[str] = []
+    before = len(readings)
     if isinstance(doc, dict):
-        _object_readings(doc, match, received_at, topic, readings, problems, max_depth)
+        if _object_readings(doc, match, received_ns, topic, readings, problems, max_depth):
+            number_repeats(readings, before)
     elif isinstance(doc, list) and doc:
-        before = len(readings)
         for i, element in enumerate(doc):
             if type(element) is not dict:
                 problems.append(f"element {i} is not an object (got {_json_type(element)})")
                 continue
             seen = len(problems)
             try:
-                _object_readings(element, match, received_at, topic, readings, problems,
+                _object_readings(element, match, received_ns, topic, readings, problems,
                                  max_depth)
             except DecodeError as exc:
                 problems.append(f"element {i}: {exc}")
@@ -344,21 +465,23 @@ def _decode_json(
                 problems[seen:] = [f"element {i}: {p}" for p in problems[seen:]]
         if len(readings) == before:
             raise DecodeError("; ".join(problems[:5]) or "no usable elements")
+        number_repeats(readings, before)
     else:
         what = "an empty array" if isinstance(doc, list) else _json_type(doc)
         raise DecodeError(f"JSON payload is not an object or an array of objects (got {what})")
     if problems:
-        rejected.append(Rejected(topic, payload, _join(problems), received_at))
+        rejected.append(Rejected(topic, payload, _join(problems), received_ns / NS))
 
 
 def _settle(readings: list[Reading], before: int, problems: list[str], nothing: str,
-            topic: str, payload: bytes, received_at: float, rejected: list[Rejected]) -> None:
+            topic: str, payload: bytes, received_ns: int, rejected: list[Rejected]) -> None:
     """A message's end: no readings at all is a decode error (its problems, or
     `nothing`); readings with problems keep the readings and quarantine once."""
     if len(readings) == before:
         raise DecodeError(_join(problems) or nothing)
+    number_repeats(readings, before)
     if problems:
-        rejected.append(Rejected(topic, payload, _join(problems), received_at))
+        rejected.append(Rejected(topic, payload, _join(problems), received_ns / NS))
 
 
 def _join(problems: list[str], most: int = 20) -> str:
@@ -372,18 +495,18 @@ def _decode_senml(
     match: RouteMatch,
     topic: str,
     payload: bytes,
-    received_at: float,
+    received_ns: int,
     readings: list[Reading],
     rejected: list[Rejected],
 ) -> None:
     problems: list[str] = []
-    records = senml.resolve(_parse_json(payload), received_at, problems)
+    records = senml.resolve(_parse_json(payload), received_ns / NS, problems)
     before = len(readings)
     prefix, suffix, sensor, tags = (match.metric_prefix, match.metric_suffix, match.sensor,
                                     match.tags)
     for rec in records:
         try:
-            when = check_seconds(rec.time, rec.time)
+            when = check_ns(float_ns(rec.time, NS, rec.time), rec.time)
         except DecodeError as exc:
             problems.append(f"{rec.name}: {exc}")
             continue
@@ -393,14 +516,14 @@ def _decode_senml(
         if rec.sum is not None:
             readings.append(Reading(sensor, metric + "_sum", when, rec.sum, topic, tags, rec.unit))
     _settle(readings, before, problems, "SenML pack has no numeric records", topic, payload,
-            received_at, rejected)
+            received_ns, rejected)
 
 
 def _decode_influx(
     match: RouteMatch,
     topic: str,
     payload: bytes,
-    received_at: float,
+    received_ns: int,
     readings: list[Reading],
     rejected: list[Rejected],
 ) -> None:
@@ -410,7 +533,8 @@ def _decode_influx(
         raise DecodeError("payload is not valid UTF-8") from None
     points, problems = influx.parse(text)
     opts = match.options
-    divisor = _DIVISOR.get(opts.ts_unit, 1e9)  # line protocol's default: nanoseconds
+    # Line protocol's default unit is the nanosecond.
+    per = 1 if opts.ts_unit == "auto" else _NS_PER[opts.ts_unit]
     template, values = match.metric_template, match.values
     before = len(readings)
     # Lines of one message mostly repeat their measurement, fields and tags.
@@ -418,10 +542,10 @@ def _decode_influx(
     tag_texts: dict[tuple[tuple[str, str], ...], tuple[str, str]] = {}
     for p in points:
         if p.timestamp is None:
-            when = received_at
+            when = received_ns
         else:
             try:
-                when = check_seconds(p.timestamp / divisor, p.timestamp)
+                when = check_ns(p.timestamp * per, p.timestamp)
             except DecodeError as exc:
                 problems.append(f"{p.measurement}: {exc}")
                 continue
@@ -443,16 +567,16 @@ def _decode_influx(
                     {**values, "measurement": p.measurement, "field": field})
             readings.append(Reading(sensor, metric, when, value, topic, tag_text))
     _settle(readings, before, problems, "no points with numeric fields", topic, payload,
-            received_at, rejected)
+            received_ns, rejected)
 
 
 def decode_all(
     table: RouteTable,
-    deliveries: Iterable[tuple[str, bytes, float]],
+    deliveries: Iterable[tuple[str, bytes, int]],
 ) -> tuple[list[Reading], list[Rejected]]:
-    """Decode a chunk of (topic, payload, received_at) deliveries."""
+    """Decode a chunk of (topic, payload, received_ns) deliveries."""
     readings: list[Reading] = []
     rejected: list[Rejected] = []
-    for topic, payload, received_at in deliveries:
-        decode_message(table, topic, payload, received_at, readings, rejected)
+    for topic, payload, received_ns in deliveries:
+        decode_message(table, topic, payload, received_ns, readings, rejected)
     return readings, rejected

@@ -8,9 +8,17 @@ from __future__ import annotations
 
 import msgspec
 
+NS = 1_000_000_000  # nanoseconds per second
+
 
 class Reading(msgspec.Struct, frozen=True, gc=False):
-    """One measured value: `metric` of `sensor` at `ts` (Unix seconds, UTC).
+    """One measured value: `metric` of `sensor` at `ts_ns` (Unix nanoseconds, UTC).
+
+    Time is an exact integer so that distinct device timestamps stay distinct at
+    the precision the device sent (a float of Unix seconds resolves ~240 ns).
+    `seq` tells apart readings of one message that share a series and a time
+    (an array without timestamps, a repeated timestamp): the stored key is
+    (series, ts_ns, seq), so a redelivered message maps onto the same keys.
 
     `topic` is the MQTT topic it arrived on, kept so that a reading the
     processor rejects can be quarantined with its origin.
@@ -18,12 +26,13 @@ class Reading(msgspec.Struct, frozen=True, gc=False):
 
     sensor: str
     metric: str
-    ts: float
+    ts_ns: int
     value: float
     topic: str = ""
     # Canonical JSON of the reading's tags (topic levels, influx tags), or "".
     tags: str = ""
     unit: str = ""
+    seq: int = 0
 
 
 class Rejected(msgspec.Struct, frozen=True, gc=False):
@@ -39,7 +48,7 @@ class Rejected(msgspec.Struct, frozen=True, gc=False):
 
 # Why input is quarantined, by kind; the free-text reason says the rest.
 REJECT_KINDS = ("decode", "no_route", "bad_topic", "out_of_range", "too_large", "clock",
-                "rate_limited")
+                "rate_limited", "conflict", "internal")
 
 
 class Decoded(msgspec.Struct, frozen=True):
@@ -76,6 +85,9 @@ class BatchCommitted(msgspec.Struct, frozen=True):
     deliveries: int
     seconds: float
     size: int = 0  # rows written: readings offered (inserted or duplicate) + quarantined
+    # Readings not stored because their series and time hold another value;
+    # quarantined in the same transaction (and counted in `quarantined`).
+    conflicts: list[Rejected] = []
 
 
 class ConnectionChanged(msgspec.Struct, frozen=True):

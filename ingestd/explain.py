@@ -11,8 +11,8 @@ import time
 
 from ingestd.config import Settings, route_table
 from ingestd.decode import decode_message
-from ingestd.events import Reading, Rejected
-from ingestd.inspect import iso
+from ingestd.events import NS, Reading, Rejected
+from ingestd.inspect import iso_ns
 from ingestd.process import process
 
 
@@ -40,16 +40,18 @@ def explain(settings: Settings, topic: str, payload: bytes | None,
         return "\n".join(lines)
     readings: list[Reading] = []
     rejected: list[Rejected] = []
-    decode_message(table, topic, payload, now, readings, rejected)
+    received_ns = int(now * NS)
+    decode_message(table, topic, payload, received_ns, readings, rejected)
     kept = process(readings, settings.processor, now, rejected)
     lines.append(f"payload: {len(payload)} bytes")
     if kept:
         lines.append(f"readings ({len(kept)}):")
         for r in kept:
             unit = f" {r.unit}" if r.unit else ""
-            when = "receive time" if r.ts == now else iso(r.ts)
+            when = "receive time" if r.ts_ns == received_ns else iso_ns(r.ts_ns)
             tags = f"  tags {r.tags}" if r.tags and r.tags != match.tags else ""
-            lines.append(f"  {r.sensor} {r.metric} = {r.value:g}{unit} at {when}{tags}")
+            seq = f"  (seq {r.seq}: another reading of this series at this time)" if r.seq else ""
+            lines.append(f"  {r.sensor} {r.metric} = {r.value:g}{unit} at {when}{tags}{seq}")
     else:
         lines.append("readings: none")
     for rej in rejected:

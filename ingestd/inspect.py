@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ingestd.errors import IngestdError
-from ingestd.store import SCHEMA_VERSION
+from ingestd.events import NS
+from ingestd.store import SCHEMA_VERSION, ro_uri
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -64,11 +65,25 @@ def iso(ts: float) -> str:
         "+00:00", "Z")
 
 
+def iso_ns(ns: int) -> str:
+    """An exact UTC time: milliseconds always, finer digits where there are any."""
+    seconds, frac = divmod(ns, NS)
+    digits = f"{frac:09d}".rstrip("0").ljust(3, "0")
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + digits + "Z"
+
+
+def seconds_text(ns: int) -> str:
+    """Unix seconds as exact decimal text (a float would round to 15-17 digits)."""
+    seconds, frac = divmod(ns, NS)
+    digits = f"{frac:09d}".rstrip("0")
+    return f"{seconds}.{digits}" if digits else str(seconds)
+
+
 def connect_ro(path: Path) -> sqlite3.Connection:
     if not path.exists():
         raise InspectError(f"{path}: no database here (is store.path right? --db PATH)")
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)
+        conn = sqlite3.connect(ro_uri(path), uri=True, timeout=5)
         version = conn.execute("PRAGMA user_version").fetchone()[0]
     except sqlite3.Error as exc:
         raise InspectError(f"{path}: cannot read the database: {exc}") from None
@@ -107,7 +122,7 @@ def write_table(out: TextIO, table: Table, fmt: str, *, progress: TextIO | None 
         out.write("[")
         for row in rows:
             out.write(",\n " if n else "\n ")
-            out.write(json.dumps(dict(zip(cols, row, strict=True)), default=str))
+            out.write(_json_object(cols, row))
             n += 1
         out.write("\n]\n" if n else "]\n")
     else:
@@ -121,6 +136,14 @@ def write_table(out: TextIO, table: Table, fmt: str, *, progress: TextIO | None 
             out.write("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
                       + "\n")
     return n
+
+
+def _json_object(cols: list[str], row: Sequence[Any]) -> str:
+    parts = []
+    for c, v in zip(cols, row, strict=True):
+        text = v if isinstance(v, _Exact) else json.dumps(v, default=str)
+        parts.append(f"{json.dumps(c)}: {text}")
+    return "{" + ", ".join(parts) + "}"
 
 
 def _cell(v: Any) -> str:
@@ -152,24 +175,30 @@ def sensors(conn: sqlite3.Connection, like: str | None = None) -> Table:
     if like:
         where, args = "WHERE s.sensor GLOB ?", (like,)
     cur = conn.execute(
-        f"""SELECT s.sensor, s.metric, s.tags, s.unit, r.value, r.ts
+        f"""SELECT s.sensor, s.metric, s.tags, s.unit, r.value, r.ts_ns
             FROM series AS s JOIN samples AS r
               ON r.series_id = s.id
-             AND r.ts = (SELECT max(ts) FROM samples WHERE series_id = s.id)
+             AND (r.ts_ns, r.seq) = (SELECT ts_ns, seq FROM samples WHERE series_id = s.id
+                                    ORDER BY ts_ns DESC, seq DESC LIMIT 1)
             {where}
-            ORDER BY s.sensor, s.metric, s.tags""", args)
+            ORDER BY s.sensor, s.metric, s.tags, s.unit""", args)
     return Table(("sensor", "metric", "tags", "unit", "last_value", "last_seen"),
-                 ((s, m, t, u, v, iso(ts)) for s, m, t, u, v, ts in cur))
+                 ((s, m, t, u, v, iso_ns(ns)) for s, m, t, u, v, ns in cur))
 
 
 def query(conn: sqlite3.Connection, sensor: str, metric: str | None, since: float,
           until: float, limit: int | None = None, tags: Sequence[str] = ()) -> Table:
+    """Readings of one sensor in [since, until); `limit` 0 or None: all of them.
+
+    `ts` is exact decimal text of Unix seconds (JSON and CSV readers parse it
+    as a number; a float would round it), `ts_ns` the same as an integer.
+    """
     if until <= since:
         raise InspectError("--until must be later than --since")
-    sql = ("SELECT s.sensor, s.metric, r.ts, r.value, s.tags, s.unit FROM series AS s "
+    sql = ("SELECT s.sensor, s.metric, r.ts_ns, r.value, s.tags, s.unit FROM series AS s "
            "JOIN samples AS r ON r.series_id = s.id "
-           "WHERE s.sensor = ? AND r.ts >= ? AND r.ts < ?")
-    args: list[Any] = [sensor, since, until]
+           "WHERE s.sensor = ? AND r.ts_ns >= ? AND r.ts_ns < ?")
+    args: list[Any] = [sensor, _to_ns(since), _to_ns(until)]
     if metric:
         sql += " AND s.metric = ?"
         args.append(metric)
@@ -180,19 +209,36 @@ def query(conn: sqlite3.Connection, sensor: str, metric: str | None, since: floa
         # A bound JSON path: the key never becomes SQL text.
         sql += " AND json_extract(nullif(s.tags, ''), ?) = ?"
         args += ["$." + json.dumps(key), value]
-    sql += " ORDER BY r.ts, s.metric"
+    sql += " ORDER BY r.ts_ns, s.metric, r.seq"
     if limit:
         sql += " LIMIT ?"
         args.append(limit)
     cur = conn.execute(sql, args)
-    return Table(("sensor", "metric", "time", "ts", "value", "tags", "unit"),
-                 ((s, m, iso(ts), ts, v, t, u) for s, m, ts, v, t, u in cur))
+    return Table(("sensor", "metric", "time", "ts", "value", "tags", "unit", "ts_ns"),
+                 ((s, m, iso_ns(ns), _Exact(seconds_text(ns)), v, t, u, ns)
+                  for s, m, ns, v, t, u in cur))
 
 
-def quarantine(conn: sqlite3.Connection, since: float, limit: int) -> Table:
-    cur = conn.execute(
-        "SELECT received_at, topic, reason, payload FROM quarantine WHERE received_at >= ? "
-        "ORDER BY received_at DESC, id DESC LIMIT ?", (since, limit))
+class _Exact(str):
+    """A number kept as its exact text: JSON writes it as a number, not a string."""
+
+    __slots__ = ()
+
+
+def _to_ns(seconds: float) -> int:
+    return max(0, min(int(seconds * NS), 2**63 - 1))
+
+
+def quarantine(conn: sqlite3.Connection, since: float, limit: int | None) -> Table:
+    """Quarantined messages received since `since`, newest first; `limit` 0 or
+    None: all of them."""
+    sql = ("SELECT received_at, topic, reason, payload FROM quarantine WHERE received_at >= ? "
+           "ORDER BY received_at DESC, id DESC")
+    args: list[Any] = [since]
+    if limit:
+        sql += " LIMIT ?"
+        args.append(limit)
+    cur = conn.execute(sql, args)
     return Table(("received", "topic", "reason", "payload"),
                  ((iso(t), topic, reason, _preview(bytes(p))) for t, topic, reason, p in cur))
 
@@ -211,15 +257,15 @@ def db_stats(conn: sqlite3.Connection, path: Path) -> dict[str, Any]:
     readings = one("SELECT count(*) FROM samples").fetchone()[0]
     quarantined = one("SELECT count(*) FROM quarantine").fetchone()[0]
     # Per series along the key (two index probes each), not a scan of samples.
-    first = one("SELECT min((SELECT min(ts) FROM samples WHERE series_id = s.id)) "
+    first = one("SELECT min((SELECT min(ts_ns) FROM samples WHERE series_id = s.id)) "
                 "FROM series AS s").fetchone()[0]
-    last = one("SELECT max((SELECT max(ts) FROM samples WHERE series_id = s.id)) "
+    last = one("SELECT max((SELECT max(ts_ns) FROM samples WHERE series_id = s.id)) "
                "FROM series AS s").fetchone()[0]
     size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
     return {"source": "database", "path": str(path), "sensors": sensors_n, "series": series,
             "readings": readings, "quarantined": quarantined,
-            "first_reading": iso(first) if first is not None else None,
-            "last_reading": iso(last) if last is not None else None,
+            "first_reading": iso_ns(first) if first is not None else None,
+            "last_reading": iso_ns(last) if last is not None else None,
             "size_mb": round(size / 1e6, 1)}
 
 

@@ -17,6 +17,7 @@ import aiosqlite
 import structlog
 
 from ingestd.config import StoreSettings
+from ingestd.events import NS
 
 log = structlog.get_logger("ingestd.maintenance")
 
@@ -52,7 +53,7 @@ class Maintenance:
                 readings = quarantined = 0
                 if s.retention_days > 0:
                     cutoff = self.clock() - s.retention_days * DAY
-                    readings = await _delete_samples(conn, cutoff, s.retention_batch)
+                    readings = await _delete_samples(conn, int(cutoff * NS), s.retention_batch)
                     quarantined = await _delete_quarantine(conn, cutoff, s.retention_batch)
                 async with conn.execute("PRAGMA wal_checkpoint(PASSIVE)") as cur:
                     busy, wal_pages, moved = await cur.fetchone() or (0, 0, 0)
@@ -71,9 +72,9 @@ class Maintenance:
         return readings, quarantined
 
 
-async def _delete_samples(conn: aiosqlite.Connection, cutoff: float, batch: int) -> int:
-    """Delete samples older than `cutoff`, at most `batch` rows per transaction,
-    walking each series along its (series_id, ts) key."""
+async def _delete_samples(conn: aiosqlite.Connection, cutoff_ns: int, batch: int) -> int:
+    """Delete samples older than `cutoff_ns`, at most `batch` rows per transaction,
+    walking each series along its (series_id, ts_ns, seq) key."""
     async with conn.execute("SELECT id FROM series ORDER BY id") as cur:
         series = [row[0] for row in await cur.fetchall()]
     deleted = 0
@@ -81,16 +82,16 @@ async def _delete_samples(conn: aiosqlite.Connection, cutoff: float, batch: int)
         while True:
             # The batch-th oldest expired timestamp bounds this transaction.
             async with conn.execute(
-                "SELECT ts FROM samples WHERE series_id = ? AND ts < ? ORDER BY ts "
-                "LIMIT 1 OFFSET ?", (sid, cutoff, batch - 1),
+                "SELECT ts_ns FROM samples WHERE series_id = ? AND ts_ns < ? ORDER BY ts_ns "
+                "LIMIT 1 OFFSET ?", (sid, cutoff_ns, batch - 1),
             ) as cur:
                 row = await cur.fetchone()
             if row is None:
                 cur2 = await conn.execute(
-                    "DELETE FROM samples WHERE series_id = ? AND ts < ?", (sid, cutoff))
+                    "DELETE FROM samples WHERE series_id = ? AND ts_ns < ?", (sid, cutoff_ns))
             else:
                 cur2 = await conn.execute(
-                    "DELETE FROM samples WHERE series_id = ? AND ts <= ?", (sid, row[0]))
+                    "DELETE FROM samples WHERE series_id = ? AND ts_ns <= ?", (sid, row[0]))
             deleted += cur2.rowcount
             await cur2.close()
             await asyncio.sleep(0)  # let the writer in between batches

@@ -13,18 +13,28 @@ import time
 from collections.abc import Callable, Mapping
 
 import msgspec
+import structlog
 
 from ingestd.bus import EventBus, Subscription
 from ingestd.config import Limit, ProcessorSettings, Scaling
-from ingestd.events import Decoded, Processed, Reading, Rejected
+from ingestd.events import NS, Decoded, Processed, Reading, Rejected
 
 _encode = msgspec.json.encode
+log = structlog.get_logger("ingestd.process")
+_NEVER = 2**63  # beyond any int64 nanosecond time
+
+
+def _as_payload(r: Reading) -> bytes:
+    """A rejected reading, as its quarantine record's payload."""
+    return _encode({"sensor": r.sensor, "metric": r.metric, "ts": r.ts_ns / NS,
+                    "ts_ns": r.ts_ns, "value": r.value})
 
 
 def apply_limits(
-    readings: list[Reading], limits: Mapping[str, Limit], rejected: list[Rejected]
+    readings: list[Reading], limits: Mapping[str, Limit], rejected: list[Rejected], now: float
 ) -> list[Reading]:
-    """Readings within their metric's [min, max]; the rest are appended to `rejected`."""
+    """Readings within their metric's [min, max]; the rest are appended to `rejected`
+    (stamped with `now`, the time they were judged, like every quarantine record)."""
     if not limits:
         return readings
     bounds = {
@@ -42,14 +52,18 @@ def apply_limits(
         if b is None or b[0] <= r.value <= b[1]:
             keep(r)
             continue
-        payload = _encode({"sensor": r.sensor, "metric": r.metric, "ts": r.ts, "value": r.value})
-        rejected.append(Rejected(r.topic, payload, _violation(r, limits[r.metric]), r.ts,
+        rejected.append(Rejected(r.topic, _as_payload(r), _violation(r, limits[r.metric]), now,
                                  "out_of_range"))
     return kept
 
 
-def apply_scaling(readings: list[Reading], scaling: Mapping[str, Scaling]) -> list[Reading]:
-    """Readings of a scaled metric as `value * scale + offset`, with its unit."""
+def apply_scaling(readings: list[Reading], scaling: Mapping[str, Scaling], now: float,
+                  rejected: list[Rejected]) -> list[Reading]:
+    """Readings of a scaled metric as `value * scale + offset`, with its unit.
+
+    A result that is not a finite number (a huge value times a large scale)
+    is quarantined: a double cannot hold it, and JSON cannot show it.
+    """
     if not scaling:
         return readings
     get = scaling.get
@@ -59,8 +73,14 @@ def apply_scaling(readings: list[Reading], scaling: Mapping[str, Scaling]) -> li
         if s is None:
             out.append(r)
             continue
-        out.append(Reading(r.sensor, r.metric, r.ts, r.value * s.scale + s.offset, r.topic,
-                           r.tags, s.unit or r.unit))
+        value = r.value * s.scale + s.offset
+        if not math.isfinite(value):
+            rejected.append(Rejected(
+                r.topic, _as_payload(r), f"{r.metric}={r.value:g} scaled by {s.scale:g} "
+                f"+ {s.offset:g} is not a finite number", now, "out_of_range"))
+            continue
+        out.append(Reading(r.sensor, r.metric, r.ts_ns, value, r.topic, r.tags,
+                           s.unit or r.unit, r.seq))
     return out
 
 
@@ -68,33 +88,57 @@ def apply_clock(readings: list[Reading], now: float, max_future: float, max_age:
                 rejected: list[Rejected]) -> list[Reading]:
     """Readings whose device time is within [now - max_age, now + max_future];
     the rest are quarantined (0 turns a check off)."""
-    latest = now + max_future if max_future else math.inf
-    earliest = now - max_age if max_age else -math.inf
-    if all(earliest <= r.ts <= latest for r in readings):
+    latest = int((now + max_future) * NS) if max_future else _NEVER
+    earliest = int((now - max_age) * NS) if max_age else -_NEVER
+    if all(earliest <= r.ts_ns <= latest for r in readings):
         return readings
     kept: list[Reading] = []
     for r in readings:
-        if earliest <= r.ts <= latest:
+        if earliest <= r.ts_ns <= latest:
             kept.append(r)
             continue
-        if r.ts > latest:
-            why = (f"timestamp {r.ts:.3f} is {r.ts - now:,.0f} s in the future "
+        ts = r.ts_ns / NS
+        if r.ts_ns > latest:
+            why = (f"timestamp {ts:.3f} is {ts - now:,.0f} s in the future "
                    f"(processor.max_future_seconds = {max_future:g})")
         else:
-            why = (f"timestamp {r.ts:.3f} is {(now - r.ts) / 86400:,.1f} days old "
+            why = (f"timestamp {ts:.3f} is {(now - ts) / 86400:,.1f} days old "
                    f"(processor.max_age_days = {max_age / 86400:g})")
-        payload = _encode({"sensor": r.sensor, "metric": r.metric, "ts": r.ts, "value": r.value})
-        rejected.append(Rejected(r.topic, payload, why, now, "clock"))
+        rejected.append(Rejected(r.topic, _as_payload(r), why, now, "clock"))
     return kept
 
 
 def process(readings: list[Reading], settings: ProcessorSettings, now: float,
             rejected: list[Rejected]) -> list[Reading]:
     """Scaling, then the clock check, then limits."""
-    out = apply_scaling(readings, settings.scaling)
+    out = apply_scaling(readings, settings.scaling, now, rejected)
     out = apply_clock(out, now, settings.max_future_seconds, settings.max_age_days * 86400.0,
                       rejected)
-    return apply_limits(out, settings.limits, rejected)
+    return apply_limits(out, settings.limits, rejected, now)
+
+
+def process_guarded(readings: list[Reading], settings: ProcessorSettings, now: float,
+                    rejected: list[Rejected]) -> list[Reading]:
+    """`process`, but a reading whose processing raises (a bug of ours) is
+    quarantined with the error instead of stopping the daemon, which would stop
+    again on every redelivery of the same message."""
+    mark = len(rejected)
+    try:
+        return process(readings, settings, now, rejected)
+    except Exception:
+        del rejected[mark:]
+    kept: list[Reading] = []
+    for r in readings:
+        mark = len(rejected)
+        try:
+            kept.extend(process([r], settings, now, rejected))
+        except Exception as exc:
+            del rejected[mark:]
+            log.error("processing a reading failed; quarantined (please report this as a "
+                      "bug)", topic=r.topic, metric=r.metric, error=repr(exc))
+            rejected.append(Rejected(r.topic, _as_payload(r), f"internal error: processing "
+                                     f"failed (a bug in ingestd): {exc!r}", now, "internal"))
+    return kept
 
 
 def _violation(r: Reading, limit: Limit) -> str:
@@ -118,7 +162,7 @@ class Processor:
         while True:
             chunk: Decoded = await self.inbox.get()
             rejected = list(chunk.rejected)
-            kept = process(chunk.readings, self.settings, self.clock(), rejected)
+            kept = process_guarded(chunk.readings, self.settings, self.clock(), rejected)
             self.rejected += len(rejected) - len(chunk.rejected)
             await self.bus.publish(
                 Processed(kept, rejected, chunk.deliveries, chunk.acks, chunk.epoch,

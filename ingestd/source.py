@@ -31,7 +31,7 @@ from ingestd.bus import EventBus
 from ingestd.config import MqttSettings, Settings, route_table
 from ingestd.decode import decode_all
 from ingestd.errors import ConfigError
-from ingestd.events import ConnectionChanged, Decoded, Rejected, control
+from ingestd.events import NS, ConnectionChanged, Decoded, Rejected, control
 from ingestd.flow import InFlightWindow
 from ingestd.mqtt_link import ARRIVAL_CLOCK, MqttLink
 from ingestd.routes import RouteTable
@@ -87,8 +87,14 @@ def subscriptions(settings: Settings, table: RouteTable) -> list[tuple[str, int]
 
 
 def filter_covers(outer: str, inner: str) -> bool:
-    """True if every topic matching filter `inner` also matches filter `outer`."""
+    """True if every topic matching filter `inner` also matches filter `outer`.
+
+    A wildcard at the first level never matches a topic that starts with `$`
+    (MQTT 4.7.2), so `#` does not cover `$SYS/#`.
+    """
     a, b = outer.split("/"), inner.split("/")
+    if b[0].startswith("$") and a[0] in ("+", "#"):
+        return False
     for i, level in enumerate(a):
         if level == "#":
             return True
@@ -129,14 +135,15 @@ class MqttSource:
         bus: EventBus,
         window: InFlightWindow,
         *,
-        clock: Callable[[], float] = time.time,
+        clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         self.settings = settings.mqtt
         self.table = table
         self.subscriptions = subscriptions(settings, table)
         self.bus = bus
         self.window = window
-        self.clock = clock
+        self.clock_ns = clock_ns
+        self._last_received_ns = 0
         self.manual_ack = self.settings.ack == "after_commit"
         self.broker = f"{self.settings.host}:{self.settings.port}"
         self._tls = tls_context(self.settings)
@@ -423,21 +430,27 @@ class MqttSource:
         messages, self._inbox = self._inbox, []
         self.received += len(messages)
         # paho stamps each message with a monotonic clock on arrival; turn that
-        # into wall-clock time so readings without a device timestamp get
-        # their own receive time, not the chunk's.
-        offset = self.clock() - ARRIVAL_CLOCK()
-        deliveries: list[tuple[str, bytes, float]] = []
+        # into wall-clock nanoseconds so readings without a device timestamp
+        # get their own receive time, not the chunk's. Strictly increasing: no
+        # two messages share a receive time, so their readings never collide.
+        offset = self.clock_ns() - int(ARRIVAL_CLOCK() * NS)
+        last = self._last_received_ns
+        deliveries: list[tuple[str, bytes, int]] = []
         bad_topics: list[Rejected] = []
         for m in messages:
-            now = m.timestamp + offset
+            now = offset + int(m.timestamp * NS)
+            if now <= last:
+                now = last + 1
+            last = now
             # paho hands out bytes (typed bytes | bytearray); no copy needed.
             payload = cast(bytes, m.payload)
             try:
                 deliveries.append((m.topic, payload, now))
             except UnicodeDecodeError:
                 shown = bytes(m._topic).decode("utf-8", "backslashreplace")
-                bad_topics.append(Rejected(shown, payload, "topic is not valid UTF-8", now,
+                bad_topics.append(Rejected(shown, payload, "topic is not valid UTF-8", now / NS,
                                            "bad_topic"))
+        self._last_received_ns = last
         readings, rejected = decode_all(self.table, deliveries)
         if bad_topics:
             rejected.extend(bad_topics)

@@ -13,7 +13,9 @@ that commits on exit and rolls back on any error or cancellation.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from itertools import chain
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import Literal
 
 import aiosqlite
+import msgspec
 
 from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import Reading, Rejected
@@ -71,14 +74,57 @@ MIGRATIONS: tuple[str, ...] = (
         SELECT s.sensor, s.metric, r.ts, r.value, s.tags, s.unit
         FROM samples AS r JOIN series AS s ON s.id = r.series_id;
     """,
+    # 3: exact time and distinct readings. Time is integer Unix nanoseconds (a
+    # REAL of seconds merged readings < 240 ns apart); `seq` numbers readings of
+    # one message that share series and time; the unit is part of a series'
+    # identity (SenML sends one name in several units). Old times are taken to
+    # the microsecond, which is all a REAL of seconds carried.
+    """
+    CREATE TABLE series_v3 (
+        id      INTEGER PRIMARY KEY,
+        sensor  TEXT NOT NULL,
+        metric  TEXT NOT NULL,
+        tags    TEXT NOT NULL DEFAULT '',
+        unit    TEXT NOT NULL DEFAULT '',
+        UNIQUE (sensor, metric, tags, unit)
+    );
+    INSERT INTO series_v3 (id, sensor, metric, tags, unit)
+        SELECT id, sensor, metric, tags, unit FROM series;
+    CREATE TABLE samples_v3 (
+        series_id INTEGER NOT NULL,
+        ts_ns     INTEGER NOT NULL,
+        seq       INTEGER NOT NULL DEFAULT 0,
+        value     REAL NOT NULL,
+        PRIMARY KEY (series_id, ts_ns, seq)
+    ) WITHOUT ROWID;
+    INSERT INTO samples_v3 (series_id, ts_ns, seq, value)
+        SELECT series_id, CAST(round(ts * 1000000) AS INTEGER) * 1000, 0, value FROM samples;
+    DROP VIEW readings;
+    DROP TABLE samples;
+    DROP TABLE series;
+    ALTER TABLE series_v3 RENAME TO series;
+    ALTER TABLE samples_v3 RENAME TO samples;
+    CREATE VIEW readings (sensor, metric, ts, value, tags, unit, ts_ns, seq) AS
+        SELECT s.sensor, s.metric, r.ts_ns / 1e9, r.value, s.tags, s.unit, r.ts_ns, r.seq
+        FROM samples AS r JOIN series AS s ON s.id = r.series_id;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
-ROWS_PER_INSERT = 256  # 768 parameters, well under SQLite's limit of 32,766
-_INSERT_ONE = "INSERT OR IGNORE INTO samples (series_id, ts, value) VALUES (?, ?, ?)"
-_INSERT_MANY = "INSERT OR IGNORE INTO samples (series_id, ts, value) VALUES " + ", ".join(
-    ["(?, ?, ?)"] * ROWS_PER_INSERT
+ROWS_PER_INSERT = 256  # 1,024 parameters, well under SQLite's limit of 32,766
+_INSERT_ONE = "INSERT OR IGNORE INTO samples (series_id, ts_ns, seq, value) VALUES (?, ?, ?, ?)"
+_INSERT_MANY = "INSERT OR IGNORE INTO samples (series_id, ts_ns, seq, value) VALUES " + ", ".join(
+    ["(?, ?, ?, ?)"] * ROWS_PER_INSERT
 )
+# Rows offered that differ from what is stored under their key (checked only
+# when a batch inserted fewer rows than it offered).
+_CONFLICTS = (
+    "WITH offered (i, series_id, ts_ns, seq, value) AS (VALUES {values}) "
+    "SELECT o.i, s.value FROM offered AS o JOIN samples AS s "
+    "ON s.series_id = o.series_id AND s.ts_ns = o.ts_ns AND s.seq = o.seq "
+    "WHERE s.value IS NOT o.value"
+)
+_NS = 1_000_000_000
 
 # Primary result codes that mean "the store cannot write now, try again later".
 _TRANSIENT = {
@@ -91,7 +137,26 @@ _TRANSIENT = {
     sqlite3.SQLITE_PROTOCOL: "locking protocol error",
     sqlite3.SQLITE_NOMEM: "out of memory",
 }
-STORE_CONDITIONS = tuple(sorted(set(_TRANSIENT.values())))
+# The file at store.path is no longer the one the connection writes to.
+REPLACED = "database replaced"
+STORE_CONDITIONS = tuple(sorted({*_TRANSIENT.values(), REPLACED}))
+
+
+_SIDE = ("-wal", "-shm")
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def ro_uri(path: Path) -> str:
+    """A read-only SQLite URI for `path`: percent-encoded, so `#`, `?` and `%` in
+    a file name stay part of the name."""
+    return Path(path).resolve().as_uri() + "?mode=ro"
 
 
 def classify(exc: sqlite3.Error) -> StoreUnavailable | None:
@@ -108,15 +173,21 @@ def classify(exc: sqlite3.Error) -> StoreUnavailable | None:
 
 
 class Batch:
-    """One open transaction; see `SqliteStore.batch`."""
+    """One open transaction; see `SqliteStore.batch`.
 
-    def __init__(self, store: SqliteStore, conn: aiosqlite.Connection) -> None:
+    After `add_readings`: `inserted` new rows, `duplicates` rows already stored
+    with the same value (a redelivery), and `conflicts`, readings whose key
+    holds a different value, quarantined in the same transaction.
+    """
+
+    def __init__(self, store: SqliteStore, conn: aiosqlite.Connection, now: float) -> None:
         self._store = store
         self._conn = conn
-        self.new_series: dict[tuple[str, str, str], int] = {}
-        self.new_units: dict[int, str] = {}
+        self._now = now
+        self.new_series: dict[tuple[str, str, str, str], int] = {}
         self.inserted = 0
         self.duplicates = 0
+        self.conflicts: list[Rejected] = []
         self.quarantined = 0
 
     async def add_readings(self, readings: Sequence[Reading]) -> None:
@@ -125,12 +196,10 @@ class Batch:
         known = self._store.series_ids
         try:
             # Every series already known: the common case, in one comprehension.
-            rows = [(known[(r.sensor, r.metric, r.tags)], r.ts, r.value) for r in readings]
+            rows = [(known[(r.sensor, r.metric, r.tags, r.unit)], r.ts_ns, r.seq, r.value)
+                    for r in readings]
         except KeyError:
             rows = await self._rows_with_new_series(readings)
-        units = {row[0]: r.unit for row, r in zip(rows, readings, strict=True) if r.unit}
-        if units:
-            await self._set_units(units)
         inserted = 0
         # Multi-row statements: about 30% less work per row than one row per step.
         whole = len(rows) - len(rows) % ROWS_PER_INSERT
@@ -141,7 +210,40 @@ class Batch:
         if whole < len(rows):
             inserted += await self._insert(_INSERT_ONE, rows[whole:])
         self.inserted += inserted
-        self.duplicates += len(rows) - inserted
+        if inserted == len(rows):
+            return
+        conflicts = await self._conflicts(rows, readings)
+        self.duplicates += len(rows) - inserted - len(conflicts)
+        if conflicts:
+            await self.add_rejected(conflicts)
+            self.conflicts += conflicts
+
+    async def _conflicts(self, rows: list[tuple[int, int, int, float]],
+                         readings: Sequence[Reading]) -> list[Rejected]:
+        """Readings not inserted because their key holds a different value.
+
+        The same key with the same value is a redelivery (a duplicate); with
+        another value it is a second, different reading claiming that series
+        and time: quarantined with both values, never silently dropped.
+        """
+        found: list[tuple[int, float]] = []
+        for start in range(0, len(rows), ROWS_PER_INSERT):
+            part = rows[start:start + ROWS_PER_INSERT]
+            sql = _CONFLICTS.format(values=", ".join(["(?, ?, ?, ?, ?)"] * len(part)))
+            params = list(chain.from_iterable((start + i, *row) for i, row in enumerate(part)))
+            async with self._conn.execute(sql, params) as cur:
+                found += [(int(i), float(v)) for i, v in await cur.fetchall()]
+        out: list[Rejected] = []
+        for i, stored in sorted(found):
+            r = readings[i]
+            payload = msgspec.json.encode({"sensor": r.sensor, "metric": r.metric,
+                                           "ts": r.ts_ns / _NS, "ts_ns": r.ts_ns,
+                                           "seq": r.seq, "value": r.value, "stored": stored})
+            out.append(Rejected(
+                r.topic, payload, f"conflict: a different value ({stored:g}) is stored for "
+                f"{r.sensor} {r.metric} at this time (ts_ns {r.ts_ns}); this one ({r.value:g}) "
+                "was not stored", self._now, "conflict"))
+        return out
 
     async def _insert(self, sql: str, params: Sequence[Sequence[object]]) -> int:
         cur = await self._conn.executemany(sql, params)
@@ -151,35 +253,27 @@ class Batch:
 
     async def _rows_with_new_series(
         self, readings: Sequence[Reading]
-    ) -> list[tuple[int, float, float]]:
+    ) -> list[tuple[int, int, int, float]]:
         known = self._store.series_ids
         new = self.new_series
-        rows: list[tuple[int, float, float]] = []
+        rows: list[tuple[int, int, int, float]] = []
         append = rows.append
         for r in readings:
-            key = (r.sensor, r.metric, r.tags)
+            key = (r.sensor, r.metric, r.tags, r.unit)
             sid = known.get(key) or new.get(key)
             if sid is None:
                 sid = await self._series_id(key)
                 new[key] = sid
-            append((sid, r.ts, r.value))
+            append((sid, r.ts_ns, r.seq, r.value))
         return rows
 
-    async def _set_units(self, units: dict[int, str]) -> None:
-        """Label series with the unit their readings carry, when it changes."""
-        current = self._store.units
-        changed = [(u, sid) for sid, u in units.items()
-                   if current.get(sid) != u and self.new_units.get(sid) != u]
-        if changed:
-            await self._conn.executemany("UPDATE series SET unit = ? WHERE id = ?", changed)
-            self.new_units.update((sid, u) for u, sid in changed)
-
-    async def _series_id(self, key: tuple[str, str, str]) -> int:
+    async def _series_id(self, key: tuple[str, str, str, str]) -> int:
         await self._conn.execute(
-            "INSERT OR IGNORE INTO series (sensor, metric, tags) VALUES (?, ?, ?)", key
+            "INSERT OR IGNORE INTO series (sensor, metric, tags, unit) VALUES (?, ?, ?, ?)", key
         )
         async with self._conn.execute(
-            "SELECT id FROM series WHERE sensor = ? AND metric = ? AND tags = ?", key
+            "SELECT id FROM series WHERE sensor = ? AND metric = ? AND tags = ? AND unit = ?",
+            key,
         ) as cur:
             row = await cur.fetchone()
         if row is None:  # pragma: no cover - the INSERT above guarantees a row
@@ -207,9 +301,13 @@ class SqliteStore:
         self.path = path
         self.synchronous = synchronous
         self.busy_timeout_ms = busy_timeout_ms
-        self.series_ids: dict[tuple[str, str, str], int] = {}
-        self.units: dict[int, str] = {}
+        self.series_ids: dict[tuple[str, str, str, str], int] = {}
         self._conn: aiosqlite.Connection | None = None
+        # (device, inode) of the file the connection has open: a file deleted or
+        # replaced under a running daemon is noticed before anything is acked.
+        self._identity: tuple[int, int] | None = None
+        # ... and of its -wal and -shm files, which are ours to set aside then.
+        self._side_files: dict[str, tuple[int, int] | None] = {}
 
     async def open(self) -> None:
         """Open (creating and migrating the schema). Raises StoreUnavailable if it can't."""
@@ -231,10 +329,13 @@ class SqliteStore:
                 raise StoreError(f"{self.path}: could not enable WAL mode (got {row!r})")
             await conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
             await self._migrate(conn)
-            async with conn.execute("SELECT sensor, metric, tags, id, unit FROM series") as cur:
+            async with conn.execute("SELECT sensor, metric, tags, unit, id FROM series") as cur:
                 rows = list(await cur.fetchall())
-            self.series_ids = {(s, m, t): i for s, m, t, i, _ in rows}
-            self.units = {i: u for _, _, _, i, u in rows if u}
+            self.series_ids = {(s, m, t, u): i for s, m, t, u, i in rows}
+            self._identity = _identity(self.path)
+            self._side_files = {sfx: _identity(Path(f"{self.path}{sfx}")) for sfx in _SIDE}
+            if self._identity is None:
+                raise StoreUnavailable(REPLACED, f"{self.path} vanished while being opened")
         except BaseException as exc:
             await conn.close()
             if isinstance(exc, sqlite3.Error):
@@ -262,6 +363,25 @@ class SqliteStore:
                     await conn.rollback()
                 raise
 
+    def _set_aside_side_files(self) -> list[str]:
+        """Move our -wal and -shm away from a path whose database is no longer ours.
+
+        SQLite does not checkpoint into a moved file, so our write-ahead log
+        stays beside the newcomer, which would replay it (pages of another
+        database) on open. Only files with the identity we opened are moved.
+        """
+        moved: list[str] = []
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for sfx, ident in self._side_files.items():
+            side = Path(f"{self.path}{sfx}")
+            if ident is not None and _identity(side) == ident:
+                aside = side.with_name(f"{side.name}.orphaned-{stamp}")
+                with suppress(OSError):
+                    side.rename(aside)
+                    moved.append(str(aside))
+        self._side_files = {}
+        return moved
+
     async def close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
@@ -282,16 +402,20 @@ class SqliteStore:
         return StoreError(f"{self.path}: {exc}")
 
     @asynccontextmanager
-    async def batch(self) -> AsyncIterator[Batch]:
+    async def batch(self, now: float | None = None) -> AsyncIterator[Batch]:
         """One transaction: commits on exit, rolls back on error or cancellation.
 
         Transient SQLite conditions surface as StoreUnavailable; the caller holds
-        its data and retries.
+        its data and retries. So does a database file that was deleted or
+        replaced while open: the commit went to a file nobody will read again,
+        so it does not count; the connection is dropped and the retry writes
+        the batch to whatever is at `store.path` now (a new database if nothing).
+        `now` stamps quarantine records the batch adds (conflicts).
         """
         await self.open()
         conn = self._conn
         assert conn is not None
-        tx = Batch(self, conn)
+        tx = Batch(self, conn, time.time() if now is None else now)
         try:
             await conn.execute("BEGIN IMMEDIATE")
             yield tx
@@ -301,8 +425,15 @@ class SqliteStore:
             if isinstance(exc, sqlite3.Error):
                 raise self._translate(exc) from exc
             raise
+        if _identity(self.path) != self._identity:
+            await self._reset()
+            moved = self._set_aside_side_files()
+            aside = f"; its write-ahead log was set aside as {', '.join(moved)}" if moved else ""
+            raise StoreUnavailable(
+                REPLACED, f"{self.path} was deleted or replaced while ingestd had it open; "
+                "that batch went to the old file and is written again to the file now at "
+                f"the path (readings acknowledged before this went with the old file){aside}")
         self.series_ids.update(tx.new_series)
-        self.units.update(tx.new_units)
 
     async def _abandon(self, conn: aiosqlite.Connection, exc: BaseException) -> None:
         try:
@@ -341,7 +472,7 @@ async def backup(source: Path, dest: Path,
             raise StoreError(f"{source}: no database to back up")
         if dest.exists():
             raise StoreError(f"{dest}: already exists; not overwriting it")
-        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+        src = sqlite3.connect(ro_uri(source), uri=True, timeout=30)
         partial = dest.with_name(dest.name + ".partial")
         try:
             out = sqlite3.connect(partial)

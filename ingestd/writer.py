@@ -140,8 +140,10 @@ class BatchWriter:
             readings.extend(c.readings)
             rejected.extend(c.rejected)
         started = time.perf_counter()
-        inserted, duplicates = await self._commit(readings, rejected)
+        inserted, duplicates, conflicts = await self._commit(readings, rejected)
         seconds = time.perf_counter() - started
+        if conflicts:
+            rejected = rejected + conflicts
         # Counters first: whoever sees the window settle (a scrape, say) sees them too.
         self.committed += inserted
         self.duplicates += duplicates
@@ -159,12 +161,14 @@ class BatchWriter:
             self.window.settle(c.deliveries, len(c.acks))
             deliveries += c.deliveries
         event = BatchCommitted(inserted, duplicates, len(rejected), deliveries, seconds,
-                               len(readings) + len(rejected))
+                               len(readings) + len(rejected) - len(conflicts), conflicts)
         if self.on_commit is not None:
             self.on_commit(event)
         self.bus.publish_nowait(event)
 
-    async def _commit(self, readings: list[Reading], rejected: list[Rejected]) -> tuple[int, int]:
+    async def _commit(
+        self, readings: list[Reading], rejected: list[Rejected]
+    ) -> tuple[int, int, list[Rejected]]:
         delay = self.retry_min_delay
         condition: str | None = None
         while True:
@@ -196,4 +200,4 @@ class BatchWriter:
                 self.store_available = True
                 log.warning("store available again; batch committed", after=condition)
                 self.bus.publish_nowait(StoreStateChanged(True))
-            return tx.inserted, tx.duplicates
+            return tx.inserted, tx.duplicates, tx.conflicts

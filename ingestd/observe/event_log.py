@@ -12,7 +12,7 @@ from typing import Any
 import structlog
 
 from ingestd.bus import Subscription
-from ingestd.events import BatchCommitted, Processed
+from ingestd.events import BatchCommitted, Processed, Rejected
 
 log = structlog.get_logger("ingestd.events")
 
@@ -43,20 +43,13 @@ class EventLogger:
             self._reported_drops = self.inbox.dropped
         kind = type(event)
         if kind is Processed:
-            for rej in event.rejected:
-                log.info(
-                    "quarantined",
-                    topic=printable(rej.topic),
-                    reason=printable(rej.reason),
-                    payload=printable(
-                        rej.payload[:_PAYLOAD_SHOWN].decode("utf-8", "backslashreplace")),
-                    size=len(rej.payload),
-                    kind=rej.kind,
-                )
+            self._quarantined(event.rejected)
             if event.readings and log.is_enabled_for(10):
                 for r in event.readings:
-                    log.debug("reading", sensor=r.sensor, metric=r.metric, ts=r.ts, value=r.value)
+                    log.debug("reading", sensor=r.sensor, metric=r.metric, ts_ns=r.ts_ns,
+                              seq=r.seq, value=r.value)
         elif kind is BatchCommitted:
+            self._quarantined(event.conflicts)
             log.info(
                 "batch committed",
                 readings=event.readings,
@@ -64,6 +57,20 @@ class EventLogger:
                 quarantined=event.quarantined,
                 messages=event.deliveries,
                 ms=round(event.seconds * 1000, 2),
+            )
+
+
+    @staticmethod
+    def _quarantined(rejected: list[Rejected]) -> None:
+        for rej in rejected:
+            log.info(
+                "quarantined",
+                topic=printable(rej.topic),
+                reason=printable(rej.reason),
+                payload=printable(
+                    rej.payload[:_PAYLOAD_SHOWN].decode("utf-8", "backslashreplace")),
+                size=len(rej.payload),
+                kind=rej.kind,
             )
 
 

@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from ingestd.events import Reading, Rejected
+from ingestd.events import NS, Reading, Rejected
 from ingestd.store import SqliteStore
 from tests.helpers import SHIPPED_CONFIG, Daemon, Mosquitto, publish, wait_for
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
+T0_NS = 1_700_000_000 * NS
 
 
 def ingestd(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -33,10 +34,11 @@ async def db(tmp_path: Path) -> Path:
     path = tmp_path / "data.db"
     async with SqliteStore(path) as store, store.batch() as tx:
         await tx.add_readings(
-            [Reading("kitchen", "temperature", T0 + i * 60, 20 + i / 100) for i in range(1440)]
-            + [Reading("kitchen", "humidity", T0 + i * 60, 40.0) for i in range(1440)]
-            + [Reading("garage", "temperature", T0 + i * 600, 5.5) for i in range(144)]
-            + [Reading("meter", "power", T0 + i, float(i), "", f'{{"phase":"{p}"}}', "W")
+            [Reading("kitchen", "temperature", T0_NS + i * 60 * NS, 20 + i / 100)
+             for i in range(1440)]
+            + [Reading("kitchen", "humidity", T0_NS + i * 60 * NS, 40.0) for i in range(1440)]
+            + [Reading("garage", "temperature", T0_NS + i * 600 * NS, 5.5) for i in range(144)]
+            + [Reading("meter", "power", T0_NS + i * NS, float(i), "", f'{{"phase":"{p}"}}', "W")
                for i in range(10) for p in ("L1", "L2")])
         await tx.add_rejected([
             Rejected("sensors/x/telemetry", b"{oops\x00\x1b[31m", "payload is not valid JSON",
@@ -187,7 +189,8 @@ def test_data_commands_need_no_config_file(db: Path) -> None:
                           env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["sensor", "metric", "time", "ts", "value", "tags", "unit"]
+    assert lines[0].split() == ["sensor", "metric", "time", "ts", "value", "tags", "unit",
+                                "ts_ns"]
     assert lines[1].split()[:5] == ["garage", "temperature", "2023-11-14T22:13:20.000Z",
                                     "1700000000", "5.5"]
     assert len(lines) == 3

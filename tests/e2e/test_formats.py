@@ -48,8 +48,11 @@ def test_mixed_formats_on_several_routes(tmp_path: Path, mosquitto: Mosquitto) -
         publish(mosquitto.port, [
             ("plant/lyon/p1/json", json.dumps({"ts": T0, "status": "ok", "pressure": 101325,
                                                "env": {"t": 21.5}}).encode()),
+            # A record's unit is its own `u`, else `bu` (RFC 8428 4.6), and a unit
+            # is part of a series: both temperatures say Cel.
             ("senml/dev7", json.dumps([{"bn": "dev7:", "bt": T0, "n": "temp", "u": "Cel",
-                                        "v": 23.1}, {"n": "temp", "t": 60, "v": 23.4},
+                                        "v": 23.1}, {"n": "temp", "u": "Cel", "t": 60,
+                                                     "v": 23.4},
                                        {"n": "door", "vb": True, "t": 60}]).encode()),
             ("telegraf/paris", b"cpu,host=web1,core=0 idle=97.5 1700000000000000000\n"
                                b"cpu,host=web2,core=0 idle=12 1700000000000000000"),

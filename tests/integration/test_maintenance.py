@@ -10,7 +10,7 @@ import pytest
 
 from ingestd.config import StoreSettings
 from ingestd.errors import StoreError
-from ingestd.events import Reading, Rejected
+from ingestd.events import NS, Reading, Rejected
 from ingestd.maintenance import DAY, Maintenance
 from ingestd.store import SqliteStore, backup
 
@@ -20,7 +20,7 @@ NOW = 1_800_000_000.0
 async def _populate(path: Path) -> None:
     async with SqliteStore(path) as store, store.batch() as tx:
         readings = [
-            Reading(f"s{s}", metric, NOW - age_h * 3600, float(age_h))
+            Reading(f"s{s}", metric, int(NOW - age_h * 3600) * NS, float(age_h))
             for s in range(3) for metric in ("t", "h")
             for age_h in range(0, 24 * 10, 2)  # every 2 h over 10 days
         ]
@@ -68,7 +68,7 @@ async def test_retention_runs_beside_the_writer(tmp_path: Path) -> None:
         # The writer holds an open transaction while retention starts: retention
         # waits on the lock (busy timeout) instead of failing, then proceeds.
         async with store.batch() as tx:
-            await tx.add_readings([Reading("new", "t", NOW, 1.0)])
+            await tx.add_readings([Reading("new", "t", int(NOW) * NS, 1.0)])
             task = asyncio.create_task(m.run_once())
             await asyncio.sleep(0.3)
             assert not task.done()  # waiting for the writer's transaction

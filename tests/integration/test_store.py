@@ -11,15 +11,15 @@ import pytest
 
 from ingestd.bus import EventBus
 from ingestd.errors import StoreError, StoreUnavailable
-from ingestd.events import Processed, Reading, Rejected
+from ingestd.events import NS, Processed, Reading, Rejected
 from ingestd.flow import InFlightWindow
 from ingestd.store import SCHEMA_VERSION, SqliteStore
 from ingestd.writer import BatchWriter
 from tests.helpers import hold_exclusive_lock
 
 
-def readings(n: int, sensor: str = "s", t0: float = 1e9) -> list[Reading]:
-    return [Reading(sensor, "temperature", t0 + i, float(i), "t") for i in range(n)]
+def readings(n: int, sensor: str = "s", t0: int = 10**9) -> list[Reading]:
+    return [Reading(sensor, "temperature", (t0 + i) * NS, float(i), "t") for i in range(n)]
 
 
 def db_rows(path: Path, sql: str) -> list[tuple[object, ...]]:
@@ -197,11 +197,11 @@ async def test_version_1_database_migrates_to_tags_and_units_keeping_its_data(
         c.execute("INSERT INTO series (id, sensor, metric) VALUES (7, 'k', 'temperature')")
         c.executemany("INSERT INTO samples VALUES (7, ?, ?)", [(1e9 + i, i) for i in range(5)])
     async with SqliteStore(path) as store:
-        assert store.series_ids == {("k", "temperature", ""): 7}
+        assert store.series_ids == {("k", "temperature", "", ""): 7}
         async with store.batch() as tx:
             await tx.add_readings([
-                Reading("k", "temperature", 1e9 + 5, 5.0),  # the same series, continued
-                Reading("k", "temperature", 1e9, 9.0, "", '{"room":"a"}', "Cel"),  # tagged
+                Reading("k", "temperature", (10**9 + 5) * NS, 5.0),  # the same series, continued
+                Reading("k", "temperature", 10**9 * NS, 9.0, "", '{"room":"a"}', "Cel"),  # tagged
             ])
     assert db_rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert db_rows(path, "SELECT count(*) FROM readings WHERE tags = ''") == [(6,)]
@@ -209,3 +209,101 @@ async def test_version_1_database_migrates_to_tags_and_units_keeping_its_data(
                          "WHERE json_extract(nullif(tags, ''), '$.room') = 'a'") == [(9.0, "Cel")]
     assert db_rows(path, "SELECT id, tags, unit FROM series ORDER BY id") == [
         (7, "", ""), (8, '{"room":"a"}', "Cel")]
+
+
+async def test_a_redelivery_is_a_duplicate_and_another_value_a_quarantined_conflict(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "x.db"
+    t = 1_700_000_000 * NS
+    first = [Reading("k", "t", t, 1.0, "a"), Reading("k", "t", t, 2.0, "a", seq=1)]
+    async with SqliteStore(path) as store:
+        async with store.batch() as tx:
+            await tx.add_readings(first)
+        assert (tx.inserted, tx.duplicates, tx.conflicts) == (2, 0, [])
+        # The same message again (a redelivery): both duplicates, nothing quarantined.
+        async with store.batch() as tx:
+            await tx.add_readings(first)
+        assert (tx.inserted, tx.duplicates, tx.conflicts) == (0, 2, [])
+        # A different message claiming the same series and time with another value.
+        async with store.batch(now=5.0) as tx:
+            await tx.add_readings([Reading("k", "t", t, 7.0, "b"),
+                                   Reading("k", "t", t + 1, 8.0, "b")])
+        assert (tx.inserted, tx.duplicates) == (1, 0)
+        assert [(c.topic, c.kind, c.received_at) for c in tx.conflicts] == [("b", "conflict", 5.0)]
+        assert tx.conflicts[0].reason.startswith(
+            "conflict: a different value (1) is stored for k t at this time")
+    # The conflict is in the quarantine, committed with the batch; the first value stays.
+    assert db_rows(path, "SELECT topic, reason LIKE 'conflict:%' FROM quarantine") == [("b", 1)]
+    assert db_rows(path, "SELECT ts_ns, seq, value FROM readings ORDER BY ts_ns, seq") == [
+        (t, 0, 1.0), (t, 1, 2.0), (t + 1, 0, 8.0)]
+
+
+async def test_two_readings_of_one_batch_with_one_key_and_two_values(tmp_path: Path) -> None:
+    async with SqliteStore(tmp_path / "x.db") as store, store.batch() as tx:
+        await tx.add_readings([Reading("k", "t", NS, 1.0), Reading("k", "t", NS, 1.0),
+                               Reading("k", "t", NS, 3.0)])
+    assert (tx.inserted, tx.duplicates, len(tx.conflicts)) == (1, 1, 1)
+
+
+async def test_nanoseconds_apart_are_two_readings_and_the_view_keeps_seconds(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "x.db"
+    t = 1_700_000_000_123_456_789
+    async with SqliteStore(path) as store, store.batch() as tx:
+        await tx.add_readings([Reading("k", "t", t, 1.0), Reading("k", "t", t + 100, 2.0)])
+    assert tx.inserted == 2
+    assert db_rows(path, "SELECT ts_ns, value, typeof(ts) FROM readings ORDER BY ts_ns") == [
+        (t, 1.0, "real"), (t + 100, 2.0, "real")]
+    assert db_rows(path, "SELECT ts FROM readings LIMIT 1")[0][0] == pytest.approx(t / NS)
+
+
+async def test_a_database_deleted_or_replaced_while_open_is_noticed_before_any_ack(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "x.db"
+    async with SqliteStore(path) as store:
+        async with store.batch() as tx:
+            await tx.add_readings(readings(3))
+        for p in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+            p.unlink(missing_ok=True)
+        with pytest.raises(StoreUnavailable, match="deleted or replaced") as info:
+            async with store.batch() as tx:
+                await tx.add_readings(readings(5))
+        assert info.value.condition == "database replaced"
+        # The retry writes to whatever is at the path now: a fresh database.
+        async with store.batch() as tx:
+            await tx.add_readings(readings(5))
+        assert tx.inserted == 5
+        # Replaced by another file: the same.
+        other = tmp_path / "other.db"
+        async with SqliteStore(other) as o, o.batch() as otx:
+            await otx.add_readings(readings(1, "z"))
+        other.rename(path)
+        with pytest.raises(StoreUnavailable, match="deleted or replaced"):
+            async with store.batch() as tx:
+                await tx.add_readings(readings(6))
+        async with store.batch() as tx:
+            await tx.add_readings(readings(6))
+        assert (tx.inserted, tx.duplicates) == (6, 0)
+    assert db_rows(path, "SELECT sensor, count(*) FROM readings GROUP BY 1") == [
+        ("s", 6), ("z", 1)]
+
+
+async def test_version_2_database_migrates_to_exact_times_keeping_its_data(
+    tmp_path: Path,
+) -> None:
+    from ingestd.store import MIGRATIONS
+
+    path = tmp_path / "v2.db"
+    with sqlite3.connect(path) as c:  # a database as ingestd 0.1 left it
+        c.executescript(MIGRATIONS[0] + MIGRATIONS[1] + "\nPRAGMA user_version = 2;")
+        c.execute("INSERT INTO series (id, sensor, metric, unit) VALUES (3, 'k', 't', 'Cel')")
+        c.executemany("INSERT INTO samples VALUES (3, ?, ?)",
+                      [(1_700_000_000.123456, 1.0), (1_700_000_001.5, 2.0)])
+    async with SqliteStore(path) as store:
+        assert store.series_ids == {("k", "t", "", "Cel"): 3}
+    assert db_rows(path, "SELECT sensor, ts_ns, seq, value, unit FROM readings ORDER BY ts_ns") == [
+        ("k", 1_700_000_000_123_456_000, 0, 1.0, "Cel"),
+        ("k", 1_700_000_001_500_000_000, 0, 2.0, "Cel")]

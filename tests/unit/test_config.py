@@ -93,6 +93,22 @@ def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
         ('[[routes]]\ntopic = "a/{sensor}"\nformat = "xml"\n', "routes[0].format"),
         ("[mqtt.tls]\nkey_file = \"k\"\n" + ROUTE, "key_file is set but cert_file is not"),
         ("[mqtt]\nshared_group = \"a/b\"\n" + ROUTE, "mqtt.shared_group"),
+        # Non-finite numbers pass every comparison the wrong way: rejected where written.
+        ("[processor.limits]\ntemperature = { min = nan }\n" + ROUTE,
+         "processor.limits.temperature.min: Input should be a finite number"),
+        ("[processor.scaling]\np = { scale = nan }\n" + ROUTE,
+         "processor.scaling.p.scale: Input should be a finite number"),
+        ("[processor.scaling]\np = { offset = -inf }\n" + ROUTE,
+         "processor.scaling.p.offset: Input should be a finite number"),
+        ("[processor]\nmax_future_seconds = inf\n" + ROUTE,
+         "processor.max_future_seconds: Input should be a finite number"),
+        # A payload with several fields needs {field}, or they all get one name.
+        ('[[routes]]\ntopic = "a/{sensor}"\nmetric = "temperature"\n',
+         "metric template 'temperature' must contain {field}"),
+        ('[[routes]]\ntopic = "a/{sensor}"\nformat = "senml"\nmetric = "x"\n',
+         "must contain {field}"),
+        ('[[routes]]\ntopic = "a/{sensor}"\nformat = "influx"\nmetric = "{measurement}"\n',
+         "must contain {field}"),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -106,6 +122,24 @@ def test_env_error_names_the_variable(tmp_path: Path, monkeypatch: pytest.Monkey
     message = _error(tmp_path, ROUTE)
     assert "batch.max_readings" in message
     assert "from environment variable INGESTD_BATCH__MAX_READINGS" in message
+
+
+@pytest.mark.parametrize("name", ["INGESTD_MQTT_PORT", "INGESTD_MQQT__PORT",
+                                  "INGESTD_MQTT__PROT", "INGESTD_PROCESSOR__LIMITS__T__MAXIMUM"])
+def test_env_typos_are_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                              name: str) -> None:
+    monkeypatch.setenv(name, "1")
+    message = _error(tmp_path, ROUTE)
+    assert f"{name}: environment variable names no setting" in message
+
+
+def test_env_names_of_real_settings_are_accepted(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INGESTD_MQTT__TLS__ENABLED", "false")
+    monkeypatch.setenv("INGESTD_PROCESSOR__LIMITS__T__MAX", "5")
+    path = tmp_path / "c.toml"
+    path.write_text(ROUTE)
+    assert load_settings(path).processor.limits["t"].max == 5
 
 
 def test_unreadable_and_malformed_files(tmp_path: Path) -> None:

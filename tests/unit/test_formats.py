@@ -13,13 +13,18 @@ from hypothesis import strategies as st
 
 from ingestd.config import RouteSettings, Scaling, Settings, route_table
 from ingestd.decode import decode_all
-from ingestd.events import Reading
+from ingestd.events import NS, Reading
 from ingestd.explain import explain
 from ingestd.influx import parse, parse_line
 from ingestd.process import apply_clock, apply_scaling
 from ingestd.routes import InputLimits, RouteTable
 
 NOW = 1_700_000_100.0
+
+
+def ns(seconds: float) -> int:
+    """Float seconds as the decoders take them: to the microsecond."""
+    return round(seconds * 1_000_000) * 1000
 
 
 def table(*routes: dict[str, object], limits: InputLimits | None = None) -> RouteTable:
@@ -30,7 +35,7 @@ def table(*routes: dict[str, object], limits: InputLimits | None = None) -> Rout
 def run(t: RouteTable, topic: str, payload: bytes | str, now: float = NOW
         ) -> tuple[list[Reading], list[str]]:
     data = payload.encode() if isinstance(payload, str) else payload
-    readings, rejected = decode_all(t, [(topic, data, now)])
+    readings, rejected = decode_all(t, [(topic, data, ns(now))])
     return readings, [r.reason for r in rejected]
 
 
@@ -38,7 +43,7 @@ SENML = table({"topic": "senml/{sensor}", "format": "senml"})
 
 
 def rows(readings: list[Reading]) -> list[tuple[str, float, float, str]]:
-    return [(r.metric, r.ts, r.value, r.unit) for r in readings]
+    return [(r.metric, r.ts_ns / NS, r.value, r.unit) for r in readings]
 
 
 # -- SenML, RFC 8428 section 5.1 ------------------------------------------------------
@@ -71,6 +76,39 @@ def test_senml_multiple_measurements_with_base_time_and_unit() -> None:
     assert rows(readings) == [("urn:dev:ow:10e2073a0108006:voltage", bt, 120.1, "V")] + [
         ("urn:dev:ow:10e2073a0108006:current", bt + dt, v, "A")
         for dt, v in ((-5, 1.2), (-4, 1.3), (-3, 1.4), (-2, 1.5), (-1, 1.6), (0, 1.7))]
+
+
+def test_senml_multiple_datapoints_in_several_units_keep_all_seven() -> None:
+    # RFC 8428 5.1.4: one base name, humidity in the base unit, then position
+    # records told apart only by their unit (lon, lat): seven readings.
+    pack = ('[{"bn":"urn:dev:ow:10e2073a01080063","bt":1.320067464e+09,"bu":"%RH","v":20},'
+            '{"u":"lon","v":24.30621},{"u":"lat","v":60.07965},'
+            '{"t":60,"v":20.3},{"u":"lon","t":60,"v":24.30622},{"u":"lat","t":60,"v":60.07965},'
+            '{"t":120,"v":20.7}]')
+    readings, problems = run(SENML, "senml/dev", pack)
+    assert problems == []
+    bt = 1.320067464e9
+    name = "urn:dev:ow:10e2073a01080063"
+    assert rows(readings) == [(name, bt, 20.0, "%RH"), (name, bt, 24.30621, "lon"),
+                              (name, bt, 60.07965, "lat"), (name, bt + 60, 20.3, "%RH"),
+                              (name, bt + 60, 24.30622, "lon"), (name, bt + 60, 60.07965, "lat"),
+                              (name, bt + 120, 20.7, "%RH")]
+    # Distinct series (the unit is part of a series), so nothing needs a seq.
+    assert {r.seq for r in readings} == {0}
+
+
+def test_influx_points_without_timestamps_are_all_kept() -> None:
+    readings, problems = run(INFLUX, "telegraf/paris", "cpu v=1\ncpu v=2\ncpu v=3")
+    assert problems == []
+    assert [(r.metric, r.seq, r.value) for r in readings] == [
+        ("cpu.v", 0, 1.0), ("cpu.v", 1, 2.0), ("cpu.v", 2, 3.0)]
+
+
+def test_influx_nanosecond_timestamps_stay_distinct() -> None:
+    readings, _ = run(INFLUX, "telegraf/paris",
+                      "cpu v=1 1700000000000000100\ncpu v=2 1700000000000000200")
+    assert [(r.ts_ns, r.seq) for r in readings] == [(1700000000000000100, 0),
+                                                    (1700000000000000200, 0)]
 
 
 def test_senml_resolved_data() -> None:
@@ -140,7 +178,7 @@ def test_influx_readings_metric_names_tags_and_time() -> None:
     payload = ("cpu,host=ignored,core=0 usage_user=12.5,usage_system=3 1700000000000000000\n"
                'disk,path=/ used_percent=40.1,label="root"')
     readings, problems = run(INFLUX, "telegraf/web1", payload)
-    assert [(r.sensor, r.metric, r.ts, r.value, json.loads(r.tags)) for r in readings] == [
+    assert [(r.sensor, r.metric, r.ts_ns / NS, r.value, json.loads(r.tags)) for r in readings] == [
         ("web1", "cpu.usage_user", 1.7e9, 12.5, {"core": "0", "host": "ignored"}),
         ("web1", "cpu.usage_system", 1.7e9, 3.0, {"core": "0", "host": "ignored"}),
         ("web1", "disk.used_percent", NOW, 40.1, {"path": "/"}),
@@ -149,7 +187,7 @@ def test_influx_readings_metric_names_tags_and_time() -> None:
     by_tag = table({"topic": "telegraf/{site}", "format": "influx", "sensor": "{site}",
                     "sensor_tag": "host", "timestamp_unit": "ms", "metric": "{field}"})
     readings, _ = run(by_tag, "telegraf/paris", "cpu,host=web2 idle=99 1700000000000")
-    assert [(r.sensor, r.metric, r.ts, r.tags) for r in readings] == [
+    assert [(r.sensor, r.metric, r.ts_ns / NS, r.tags) for r in readings] == [
         ("web2", "idle", 1.7e9, "")]
     _, problems = run(INFLUX, "telegraf/x", b"cpu v=1 \xff")
     assert problems == ["payload is not valid UTF-8"]
@@ -165,7 +203,7 @@ def test_json_nested_flattening_filters_units_and_depth() -> None:
                           "env": {"temperature": 21.5, "air": {"co2": 400}},
                           "a": {"b": {"c": {"d": 1}}}})
     readings, problems = run(t, "site/paris/dev1", payload)
-    assert [(r.metric, r.ts, r.value) for r in readings] == [
+    assert [(r.metric, r.ts_ns / NS, r.value) for r in readings] == [
         ("env.temperature", 1700000000.5, 21.5), ("env.air.co2", 1700000000.5, 400.0)]
     assert all(r.tags == '{"site":"paris"}' and r.sensor == "dev1" for r in readings)
     assert problems == ["field 'a.b.c' is nested deeper than 3 levels"]
@@ -192,11 +230,11 @@ def test_input_limits_size_depth_utf8() -> None:
 # -- processing: scaling and clocks ---------------------------------------------------
 
 def test_scaling_and_device_clock_checks() -> None:
-    r = [Reading("d", "p", NOW, 101325.0), Reading("d", "t", NOW + 301, 1.0),
-         Reading("d", "t", NOW - 11 * 86400, 2.0), Reading("d", "t", NOW - 9 * 86400, 3.0)]
-    scaled = apply_scaling(r, {"p": Scaling(scale=0.01, unit="hPa")})
-    assert (scaled[0].value, scaled[0].unit) == (pytest.approx(1013.25), "hPa")
+    r = [Reading("d", "p", ns(NOW), 101325.0), Reading("d", "t", ns(NOW + 301), 1.0),
+         Reading("d", "t", ns(NOW - 11 * 86400), 2.0), Reading("d", "t", ns(NOW - 9 * 86400), 3.0)]
     rejected: list = []
+    scaled = apply_scaling(r, {"p": Scaling(scale=0.01, unit="hPa")}, NOW, rejected)
+    assert (scaled[0].value, scaled[0].unit) == (pytest.approx(1013.25), "hPa")
     kept = apply_clock(scaled, NOW, 300, 10 * 86400, rejected)
     assert [k.value for k in kept] == [pytest.approx(1013.25), 3.0]
     assert [x.kind for x in rejected] == ["clock", "clock"]
@@ -269,12 +307,12 @@ def mutated(draw: st.DrawFn) -> bytes:
        payload=st.one_of(st.binary(max_size=512), mutated()))
 def test_every_decoder_returns_readings_or_a_reason_for_any_bytes(prefix: str,
                                                                   payload: bytes) -> None:
-    readings, rejected = decode_all(ALL, [(f"{prefix}/dev", payload, NOW)])
+    readings, rejected = decode_all(ALL, [(f"{prefix}/dev", payload, ns(NOW))])
     assert readings or rejected
     assert len(rejected) <= 1
     assert all(r.reason and r.kind for r in rejected)
     assert not any(r.reason.startswith("decoder error") for r in rejected), rejected
-    assert all(math.isfinite(r.value) and math.isfinite(r.ts) for r in readings)
+    assert all(math.isfinite(r.value) and 0 <= r.ts_ns < 2**63 for r in readings)
     assert all(r.metric and r.sensor == "dev" for r in readings)
 
 

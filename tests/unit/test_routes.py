@@ -108,6 +108,10 @@ def test_match_cache_is_bounded() -> None:
         ("a/b", "a/b", True),
         ("a/b", "a/c", False),
         ("+/+", "a", False),
+        # MQTT 4.7.2: a leading wildcard never matches a topic starting with '$'.
+        ("#", "$SYS/broker/load/#", False),
+        ("+/#", "$SYS/#", False),
+        ("$SYS/#", "$SYS/broker/x", True),
     ],
 )
 def test_filter_covers(outer: str, inner: str, covers: bool) -> None:
@@ -123,3 +127,15 @@ def test_overlapping_route_filters_are_subscribed_once() -> None:
 
     settings = load_settings(SHIPPED_CONFIG)
     assert subscriptions(settings, route_table(settings)) == [("sensors/+/+", 1)]
+
+
+def test_a_dollar_route_is_subscribed_next_to_a_catch_all() -> None:
+    from ingestd.config import Settings, route_table
+    from ingestd.source import subscriptions
+
+    settings = Settings(routes=[{"topic": "#", "format": "value", "metric": "v",
+                                 "sensor": "all"},
+                                {"topic": "$SYS/broker/{metric}", "format": "value",
+                                 "sensor": "broker"}])  # type: ignore[list-item]
+    assert sorted(t for t, _ in subscriptions(settings, route_table(settings))) == [
+        "#", "$SYS/broker/+"]
