@@ -12,6 +12,7 @@ SIGHUP reloads the configuration (see `_reload`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 import time
@@ -29,7 +30,7 @@ from ingestd.flow import InFlightWindow
 from ingestd.maintenance import Maintenance
 from ingestd.observe.event_log import EventLogger
 from ingestd.observe.log import configure_logging
-from ingestd.observe.metrics import Health, Metrics, MetricsServer, Pipeline
+from ingestd.observe.metrics import Accounting, Health, Metrics, MetricsServer, Pipeline
 from ingestd.observe.systemd import SystemdNotifier, monotonic_usec, watchdog_interval
 from ingestd.process import Processor
 from ingestd.source import Backoff, MqttSource
@@ -153,9 +154,16 @@ class Daemon:
         tick = min(1.0, interval / 4) if interval else 1.0
         last_ping = last_status = 0.0
         reported_stall: str | None = None
+        unexplained = 0
         last_committed, last_at = 0, time.monotonic()
         while True:
             self.health.tick()
+            gap = self.health.accounting.unexplained
+            if gap != unexplained:
+                if gap:
+                    log.error("readings unaccounted for: a bug in ingestd, please report it",
+                              **dataclasses.asdict(self.health.accounting), unexplained=gap)
+                unexplained = gap
             now = time.monotonic()
             stall = self.health.stall()
             if stall is not None and reported_stall is None:
@@ -268,9 +276,11 @@ class Daemon:
             failed = True
         if failed:
             return EXIT_FAILURE
+        accounting = Accounting.of(self.health.pipeline) if self.health.pipeline else None
         log.info("stopped", committed=writer.committed, duplicates=writer.duplicates,
                  quarantined=writer.quarantined, batches=writer.batches,
                  received=source.received, stale_acks=source.stale_acks,
+                 readings=dataclasses.asdict(accounting) if accounting else {},
                  in_flight_peak=window.peak, window=window.limit,
                  seconds=round(time.monotonic() - self._stop_started, 3))
         return EXIT_OK

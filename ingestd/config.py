@@ -98,6 +98,7 @@ class RouteSettings(Section):
     rate_limit: float = Field(0.0, ge=0)
     rate_burst: float = Field(0.0, ge=0)
     rate_policy: Literal["drop", "quarantine"] = "drop"
+    retained: Literal["ignore", "store"] = "ignore"
 
     @model_validator(mode="after")
     def _compiles(self) -> RouteSettings:
@@ -127,6 +128,7 @@ class RouteSettings(Section):
             rate_limit=self.rate_limit,
             rate_burst=self.rate_burst or max(self.rate_limit, 1.0),
             rate_policy=self.rate_policy,
+            retained=self.retained,
         )
         return compile_route(
             self.topic, self.sensor, self.effective_metric, self.format,

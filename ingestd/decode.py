@@ -333,11 +333,14 @@ def decode_message(
     received_ns: int,
     readings: list[Reading],
     rejected: list[Rejected],
+    retained: bool = False,
 ) -> None:
     """Decode one message, appending to `readings` and `rejected`.
 
     `received_ns` is the receive time (Unix ns), unique per message: readings
-    without a device time are stamped with it.
+    without a device time are stamped with it. `retained`: the broker sent this
+    message because we subscribed (MQTT 3.3.1.3), not because it was just
+    published; the route's `retained` option says whether it counts.
     """
     received_at = received_ns / NS
     limit = table.limits.max_payload_bytes
@@ -356,6 +359,11 @@ def decode_message(
     if not match.sensor:
         rejected.append(Rejected(topic, payload, "topic gives an empty sensor id", received_at,
                                  "bad_topic"))
+        return
+    if retained and match.options.retained == "ignore":
+        # Sent again at every (re)subscribe, stamped "now" it would look like a
+        # fresh reading from a sensor that may be long dead.
+        table.counts.retained_ignored += 1
         return
     before = len(readings)
     try:
@@ -386,6 +394,13 @@ def decode_message(
         rejected.append(Rejected(topic, payload, f"internal error: decoder failed (a bug in "
                                  f"ingestd): {exc!r}", received_at, "internal"))
         return
+    table.counts.decoded += len(readings) - before
+    if retained:
+        # Only a device time says when a retained value was measured; the receive
+        # time would invent a new reading at every subscribe.
+        timed = [r for r in readings[before:] if r.ts_ns != received_ns]
+        table.counts.retained_untimed += len(readings) - before - len(timed)
+        readings[before:] = timed
     if match.options.rate_limit and len(readings) > before:
         _rate_limit(table, match, topic, payload, received_at, readings, before, rejected)
 
@@ -420,13 +435,13 @@ def _rate_limit(table: RouteTable, match: RouteMatch, topic: str, payload: bytes
     del readings[before:]
     readings.extend(kept)
     if opts.rate_policy == "quarantine":
-        table.rate_quarantined += excess
+        table.counts.rate_quarantined += excess
         over = ", ".join(sorted(s for s in counts if allowed[s] == 0))
         rejected.append(Rejected(
             topic, payload, f"rate limit: {excess} reading(s) over {opts.rate_limit:g}/s "
             f"(burst {opts.rate_burst:g}) from {over}", received_at, "rate_limited"))
     else:
-        table.rate_dropped += excess
+        table.counts.rate_dropped += excess
 
 
 def _decode_json(
@@ -573,10 +588,14 @@ def _decode_influx(
 def decode_all(
     table: RouteTable,
     deliveries: Iterable[tuple[str, bytes, int]],
+    retained: Iterable[tuple[str, bytes, int]] = (),
 ) -> tuple[list[Reading], list[Rejected]]:
-    """Decode a chunk of (topic, payload, received_ns) deliveries."""
+    """Decode a chunk of (topic, payload, received_ns) deliveries, and of
+    deliveries the broker flagged as retained (see `decode_message`)."""
     readings: list[Reading] = []
     rejected: list[Rejected] = []
     for topic, payload, received_ns in deliveries:
         decode_message(table, topic, payload, received_ns, readings, rejected)
+    for topic, payload, received_ns in retained:
+        decode_message(table, topic, payload, received_ns, readings, rejected, retained=True)
     return readings, rejected

@@ -75,7 +75,13 @@ class Decoded(msgspec.Struct, frozen=True):
 
 
 class Processed(Decoded, frozen=True):
-    """A chunk after validation: what remains in `readings` is to be stored."""
+    """A chunk after validation: what remains in `readings` is to be stored.
+
+    `rejected_readings`: readings the processor moved into `rejected` (limits,
+    clocks): with `readings`, every reading the chunk carried in.
+    """
+
+    rejected_readings: int = 0
 
 
 class BatchCommitted(msgspec.Struct, frozen=True):

@@ -9,11 +9,22 @@ from __future__ import annotations
 
 import time
 
-from ingestd.config import Settings, route_table
+from ingestd.config import ProcessorSettings, Settings, route_table
 from ingestd.decode import decode_message
 from ingestd.events import NS, Reading, Rejected
 from ingestd.inspect import iso_ns
 from ingestd.process import process
+from ingestd.routes import RouteTable
+
+
+def outcome(table: RouteTable, processor: ProcessorSettings, topic: str, payload: bytes,
+            received_ns: int) -> tuple[list[Reading], list[Rejected]]:
+    """What the daemon's decode and processing stages make of one live message:
+    the readings to store and the quarantine records."""
+    readings: list[Reading] = []
+    rejected: list[Rejected] = []
+    decode_message(table, topic, payload, received_ns, readings, rejected)
+    return process(readings, processor, received_ns / NS, rejected), rejected
 
 
 def explain(settings: Settings, topic: str, payload: bytes | None,
@@ -38,11 +49,8 @@ def explain(settings: Settings, topic: str, payload: bytes | None,
         lines.append(f"metric:  template {route.effective_metric!r}")
     if payload is None:
         return "\n".join(lines)
-    readings: list[Reading] = []
-    rejected: list[Rejected] = []
     received_ns = int(now * NS)
-    decode_message(table, topic, payload, received_ns, readings, rejected)
-    kept = process(readings, settings.processor, now, rejected)
+    kept, rejected = outcome(table, settings.processor, topic, payload, received_ns)
     lines.append(f"payload: {len(payload)} bytes")
     if kept:
         lines.append(f"readings ({len(kept)}):")
@@ -56,8 +64,8 @@ def explain(settings: Settings, topic: str, payload: bytes | None,
         lines.append("readings: none")
     for rej in rejected:
         lines.append(f"quarantined ({rej.kind}): {rej.reason}")
-    if table.rate_dropped:
-        lines.append(f"dropped by the rate limit: {table.rate_dropped}")
+    if table.counts.rate_dropped:
+        lines.append(f"dropped by the rate limit: {table.counts.rate_dropped}")
     return "\n".join(lines)
 
 

@@ -26,6 +26,9 @@ class InFlightWindow:
         self.broker_limit = broker_limit
         self.in_flight = 0
         self.unacked = 0
+        # Readings decoded from messages in flight and not yet committed or
+        # quarantined (a term of the accounting identity).
+        self.readings = 0
         self.peak = 0
         self.pauses = 0
         # monotonic time of the last settle, or of the first take after idle:

@@ -13,7 +13,19 @@ plumbing, but not three things an at-least-once ingester needs:
    from its `on_message` callback, in the event-loop thread, and batch it;
 4. cheap reading: paho reads each packet with three or more `recv()` calls
    (the command byte, each remaining-length byte, the rest), a system call
-   each. `_BufferedSocket` serves them from one large read.
+   each. `_BufferedSocket` serves them from one large read;
+5. QoS 2 that survives a crash: paho answers a QoS 2 PUBLISH with PUBREC on
+   arrival, and PUBREC hands ownership of the message to the receiver (MQTT
+   4.3.3): a message not yet committed when the connection ends is never sent
+   again, and a fresh client does not answer the broker's PUBREL for it, which
+   wedges one of the broker's in-flight slots for good. With manual
+   acknowledgement we hold PUBREC back until the commit (the message is handed
+   over at once, like QoS 1), and answer every PUBREL with PUBCOMP;
+6. a keepalive that outlives a pause: while reading is paused (the window is
+   full, the store is away) the broker's PINGRESP sits unread behind the
+   messages we are not taking, and paho would drop a healthy connection after
+   one keepalive. While paused, a PINGREQ that was written counts as the sign
+   of life: a broker that is gone shows as a failed write.
 
 Everything here that reaches into a private attribute is listed in
 `REQUIRED_INTERNALS`; `tests/unit/test_mqtt_link.py` fails loudly if an
@@ -23,11 +35,13 @@ upgrade of either library removes one.
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
 import paho.mqtt.client as paho
+from paho.mqtt.enums import MQTTErrorCode
 
 # (object, attribute) pairs this module depends on beyond the public API.
 REQUIRED_INTERNALS: tuple[tuple[type[Any], str], ...] = (
@@ -39,10 +53,19 @@ REQUIRED_INTERNALS: tuple[tuple[type[Any], str], ...] = (
     (paho.Client, "loop_read"),
     (paho.Client, "_send_pingreq"),
     (paho.Client, "_sock_recv"),
+    (paho.Client, "_handle_publish"),
+    (paho.Client, "_handle_pubrel"),
+    (paho.Client, "_send_pubrec"),
+    (paho.Client, "_send_pubcomp"),
+    (paho.Client, "_packet_handle"),
 )
 # paho.Client instance attributes: `_ping_t` is non-zero while a PINGREQ is unanswered;
-# `_sock` is the socket paho reads from (we put a buffer in front of it).
-REQUIRED_PAHO_ATTRS = ("_ping_t", "_sock")
+# `_sock` is the socket paho reads from (we put a buffer in front of it); `_in_packet`
+# is the packet being handled ({"command": first byte, "packet": the rest});
+# `_in_messages` holds QoS 2 messages waiting for PUBREL; `_last_bytes_received`
+# and `_msgtime_mutex` are what its keepalive check reads.
+REQUIRED_PAHO_ATTRS = ("_ping_t", "_sock", "_in_packet", "_in_messages",
+                       "_last_bytes_received", "_msgtime_mutex")
 # Instance attributes of aiomqtt.Client (set in __init__) we rely on.
 REQUIRED_INSTANCE_ATTRS = ("_client", "_disconnected", "_loop", "_misc_task")
 
@@ -108,9 +131,54 @@ class MqttLink(aiomqtt.Client):
         self.discarded = 0
         self._paused = False
         self._fd: int | None = None
+        # QoS 2 under manual acknowledgement (see the module docstring, 5).
+        self.pubrels_completed = 0
+        self._holding_pubrec = False
+        self._held_mid: int | None = None
         paho_client: paho.Client = self._client
         paho_client.manual_ack_set(manual_ack)
         paho_client.on_message = self._deliver
+        self._paho_handle_publish = paho_client._handle_publish
+        self._paho_handle_pubrel = paho_client._handle_pubrel
+        self._paho_send_pubrec = paho_client._send_pubrec
+        if manual_ack:
+            # Instance attributes shadow paho's methods; `_packet_handle` looks them up.
+            paho_client._handle_publish = self._handle_publish  # type: ignore[method-assign]
+            paho_client._handle_pubrel = self._handle_pubrel  # type: ignore[method-assign]
+            paho_client._send_pubrec = self._send_pubrec  # type: ignore[method-assign]
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        client: paho.Client = self._client
+        if (client._in_packet["command"] & 0x06) != 0x04:  # QoS bits: not QoS 2
+            return self._paho_handle_publish()
+        self._holding_pubrec, self._held_mid = True, None
+        try:
+            rc = self._paho_handle_publish()
+        finally:
+            self._holding_pubrec = False
+        mid = self._held_mid
+        if mid is not None:
+            message = client._in_messages.pop(mid, None)
+            if message is not None:
+                self._deliver(client, None, message)
+        return rc
+
+    def _send_pubrec(self, mid: int) -> MQTTErrorCode:
+        if self._holding_pubrec:
+            self._held_mid = mid  # sent by `ack` once the message is committed
+            return paho.MQTT_ERR_SUCCESS
+        return self._paho_send_pubrec(mid)
+
+    def _handle_pubrel(self) -> MQTTErrorCode:
+        client: paho.Client = self._client
+        rc = self._paho_handle_pubrel()
+        if rc != paho.MQTT_ERR_SUCCESS:
+            return rc
+        # We sent PUBREC only after the commit (or a previous connection did):
+        # the message is stored, so complete it, known to this client or not.
+        (mid,) = struct.unpack("!H", client._in_packet["packet"][:2])
+        self.pubrels_completed += 1
+        return client._send_pubcomp(mid)
 
     def _deliver(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
         self._received += 1
@@ -120,8 +188,9 @@ class MqttLink(aiomqtt.Client):
         self._handler(message)
 
     def ack(self, mid: int, qos: int) -> bool:
-        """Send PUBACK (QoS 1) or PUBCOMP (QoS 2); False if the connection is gone."""
-        rc = self._client.ack(mid, qos)
+        """Send PUBACK (QoS 1) or PUBREC (QoS 2: the broker answers PUBREL, and
+        we PUBCOMP); False if the connection is gone."""
+        rc = self._paho_send_pubrec(mid) if qos == 2 else self._client.ack(mid, qos)
         return bool(rc == paho.MQTT_ERR_SUCCESS)
 
     def pause_reading(self) -> None:
@@ -188,6 +257,19 @@ class MqttLink(aiomqtt.Client):
         """Return on a clean disconnect; raise aiomqtt.MqttError on a lost connection."""
         fut: asyncio.Future[None] = self._disconnected
         await asyncio.shield(fut)
+
+    async def _misc_loop(self) -> None:
+        """paho's periodic work (keepalive, retries), as aiomqtt runs it, except
+        that while reading is paused the last PINGREQ written stands in for the
+        PINGRESP we cannot read yet (see the module docstring, 6)."""
+        client: paho.Client = self._client
+        while True:
+            if self._paused:
+                with client._msgtime_mutex:
+                    client._last_bytes_received = ARRIVAL_CLOCK()
+            if client.loop_misc() != paho.MQTT_ERR_SUCCESS:
+                return
+            await asyncio.sleep(1)
 
     # -- socket plumbing (replaces aiomqtt.Client._on_socket_open) --------------
 

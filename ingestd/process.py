@@ -163,10 +163,11 @@ class Processor:
             chunk: Decoded = await self.inbox.get()
             rejected = list(chunk.rejected)
             kept = process_guarded(chunk.readings, self.settings, self.clock(), rejected)
-            self.rejected += len(rejected) - len(chunk.rejected)
+            moved = len(rejected) - len(chunk.rejected)
+            self.rejected += moved
             await self.bus.publish(
                 Processed(kept, rejected, chunk.deliveries, chunk.acks, chunk.epoch,
-                          flush=chunk.flush, last=chunk.last)
+                          flush=chunk.flush, last=chunk.last, rejected_readings=moved)
             )
             if chunk.last:
                 return

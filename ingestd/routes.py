@@ -41,6 +41,7 @@ class FormatOptions:
     rate_limit: float = 0.0  # readings/s per sensor (0: no limit)
     rate_burst: float = 1.0
     rate_policy: str = "drop"  # drop | quarantine
+    retained: str = "ignore"  # ignore | store: messages the broker re-sends on subscribe
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +184,23 @@ def _check_template(what: str, template: str, pattern: str, allowed: set[str]) -
     return fields
 
 
+@dataclass(slots=True)
+class DecodeCounts:
+    """What decoding did with readings, for the accounting identity (metrics).
+
+    `decoded`: readings the payloads gave (what `explain` lists). Of those, the
+    rate limit dropped `rate_dropped` and quarantined `rate_quarantined`, and
+    `retained_untimed` came from a retained message without a device time.
+    `retained_ignored` counts retained messages not decoded at all.
+    """
+
+    decoded: int = 0
+    rate_dropped: int = 0
+    rate_quarantined: int = 0
+    retained_untimed: int = 0
+    retained_ignored: int = 0
+
+
 class RouteTable:
     """Routes ordered most specific first; `match` resolves a topic, cached."""
 
@@ -192,8 +210,7 @@ class RouteTable:
         self._cache: dict[str, RouteMatch | None] = {}
         # Per-device rate limiting: (route, sensor) -> [tokens, last refill time].
         self.buckets: dict[tuple[int, str], list[float]] = {}
-        self.rate_dropped = 0
-        self.rate_quarantined = 0
+        self.counts = DecodeCounts()
 
     def subscriptions(self) -> list[tuple[str, int]]:
         """Unique subscription filters, in route order (QoS is chosen by the caller)."""

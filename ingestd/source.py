@@ -197,8 +197,7 @@ class MqttSource:
         added = [(t, q) for t, q in new if old.get(t) != q]
         removed = [t for t in old if t not in wanted]
         # Rate-limit state and counts carry over: a reload must not reset a device's bucket.
-        table.buckets, table.rate_dropped = self.table.buckets, self.table.rate_dropped
-        table.rate_quarantined = self.table.rate_quarantined
+        table.buckets, table.counts = self.table.buckets, self.table.counts
         self.table, self.subscriptions = table, new
         log.info("routes reloaded", routes=len(table.routes),
                  subscribe=[t for t, _ in added], unsubscribe=removed)
@@ -436,6 +435,7 @@ class MqttSource:
         offset = self.clock_ns() - int(ARRIVAL_CLOCK() * NS)
         last = self._last_received_ns
         deliveries: list[tuple[str, bytes, int]] = []
+        retained: list[tuple[str, bytes, int]] = []
         bad_topics: list[Rejected] = []
         for m in messages:
             now = offset + int(m.timestamp * NS)
@@ -445,13 +445,14 @@ class MqttSource:
             # paho hands out bytes (typed bytes | bytearray); no copy needed.
             payload = cast(bytes, m.payload)
             try:
-                deliveries.append((m.topic, payload, now))
+                (retained if m.retain else deliveries).append((m.topic, payload, now))
             except UnicodeDecodeError:
                 shown = bytes(m._topic).decode("utf-8", "backslashreplace")
                 bad_topics.append(Rejected(shown, payload, "topic is not valid UTF-8", now / NS,
                                            "bad_topic"))
         self._last_received_ns = last
-        readings, rejected = decode_all(self.table, deliveries)
+        readings, rejected = decode_all(self.table, deliveries, retained)
+        self.window.readings += len(readings)
         if bad_topics:
             rejected.extend(bad_topics)
         acks = [(m.mid, m.qos) for m in messages if m.qos] if self.manual_ack else []

@@ -62,6 +62,8 @@ class BatchWriter:
         self.committed = 0
         self.duplicates = 0
         self.quarantined = 0
+        # Readings (not messages) quarantined: by the processor, or as conflicts.
+        self.quarantined_readings = 0
         self.batches = 0
         self.store_available = True
         # For metrics and health (read from the metrics server's thread too).
@@ -155,6 +157,9 @@ class BatchWriter:
         self.batches += 1
         self.last_commit_at = time.time()
         deliveries = 0
+        moved = sum(c.rejected_readings for c in chunks)
+        self.quarantined_readings += moved + len(conflicts)
+        self.window.readings -= len(readings) + moved
         for c in chunks:
             # Chunks are in arrival order, so acknowledgements are too.
             self.acknowledge(c.epoch, c.acks)

@@ -256,7 +256,7 @@ qos = 1
 
 
 def publish(port: int, messages: Iterable[tuple[str, bytes]], *, qos: int = 1,
-            inflight: int = 1000, client_id: str = "") -> int:
+            inflight: int = 1000, client_id: str = "", retain: bool = False) -> int:
     """Publish and wait until every message is acknowledged by the broker.
 
     The in-flight window stays well under 65,535 so message ids never collide.
@@ -271,7 +271,7 @@ def publish(port: int, messages: Iterable[tuple[str, bytes]], *, qos: int = 1,
         infos = []
         count = 0
         for topic, payload in messages:
-            infos.append(client.publish(topic, payload, qos=qos))
+            infos.append(client.publish(topic, payload, qos=qos, retain=retain))
             count += 1
             if len(infos) >= 5000:
                 for info in infos:

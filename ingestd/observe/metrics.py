@@ -61,6 +61,44 @@ class Pipeline:
     started_at: float = field(default_factory=time.time)
 
 
+@dataclass(frozen=True)
+class Accounting:
+    """Where every decoded reading went, read in one go on the event loop.
+
+    Each transition (decode, commit) updates all of its terms without an await
+    in between, so on the loop the identity always holds:
+    decoded = committed + duplicate + quarantined + rate_limited
+              + retained_untimed + in_flight.
+    A scrape from the HTTP thread reads this snapshot, never a torn state.
+    """
+
+    decoded: int = 0
+    committed: int = 0
+    duplicate: int = 0
+    quarantined: int = 0
+    rate_dropped: int = 0
+    rate_quarantined: int = 0
+    retained_untimed: int = 0
+    in_flight: int = 0
+    # Messages, outside the identity (read at the same moment).
+    retained_ignored: int = 0
+    messages_received: int = 0
+
+    @classmethod
+    def of(cls, p: Pipeline) -> Accounting:
+        c, w = p.source.table.counts, p.writer
+        return cls(c.decoded, w.committed, w.duplicates, w.quarantined_readings,
+                   c.rate_dropped, c.rate_quarantined, c.retained_untimed, p.window.readings,
+                   c.retained_ignored, p.source.received)
+
+    @property
+    def unexplained(self) -> int:
+        """Readings decoded but in none of the outcomes: 0, or a bug in ingestd."""
+        return self.decoded - (self.committed + self.duplicate + self.quarantined
+                               + self.rate_dropped + self.rate_quarantined
+                               + self.retained_untimed + self.in_flight)
+
+
 class Health:
     """Liveness, readiness and progress: what /healthz, /readyz, WATCHDOG=1 and
     STATUS= report. Read from the HTTP thread and the event loop alike."""
@@ -72,9 +110,14 @@ class Health:
         self.store_open = False
         self.reloads = 0
         self.reload_failures = 0
+        self.accounting = Accounting()
 
     def tick(self) -> None:
+        """On the event loop, once a second: liveness, and a consistent
+        accounting snapshot for the scrapes of the next second."""
         self.tick_at = time.monotonic()
+        if self.pipeline is not None:
+            self.accounting = Accounting.of(self.pipeline)
 
     def live(self) -> bool:
         return time.monotonic() - self.tick_at < LOOP_STALL
@@ -141,12 +184,30 @@ class PipelineCollector(Collector):
         if p is None:
             return
         src, w, win = p.source, p.writer, p.window
-        yield _counter("ingestd_messages_received", "MQTT messages received", src.received)
+        a = h.accounting
+        yield _counter("ingestd_messages_received", "MQTT messages received",
+                       a.messages_received)
+        yield _counter("ingestd_readings_decoded",
+                       "Readings decoded from received payloads (what explain lists)",
+                       a.decoded)
         yield _counter("ingestd_readings_committed", "Readings committed to the store",
-                       w.committed)
+                       a.committed)
         yield _counter("ingestd_readings_duplicate",
-                       "Readings already stored (redeliveries), not written again",
-                       w.duplicates)
+                       "Redelivered readings: already stored with the same value, not written "
+                       "again", a.duplicate)
+        yield _counter("ingestd_readings_quarantined",
+                       "Readings quarantined one by one: limits, clock, conflicts", a.quarantined)
+        yield _counter("ingestd_readings_retained_untimed",
+                       "Readings of a retained message without a device time, not stored",
+                       a.retained_untimed)
+        yield _gauge("ingestd_readings_in_flight",
+                     "Readings decoded and not yet committed or quarantined", a.in_flight)
+        yield _gauge("ingestd_readings_unexplained",
+                     "decoded - (committed + duplicate + quarantined + rate limited + "
+                     "retained untimed + in flight): always 0, else a bug", a.unexplained)
+        yield _counter("ingestd_retained_ignored",
+                       "Retained messages re-sent by the broker on subscribe, not stored "
+                       "(routes with retained = \"ignore\")", a.retained_ignored)
         q = CounterMetricFamily("ingestd_quarantined",
                                 "Rejected payloads and readings stored in quarantine, by reason",
                                 labels=["reason"])
@@ -157,8 +218,8 @@ class PipelineCollector(Collector):
         limited = CounterMetricFamily("ingestd_readings_rate_limited",
                                       "Readings over a route's per-device rate limit",
                                       labels=["policy"])
-        limited.add_metric(["drop"], src.table.rate_dropped)
-        limited.add_metric(["quarantine"], src.table.rate_quarantined)
+        limited.add_metric(["drop"], a.rate_dropped)
+        limited.add_metric(["quarantine"], a.rate_quarantined)
         yield limited
         yield _counter("ingestd_batches_committed", "Store transactions committed", w.batches)
         yield _gauge("ingestd_last_commit_timestamp_seconds",

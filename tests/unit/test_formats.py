@@ -249,7 +249,7 @@ def test_token_bucket_per_device() -> None:
                "rate_burst": 5})
     kept = [len(run(t, "s/loud", "1", now=NOW)[0]) for _ in range(8)]
     assert sum(kept) == 5
-    assert t.rate_dropped == 3
+    assert t.counts.rate_dropped == 3
     assert len(run(t, "s/quiet", "1", now=NOW)[0]) == 1  # its own bucket
     assert len(run(t, "s/loud", "1", now=NOW + 0.2)[0]) == 1  # 2 tokens back after 0.2 s
     q = table({"topic": "s/{sensor}", "rate_limit": 1, "rate_burst": 2,
