@@ -42,6 +42,11 @@ log = structlog.get_logger("ingestd.source")
 ACK_CONFIRM_TIMEOUT = 3.0
 # Backpressure is logged at most this often (seconds), with a count.
 BACKPRESSURE_LOG_INTERVAL = 10.0
+# A connection that lasted less than this (and less than reconnect_max_delay)
+# does not reset the backoff: a broker that accepts and then drops us at
+# once (another client taking our client id over, an ACL) must not be
+# hammered at the shortest delay.
+STABLE_CONNECTION = 10.0
 
 
 class Backoff:
@@ -151,6 +156,7 @@ class MqttSource:
         self._wake = asyncio.Event()
         self._link: MqttLink | None = None
         self._epoch = 0
+        self._connected_at = 0.0
         self._paused_at = 0.0
         self._pause_logged = -BACKPRESSURE_LOG_INTERVAL
         self._pauses = 0
@@ -228,6 +234,7 @@ class MqttSource:
         backoff = Backoff(self.settings.reconnect_min_delay, self.settings.reconnect_max_delay)
         last_error: str | None = None
         down_since = time.monotonic()
+        short_lived = 0
         stop_waiter = asyncio.ensure_future(stop.wait())
         try:
             while not stop.is_set():
@@ -247,9 +254,24 @@ class MqttSource:
                 if self.connected:
                     self.connected = False
                     down_since = time.monotonic()
-                    log.warning("broker connection lost", broker=self.broker, error=str(error))
+                    lived = down_since - self._connected_at
+                    log.warning("broker connection lost", broker=self.broker, error=str(error),
+                                connected_seconds=round(lived, 1))
                     self.bus.publish_nowait(ConnectionChanged(False, self.broker, str(error)))
-                    backoff.reset()
+                    if lived >= max(STABLE_CONNECTION, self.settings.reconnect_max_delay):
+                        backoff.reset()
+                        short_lived = 0
+                    else:
+                        short_lived += 1
+                        if short_lived >= 2 or "taken over" in str(error).lower():
+                            log.warning(
+                                "the broker keeps closing the connection soon after accepting "
+                                "it: most likely another client is connected with the same "
+                                "mqtt.client_id, and each connection takes the session over "
+                                "from the other. Give every ingestd its own client_id; "
+                                "reconnecting with backoff meanwhile",
+                                client_id=self.settings.client_id, times=short_lived,
+                                connected_seconds=round(lived, 1))
                     last_error = str(error)
                 elif str(error) != last_error:
                     last_error = str(error)
@@ -309,6 +331,7 @@ class MqttSource:
         async with link:
             self._epoch += 1
             self._link = link
+            self._connected_at = time.monotonic()
             if self._epoch > 1:
                 self.reconnects += 1
             self.connected = True

@@ -24,32 +24,37 @@ def configure_logging(
 ) -> None:
     out = stream if stream is not None else sys.stdout
     as_json = fmt == "json" or (fmt == "auto" and not _isatty(out))
-    processors: list[Any] = [
-        structlog.contextvars.merge_contextvars,
+    stamp: list[Any] = [
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    render: list[Any]
     if as_json:
-        processors += [
+        render = [
             structlog.processors.dict_tracebacks,
             structlog.processors.EventRenamer("msg"),
             structlog.processors.JSONRenderer(default=str),
         ]
     else:
-        processors += [structlog.dev.ConsoleRenderer(colors=_isatty(out))]
+        render = [structlog.dev.ConsoleRenderer(colors=_isatty(out))]
     structlog.configure(
-        processors=processors,
+        processors=[structlog.contextvars.merge_contextvars, *stamp, *render],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
         logger_factory=structlog.PrintLoggerFactory(out),
         cache_logger_on_first_use=False,
     )
-    # Libraries that log through the standard library (aiomqtt, paho, asyncio).
-    logging.basicConfig(
-        level=logging.WARNING,
-        stream=out,
-        format="%(asctime)s [%(levelname)s] %(name)s: %(message)s",
-        force=True,
-    )
+    # Libraries that log through the standard library (aiomqtt, paho, asyncio's
+    # "exception was never retrieved" with its traceback) render through the
+    # same chain: one JSON object per line, a traceback included, never loose
+    # text lines in a JSON log.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=[structlog.stdlib.add_logger_name, *stamp],
+        processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
+    ))
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.WARNING)
 
 
 def _isatty(stream: TextIO) -> bool:

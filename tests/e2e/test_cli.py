@@ -194,3 +194,69 @@ def test_data_commands_need_no_config_file(db: Path) -> None:
     assert lines[1].split()[:5] == ["garage", "temperature", "2023-11-14T22:13:20.000Z",
                                     "1700000000", "5.5"]
     assert len(lines) == 3
+
+
+def test_stats_with_db_reads_that_file_even_while_a_daemon_answers(
+    tmp_path: Path, mosquitto: Mosquitto, db: Path
+) -> None:
+    daemon = Daemon(SHIPPED_CONFIG, {
+        "INGESTD_MQTT__PORT": str(mosquitto.port),
+        "INGESTD_STORE__PATH": str(tmp_path / "live.db"),
+        "INGESTD_MQTT__CLIENT_ID": "ingestd-cli-stats-db",
+        "INGESTD_DAEMON__LOG_FORMAT": "json"}, tmp_path).start()
+    try:
+        daemon.wait_ready()
+        port = daemon.metrics_url().rsplit(":", 1)[1]
+        config = tmp_path / "c.toml"
+        config.write_text(f"[metrics]\nport = {port}\n")
+        out = ingestd("stats", "--json", "--config", str(config), "--db", str(db)).stdout
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    stats = json.loads(out)
+    assert (stats["source"], stats["path"], stats["readings"]) == (
+        "database", str(db), 1440 * 2 + 144 + 20)
+
+
+@pytest.mark.parametrize("name", ["a#b.db", "what?.db", "x%41y.db", "sp ace.db"])
+def test_paths_with_uri_characters_work_for_every_command(db: Path, tmp_path: Path,
+                                                          name: str) -> None:
+    odd = tmp_path / "dir #?%" / name
+    odd.parent.mkdir()
+    odd.write_bytes(db.read_bytes())
+    stats = json.loads(ingestd(*cli(odd, "stats", "--json", "--url", "http://127.0.0.1:9")).stdout)
+    assert stats["readings"] == 1440 * 2 + 144 + 20
+    copy = tmp_path / "dir #?%" / f"copy {name}"
+    ingestd(*cli(odd, "backup", str(copy)))
+    again = json.loads(ingestd(*cli(copy, "stats", "--json", "--url",
+                                    "http://127.0.0.1:9")).stdout)
+    assert again["readings"] == stats["readings"]
+    # No stray file cut at the '#' or '?' (SQLite's own -wal/-shm aside).
+    files = {p.name for p in odd.parent.iterdir() if not p.name.endswith(("-wal", "-shm"))}
+    assert files == {name, f"copy {name}"}
+
+
+def test_limit_zero_means_all_for_query_and_quarantine(db: Path) -> None:
+    rows = json.loads(ingestd(*cli(db, "quarantine", "--since", str(T0), "--limit", "0",
+                                   "-f", "json")).stdout)
+    assert len(rows) == 2
+    rows = json.loads(ingestd(*cli(db, "query", "-s", "garage", "--since", str(T0),
+                                   "--until", str(T0 + 86400), "--limit", "0",
+                                   "-f", "json")).stdout)
+    assert len(rows) == 144
+
+
+async def test_query_shows_times_a_microsecond_apart_as_different(tmp_path: Path) -> None:
+    path = tmp_path / "fine.db"
+    t = 1_700_000_000_123_456_000
+    async with SqliteStore(path) as store, store.batch() as tx:
+        await tx.add_readings([Reading("fine", "v", t, 1.0), Reading("fine", "v", t + 1000, 2.0)])
+    lines = ingestd("query", "--db", str(path), "-s", "fine", "--since", str(T0),
+                    "--until", str(T0 + 1)).stdout.splitlines()
+    assert [line.split()[2:4] for line in lines[1:]] == [
+        ["2023-11-14T22:13:20.123456Z", "1700000000.123456"],
+        ["2023-11-14T22:13:20.123457Z", "1700000000.123457"]]
+    rows = json.loads(ingestd("query", "--db", str(path), "-s", "fine", "--since", str(T0),
+                              "--until", str(T0 + 1), "-f", "json").stdout)
+    assert [(r["ts"], r["ts_ns"]) for r in rows] == [(1700000000.123456, t),
+                                                     (1700000000.123457, t + 1000)]

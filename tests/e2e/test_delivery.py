@@ -271,3 +271,25 @@ def test_a_database_deleted_while_running_is_noticed_and_recreated(
     assert '"condition": "database replaced"' in logs
     assert "was deleted or replaced while ingestd had it open" in logs
     assert "store available again" in logs
+
+
+def test_two_daemons_with_one_client_id_back_off_and_say_why(tmp_path: Path,
+                                                             mosquitto: Mosquitto) -> None:
+    env = {"INGESTD_MQTT__CLIENT_ID": "same-id", "INGESTD_MQTT__RECONNECT_MAX_DELAY": "30"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = _start(tmp_path / "a", mosquitto.port, **env)
+    b = _start(tmp_path / "b", mosquitto.port, **env)
+    try:
+        time.sleep(15)
+        assert a.stop() == 0
+        assert b.stop() == 0
+    finally:
+        a.kill()
+        b.kill()
+    connects = [d.logs().count('"msg": "connected to broker"') for d in (a, b)]
+    # Each takeover used to reset the backoff: ~20 connections each in 15 s.
+    assert max(connects) <= 8, connects
+    said = a.logs() + b.logs()
+    assert "another client is connected with the same mqtt.client_id" in said
+    assert '"client_id": "same-id"' in said

@@ -259,6 +259,19 @@ def test_token_bucket_per_device() -> None:
     assert problems == ["rate limit: 1 reading(s) over 1/s (burst 2) from d"]
 
 
+def test_rate_limit_runs_on_the_device_clock_so_a_backlog_passes() -> None:
+    # A device at exactly its limit (1/s), its 15 messages delivered at once
+    # after an outage: produced at its pace, so all pass (by receive time: 1).
+    t = table({"topic": "s/{sensor}", "rate_limit": 1, "rate_burst": 1})
+    kept = [len(run(t, "s/d", f'{{"ts": {1_700_000_000 + i}, "v": 1}}', now=NOW)[0])
+            for i in range(15)]
+    assert kept == [1] * 15
+    # Ten in 0.9 s of its own clock: the burst of one, then 0.9 tokens: one passes.
+    fast = [len(run(t, "s/e", f'{{"ts": {1_700_000_100 + i / 10}, "v": 1}}', now=NOW)[0])
+            for i in range(10)]
+    assert fast == [1] + [0] * 9
+
+
 def test_explain_shows_route_tags_and_readings() -> None:
     s = Settings(routes=[{"topic": "plant/{site}/{sensor}/data", "format": "json"}],
                  processor={"limits": {"t": {"max": 50}}})

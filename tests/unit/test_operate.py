@@ -55,3 +55,28 @@ def test_device_text_is_escaped_for_logs() -> None:
 
     assert printable("a\x1b[31mred\nnext\x7f é") == "a\\x1b[31mred\\x0anext\\x7f é"
     assert printable("plain/topic") == "plain/topic"
+
+
+def test_library_log_records_and_tracebacks_are_json_lines_in_a_json_log() -> None:
+    import io
+    import json
+    import logging
+
+    import structlog
+
+    from ingestd.observe.log import configure_logging
+
+    out = io.StringIO()
+    configure_logging("info", "json", out)
+    try:
+        raise ConnectionResetError("broker went away")
+    except ConnectionResetError as exc:
+        # What asyncio logs for a task whose exception nobody retrieved.
+        logging.getLogger("asyncio").error("Task exception was never retrieved", exc_info=exc)
+    logging.getLogger("paho").warning("odd packet %d", 7)
+    structlog.get_logger("ingestd").info("ours", n=1)
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]  # each one JSON
+    assert [(x.get("logger", "-"), x["msg"]) for x in lines] == [
+        ("asyncio", "Task exception was never retrieved"), ("paho", "odd packet 7"),
+        ("-", "ours")]
+    assert "broker went away" in json.dumps(lines[0]["exception"])
