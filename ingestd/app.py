@@ -52,6 +52,35 @@ LIVE_KEYS = (
 )
 
 
+# While the store cannot be opened, its reason is logged again this often.
+STORE_WAIT_LOG = 30.0
+
+
+def store_advice(path: Path, exc: StoreUnavailable) -> str:
+    """Why the store cannot be opened, and what to do about it."""
+    text = str(exc)
+    lowered = text.lower()
+    user = _user()
+    if "permission denied" in lowered or "read-only" in lowered or "readonly" in lowered:
+        where = path.parent if not path.parent.exists() else path
+        verb = "create" if not path.parent.exists() else "write"
+        why = "read-only file system" if "read-only" in lowered else "permission denied"
+        return (f"cannot {verb} {where}: {why} for user {user} - set store.path to a "
+                f"place {user} can write (e.g. var/ingestd.db), or run as a user that can")
+    if "no space" in lowered or "disk full" in lowered:
+        return f"the disk holding {path} is full - free space there ({text})"
+    return text
+
+
+def _user() -> str:
+    try:
+        import pwd  # noqa: PLC0415 - POSIX only
+
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.getuid())
+
+
 class StopTimeout(Exception):
     """The pipeline did not drain within daemon.stop_timeout."""
 
@@ -197,18 +226,34 @@ class Daemon:
                 f"{p.window.limit}, queued {queued}, committed {p.writer.committed:,}")
 
     async def _open_store(self, store: SqliteStore) -> bool:
+        """Open the store, waiting out what keeps it closed; False if stopped first.
+
+        The reason is logged in words that say what to do, again every
+        STORE_WAIT_LOG seconds while it lasts (a single line scrolls away), and
+        /readyz and the metrics say the store is not available meanwhile.
+        """
         backoff = Backoff(self.settings.store.retry_min_delay, self.settings.store.retry_max_delay)
         reported: str | None = None
+        reported_at = 0.0
+        attempts = 0
         while True:
             try:
                 await store.open()
-                log.info("store open", path=str(store.path))
+                self.health.store_problem = None
+                if reported is not None:
+                    log.warning("store open after all", path=str(store.path), attempts=attempts)
+                else:
+                    log.info("store open", path=str(store.path))
                 return True
             except StoreUnavailable as exc:
-                if str(exc) != reported:
-                    reported = str(exc)
-                    log.error("cannot open the store; retrying", path=str(store.path),
-                              error=reported)
+                attempts += 1
+                problem = store_advice(store.path, exc)
+                self.health.store_problem = problem
+                now = time.monotonic()
+                if problem != reported or now - reported_at >= STORE_WAIT_LOG:
+                    log.error(f"cannot open the store: {problem}; retrying",
+                              path=str(store.path), attempts=attempts)
+                    reported, reported_at = problem, now
                 self.notifier.notify(f"STATUS=waiting for the store: {exc.condition}")
             try:
                 async with asyncio.timeout(backoff.next()):
@@ -246,6 +291,7 @@ class Daemon:
         event_logger = EventLogger(to_logger)
         writer.on_commit = self.metrics.observe_commit
         maintenance = Maintenance(lambda: self.settings.store)
+        self.health.loop = asyncio.get_running_loop()
         self.health.pipeline = Pipeline(source, writer, window, bus)
         self._components = {"source": source, "processor": processor, "writer": writer,
                             "maintenance": maintenance}

@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ingestd.errors import ConfigError
@@ -61,9 +70,11 @@ class TlsSettings(Section):
 class MqttSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
-    client_id: str = Field("ingestd", min_length=1, max_length=65535)
+    client_id: str = Field("ingestd-{hostname}", min_length=1, max_length=65535,
+                           validate_default=True)
     username: str | None = None
     password: SecretStr | None = None
+    password_file: Path | None = None
     keepalive: int = Field(30, ge=5, le=65535)
     protocol: Literal["3.1.1", "5"] = "3.1.1"
     persistent_session: bool = True
@@ -76,10 +87,33 @@ class MqttSettings(Section):
     reconnect_max_delay: float = Field(30.0, gt=0)
     tls: TlsSettings = TlsSettings()
 
+    @field_validator("client_id", mode="after")
+    @classmethod
+    def _expand_hostname(cls, value: str) -> str:
+        # Unique per machine and stable across restarts: the broker keeps the
+        # persistent session under this id.
+        return value.replace("{hostname}", socket.gethostname())
+
     @model_validator(mode="after")
     def _delays_ordered(self) -> MqttSettings:
         if self.reconnect_max_delay < self.reconnect_min_delay:
             raise ValueError("reconnect_max_delay must not be below reconnect_min_delay")
+        return self
+
+    @model_validator(mode="after")
+    def _password_from_file(self) -> MqttSettings:
+        """`password_file`'s content becomes `password` (never in argv or logs).
+
+        A relative name is looked up in systemd's $CREDENTIALS_DIRECTORY
+        (LoadCredential=) when the daemon runs with one. An empty file means
+        no password.
+        """
+        if self.password_file is None:
+            return self
+        if self.password is not None:
+            raise ValueError("password and password_file are both set; keep one")
+        secret = read_secret_file(self.password_file)
+        object.__setattr__(self, "password", SecretStr(secret) if secret else None)
         return self
 
 
@@ -183,7 +217,7 @@ class BatchSettings(Section):
 
 
 class StoreSettings(Section):
-    path: Path = Path("/var/lib/ingestd/ingestd.db")
+    path: Path = Path("var/ingestd.db")
     synchronous: Literal["full", "normal"] = "full"
     busy_timeout_ms: int = Field(1000, ge=0)
     retry_min_delay: float = Field(0.1, gt=0)
@@ -229,6 +263,27 @@ class Settings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # The file's content arrives as init data; the environment overrides it.
         return (env_settings, init_settings)
+
+
+def credential_path(path: Path) -> Path:
+    """A secret file's path: relative names in $CREDENTIALS_DIRECTORY (systemd
+    credentials) when that is set, else as given."""
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    if creds and not path.is_absolute():
+        return Path(creds) / path
+    return path
+
+
+def read_secret_file(path: Path) -> str:
+    """The secret in a file, without its trailing newline."""
+    where = credential_path(path)
+    try:
+        text = where.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"password_file {where}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"password_file {where}: cannot read it ({exc})") from None
+    return text.rstrip("\r\n")
 
 
 def load_settings(path: Path | None, *, need_routes: bool = True) -> Settings:

@@ -75,6 +75,14 @@ async def simulate(
     m = settings.mqtt
     fleet = make_sensors(sensors, seed)
     sent = 0
+    readings = 0
+    started = time.monotonic()
+
+    def summary() -> int:
+        print(f"simulator: sent {sent:,} messages ({readings:,} readings) at QoS {qos} to "
+              f"{m.host}:{m.port} in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        return sent
+
     password = m.password.get_secret_value() if m.password else None
     backoff = 0.5
     while not stop.is_set():
@@ -91,19 +99,22 @@ async def simulate(
                 while (rounds == 0 or done < rounds) and not stop.is_set():
                     now = time.time()
                     for s in fleet:
+                        sample = s.sample(now)
                         await client.publish(f"sensors/{s.name}/telemetry",
-                                             _encode(s.sample(now)), qos=qos)
+                                             _encode(sample), qos=qos)
                         sent += 1
+                        readings += len(sample) - 1  # all but "ts"
                         if done % 5 == 0:
                             await client.publish(f"sensors/{s.name}/co2",
                                                  f"{s.co2:.0f}".encode(), qos=qos)
                             sent += 1
+                            readings += 1
                     done += 1
                     next_round += interval
                     with contextlib.suppress(TimeoutError):
                         async with asyncio.timeout(max(0.0, next_round - time.monotonic())):
                             await stop.wait()
-                return sent
+                return summary()
         except aiomqtt.MqttError as exc:
             print(f"simulator: broker {m.host}:{m.port} unavailable ({exc}); retrying",
                   file=sys.stderr)
@@ -111,4 +122,4 @@ async def simulate(
                 async with asyncio.timeout(backoff):
                     await stop.wait()
             backoff = min(backoff * 2, 10.0)
-    return sent
+    return summary()

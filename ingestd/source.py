@@ -24,6 +24,7 @@ from typing import Any, cast
 import aiomqtt
 import paho.mqtt.client as paho
 import structlog
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -112,6 +113,31 @@ def filter_covers(outer: str, inner: str) -> bool:
     return len(a) == len(b)
 
 
+# CONNACK refusals worth a hint (MQTT 5 reason codes; paho maps 3.1.1's 1..5 onto them).
+_REFUSALS = {
+    132: "the broker does not speak this protocol version (check mqtt.protocol)",
+    133: "the broker rejected the client id (check mqtt.client_id)",
+    134: "not authorized: bad user name or password (check mqtt.username / "
+         "mqtt.password or mqtt.password_file)",
+    135: "not authorized (check mqtt.username / mqtt.password or mqtt.password_file, "
+         "and the broker's ACLs)",
+    136: "the broker is unavailable",
+    138: "the client id is banned by the broker",
+    140: "the broker wants another authentication method",
+}
+
+
+def connect_problem(error: BaseException) -> str | None:
+    """What a refused connection means for the operator, or None if it was not refused."""
+    if not isinstance(error, MqttConnectError):
+        return None
+    rc = error.rc
+    code = rc if isinstance(rc, int) or rc is None else int(rc.value)
+    if code is None:
+        return None
+    return _REFUSALS.get(code, f"the broker refused the connection ({error})")
+
+
 def tls_context(mqtt: MqttSettings) -> ssl.SSLContext | None:
     tls = mqtt.tls
     if not tls.enabled:
@@ -143,6 +169,7 @@ class MqttSource:
         clock_ns: Callable[[], int] = time.time_ns,
     ) -> None:
         self.settings = settings.mqtt
+        self.settings_root = settings
         self.table = table
         self.subscriptions = subscriptions(settings, table)
         self.bus = bus
@@ -198,6 +225,7 @@ class MqttSource:
         """
         table = route_table(settings)
         new = subscriptions(settings, table)
+        self.settings_root = settings
         old = dict(self.subscriptions)
         wanted = dict(new)
         added = [(t, q) for t, q in new if old.get(t) != q]
@@ -275,11 +303,18 @@ class MqttSource:
                     last_error = str(error)
                 elif str(error) != last_error:
                     last_error = str(error)
-                    log.warning(
-                        "broker unreachable; retrying with backoff",
-                        broker=self.broker,
-                        error=last_error,
-                    )
+                    refused = connect_problem(error)
+                    if refused is not None:
+                        log.error(f"broker refused the connection: {refused}; retrying with "
+                                  "backoff", broker=self.broker, error=last_error,
+                                  client_id=self.settings.client_id,
+                                  username=self.settings.username)
+                    else:
+                        log.warning(
+                            "broker unreachable; retrying with backoff",
+                            broker=self.broker,
+                            error=last_error,
+                        )
                 delay = backoff.next()
                 log.debug("reconnecting", broker=self.broker, delay=round(delay, 3),
                           down_for=round(time.monotonic() - down_since, 3))
@@ -378,10 +413,19 @@ class MqttSource:
             code = granted[0]
             value = code.value if hasattr(code, "value") else int(code)
             if value >= 0x80:
-                log.error("subscription refused by the broker; check its ACLs",
-                          topic=topic, qos=qos, reason=str(code))
+                log.error("subscription refused by the broker: these routes get nothing; "
+                          "check the broker's ACLs for this user", topic=topic, qos=qos,
+                          reason=str(code), routes=self._routes_under(topic),
+                          username=self.settings.username)
         log.info("subscribed", topics=[t for t, _ in self.subscriptions])
         return True
+
+    def _routes_under(self, subscription: str) -> list[str]:
+        """The route topics a subscription filter serves."""
+        group = self.settings_root.mqtt.shared_group
+        bare = subscription.removeprefix(f"$share/{group}/") if group else subscription
+        return [self.settings_root.routes[r.index].topic for r in self.table.routes
+                if filter_covers(bare, r.subscription)]
 
     async def _pump(
         self, link: MqttLink, stop: asyncio.Event, link_lost: asyncio.Future[None]

@@ -18,6 +18,8 @@ components' integers and flags, which is safe from another thread.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import threading
 import time
@@ -69,7 +71,8 @@ class Accounting:
     in between, so on the loop the identity always holds:
     decoded = committed + duplicate + quarantined + rate_limited
               + retained_untimed + in_flight.
-    A scrape from the HTTP thread reads this snapshot, never a torn state.
+    A scrape from the HTTP thread has the loop take a snapshot for it, so it
+    never reads a torn state.
     """
 
     decoded: int = 0
@@ -111,6 +114,29 @@ class Health:
         self.reloads = 0
         self.reload_failures = 0
         self.accounting = Accounting()
+        # Why the store is not open yet (before the pipeline exists), else None.
+        self.store_problem: str | None = None
+        # The loop the pipeline runs on, asked for fresh snapshots by scrapes.
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def fresh_accounting(self, timeout: float = 0.5) -> Accounting:
+        """A snapshot taken on the event loop now (from any thread); the last
+        tick's if the loop does not answer within `timeout` (it is blocked)."""
+        loop, p = self.loop, self.pipeline
+        if loop is None or p is None:
+            return self.accounting
+        done: concurrent.futures.Future[Accounting] = concurrent.futures.Future()
+
+        def take() -> None:
+            if not done.cancelled():
+                done.set_result(Accounting.of(p))
+
+        try:
+            loop.call_soon_threadsafe(take)
+            return done.result(timeout)
+        except (RuntimeError, concurrent.futures.TimeoutError):  # closed, or blocked
+            done.cancel()
+            return self.accounting
 
     def tick(self) -> None:
         """On the event loop, once a second: liveness, and a consistent
@@ -145,18 +171,25 @@ class Health:
         return None
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """(ready, the JSON body of /readyz): every check a boolean, and
+        `detail` saying why where one is false for a reason we know."""
         p = self.pipeline
         checks: dict[str, Any] = {"event_loop": self.live()}
         if p is None:
-            checks["store"] = "not open yet"
+            checks.update(broker=False, store=False, pipeline=False,
+                          detail=f"store not open: {self.store_problem or 'opening'}")
             return False, checks
         checks["broker"] = p.source.connected
         checks["store"] = p.writer.store_available
         stall = self.stall()
         checks["pipeline"] = stall is None
         if stall is not None:
-            checks["stall"] = stall
-        ok = all(v is True for k, v in checks.items() if k != "stall")
+            checks["detail"] = f"pipeline stalled: {stall}"
+        elif not p.writer.store_available:
+            checks["detail"] = "store unavailable; holding data and retrying"
+        elif not p.source.connected:
+            checks["detail"] = f"not connected to the broker {p.source.broker}"
+        ok = all(v is True for k, v in checks.items() if k != "detail")
         return ok, checks
 
 
@@ -182,9 +215,12 @@ class PipelineCollector(Collector):
                        "Configuration reloads rejected (invalid file)", h.reload_failures)
         p = h.pipeline
         if p is None:
+            # Before the store is open: the panels show "not available", not "No data".
+            yield _gauge("ingestd_store_available", "0 while the store refuses writes", 0)
+            yield _gauge("ingestd_broker_connected", "1 while connected to the broker", 0)
             return
         src, w, win = p.source, p.writer, p.window
-        a = h.accounting
+        a = h.fresh_accounting()
         yield _counter("ingestd_messages_received", "MQTT messages received",
                        a.messages_received)
         yield _counter("ingestd_readings_decoded",

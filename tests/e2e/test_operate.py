@@ -151,7 +151,7 @@ def test_watchdog_pings_only_while_the_pipeline_makes_progress(
         wedged_at = time.monotonic()
         base = daemon.metrics_url()
         wait_for(lambda: _get(base + "/readyz")[0] == 503, 10, what="/readyz to fail")
-        assert "a store call has not returned" in json.loads(_get(base + "/readyz")[1])["stall"]
+        assert "a store call has not returned" in json.loads(_get(base + "/readyz")[1])["detail"]
         # Within stall_timeout (2 s) plus a ping interval the pings stop...
         time.sleep(3.5)
         quiet_from = time.monotonic()

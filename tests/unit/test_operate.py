@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,49 @@ def test_library_log_records_and_tracebacks_are_json_lines_in_a_json_log() -> No
         ("asyncio", "Task exception was never retrieved"), ("paho", "odd packet 7"),
         ("-", "ours")]
     assert "broker went away" in json.dumps(lines[0]["exception"])
+
+
+def test_store_advice_says_what_to_do(tmp_path: Path) -> None:
+    from ingestd.app import store_advice
+    from ingestd.errors import StoreUnavailable
+
+    denied = StoreUnavailable("cannot open database",
+                              "/var/lib/ingestd: [Errno 13] Permission denied: '/var/lib/ingestd'")
+    advice = store_advice(Path("/var/lib/ingestd/ingestd.db"), denied)
+    assert advice.startswith("cannot create /var/lib/ingestd: permission denied for user ")
+    assert "set store.path to a place" in advice
+    assert "(e.g. var/ingestd.db)" in advice
+    existing = tmp_path / "x.db"
+    existing.write_bytes(b"")
+    ro = StoreUnavailable("database read-only", "attempt to write a readonly database")
+    assert store_advice(existing, ro).startswith(f"cannot write {existing}: read-only")
+
+
+def test_password_file_rules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from ingestd.config import MqttSettings
+
+    secret = tmp_path / "pw"
+    secret.write_text("hunter2\n")
+    assert MqttSettings(password_file=secret).password.get_secret_value() == "hunter2"
+    empty = tmp_path / "empty"
+    empty.write_text("")
+    assert MqttSettings(password_file=empty).password is None
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    assert MqttSettings(password_file=Path("pw")).password.get_secret_value() == "hunter2"
+    with pytest.raises(ValidationError, match="password and password_file are both set"):
+        MqttSettings(password="x", password_file=secret)
+    with pytest.raises(ValidationError, match=r"password_file .*nope: no such file"):
+        MqttSettings(password_file=Path("nope"))
+
+
+def test_default_client_id_is_per_host_and_stable() -> None:
+    import socket
+
+    from ingestd.config import MqttSettings
+
+    assert MqttSettings().client_id == f"ingestd-{socket.gethostname()}"
+    assert MqttSettings().client_id == MqttSettings().client_id
+    assert MqttSettings(client_id="site-{hostname}-2").client_id == (
+        f"site-{socket.gethostname()}-2")

@@ -139,3 +139,21 @@ def test_a_dollar_route_is_subscribed_next_to_a_catch_all() -> None:
                                  "sensor": "broker"}])  # type: ignore[list-item]
     assert sorted(t for t, _ in subscriptions(settings, route_table(settings))) == [
         "#", "$SYS/broker/+"]
+
+
+def test_a_refused_subscription_is_reported_with_the_routes_it_serves() -> None:
+    # (Mosquitto 2.0.11 grants every SUBSCRIBE and filters per message, so a
+    # real refusal cannot be provoked there; the names come from here.)
+    from ingestd.bus import EventBus
+    from ingestd.config import Settings, route_table
+    from ingestd.flow import InFlightWindow
+    from ingestd.source import MqttSource
+
+    settings = Settings(routes=[{"topic": "sensors/{sensor}/telemetry"},
+                                {"topic": "sensors/{sensor}/{metric}", "format": "value"},
+                                {"topic": "plant/{sensor}/x"}],  # type: ignore[list-item]
+                        mqtt={"shared_group": "g"})  # type: ignore[arg-type]
+    source = MqttSource(settings, route_table(settings), EventBus(), InFlightWindow(10))
+    assert sorted(source._routes_under("$share/g/sensors/+/+")) == [
+        "sensors/{sensor}/telemetry", "sensors/{sensor}/{metric}"]
+    assert source._routes_under("$share/g/plant/+/x") == ["plant/{sensor}/x"]

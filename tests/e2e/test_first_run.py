@@ -1,0 +1,125 @@
+"""What a new user meets first: credentials, refusals and a store that cannot
+be opened, each ending in a message that says what to do."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_operate import _get, _metric
+from tests.helpers import Daemon, Mosquitto, wait_for, write_config
+
+SECRET = "s3cret-Pa55-word"
+
+
+@pytest.fixture
+def auth_broker(tmp_path: Path) -> Iterator[Mosquitto]:
+    passwd = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "ingestd", SECRET],
+                   check=True, capture_output=True)
+    passwd.chmod(0o644)
+    broker = Mosquitto(tmp_path / "broker", extra=f"password_file {passwd}\n")
+    broker.conf.write_text(broker.conf.read_text().replace("allow_anonymous true",
+                                                           "allow_anonymous false"))
+    broker.start()
+    yield broker
+    broker.kill()
+
+
+def _daemon(tmp_path: Path, port: int, **env: str) -> Daemon:
+    config = write_config(tmp_path / "ingestd.toml")
+    return Daemon(config, {"INGESTD_MQTT__PORT": str(port),
+                           "INGESTD_STORE__PATH": str(tmp_path / "ingestd.db"),
+                           "INGESTD_MQTT__USERNAME": "ingestd",
+                           "INGESTD_DAEMON__LOG_FORMAT": "json", **env}, tmp_path)
+
+
+def _no_secret_anywhere(daemon: Daemon) -> None:
+    assert daemon.proc is not None
+    for what in ("cmdline", "environ"):
+        raw = Path(f"/proc/{daemon.proc.pid}/{what}").read_bytes()
+        assert SECRET.encode() not in raw, what
+    assert SECRET not in daemon.logs()
+
+
+def test_password_from_a_file_connects_and_appears_nowhere(tmp_path: Path,
+                                                          auth_broker: Mosquitto) -> None:
+    secret_file = tmp_path / "mqtt-password"
+    secret_file.write_text(SECRET + "\n")
+    daemon = _daemon(tmp_path, auth_broker.port,
+                     INGESTD_MQTT__PASSWORD_FILE=str(secret_file)).start()
+    try:
+        daemon.wait_ready()
+        _no_secret_anywhere(daemon)
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    out = subprocess.run([sys.executable, "-m", "ingestd", "check-config", "--config",
+                          str(tmp_path / "ingestd.toml")], capture_output=True, text=True,
+                         env={"PATH": "/usr/bin:/bin",
+                              "INGESTD_MQTT__PASSWORD_FILE": str(secret_file)})
+    assert out.returncode == 0, out.stderr
+    assert SECRET not in out.stdout + out.stderr
+    assert json.loads(out.stdout)["mqtt"]["password"] == "**********"
+
+
+def test_password_from_systemd_credentials_directory(tmp_path: Path,
+                                                     auth_broker: Mosquitto) -> None:
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "mqtt-password").write_text(SECRET)
+    daemon = _daemon(tmp_path, auth_broker.port, CREDENTIALS_DIRECTORY=str(creds),
+                     INGESTD_MQTT__PASSWORD_FILE="mqtt-password").start()
+    try:
+        daemon.wait_ready()
+        _no_secret_anywhere(daemon)
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+
+
+def test_a_wrong_password_says_not_authorized(tmp_path: Path, auth_broker: Mosquitto) -> None:
+    daemon = _daemon(tmp_path, auth_broker.port, INGESTD_MQTT__PASSWORD="wrong").start()
+    try:
+        wait_for(lambda: "broker refused the connection" in daemon.logs(), 15,
+                 what="the refusal")
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    line = next(json.loads(x) for x in daemon.logs().splitlines()
+                if "broker refused the connection" in x)
+    assert "not authorized" in line["msg"]
+    assert "check mqtt.username / mqtt.password" in line["msg"]
+    assert "broker unreachable" not in daemon.logs()
+
+
+def test_a_store_that_cannot_be_created_says_why_and_what_to_do(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where a directory should be")
+    config = write_config(tmp_path / "ingestd.toml")
+    daemon = Daemon(config, {"INGESTD_MQTT__PORT": str(mosquitto.port),
+                             "INGESTD_STORE__PATH": str(blocked / "sub" / "x.db"),
+                             "INGESTD_DAEMON__LOG_FORMAT": "json",
+                             "INGESTD_STORE__RETRY_MAX_DELAY": "0.2"}, tmp_path).start()
+    try:
+        base = daemon.metrics_url()
+        wait_for(lambda: "cannot open the store" in daemon.logs(), 10, what="the reason")
+        status, body = _get(base + "/readyz")
+        text = _get(base + "/metrics")[1]
+        assert daemon.stop() == 0
+    finally:
+        daemon.kill()
+    assert status == 503
+    ready = json.loads(body)
+    assert {k: ready[k] for k in ("ready", "broker", "store", "pipeline")} == {
+        "ready": False, "broker": False, "store": False, "pipeline": False}
+    assert ready["detail"].startswith("store not open: ")
+    assert _metric(text, "ingestd_store_available") == 0
+    assert _metric(text, "ingestd_broker_connected") == 0
