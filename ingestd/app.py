@@ -32,7 +32,9 @@ from ingestd.observe.event_log import EventLogger
 from ingestd.observe.log import configure_logging
 from ingestd.observe.metrics import Accounting, Health, Metrics, MetricsServer, Pipeline
 from ingestd.observe.systemd import SystemdNotifier, monotonic_usec, watchdog_interval
+from ingestd.observe.upstream import UpstreamWatch
 from ingestd.process import Processor
+from ingestd.routes import SequenceState
 from ingestd.source import Backoff, MqttSource
 from ingestd.store import SqliteStore
 from ingestd.writer import BatchWriter
@@ -99,6 +101,8 @@ class Daemon:
         self.health = Health(settings.daemon.stall_timeout)
         self.metrics = Metrics(self.health)
         self._components: dict[str, Any] = {}
+        self.upstream = UpstreamWatch(settings)
+        self.health.upstream = self.upstream
         self._reloading: asyncio.Task[None] | None = None
 
     # -- signals -------------------------------------------------------------
@@ -204,8 +208,10 @@ class Daemon:
             if interval and stall is None and now - last_ping >= interval / 2:
                 self.notifier.notify("WATCHDOG=1")
                 last_ping = now
+            p = self.health.pipeline
+            if p is not None:
+                self.upstream.check(p.source.table)
             if now - last_status >= STATUS_INTERVAL:
-                p = self.health.pipeline
                 if p is not None and self.ready.is_set() and not self.stop.is_set():
                     committed = p.writer.committed
                     rate = (committed - last_committed) / max(now - last_at, 1e-9)
@@ -279,7 +285,10 @@ class Daemon:
         to_logger = bus.subscribe(
             "logger", [Processed, BatchCommitted], policy="drop", maxsize=observer_q
         )
-        source = MqttSource(s, route_table(s), bus, window)
+        table = route_table(s)
+        # Device counters go on from what was committed: a gap across a restart counts.
+        table.sequences.update((sensor, SequenceState(*v)) for sensor, v in store.sequences.items())
+        source = MqttSource(s, table, bus, window, upstream=self.upstream)
         processor = Processor(to_processor, bus, s.processor)
         writer = BatchWriter(
             store, to_writer, bus, window, source.acknowledge,
@@ -378,6 +387,7 @@ class Daemon:
                 new.daemon.log_format != old.daemon.log_format:
             configure_logging(new.daemon.log_level, new.daemon.log_format)
         self.health.stall_timeout = new.daemon.stall_timeout
+        self.upstream.settings = new
         c = self._components
         if c:
             c["processor"].settings = new.processor

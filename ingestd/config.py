@@ -83,6 +83,7 @@ class MqttSettings(Section):
     max_inflight: int = Field(1000, ge=1, le=65535)
     broker_max_inflight: int = Field(20, ge=0, le=65535)
     shared_group: str = Field("", pattern=r"^[^/+#]*$")
+    watch_broker_drops: bool = True
     reconnect_min_delay: float = Field(0.5, gt=0)
     reconnect_max_delay: float = Field(30.0, gt=0)
     tls: TlsSettings = TlsSettings()
@@ -133,12 +134,16 @@ class RouteSettings(Section):
     rate_burst: float = Field(0.0, ge=0)
     rate_policy: Literal["drop", "quarantine"] = "drop"
     retained: Literal["ignore", "store"] = "ignore"
+    sequence_field: str = ""
+    expect_within: float = Field(0.0, ge=0)
 
     @model_validator(mode="after")
     def _compiles(self) -> RouteSettings:
         if self.timestamp_unit == "iso" and self.format in ("senml", "influx"):
             raise ValueError(f"timestamp_unit 'iso' is for json routes; {self.format} "
                              "timestamps are numbers")
+        if self.sequence_field and self.format != "json":
+            raise ValueError("sequence_field is for json routes (a field of each message)")
         if self.sensor_tag and self.format != "influx":
             raise ValueError("sensor_tag is for influx routes (the tag naming the sensor)")
         if self.format != "value" and "{field}" not in self.effective_metric:
@@ -163,6 +168,8 @@ class RouteSettings(Section):
             rate_burst=self.rate_burst or max(self.rate_limit, 1.0),
             rate_policy=self.rate_policy,
             retained=self.retained,
+            sequence_field=self.sequence_field,
+            expect_within=self.expect_within,
         )
         return compile_route(
             self.topic, self.sensor, self.effective_metric, self.format,

@@ -196,6 +196,7 @@ def _object_readings(
     """
     opts = match.options
     ts_field = match.ts_field
+    seq_field = opts.sequence_field or None  # never equal to a key when unset
     raw_ts = doc.get(ts_field, _MISSING)
     if raw_ts is _MISSING:
         when = received_ns
@@ -210,7 +211,7 @@ def _object_readings(
     filtered = opts.fields is not None or bool(opts.exclude_fields)
     flattened = False
     for key, raw in doc.items():
-        if key == ts_field:
+        if key in (ts_field, seq_field):
             continue
         if not key:
             problems.append("a field with an empty name")
@@ -360,17 +361,26 @@ def decode_message(
         rejected.append(Rejected(topic, payload, "topic gives an empty sensor id", received_at,
                                  "bad_topic"))
         return
-    if retained and match.options.retained == "ignore":
+    opts = match.options
+    if retained and opts.retained == "ignore":
         # Sent again at every (re)subscribe, stamped "now" it would look like a
         # fresh reading from a sensor that may be long dead.
         table.counts.retained_ignored += 1
         return
+    if opts.expect_within and not retained:
+        table.route_seen[match.route] = received_ns
+        seen = (match.route, match.sensor)
+        if seen not in table.sensor_seen:
+            table.expect_changed[match.sensor] = opts.expect_within
+        table.sensor_seen[seen] = received_ns
     before = len(readings)
     try:
         fmt = match.format
         if fmt == "json":
-            _decode_json(match, topic, payload, received_ns, readings, rejected,
-                         table.limits.max_json_depth)
+            sequences = _decode_json(match, topic, payload, received_ns, readings, rejected,
+                                     table.limits.max_json_depth)
+            for seq in sequences:
+                table.sequence(match.sensor, seq)
         elif fmt == "value":
             if not match.metric_prefix:
                 raise DecodeError("topic gives an empty metric name")
@@ -452,11 +462,13 @@ def _decode_json(
     readings: list[Reading],
     rejected: list[Rejected],
     max_depth: int,
-) -> None:
+) -> list[int]:
     """An object, or an array of objects (each with its own timestamp).
 
     An array element that is not an object, or whose timestamp is bad, is a
     problem quarantined with its index; the other elements still count.
+    Returns the device sequence numbers the message carried (the route's
+    `sequence_field`), in order.
     """
     doc = _parse_json(payload)
     problems: list[str] = []
@@ -464,6 +476,7 @@ def _decode_json(
     if isinstance(doc, dict):
         if _object_readings(doc, match, received_ns, topic, readings, problems, max_depth):
             number_repeats(readings, before)
+        elements: list[Any] = [doc]
     elif isinstance(doc, list) and doc:
         for i, element in enumerate(doc):
             if type(element) is not dict:
@@ -481,11 +494,23 @@ def _decode_json(
         if len(readings) == before:
             raise DecodeError("; ".join(problems[:5]) or "no usable elements")
         number_repeats(readings, before)
+        elements = doc
     else:
         what = "an empty array" if isinstance(doc, list) else _json_type(doc)
         raise DecodeError(f"JSON payload is not an object or an array of objects (got {what})")
+    sequences: list[int] = []
+    field = match.options.sequence_field
+    if field:
+        for element in elements:
+            raw = element.get(field) if type(element) is dict else None
+            if type(raw) is int and raw >= 0:
+                sequences.append(raw)
+            elif raw is not None:
+                problems.append(f"sequence field {field!r} is not a whole number >= 0 "
+                                f"(got {_json_type(raw)})")
     if problems:
         rejected.append(Rejected(topic, payload, _join(problems), received_ns / NS))
+    return sequences
 
 
 def _settle(readings: list[Reading], before: int, problems: list[str], nothing: str,

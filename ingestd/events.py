@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import msgspec
 
+from ingestd.routes import SensorStatus
+
 NS = 1_000_000_000  # nanoseconds per second
 
 
@@ -72,6 +74,9 @@ class Decoded(msgspec.Struct, frozen=True):
     epoch: int
     flush: bool = False
     last: bool = False
+    # Per-sensor state (device sequence counters, expect_within) to store with
+    # this chunk's readings, in the same transaction.
+    status: SensorStatus = SensorStatus()
 
 
 class Processed(Decoded, frozen=True):

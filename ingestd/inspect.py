@@ -168,22 +168,36 @@ def _with_progress(rows: Iterable[Sequence[Any]], err: TextIO) -> Iterator[Seque
 # -- the commands' queries ------------------------------------------------------------
 
 
-def sensors(conn: sqlite3.Connection, like: str | None = None) -> Table:
-    """Each series with its last reading: one index probe per series."""
+def sensors(conn: sqlite3.Connection, like: str | None = None,
+            now: float | None = None) -> Table:
+    """Each series with its last reading (one index probe per series), whether
+    the sensor is stale (silent longer than its route's expect_within), and the
+    gaps seen in its message counter (messages lost upstream)."""
+    now_ns = int((time.time() if now is None else now) * NS)
     args: tuple[str, ...]
     where, args = "", ()
     if like:
         where, args = "WHERE s.sensor GLOB ?", (like,)
     cur = conn.execute(
-        f"""SELECT s.sensor, s.metric, s.tags, s.unit, r.value, r.ts_ns
+        f"""SELECT s.sensor, s.metric, s.tags, s.unit, r.value, r.ts_ns,
+                   st.expect_within, st.seq_gaps, st.seq_missing
             FROM series AS s JOIN samples AS r
               ON r.series_id = s.id
              AND (r.ts_ns, r.seq) = (SELECT ts_ns, seq FROM samples WHERE series_id = s.id
                                     ORDER BY ts_ns DESC, seq DESC LIMIT 1)
+            LEFT JOIN sensor_status AS st ON st.sensor = s.sensor
             {where}
             ORDER BY s.sensor, s.metric, s.tags, s.unit""", args)
-    return Table(("sensor", "metric", "tags", "unit", "last_value", "last_seen"),
-                 ((s, m, t, u, v, iso_ns(ns)) for s, m, t, u, v, ns in cur))
+
+    def stale(ns: int, expect: float | None) -> str:
+        if not expect:
+            return ""
+        return "yes" if now_ns - ns > expect * NS else "no"
+
+    return Table(("sensor", "metric", "tags", "unit", "last_value", "last_seen", "stale",
+                  "seq_gaps", "seq_missing"),
+                 ((s, m, t, u, v, iso_ns(ns), stale(ns, exp), gaps or 0, missing or 0)
+                  for s, m, t, u, v, ns, exp, gaps, missing in cur))
 
 
 def query(conn: sqlite3.Connection, sensor: str, metric: str | None, since: float,

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import aiomqtt
@@ -123,9 +123,15 @@ class MqttLink(aiomqtt.Client):
     paho's `MQTTMessage`; it must not block.
     """
 
-    def __init__(self, *, on_message: MessageHandler, manual_ack: bool, **kwargs: Any) -> None:
+    def __init__(self, *, on_message: MessageHandler, manual_ack: bool,
+                 side_topics: Mapping[str, Callable[[bytes], None]] | None = None,
+                 **kwargs: Any) -> None:
+        """`side_topics`: topics whose payloads go to their own callback, outside
+        the pipeline (the broker's $SYS counters): not counted, not acknowledged
+        (they arrive at QoS 0)."""
         super().__init__(**kwargs)
         self._handler = on_message
+        self._side = {t.encode(): cb for t, cb in (side_topics or {}).items()}
         self._received = 0
         self._discarding = False
         self.discarded = 0
@@ -181,6 +187,11 @@ class MqttLink(aiomqtt.Client):
         return client._send_pubcomp(mid)
 
     def _deliver(self, _client: paho.Client, _userdata: Any, message: paho.MQTTMessage) -> None:
+        if self._side:
+            side = self._side.get(message._topic)
+            if side is not None:
+                side(bytes(message.payload))
+                return
         self._received += 1
         if self._discarding:
             self.discarded += 1  # not acknowledged: the broker redelivers it next session

@@ -167,7 +167,8 @@ class Processor:
             self.rejected += moved
             await self.bus.publish(
                 Processed(kept, rejected, chunk.deliveries, chunk.acks, chunk.epoch,
-                          flush=chunk.flush, last=chunk.last, rejected_readings=moved)
+                          flush=chunk.flush, last=chunk.last, status=chunk.status,
+                          rejected_readings=moved)
             )
             if chunk.last:
                 return

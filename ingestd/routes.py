@@ -22,6 +22,9 @@ import msgspec
 
 _NAME = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _CACHE_MAX = 65536
+# A counter that goes back by more than this restarted (a redelivery goes back
+# by at most the broker's in-flight window).
+_RESTART_BACKSTEP = 65535
 _encode = msgspec.json.encode
 
 
@@ -42,6 +45,8 @@ class FormatOptions:
     rate_burst: float = 1.0
     rate_policy: str = "drop"  # drop | quarantine
     retained: str = "ignore"  # ignore | store: messages the broker re-sends on subscribe
+    sequence_field: str = ""  # json: the device's message counter (gap detection)
+    expect_within: float = 0.0  # seconds a route or sensor may stay silent (0: no limit)
 
 
 @dataclass(frozen=True, slots=True)
@@ -199,6 +204,29 @@ class DecodeCounts:
     rate_quarantined: int = 0
     retained_untimed: int = 0
     retained_ignored: int = 0
+    sequence_gaps: int = 0
+    sequence_missing: int = 0
+
+
+class SensorStatus(msgspec.Struct, frozen=True):
+    """Per-sensor state to store with a chunk: sequence (last, gaps, missing) and
+    expect_within, for sensors whose state changed."""
+
+    sequences: dict[str, tuple[int, int, int]] = {}
+    expect_within: dict[str, float] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.sequences or self.expect_within)
+
+
+@dataclass(slots=True)
+class SequenceState:
+    """A device's message counter as ingestd has followed it (persisted with the
+    readings, so a gap across an ingestd restart still counts)."""
+
+    last: int
+    gaps: int = 0
+    missing: int = 0
 
 
 class RouteTable:
@@ -211,6 +239,32 @@ class RouteTable:
         # Per-device rate limiting: (route, sensor) -> [tokens, last refill time].
         self.buckets: dict[tuple[int, str], list[float]] = {}
         self.counts = DecodeCounts()
+        # Per sensor: the device's sequence counter; `sequences_changed` holds the
+        # sensors whose state the next chunk carries to the store.
+        self.sequences: dict[str, SequenceState] = {}
+        self.sequences_changed: set[str] = set()
+        # Per route, and per (route, sensor): monotonic time of the last message,
+        # for routes with expect_within.
+        self.route_seen: dict[int, int] = {}
+        self.sensor_seen: dict[tuple[int, str], int] = {}
+        # Sensors first heard of (this run) on a route with expect_within, and
+        # that limit: the store keeps it so `ingestd sensors` can flag staleness.
+        self.expect_changed: dict[str, float] = {}
+
+    def take_status(self) -> SensorStatus:
+        """The per-sensor state changed since the last call, for the store."""
+        seqs = {s: (st.last, st.gaps, st.missing) for s in self.sequences_changed
+                if (st := self.sequences.get(s)) is not None}
+        expect, self.expect_changed = self.expect_changed, {}
+        self.sequences_changed.clear()
+        return SensorStatus(seqs, expect)
+
+    def carry_state(self, old: RouteTable) -> None:
+        """A reloaded table goes on with the running one's per-device state."""
+        self.buckets, self.counts = old.buckets, old.counts
+        self.sequences, self.sequences_changed = old.sequences, old.sequences_changed
+        self.route_seen, self.sensor_seen = old.route_seen, old.sensor_seen
+        self.expect_changed = old.expect_changed
 
     def subscriptions(self) -> list[tuple[str, int]]:
         """Unique subscription filters, in route order (QoS is chosen by the caller)."""
@@ -218,6 +272,29 @@ class RouteTable:
         for r in self.routes:
             seen.setdefault(r.subscription, r.index)
         return list(seen.items())
+
+    def sequence(self, sensor: str, seq: int) -> None:
+        """Follow a device's message counter: a jump forward is a gap (messages
+        lost upstream: device, network or broker); a step back is a redelivery
+        or a device restart, not a gap."""
+        state = self.sequences.get(sensor)
+        if state is None:
+            if len(self.sequences) >= _CACHE_MAX:
+                self.sequences.clear()
+            self.sequences[sensor] = SequenceState(seq)
+        elif seq > state.last:
+            if seq > state.last + 1:
+                missed = seq - state.last - 1
+                state.gaps += 1
+                state.missing += missed
+                self.counts.sequence_gaps += 1
+                self.counts.sequence_missing += missed
+            state.last = seq
+        elif seq < state.last and state.last - seq > _RESTART_BACKSTEP:
+            state.last = seq  # the device restarted its counter
+        else:
+            return
+        self.sequences_changed.add(sensor)
 
     def match(self, topic: str) -> RouteMatch | None:
         try:

@@ -35,6 +35,7 @@ from ingestd.errors import ConfigError
 from ingestd.events import NS, ConnectionChanged, Decoded, Rejected, control
 from ingestd.flow import InFlightWindow
 from ingestd.mqtt_link import ARRIVAL_CLOCK, MqttLink
+from ingestd.observe.upstream import BROKER_DROPPED, UpstreamWatch
 from ingestd.routes import RouteTable
 
 log = structlog.get_logger("ingestd.source")
@@ -167,6 +168,7 @@ class MqttSource:
         window: InFlightWindow,
         *,
         clock_ns: Callable[[], int] = time.time_ns,
+        upstream: UpstreamWatch | None = None,
     ) -> None:
         self.settings = settings.mqtt
         self.settings_root = settings
@@ -176,6 +178,7 @@ class MqttSource:
         self.window = window
         self.clock_ns = clock_ns
         self._last_received_ns = 0
+        self.upstream = upstream
         self.manual_ack = self.settings.ack == "after_commit"
         self.broker = f"{self.settings.host}:{self.settings.port}"
         self._tls = tls_context(self.settings)
@@ -231,7 +234,7 @@ class MqttSource:
         added = [(t, q) for t, q in new if old.get(t) != q]
         removed = [t for t in old if t not in wanted]
         # Rate-limit state and counts carry over: a reload must not reset a device's bucket.
-        table.buckets, table.counts = self.table.buckets, self.table.counts
+        table.carry_state(self.table)
         self.table, self.subscriptions = table, new
         log.info("routes reloaded", routes=len(table.routes),
                  subscribe=[t for t, _ in added], unsubscribe=removed)
@@ -338,9 +341,13 @@ class MqttSource:
             if s.persistent_session and s.session_expiry:
                 properties.SessionExpiryInterval = s.session_expiry
         password = s.password.get_secret_value() if s.password is not None else None
+        side: dict[str, Callable[[bytes], None]] = {}
+        if s.watch_broker_drops and self.upstream is not None:
+            side[BROKER_DROPPED] = self.upstream.broker_dropped
         return MqttLink(
             on_message=self._on_message,
             manual_ack=self.manual_ack,
+            side_topics=side,
             hostname=s.host,
             port=s.port,
             username=s.username,
@@ -418,6 +425,14 @@ class MqttSource:
                           reason=str(code), routes=self._routes_under(topic),
                           username=self.settings.username)
         log.info("subscribed", topics=[t for t, _ in self.subscriptions])
+        if self.settings.watch_broker_drops and self.upstream is not None:
+            # Never in a shared group: every instance wants the broker's counter.
+            watch: asyncio.Future[Any] = asyncio.ensure_future(
+                link.subscribe(BROKER_DROPPED, 0, timeout=math.inf))
+            await asyncio.wait({watch, link_lost, pump}, return_when=asyncio.FIRST_COMPLETED)
+            if not watch.done():
+                watch.cancel()
+                await asyncio.gather(watch, return_exceptions=True)
         return True
 
     def _routes_under(self, subscription: str) -> list[str]:
@@ -523,4 +538,6 @@ class MqttSource:
         if bad_topics:
             rejected.extend(bad_topics)
         acks = [(m.mid, m.qos) for m in messages if m.qos] if self.manual_ack else []
-        await self.bus.publish(Decoded(readings, rejected, len(messages), acks, self._epoch))
+        status = self.table.take_status()
+        await self.bus.publish(Decoded(readings, rejected, len(messages), acks, self._epoch,
+                                       status=status))

@@ -27,6 +27,7 @@ import msgspec
 
 from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import Reading, Rejected
+from ingestd.routes import SensorStatus
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: initial schema
@@ -107,6 +108,17 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE VIEW readings (sensor, metric, ts, value, tags, unit, ts_ns, seq) AS
         SELECT s.sensor, s.metric, r.ts_ns / 1e9, r.value, s.tags, s.unit, r.ts_ns, r.seq
         FROM samples AS r JOIN series AS s ON s.id = r.series_id;
+    """,
+    # 4: per-sensor state kept with the readings: the device's message counter
+    # (gaps = messages lost upstream) and how long it may stay silent.
+    """
+    CREATE TABLE sensor_status (
+        sensor        TEXT PRIMARY KEY,
+        last_seq      INTEGER,
+        seq_gaps      INTEGER NOT NULL DEFAULT 0,
+        seq_missing   INTEGER NOT NULL DEFAULT 0,
+        expect_within REAL NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
     """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -280,6 +292,21 @@ class Batch:
             raise StoreError(f"series {key!r} vanished inside its own transaction")
         return int(row[0])
 
+    async def set_status(self, status: SensorStatus) -> None:
+        """Store per-sensor state (sequence counters, expect_within)."""
+        if status.sequences:
+            await self._conn.executemany(
+                "INSERT INTO sensor_status (sensor, last_seq, seq_gaps, seq_missing) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (sensor) DO UPDATE SET "
+                "last_seq = excluded.last_seq, seq_gaps = excluded.seq_gaps, "
+                "seq_missing = excluded.seq_missing",
+                [(sensor, *v) for sensor, v in status.sequences.items()])
+        if status.expect_within:
+            await self._conn.executemany(
+                "INSERT INTO sensor_status (sensor, expect_within) VALUES (?, ?) "
+                "ON CONFLICT (sensor) DO UPDATE SET expect_within = excluded.expect_within",
+                list(status.expect_within.items()))
+
     async def add_rejected(self, rejected: Sequence[Rejected]) -> None:
         if not rejected:
             return
@@ -302,6 +329,8 @@ class SqliteStore:
         self.synchronous = synchronous
         self.busy_timeout_ms = busy_timeout_ms
         self.series_ids: dict[tuple[str, str, str, str], int] = {}
+        # Device sequence counters as last committed: (last, gaps, missing).
+        self.sequences: dict[str, tuple[int, int, int]] = {}
         self._conn: aiosqlite.Connection | None = None
         # (device, inode) of the file the connection has open: a file deleted or
         # replaced under a running daemon is noticed before anything is acked.
@@ -332,6 +361,10 @@ class SqliteStore:
             async with conn.execute("SELECT sensor, metric, tags, unit, id FROM series") as cur:
                 rows = list(await cur.fetchall())
             self.series_ids = {(s, m, t, u): i for s, m, t, u, i in rows}
+            async with conn.execute("SELECT sensor, last_seq, seq_gaps, seq_missing "
+                                    "FROM sensor_status WHERE last_seq IS NOT NULL") as cur:
+                self.sequences = {row[0]: (row[1], row[2], row[3])
+                                  for row in await cur.fetchall()}
             self._identity = _identity(self.path)
             self._side_files = {sfx: _identity(Path(f"{self.path}{sfx}")) for sfx in _SIDE}
             if self._identity is None:

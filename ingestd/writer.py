@@ -24,6 +24,7 @@ from ingestd.bus import EventBus, Subscription
 from ingestd.errors import StoreUnavailable
 from ingestd.events import BatchCommitted, Processed, Reading, Rejected, StoreStateChanged
 from ingestd.flow import InFlightWindow
+from ingestd.routes import SensorStatus
 from ingestd.store import SqliteStore
 
 log = structlog.get_logger("ingestd.writer")
@@ -122,7 +123,7 @@ class BatchWriter:
         return w.broker_limit > 0 and self._unacked * 2 >= w.broker_limit
 
     def _add(self, chunk: Processed, now: float) -> None:
-        if not (chunk.readings or chunk.rejected or chunk.deliveries):
+        if not (chunk.readings or chunk.rejected or chunk.deliveries or chunk.status):
             return  # a control chunk
         if not self._chunks:
             self._opened_at = now
@@ -138,11 +139,17 @@ class BatchWriter:
         self._chunks, self._size, self._deliveries, self._unacked = [], 0, 0, 0
         readings: list[Reading] = []
         rejected: list[Rejected] = []
+        sequences: dict[str, tuple[int, int, int]] = {}
+        expect: dict[str, float] = {}
         for c in chunks:
             readings.extend(c.readings)
             rejected.extend(c.rejected)
+            if c.status:  # later chunks hold the later state
+                sequences.update(c.status.sequences)
+                expect.update(c.status.expect_within)
+        status = SensorStatus(sequences, expect)
         started = time.perf_counter()
-        inserted, duplicates, conflicts = await self._commit(readings, rejected)
+        inserted, duplicates, conflicts = await self._commit(readings, rejected, status)
         seconds = time.perf_counter() - started
         if conflicts:
             rejected = rejected + conflicts
@@ -172,7 +179,8 @@ class BatchWriter:
         self.bus.publish_nowait(event)
 
     async def _commit(
-        self, readings: list[Reading], rejected: list[Rejected]
+        self, readings: list[Reading], rejected: list[Rejected],
+        status: SensorStatus | None = None,
     ) -> tuple[int, int, list[Rejected]]:
         delay = self.retry_min_delay
         condition: str | None = None
@@ -182,6 +190,8 @@ class BatchWriter:
                 async with self.store.batch() as tx:
                     await tx.add_readings(readings)
                     await tx.add_rejected(rejected)
+                    if status:
+                        await tx.set_status(status)
             except StoreUnavailable as exc:
                 self.busy_since = None
                 self.store_errors[exc.condition] = self.store_errors.get(exc.condition, 0) + 1

@@ -46,7 +46,8 @@ mkdir -p "$dir"
   echo "listener $port 127.0.0.1"
   echo "allow_anonymous true"
   echo "user $(id -un)"
-  grep -v -e '^persistence_location' -e '^#' -e '^$' config/mosquitto.conf
+  grep -v -e '^#' -e '^$' config/mosquitto.conf
+  echo "persistence true"
   echo "persistence_location $dir/"
 } > "$dir/mosquitto.conf"
 "$bin" -c "$dir/mosquitto.conf" >"$dir/mosquitto.log" 2>&1 &

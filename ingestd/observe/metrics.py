@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 
     from ingestd.bus import EventBus
     from ingestd.flow import InFlightWindow
+    from ingestd.observe.upstream import UpstreamWatch
     from ingestd.source import MqttSource
     from ingestd.writer import BatchWriter
 
@@ -118,6 +119,7 @@ class Health:
         self.store_problem: str | None = None
         # The loop the pipeline runs on, asked for fresh snapshots by scrapes.
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.upstream: UpstreamWatch | None = None
 
     def fresh_accounting(self, timeout: float = 0.5) -> Accounting:
         """A snapshot taken on the event loop now (from any thread); the last
@@ -190,6 +192,8 @@ class Health:
         elif not p.source.connected:
             checks["detail"] = f"not connected to the broker {p.source.broker}"
         ok = all(v is True for k, v in checks.items() if k != "detail")
+        if self.upstream is not None:
+            checks["upstream"] = self.upstream.detail()
         return ok, checks
 
 
@@ -289,6 +293,34 @@ class PipelineCollector(Collector):
                        src.reconnects)
         yield _gauge("ingestd_store_available", "0 while the store refuses writes",
                      1 if w.store_available else 0)
+        up = h.upstream
+        if up is not None:
+            u = up.state
+            if u.broker_dropped is not None:
+                yield _gauge("ingestd_broker_dropped_messages",
+                             "The broker's own count of messages it dropped, all clients "
+                             "($SYS/broker/publish/messages/dropped)", u.broker_dropped)
+            yield _counter("ingestd_broker_drops_seen",
+                           "Increase of the broker's drop count while ingestd watched",
+                           u.drops_seen)
+            yield _gauge("ingestd_sensors_stale",
+                         "Sensors silent longer than their route's expect_within",
+                         u.stale_sensors)
+            silent = GaugeMetricFamily("ingestd_route_silent",
+                                       "1 while a route with expect_within hears nothing",
+                                       labels=["route"])
+            quiet = set(u.silent_routes)
+            for r in up.settings.routes:
+                if r.expect_within:
+                    silent.add_metric([r.topic], 1 if r.topic in quiet else 0)
+            yield silent
+        seqs = src.table.counts
+        yield _counter("ingestd_sequence_gaps",
+                       "Jumps in devices' message counters (messages lost upstream)",
+                       seqs.sequence_gaps)
+        yield _counter("ingestd_sequence_missing",
+                       "Messages missing in those jumps (an estimate of what was lost)",
+                       seqs.sequence_missing)
         errors = CounterMetricFamily("ingestd_store_errors",
                                      "Failed commit attempts (retried), by condition",
                                      labels=["condition"])

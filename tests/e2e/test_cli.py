@@ -64,7 +64,8 @@ def test_sensors_lists_every_series_with_its_last_value(db: Path) -> None:
     assert kitchen_t["last_value"] == pytest.approx(20 + 1439 / 100)
     assert kitchen_t["last_seen"] == "2023-11-15T22:12:20.000Z"
     table = ingestd(*cli(db, "sensors", "--sensor", "gar*")).stdout.splitlines()
-    assert table[0].split() == ["sensor", "metric", "tags", "unit", "last_value", "last_seen"]
+    assert table[0].split() == ["sensor", "metric", "tags", "unit", "last_value", "last_seen",
+                                "stale", "seq_gaps", "seq_missing"]
     assert len(table) == 2
     assert table[1].startswith("garage")
 

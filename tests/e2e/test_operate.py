@@ -77,7 +77,9 @@ def test_metrics_and_health_endpoints_follow_the_pipeline(
         status, body = _get(base + "/readyz")
         assert status == 200, body
         assert json.loads(body) == {"ready": True, "event_loop": True, "broker": True,
-                                    "store": True, "pipeline": True}
+                                    "store": True, "pipeline": True,
+                                    "upstream": {"broker_drops_seen": 0, "silent_routes": [],
+                                                 "stale_sensors": 0}}
         _, text = _get(base + "/metrics")
         assert _metric(text, "ingestd_readings_committed_total") == 0
         assert _metric(text, "ingestd_broker_connected") == 1

@@ -1,0 +1,154 @@
+"""Loss upstream of ingestd, made visible: what the broker drops, gaps in the
+devices' message counters, and routes or sensors that fall silent.
+
+ingestd cannot prevent these, so it reports them where an operator looks: a
+warning log line (once per change, or a count per interval), metrics, and
+/readyz's `upstream` detail. Everything here runs on the event loop; the
+HTTP thread reads the plain values.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import structlog
+
+from ingestd.config import Settings
+from ingestd.events import NS
+from ingestd.routes import RouteTable
+
+log = structlog.get_logger("ingestd.upstream")
+
+# Mosquitto's running total of messages it dropped (all clients); published
+# when it changes, every sys_interval (10 s by default).
+BROKER_DROPPED = "$SYS/broker/publish/messages/dropped"
+# Repeated warnings (drops, gaps) are summed over this many seconds.
+REPORT_INTERVAL = 60.0
+# Sensors named in one staleness line, at most.
+NAMED = 10
+
+
+@dataclass
+class UpstreamState:
+    broker_dropped: int | None = None  # the broker's own counter, as last seen
+    drops_seen: int = 0  # its increase while ingestd watched
+    silent_routes: list[str] = field(default_factory=list)
+    stale_sensors: int = 0
+
+
+class UpstreamWatch:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.state = UpstreamState()
+        self.started_ns = time.time_ns()
+        self._unreported_drops = 0
+        self._drops_reported_at = -REPORT_INTERVAL
+        self._gaps_reported = (0, 0)
+        self._gaps_reported_at = -REPORT_INTERVAL
+        self._stale: set[tuple[int, str]] = set()
+
+    # -- the broker's drop counter ($SYS) -------------------------------------------
+
+    def broker_dropped(self, payload: bytes) -> None:
+        try:
+            total = int(payload.strip())
+        except ValueError:
+            return
+        s = self.state
+        if s.broker_dropped is None:
+            s.broker_dropped = total
+            if total:
+                log.warning("the broker has dropped messages since it started (before ingestd "
+                            "watched; some may have been for ingestd)", dropped=total,
+                            topic=BROKER_DROPPED)
+            return
+        increase = total - s.broker_dropped if total >= s.broker_dropped else total  # restarted
+        s.broker_dropped = total
+        if increase <= 0:
+            return
+        s.drops_seen += increase
+        self._unreported_drops += increase
+        self._report_drops()
+
+    def _report_drops(self) -> None:
+        now = time.monotonic()
+        if not self._unreported_drops or now - self._drops_reported_at < REPORT_INTERVAL:
+            return
+        log.warning(
+            "the broker is dropping messages: its queue for a client that falls behind (or "
+            "is away) is full, and what it drops is lost for good. Give the broker the "
+            "settings in config/mosquitto.conf (max_queued_messages, max_inflight_messages) "
+            "and restart it; see README, Troubleshooting",
+            dropped=self._unreported_drops, broker_total=self.state.broker_dropped,
+            topic=BROKER_DROPPED, scope="broker-wide")
+        self._unreported_drops = 0
+        self._drops_reported_at = now
+
+    # -- the periodic check (monitor tick) ------------------------------------------------
+
+    def check(self, table: RouteTable, now_ns: int | None = None) -> None:
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        self._report_drops()
+        self._report_gaps(table)
+        silent: list[str] = []
+        routes = self.settings.routes
+        for r in table.routes:
+            expect = r.options.expect_within
+            if not expect:
+                continue
+            last = table.route_seen.get(r.index, self.started_ns)
+            if now_ns - last > expect * NS:
+                silent.append(routes[r.index].topic)
+        if silent != self.state.silent_routes:
+            new = sorted(set(silent) - set(self.state.silent_routes))
+            back = sorted(set(self.state.silent_routes) - set(silent))
+            if new:
+                log.warning("route silent: no message within its expect_within; check the "
+                            "topic (a typo is total silence) and the publishers",
+                            routes=new)
+            if back:
+                log.info("route heard from again", routes=back)
+            self.state.silent_routes = silent
+        self._check_sensors(table, now_ns)
+
+    def _check_sensors(self, table: RouteTable, now_ns: int) -> None:
+        limits = {r.index: r.options.expect_within * NS for r in table.routes
+                  if r.options.expect_within}
+        if not limits:
+            self.state.stale_sensors = 0
+            return
+        stale = {key for key, seen in table.sensor_seen.items()
+                 if key[0] in limits and now_ns - seen > limits[key[0]]}
+        new = stale - self._stale
+        back = self._stale - stale
+        if new:
+            names = sorted(s for _, s in new)
+            log.warning("sensors stale: silent longer than their route's expect_within",
+                        count=len(new), sensors=names[:NAMED],
+                        more=max(0, len(names) - NAMED))
+        if back:
+            names = sorted(s for _, s in back)
+            log.info("sensors heard from again", count=len(back), sensors=names[:NAMED])
+        self._stale = stale
+        self.state.stale_sensors = len(stale)
+
+    def _report_gaps(self, table: RouteTable) -> None:
+        c = table.counts
+        gaps, missing = c.sequence_gaps, c.sequence_missing
+        now = time.monotonic()
+        if gaps == self._gaps_reported[0] or now - self._gaps_reported_at < REPORT_INTERVAL:
+            return
+        log.warning("gaps in devices' message counters: messages lost before they reached "
+                    "ingestd (device, network or broker); see `ingestd sensors`",
+                    gaps=gaps - self._gaps_reported[0],
+                    missing=missing - self._gaps_reported[1], total_gaps=gaps,
+                    total_missing=missing)
+        self._gaps_reported = (gaps, missing)
+        self._gaps_reported_at = now
+
+    def detail(self) -> dict[str, object]:
+        """/readyz's `upstream`: loss and silence outside ingestd (not readiness)."""
+        s = self.state
+        return {"broker_drops_seen": s.drops_seen, "silent_routes": list(s.silent_routes),
+                "stale_sensors": s.stale_sensors}
