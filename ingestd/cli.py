@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 import time
 from collections.abc import Coroutine, Sequence
@@ -21,7 +22,7 @@ T = TypeVar("T")
 DATA_COMMANDS = ("sensors", "query", "quarantine", "stats", "backup")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     p = argparse.ArgumentParser(
         prog="ingestd",
         description="Sensor telemetry ingestion daemon: MQTT in, SQLite batches out.",
@@ -34,18 +35,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="run the daemon (the default command)")
-    sample = argparse.ArgumentParser(add_help=False)
-    sample.add_argument("--topic", "-t", default=None,
-                        help="show which route this topic matches and what it yields")
-    sample.add_argument("--payload", "-p", default=None,
-                        help="a sample payload for --topic (text; \\n for new lines)")
-    sample.add_argument("--payload-file", type=Path, default=None,
-                        help="read the sample payload from this file (bytes as they are)")
-    sub.add_parser("check-config", parents=[common, sample],
-                   help="validate the config and print the effective settings "
-                        "(with --topic: explain a sample message instead)")
-    sub.add_parser("explain", parents=[common, sample],
-                   help="which route a topic matches, and the readings a payload yields")
+    payload = argparse.ArgumentParser(add_help=False)
+    payload.add_argument("--payload", "-p", default=None,
+                         help="a sample payload for --topic (text; \\n for new lines)")
+    payload.add_argument("--payload-file", type=Path, default=None,
+                         help="read the sample payload from this file (bytes as they are)")
+    topic_help = "show which route this topic matches and what it yields"
+    check = sub.add_parser("check-config", parents=[common, payload],
+                           help="validate the config and print the effective settings "
+                                "(with --topic: explain a sample message instead)")
+    check.add_argument("--topic", "-t", default=None, help=topic_help)
+    ex = sub.add_parser("explain", parents=[common, payload],
+                        help="which route a topic matches, and the readings a payload yields")
+    ex.add_argument("--topic", "-t", required=True, help=topic_help)
     sim = sub.add_parser("simulate", parents=[common],
                          help="publish sample sensor data to the configured broker")
     sim.add_argument("--sensors", type=int, default=8, help="number of sensors (default 8)")
@@ -53,18 +55,20 @@ def _parser() -> argparse.ArgumentParser:
                      help="seconds between readings of one sensor (default 1.0)")
     sim.add_argument("--rounds", type=int, default=0,
                      help="stop after this many rounds (default 0: run until interrupted)")
-    sim.add_argument("--qos", type=int, choices=(0, 1, 2), default=1)
+    sim.add_argument("--qos", type=int, choices=(0, 1, 2), default=1,
+                     help="QoS of the published messages (default 1)")
     data = argparse.ArgumentParser(add_help=False, parents=[common])
     data.add_argument("--db", type=Path, default=None,
                       help="the database (default: store.path from the config)")
     fmt = argparse.ArgumentParser(add_help=False)
-    fmt.add_argument("--format", "-f", choices=("table", "csv", "json"), default="table")
+    fmt.add_argument("--format", "-f", choices=("table", "csv", "json"), default="table",
+                     help="output: an aligned table (default), CSV, or a JSON array")
 
     sens = sub.add_parser("sensors", parents=[data, fmt],
                           help="sensors and metrics, with their last value and time")
     sens.add_argument("--sensor", default=None, help="only sensors matching this glob")
     q = sub.add_parser("query", parents=[data, fmt], help="readings of one sensor over time")
-    q.add_argument("--sensor", "-s", required=True)
+    q.add_argument("--sensor", "-s", required=True, help="the sensor id (exact)")
     q.add_argument("--metric", "-m", default=None, help="one metric (default: all)")
     q.add_argument("--since", default="1h",
                    help="start: a duration ago (90s, 30m, 1h, 2d, 1w), ISO 8601 or Unix "
@@ -87,14 +91,16 @@ def _parser() -> argparse.ArgumentParser:
                              "(with --db: that database's totals)")
     st.add_argument("--url", default=None,
                     help="the daemon's metrics address (default: from [metrics])")
-    st.add_argument("--json", action="store_true", help="print JSON")
+    st.add_argument("--format", "-f", choices=("table", "json"), default="table",
+                    help="output: name and value per line (default), or a JSON object")
+    st.add_argument("--json", action="store_true", help="the same as --format json")
     bk = sub.add_parser("backup", parents=[data],
                         help="an online, consistent copy of the database")
     bk.add_argument("dest", type=Path, help="the copy's path (must not exist)")
 
     p.add_argument("--config", "-c", type=Path, default=None, dest="top_config",
                    help=argparse.SUPPRESS)
-    return p
+    return p, dict(sub.choices)
 
 
 def _run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -107,9 +113,15 @@ def _run_async(coro: Coroutine[Any, Any, T]) -> T:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser, commands = _parser()
+    args, extra = parser.parse_known_args(argv)
     command = args.command or "run"
+    if extra:
+        # The usage of the command that was given, not the top level's.
+        commands.get(command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     config_path: Path | None = getattr(args, "config", None) or args.top_config
+    if config_path is None and os.environ.get(ENV_CONFIG):
+        config_path = Path(os.environ[ENV_CONFIG])
     try:
         settings = load_settings(config_path, need_routes=command not in DATA_COMMANDS)
     except ConfigError as exc:
@@ -117,9 +129,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
 
     if command == "explain" or (command == "check-config" and args.topic):
-        if not args.topic:
-            print("ingestd: explain needs --topic", file=sys.stderr)
-            return 2
         from ingestd.explain import explain  # noqa: PLC0415
 
         if args.payload_file is not None:
@@ -182,7 +191,7 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
             if stats is None:
                 with closing(inspect.connect_ro(db)) as conn:
                     stats = inspect.db_stats(conn, db)
-            inspect.print_stats(stats, as_json=args.json)
+            inspect.print_stats(stats, as_json=args.json or args.format == "json")
             return 0
         with closing(inspect.connect_ro(db)) as conn:
             progress = None
@@ -191,6 +200,10 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
             elif command == "query":
                 now = time.time()
                 since = inspect.parse_time(args.since, now)
+                if since >= now and not args.until:
+                    raise inspect.InspectError(
+                        f"--since {args.since!r} is in the future: nothing has been stored "
+                        "after now (give --until too for a range ahead)")
                 until = inspect.parse_time(args.until, now) if args.until else now
                 table = inspect.query(conn, args.sensor, args.metric, since, until, args.limit,
                                       args.tag)

@@ -303,6 +303,8 @@ class PipelineCollector(Collector):
             yield _counter("ingestd_broker_drops_seen",
                            "Increase of the broker's drop count while ingestd watched",
                            u.drops_seen)
+            yield _gauge("ingestd_routes_silent",
+                         "Routes with expect_within that hear nothing", len(u.silent_routes))
             yield _gauge("ingestd_sensors_stale",
                          "Sensors silent longer than their route's expect_within",
                          u.stale_sensors)

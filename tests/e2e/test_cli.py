@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import sqlite3
 import subprocess
@@ -261,3 +262,43 @@ async def test_query_shows_times_a_microsecond_apart_as_different(tmp_path: Path
                               "--until", str(T0 + 1), "-f", "json").stdout)
     assert [(r["ts"], r["ts_ns"]) for r in rows] == [(1700000000.123456, t),
                                                      (1700000000.123457, t + 1000)]
+
+
+def test_cli_details_a_new_user_trips_over(db: Path) -> None:
+    stats = json.loads(ingestd(*cli(db, "stats", "--format", "json", "--url",
+                                    "http://127.0.0.1:9")).stdout)
+    assert stats["source"] == "database"
+    # A wrong option shows the command's own usage.
+    bad = ingestd(*cli(db, "stats", "--nope"), check=False)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("usage: ingestd stats ")
+    assert "unrecognized arguments: --nope" in bad.stderr
+    # explain says --topic is required, in its usage too.
+    explain = ingestd("explain", "--config", str(SHIPPED_CONFIG), check=False)
+    assert explain.returncode == 2
+    assert "the following arguments are required: --topic/-t" in explain.stderr
+    assert "[--topic" not in explain.stderr
+    # A future --since is named as such.
+    future = ingestd(*cli(db, "query", "-s", "kitchen", "--since", "2999-01-01"), check=False)
+    assert future.returncode == 1
+    assert "--since '2999-01-01' is in the future" in future.stderr
+    # Every option says what it is for.
+    for command in ("query", "sensors", "quarantine", "stats", "simulate", "explain"):
+        lines = [*ingestd(command, "--help").stdout.splitlines(), ""]
+        bare = []
+        for line, after in itertools.pairwise(lines):
+            if not line.startswith("  -"):
+                continue
+            inline = "  " in line.strip()  # help on the option's own line
+            below = after.startswith(" " * 10) and not after.lstrip().startswith("-")
+            if not (inline or below):
+                bare.append(line.strip())
+        assert bare == [], (command, bare)
+
+
+def test_check_config_names_the_file_from_the_environment() -> None:
+    proc = subprocess.run([sys.executable, "-m", "ingestd", "check-config"],
+                          capture_output=True, text=True, timeout=60,
+                          env={"PATH": "/usr/bin:/bin", "INGESTD_CONFIG": str(SHIPPED_CONFIG)})
+    assert proc.returncode == 0, proc.stderr
+    assert f"configuration OK ({SHIPPED_CONFIG})" in proc.stderr

@@ -127,3 +127,18 @@ def test_default_client_id_is_per_host_and_stable() -> None:
     assert MqttSettings().client_id == MqttSettings().client_id
     assert MqttSettings(client_id="site-{hostname}-2").client_id == (
         f"site-{socket.gethostname()}-2")
+
+
+def test_the_dashboard_uses_the_data_source_chosen_at_import() -> None:
+    import json
+
+    from tests.helpers import REPO
+
+    board = json.loads((REPO / "config" / "grafana" / "ingestd-dashboard.json").read_text())
+    (needed,) = board["__inputs"]
+    variable = next(v for v in board["templating"]["list"] if v["name"] == "datasource")
+    assert variable["current"]["value"] == "${" + needed["name"] + "}"
+    uids = {t["datasource"]["uid"] for p in board["panels"] for t in p["targets"]}
+    assert uids == {"${datasource}"}
+    titles = [p["title"] for p in board["panels"]]
+    assert not [t for t in titles if "unacknowledged" in t]
