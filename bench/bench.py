@@ -262,17 +262,17 @@ def run_latency(broker: Mosquitto, rate: float, seconds: float, work: Path,
             gen.stdout.close()
         expected = (count // SENSORS) * SENSORS * 2
         db = sqlite3.connect(f"file:{work / 'latency.db'}?mode=ro", uri=True)
-        seen: dict[int, float] = {}
+        seen: dict[int, int] = {}
         deadline = time.monotonic() + seconds * 3 + 30
         while len(latencies) < expected and time.monotonic() < deadline:
             time.sleep(0.01)
             now = time.time()
             for sid, in db.execute("SELECT id FROM series").fetchall():
-                rows = db.execute("SELECT ts FROM samples WHERE series_id = ? AND ts > ?",
-                                  (sid, seen.get(sid, 0.0))).fetchall()
+                rows = db.execute("SELECT ts_ns FROM samples WHERE series_id = ? AND ts_ns > ?",
+                                  (sid, seen.get(sid, 0))).fetchall()
                 if rows:
-                    latencies.extend(now - ts for ts, in rows)
-                    seen[sid] = max(ts for ts, in rows)
+                    latencies.extend(now - ns / 1e9 for ns, in rows)
+                    seen[sid] = max(ns for ns, in rows)
         db.close()
         cpu, rss = proc_stats(daemon.pid)
     finally:

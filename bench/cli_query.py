@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ingestd.events import Reading
+from ingestd.events import NS, Reading
 from ingestd.store import SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ async def build(path: Path, readings: int) -> float:
     async with SqliteStore(path, synchronous="normal") as store:
         chunk = 2000  # samples per series per transaction: 400,000 readings
         for start in range(0, per_series, chunk):
-            rows = [Reading(f"s{s:03d}", m, T0 + i * STEP, 20.0 + (i % 100) / 10)
+            rows = [Reading(f"s{s:03d}", m, int((T0 + i * STEP) * NS), 20.0 + (i % 100) / 10)
                     for s in range(SENSORS) for m in METRICS
                     for i in range(start, min(start + chunk, per_series))]
             async with store.batch() as tx:

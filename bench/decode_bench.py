@@ -16,6 +16,7 @@ import time
 
 from ingestd.config import Settings, route_table
 from ingestd.decode import decode_all
+from ingestd.events import NS
 
 T0 = 1_700_000_000.0
 ROUTES = [
@@ -48,7 +49,7 @@ def main() -> int:
     table = route_table(Settings(routes=ROUTES))
     print(f"{'format':<42} {'readings/s':>12} {'us/reading':>11} {'msgs/s':>10}")
     for name, topic, payload in CASES:
-        chunk = [(topic, payload, T0)] * 1000
+        chunk = [(topic, payload, int(T0 * NS))] * 1000
         readings, rejected = decode_all(table, chunk)
         assert readings, name
         assert not rejected, rejected[:1]

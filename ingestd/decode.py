@@ -116,17 +116,27 @@ def decode_value(payload: bytes) -> float:
 
 
 def _parse_json(payload: bytes) -> Any:
-    if payload[:3] == _BOM:
-        payload = payload[3:]  # RFC 8259 8.1: a parser may ignore a byte order mark
     try:
         doc = _json_decode(payload)
     except msgspec.DecodeError as exc:
+        if payload.startswith(_BOM):
+            # RFC 8259 8.1: a parser may ignore a byte order mark (checked only
+            # when decoding failed: the common case pays nothing for it).
+            return _parse_json(payload[3:])
         raise DecodeError(f"payload is not valid JSON: {exc}") from None
     except UnicodeDecodeError:
         raise DecodeError("payload is not valid UTF-8") from None
     except RecursionError:
         raise DecodeError("JSON is nested too deeply") from None
-    _check_unique_keys(payload, doc)
+    kind = type(doc)
+    if kind is dict:
+        keys = len(doc)  # equal to the marks: a flat object, no key lost
+    elif kind is list:
+        keys = sum([len(e) for e in doc if type(e) is dict])  # an array of flat objects
+    else:
+        return doc
+    if payload.count(b'":') != keys:
+        _check_unique_keys(payload, doc)
     return doc
 
 
@@ -134,20 +144,13 @@ def _check_unique_keys(payload: bytes, doc: Any) -> None:
     """Reject an object that names a field twice, which a dict would silently
     collapse to its last value.
 
-    Every key is followed by a colon, so when the payload has no more colons
-    than the decoded objects have keys, no key was lost: the common case costs
-    a count. Otherwise (colons inside strings, say) the standard parser checks.
+    Every key ends in `":` (or `" :`). A string value can only add such marks
+    and a repeated key can only remove a decoded key, so when the marks equal
+    the decoded keys, nothing was collapsed: the common case costs two counts
+    and a walk of the decoded objects. Otherwise the standard parser checks.
     """
-    colons = payload.count(b":")
-    if type(doc) is dict:
-        if colons == len(doc):
-            return
-    elif type(doc) is list:
-        if colons == sum(len(e) for e in doc if type(e) is dict):
-            return
-    else:
-        return
-    if colons <= _count_keys(doc):
+    marks = payload.count(b'":') + payload.count(b'" :')
+    if marks == _count_keys(doc):
         return
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -167,11 +170,19 @@ def _check_unique_keys(payload: bytes, doc: Any) -> None:
 
 
 def _count_keys(doc: Any) -> int:
-    if type(doc) is dict:
-        return len(doc) + sum(_count_keys(v) for v in doc.values() if type(v) in (dict, list))
-    if type(doc) is list:
-        return sum(_count_keys(v) for v in doc if type(v) in (dict, list))
-    return 0
+    """Keys in every object of a decoded document."""
+    n = 0
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        values = node.values() if type(node) is dict else node
+        if type(node) is dict:
+            n += len(node)
+        for v in values:
+            kind = type(v)
+            if kind is dict or kind is list:
+                stack.append(v)
+    return n
 
 
 _MISSING: Any = object()
@@ -196,7 +207,6 @@ def _object_readings(
     """
     opts = match.options
     ts_field = match.ts_field
-    seq_field = opts.sequence_field or None  # never equal to a key when unset
     raw_ts = doc.get(ts_field, _MISSING)
     if raw_ts is _MISSING:
         when = received_ns
@@ -211,7 +221,7 @@ def _object_readings(
     filtered = opts.fields is not None or bool(opts.exclude_fields)
     flattened = False
     for key, raw in doc.items():
-        if key in (ts_field, seq_field):
+        if key == ts_field:
             continue
         if not key:
             problems.append("a field with an empty name")
@@ -303,19 +313,23 @@ def _json_type(value: Any) -> str:
     return "object"
 
 
-def number_repeats(readings: list[Reading], before: int) -> None:
+def number_repeats(readings: list[Reading], before: int, one_sensor: bool = False) -> None:
     """Give readings of one message that share series and time a distinct `seq`.
 
     They are distinct readings (an array without timestamps, a repeated
     timestamp, two fields that flatten to one name): each is stored. The
     numbering follows the message's order, so a redelivery of the message
-    yields the same keys and is recognised as one.
+    yields the same keys and is recognised as one. `one_sensor`: every reading
+    has the message's sensor and tags (json, senml), so a narrower key checks.
     """
     n = len(readings) - before
     if n < 2:
         return
     fresh = readings[before:]
-    if len({(r.sensor, r.metric, r.tags, r.unit, r.ts_ns) for r in fresh}) == n:
+    if one_sensor:
+        if len({(r.metric, r.unit, r.ts_ns) for r in fresh}) == n:
+            return
+    elif len({(r.sensor, r.metric, r.tags, r.unit, r.ts_ns) for r in fresh}) == n:
         return
     seen: dict[tuple[str, str, str, str, int], int] = {}
     for i, r in enumerate(fresh):
@@ -343,23 +357,23 @@ def decode_message(
     message because we subscribed (MQTT 3.3.1.3), not because it was just
     published; the route's `retained` option says whether it counts.
     """
-    received_at = received_ns / NS
     limit = table.limits.max_payload_bytes
     if len(payload) > limit:
         # Before anything else: no route, bad topic or good, nothing over the
         # limit is kept whole.
         rejected.append(Rejected(
             topic, payload[:1024], f"payload is {len(payload):,} bytes, over the limit of "
-            f"{limit:,} (input.max_payload_bytes; first 1 KiB kept)", received_at, "too_large"))
+            f"{limit:,} (input.max_payload_bytes; first 1 KiB kept)", received_ns / NS,
+            "too_large"))
         return
     match = table.match(topic)
     if match is None:
-        rejected.append(Rejected(topic, payload, "no route matches this topic", received_at,
-                                 "no_route"))
+        rejected.append(Rejected(topic, payload, "no route matches this topic",
+                                 received_ns / NS, "no_route"))
         return
     if not match.sensor:
-        rejected.append(Rejected(topic, payload, "topic gives an empty sensor id", received_at,
-                                 "bad_topic"))
+        rejected.append(Rejected(topic, payload, "topic gives an empty sensor id",
+                                 received_ns / NS, "bad_topic"))
         return
     opts = match.options
     if retained and opts.retained == "ignore":
@@ -379,8 +393,9 @@ def decode_message(
         if fmt == "json":
             sequences = _decode_json(match, topic, payload, received_ns, readings, rejected,
                                      table.limits.max_json_depth)
-            for seq in sequences:
-                table.sequence(match.sensor, seq)
+            if sequences:
+                for seq in sequences:
+                    table.sequence(match.sensor, seq)
         elif fmt == "value":
             if not match.metric_prefix:
                 raise DecodeError("topic gives an empty metric name")
@@ -393,7 +408,7 @@ def decode_message(
             _decode_influx(match, topic, payload, received_ns, readings, rejected)
     except DecodeError as exc:
         del readings[before:]
-        rejected.append(Rejected(topic, payload, str(exc), received_at))
+        rejected.append(Rejected(topic, payload, str(exc), received_ns / NS))
         return
     except Exception as exc:
         # A bug of ours, not the device's: quarantine the message rather than
@@ -402,7 +417,7 @@ def decode_message(
         log.error("decoder error; message quarantined (please report this as a bug)",
                   topic=topic, format=match.format, error=repr(exc))
         rejected.append(Rejected(topic, payload, f"internal error: decoder failed (a bug in "
-                                 f"ingestd): {exc!r}", received_at, "internal"))
+                                 f"ingestd): {exc!r}", received_ns / NS, "internal"))
         return
     table.counts.decoded += len(readings) - before
     if retained:
@@ -411,8 +426,8 @@ def decode_message(
         timed = [r for r in readings[before:] if r.ts_ns != received_ns]
         table.counts.retained_untimed += len(readings) - before - len(timed)
         readings[before:] = timed
-    if match.options.rate_limit and len(readings) > before:
-        _rate_limit(table, match, topic, payload, received_at, readings, before, rejected)
+    if opts.rate_limit and len(readings) > before:
+        _rate_limit(table, match, topic, payload, received_ns / NS, readings, before, rejected)
 
 
 def _rate_limit(table: RouteTable, match: RouteMatch, topic: str, payload: bytes,
@@ -473,10 +488,13 @@ def _decode_json(
     doc = _parse_json(payload)
     problems: list[str] = []
     before = len(readings)
-    if isinstance(doc, dict):
-        if _object_readings(doc, match, received_ns, topic, readings, problems, max_depth):
-            number_repeats(readings, before)
-        elements: list[Any] = [doc]
+    field = match.options.sequence_field
+    sequences = _take_sequences(doc, field, problems) if field else _NO_SEQUENCES
+    if type(doc) is dict:
+        # One object: one time, so only a flattened name can repeat a metric.
+        if (_object_readings(doc, match, received_ns, topic, readings, problems, max_depth)
+                and len({r.metric for r in readings[before:]}) != len(readings) - before):
+            number_repeats(readings, before, one_sensor=True)
     elif isinstance(doc, list) and doc:
         for i, element in enumerate(doc):
             if type(element) is not dict:
@@ -493,33 +511,40 @@ def _decode_json(
                 problems[seen:] = [f"element {i}: {p}" for p in problems[seen:]]
         if len(readings) == before:
             raise DecodeError("; ".join(problems[:5]) or "no usable elements")
-        number_repeats(readings, before)
-        elements = doc
+        number_repeats(readings, before, one_sensor=True)
     else:
         what = "an empty array" if isinstance(doc, list) else _json_type(doc)
         raise DecodeError(f"JSON payload is not an object or an array of objects (got {what})")
-    sequences: list[int] = []
-    field = match.options.sequence_field
-    if field:
-        for element in elements:
-            raw = element.get(field) if type(element) is dict else None
-            if type(raw) is int and raw >= 0:
-                sequences.append(raw)
-            elif raw is not None:
-                problems.append(f"sequence field {field!r} is not a whole number >= 0 "
-                                f"(got {_json_type(raw)})")
     if problems:
         rejected.append(Rejected(topic, payload, _join(problems), received_ns / NS))
     return sequences
 
 
+_NO_SEQUENCES: list[int] = []  # never appended to
+
+
+def _take_sequences(doc: Any, field: str, problems: list[str]) -> list[int]:
+    """Remove the device's message counter from the object (or each object of
+    an array), so it is not taken for a reading; return the numbers in order."""
+    found: list[int] = []
+    for element in [doc] if type(doc) is dict else doc if type(doc) is list else ():
+        raw = element.pop(field, None) if type(element) is dict else None
+        if type(raw) is int and raw >= 0:
+            found.append(raw)
+        elif raw is not None:
+            problems.append(f"sequence field {field!r} is not a whole number >= 0 "
+                            f"(got {_json_type(raw)})")
+    return found
+
+
 def _settle(readings: list[Reading], before: int, problems: list[str], nothing: str,
-            topic: str, payload: bytes, received_ns: int, rejected: list[Rejected]) -> None:
+            topic: str, payload: bytes, received_ns: int, rejected: list[Rejected],
+            one_sensor: bool = False) -> None:
     """A message's end: no readings at all is a decode error (its problems, or
     `nothing`); readings with problems keep the readings and quarantine once."""
     if len(readings) == before:
         raise DecodeError(_join(problems) or nothing)
-    number_repeats(readings, before)
+    number_repeats(readings, before, one_sensor)
     if problems:
         rejected.append(Rejected(topic, payload, _join(problems), received_ns / NS))
 
@@ -545,10 +570,11 @@ def _decode_senml(
     prefix, suffix, sensor, tags = (match.metric_prefix, match.metric_suffix, match.sensor,
                                     match.tags)
     for rec in records:
-        try:
-            when = check_ns(float_ns(rec.time, NS, rec.time), rec.time)
-        except DecodeError as exc:
-            problems.append(f"{rec.name}: {exc}")
+        # resolve() checked the time is finite and >= 0; to the microsecond.
+        when = round(rec.time * 1e6) * 1000
+        if when >= _TS_MAX_NS:
+            problems.append(f"{rec.name}: timestamp {rec.time!r} is too large for Unix "
+                            "seconds (milliseconds sent as seconds?)")
             continue
         metric = prefix + rec.name + suffix
         if rec.value is not None:
@@ -556,7 +582,7 @@ def _decode_senml(
         if rec.sum is not None:
             readings.append(Reading(sensor, metric + "_sum", when, rec.sum, topic, tags, rec.unit))
     _settle(readings, before, problems, "SenML pack has no numeric records", topic, payload,
-            received_ns, rejected)
+            received_ns, rejected, one_sensor=True)
 
 
 def _decode_influx(
