@@ -258,7 +258,7 @@ class Daemon:
                 now = time.monotonic()
                 if problem != reported or now - reported_at >= STORE_WAIT_LOG:
                     log.error(f"cannot open the store: {problem}; retrying",
-                              path=str(store.path), attempts=attempts)
+                              path=str(store.path), error=str(exc), attempts=attempts)
                     reported, reported_at = problem, now
                 self.notifier.notify(f"STATUS=waiting for the store: {exc.condition}")
             try:

@@ -289,6 +289,7 @@ def test_two_daemons_with_one_client_id_back_off_and_say_why(tmp_path: Path,
         b.kill()
     connects = [d.logs().count('"msg": "connected to broker"') for d in (a, b)]
     # Each takeover used to reset the backoff: ~20 connections each in 15 s.
+    print(f"\ntwo daemons, one client_id, 15 s: connections {connects}")
     assert max(connects) <= 8, connects
     said = a.logs() + b.logs()
     assert "another client is connected with the same mqtt.client_id" in said
