@@ -234,6 +234,18 @@ def write_config(path: Path, routes: str | None = None, **sections: dict[str, ob
     return path
 
 
+def daemon_for(workdir: Path, port: int, routes: str | None = None, **env: str) -> Daemon:
+    """A daemon, not yet started, run in `workdir`: a config there with `routes`
+    (the default two if None), its database `workdir/ingestd.db`, a client id of
+    its own and JSON logs; `env` adds or overrides INGESTD_* variables."""
+    config = write_config(workdir / "ingestd.toml", routes=routes)
+    base = {"INGESTD_MQTT__PORT": str(port),
+            "INGESTD_STORE__PATH": str(workdir / "ingestd.db"),
+            "INGESTD_MQTT__CLIENT_ID": f"ingestd-{workdir.name}",
+            "INGESTD_DAEMON__LOG_FORMAT": "json", **env}
+    return Daemon(config, base, workdir)
+
+
 def _toml(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"

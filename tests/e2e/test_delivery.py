@@ -16,25 +16,13 @@ from tests.helpers import (
     Daemon,
     DbReader,
     Mosquitto,
+    daemon_for,
     hold_exclusive_lock,
     publish,
     wait_for,
-    write_config,
 )
 
 T0 = 1_700_000_000
-
-
-def _start(tmp_path: Path, port: int, routes: str | None = None, **env: str) -> Daemon:
-    config = write_config(tmp_path / "ingestd.toml", routes=routes)
-    base = {
-        "INGESTD_MQTT__PORT": str(port),
-        "INGESTD_STORE__PATH": str(tmp_path / "ingestd.db"),
-        "INGESTD_MQTT__CLIENT_ID": f"ingestd-delivery-{port}",
-        "INGESTD_DAEMON__LOG_FORMAT": "json",
-        **env,
-    }
-    return Daemon(config, base, tmp_path).start()
 
 
 def _stopped(daemon: Daemon) -> dict[str, object]:
@@ -62,7 +50,7 @@ def test_qos2_messages_not_yet_committed_survive_a_kill_9(tmp_path: Path) -> Non
     # answered with PUBREC were lost at the kill and wedged all 20 slots.
     broker = Mosquitto(tmp_path / "broker", max_inflight=20).start()
     db = DbReader(tmp_path / "ingestd.db")
-    daemon = _start(tmp_path, broker.port, QOS2_ROUTES)
+    daemon = daemon_for(tmp_path, broker.port, QOS2_ROUTES).start()
     try:
         daemon.wait_ready()
         url = daemon.metrics_url()
@@ -74,7 +62,7 @@ def test_qos2_messages_not_yet_committed_survive_a_kill_9(tmp_path: Path) -> Non
         assert db.count() == 0
         daemon.kill()  # SIGKILL with 20 received and uncommitted
         lock.join()
-        daemon = _start(tmp_path, broker.port, QOS2_ROUTES)
+        daemon = daemon_for(tmp_path, broker.port, QOS2_ROUTES).start()
         daemon.wait_ready()
         wait_for(lambda: db.count() == 100, 30, what="all 100 stored after the restart")
         # Not wedged: more QoS 2 traffic flows through every broker slot.
@@ -93,13 +81,13 @@ def test_qos2_survives_a_broker_kill_9_mid_stream(tmp_path: Path) -> None:
     broker = Mosquitto(tmp_path / "broker", max_inflight=20).start()
     db = DbReader(tmp_path / "ingestd.db")
     env = {"INGESTD_MQTT__RECONNECT_MAX_DELAY": "0.5"}
-    daemon = _start(tmp_path, broker.port, QOS2_ROUTES, **env)
+    daemon = daemon_for(tmp_path, broker.port, QOS2_ROUTES, **env).start()
     try:
         daemon.wait_ready()
         assert daemon.stop() == 0  # the session exists; the broker queues for it
         publish(broker.port, _telemetry(3000), qos=2, inflight=10)
         time.sleep(1.5)  # past autosave_interval: the queue is on disk
-        daemon = _start(tmp_path, broker.port, QOS2_ROUTES, **env)
+        daemon = daemon_for(tmp_path, broker.port, QOS2_ROUTES, **env).start()
         daemon.wait_ready()
         wait_for(lambda: db.count() >= 300, 30, interval=0.02, what="10% stored")
         broker.kill()
@@ -136,7 +124,7 @@ def test_a_retained_message_is_not_stored_again_at_each_restart(
     db = DbReader(tmp_path / "ingestd.db")
     publish(mosquitto.port, [("sensors/old/temperature", b"21.5")], retain=True)
     for run in range(3):
-        daemon = _start(tmp_path, mosquitto.port, VALUE_ROUTE)
+        daemon = daemon_for(tmp_path, mosquitto.port, VALUE_ROUTE).start()
         try:
             daemon.wait_ready()
             if run == 1:
@@ -161,7 +149,7 @@ def test_retained_store_keeps_timed_values_once_and_counts_untimed_ones(
                              ("sensors/b/telemetry", b'{"t": 2}')], retain=True)
     duplicates = []
     for _ in range(3):
-        daemon = _start(tmp_path, mosquitto.port, STORE_RETAINED)
+        daemon = daemon_for(tmp_path, mosquitto.port, STORE_RETAINED).start()
         try:
             daemon.wait_ready()
             wait_for(lambda: db.count() == 1, 10, what="the timed retained reading")
@@ -192,7 +180,7 @@ def test_readings_sharing_a_time_are_all_stored_and_none_is_a_duplicate(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     db = DbReader(tmp_path / "ingestd.db")
-    daemon = _start(tmp_path, mosquitto.port, ARRAYS)
+    daemon = daemon_for(tmp_path, mosquitto.port, ARRAYS).start()
     try:
         daemon.wait_ready()
         url = daemon.metrics_url()
@@ -228,7 +216,7 @@ def test_a_store_outage_longer_than_the_keepalive_keeps_the_connection(tmp_path:
     env = {"INGESTD_MQTT__KEEPALIVE": "5", "INGESTD_MQTT__MAX_INFLIGHT": "100",
            "INGESTD_MQTT__BROKER_MAX_INFLIGHT": "1000", "INGESTD_STORE__BUSY_TIMEOUT_MS": "100",
            "INGESTD_STORE__RETRY_MAX_DELAY": "0.5"}
-    daemon = _start(tmp_path, broker.port, **env)
+    daemon = daemon_for(tmp_path, broker.port, **env).start()
     try:
         daemon.wait_ready()
         url = daemon.metrics_url()
@@ -254,7 +242,7 @@ def test_a_database_deleted_while_running_is_noticed_and_recreated(
 ) -> None:
     path = tmp_path / "ingestd.db"
     db = DbReader(path)
-    daemon = _start(tmp_path, mosquitto.port)
+    daemon = daemon_for(tmp_path, mosquitto.port).start()
     try:
         daemon.wait_ready()
         publish(mosquitto.port, _telemetry(10))
@@ -278,8 +266,8 @@ def test_two_daemons_with_one_client_id_back_off_and_say_why(tmp_path: Path,
     env = {"INGESTD_MQTT__CLIENT_ID": "same-id", "INGESTD_MQTT__RECONNECT_MAX_DELAY": "30"}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    a = _start(tmp_path / "a", mosquitto.port, **env)
-    b = _start(tmp_path / "b", mosquitto.port, **env)
+    a = daemon_for(tmp_path / "a", mosquitto.port, **env).start()
+    b = daemon_for(tmp_path / "b", mosquitto.port, **env).start()
     try:
         time.sleep(15)
         assert a.stop() == 0

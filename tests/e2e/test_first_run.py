@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.test_operate import _get, _metric
-from tests.helpers import Daemon, Mosquitto, wait_for, write_config
+from tests.helpers import Daemon, Mosquitto, daemon_for, wait_for, write_config
 
 SECRET = "s3cret-Pa55-word"
+AS_USER = {"INGESTD_MQTT__USERNAME": "ingestd"}
 
 
 @pytest.fixture
@@ -31,14 +32,6 @@ def auth_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     broker.kill()
 
 
-def _daemon(tmp_path: Path, port: int, **env: str) -> Daemon:
-    config = write_config(tmp_path / "ingestd.toml")
-    return Daemon(config, {"INGESTD_MQTT__PORT": str(port),
-                           "INGESTD_STORE__PATH": str(tmp_path / "ingestd.db"),
-                           "INGESTD_MQTT__USERNAME": "ingestd",
-                           "INGESTD_DAEMON__LOG_FORMAT": "json", **env}, tmp_path)
-
-
 def _no_secret_anywhere(daemon: Daemon) -> None:
     assert daemon.proc is not None
     for what in ("cmdline", "environ"):
@@ -51,8 +44,8 @@ def test_password_from_a_file_connects_and_appears_nowhere(tmp_path: Path,
                                                           auth_broker: Mosquitto) -> None:
     secret_file = tmp_path / "mqtt-password"
     secret_file.write_text(SECRET + "\n")
-    daemon = _daemon(tmp_path, auth_broker.port,
-                     INGESTD_MQTT__PASSWORD_FILE=str(secret_file)).start()
+    daemon = daemon_for(tmp_path, auth_broker.port, None, **AS_USER,
+                        INGESTD_MQTT__PASSWORD_FILE=str(secret_file)).start()
     try:
         daemon.wait_ready()
         _no_secret_anywhere(daemon)
@@ -73,8 +66,9 @@ def test_password_from_systemd_credentials_directory(tmp_path: Path,
     creds = tmp_path / "credentials"
     creds.mkdir()
     (creds / "mqtt-password").write_text(SECRET)
-    daemon = _daemon(tmp_path, auth_broker.port, CREDENTIALS_DIRECTORY=str(creds),
-                     INGESTD_MQTT__PASSWORD_FILE="mqtt-password").start()
+    daemon = daemon_for(tmp_path, auth_broker.port, None, **AS_USER,
+                        CREDENTIALS_DIRECTORY=str(creds),
+                        INGESTD_MQTT__PASSWORD_FILE="mqtt-password").start()
     try:
         daemon.wait_ready()
         _no_secret_anywhere(daemon)
@@ -84,7 +78,8 @@ def test_password_from_systemd_credentials_directory(tmp_path: Path,
 
 
 def test_a_wrong_password_says_not_authorized(tmp_path: Path, auth_broker: Mosquitto) -> None:
-    daemon = _daemon(tmp_path, auth_broker.port, INGESTD_MQTT__PASSWORD="wrong").start()
+    daemon = daemon_for(tmp_path, auth_broker.port, None, **AS_USER,
+                        INGESTD_MQTT__PASSWORD="wrong").start()
     try:
         wait_for(lambda: "broker refused the connection" in daemon.logs(), 15,
                  what="the refusal")

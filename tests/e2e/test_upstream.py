@@ -12,22 +12,13 @@ from pathlib import Path
 from tests.e2e.test_operate import _get, _metric
 from tests.helpers import (
     REPO,
-    Daemon,
     DbReader,
     Mosquitto,
+    daemon_for,
     hold_exclusive_lock,
     publish,
     wait_for,
-    write_config,
 )
-
-
-def _daemon(tmp_path: Path, port: int, routes: str | None = None, **env: str) -> Daemon:
-    config = write_config(tmp_path / "ingestd.toml", routes=routes)
-    return Daemon(config, {"INGESTD_MQTT__PORT": str(port),
-                           "INGESTD_STORE__PATH": str(tmp_path / "ingestd.db"),
-                           "INGESTD_MQTT__CLIENT_ID": f"ingestd-upstream-{port}",
-                           "INGESTD_DAEMON__LOG_FORMAT": "json", **env}, tmp_path)
 
 
 def _sensors(tmp_path: Path) -> list[dict[str, object]]:
@@ -44,7 +35,7 @@ def test_a_stock_broker_dropping_a_burst_is_reported(tmp_path: Path) -> None:
                            + "sys_interval 1\n")
     broker.start()
     db = DbReader(tmp_path / "ingestd.db")
-    daemon = _daemon(tmp_path, broker.port).start()
+    daemon = daemon_for(tmp_path, broker.port).start()
     try:
         daemon.wait_ready()
         base = daemon.metrics_url()
@@ -95,7 +86,7 @@ def test_gaps_in_a_device_counter_are_counted_exactly_across_a_restart(
 ) -> None:
     db = DbReader(tmp_path / "ingestd.db")
     sent = [n for n in range(100) if n not in (10, 11, 12, 50)]  # gaps: 2, missing: 4
-    daemon = _daemon(tmp_path, mosquitto.port, SEQ_ROUTE).start()
+    daemon = daemon_for(tmp_path, mosquitto.port, SEQ_ROUTE).start()
     try:
         daemon.wait_ready()
         base = daemon.metrics_url()
@@ -110,7 +101,7 @@ def test_gaps_in_a_device_counter_are_counted_exactly_across_a_restart(
     # The seq field is the counter, not a reading.
     assert db.rows("SELECT DISTINCT metric FROM readings") == [("t",)]
     # Across a restart of ingestd: 100..104 never arrive.
-    daemon = _daemon(tmp_path, mosquitto.port, SEQ_ROUTE).start()
+    daemon = daemon_for(tmp_path, mosquitto.port, SEQ_ROUTE).start()
     try:
         daemon.wait_ready()
         publish(mosquitto.port, _seq("dev", [105, 106]))
@@ -137,7 +128,7 @@ expect_within = 2
 def test_silent_routes_and_stale_sensors_are_reported(tmp_path: Path,
                                                        mosquitto: Mosquitto) -> None:
     db = DbReader(tmp_path / "ingestd.db")
-    daemon = _daemon(tmp_path, mosquitto.port, SILENT_ROUTES).start()
+    daemon = daemon_for(tmp_path, mosquitto.port, SILENT_ROUTES).start()
     try:
         daemon.wait_ready()
         base = daemon.metrics_url()
