@@ -133,7 +133,9 @@ def test_broker_killed_and_restarted_mid_stream(tmp_path: Path) -> None:
     assert_exactly_once(db, n)
     logs = daemon.logs()
     assert "broker connection lost" in logs
-    assert at_kill < n
+    # Mid-stream, as meant: READY=1 came before the backlog had drained (a
+    # subscription answered only after the backlog once delayed it to 99.5 %).
+    assert at_kill < n * 0.8, at_kill
     print(f"\nbroker kill -9 at {at_kill}/{n}: sent {2 * n} readings, stored {2 * n}, "
           f"redelivered duplicates ignored {stopped_line(daemon)['duplicates']}")
 
