@@ -102,6 +102,18 @@ class Mosquitto:
         self.stop()
         self.start()
 
+    def wait_saved(self, timeout: float = 15) -> None:
+        """Until the broker has begun writing its persistence file after this call.
+
+        A kill -9 loses whatever the broker received after its last save (its
+        autosave runs every second or two): before killing it on purpose, a
+        test must know the messages it counts on are on disk.
+        """
+        mark = "Saving in-memory database"
+        before = self.log.read_text(errors="replace").count(mark)
+        wait_for(lambda: self.log.read_text(errors="replace").count(mark) > before, timeout,
+                 what="the broker to save its persistence file")
+
 
 @dataclass
 class Daemon:

@@ -86,7 +86,7 @@ def test_qos2_survives_a_broker_kill_9_mid_stream(tmp_path: Path) -> None:
         daemon.wait_ready()
         assert daemon.stop() == 0  # the session exists; the broker queues for it
         publish(broker.port, _telemetry(3000), qos=2, inflight=10)
-        time.sleep(1.5)  # past autosave_interval: the queue is on disk
+        broker.wait_saved()  # the queue is on disk: the kill below loses none of it
         daemon = daemon_for(tmp_path, broker.port, QOS2_ROUTES, **env).start()
         daemon.wait_ready()
         wait_for(lambda: db.count() >= 300, 30, interval=0.02, what="10% stored")

@@ -115,7 +115,7 @@ def test_broker_killed_and_restarted_mid_stream(tmp_path: Path) -> None:
         daemon.wait_ready()
         assert daemon.stop() == 0  # the session exists; the broker queues from now on
         publish(b.port, stream(n), inflight=1000)
-        time.sleep(1.5)  # past Mosquitto's autosave_interval: the queue is on disk
+        b.wait_saved()  # the queue is on disk: the kill below loses none of it
         daemon = _daemon(tmp_path, b.port, **env).start()
         daemon.wait_ready()
         wait_for(lambda: stored_messages(db) >= n * 0.3, 60, interval=0.05, what="30% stored")
