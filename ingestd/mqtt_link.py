@@ -80,6 +80,12 @@ _READS_PER_WAKEUP = 256
 _READ_SIZE = 64 * 1024
 
 
+def raw_topic(message: paho.MQTTMessage) -> bytes:
+    """A message's topic as the broker sent it (paho's `topic` property raises on
+    invalid UTF-8)."""
+    return bytes(message._topic)
+
+
 class _BufferedSocket:
     """A socket whose `recv(n)` is served from one large read of the real socket.
 

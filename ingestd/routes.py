@@ -296,6 +296,11 @@ class RouteTable:
             return
         self.sequences_changed.add(sensor)
 
+    @property
+    def cached_topics(self) -> int:
+        """Topics whose match is cached (bounded: the cache never grows past 65,536)."""
+        return len(self._cache)
+
     def match(self, topic: str) -> RouteMatch | None:
         try:
             return self._cache[topic]

@@ -34,7 +34,7 @@ from ingestd.decode import decode_all
 from ingestd.errors import ConfigError
 from ingestd.events import NS, ConnectionChanged, Decoded, Rejected, control
 from ingestd.flow import InFlightWindow
-from ingestd.mqtt_link import ARRIVAL_CLOCK, MqttLink
+from ingestd.mqtt_link import ARRIVAL_CLOCK, MqttLink, raw_topic
 from ingestd.observe.upstream import BROKER_DROPPED, UpstreamWatch
 from ingestd.routes import RouteTable
 
@@ -427,7 +427,7 @@ class MqttSource:
             if value >= 0x80:
                 log.error("subscription refused by the broker: these routes get nothing; "
                           "check the broker's ACLs for this user", topic=topic, qos=qos,
-                          reason=str(code), routes=self._routes_under(topic),
+                          reason=str(code), routes=self.routes_under(topic),
                           username=self.settings.username)
         log.info("subscribed", topics=[t for t, _ in self.subscriptions])
         if self.settings.watch_broker_drops and self.upstream is not None:
@@ -444,7 +444,7 @@ class MqttSource:
         except aiomqtt.MqttError as exc:
             log.debug("no watch on the broker's drop count", error=str(exc))
 
-    def _routes_under(self, subscription: str) -> list[str]:
+    def routes_under(self, subscription: str) -> list[str]:
         """The route topics a subscription filter serves."""
         group = self.settings_root.mqtt.shared_group
         bare = subscription.removeprefix(f"$share/{group}/") if group else subscription
@@ -538,7 +538,7 @@ class MqttSource:
             try:
                 (retained if m.retain else deliveries).append((m.topic, payload, now))
             except UnicodeDecodeError:
-                shown = bytes(m._topic).decode("utf-8", "backslashreplace")
+                shown = raw_topic(m).decode("utf-8", "backslashreplace")
                 bad_topics.append(Rejected(shown, payload, "topic is not valid UTF-8", now / NS,
                                            "bad_topic"))
         self._last_received_ns = last

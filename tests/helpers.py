@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -332,7 +333,7 @@ class DbReader:
         except sqlite3.OperationalError:
             return 0
 
-    def rows(self, sql: str, *args: object) -> list[tuple[object, ...]]:
+    def rows(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
         with self.connect() as c:
             return list(c.execute(sql, args).fetchall())
 

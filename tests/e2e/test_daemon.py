@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,7 @@ def _json_stream() -> list[tuple[str, bytes]]:
     return msgs
 
 
-def _daemon(tmp_path: Path, broker_port: int, *, config: Path = SHIPPED_CONFIG,
+def _daemon(tmp_path: Path, broker_port: int, config: Path = SHIPPED_CONFIG, /,
             **env: str) -> Daemon:
     db = tmp_path / "data" / "ingestd.db"
     base = {
@@ -54,7 +55,7 @@ def _daemon(tmp_path: Path, broker_port: int, *, config: Path = SHIPPED_CONFIG,
 
 
 def test_ingests_20000_qos1_messages_exactly_once(
-    tmp_path: Path, mosquitto: Mosquitto, record_property: pytest.RecordProperty
+    tmp_path: Path, mosquitto: Mosquitto, record_property: Callable[[str, object], None]
 ) -> None:
     daemon = _daemon(tmp_path, mosquitto.port).start()
     db = DbReader(tmp_path / "data" / "ingestd.db")

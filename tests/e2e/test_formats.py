@@ -7,6 +7,7 @@ import json
 import random
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -173,7 +174,7 @@ def _mutate(rng: random.Random, seed: bytes) -> bytes:
 
 @pytest.mark.slow
 def test_fuzz_100000_generated_payloads_through_the_daemon(
-    tmp_path: Path, mosquitto: Mosquitto, record_property: pytest.RecordProperty
+    tmp_path: Path, mosquitto: Mosquitto, record_property: Callable[[str, object], None]
 ) -> None:
     config = write_config(tmp_path / "ingestd.toml", routes=FUZZ_ROUTES,
                           processor={"max_age_days": 0, "max_future_seconds": 0})

@@ -46,7 +46,9 @@ def _make_certs(d: Path) -> tuple[Path, Path, Path]:
     d.mkdir()
     ca_key, ca, key, csr, crt = (d / n for n in ("ca.key", "ca.crt", "srv.key", "srv.csr",
                                                   "srv.crt"))
-    run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+    def run(*a: str) -> None:
+        subprocess.run(a, check=True, capture_output=True)
+
     run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
         "-subj", "/CN=ingestd test CA", "-keyout", str(ca_key), "-out", str(ca))
     run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
@@ -164,7 +166,7 @@ def test_a_large_backlog_is_taken_within_the_window(
     config = tmp_path / "qos.toml"
     config.write_text((REPO / "config" / "ingestd.toml").read_text()
                       .replace("qos = 1", f"qos = {qos}"))
-    daemon = _daemon(tmp_path, broker.port, config=config, **env).start()
+    daemon = _daemon(tmp_path, broker.port, config, **env).start()
     try:
         daemon.wait_ready()
         assert daemon.stop() == 0
@@ -172,7 +174,7 @@ def test_a_large_backlog_is_taken_within_the_window(
         publish(broker.port, [(f"sensors/b{i % 10}/telemetry",
                                b'{"ts": %d, "v": 1}' % (1_700_000_000 + i))
                               for i in range(n)], qos=qos)
-        daemon = _daemon(tmp_path, broker.port, config=config, **env).start()
+        daemon = _daemon(tmp_path, broker.port, config, **env).start()
         daemon.wait_ready(60)
         wait_for(lambda: db.count() >= n, 60, interval=0.1, what="the backlog")
         assert daemon.stop() == 0, daemon.logs()

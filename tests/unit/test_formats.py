@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from ingestd.config import RouteSettings, Scaling, Settings, route_table
 from ingestd.decode import decode_all
-from ingestd.events import NS, Reading
+from ingestd.events import NS, Reading, Rejected
 from ingestd.explain import explain
 from ingestd.influx import parse, parse_line
 from ingestd.process import apply_clock, apply_scaling
@@ -28,7 +28,7 @@ def ns(seconds: float) -> int:
 
 
 def table(*routes: dict[str, object], limits: InputLimits | None = None) -> RouteTable:
-    compiled = [RouteSettings(**r).compile(i) for i, r in enumerate(routes)]  # type: ignore[arg-type]
+    compiled = [RouteSettings(**r).compile(i) for i, r in enumerate(routes)]
     return RouteTable(compiled, limits)
 
 
@@ -232,9 +232,10 @@ def test_input_limits_size_depth_utf8() -> None:
 def test_scaling_and_device_clock_checks() -> None:
     r = [Reading("d", "p", ns(NOW), 101325.0), Reading("d", "t", ns(NOW + 301), 1.0),
          Reading("d", "t", ns(NOW - 11 * 86400), 2.0), Reading("d", "t", ns(NOW - 9 * 86400), 3.0)]
-    rejected: list = []
+    rejected: list[Rejected] = []
     scaled = apply_scaling(r, {"p": Scaling(scale=0.01, unit="hPa")}, NOW, rejected)
-    assert (scaled[0].value, scaled[0].unit) == (pytest.approx(1013.25), "hPa")
+    assert scaled[0].value == pytest.approx(1013.25)
+    assert scaled[0].unit == "hPa"
     kept = apply_clock(scaled, NOW, 300, 10 * 86400, rejected)
     assert [k.value for k in kept] == [pytest.approx(1013.25), 3.0]
     assert [x.kind for x in rejected] == ["clock", "clock"]

@@ -31,8 +31,9 @@ async def test_instance_attributes_and_callback_wiring() -> None:
     assert isinstance(client._disconnected, asyncio.Future)
     # aiomqtt must look the socket callback up on self, so our override is used.
     link = mqtt_link.MqttLink(on_message=lambda m: None, manual_ack=True, hostname="127.0.0.1")
-    assert link._client.on_socket_open.__func__ is mqtt_link.MqttLink._on_socket_open
-    assert link._client.on_socket_close.__func__ is mqtt_link.MqttLink._on_socket_close
+    opened, closed = link._client.on_socket_open, link._client.on_socket_close
+    assert getattr(opened, "__func__", None) is mqtt_link.MqttLink._on_socket_open
+    assert getattr(closed, "__func__", None) is mqtt_link.MqttLink._on_socket_close
     assert link._client._manual_ack is True
     for name in mqtt_link.REQUIRED_PAHO_ATTRS:
         assert hasattr(link._client, name), f"paho.Client().{name} is gone"
