@@ -93,22 +93,41 @@ def scenarios() -> list[Scenario]:
         Scenario("aiomqtt loop, QoS 1, broker inflight 20", "aiomqtt", 1, 20),
         Scenario("aiomqtt loop, QoS 1, broker inflight 1000", "aiomqtt", 1, 1000),
         Scenario("ingestd, QoS 1 ack after commit, broker inflight 20", "ingestd", 1, 20),
-        Scenario("ingestd, QoS 1 ack after commit, broker inflight 1000", "ingestd", 1, 1000,
-                 fast),
-        Scenario("ingestd, QoS 1 ack on receive, broker inflight 20", "ingestd", 1, 20,
-                 (("INGESTD_MQTT__ACK", "on_receive"),)),
-        Scenario("ingestd, QoS 1 ack on receive, broker inflight 1000", "ingestd", 1, 1000,
-                 (("INGESTD_MQTT__ACK", "on_receive"), *fast)),
-        Scenario("hand-written paho + sqlite3 script, QoS 1", "paho_sqlite", 1, 1000,
-                 messages=3000),
-        Scenario("ingestd, batch payloads (50 readings/message), QoS 1 ack after commit",
-                 "ingestd", 1, 1000, fast, messages=20_000, batch=25),
+        Scenario("ingestd, QoS 1 ack after commit, broker inflight 1000", "ingestd", 1, 1000, fast),
+        Scenario(
+            "ingestd, QoS 1 ack on receive, broker inflight 20",
+            "ingestd",
+            1,
+            20,
+            (("INGESTD_MQTT__ACK", "on_receive"),),
+        ),
+        Scenario(
+            "ingestd, QoS 1 ack on receive, broker inflight 1000",
+            "ingestd",
+            1,
+            1000,
+            (("INGESTD_MQTT__ACK", "on_receive"), *fast),
+        ),
+        Scenario(
+            "hand-written paho + sqlite3 script, QoS 1", "paho_sqlite", 1, 1000, messages=3000
+        ),
+        Scenario(
+            "ingestd, batch payloads (50 readings/message), QoS 1 ack after commit",
+            "ingestd",
+            1,
+            1000,
+            fast,
+            messages=20_000,
+            batch=25,
+        ),
     ]
 
 
 def record(i: int) -> str:
-    return (f'{{"ts": {T0 + i * 0.001:.3f}, "temperature": {20 + (i % 100) / 10}, '
-            f'"humidity": {i % 100}}}')
+    return (
+        f'{{"ts": {T0 + i * 0.001:.3f}, "temperature": {20 + (i % 100) / 10}, '
+        f'"humidity": {i % 100}}}'
+    )
 
 
 def preload(broker: Mosquitto, messages: int, qos: int, workdir: Path, batch: int = 0) -> None:
@@ -119,14 +138,28 @@ def preload(broker: Mosquitto, messages: int, qos: int, workdir: Path, batch: in
         with lines.open("w") as fh:
             for i in range(per):
                 if batch:
-                    fh.write("[" + ", ".join(record(i * batch + j) for j in range(batch))
-                             + "]\n")
+                    fh.write("[" + ", ".join(record(i * batch + j) for j in range(batch)) + "]\n")
                 else:
                     fh.write(record(i) + "\n")
-        procs.append(subprocess.Popen(
-            ["mosquitto_pub", "-p", str(broker.port), "-q", str(qos), "-M", "1000",
-             "-t", f"sensors/dev{s}/telemetry", "-l"],
-            stdin=lines.open("rb"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+        procs.append(
+            subprocess.Popen(
+                [
+                    "mosquitto_pub",
+                    "-p",
+                    str(broker.port),
+                    "-q",
+                    str(qos),
+                    "-M",
+                    "1000",
+                    "-t",
+                    f"sensors/dev{s}/telemetry",
+                    "-l",
+                ],
+                stdin=lines.open("rb"),
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+        )
     for p in procs:
         _, err = p.communicate(timeout=300)
         if p.returncode != 0:
@@ -158,22 +191,32 @@ def proc_stats(pid: int) -> tuple[float, float]:
     return cpu, hwm / 1024
 
 
-def run_ingestd(sc: Scenario, broker: Mosquitto, messages: int, work: Path,
-                profile: Path | None = None) -> Result:
+def run_ingestd(
+    sc: Scenario, broker: Mosquitto, messages: int, work: Path, profile: Path | None = None
+) -> Result:
     client_id = "bench-ingestd"
     register_session(broker.port, client_id, sc.qos)
     preload(broker, messages, sc.qos, work, sc.batch)
     expected = messages * sc.readings_per_message
     config = work / "ingestd.toml"
     config.write_text(SHIPPED_CONFIG.read_text().replace("qos = 1", f"qos = {sc.qos}"))
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")},
-           "INGESTD_MQTT__PORT": str(broker.port), "INGESTD_MQTT__CLIENT_ID": client_id,
-           "INGESTD_STORE__PATH": str(work / "ingestd.db"),
-           "INGESTD_DAEMON__LOG_FORMAT": "json", **dict(sc.env)}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")},
+        "INGESTD_MQTT__PORT": str(broker.port),
+        "INGESTD_MQTT__CLIENT_ID": client_id,
+        "INGESTD_STORE__PATH": str(work / "ingestd.db"),
+        "INGESTD_DAEMON__LOG_FORMAT": "json",
+        **dict(sc.env),
+    }
     log = work / "ingestd.log"
     with log.open("wb") as fh:
-        proc = subprocess.Popen([PY, "-m", "ingestd", "--config", str(config)], env=env,
-                                stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+        proc = subprocess.Popen(
+            [PY, "-m", "ingestd", "--config", str(config)],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
     profiler = Profiler(proc.pid, profile) if profile else None
     commits: list[tuple[float, int]] = []
     connected: list[float] = []
@@ -204,18 +247,36 @@ def run_ingestd(sc: Scenario, broker: Mosquitto, messages: int, work: Path,
     total = sum(n for _, n in commits)
     # From the connection (the backlog starts flowing) to the commit that completed it;
     # every consumer is timed the same way.
-    return Result(sc, messages, total, max(commits[-1][0] - connected[0], 1e-9), cpu, rss,
-                  lost=expected - total)
+    return Result(
+        sc,
+        messages,
+        total,
+        max(commits[-1][0] - connected[0], 1e-9),
+        cpu,
+        rss,
+        lost=expected - total,
+    )
 
 
 def run_baseline(sc: Scenario, broker: Mosquitto, messages: int, work: Path) -> Result:
     client_id = f"bench-{sc.consumer}"
     register_session(broker.port, client_id, sc.qos)
     preload(broker, messages, sc.qos, work)
-    args = [PY, "-m", f"bench.consumers.{sc.consumer}_count" if sc.consumer == "aiomqtt"
-            else f"bench.consumers.{sc.consumer}",
-            "--port", str(broker.port), "--expect", str(messages), "--qos", str(sc.qos),
-            "--client-id", client_id]
+    args = [
+        PY,
+        "-m",
+        f"bench.consumers.{sc.consumer}_count"
+        if sc.consumer == "aiomqtt"
+        else f"bench.consumers.{sc.consumer}",
+        "--port",
+        str(broker.port),
+        "--expect",
+        str(messages),
+        "--qos",
+        str(sc.qos),
+        "--client-id",
+        client_id,
+    ]
     if sc.consumer == "paho_sqlite":
         args += ["--db", str(work / "script.db")]
     proc = subprocess.run(args, capture_output=True, cwd=REPO, timeout=600, check=False)
@@ -224,12 +285,20 @@ def run_baseline(sc: Scenario, broker: Mosquitto, messages: int, work: Path) -> 
     r = json.loads(proc.stdout.decode().strip().splitlines()[-1])
     readings = r["count"] * sc.readings_per_message
     # The consumer reports its own getrusage(): CPU seconds and peak RSS.
-    return Result(sc, messages, readings, max(r["last"] - r["first"], 1e-9), r["cpu"],
-                  r["rss_kb"] / 1024, lost=messages - r["count"])
+    return Result(
+        sc,
+        messages,
+        readings,
+        max(r["last"] - r["first"], 1e-9),
+        r["cpu"],
+        r["rss_kb"] / 1024,
+        lost=messages - r["count"],
+    )
 
 
-def run_latency(broker: Mosquitto, rate: float, seconds: float, work: Path,
-                env_extra: dict[str, str]) -> dict[str, float]:
+def run_latency(
+    broker: Mosquitto, rate: float, seconds: float, work: Path, env_extra: dict[str, str]
+) -> dict[str, float]:
     """Publish live at `rate` messages/s; the publish-to-commit latency of every reading.
 
     Each record carries its publish time; the database is polled every 10 ms
@@ -238,27 +307,53 @@ def run_latency(broker: Mosquitto, rate: float, seconds: float, work: Path,
     """
     client_id = "bench-latency"
     count = int(rate * seconds)
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")},
-           "INGESTD_MQTT__PORT": str(broker.port), "INGESTD_MQTT__CLIENT_ID": client_id,
-           "INGESTD_STORE__PATH": str(work / "latency.db"),
-           "INGESTD_DAEMON__LOG_FORMAT": "json", **env_extra}
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")},
+        "INGESTD_MQTT__PORT": str(broker.port),
+        "INGESTD_MQTT__CLIENT_ID": client_id,
+        "INGESTD_STORE__PATH": str(work / "latency.db"),
+        "INGESTD_DAEMON__LOG_FORMAT": "json",
+        **env_extra,
+    }
     log = work / "latency.log"
     with log.open("wb") as fh:
-        daemon = subprocess.Popen([PY, "-m", "ingestd", "--config", str(SHIPPED_CONFIG)],
-                                  env=env, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO)
+        daemon = subprocess.Popen(
+            [PY, "-m", "ingestd", "--config", str(SHIPPED_CONFIG)],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
     pubs: list[subprocess.Popen[bytes]] = []
     latencies: list[float] = []
     try:
         wait_for(lambda: '"msg": "ready"' in log.read_text(), 30, what="ingestd ready")
         per = rate / SENSORS
         for s in range(SENSORS):
-            gen = subprocess.Popen([PY, "-m", "bench.paced", "--rate", str(per), "--count",
-                                    str(count // SENSORS)], stdout=subprocess.PIPE, cwd=REPO)
+            gen = subprocess.Popen(
+                [PY, "-m", "bench.paced", "--rate", str(per), "--count", str(count // SENSORS)],
+                stdout=subprocess.PIPE,
+                cwd=REPO,
+            )
             assert gen.stdout is not None
             pubs.append(gen)
-            pubs.append(subprocess.Popen(
-                ["mosquitto_pub", "-p", str(broker.port), "-q", "1", "-M", "1000",
-                 "-t", f"sensors/live{s}/telemetry", "-l"], stdin=gen.stdout))
+            pubs.append(
+                subprocess.Popen(
+                    [
+                        "mosquitto_pub",
+                        "-p",
+                        str(broker.port),
+                        "-q",
+                        "1",
+                        "-M",
+                        "1000",
+                        "-t",
+                        f"sensors/live{s}/telemetry",
+                        "-l",
+                    ],
+                    stdin=gen.stdout,
+                )
+            )
             gen.stdout.close()
         expected = (count // SENSORS) * SENSORS * 2
         db = sqlite3.connect(f"file:{work / 'latency.db'}?mode=ro", uri=True)
@@ -267,12 +362,14 @@ def run_latency(broker: Mosquitto, rate: float, seconds: float, work: Path,
         while len(latencies) < expected and time.monotonic() < deadline:
             time.sleep(0.01)
             now = time.time()
-            for sid, in db.execute("SELECT id FROM series").fetchall():
-                rows = db.execute("SELECT ts_ns FROM samples WHERE series_id = ? AND ts_ns > ?",
-                                  (sid, seen.get(sid, 0))).fetchall()
+            for (sid,) in db.execute("SELECT id FROM series").fetchall():
+                rows = db.execute(
+                    "SELECT ts_ns FROM samples WHERE series_id = ? AND ts_ns > ?",
+                    (sid, seen.get(sid, 0)),
+                ).fetchall()
                 if rows:
-                    latencies.extend(now - ns / 1e9 for ns, in rows)
-                    seen[sid] = max(ns for ns, in rows)
+                    latencies.extend(now - ns / 1e9 for (ns,) in rows)
+                    seen[sid] = max(ns for (ns,) in rows)
         db.close()
         cpu, rss = proc_stats(daemon.pid)
     finally:
@@ -283,16 +380,25 @@ def run_latency(broker: Mosquitto, rate: float, seconds: float, work: Path,
         daemon.wait(30)
     latencies.sort()
     q = statistics.quantiles(latencies, n=100)
-    return {"readings": len(latencies), "expected": expected, "p50": q[49] * 1000,
-            "p99": q[98] * 1000, "max": latencies[-1] * 1000, "rate": rate * 2,
-            "cpu": cpu, "rss": rss}
+    return {
+        "readings": len(latencies),
+        "expected": expected,
+        "p50": q[49] * 1000,
+        "p99": q[98] * 1000,
+        "max": latencies[-1] * 1000,
+        "rate": rate * 2,
+        "cpu": cpu,
+        "rss": rss,
+    }
 
 
 def run_one(sc: Scenario, messages: int, profile: Path | None = None) -> Result:
     work = Path(tempfile.mkdtemp(prefix="ingestd-bench-"))
-    broker = Mosquitto(work / "broker", max_inflight=sc.broker_inflight,
-                       extra="queue_qos0_messages true\nmax_queued_bytes 0\n"
-                             "autosave_interval 3600\n").start()
+    broker = Mosquitto(
+        work / "broker",
+        max_inflight=sc.broker_inflight,
+        extra="queue_qos0_messages true\nmax_queued_bytes 0\nautosave_interval 3600\n",
+    ).start()
     try:
         n = sc.messages or messages
         if sc.consumer == "ingestd":
@@ -310,8 +416,9 @@ def median(values: list[float]) -> float:
 def report(run: Run, rounds: int, messages: int, command: str, elapsed: float) -> str:
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     cpu = platform.processor() or platform.machine()
-    mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True,
-                          check=False).stdout.split("\n")[0]
+    mosq = subprocess.run(
+        ["mosquitto", "-h"], capture_output=True, text=True, check=False
+    ).stdout.split("\n")[0]
     lines = [
         f"Measured {now} on {os.cpu_count()} cores ({cpu}), {platform.python_implementation()} "
         f"{platform.python_version()}, {mosq.strip()}, broker and consumer on one machine.",
@@ -337,15 +444,19 @@ def latency_report(rate: float, seconds: float, rounds: int) -> str:
         work = Path(tempfile.mkdtemp(prefix="ingestd-latency-"))
         broker = Mosquitto(work / "broker", max_inflight=1000).start()
         try:
-            r = run_latency(broker, rate, seconds, work,
-                            {"INGESTD_MQTT__BROKER_MAX_INFLIGHT": "1000"})
+            r = run_latency(
+                broker, rate, seconds, work, {"INGESTD_MQTT__BROKER_MAX_INFLIGHT": "1000"}
+            )
         finally:
             broker.kill()
             shutil.rmtree(work, ignore_errors=True)
         runs.append(r)
-        print(f"latency round {rnd + 1}: p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms, "
-              f"max {r['max']:.0f} ms, {r['readings']}/{r['expected']} readings",
-              file=sys.stderr, flush=True)
+        print(
+            f"latency round {rnd + 1}: p50 {r['p50']:.0f} ms, p99 {r['p99']:.0f} ms, "
+            f"max {r['max']:.0f} ms, {r['readings']}/{r['expected']} readings",
+            file=sys.stderr,
+            flush=True,
+        )
     return (
         f"\nLatency, live QoS 1 publishing at {rate:,.0f} messages/s ({2 * rate:,.0f} "
         f"readings/s) for {seconds:.0f} s, {rounds} run(s), default batch settings "
@@ -353,9 +464,11 @@ def latency_report(rate: float, seconds: float, rounds: int) -> str:
         "database every 10 ms:\n\n"
         "| run | readings | p50 ms | p99 ms | max ms | CPU s | peak RSS MB |\n"
         "|---|---:|---:|---:|---:|---:|---:|\n"
-        + "".join(f"| {i + 1} | {r['readings']:,}/{r['expected']:,} | {r['p50']:.0f} | "
-                  f"{r['p99']:.0f} | {r['max']:.0f} | {r['cpu']:.2f} | {r['rss']:.1f} |\n"
-                  for i, r in enumerate(runs))
+        + "".join(
+            f"| {i + 1} | {r['readings']:,}/{r['expected']:,} | {r['p50']:.0f} | "
+            f"{r['p99']:.0f} | {r['max']:.0f} | {r['cpu']:.2f} | {r['rss']:.1f} |\n"
+            for i, r in enumerate(runs)
+        )
     )
 
 
@@ -366,11 +479,20 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="1 round of 20,000 messages")
     p.add_argument("--only", default="", help="run scenarios whose name contains this")
     p.add_argument("--out", type=Path, default=None, help="write the table to this file")
-    p.add_argument("--latency-rate", type=float, default=0.0,
-                   help="also run the latency test, publishing this many messages/s")
+    p.add_argument(
+        "--latency-rate",
+        type=float,
+        default=0.0,
+        help="also run the latency test, publishing this many messages/s",
+    )
     p.add_argument("--latency-seconds", type=float, default=10.0)
-    p.add_argument("--profile", type=Path, default=None, metavar="DIR",
-                   help="sample the daemon with py-spy; write and summarize profiles in DIR")
+    p.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="sample the daemon with py-spy; write and summarize profiles in DIR",
+    )
     a = p.parse_args()
     if a.quick:
         a.rounds, a.messages = 1, 20_000
@@ -390,8 +512,12 @@ def main() -> int:
                 prof = a.profile / f"{slug}-{rnd + 1}.txt"
             r = run_one(sc, a.messages, prof)
             run.results[sc.name].append(r)
-            print(f"round {rnd + 1}: {sc.name}: {r.rate:,.0f} readings/s, cpu {r.cpu:.2f}s, "
-                  f"rss {r.rss_mb:.1f} MB, lost {r.lost}", file=sys.stderr, flush=True)
+            print(
+                f"round {rnd + 1}: {sc.name}: {r.rate:,.0f} readings/s, cpu {r.cpu:.2f}s, "
+                f"rss {r.rss_mb:.1f} MB, lost {r.lost}",
+                file=sys.stderr,
+                flush=True,
+            )
             if prof and prof.exists():
                 print(summarize(prof), file=sys.stderr, flush=True)
     command = "python -m bench.bench " + " ".join(sys.argv[1:])

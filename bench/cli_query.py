@@ -35,9 +35,12 @@ async def build(path: Path, readings: int) -> float:
     async with SqliteStore(path, synchronous="normal") as store:
         chunk = 2000  # samples per series per transaction: 400,000 readings
         for start in range(0, per_series, chunk):
-            rows = [Reading(f"s{s:03d}", m, int((T0 + i * STEP) * NS), 20.0 + (i % 100) / 10)
-                    for s in range(SENSORS) for m in METRICS
-                    for i in range(start, min(start + chunk, per_series))]
+            rows = [
+                Reading(f"s{s:03d}", m, int((T0 + i * STEP) * NS), 20.0 + (i % 100) / 10)
+                for s in range(SENSORS)
+                for m in METRICS
+                for i in range(start, min(start + chunk, per_series))
+            ]
             async with store.batch() as tx:
                 await tx.add_readings(rows)
     return time.monotonic() - started
@@ -47,8 +50,9 @@ def timed(args: list[str], runs: int = 5) -> tuple[float, int]:
     times, lines = [], 0
     for _ in range(runs):
         started = time.monotonic()
-        out = subprocess.run([sys.executable, "-m", "ingestd", *args], check=True,
-                             capture_output=True, cwd=REPO).stdout
+        out = subprocess.run(
+            [sys.executable, "-m", "ingestd", *args], check=True, capture_output=True, cwd=REPO
+        ).stdout
         times.append(time.monotonic() - started)
         lines = out.count(b"\n")
     return statistics.median(times), lines
@@ -62,19 +66,46 @@ def main() -> int:
     db = a.db or Path(tempfile.mkdtemp(prefix="ingestd-cli-")) / "big.db"
     if not db.exists():
         seconds = asyncio.run(build(db, a.readings))
-        print(f"built {a.readings:,} readings in {seconds:.1f} s "
-              f"({a.readings / seconds:,.0f}/s, {db.stat().st_size / 1e6:,.0f} MB)")
+        print(
+            f"built {a.readings:,} readings in {seconds:.1f} s "
+            f"({a.readings / seconds:,.0f}/s, {db.stat().st_size / 1e6:,.0f} MB)"
+        )
     config = str(REPO / "config" / "ingestd.toml")
     day = T0 + 5 * 86400
     base = ["--config", config, "--db", str(db)]
     noop = timed(["--version"])[0]
     print(f"interpreter start (ingestd --version): {noop * 1000:.0f} ms")
     for label, args in [
-        ("query, one sensor, one day, CSV", ["query", "--sensor", "s042", "--since", str(day),
-                                             "--until", str(day + 86400), "-f", "csv"]),
-        ("query, one sensor and metric, one day, JSON",
-         ["query", "--sensor", "s042", "--metric", "temperature", "--since", str(day),
-          "--until", str(day + 86400), "-f", "json"]),
+        (
+            "query, one sensor, one day, CSV",
+            [
+                "query",
+                "--sensor",
+                "s042",
+                "--since",
+                str(day),
+                "--until",
+                str(day + 86400),
+                "-f",
+                "csv",
+            ],
+        ),
+        (
+            "query, one sensor and metric, one day, JSON",
+            [
+                "query",
+                "--sensor",
+                "s042",
+                "--metric",
+                "temperature",
+                "--since",
+                str(day),
+                "--until",
+                str(day + 86400),
+                "-f",
+                "json",
+            ],
+        ),
         ("sensors (last value of 200 series)", ["sensors"]),
         ("stats from the database", ["stats", "--url", "http://127.0.0.1:9"]),
     ]:

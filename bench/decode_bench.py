@@ -26,21 +26,41 @@ ROUTES = [
     {"topic": "value/{sensor}/{metric}", "format": "value"},
 ]
 CASES = [
-    ("json, flat object, 2 readings", "json/d1",
-     json.dumps({"ts": T0, "temperature": 21.5, "humidity": 40.2}).encode()),
-    ("json, nested objects, 4 readings", "json/d1",
-     json.dumps({"ts": T0, "env": {"t": 21.5, "h": 40.2}, "power": {"v": 230.1, "a": 1.5}})
-     .encode()),
-    ("json, array of 25 objects, 50 readings", "json/d1",
-     json.dumps([{"ts": T0 + i, "temperature": 21.5, "humidity": 40.2}
-                 for i in range(25)]).encode()),
-    ("senml, pack of 10 records", "senml/d1",
-     json.dumps([{"bn": "urn:dev:mac:0024befffe804ff1:", "bt": T0, "bu": "Cel", "n": "temp",
-                  "v": 21.5}] + [{"n": "temp", "t": i, "v": 21.5 + i / 10}
-                                 for i in range(1, 10)]).encode()),
-    ("influx, 10 lines x 2 fields, tags", "influx/d1",
-     "\n".join(f"cpu,host=web1,core={i} usage_user={i}.5,usage_system=3i "
-               f"{int((T0 + i) * 1e9)}" for i in range(10)).encode()),
+    (
+        "json, flat object, 2 readings",
+        "json/d1",
+        json.dumps({"ts": T0, "temperature": 21.5, "humidity": 40.2}).encode(),
+    ),
+    (
+        "json, nested objects, 4 readings",
+        "json/d1",
+        json.dumps(
+            {"ts": T0, "env": {"t": 21.5, "h": 40.2}, "power": {"v": 230.1, "a": 1.5}}
+        ).encode(),
+    ),
+    (
+        "json, array of 25 objects, 50 readings",
+        "json/d1",
+        json.dumps(
+            [{"ts": T0 + i, "temperature": 21.5, "humidity": 40.2} for i in range(25)]
+        ).encode(),
+    ),
+    (
+        "senml, pack of 10 records",
+        "senml/d1",
+        json.dumps(
+            [{"bn": "urn:dev:mac:0024befffe804ff1:", "bt": T0, "bu": "Cel", "n": "temp", "v": 21.5}]
+            + [{"n": "temp", "t": i, "v": 21.5 + i / 10} for i in range(1, 10)]
+        ).encode(),
+    ),
+    (
+        "influx, 10 lines x 2 fields, tags",
+        "influx/d1",
+        "\n".join(
+            f"cpu,host=web1,core={i} usage_user={i}.5,usage_system=3i {int((T0 + i) * 1e9)}"
+            for i in range(10)
+        ).encode(),
+    ),
     ("value, one number", "value/d1/temperature", b"21.5"),
 ]
 

@@ -34,9 +34,23 @@ class Profiler:
             raise SystemExit("bench: --profile needs py-spy (pip install py-spy)")
         self.out = out
         self._proc = subprocess.Popen(
-            [exe, "record", "--pid", str(pid), "--rate", str(rate), "--threads",
-             "--nonblocking", "--format", "raw", "--output", str(out)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [
+                exe,
+                "record",
+                "--pid",
+                str(pid),
+                "--rate",
+                str(rate),
+                "--threads",
+                "--nonblocking",
+                "--format",
+                "raw",
+                "--output",
+                str(out),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
 
     def stop(self) -> None:
         self._proc.send_signal(signal.SIGINT)

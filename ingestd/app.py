@@ -48,9 +48,18 @@ STATUS_INTERVAL = 5.0
 # Settings a reload applies to the running daemon; any other change is logged
 # as needing a restart.
 LIVE_KEYS = (
-    "daemon.log_level", "daemon.log_format", "daemon.stop_timeout", "daemon.stall_timeout",
-    "routes", "processor.", "batch.", "store.retry_min_delay", "store.retry_max_delay",
-    "store.retention_days", "store.maintenance_interval", "store.retention_batch",
+    "daemon.log_level",
+    "daemon.log_format",
+    "daemon.stop_timeout",
+    "daemon.stall_timeout",
+    "routes",
+    "processor.",
+    "batch.",
+    "store.retry_min_delay",
+    "store.retry_max_delay",
+    "store.retention_days",
+    "store.maintenance_interval",
+    "store.retention_batch",
 )
 
 
@@ -67,8 +76,10 @@ def store_advice(path: Path, exc: StoreUnavailable) -> str:
         where = path.parent if not path.parent.exists() else path
         verb = "create" if not path.parent.exists() else "write"
         why = "read-only file system" if "read-only" in lowered else "permission denied"
-        return (f"cannot {verb} {where}: {why} for user {user} - set store.path to a "
-                f"place {user} can write (e.g. var/ingestd.db), or run as a user that can")
+        return (
+            f"cannot {verb} {where}: {why} for user {user} - set store.path to a "
+            f"place {user} can write (e.g. var/ingestd.db), or run as a user that can"
+        )
     if "no space" in lowered or "disk full" in lowered:
         return f"the disk holding {path} is full - free space there ({text})"
     return text
@@ -88,8 +99,12 @@ class StopTimeout(Exception):
 
 
 class Daemon:
-    def __init__(self, settings: Settings, notifier: SystemdNotifier | None = None,
-                 config_path: Path | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        notifier: SystemdNotifier | None = None,
+        config_path: Path | None = None,
+    ) -> None:
         self.settings = settings
         self._boot_settings = settings
         self.config_path = config_path
@@ -127,8 +142,10 @@ class Daemon:
             log.info("stopping", signal=sig.name, stop_timeout=self.settings.daemon.stop_timeout)
             self.request_stop()
             return
-        log.error("second signal: forcing exit; unacknowledged messages stay with the broker",
-                  signal=sig.name)
+        log.error(
+            "second signal: forcing exit; unacknowledged messages stay with the broker",
+            signal=sig.name,
+        )
         os._exit(128 + sig.value)
 
     def request_stop(self) -> None:
@@ -142,8 +159,14 @@ class Daemon:
     async def run(self) -> int:
         self._install_signals()
         s = self.settings
-        log.info("starting", version=__version__, pid=os.getpid(), store=str(s.store.path),
-                 broker=f"{s.mqtt.host}:{s.mqtt.port}", routes=len(s.routes))
+        log.info(
+            "starting",
+            version=__version__,
+            pid=os.getpid(),
+            store=str(s.store.path),
+            broker=f"{s.mqtt.host}:{s.mqtt.port}",
+            routes=len(s.routes),
+        )
         store = SqliteStore(
             s.store.path, synchronous=s.store.synchronous, busy_timeout_ms=s.store.busy_timeout_ms
         )
@@ -174,11 +197,19 @@ class Daemon:
             server = MetricsServer(m.host, m.port, self.metrics).start()
         except OSError as exc:
             # Ingestion matters more than its metrics: go on without them.
-            log.error("cannot listen for metrics; running without /metrics and health endpoints",
-                      host=m.host, port=m.port, error=str(exc))
+            log.error(
+                "cannot listen for metrics; running without /metrics and health endpoints",
+                host=m.host,
+                port=m.port,
+                error=str(exc),
+            )
             return None
-        log.info("metrics listening", url=f"http://{server.host}:{server.port}/metrics",
-                 host=server.host, port=server.port)
+        log.info(
+            "metrics listening",
+            url=f"http://{server.host}:{server.port}/metrics",
+            host=server.host,
+            port=server.port,
+        )
         return server
 
     async def _monitor(self) -> None:
@@ -194,14 +225,20 @@ class Daemon:
             gap = self.health.accounting.unexplained
             if gap != unexplained:
                 if gap:
-                    log.error("readings unaccounted for: a bug in ingestd, please report it",
-                              **dataclasses.asdict(self.health.accounting), unexplained=gap)
+                    log.error(
+                        "readings unaccounted for: a bug in ingestd, please report it",
+                        **dataclasses.asdict(self.health.accounting),
+                        unexplained=gap,
+                    )
                 unexplained = gap
             now = time.monotonic()
             stall = self.health.stall()
             if stall is not None and reported_stall is None:
-                log.error("pipeline stalled; withholding the systemd watchdog ping",
-                          reason=stall, stall_timeout=self.health.stall_timeout)
+                log.error(
+                    "pipeline stalled; withholding the systemd watchdog ping",
+                    reason=stall,
+                    stall_timeout=self.health.stall_timeout,
+                )
             elif stall is None and reported_stall is not None:
                 log.warning("pipeline moving again")
             reported_stall = stall
@@ -228,8 +265,10 @@ class Daemon:
         if not p.source.connected:
             return f"waiting for the broker {p.source.broker}"
         queued = sum(s.depth for s in p.bus.subscriptions if s.policy == "block")
-        return (f"ingesting: {rate:,.0f} readings/s, in flight {p.window.in_flight}/"
-                f"{p.window.limit}, queued {queued}, committed {p.writer.committed:,}")
+        return (
+            f"ingesting: {rate:,.0f} readings/s, in flight {p.window.in_flight}/"
+            f"{p.window.limit}, queued {queued}, committed {p.writer.committed:,}"
+        )
 
     async def _open_store(self, store: SqliteStore) -> bool:
         """Open the store, waiting out what keeps it closed; False if stopped first.
@@ -257,8 +296,12 @@ class Daemon:
                 self.health.store_problem = problem
                 now = time.monotonic()
                 if problem != reported or now - reported_at >= STORE_WAIT_LOG:
-                    log.error(f"cannot open the store: {problem}; retrying",
-                              path=str(store.path), error=str(exc), attempts=attempts)
+                    log.error(
+                        f"cannot open the store: {problem}; retrying",
+                        path=str(store.path),
+                        error=str(exc),
+                        attempts=attempts,
+                    )
                     reported, reported_at = problem, now
                 self.notifier.notify(f"STATUS=waiting for the store: {exc.condition}")
             try:
@@ -276,12 +319,8 @@ class Daemon:
             broker_limit=s.mqtt.broker_max_inflight if s.mqtt.protocol == "3.1.1" else 0,
         )
         stage_q, observer_q = s.bus.stage_queue_size, s.bus.observer_queue_size
-        to_processor = bus.subscribe(
-            "processor", [Decoded], policy="block", maxsize=stage_q
-        )
-        to_writer = bus.subscribe(
-            "writer", [Processed], policy="block", maxsize=stage_q
-        )
+        to_processor = bus.subscribe("processor", [Decoded], policy="block", maxsize=stage_q)
+        to_writer = bus.subscribe("writer", [Processed], policy="block", maxsize=stage_q)
         to_logger = bus.subscribe(
             "logger", [Processed, BatchCommitted], policy="drop", maxsize=observer_q
         )
@@ -291,7 +330,11 @@ class Daemon:
         source = MqttSource(s, table, bus, window, upstream=self.upstream)
         processor = Processor(to_processor, bus, s.processor)
         writer = BatchWriter(
-            store, to_writer, bus, window, source.acknowledge,
+            store,
+            to_writer,
+            bus,
+            window,
+            source.acknowledge,
             max_readings=s.batch.max_readings,
             max_delay=s.batch.max_delay_ms / 1000,
             retry_min_delay=s.store.retry_min_delay,
@@ -302,8 +345,12 @@ class Daemon:
         maintenance = Maintenance(lambda: self.settings.store)
         self.health.loop = asyncio.get_running_loop()
         self.health.pipeline = Pipeline(source, writer, window, bus)
-        self._components = {"source": source, "processor": processor, "writer": writer,
-                            "maintenance": maintenance}
+        self._components = {
+            "source": source,
+            "processor": processor,
+            "writer": writer,
+            "maintenance": maintenance,
+        }
 
         def on_ready() -> None:
             if not self.ready.is_set():
@@ -321,9 +368,12 @@ class Daemon:
                 tg.create_task(maintenance.run(self.stop), name="maintenance")
                 tg.create_task(self._supervise_stop(writer_task, logger_task), name="stop")
         except* StopTimeout:
-            log.error("stop timeout exceeded; exiting with work in flight (it stays unacknowledged "
-                      "and the broker redelivers it)", in_flight=window.in_flight,
-                      stop_timeout=s.daemon.stop_timeout)
+            log.error(
+                "stop timeout exceeded; exiting with work in flight (it stays unacknowledged "
+                "and the broker redelivers it)",
+                in_flight=window.in_flight,
+                stop_timeout=s.daemon.stop_timeout,
+            )
             failed = True
         except* Exception as group:
             for exc in group.exceptions:
@@ -332,12 +382,19 @@ class Daemon:
         if failed:
             return EXIT_FAILURE
         accounting = Accounting.of(self.health.pipeline) if self.health.pipeline else None
-        log.info("stopped", committed=writer.committed, duplicates=writer.duplicates,
-                 quarantined=writer.quarantined, batches=writer.batches,
-                 received=source.received, stale_acks=source.stale_acks,
-                 readings=dataclasses.asdict(accounting) if accounting else {},
-                 in_flight_peak=window.peak, window=window.limit,
-                 seconds=round(time.monotonic() - self._stop_started, 3))
+        log.info(
+            "stopped",
+            committed=writer.committed,
+            duplicates=writer.duplicates,
+            quarantined=writer.quarantined,
+            batches=writer.batches,
+            received=source.received,
+            stale_acks=source.stale_acks,
+            readings=dataclasses.asdict(accounting) if accounting else {},
+            in_flight_peak=window.peak,
+            window=window.limit,
+            seconds=round(time.monotonic() - self._stop_started, 3),
+        )
         return EXIT_OK
 
     async def _supervise_stop(
@@ -362,8 +419,11 @@ class Daemon:
         is lost or stored twice; what needs a restart is named in the log. An
         invalid file is rejected with its error and the running config kept.
         """
-        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={monotonic_usec()}",
-                             "STATUS=reloading the configuration")
+        self.notifier.notify(
+            "RELOADING=1",
+            f"MONOTONIC_USEC={monotonic_usec()}",
+            "STATUS=reloading the configuration",
+        )
         log.info("reloading configuration", path=str(self.config_path or "defaults"))
         try:
             new = await asyncio.to_thread(load_settings, self.config_path)
@@ -380,11 +440,14 @@ class Daemon:
         old = self.settings
         changed = _changed_keys(old, new)
         live = [k for k in changed if k.startswith(LIVE_KEYS)]
-        restart = [k for k in _changed_keys(self._boot_settings, new)
-                   if not k.startswith(LIVE_KEYS)]
+        restart = [
+            k for k in _changed_keys(self._boot_settings, new) if not k.startswith(LIVE_KEYS)
+        ]
         self.settings = new
-        if new.daemon.log_level != old.daemon.log_level or \
-                new.daemon.log_format != old.daemon.log_format:
+        if (
+            new.daemon.log_level != old.daemon.log_level
+            or new.daemon.log_format != old.daemon.log_format
+        ):
             configure_logging(new.daemon.log_level, new.daemon.log_format)
         self.health.stall_timeout = new.daemon.stall_timeout
         self.upstream.settings = new

@@ -30,76 +30,133 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     p.add_argument("--version", action="version", version=f"ingestd {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
-        "--config", "-c", type=Path, default=None,
+        "--config",
+        "-c",
+        type=Path,
+        default=None,
         help=f"TOML config file (default: ${ENV_CONFIG}, else built-in defaults)",
     )
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.add_parser("run", parents=[common], help="run the daemon (the default command)")
     payload = argparse.ArgumentParser(add_help=False)
-    payload.add_argument("--payload", "-p", default=None,
-                         help="a sample payload for --topic (text; \\n for new lines)")
-    payload.add_argument("--payload-file", type=Path, default=None,
-                         help="read the sample payload from this file (bytes as they are)")
+    payload.add_argument(
+        "--payload",
+        "-p",
+        default=None,
+        help="a sample payload for --topic (text; \\n for new lines)",
+    )
+    payload.add_argument(
+        "--payload-file",
+        type=Path,
+        default=None,
+        help="read the sample payload from this file (bytes as they are)",
+    )
     topic_help = "show which route this topic matches and what it yields"
-    check = sub.add_parser("check-config", parents=[common, payload],
-                           help="validate the config and print the effective settings "
-                                "(with --topic: explain a sample message instead)")
+    check = sub.add_parser(
+        "check-config",
+        parents=[common, payload],
+        help="validate the config and print the effective settings "
+        "(with --topic: explain a sample message instead)",
+    )
     check.add_argument("--topic", "-t", default=None, help=topic_help)
-    ex = sub.add_parser("explain", parents=[common, payload],
-                        help="which route a topic matches, and the readings a payload yields")
+    ex = sub.add_parser(
+        "explain",
+        parents=[common, payload],
+        help="which route a topic matches, and the readings a payload yields",
+    )
     ex.add_argument("--topic", "-t", required=True, help=topic_help)
-    sim = sub.add_parser("simulate", parents=[common],
-                         help="publish sample sensor data to the configured broker")
+    sim = sub.add_parser(
+        "simulate", parents=[common], help="publish sample sensor data to the configured broker"
+    )
     sim.add_argument("--sensors", type=int, default=8, help="number of sensors (default 8)")
-    sim.add_argument("--interval", type=float, default=1.0,
-                     help="seconds between readings of one sensor (default 1.0)")
-    sim.add_argument("--rounds", type=int, default=0,
-                     help="stop after this many rounds (default 0: run until interrupted)")
-    sim.add_argument("--qos", type=int, choices=(0, 1, 2), default=1,
-                     help="QoS of the published messages (default 1)")
+    sim.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        help="seconds between readings of one sensor (default 1.0)",
+    )
+    sim.add_argument(
+        "--rounds",
+        type=int,
+        default=0,
+        help="stop after this many rounds (default 0: run until interrupted)",
+    )
+    sim.add_argument(
+        "--qos",
+        type=int,
+        choices=(0, 1, 2),
+        default=1,
+        help="QoS of the published messages (default 1)",
+    )
     data = argparse.ArgumentParser(add_help=False, parents=[common])
-    data.add_argument("--db", type=Path, default=None,
-                      help="the database (default: store.path from the config)")
+    data.add_argument(
+        "--db", type=Path, default=None, help="the database (default: store.path from the config)"
+    )
     fmt = argparse.ArgumentParser(add_help=False)
-    fmt.add_argument("--format", "-f", choices=("table", "csv", "json"), default="table",
-                     help="output: an aligned table (default), CSV, or a JSON array")
+    fmt.add_argument(
+        "--format",
+        "-f",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="output: an aligned table (default), CSV, or a JSON array",
+    )
 
-    sens = sub.add_parser("sensors", parents=[data, fmt],
-                          help="sensors and metrics, with their last value and time")
+    sens = sub.add_parser(
+        "sensors", parents=[data, fmt], help="sensors and metrics, with their last value and time"
+    )
     sens.add_argument("--sensor", default=None, help="only sensors matching this glob")
     q = sub.add_parser("query", parents=[data, fmt], help="readings of one sensor over time")
     q.add_argument("--sensor", "-s", required=True, help="the sensor id (exact)")
     q.add_argument("--metric", "-m", default=None, help="one metric (default: all)")
-    q.add_argument("--since", default="1h",
-                   help="start: a duration ago (90s, 30m, 1h, 2d, 1w), ISO 8601 or Unix "
-                        "seconds (default 1h)")
+    q.add_argument(
+        "--since",
+        default="1h",
+        help="start: a duration ago (90s, 30m, 1h, 2d, 1w), ISO 8601 or Unix seconds (default 1h)",
+    )
     q.add_argument("--until", default=None, help="end, exclusive (default: now)")
-    q.add_argument("--limit", type=int, default=0,
-                   help="at most this many rows (default 0: all)")
-    q.add_argument("--tag", action="append", default=[], metavar="KEY=VALUE",
-                   help="only series with this tag (repeatable)")
-    q.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="report export progress on stderr (default: when stderr is a "
-                        "terminal and stdout is not)")
-    qu = sub.add_parser("quarantine", parents=[data, fmt],
-                        help="recent rejected payloads with the reasons")
+    q.add_argument("--limit", type=int, default=0, help="at most this many rows (default 0: all)")
+    q.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="only series with this tag (repeatable)",
+    )
+    q.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="report export progress on stderr (default: when stderr is a "
+        "terminal and stdout is not)",
+    )
+    qu = sub.add_parser(
+        "quarantine", parents=[data, fmt], help="recent rejected payloads with the reasons"
+    )
     qu.add_argument("--since", default="1d", help="how far back (default 1d)")
-    qu.add_argument("--limit", type=int, default=50,
-                    help="at most this many (default 50; 0: all)")
-    st = sub.add_parser("stats", parents=[data],
-                        help="live figures from the running daemon, else the database's totals "
-                             "(with --db: that database's totals)")
-    st.add_argument("--url", default=None,
-                    help="the daemon's metrics address (default: from [metrics])")
-    st.add_argument("--format", "-f", choices=("table", "json"), default="table",
-                    help="output: name and value per line (default), or a JSON object")
+    qu.add_argument("--limit", type=int, default=50, help="at most this many (default 50; 0: all)")
+    st = sub.add_parser(
+        "stats",
+        parents=[data],
+        help="live figures from the running daemon, else the database's totals "
+        "(with --db: that database's totals)",
+    )
+    st.add_argument(
+        "--url", default=None, help="the daemon's metrics address (default: from [metrics])"
+    )
+    st.add_argument(
+        "--format",
+        "-f",
+        choices=("table", "json"),
+        default="table",
+        help="output: name and value per line (default), or a JSON object",
+    )
     st.add_argument("--json", action="store_true", help="the same as --format json")
-    bk = sub.add_parser("backup", parents=[data],
-                        help="an online, consistent copy of the database")
+    bk = sub.add_parser("backup", parents=[data], help="an online, consistent copy of the database")
     bk.add_argument("dest", type=Path, help="the copy's path (must not exist)")
 
-    p.add_argument("--config", "-c", type=Path, default=None, dest="top_config",
-                   help=argparse.SUPPRESS)
+    p.add_argument(
+        "--config", "-c", type=Path, default=None, dest="top_config", help=argparse.SUPPRESS
+    )
     return p, dict(sub.choices)
 
 
@@ -135,8 +192,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             payload = args.payload_file.read_bytes()
         else:
             payload = (args.payload or "").replace("\\n", "\n").encode()
-        print(explain(settings, args.topic, payload if (args.payload or args.payload_file)
-                      else None))
+        print(
+            explain(settings, args.topic, payload if (args.payload or args.payload_file) else None)
+        )
         return 0
 
     if command == "check-config":
@@ -154,8 +212,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         configure_logging("warning", "console", sys.stderr)
         try:
-            _run_async(simulate(settings, sensors=args.sensors, interval=args.interval,
-                                rounds=args.rounds, qos=args.qos))
+            _run_async(
+                simulate(
+                    settings,
+                    sensors=args.sensors,
+                    interval=args.interval,
+                    rounds=args.rounds,
+                    qos=args.qos,
+                )
+            )
         except KeyboardInterrupt:
             return 130
         return 0
@@ -203,10 +268,12 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
                 if since >= now and not args.until:
                     raise inspect.InspectError(
                         f"--since {args.since!r} is in the future: nothing has been stored "
-                        "after now (give --until too for a range ahead)")
+                        "after now (give --until too for a range ahead)"
+                    )
                 until = inspect.parse_time(args.until, now) if args.until else now
-                table = inspect.query(conn, args.sensor, args.metric, since, until, args.limit,
-                                      args.tag)
+                table = inspect.query(
+                    conn, args.sensor, args.metric, since, until, args.limit, args.tag
+                )
                 show = args.progress
                 if show is None:
                     show = sys.stderr.isatty() and not sys.stdout.isatty()
@@ -234,11 +301,15 @@ def _backup(source: Path, dest: Path) -> int:
         pct = int(100 * (total - remaining) / max(total, 1))
         if pct // 10 != shown[0] // 10:
             shown[0] = pct
-            print(f"ingestd: backup {pct}% ({total - remaining:,}/{total:,} pages)",
-                  file=sys.stderr)
+            print(
+                f"ingestd: backup {pct}% ({total - remaining:,}/{total:,} pages)", file=sys.stderr
+            )
 
     _run_async(backup(source, dest, progress))
     size = dest.stat().st_size / 1e6
-    print(f"ingestd: backed up {source} to {dest} ({size:,.1f} MB) in "
-          f"{time.monotonic() - started:.1f} s", file=sys.stderr)
+    print(
+        f"ingestd: backed up {source} to {dest} ({size:,.1f} MB) in "
+        f"{time.monotonic() - started:.1f} s",
+        file=sys.stderr,
+    )
     return 0

@@ -70,8 +70,9 @@ class TlsSettings(Section):
 class MqttSettings(Section):
     host: str = "127.0.0.1"
     port: int = Field(1883, ge=1, le=65535)
-    client_id: str = Field("ingestd-{hostname}", min_length=1, max_length=65535,
-                           validate_default=True)
+    client_id: str = Field(
+        "ingestd-{hostname}", min_length=1, max_length=65535, validate_default=True
+    )
     username: str | None = None
     password: SecretStr | None = None
     password_file: Path | None = None
@@ -140,17 +141,20 @@ class RouteSettings(Section):
     @model_validator(mode="after")
     def _compiles(self) -> RouteSettings:
         if self.timestamp_unit == "iso" and self.format in ("senml", "influx"):
-            raise ValueError(f"timestamp_unit 'iso' is for json routes; {self.format} "
-                             "timestamps are numbers")
+            raise ValueError(
+                f"timestamp_unit 'iso' is for json routes; {self.format} timestamps are numbers"
+            )
         if self.sequence_field and self.format != "json":
             raise ValueError("sequence_field is for json routes (a field of each message)")
         if self.sensor_tag and self.format != "influx":
             raise ValueError("sensor_tag is for influx routes (the tag naming the sensor)")
         if self.format != "value" and "{field}" not in self.effective_metric:
             # Without it every field of a payload would get the same metric name.
-            raise ValueError(f"metric template {self.effective_metric!r} must contain "
-                             f"{{field}}: a {self.format} payload carries several fields, "
-                             "each its own metric (e.g. metric = \"{site}.{field}\")")
+            raise ValueError(
+                f"metric template {self.effective_metric!r} must contain "
+                f"{{field}}: a {self.format} payload carries several fields, "
+                'each its own metric (e.g. metric = "{site}.{field}")'
+            )
         try:
             self.compile()
         except RouteSpecError as exc:
@@ -172,8 +176,13 @@ class RouteSettings(Section):
             expect_within=self.expect_within,
         )
         return compile_route(
-            self.topic, self.sensor, self.effective_metric, self.format,
-            self.timestamp_field, index, options,
+            self.topic,
+            self.sensor,
+            self.effective_metric,
+            self.format,
+            self.timestamp_field,
+            index,
+            options,
         )
 
     @property
@@ -181,7 +190,8 @@ class RouteSettings(Section):
         if self.metric is not None:
             return self.metric
         return {"json": "{field}", "senml": "{field}", "influx": "{measurement}.{field}"}.get(
-            self.format, "{metric}")
+            self.format, "{metric}"
+        )
 
 
 class Limit(Section):
@@ -318,17 +328,21 @@ def load_settings(path: Path | None, *, need_routes: bool = True) -> Settings:
     unknown = unknown_env_keys(env)
     if unknown:
         lines = [f"{where}: invalid configuration ({len(unknown)} problem(s)):"]
-        lines += [f"  {name}: environment variable names no setting (the form is "
-                  f"INGESTD_<SECTION>__<KEY>, e.g. INGESTD_MQTT__PORT; see config/ingestd.toml)"
-                  for name in unknown]
+        lines += [
+            f"  {name}: environment variable names no setting (the form is "
+            f"INGESTD_<SECTION>__<KEY>, e.g. INGESTD_MQTT__PORT; see config/ingestd.toml)"
+            for name in unknown
+        ]
         raise ConfigError("\n".join(lines))
     try:
         settings = Settings(**data)
     except ValidationError as exc:
         raise ConfigError(_describe(exc, where, env)) from None
     if need_routes and not settings.routes:
-        raise ConfigError(f"{where}: invalid configuration (1 problem(s)):\n  routes: no "
-                          "[[routes]] configured: ingestd would subscribe to nothing")
+        raise ConfigError(
+            f"{where}: invalid configuration (1 problem(s)):\n  routes: no "
+            "[[routes]] configured: ingestd would subscribe to nothing"
+        )
     return settings
 
 
@@ -339,7 +353,7 @@ def unknown_env_keys(env: Mapping[str, str]) -> list[str]:
     for name in sorted(env):
         if not name.startswith(ENV_PREFIX) or name == ENV_CONFIG:
             continue
-        path = name[len(ENV_PREFIX):].lower().split("__")
+        path = name[len(ENV_PREFIX) :].lower().split("__")
         annotation: Any = Settings
         free_key = False
         for part in path:
@@ -407,6 +421,5 @@ def effective_settings_json(settings: Settings) -> str:
 
 def route_table(settings: Settings) -> RouteTable:
     inp = settings.input
-    limits = InputLimits(max_payload_bytes=inp.max_payload_bytes,
-                         max_json_depth=inp.max_json_depth)
+    limits = InputLimits(max_payload_bytes=inp.max_payload_bytes, max_json_depth=inp.max_json_depth)
     return RouteTable([r.compile(i) for i, r in enumerate(settings.routes)], limits)

@@ -60,8 +60,9 @@ def parse_timestamp(raw: Any, unit: str = "auto") -> int:
         ns = float_ns(raw, _NS_PER.get(unit, NS), raw)
     elif isinstance(raw, str):
         if unit not in ("auto", "iso"):
-            raise DecodeError(f"timestamp {raw[:64]!r} is a string; this route expects a "
-                              f"number in {unit}")
+            raise DecodeError(
+                f"timestamp {raw[:64]!r} is a string; this route expects a number in {unit}"
+            )
         try:
             dt = datetime.fromisoformat(raw)
         except ValueError:
@@ -159,8 +160,10 @@ def _check_unique_keys(payload: bytes, doc: Any) -> None:
             names: set[str] = set()
             for k, _ in items:
                 if k in names:
-                    raise DecodeError(f"field {k[:64]!r} appears more than once in an object "
-                                      "(which value is meant is ambiguous)")
+                    raise DecodeError(
+                        f"field {k[:64]!r} appears more than once in an object "
+                        "(which value is meant is ambiguous)"
+                    )
                 names.add(k)
         return out
 
@@ -248,8 +251,9 @@ def _object_readings(
             continue
         if filtered and not _wanted(opts, key):
             continue
-        out.append(Reading(sensor, key if plain else prefix + key + suffix, when, value, topic,
-                           tags))
+        out.append(
+            Reading(sensor, key if plain else prefix + key + suffix, when, value, topic, tags)
+        )
     if len(out) == before and len(problems) == problems_before:
         raise DecodeError("JSON object has no numeric fields")
     return flattened
@@ -262,8 +266,15 @@ def _wanted(opts: FormatOptions, key: str) -> bool:
 
 
 def _nested(
-    doc: dict[str, Any], path: str, match: RouteMatch, when: int, topic: str,
-    out: list[Reading], problems: list[str], depth: int, max_depth: int,
+    doc: dict[str, Any],
+    path: str,
+    match: RouteMatch,
+    when: int,
+    topic: str,
+    out: list[Reading],
+    problems: list[str],
+    depth: int,
+    max_depth: int,
 ) -> None:
     """A nested object's fields as `path<sep>field` readings."""
     opts = match.options
@@ -295,8 +306,16 @@ def _nested(
         else:
             problems.append(f"field {name!r} is not a finite number (got {_json_type(raw)})")
             continue
-        out.append(Reading(match.sensor, match.metric_prefix + name + match.metric_suffix,
-                           when, value, topic, match.tags))
+        out.append(
+            Reading(
+                match.sensor,
+                match.metric_prefix + name + match.metric_suffix,
+                when,
+                value,
+                topic,
+                match.tags,
+            )
+        )
 
 
 def _json_type(value: Any) -> str:
@@ -337,8 +356,9 @@ def number_repeats(readings: list[Reading], before: int, one_sensor: bool = Fals
         seq = seen.get(key, -1) + 1
         seen[key] = seq
         if seq:
-            readings[before + i] = Reading(r.sensor, r.metric, r.ts_ns, r.value, r.topic,
-                                           r.tags, r.unit, seq)
+            readings[before + i] = Reading(
+                r.sensor, r.metric, r.ts_ns, r.value, r.topic, r.tags, r.unit, seq
+            )
 
 
 def decode_message(
@@ -361,19 +381,29 @@ def decode_message(
     if len(payload) > limit:
         # Before anything else: no route, bad topic or good, nothing over the
         # limit is kept whole.
-        rejected.append(Rejected(
-            topic, payload[:1024], f"payload is {len(payload):,} bytes, over the limit of "
-            f"{limit:,} (input.max_payload_bytes; first 1 KiB kept)", received_ns / NS,
-            "too_large"))
+        rejected.append(
+            Rejected(
+                topic,
+                payload[:1024],
+                f"payload is {len(payload):,} bytes, over the limit of "
+                f"{limit:,} (input.max_payload_bytes; first 1 KiB kept)",
+                received_ns / NS,
+                "too_large",
+            )
+        )
         return
     match = table.match(topic)
     if match is None:
-        rejected.append(Rejected(topic, payload, "no route matches this topic",
-                                 received_ns / NS, "no_route"))
+        rejected.append(
+            Rejected(topic, payload, "no route matches this topic", received_ns / NS, "no_route")
+        )
         return
     if not match.sensor:
-        rejected.append(Rejected(topic, payload, "topic gives an empty sensor id",
-                                 received_ns / NS, "bad_topic"))
+        rejected.append(
+            Rejected(
+                topic, payload, "topic gives an empty sensor id", received_ns / NS, "bad_topic"
+            )
+        )
         return
     opts = match.options
     if retained and opts.retained == "ignore":
@@ -391,8 +421,9 @@ def decode_message(
     try:
         fmt = match.format
         if fmt == "json":
-            sequences = _decode_json(match, topic, payload, received_ns, readings, rejected,
-                                     table.limits.max_json_depth)
+            sequences = _decode_json(
+                match, topic, payload, received_ns, readings, rejected, table.limits.max_json_depth
+            )
             if sequences:
                 for seq in sequences:
                     table.sequence(match.sensor, seq)
@@ -400,8 +431,9 @@ def decode_message(
             if not match.metric_prefix:
                 raise DecodeError("topic gives an empty metric name")
             value = decode_value(payload)
-            readings.append(Reading(match.sensor, match.metric_prefix, received_ns, value, topic,
-                                    match.tags))
+            readings.append(
+                Reading(match.sensor, match.metric_prefix, received_ns, value, topic, match.tags)
+            )
         elif fmt == "senml":
             _decode_senml(match, topic, payload, received_ns, readings, rejected)
         else:
@@ -414,10 +446,21 @@ def decode_message(
         # A bug of ours, not the device's: quarantine the message rather than
         # let it stop the daemon (and stop it again at every redelivery).
         del readings[before:]
-        log.error("decoder error; message quarantined (please report this as a bug)",
-                  topic=topic, format=match.format, error=repr(exc))
-        rejected.append(Rejected(topic, payload, f"internal error: decoder failed (a bug in "
-                                 f"ingestd): {exc!r}", received_ns / NS, "internal"))
+        log.error(
+            "decoder error; message quarantined (please report this as a bug)",
+            topic=topic,
+            format=match.format,
+            error=repr(exc),
+        )
+        rejected.append(
+            Rejected(
+                topic,
+                payload,
+                f"internal error: decoder failed (a bug in ingestd): {exc!r}",
+                received_ns / NS,
+                "internal",
+            )
+        )
         return
     table.counts.decoded += len(readings) - before
     if retained:
@@ -430,9 +473,16 @@ def decode_message(
         _rate_limit(table, match, topic, payload, received_ns / NS, readings, before, rejected)
 
 
-def _rate_limit(table: RouteTable, match: RouteMatch, topic: str, payload: bytes,
-                received_at: float, readings: list[Reading], before: int,
-                rejected: list[Rejected]) -> None:
+def _rate_limit(
+    table: RouteTable,
+    match: RouteMatch,
+    topic: str,
+    payload: bytes,
+    received_at: float,
+    readings: list[Reading],
+    before: int,
+    rejected: list[Rejected],
+) -> None:
     """Keep what each sensor's token bucket allows; drop or quarantine the rest.
 
     The bucket runs on the device's clock (the readings' time, which is the
@@ -447,8 +497,7 @@ def _rate_limit(table: RouteTable, match: RouteMatch, topic: str, payload: bytes
         if r.ts_ns > latest.get(r.sensor, -1):
             latest[r.sensor] = r.ts_ns
     opts = match.options
-    allowed = {s: table.allow(match.route, s, opts, n, latest[s] / NS)
-               for s, n in counts.items()}
+    allowed = {s: table.allow(match.route, s, opts, n, latest[s] / NS) for s, n in counts.items()}
     if all(allowed[s] == n for s, n in counts.items()):
         return
     kept: list[Reading] = []
@@ -462,9 +511,16 @@ def _rate_limit(table: RouteTable, match: RouteMatch, topic: str, payload: bytes
     if opts.rate_policy == "quarantine":
         table.counts.rate_quarantined += excess
         over = ", ".join(sorted(s for s in counts if allowed[s] == 0))
-        rejected.append(Rejected(
-            topic, payload, f"rate limit: {excess} reading(s) over {opts.rate_limit:g}/s "
-            f"(burst {opts.rate_burst:g}) from {over}", received_at, "rate_limited"))
+        rejected.append(
+            Rejected(
+                topic,
+                payload,
+                f"rate limit: {excess} reading(s) over {opts.rate_limit:g}/s "
+                f"(burst {opts.rate_burst:g}) from {over}",
+                received_at,
+                "rate_limited",
+            )
+        )
     else:
         table.counts.rate_dropped += excess
 
@@ -492,8 +548,10 @@ def _decode_json(
     sequences = _take_sequences(doc, field, problems) if field else _NO_SEQUENCES
     if type(doc) is dict:
         # One object: one time, so only a flattened name can repeat a metric.
-        if (_object_readings(doc, match, received_ns, topic, readings, problems, max_depth)
-                and len({r.metric for r in readings[before:]}) != len(readings) - before):
+        if (
+            _object_readings(doc, match, received_ns, topic, readings, problems, max_depth)
+            and len({r.metric for r in readings[before:]}) != len(readings) - before
+        ):
             number_repeats(readings, before, one_sensor=True)
     elif isinstance(doc, list) and doc:
         for i, element in enumerate(doc):
@@ -502,8 +560,7 @@ def _decode_json(
                 continue
             seen = len(problems)
             try:
-                _object_readings(element, match, received_ns, topic, readings, problems,
-                                 max_depth)
+                _object_readings(element, match, received_ns, topic, readings, problems, max_depth)
             except DecodeError as exc:
                 problems.append(f"element {i}: {exc}")
                 continue
@@ -532,14 +589,23 @@ def _take_sequences(doc: Any, field: str, problems: list[str]) -> list[int]:
         if type(raw) is int and raw >= 0:
             found.append(raw)
         elif raw is not None:
-            problems.append(f"sequence field {field!r} is not a whole number >= 0 "
-                            f"(got {_json_type(raw)})")
+            problems.append(
+                f"sequence field {field!r} is not a whole number >= 0 (got {_json_type(raw)})"
+            )
     return found
 
 
-def _settle(readings: list[Reading], before: int, problems: list[str], nothing: str,
-            topic: str, payload: bytes, received_ns: int, rejected: list[Rejected],
-            one_sensor: bool = False) -> None:
+def _settle(
+    readings: list[Reading],
+    before: int,
+    problems: list[str],
+    nothing: str,
+    topic: str,
+    payload: bytes,
+    received_ns: int,
+    rejected: list[Rejected],
+    one_sensor: bool = False,
+) -> None:
     """A message's end: no readings at all is a decode error (its problems, or
     `nothing`); readings with problems keep the readings and quarantine once."""
     if len(readings) == before:
@@ -567,22 +633,37 @@ def _decode_senml(
     problems: list[str] = []
     records = senml.resolve(_parse_json(payload), received_ns / NS, problems)
     before = len(readings)
-    prefix, suffix, sensor, tags = (match.metric_prefix, match.metric_suffix, match.sensor,
-                                    match.tags)
+    prefix, suffix, sensor, tags = (
+        match.metric_prefix,
+        match.metric_suffix,
+        match.sensor,
+        match.tags,
+    )
     for rec in records:
         # resolve() checked the time is finite and >= 0; to the microsecond.
         when = round(rec.time * 1e6) * 1000
         if when >= _TS_MAX_NS:
-            problems.append(f"{rec.name}: timestamp {rec.time!r} is too large for Unix "
-                            "seconds (milliseconds sent as seconds?)")
+            problems.append(
+                f"{rec.name}: timestamp {rec.time!r} is too large for Unix "
+                "seconds (milliseconds sent as seconds?)"
+            )
             continue
         metric = prefix + rec.name + suffix
         if rec.value is not None:
             readings.append(Reading(sensor, metric, when, rec.value, topic, tags, rec.unit))
         if rec.sum is not None:
             readings.append(Reading(sensor, metric + "_sum", when, rec.sum, topic, tags, rec.unit))
-    _settle(readings, before, problems, "SenML pack has no numeric records", topic, payload,
-            received_ns, rejected, one_sensor=True)
+    _settle(
+        readings,
+        before,
+        problems,
+        "SenML pack has no numeric records",
+        topic,
+        payload,
+        received_ns,
+        rejected,
+        one_sensor=True,
+    )
 
 
 def _decode_influx(
@@ -630,10 +711,19 @@ def _decode_influx(
             metric = metrics.get((p.measurement, field))
             if metric is None:
                 metric = metrics[(p.measurement, field)] = template.format_map(
-                    {**values, "measurement": p.measurement, "field": field})
+                    {**values, "measurement": p.measurement, "field": field}
+                )
             readings.append(Reading(sensor, metric, when, value, topic, tag_text))
-    _settle(readings, before, problems, "no points with numeric fields", topic, payload,
-            received_ns, rejected)
+    _settle(
+        readings,
+        before,
+        problems,
+        "no points with numeric fields",
+        topic,
+        payload,
+        received_ns,
+        rejected,
+    )
 
 
 def decode_all(

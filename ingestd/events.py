@@ -49,8 +49,17 @@ class Rejected(msgspec.Struct, frozen=True, gc=False):
 
 
 # Why input is quarantined, by kind; the free-text reason says the rest.
-REJECT_KINDS = ("decode", "no_route", "bad_topic", "out_of_range", "too_large", "clock",
-                "rate_limited", "conflict", "internal")
+REJECT_KINDS = (
+    "decode",
+    "no_route",
+    "bad_topic",
+    "out_of_range",
+    "too_large",
+    "clock",
+    "rate_limited",
+    "conflict",
+    "internal",
+)
 
 
 class Decoded(msgspec.Struct, frozen=True):
@@ -112,13 +121,7 @@ class StoreStateChanged(msgspec.Struct, frozen=True):
     reason: str = ""
 
 
-Event = (
-    Decoded
-    | Processed
-    | BatchCommitted
-    | ConnectionChanged
-    | StoreStateChanged
-)
+Event = Decoded | Processed | BatchCommitted | ConnectionChanged | StoreStateChanged
 
 
 def control(*, last: bool, epoch: int = 0) -> Decoded:

@@ -17,8 +17,9 @@ from ingestd.process import process
 from ingestd.routes import RouteTable
 
 
-def outcome(table: RouteTable, processor: ProcessorSettings, topic: str, payload: bytes,
-            received_ns: int) -> tuple[list[Reading], list[Rejected]]:
+def outcome(
+    table: RouteTable, processor: ProcessorSettings, topic: str, payload: bytes, received_ns: int
+) -> tuple[list[Reading], list[Rejected]]:
     """What the daemon's decode and processing stages make of one live message:
     the readings to store and the quarantine records."""
     readings: list[Reading] = []
@@ -27,15 +28,15 @@ def outcome(table: RouteTable, processor: ProcessorSettings, topic: str, payload
     return process(readings, processor, received_ns / NS, rejected), rejected
 
 
-def explain(settings: Settings, topic: str, payload: bytes | None,
-            now: float | None = None) -> str:
+def explain(settings: Settings, topic: str, payload: bytes | None, now: float | None = None) -> str:
     now = time.time() if now is None else now
     table = route_table(settings)
     lines = [f"topic:   {topic}"]
     match = table.match(topic)
     if match is None:
-        lines.append("route:   none matches: such a message is quarantined "
-                     "(\"no route matches this topic\")")
+        lines.append(
+            'route:   none matches: such a message is quarantined ("no route matches this topic")'
+        )
         return "\n".join(lines)
     route = settings.routes[match.route]
     lines += [
@@ -67,5 +68,3 @@ def explain(settings: Settings, topic: str, payload: bytes | None,
     if table.counts.rate_dropped:
         lines.append(f"dropped by the rate limit: {table.counts.rate_dropped}")
     return "\n".join(lines)
-
-

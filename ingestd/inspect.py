@@ -54,15 +54,15 @@ def parse_time(text: str, now: float | None = None) -> float:
     except ValueError:
         raise InspectError(
             f"cannot read time {text!r}: use a duration (90s, 30m, 1h, 2d, 1w), "
-            "an ISO 8601 time or Unix seconds") from None
+            "an ISO 8601 time or Unix seconds"
+        ) from None
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
     return dt.timestamp()
 
 
 def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
-        "+00:00", "Z")
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def iso_ns(ns: int) -> str:
@@ -94,8 +94,12 @@ def connect_ro(path: Path) -> sqlite3.Connection:
         newer = version > SCHEMA_VERSION
         raise InspectError(
             f"{path}: schema version {version}, this ingestd reads {SCHEMA_VERSION}: "
-            + ("upgrade ingestd" if newer else
-               "start the daemon once (it migrates the database), then try again"))
+            + (
+                "upgrade ingestd"
+                if newer
+                else "start the daemon once (it migrates the database), then try again"
+            )
+        )
     return conn
 
 
@@ -130,11 +134,12 @@ def write_table(out: TextIO, table: Table, fmt: str, *, progress: TextIO | None 
         text = [[_cell(v) for v in row] for row in rows]
         n = len(text)
         widths = [max([len(c)] + [len(r[i]) for r in text]) for i, c in enumerate(table.columns)]
-        out.write("  ".join(c.ljust(w) for c, w in zip(table.columns, widths, strict=True))
-                  .rstrip() + "\n")
+        out.write(
+            "  ".join(c.ljust(w) for c, w in zip(table.columns, widths, strict=True)).rstrip()
+            + "\n"
+        )
         for r in text:
-            out.write("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip()
-                      + "\n")
+            out.write("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() + "\n")
     return n
 
 
@@ -168,8 +173,7 @@ def _with_progress(rows: Iterable[Sequence[Any]], err: TextIO) -> Iterator[Seque
 # -- the commands' queries ------------------------------------------------------------
 
 
-def sensors(conn: sqlite3.Connection, like: str | None = None,
-            now: float | None = None) -> Table:
+def sensors(conn: sqlite3.Connection, like: str | None = None, now: float | None = None) -> Table:
     """Each series with its last reading (one index probe per series), whether
     the sensor is stale (silent longer than its route's expect_within), and the
     gaps seen in its message counter (messages lost upstream)."""
@@ -187,21 +191,43 @@ def sensors(conn: sqlite3.Connection, like: str | None = None,
                                     ORDER BY ts_ns DESC, seq DESC LIMIT 1)
             LEFT JOIN sensor_status AS st ON st.sensor = s.sensor
             {where}
-            ORDER BY s.sensor, s.metric, s.tags, s.unit""", args)
+            ORDER BY s.sensor, s.metric, s.tags, s.unit""",
+        args,
+    )
 
     def stale(ns: int, expect: float | None) -> str:
         if not expect:
             return ""
         return "yes" if now_ns - ns > expect * NS else "no"
 
-    return Table(("sensor", "metric", "tags", "unit", "last_value", "last_seen", "stale",
-                  "seq_gaps", "seq_missing"),
-                 ((s, m, t, u, v, iso_ns(ns), stale(ns, exp), gaps or 0, missing or 0)
-                  for s, m, t, u, v, ns, exp, gaps, missing in cur))
+    return Table(
+        (
+            "sensor",
+            "metric",
+            "tags",
+            "unit",
+            "last_value",
+            "last_seen",
+            "stale",
+            "seq_gaps",
+            "seq_missing",
+        ),
+        (
+            (s, m, t, u, v, iso_ns(ns), stale(ns, exp), gaps or 0, missing or 0)
+            for s, m, t, u, v, ns, exp, gaps, missing in cur
+        ),
+    )
 
 
-def query(conn: sqlite3.Connection, sensor: str, metric: str | None, since: float,
-          until: float, limit: int | None = None, tags: Sequence[str] = ()) -> Table:
+def query(
+    conn: sqlite3.Connection,
+    sensor: str,
+    metric: str | None,
+    since: float,
+    until: float,
+    limit: int | None = None,
+    tags: Sequence[str] = (),
+) -> Table:
     """Readings of one sensor in [since, until); `limit` 0 or None: all of them.
 
     `ts` is exact decimal text of Unix seconds (JSON and CSV readers parse it
@@ -209,9 +235,11 @@ def query(conn: sqlite3.Connection, sensor: str, metric: str | None, since: floa
     """
     if until <= since:
         raise InspectError("--until must be later than --since")
-    sql = ("SELECT s.sensor, s.metric, r.ts_ns, r.value, s.tags, s.unit FROM series AS s "
-           "JOIN samples AS r ON r.series_id = s.id "
-           "WHERE s.sensor = ? AND r.ts_ns >= ? AND r.ts_ns < ?")
+    sql = (
+        "SELECT s.sensor, s.metric, r.ts_ns, r.value, s.tags, s.unit FROM series AS s "
+        "JOIN samples AS r ON r.series_id = s.id "
+        "WHERE s.sensor = ? AND r.ts_ns >= ? AND r.ts_ns < ?"
+    )
     args: list[Any] = [sensor, _to_ns(since), _to_ns(until)]
     if metric:
         sql += " AND s.metric = ?"
@@ -228,9 +256,10 @@ def query(conn: sqlite3.Connection, sensor: str, metric: str | None, since: floa
         sql += " LIMIT ?"
         args.append(limit)
     cur = conn.execute(sql, args)
-    return Table(("sensor", "metric", "time", "ts", "value", "tags", "unit", "ts_ns"),
-                 ((s, m, iso_ns(ns), _Exact(seconds_text(ns)), v, t, u, ns)
-                  for s, m, ns, v, t, u in cur))
+    return Table(
+        ("sensor", "metric", "time", "ts", "value", "tags", "unit", "ts_ns"),
+        ((s, m, iso_ns(ns), _Exact(seconds_text(ns)), v, t, u, ns) for s, m, ns, v, t, u in cur),
+    )
 
 
 class _Exact(str):
@@ -246,15 +275,19 @@ def _to_ns(seconds: float) -> int:
 def quarantine(conn: sqlite3.Connection, since: float, limit: int | None) -> Table:
     """Quarantined messages received since `since`, newest first; `limit` 0 or
     None: all of them."""
-    sql = ("SELECT received_at, topic, reason, payload FROM quarantine WHERE received_at >= ? "
-           "ORDER BY received_at DESC, id DESC")
+    sql = (
+        "SELECT received_at, topic, reason, payload FROM quarantine WHERE received_at >= ? "
+        "ORDER BY received_at DESC, id DESC"
+    )
     args: list[Any] = [since]
     if limit:
         sql += " LIMIT ?"
         args.append(limit)
     cur = conn.execute(sql, args)
-    return Table(("received", "topic", "reason", "payload"),
-                 ((iso(t), topic, reason, _preview(bytes(p))) for t, topic, reason, p in cur))
+    return Table(
+        ("received", "topic", "reason", "payload"),
+        ((iso(t), topic, reason, _preview(bytes(p))) for t, topic, reason, p in cur),
+    )
 
 
 def _preview(payload: bytes, size: int = 120) -> str:
@@ -271,16 +304,24 @@ def db_stats(conn: sqlite3.Connection, path: Path) -> dict[str, Any]:
     readings = one("SELECT count(*) FROM samples").fetchone()[0]
     quarantined = one("SELECT count(*) FROM quarantine").fetchone()[0]
     # Per series along the key (two index probes each), not a scan of samples.
-    first = one("SELECT min((SELECT min(ts_ns) FROM samples WHERE series_id = s.id)) "
-                "FROM series AS s").fetchone()[0]
-    last = one("SELECT max((SELECT max(ts_ns) FROM samples WHERE series_id = s.id)) "
-               "FROM series AS s").fetchone()[0]
+    first = one(
+        "SELECT min((SELECT min(ts_ns) FROM samples WHERE series_id = s.id)) FROM series AS s"
+    ).fetchone()[0]
+    last = one(
+        "SELECT max((SELECT max(ts_ns) FROM samples WHERE series_id = s.id)) FROM series AS s"
+    ).fetchone()[0]
     size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
-    return {"source": "database", "path": str(path), "sensors": sensors_n, "series": series,
-            "readings": readings, "quarantined": quarantined,
-            "first_reading": iso_ns(first) if first is not None else None,
-            "last_reading": iso_ns(last) if last is not None else None,
-            "size_mb": round(size / 1e6, 1)}
+    return {
+        "source": "database",
+        "path": str(path),
+        "sensors": sensors_n,
+        "series": series,
+        "readings": readings,
+        "quarantined": quarantined,
+        "first_reading": iso_ns(first) if first is not None else None,
+        "last_reading": iso_ns(last) if last is not None else None,
+        "size_mb": round(size / 1e6, 1),
+    }
 
 
 _LIVE = {

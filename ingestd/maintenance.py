@@ -25,8 +25,9 @@ DAY = 86400.0
 
 
 class Maintenance:
-    def __init__(self, settings: Callable[[], StoreSettings],
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, settings: Callable[[], StoreSettings], clock: Callable[[], float] = time.time
+    ) -> None:
         self._settings = settings  # read on every pass: a reload applies
         self.clock = clock
         self.deleted_readings = 0
@@ -59,15 +60,20 @@ class Maintenance:
                     busy, wal_pages, moved = await cur.fetchone() or (0, 0, 0)
         except sqlite3.Error as exc:
             self.failures += 1
-            log.warning("store maintenance failed; retrying next pass", error=str(exc),
-                        path=str(s.path))
+            log.warning(
+                "store maintenance failed; retrying next pass", error=str(exc), path=str(s.path)
+            )
             return 0, 0
         self.passes += 1
         self.deleted_readings += readings
         self.deleted_quarantined += quarantined
         if readings or quarantined:
-            log.info("retention: old data deleted", readings=readings, quarantined=quarantined,
-                     retention_days=s.retention_days)
+            log.info(
+                "retention: old data deleted",
+                readings=readings,
+                quarantined=quarantined,
+                retention_days=s.retention_days,
+            )
         log.debug("wal checkpoint", wal_pages=wal_pages, checkpointed=moved, busy=busy)
         return readings, quarantined
 
@@ -83,15 +89,18 @@ async def _delete_samples(conn: aiosqlite.Connection, cutoff_ns: int, batch: int
             # The batch-th oldest expired timestamp bounds this transaction.
             async with conn.execute(
                 "SELECT ts_ns FROM samples WHERE series_id = ? AND ts_ns < ? ORDER BY ts_ns "
-                "LIMIT 1 OFFSET ?", (sid, cutoff_ns, batch - 1),
+                "LIMIT 1 OFFSET ?",
+                (sid, cutoff_ns, batch - 1),
             ) as cur:
                 row = await cur.fetchone()
             if row is None:
                 cur2 = await conn.execute(
-                    "DELETE FROM samples WHERE series_id = ? AND ts_ns < ?", (sid, cutoff_ns))
+                    "DELETE FROM samples WHERE series_id = ? AND ts_ns < ?", (sid, cutoff_ns)
+                )
             else:
                 cur2 = await conn.execute(
-                    "DELETE FROM samples WHERE series_id = ? AND ts_ns <= ?", (sid, row[0]))
+                    "DELETE FROM samples WHERE series_id = ? AND ts_ns <= ?", (sid, row[0])
+                )
             deleted += cur2.rowcount
             await cur2.close()
             await asyncio.sleep(0)  # let the writer in between batches
@@ -105,12 +114,12 @@ async def _delete_quarantine(conn: aiosqlite.Connection, cutoff: float, batch: i
     while True:
         cur = await conn.execute(
             "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine "
-            "WHERE received_at < ? ORDER BY received_at LIMIT ?)", (cutoff, batch))
+            "WHERE received_at < ? ORDER BY received_at LIMIT ?)",
+            (cutoff, batch),
+        )
         n = cur.rowcount
         await cur.close()
         deleted += n
         if n < batch:
             return deleted
         await asyncio.sleep(0)
-
-

@@ -64,8 +64,14 @@ REQUIRED_INTERNALS: tuple[tuple[type[Any], str], ...] = (
 # is the packet being handled ({"command": first byte, "packet": the rest});
 # `_in_messages` holds QoS 2 messages waiting for PUBREL; `_last_bytes_received`
 # and `_msgtime_mutex` are what its keepalive check reads.
-REQUIRED_PAHO_ATTRS = ("_ping_t", "_sock", "_in_packet", "_in_messages",
-                       "_last_bytes_received", "_msgtime_mutex")
+REQUIRED_PAHO_ATTRS = (
+    "_ping_t",
+    "_sock",
+    "_in_packet",
+    "_in_messages",
+    "_last_bytes_received",
+    "_msgtime_mutex",
+)
 # Instance attributes of aiomqtt.Client (set in __init__) we rely on.
 REQUIRED_INSTANCE_ATTRS = ("_client", "_disconnected", "_loop", "_misc_task")
 
@@ -129,9 +135,14 @@ class MqttLink(aiomqtt.Client):
     paho's `MQTTMessage`; it must not block.
     """
 
-    def __init__(self, *, on_message: MessageHandler, manual_ack: bool,
-                 side_topics: Mapping[str, Callable[[bytes], None]] | None = None,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        on_message: MessageHandler,
+        manual_ack: bool,
+        side_topics: Mapping[str, Callable[[bytes], None]] | None = None,
+        **kwargs: Any,
+    ) -> None:
         """`side_topics`: topics whose payloads go to their own callback, outside
         the pipeline (the broker's $SYS counters): not counted, not acknowledged
         (they arrive at QoS 0)."""

@@ -26,8 +26,15 @@ _NEVER = 2**63  # beyond any int64 nanosecond time
 
 def _as_payload(r: Reading) -> bytes:
     """A rejected reading, as its quarantine record's payload."""
-    return _encode({"sensor": r.sensor, "metric": r.metric, "ts": r.ts_ns / NS,
-                    "ts_ns": r.ts_ns, "value": r.value})
+    return _encode(
+        {
+            "sensor": r.sensor,
+            "metric": r.metric,
+            "ts": r.ts_ns / NS,
+            "ts_ns": r.ts_ns,
+            "value": r.value,
+        }
+    )
 
 
 def apply_limits(
@@ -52,13 +59,15 @@ def apply_limits(
         if b is None or b[0] <= r.value <= b[1]:
             keep(r)
             continue
-        rejected.append(Rejected(r.topic, _as_payload(r), _violation(r, limits[r.metric]), now,
-                                 "out_of_range"))
+        rejected.append(
+            Rejected(r.topic, _as_payload(r), _violation(r, limits[r.metric]), now, "out_of_range")
+        )
     return kept
 
 
-def apply_scaling(readings: list[Reading], scaling: Mapping[str, Scaling], now: float,
-                  rejected: list[Rejected]) -> list[Reading]:
+def apply_scaling(
+    readings: list[Reading], scaling: Mapping[str, Scaling], now: float, rejected: list[Rejected]
+) -> list[Reading]:
     """Readings of a scaled metric as `value * scale + offset`, with its unit.
 
     A result that is not a finite number (a huge value times a large scale)
@@ -75,17 +84,26 @@ def apply_scaling(readings: list[Reading], scaling: Mapping[str, Scaling], now: 
             continue
         value = r.value * s.scale + s.offset
         if not math.isfinite(value):
-            rejected.append(Rejected(
-                r.topic, _as_payload(r), f"{r.metric}={r.value:g} scaled by {s.scale:g} "
-                f"+ {s.offset:g} is not a finite number", now, "out_of_range"))
+            rejected.append(
+                Rejected(
+                    r.topic,
+                    _as_payload(r),
+                    f"{r.metric}={r.value:g} scaled by {s.scale:g} "
+                    f"+ {s.offset:g} is not a finite number",
+                    now,
+                    "out_of_range",
+                )
+            )
             continue
-        out.append(Reading(r.sensor, r.metric, r.ts_ns, value, r.topic, r.tags,
-                           s.unit or r.unit, r.seq))
+        out.append(
+            Reading(r.sensor, r.metric, r.ts_ns, value, r.topic, r.tags, s.unit or r.unit, r.seq)
+        )
     return out
 
 
-def apply_clock(readings: list[Reading], now: float, max_future: float, max_age: float,
-                rejected: list[Rejected]) -> list[Reading]:
+def apply_clock(
+    readings: list[Reading], now: float, max_future: float, max_age: float, rejected: list[Rejected]
+) -> list[Reading]:
     """Readings whose device time is within [now - max_age, now + max_future];
     the rest are quarantined (0 turns a check off)."""
     latest = int((now + max_future) * NS) if max_future else _NEVER
@@ -99,26 +117,33 @@ def apply_clock(readings: list[Reading], now: float, max_future: float, max_age:
             continue
         ts = r.ts_ns / NS
         if r.ts_ns > latest:
-            why = (f"timestamp {ts:.3f} is {ts - now:,.0f} s in the future "
-                   f"(processor.max_future_seconds = {max_future:g})")
+            why = (
+                f"timestamp {ts:.3f} is {ts - now:,.0f} s in the future "
+                f"(processor.max_future_seconds = {max_future:g})"
+            )
         else:
-            why = (f"timestamp {ts:.3f} is {(now - ts) / 86400:,.1f} days old "
-                   f"(processor.max_age_days = {max_age / 86400:g})")
+            why = (
+                f"timestamp {ts:.3f} is {(now - ts) / 86400:,.1f} days old "
+                f"(processor.max_age_days = {max_age / 86400:g})"
+            )
         rejected.append(Rejected(r.topic, _as_payload(r), why, now, "clock"))
     return kept
 
 
-def process(readings: list[Reading], settings: ProcessorSettings, now: float,
-            rejected: list[Rejected]) -> list[Reading]:
+def process(
+    readings: list[Reading], settings: ProcessorSettings, now: float, rejected: list[Rejected]
+) -> list[Reading]:
     """Scaling, then the clock check, then limits."""
     out = apply_scaling(readings, settings.scaling, now, rejected)
-    out = apply_clock(out, now, settings.max_future_seconds, settings.max_age_days * 86400.0,
-                      rejected)
+    out = apply_clock(
+        out, now, settings.max_future_seconds, settings.max_age_days * 86400.0, rejected
+    )
     return apply_limits(out, settings.limits, rejected, now)
 
 
-def process_guarded(readings: list[Reading], settings: ProcessorSettings, now: float,
-                    rejected: list[Rejected]) -> list[Reading]:
+def process_guarded(
+    readings: list[Reading], settings: ProcessorSettings, now: float, rejected: list[Rejected]
+) -> list[Reading]:
     """`process`, but a reading whose processing raises (a bug of ours) is
     quarantined with the error instead of stopping the daemon, which would stop
     again on every redelivery of the same message."""
@@ -134,10 +159,21 @@ def process_guarded(readings: list[Reading], settings: ProcessorSettings, now: f
             kept.extend(process([r], settings, now, rejected))
         except Exception as exc:
             del rejected[mark:]
-            log.error("processing a reading failed; quarantined (please report this as a "
-                      "bug)", topic=r.topic, metric=r.metric, error=repr(exc))
-            rejected.append(Rejected(r.topic, _as_payload(r), f"internal error: processing "
-                                     f"failed (a bug in ingestd): {exc!r}", now, "internal"))
+            log.error(
+                "processing a reading failed; quarantined (please report this as a bug)",
+                topic=r.topic,
+                metric=r.metric,
+                error=repr(exc),
+            )
+            rejected.append(
+                Rejected(
+                    r.topic,
+                    _as_payload(r),
+                    f"internal error: processing failed (a bug in ingestd): {exc!r}",
+                    now,
+                    "internal",
+                )
+            )
     return kept
 
 
@@ -150,8 +186,13 @@ def _violation(r: Reading, limit: Limit) -> str:
 class Processor:
     """Validates each decoded chunk and passes it on, in order."""
 
-    def __init__(self, inbox: Subscription, bus: EventBus, settings: ProcessorSettings,
-                 clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        inbox: Subscription,
+        bus: EventBus,
+        settings: ProcessorSettings,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.inbox = inbox
         self.bus = bus
         self.settings = settings  # replaced whole by a reload
@@ -166,9 +207,17 @@ class Processor:
             moved = len(rejected) - len(chunk.rejected)
             self.rejected += moved
             await self.bus.publish(
-                Processed(kept, rejected, chunk.deliveries, chunk.acks, chunk.epoch,
-                          flush=chunk.flush, last=chunk.last, status=chunk.status,
-                          rejected_readings=moved)
+                Processed(
+                    kept,
+                    rejected,
+                    chunk.deliveries,
+                    chunk.acks,
+                    chunk.epoch,
+                    flush=chunk.flush,
+                    last=chunk.last,
+                    status=chunk.status,
+                    rejected_readings=moved,
+                )
             )
             if chunk.last:
                 return

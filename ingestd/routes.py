@@ -106,7 +106,12 @@ class RouteMatch:
 
 
 def compile_route(
-    pattern: str, sensor: str, metric: str, fmt: str, ts_field: str = "ts", index: int = 0,
+    pattern: str,
+    sensor: str,
+    metric: str,
+    fmt: str,
+    ts_field: str = "ts",
+    index: int = 0,
     options: FormatOptions | None = None,
 ) -> CompiledRoute:
     parts = pattern.split("/")
@@ -144,7 +149,8 @@ def compile_route(
     names = {n for _, n in captures}
     used = set(_check_template("sensor", sensor, pattern, names))
     extra = {"json": {"field"}, "senml": {"field"}, "influx": {"field", "measurement"}}.get(
-        fmt, set())
+        fmt, set()
+    )
     fields = _check_template("metric", metric, pattern, names | extra)
     used.update(fields)
     if fmt in ("json", "senml") and fields.count("field") > 1:
@@ -253,8 +259,11 @@ class RouteTable:
 
     def take_status(self) -> SensorStatus:
         """The per-sensor state changed since the last call, for the store."""
-        seqs = {s: (st.last, st.gaps, st.missing) for s in self.sequences_changed
-                if (st := self.sequences.get(s)) is not None}
+        seqs = {
+            s: (st.last, st.gaps, st.missing)
+            for s in self.sequences_changed
+            if (st := self.sequences.get(s)) is not None
+        }
         expect, self.expect_changed = self.expect_changed, {}
         self.sequences_changed.clear()
         return SensorStatus(seqs, expect)
@@ -326,13 +335,22 @@ class RouteTable:
                 elif route.format == "value":
                     prefix = route.metric_template.format_map(values)
                 topic_tags = tuple((n, parts[pos]) for pos, n in route.tag_names)
-                return RouteMatch(route.index, route.format, route.ts_field, sensor, prefix,
-                                  suffix, route.options, canonical_tags(dict(topic_tags)),
-                                  topic_tags, route.metric_template, values)
+                return RouteMatch(
+                    route.index,
+                    route.format,
+                    route.ts_field,
+                    sensor,
+                    prefix,
+                    suffix,
+                    route.options,
+                    canonical_tags(dict(topic_tags)),
+                    topic_tags,
+                    route.metric_template,
+                    values,
+                )
         return None
 
-    def allow(self, route: int, sensor: str, options: FormatOptions, n: int,
-              now: float) -> int:
+    def allow(self, route: int, sensor: str, options: FormatOptions, n: int, now: float) -> int:
         """How many of `n` readings from this sensor the route's rate limit lets
         through now (a token bucket of `rate_burst`, refilled at `rate_limit`/s)."""
         key = (route, sensor)
@@ -341,8 +359,7 @@ class RouteTable:
             if len(self.buckets) >= _CACHE_MAX:
                 self.buckets.clear()
             bucket = self.buckets[key] = [options.rate_burst, now]
-        tokens = min(options.rate_burst, bucket[0] + max(now - bucket[1], 0.0) *
-                     options.rate_limit)
+        tokens = min(options.rate_burst, bucket[0] + max(now - bucket[1], 0.0) * options.rate_limit)
         allowed = min(n, int(tokens))
         bucket[0], bucket[1] = tokens - allowed, now
         return allowed

@@ -20,8 +20,9 @@ from ingestd.errors import DecodeError
 
 RELATIVE_LIMIT = 2**28  # RFC 8428 4.5.3
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-:./_]*$")
-_KNOWN = frozenset(("bn", "bt", "bu", "bv", "bs", "bver", "n", "u", "v", "vs", "vb", "vd",
-                    "s", "t", "ut"))
+_KNOWN = frozenset(
+    ("bn", "bt", "bu", "bv", "bs", "bver", "n", "u", "v", "vs", "vb", "vd", "s", "t", "ut")
+)
 _BASE = frozenset(("bn", "bt", "bu", "bv", "bs", "bver"))
 SENML_VERSION = 10
 
@@ -29,8 +30,9 @@ SENML_VERSION = 10
 class SenmlRecord:
     __slots__ = ("name", "sum", "time", "unit", "value")
 
-    def __init__(self, name: str, time: float, unit: str, value: float | None,
-                 sum_: float | None) -> None:
+    def __init__(
+        self, name: str, time: float, unit: str, value: float | None, sum_: float | None
+    ) -> None:
         self.name, self.time, self.unit, self.value, self.sum = name, time, unit, value, sum_
 
 
@@ -72,8 +74,9 @@ def resolve(pack: Any, now: float, problems: list[str]) -> list[SenmlRecord]:
             raise DecodeError(f"record {i} is not an object")
         for key in record:
             if key not in _KNOWN and key.endswith("_"):
-                raise DecodeError(f"record {i}: must-understand field {key!r} is not "
-                                  "supported (RFC 8428 4.4)")
+                raise DecodeError(
+                    f"record {i}: must-understand field {key!r} is not supported (RFC 8428 4.4)"
+                )
         try:
             if "bver" in record:
                 ver = _number(record, "bver", i)
@@ -93,8 +96,9 @@ def resolve(pack: Any, now: float, problems: list[str]) -> list[SenmlRecord]:
             if not name:
                 raise DecodeError(f"record {i} has no name (n or bn)")
             if not _NAME.match(name):
-                raise DecodeError(f"record {i}: name {name[:64]!r} has characters SenML "
-                                  "does not allow")
+                raise DecodeError(
+                    f"record {i}: name {name[:64]!r} has characters SenML does not allow"
+                )
             t = bt + (_number(record, "t", i) or 0.0)
             time = now + t if t < RELATIVE_LIMIT else t
             unit = _string(record, "u", i)

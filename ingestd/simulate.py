@@ -79,8 +79,11 @@ async def simulate(
     started = time.monotonic()
 
     def summary() -> int:
-        print(f"simulator: sent {sent:,} messages ({readings:,} readings) at QoS {qos} to "
-              f"{m.host}:{m.port} in {time.monotonic() - started:.1f} s", file=sys.stderr)
+        print(
+            f"simulator: sent {sent:,} messages ({readings:,} readings) at QoS {qos} to "
+            f"{m.host}:{m.port} in {time.monotonic() - started:.1f} s",
+            file=sys.stderr,
+        )
         return sent
 
     password = m.password.get_secret_value() if m.password else None
@@ -88,11 +91,17 @@ async def simulate(
     while not stop.is_set():
         try:
             async with aiomqtt.Client(
-                m.host, m.port, username=m.username, password=password,
+                m.host,
+                m.port,
+                username=m.username,
+                password=password,
                 identifier=f"ingestd-simulator-{seed}",
             ) as client:
-                print(f"simulator: publishing {sensors} sensors every {interval}s to "
-                      f"{m.host}:{m.port}", file=sys.stderr)
+                print(
+                    f"simulator: publishing {sensors} sensors every {interval}s to "
+                    f"{m.host}:{m.port}",
+                    file=sys.stderr,
+                )
                 backoff = 0.5
                 done = 0
                 next_round = time.monotonic()
@@ -100,13 +109,15 @@ async def simulate(
                     now = time.time()
                     for s in fleet:
                         sample = s.sample(now)
-                        await client.publish(f"sensors/{s.name}/telemetry",
-                                             _encode(sample), qos=qos)
+                        await client.publish(
+                            f"sensors/{s.name}/telemetry", _encode(sample), qos=qos
+                        )
                         sent += 1
                         readings += len(sample) - 1  # all but "ts"
                         if done % 5 == 0:
-                            await client.publish(f"sensors/{s.name}/co2",
-                                                 f"{s.co2:.0f}".encode(), qos=qos)
+                            await client.publish(
+                                f"sensors/{s.name}/co2", f"{s.co2:.0f}".encode(), qos=qos
+                            )
                             sent += 1
                             readings += 1
                     done += 1
@@ -116,8 +127,10 @@ async def simulate(
                             await stop.wait()
                 return summary()
         except aiomqtt.MqttError as exc:
-            print(f"simulator: broker {m.host}:{m.port} unavailable ({exc}); retrying",
-                  file=sys.stderr)
+            print(
+                f"simulator: broker {m.host}:{m.port} unavailable ({exc}); retrying",
+                file=sys.stderr,
+            )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(backoff):
                     await stop.wait()

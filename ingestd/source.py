@@ -119,9 +119,9 @@ _REFUSALS = {
     132: "the broker does not speak this protocol version (check mqtt.protocol)",
     133: "the broker rejected the client id (check mqtt.client_id)",
     134: "not authorized: bad user name or password (check mqtt.username / "
-         "mqtt.password or mqtt.password_file)",
+    "mqtt.password or mqtt.password_file)",
     135: "not authorized (check mqtt.username / mqtt.password or mqtt.password_file, "
-         "and the broker's ACLs)",
+    "and the broker's ACLs)",
     136: "the broker is unavailable",
     138: "the client id is banned by the broker",
     140: "the broker wants another authentication method",
@@ -151,9 +151,7 @@ def tls_context(mqtt: MqttSettings) -> ssl.SSLContext | None:
         try:
             ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
         except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(
-                f"mqtt.tls.cert_file: cannot load {tls.cert_file}: {exc}"
-            ) from None
+            raise ConfigError(f"mqtt.tls.cert_file: cannot load {tls.cert_file}: {exc}") from None
     if tls.insecure:
         ctx.check_hostname = False
     return ctx
@@ -237,8 +235,12 @@ class MqttSource:
         # Rate-limit state and counts carry over: a reload must not reset a device's bucket.
         table.carry_state(self.table)
         self.table, self.subscriptions = table, new
-        log.info("routes reloaded", routes=len(table.routes),
-                 subscribe=[t for t, _ in added], unsubscribe=removed)
+        log.info(
+            "routes reloaded",
+            routes=len(table.routes),
+            subscribe=[t for t, _ in added],
+            unsubscribe=removed,
+        )
         link = self._link
         if link is not None and self.connected and (added or removed):
             task = asyncio.ensure_future(self._resubscribe(link, added, removed))
@@ -287,8 +289,12 @@ class MqttSource:
                     self.connected = False
                     down_since = time.monotonic()
                     lived = down_since - self._connected_at
-                    log.warning("broker connection lost", broker=self.broker, error=str(error),
-                                connected_seconds=round(lived, 1))
+                    log.warning(
+                        "broker connection lost",
+                        broker=self.broker,
+                        error=str(error),
+                        connected_seconds=round(lived, 1),
+                    )
                     self.bus.publish_nowait(ConnectionChanged(False, self.broker, str(error)))
                     if lived >= max(STABLE_CONNECTION, self.settings.reconnect_max_delay):
                         backoff.reset()
@@ -302,17 +308,22 @@ class MqttSource:
                                 "mqtt.client_id, and each connection takes the session over "
                                 "from the other. Give every ingestd its own client_id; "
                                 "reconnecting with backoff meanwhile",
-                                client_id=self.settings.client_id, times=short_lived,
-                                connected_seconds=round(lived, 1))
+                                client_id=self.settings.client_id,
+                                times=short_lived,
+                                connected_seconds=round(lived, 1),
+                            )
                     last_error = str(error)
                 elif str(error) != last_error:
                     last_error = str(error)
                     refused = connect_problem(error)
                     if refused is not None:
-                        log.error(f"broker refused the connection: {refused}; retrying with "
-                                  "backoff", broker=self.broker, error=last_error,
-                                  client_id=self.settings.client_id,
-                                  username=self.settings.username)
+                        log.error(
+                            f"broker refused the connection: {refused}; retrying with backoff",
+                            broker=self.broker,
+                            error=last_error,
+                            client_id=self.settings.client_id,
+                            username=self.settings.username,
+                        )
                     else:
                         log.warning(
                             "broker unreachable; retrying with backoff",
@@ -320,8 +331,12 @@ class MqttSource:
                             error=last_error,
                         )
                 delay = backoff.next()
-                log.debug("reconnecting", broker=self.broker, delay=round(delay, 3),
-                          down_for=round(time.monotonic() - down_since, 3))
+                log.debug(
+                    "reconnecting",
+                    broker=self.broker,
+                    delay=round(delay, 3),
+                    down_for=round(time.monotonic() - down_since, 3),
+                )
                 await asyncio.wait({stop_waiter}, timeout=delay)
         finally:
             stop_waiter.cancel()
@@ -378,8 +393,12 @@ class MqttSource:
             if self._epoch > 1:
                 self.reconnects += 1
             self.connected = True
-            log.info("connected to broker", broker=self.broker, epoch=self._epoch,
-                     protocol=self.settings.protocol)
+            log.info(
+                "connected to broker",
+                broker=self.broker,
+                epoch=self._epoch,
+                protocol=self.settings.protocol,
+            )
             self.bus.publish_nowait(ConnectionChanged(True, self.broker))
             link_lost = asyncio.ensure_future(link.wait_disconnected())
             link_lost.add_done_callback(lambda _f: self._wake.set())
@@ -425,10 +444,15 @@ class MqttSource:
             code = granted[0]
             value = code.value if hasattr(code, "value") else int(code)
             if value >= 0x80:
-                log.error("subscription refused by the broker: these routes get nothing; "
-                          "check the broker's ACLs for this user", topic=topic, qos=qos,
-                          reason=str(code), routes=self.routes_under(topic),
-                          username=self.settings.username)
+                log.error(
+                    "subscription refused by the broker: these routes get nothing; "
+                    "check the broker's ACLs for this user",
+                    topic=topic,
+                    qos=qos,
+                    reason=str(code),
+                    routes=self.routes_under(topic),
+                    username=self.settings.username,
+                )
         log.info("subscribed", topics=[t for t, _ in self.subscriptions])
         if self.settings.watch_broker_drops and self.upstream is not None:
             # In the background: Mosquitto answers a SUBSCRIBE made while a
@@ -448,8 +472,11 @@ class MqttSource:
         """The route topics a subscription filter serves."""
         group = self.settings_root.mqtt.shared_group
         bare = subscription.removeprefix(f"$share/{group}/") if group else subscription
-        return [self.settings_root.routes[r.index].topic for r in self.table.routes
-                if filter_covers(bare, r.subscription)]
+        return [
+            self.settings_root.routes[r.index].topic
+            for r in self.table.routes
+            if filter_covers(bare, r.subscription)
+        ]
 
     async def _pump(
         self, link: MqttLink, stop: asyncio.Event, link_lost: asyncio.Future[None]
@@ -483,8 +510,11 @@ class MqttSource:
         if confirmed:
             log.debug("acknowledgements confirmed by the broker", discarded=link.discarded)
         else:
-            log.warning("the broker did not confirm the last acknowledgements; it may "
-                        "redeliver some messages", broker=self.broker)
+            log.warning(
+                "the broker did not confirm the last acknowledgements; it may "
+                "redeliver some messages",
+                broker=self.broker,
+            )
 
     def _pause(self, link: MqttLink) -> None:
         link.pause_reading()
@@ -539,8 +569,9 @@ class MqttSource:
                 (retained if m.retain else deliveries).append((m.topic, payload, now))
             except UnicodeDecodeError:
                 shown = raw_topic(m).decode("utf-8", "backslashreplace")
-                bad_topics.append(Rejected(shown, payload, "topic is not valid UTF-8", now / NS,
-                                           "bad_topic"))
+                bad_topics.append(
+                    Rejected(shown, payload, "topic is not valid UTF-8", now / NS, "bad_topic")
+                )
         self._last_received_ns = last
         readings, rejected = decode_all(self.table, deliveries, retained)
         self.window.readings += len(readings)
@@ -548,5 +579,6 @@ class MqttSource:
             rejected.extend(bad_topics)
         acks = [(m.mid, m.qos) for m in messages if m.qos] if self.manual_ack else []
         status = self.table.take_status()
-        await self.bus.publish(Decoded(readings, rejected, len(messages), acks, self._epoch,
-                                       status=status))
+        await self.bus.publish(
+            Decoded(readings, rejected, len(messages), acks, self._epoch, status=status)
+        )

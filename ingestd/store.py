@@ -208,16 +208,20 @@ class Batch:
         known = self._store.series_ids
         try:
             # Every series already known: the common case, in one comprehension.
-            rows = [(known[(r.sensor, r.metric, r.tags, r.unit)], r.ts_ns, r.seq, r.value)
-                    for r in readings]
+            rows = [
+                (known[(r.sensor, r.metric, r.tags, r.unit)], r.ts_ns, r.seq, r.value)
+                for r in readings
+            ]
         except KeyError:
             rows = await self._rows_with_new_series(readings)
         inserted = 0
         # Multi-row statements: about 30% less work per row than one row per step.
         whole = len(rows) - len(rows) % ROWS_PER_INSERT
         if whole:
-            groups = [list(chain.from_iterable(rows[i:i + ROWS_PER_INSERT]))
-                      for i in range(0, whole, ROWS_PER_INSERT)]
+            groups = [
+                list(chain.from_iterable(rows[i : i + ROWS_PER_INSERT]))
+                for i in range(0, whole, ROWS_PER_INSERT)
+            ]
             inserted += await self._insert(_INSERT_MANY, groups)
         if whole < len(rows):
             inserted += await self._insert(_INSERT_ONE, rows[whole:])
@@ -230,8 +234,9 @@ class Batch:
             await self.add_rejected(conflicts)
             self.conflicts += conflicts
 
-    async def _conflicts(self, rows: list[tuple[int, int, int, float]],
-                         readings: Sequence[Reading]) -> list[Rejected]:
+    async def _conflicts(
+        self, rows: list[tuple[int, int, int, float]], readings: Sequence[Reading]
+    ) -> list[Rejected]:
         """Readings not inserted because their key holds a different value.
 
         The same key with the same value is a redelivery (a duplicate); with
@@ -240,7 +245,7 @@ class Batch:
         """
         found: list[tuple[int, float]] = []
         for start in range(0, len(rows), ROWS_PER_INSERT):
-            part = rows[start:start + ROWS_PER_INSERT]
+            part = rows[start : start + ROWS_PER_INSERT]
             sql = _CONFLICTS.format(values=", ".join(["(?, ?, ?, ?, ?)"] * len(part)))
             params = list(chain.from_iterable((start + i, *row) for i, row in enumerate(part)))
             async with self._conn.execute(sql, params) as cur:
@@ -248,13 +253,28 @@ class Batch:
         out: list[Rejected] = []
         for i, stored in sorted(found):
             r = readings[i]
-            payload = msgspec.json.encode({"sensor": r.sensor, "metric": r.metric,
-                                           "ts": r.ts_ns / _NS, "ts_ns": r.ts_ns,
-                                           "seq": r.seq, "value": r.value, "stored": stored})
-            out.append(Rejected(
-                r.topic, payload, f"conflict: a different value ({stored:g}) is stored for "
-                f"{r.sensor} {r.metric} at this time (ts_ns {r.ts_ns}); this one ({r.value:g}) "
-                "was not stored", self._now, "conflict"))
+            payload = msgspec.json.encode(
+                {
+                    "sensor": r.sensor,
+                    "metric": r.metric,
+                    "ts": r.ts_ns / _NS,
+                    "ts_ns": r.ts_ns,
+                    "seq": r.seq,
+                    "value": r.value,
+                    "stored": stored,
+                }
+            )
+            out.append(
+                Rejected(
+                    r.topic,
+                    payload,
+                    f"conflict: a different value ({stored:g}) is stored for "
+                    f"{r.sensor} {r.metric} at this time (ts_ns {r.ts_ns}); this one ({r.value:g}) "
+                    "was not stored",
+                    self._now,
+                    "conflict",
+                )
+            )
         return out
 
     async def _insert(self, sql: str, params: Sequence[Sequence[object]]) -> int:
@@ -300,12 +320,14 @@ class Batch:
                 "VALUES (?, ?, ?, ?) ON CONFLICT (sensor) DO UPDATE SET "
                 "last_seq = excluded.last_seq, seq_gaps = excluded.seq_gaps, "
                 "seq_missing = excluded.seq_missing",
-                [(sensor, *v) for sensor, v in status.sequences.items()])
+                [(sensor, *v) for sensor, v in status.sequences.items()],
+            )
         if status.expect_within:
             await self._conn.executemany(
                 "INSERT INTO sensor_status (sensor, expect_within) VALUES (?, ?) "
                 "ON CONFLICT (sensor) DO UPDATE SET expect_within = excluded.expect_within",
-                list(status.expect_within.items()))
+                list(status.expect_within.items()),
+            )
 
     async def add_rejected(self, rejected: Sequence[Rejected]) -> None:
         if not rejected:
@@ -361,10 +383,11 @@ class SqliteStore:
             async with conn.execute("SELECT sensor, metric, tags, unit, id FROM series") as cur:
                 rows = list(await cur.fetchall())
             self.series_ids = {(s, m, t, u): i for s, m, t, u, i in rows}
-            async with conn.execute("SELECT sensor, last_seq, seq_gaps, seq_missing "
-                                    "FROM sensor_status WHERE last_seq IS NOT NULL") as cur:
-                self.sequences = {row[0]: (row[1], row[2], row[3])
-                                  for row in await cur.fetchall()}
+            async with conn.execute(
+                "SELECT sensor, last_seq, seq_gaps, seq_missing "
+                "FROM sensor_status WHERE last_seq IS NOT NULL"
+            ) as cur:
+                self.sequences = {row[0]: (row[1], row[2], row[3]) for row in await cur.fetchall()}
             self._identity = _identity(self.path)
             self._side_files = {sfx: _identity(Path(f"{self.path}{sfx}")) for sfx in _SIDE}
             if self._identity is None:
@@ -463,9 +486,11 @@ class SqliteStore:
             moved = self._set_aside_side_files()
             aside = f"; its write-ahead log was set aside as {', '.join(moved)}" if moved else ""
             raise StoreUnavailable(
-                REPLACED, f"{self.path} was deleted or replaced while ingestd had it open; "
+                REPLACED,
+                f"{self.path} was deleted or replaced while ingestd had it open; "
                 "that batch went to the old file and is written again to the file now at "
-                f"the path (readings acknowledged before this went with the old file){aside}")
+                f"the path (readings acknowledged before this went with the old file){aside}",
+            )
         self.series_ids.update(tx.new_series)
 
     async def _abandon(self, conn: aiosqlite.Connection, exc: BaseException) -> None:
@@ -490,9 +515,12 @@ class SqliteStore:
                 await conn.close()
 
 
-async def backup(source: Path, dest: Path,
-                 progress: Callable[[int, int], None] | None = None,
-                 pages_per_step: int = 4096) -> None:
+async def backup(
+    source: Path,
+    dest: Path,
+    progress: Callable[[int, int], None] | None = None,
+    pages_per_step: int = 4096,
+) -> None:
     """An online copy of the database with SQLite's backup API, in an executor.
 
     Safe while the daemon writes: the backup restarts a step when the source
@@ -510,9 +538,11 @@ async def backup(source: Path, dest: Path,
         try:
             out = sqlite3.connect(partial)
             try:
-                src.backup(out, pages=pages_per_step,
-                           progress=(lambda _s, rem, total: progress(rem, total))
-                           if progress else None)
+                src.backup(
+                    out,
+                    pages=pages_per_step,
+                    progress=(lambda _s, rem, total: progress(rem, total)) if progress else None,
+                )
             finally:
                 out.close()
             partial.rename(dest)  # only a complete copy takes the name

@@ -96,9 +96,7 @@ class BatchWriter:
             self._add(chunk, loop.time())
             # Take whatever else is already queued without waiting.
             while (
-                not chunk.flush
-                and self._size < self.max_readings
-                and not self.inbox.queue.empty()
+                not chunk.flush and self._size < self.max_readings and not self.inbox.queue.empty()
             ):
                 chunk = self.inbox.get_nowait()
                 self._add(chunk, loop.time())
@@ -172,14 +170,23 @@ class BatchWriter:
             self.acknowledge(c.epoch, c.acks)
             self.window.settle(c.deliveries, len(c.acks))
             deliveries += c.deliveries
-        event = BatchCommitted(inserted, duplicates, len(rejected), deliveries, seconds,
-                               len(readings) + len(rejected) - len(conflicts), conflicts)
+        event = BatchCommitted(
+            inserted,
+            duplicates,
+            len(rejected),
+            deliveries,
+            seconds,
+            len(readings) + len(rejected) - len(conflicts),
+            conflicts,
+        )
         if self.on_commit is not None:
             self.on_commit(event)
         self.bus.publish_nowait(event)
 
     async def _commit(
-        self, readings: list[Reading], rejected: list[Rejected],
+        self,
+        readings: list[Reading],
+        rejected: list[Rejected],
         status: SensorStatus | None = None,
     ) -> tuple[int, int, list[Rejected]]:
         delay = self.retry_min_delay

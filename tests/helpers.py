@@ -37,8 +37,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_for(predicate: Callable[[], bool], timeout: float, interval: float = 0.05,
-             what: str = "condition") -> None:
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, interval: float = 0.05, what: str = "condition"
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if predicate():
@@ -56,8 +57,9 @@ def port_open(port: int) -> bool:
 class Mosquitto:
     """A private broker: start, stop (SIGTERM, saves persistence), kill -9, restart."""
 
-    def __init__(self, workdir: Path, port: int | None = None, *,
-                 max_inflight: int = 20, extra: str = "") -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, *, max_inflight: int = 20, extra: str = ""
+    ) -> None:
         self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -80,8 +82,9 @@ class Mosquitto:
     def start(self) -> Mosquitto:
         assert self.proc is None or self.proc.poll() is not None
         with self.log.open("ab") as fh:
-            self.proc = subprocess.Popen([self.binary, "-c", str(self.conf)],
-                                         stdout=fh, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [self.binary, "-c", str(self.conf)], stdout=fh, stderr=subprocess.STDOUT
+            )
         wait_for(lambda: port_open(self.port), 10, what=f"mosquitto on port {self.port}")
         return self
 
@@ -112,8 +115,11 @@ class Mosquitto:
         """
         mark = "Saving in-memory database"
         before = self.log.read_text(errors="replace").count(mark)
-        wait_for(lambda: self.log.read_text(errors="replace").count(mark) > before, timeout,
-                 what="the broker to save its persistence file")
+        wait_for(
+            lambda: self.log.read_text(errors="replace").count(mark) > before,
+            timeout,
+            what="the broker to save its persistence file",
+        )
 
 
 @dataclass
@@ -150,7 +156,10 @@ class Daemon:
         with self.log_path.open("ab") as fh:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ingestd", "--config", str(self.config)],
-                stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=self.workdir,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.workdir,
             )
         return self
 
@@ -178,6 +187,7 @@ class Daemon:
                     found.append(json.loads(line)["url"].removesuffix("/metrics"))
                     return True
             return False
+
         wait_for(listening, timeout, what="the metrics server")
         return found[0]
 
@@ -187,6 +197,7 @@ class Daemon:
                 code = self.proc.returncode
                 raise AssertionError(f"daemon exited early ({code}):\n{self.logs()}")
             return "READY=1" in self.notices
+
         wait_for(ready, timeout, what="READY=1 from the daemon")
 
     def sample_rss(self) -> int:
@@ -252,10 +263,13 @@ def daemon_for(workdir: Path, port: int, routes: str | None = None, **env: str) 
     (the default two if None), its database `workdir/ingestd.db`, a client id of
     its own and JSON logs; `env` adds or overrides INGESTD_* variables."""
     config = write_config(workdir / "ingestd.toml", routes=routes)
-    base = {"INGESTD_MQTT__PORT": str(port),
-            "INGESTD_STORE__PATH": str(workdir / "ingestd.db"),
-            "INGESTD_MQTT__CLIENT_ID": f"ingestd-{workdir.name}",
-            "INGESTD_DAEMON__LOG_FORMAT": "json", **env}
+    base = {
+        "INGESTD_MQTT__PORT": str(port),
+        "INGESTD_STORE__PATH": str(workdir / "ingestd.db"),
+        "INGESTD_MQTT__CLIENT_ID": f"ingestd-{workdir.name}",
+        "INGESTD_DAEMON__LOG_FORMAT": "json",
+        **env,
+    }
     return Daemon(config, base, workdir)
 
 
@@ -280,14 +294,20 @@ qos = 1
 """
 
 
-def publish(port: int, messages: Iterable[tuple[str, bytes]], *, qos: int = 1,
-            inflight: int = 1000, client_id: str = "", retain: bool = False) -> int:
+def publish(
+    port: int,
+    messages: Iterable[tuple[str, bytes]],
+    *,
+    qos: int = 1,
+    inflight: int = 1000,
+    client_id: str = "",
+    retain: bool = False,
+) -> int:
     """Publish and wait until every message is acknowledged by the broker.
 
     The in-flight window stays well under 65,535 so message ids never collide.
     """
-    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=paho.MQTTv311)
+    client = paho.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv311)
     client.max_inflight_messages_set(inflight)
     client.max_queued_messages_set(0)
     client.connect("127.0.0.1", port)

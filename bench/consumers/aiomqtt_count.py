@@ -19,8 +19,9 @@ from bench.consumers import arguments
 async def main(port: int, expect: int, qos: int, client_id: str) -> None:
     count = 0
     last = 0.0
-    async with aiomqtt.Client("127.0.0.1", port, identifier=client_id,
-                              clean_session=False) as client:
+    async with aiomqtt.Client(
+        "127.0.0.1", port, identifier=client_id, clean_session=False
+    ) as client:
         # Timed from the connection: a persistent session's backlog starts
         # flowing (into aiomqtt's queue) before subscribe() returns.
         first = time.time()
@@ -31,9 +32,18 @@ async def main(port: int, expect: int, qos: int, client_id: str) -> None:
                 last = time.time()
                 break
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({"count": count, "first": first, "last": last,
-                      "cpu": usage.ru_utime + usage.ru_stime, "rss_kb": usage.ru_maxrss}),
-          flush=True)
+    print(
+        json.dumps(
+            {
+                "count": count,
+                "first": first,
+                "last": last,
+                "cpu": usage.ru_utime + usage.ru_stime,
+                "rss_kb": usage.ru_maxrss,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

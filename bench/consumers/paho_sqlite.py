@@ -22,8 +22,9 @@ from bench.consumers import arguments
 
 def main(port: int, expect: int, qos: int, client_id: str, db: str) -> None:
     conn = sqlite3.connect(db)
-    conn.execute("CREATE TABLE IF NOT EXISTS readings (sensor TEXT, metric TEXT, ts REAL, "
-                 "value REAL)")
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS readings (sensor TEXT, metric TEXT, ts REAL, value REAL)"
+    )
     state = {"count": 0, "first": 0.0, "last": 0.0}
 
     def on_message(client: mqtt.Client, _u: Any, msg: mqtt.MQTTMessage) -> None:
@@ -48,8 +49,10 @@ def main(port: int, expect: int, qos: int, client_id: str, db: str) -> None:
     client.connect("127.0.0.1", port)
     client.loop_forever()
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(json.dumps({**state, "cpu": usage.ru_utime + usage.ru_stime,
-                      "rss_kb": usage.ru_maxrss}), flush=True)
+    print(
+        json.dumps({**state, "cpu": usage.ru_utime + usage.ru_stime, "rss_kb": usage.ru_maxrss}),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

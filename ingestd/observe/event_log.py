@@ -46,8 +46,14 @@ class EventLogger:
             self._quarantined(event.rejected)
             if event.readings and log.is_enabled_for(10):
                 for r in event.readings:
-                    log.debug("reading", sensor=r.sensor, metric=r.metric, ts_ns=r.ts_ns,
-                              seq=r.seq, value=r.value)
+                    log.debug(
+                        "reading",
+                        sensor=r.sensor,
+                        metric=r.metric,
+                        ts_ns=r.ts_ns,
+                        seq=r.seq,
+                        value=r.value,
+                    )
         elif kind is BatchCommitted:
             self._quarantined(event.conflicts)
             log.info(
@@ -59,7 +65,6 @@ class EventLogger:
                 ms=round(event.seconds * 1000, 2),
             )
 
-
     @staticmethod
     def _quarantined(rejected: list[Rejected]) -> None:
         for rej in rejected:
@@ -67,8 +72,7 @@ class EventLogger:
                 "quarantined",
                 topic=printable(rej.topic),
                 reason=printable(rej.reason),
-                payload=printable(
-                    rej.payload[:_PAYLOAD_SHOWN].decode("utf-8", "backslashreplace")),
+                payload=printable(rej.payload[:_PAYLOAD_SHOWN].decode("utf-8", "backslashreplace")),
                 size=len(rej.payload),
                 kind=rej.kind,
             )

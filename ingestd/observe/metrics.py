@@ -91,16 +91,31 @@ class Accounting:
     @classmethod
     def of(cls, p: Pipeline) -> Accounting:
         c, w = p.source.table.counts, p.writer
-        return cls(c.decoded, w.committed, w.duplicates, w.quarantined_readings,
-                   c.rate_dropped, c.rate_quarantined, c.retained_untimed, p.window.readings,
-                   c.retained_ignored, p.source.received)
+        return cls(
+            c.decoded,
+            w.committed,
+            w.duplicates,
+            w.quarantined_readings,
+            c.rate_dropped,
+            c.rate_quarantined,
+            c.retained_untimed,
+            p.window.readings,
+            c.retained_ignored,
+            p.source.received,
+        )
 
     @property
     def unexplained(self) -> int:
         """Readings decoded but in none of the outcomes: 0, or a bug in ingestd."""
-        return self.decoded - (self.committed + self.duplicate + self.quarantined
-                               + self.rate_dropped + self.rate_quarantined
-                               + self.retained_untimed + self.in_flight)
+        return self.decoded - (
+            self.committed
+            + self.duplicate
+            + self.quarantined
+            + self.rate_dropped
+            + self.rate_quarantined
+            + self.retained_untimed
+            + self.in_flight
+        )
 
 
 class Health:
@@ -178,8 +193,12 @@ class Health:
         p = self.pipeline
         checks: dict[str, Any] = {"event_loop": self.live()}
         if p is None:
-            checks.update(broker=False, store=False, pipeline=False,
-                          detail=f"store not open: {self.store_problem or 'opening'}")
+            checks.update(
+                broker=False,
+                store=False,
+                pipeline=False,
+                detail=f"store not open: {self.store_problem or 'opening'}",
+            )
             return False, checks
         checks["broker"] = p.source.connected
         checks["store"] = p.writer.store_available
@@ -215,8 +234,11 @@ class PipelineCollector(Collector):
         ready, _ = h.readiness()
         yield _gauge("ingestd_ready", "1 when /readyz would answer 200", 1 if ready else 0)
         yield _counter("ingestd_reloads", "Configuration reloads applied", h.reloads)
-        yield _counter("ingestd_reload_failures",
-                       "Configuration reloads rejected (invalid file)", h.reload_failures)
+        yield _counter(
+            "ingestd_reload_failures",
+            "Configuration reloads rejected (invalid file)",
+            h.reload_failures,
+        )
         p = h.pipeline
         if p is None:
             # Before the store is open: the panels show "not available", not "No data".
@@ -225,107 +247,168 @@ class PipelineCollector(Collector):
             return
         src, w, win = p.source, p.writer, p.window
         a = h.fresh_accounting()
-        yield _counter("ingestd_messages_received", "MQTT messages received",
-                       a.messages_received)
-        yield _counter("ingestd_readings_decoded",
-                       "Readings decoded from received payloads (what explain lists)",
-                       a.decoded)
-        yield _counter("ingestd_readings_committed", "Readings committed to the store",
-                       a.committed)
-        yield _counter("ingestd_readings_duplicate",
-                       "Redelivered readings: already stored with the same value, not written "
-                       "again", a.duplicate)
-        yield _counter("ingestd_readings_quarantined",
-                       "Readings quarantined one by one: limits, clock, conflicts", a.quarantined)
-        yield _counter("ingestd_readings_retained_untimed",
-                       "Readings of a retained message without a device time, not stored",
-                       a.retained_untimed)
-        yield _gauge("ingestd_readings_in_flight",
-                     "Readings decoded and not yet committed or quarantined", a.in_flight)
-        yield _gauge("ingestd_readings_unexplained",
-                     "decoded - (committed + duplicate + quarantined + rate limited + "
-                     "retained untimed + in flight): always 0, else a bug", a.unexplained)
-        yield _counter("ingestd_retained_ignored",
-                       "Retained messages re-sent by the broker on subscribe, not stored "
-                       "(routes with retained = \"ignore\")", a.retained_ignored)
-        q = CounterMetricFamily("ingestd_quarantined",
-                                "Rejected payloads and readings stored in quarantine, by reason",
-                                labels=["reason"])
+        yield _counter("ingestd_messages_received", "MQTT messages received", a.messages_received)
+        yield _counter(
+            "ingestd_readings_decoded",
+            "Readings decoded from received payloads (what explain lists)",
+            a.decoded,
+        )
+        yield _counter("ingestd_readings_committed", "Readings committed to the store", a.committed)
+        yield _counter(
+            "ingestd_readings_duplicate",
+            "Redelivered readings: already stored with the same value, not written again",
+            a.duplicate,
+        )
+        yield _counter(
+            "ingestd_readings_quarantined",
+            "Readings quarantined one by one: limits, clock, conflicts",
+            a.quarantined,
+        )
+        yield _counter(
+            "ingestd_readings_retained_untimed",
+            "Readings of a retained message without a device time, not stored",
+            a.retained_untimed,
+        )
+        yield _gauge(
+            "ingestd_readings_in_flight",
+            "Readings decoded and not yet committed or quarantined",
+            a.in_flight,
+        )
+        yield _gauge(
+            "ingestd_readings_unexplained",
+            "decoded - (committed + duplicate + quarantined + rate limited + "
+            "retained untimed + in flight): always 0, else a bug",
+            a.unexplained,
+        )
+        yield _counter(
+            "ingestd_retained_ignored",
+            "Retained messages re-sent by the broker on subscribe, not stored "
+            '(routes with retained = "ignore")',
+            a.retained_ignored,
+        )
+        q = CounterMetricFamily(
+            "ingestd_quarantined",
+            "Rejected payloads and readings stored in quarantine, by reason",
+            labels=["reason"],
+        )
         by_kind = dict(w.quarantined_by_kind)
         for kind in sorted({*REJECT_KINDS, *by_kind}):
             q.add_metric([kind], by_kind.get(kind, 0))
         yield q
-        limited = CounterMetricFamily("ingestd_readings_rate_limited",
-                                      "Readings over a route's per-device rate limit",
-                                      labels=["policy"])
+        limited = CounterMetricFamily(
+            "ingestd_readings_rate_limited",
+            "Readings over a route's per-device rate limit",
+            labels=["policy"],
+        )
         limited.add_metric(["drop"], a.rate_dropped)
         limited.add_metric(["quarantine"], a.rate_quarantined)
         yield limited
         yield _counter("ingestd_batches_committed", "Store transactions committed", w.batches)
-        yield _gauge("ingestd_last_commit_timestamp_seconds",
-                     "Wall-clock time of the last commit (0: none yet)", w.last_commit_at)
-        depth = GaugeMetricFamily("ingestd_bus_queue_depth", "Events waiting, per subscriber",
-                                  labels=["subscriber", "policy"])
-        cap = GaugeMetricFamily("ingestd_bus_queue_capacity", "Queue bound, per subscriber",
-                                labels=["subscriber", "policy"])
-        dropped = CounterMetricFamily("ingestd_bus_dropped",
-                                      "Events dropped by a full observer queue",
-                                      labels=["subscriber"])
-        delivered = CounterMetricFamily("ingestd_bus_delivered", "Events delivered",
-                                        labels=["subscriber"])
+        yield _gauge(
+            "ingestd_last_commit_timestamp_seconds",
+            "Wall-clock time of the last commit (0: none yet)",
+            w.last_commit_at,
+        )
+        depth = GaugeMetricFamily(
+            "ingestd_bus_queue_depth",
+            "Events waiting, per subscriber",
+            labels=["subscriber", "policy"],
+        )
+        cap = GaugeMetricFamily(
+            "ingestd_bus_queue_capacity",
+            "Queue bound, per subscriber",
+            labels=["subscriber", "policy"],
+        )
+        dropped = CounterMetricFamily(
+            "ingestd_bus_dropped", "Events dropped by a full observer queue", labels=["subscriber"]
+        )
+        delivered = CounterMetricFamily(
+            "ingestd_bus_delivered", "Events delivered", labels=["subscriber"]
+        )
         for sub in p.bus.subscriptions:
             depth.add_metric([sub.name, sub.policy], sub.depth)
             cap.add_metric([sub.name, sub.policy], sub.queue.maxsize)
             dropped.add_metric([sub.name], sub.dropped)
             delivered.add_metric([sub.name], sub.delivered)
         yield from (depth, cap, dropped, delivered)
-        yield _gauge("ingestd_inflight_messages",
-                     "Messages received and not yet committed and acknowledged", win.in_flight)
-        yield _gauge("ingestd_inflight_unacked_messages",
-                     "QoS 1/2 messages not yet acknowledged to the broker", win.unacked)
-        yield _gauge("ingestd_inflight_limit", "The in-flight window (mqtt.max_inflight)",
-                     win.limit)
-        yield _counter("ingestd_inflight_pauses",
-                       "Times reading from the broker paused on a full window", win.pauses)
-        yield _gauge("ingestd_broker_connected", "1 while connected to the broker",
-                     1 if src.connected else 0)
-        yield _counter("ingestd_broker_reconnects", "Connections after the first",
-                       src.reconnects)
-        yield _gauge("ingestd_store_available", "0 while the store refuses writes",
-                     1 if w.store_available else 0)
+        yield _gauge(
+            "ingestd_inflight_messages",
+            "Messages received and not yet committed and acknowledged",
+            win.in_flight,
+        )
+        yield _gauge(
+            "ingestd_inflight_unacked_messages",
+            "QoS 1/2 messages not yet acknowledged to the broker",
+            win.unacked,
+        )
+        yield _gauge(
+            "ingestd_inflight_limit", "The in-flight window (mqtt.max_inflight)", win.limit
+        )
+        yield _counter(
+            "ingestd_inflight_pauses",
+            "Times reading from the broker paused on a full window",
+            win.pauses,
+        )
+        yield _gauge(
+            "ingestd_broker_connected", "1 while connected to the broker", 1 if src.connected else 0
+        )
+        yield _counter("ingestd_broker_reconnects", "Connections after the first", src.reconnects)
+        yield _gauge(
+            "ingestd_store_available",
+            "0 while the store refuses writes",
+            1 if w.store_available else 0,
+        )
         up = h.upstream
         if up is not None:
             u = up.state
             if u.broker_dropped is not None:
-                yield _gauge("ingestd_broker_dropped_messages",
-                             "The broker's own count of messages it dropped, all clients "
-                             "($SYS/broker/publish/messages/dropped)", u.broker_dropped)
-            yield _counter("ingestd_broker_drops_seen",
-                           "Increase of the broker's drop count while ingestd watched",
-                           u.drops_seen)
-            yield _gauge("ingestd_routes_silent",
-                         "Routes with expect_within that hear nothing", len(u.silent_routes))
-            yield _gauge("ingestd_sensors_stale",
-                         "Sensors silent longer than their route's expect_within",
-                         u.stale_sensors)
-            silent = GaugeMetricFamily("ingestd_route_silent",
-                                       "1 while a route with expect_within hears nothing",
-                                       labels=["route"])
+                yield _gauge(
+                    "ingestd_broker_dropped_messages",
+                    "The broker's own count of messages it dropped, all clients "
+                    "($SYS/broker/publish/messages/dropped)",
+                    u.broker_dropped,
+                )
+            yield _counter(
+                "ingestd_broker_drops_seen",
+                "Increase of the broker's drop count while ingestd watched",
+                u.drops_seen,
+            )
+            yield _gauge(
+                "ingestd_routes_silent",
+                "Routes with expect_within that hear nothing",
+                len(u.silent_routes),
+            )
+            yield _gauge(
+                "ingestd_sensors_stale",
+                "Sensors silent longer than their route's expect_within",
+                u.stale_sensors,
+            )
+            silent = GaugeMetricFamily(
+                "ingestd_route_silent",
+                "1 while a route with expect_within hears nothing",
+                labels=["route"],
+            )
             quiet = set(u.silent_routes)
             for r in up.settings.routes:
                 if r.expect_within:
                     silent.add_metric([r.topic], 1 if r.topic in quiet else 0)
             yield silent
         seqs = src.table.counts
-        yield _counter("ingestd_sequence_gaps",
-                       "Jumps in devices' message counters (messages lost upstream)",
-                       seqs.sequence_gaps)
-        yield _counter("ingestd_sequence_missing",
-                       "Messages missing in those jumps (an estimate of what was lost)",
-                       seqs.sequence_missing)
-        errors = CounterMetricFamily("ingestd_store_errors",
-                                     "Failed commit attempts (retried), by condition",
-                                     labels=["condition"])
+        yield _counter(
+            "ingestd_sequence_gaps",
+            "Jumps in devices' message counters (messages lost upstream)",
+            seqs.sequence_gaps,
+        )
+        yield _counter(
+            "ingestd_sequence_missing",
+            "Messages missing in those jumps (an estimate of what was lost)",
+            seqs.sequence_missing,
+        )
+        errors = CounterMetricFamily(
+            "ingestd_store_errors",
+            "Failed commit attempts (retried), by condition",
+            labels=["condition"],
+        )
         counts = dict(w.store_errors)
         for condition in sorted({*STORE_CONDITIONS, *counts}):
             errors.add_metric([condition], counts.get(condition, 0))
@@ -346,7 +429,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.registry.register(PipelineCollector(health))
         self.batch_size = Histogram(
-            "ingestd_batch_rows", "Rows (readings and quarantined) per committed batch",
+            "ingestd_batch_rows",
+            "Rows (readings and quarantined) per committed batch",
             buckets=(1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 25000),
             registry=self.registry,
         )
@@ -382,8 +466,10 @@ class MetricsServer:
         address = self._server.server_address
         self.host, self.port = str(address[0]), int(address[1])
         self._thread = threading.Thread(
-            target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
-            name="metrics-http", daemon=True,
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.5},
+            name="metrics-http",
+            daemon=True,
         )
 
     def start(self) -> MetricsServer:
@@ -402,16 +488,20 @@ class MetricsServer:
             return self._prometheus(environ, start_response)  # type: ignore[no-any-return]
         if path == "/healthz":
             live = health.live()
-            return _json(start_response, 200 if live else 503,
-                         {"live": live, "loop_tick_age_s": round(time.monotonic() -
-                                                                 health.tick_at, 3)})
+            return _json(
+                start_response,
+                200 if live else 503,
+                {"live": live, "loop_tick_age_s": round(time.monotonic() - health.tick_at, 3)},
+            )
         if path == "/readyz":
             ready, checks = health.readiness()
             return _json(start_response, 200 if ready else 503, {"ready": ready, **checks})
         if path == "/":
             body = b"ingestd: /metrics /healthz /readyz\n"
-            start_response("200 OK", [("Content-Type", "text/plain; charset=utf-8"),
-                                      ("Content-Length", str(len(body)))])
+            start_response(
+                "200 OK",
+                [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))],
+            )
             return [body]
         return _json(start_response, 404, {"error": f"no such path: {path}"})
 
@@ -419,7 +509,12 @@ class MetricsServer:
 def _json(start_response: StartResponse, status: int, body: dict[str, Any]) -> list[bytes]:
     data = json.dumps(body).encode() + b"\n"
     reason = {200: "OK", 404: "Not Found", 503: "Service Unavailable"}[status]
-    start_response(f"{status} {reason}", [("Content-Type", "application/json"),
-                                          ("Content-Length", str(len(data))),
-                                          ("Cache-Control", "no-store")])
+    start_response(
+        f"{status} {reason}",
+        [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(data))),
+            ("Cache-Control", "no-store"),
+        ],
+    )
     return [data]

@@ -59,9 +59,12 @@ class UpstreamWatch:
         if s.broker_dropped is None:
             s.broker_dropped = total
             if total:
-                log.warning("the broker has dropped messages since it started (before ingestd "
-                            "watched; some may have been for ingestd)", dropped=total,
-                            topic=BROKER_DROPPED)
+                log.warning(
+                    "the broker has dropped messages since it started (before ingestd "
+                    "watched; some may have been for ingestd)",
+                    dropped=total,
+                    topic=BROKER_DROPPED,
+                )
             return
         increase = total - s.broker_dropped if total >= s.broker_dropped else total  # restarted
         s.broker_dropped = total
@@ -80,8 +83,11 @@ class UpstreamWatch:
             "is away) is full, and what it drops is lost for good. Give the broker the "
             "settings in config/mosquitto.conf (max_queued_messages, max_inflight_messages) "
             "and restart it; see README, Troubleshooting",
-            dropped=self._unreported_drops, broker_total=self.state.broker_dropped,
-            topic=BROKER_DROPPED, scope="broker-wide")
+            dropped=self._unreported_drops,
+            broker_total=self.state.broker_dropped,
+            topic=BROKER_DROPPED,
+            scope="broker-wide",
+        )
         self._unreported_drops = 0
         self._drops_reported_at = now
 
@@ -104,29 +110,38 @@ class UpstreamWatch:
             new = sorted(set(silent) - set(self.state.silent_routes))
             back = sorted(set(self.state.silent_routes) - set(silent))
             if new:
-                log.warning("route silent: no message within its expect_within; check the "
-                            "topic (a typo is total silence) and the publishers",
-                            routes=new)
+                log.warning(
+                    "route silent: no message within its expect_within; check the "
+                    "topic (a typo is total silence) and the publishers",
+                    routes=new,
+                )
             if back:
                 log.info("route heard from again", routes=back)
             self.state.silent_routes = silent
         self._check_sensors(table, now_ns)
 
     def _check_sensors(self, table: RouteTable, now_ns: int) -> None:
-        limits = {r.index: r.options.expect_within * NS for r in table.routes
-                  if r.options.expect_within}
+        limits = {
+            r.index: r.options.expect_within * NS for r in table.routes if r.options.expect_within
+        }
         if not limits:
             self.state.stale_sensors = 0
             return
-        stale = {key for key, seen in table.sensor_seen.items()
-                 if key[0] in limits and now_ns - seen > limits[key[0]]}
+        stale = {
+            key
+            for key, seen in table.sensor_seen.items()
+            if key[0] in limits and now_ns - seen > limits[key[0]]
+        }
         new = stale - self._stale
         back = self._stale - stale
         if new:
             names = sorted(s for _, s in new)
-            log.warning("sensors stale: silent longer than their route's expect_within",
-                        count=len(new), sensors=names[:NAMED],
-                        more=max(0, len(names) - NAMED))
+            log.warning(
+                "sensors stale: silent longer than their route's expect_within",
+                count=len(new),
+                sensors=names[:NAMED],
+                more=max(0, len(names) - NAMED),
+            )
         if back:
             names = sorted(s for _, s in back)
             log.info("sensors heard from again", count=len(back), sensors=names[:NAMED])
@@ -139,16 +154,22 @@ class UpstreamWatch:
         now = time.monotonic()
         if gaps == self._gaps_reported[0] or now - self._gaps_reported_at < REPORT_INTERVAL:
             return
-        log.warning("gaps in devices' message counters: messages lost before they reached "
-                    "ingestd (device, network or broker); see `ingestd sensors`",
-                    gaps=gaps - self._gaps_reported[0],
-                    missing=missing - self._gaps_reported[1], total_gaps=gaps,
-                    total_missing=missing)
+        log.warning(
+            "gaps in devices' message counters: messages lost before they reached "
+            "ingestd (device, network or broker); see `ingestd sensors`",
+            gaps=gaps - self._gaps_reported[0],
+            missing=missing - self._gaps_reported[1],
+            total_gaps=gaps,
+            total_missing=missing,
+        )
         self._gaps_reported = (gaps, missing)
         self._gaps_reported_at = now
 
     def detail(self) -> dict[str, object]:
         """/readyz's `upstream`: loss and silence outside ingestd (not readiness)."""
         s = self.state
-        return {"broker_drops_seen": s.drops_seen, "silent_routes": list(s.silent_routes),
-                "stale_sensors": s.stale_sensors}
+        return {
+            "broker_drops_seen": s.drops_seen,
+            "silent_routes": list(s.silent_routes),
+            "stale_sensors": s.stale_sensors,
+        }

@@ -23,8 +23,13 @@ T0_NS = 1_700_000_000 * NS
 
 def ingestd(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = {"PATH": "/usr/bin:/bin"}
-    proc = subprocess.run([sys.executable, "-m", "ingestd", *args], capture_output=True,
-                          text=True, timeout=60, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ingestd", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -35,17 +40,29 @@ async def db(tmp_path: Path) -> Path:
     path = tmp_path / "data.db"
     async with SqliteStore(path) as store, store.batch() as tx:
         await tx.add_readings(
-            [Reading("kitchen", "temperature", T0_NS + i * 60 * NS, 20 + i / 100)
-             for i in range(1440)]
+            [
+                Reading("kitchen", "temperature", T0_NS + i * 60 * NS, 20 + i / 100)
+                for i in range(1440)
+            ]
             + [Reading("kitchen", "humidity", T0_NS + i * 60 * NS, 40.0) for i in range(1440)]
             + [Reading("garage", "temperature", T0_NS + i * 600 * NS, 5.5) for i in range(144)]
-            + [Reading("meter", "power", T0_NS + i * NS, float(i), "", f'{{"phase":"{p}"}}', "W")
-               for i in range(10) for p in ("L1", "L2")])
-        await tx.add_rejected([
-            Rejected("sensors/x/telemetry", b"{oops\x00\x1b[31m", "payload is not valid JSON",
-                     T0 + 10),
-            Rejected("sensors/y/t", b"999", "t=999 is above the limit max=100", T0 + 20),
-        ])
+            + [
+                Reading("meter", "power", T0_NS + i * NS, float(i), "", f'{{"phase":"{p}"}}', "W")
+                for i in range(10)
+                for p in ("L1", "L2")
+            ]
+        )
+        await tx.add_rejected(
+            [
+                Rejected(
+                    "sensors/x/telemetry",
+                    b"{oops\x00\x1b[31m",
+                    "payload is not valid JSON",
+                    T0 + 10,
+                ),
+                Rejected("sensors/y/t", b"999", "t=999 is above the limit max=100", T0 + 20),
+            ]
+        )
     return path
 
 
@@ -57,24 +74,50 @@ def test_sensors_lists_every_series_with_its_last_value(db: Path) -> None:
     out = ingestd(*cli(db, "sensors", "--format", "json")).stdout
     rows = json.loads(out)
     assert [(r["sensor"], r["metric"], r["tags"]) for r in rows] == [
-        ("garage", "temperature", ""), ("kitchen", "humidity", ""),
-        ("kitchen", "temperature", ""), ("meter", "power", '{"phase":"L1"}'),
-        ("meter", "power", '{"phase":"L2"}')]
+        ("garage", "temperature", ""),
+        ("kitchen", "humidity", ""),
+        ("kitchen", "temperature", ""),
+        ("meter", "power", '{"phase":"L1"}'),
+        ("meter", "power", '{"phase":"L2"}'),
+    ]
     assert rows[3]["unit"] == "W"
     kitchen_t = rows[2]
     assert kitchen_t["last_value"] == pytest.approx(20 + 1439 / 100)
     assert kitchen_t["last_seen"] == "2023-11-15T22:12:20.000Z"
     table = ingestd(*cli(db, "sensors", "--sensor", "gar*")).stdout.splitlines()
-    assert table[0].split() == ["sensor", "metric", "tags", "unit", "last_value", "last_seen",
-                                "stale", "seq_gaps", "seq_missing"]
+    assert table[0].split() == [
+        "sensor",
+        "metric",
+        "tags",
+        "unit",
+        "last_value",
+        "last_seen",
+        "stale",
+        "seq_gaps",
+        "seq_missing",
+    ]
     assert len(table) == 2
     assert table[1].startswith("garage")
 
 
 def test_query_a_time_range_as_csv_and_json(db: Path) -> None:
     since, until = "2023-11-15T00:00:00Z", "2023-11-15T01:00:00Z"
-    out = ingestd(*cli(db, "query", "--sensor", "kitchen", "--metric", "temperature",
-                       "--since", since, "--until", until, "--format", "csv")).stdout
+    out = ingestd(
+        *cli(
+            db,
+            "query",
+            "--sensor",
+            "kitchen",
+            "--metric",
+            "temperature",
+            "--since",
+            since,
+            "--until",
+            until,
+            "--format",
+            "csv",
+        )
+    ).stdout
     rows = list(csv.DictReader(io.StringIO(out)))
     assert len(rows) == 60  # one a minute, the end excluded
     assert rows[0]["time"] == "2023-11-15T00:00:20.000Z"
@@ -82,17 +125,37 @@ def test_query_a_time_range_as_csv_and_json(db: Path) -> None:
     assert float(rows[0]["value"]) == pytest.approx(20 + 107 / 100)
     assert all(r["metric"] == "temperature" for r in rows)
 
-    both = json.loads(ingestd(*cli(db, "query", "-s", "kitchen", "--since", since,
-                                   "--until", until, "-f", "json")).stdout)
+    both = json.loads(
+        ingestd(
+            *cli(db, "query", "-s", "kitchen", "--since", since, "--until", until, "-f", "json")
+        ).stdout
+    )
     assert len(both) == 120
     assert {r["metric"] for r in both} == {"temperature", "humidity"}
     assert [r["ts"] for r in both] == sorted(r["ts"] for r in both)
 
     # Durations are relative to now: these readings are from 2023.
-    assert json.loads(ingestd(*cli(db, "query", "-s", "kitchen", "--since", "1h",
-                                   "-f", "json")).stdout) == []
-    progress = ingestd(*cli(db, "query", "-s", "kitchen", "--since", str(T0),
-                            "--until", str(T0 + 86400), "-f", "csv", "--progress"))
+    assert (
+        json.loads(
+            ingestd(*cli(db, "query", "-s", "kitchen", "--since", "1h", "-f", "json")).stdout
+        )
+        == []
+    )
+    progress = ingestd(
+        *cli(
+            db,
+            "query",
+            "-s",
+            "kitchen",
+            "--since",
+            str(T0),
+            "--until",
+            str(T0 + 86400),
+            "-f",
+            "csv",
+            "--progress",
+        )
+    )
     assert len(progress.stdout.splitlines()) == 1 + 2 * 1440
     assert "2,880 rows exported" in progress.stderr
 
@@ -100,8 +163,10 @@ def test_query_a_time_range_as_csv_and_json(db: Path) -> None:
 def test_quarantine_shows_reasons_with_device_bytes_escaped(db: Path) -> None:
     out = ingestd(*cli(db, "quarantine", "--since", str(T0), "-f", "json")).stdout
     rows = json.loads(out)
-    assert [r["reason"] for r in rows] == ["t=999 is above the limit max=100",
-                                           "payload is not valid JSON"]
+    assert [r["reason"] for r in rows] == [
+        "t=999 is above the limit max=100",
+        "payload is not valid JSON",
+    ]
     shown = rows[1]["payload"]
     assert "\x1b" not in shown
     assert "\\x1b" in shown
@@ -134,20 +199,28 @@ def test_stats_and_backup_from_the_database(db: Path, tmp_path: Path) -> None:
 
 
 def test_stats_from_the_running_daemon(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    daemon = Daemon(SHIPPED_CONFIG, {
-        "INGESTD_MQTT__PORT": str(mosquitto.port),
-        "INGESTD_STORE__PATH": str(tmp_path / "live.db"),
-        "INGESTD_MQTT__CLIENT_ID": "ingestd-cli-stats",
-        "INGESTD_DAEMON__LOG_FORMAT": "json"}, tmp_path).start()
+    daemon = Daemon(
+        SHIPPED_CONFIG,
+        {
+            "INGESTD_MQTT__PORT": str(mosquitto.port),
+            "INGESTD_STORE__PATH": str(tmp_path / "live.db"),
+            "INGESTD_MQTT__CLIENT_ID": "ingestd-cli-stats",
+            "INGESTD_DAEMON__LOG_FORMAT": "json",
+        },
+        tmp_path,
+    ).start()
     try:
         daemon.wait_ready()
-        publish(mosquitto.port, [("sensors/a/telemetry", b'{"temperature": 1, "humidity": 2}')
-                                 for _ in range(10)])
+        publish(
+            mosquitto.port,
+            [("sensors/a/telemetry", b'{"temperature": 1, "humidity": 2}') for _ in range(10)],
+        )
         url = daemon.metrics_url()
 
         def live() -> dict[str, object]:
             out = ingestd(*cli(tmp_path / "live.db", "stats", "--json", "--url", url)).stdout
             return dict(json.loads(out))
+
         wait_for(lambda: live().get("readings_committed") == 20, 20, what="live stats")
         stats = live()
         assert stats["source"] == "daemon"
@@ -160,14 +233,40 @@ def test_stats_from_the_running_daemon(tmp_path: Path, mosquitto: Mosquitto) -> 
 
 
 def test_query_by_tag(db: Path) -> None:
-    out = ingestd(*cli(db, "query", "-s", "meter", "--since", str(T0), "--until", str(T0 + 60),
-                       "--tag", "phase=L2", "-f", "json")).stdout
+    out = ingestd(
+        *cli(
+            db,
+            "query",
+            "-s",
+            "meter",
+            "--since",
+            str(T0),
+            "--until",
+            str(T0 + 60),
+            "--tag",
+            "phase=L2",
+            "-f",
+            "json",
+        )
+    ).stdout
     rows = json.loads(out)
     assert len(rows) == 10
     assert {(r["tags"], r["unit"]) for r in rows} == {('{"phase":"L2"}', "W")}
     # A tag key is a bound JSON path, never SQL text.
-    none = ingestd(*cli(db, "query", "-s", "meter", "--since", str(T0), "--tag",
-                        "x') OR 1=1 --=L2", "-f", "json")).stdout
+    none = ingestd(
+        *cli(
+            db,
+            "query",
+            "-s",
+            "meter",
+            "--since",
+            str(T0),
+            "--tag",
+            "x') OR 1=1 --=L2",
+            "-f",
+            "json",
+        )
+    ).stdout
     assert json.loads(none) == []
 
 
@@ -179,33 +278,60 @@ def test_an_older_schema_is_named_not_misread(tmp_path: Path) -> None:
         c.executescript(MIGRATIONS[0] + "\nPRAGMA user_version = 1;")
     result = ingestd(*cli(old, "sensors"), check=False)
     assert result.returncode == 1
-    assert (f"schema version 1, this ingestd reads {SCHEMA_VERSION}: start the daemon once"
-            in result.stderr)
+    assert (
+        f"schema version 1, this ingestd reads {SCHEMA_VERSION}: start the daemon once"
+        in result.stderr
+    )
 
 
 def test_data_commands_need_no_config_file(db: Path) -> None:
     # The daemon needs [[routes]]; looking at a database does not.
-    proc = subprocess.run([sys.executable, "-m", "ingestd", "query", "--db", str(db), "-s",
-                           "garage", "--since", str(T0), "--until", str(T0 + 1200)],
-                          capture_output=True, text=True, timeout=60,
-                          env={"PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ingestd",
+            "query",
+            "--db",
+            str(db),
+            "-s",
+            "garage",
+            "--since",
+            str(T0),
+            "--until",
+            str(T0 + 1200),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin"},
+    )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["sensor", "metric", "time", "ts", "value", "tags", "unit",
-                                "ts_ns"]
-    assert lines[1].split()[:5] == ["garage", "temperature", "2023-11-14T22:13:20.000Z",
-                                    "1700000000", "5.5"]
+    assert lines[0].split() == ["sensor", "metric", "time", "ts", "value", "tags", "unit", "ts_ns"]
+    assert lines[1].split()[:5] == [
+        "garage",
+        "temperature",
+        "2023-11-14T22:13:20.000Z",
+        "1700000000",
+        "5.5",
+    ]
     assert len(lines) == 3
 
 
 def test_stats_with_db_reads_that_file_even_while_a_daemon_answers(
     tmp_path: Path, mosquitto: Mosquitto, db: Path
 ) -> None:
-    daemon = Daemon(SHIPPED_CONFIG, {
-        "INGESTD_MQTT__PORT": str(mosquitto.port),
-        "INGESTD_STORE__PATH": str(tmp_path / "live.db"),
-        "INGESTD_MQTT__CLIENT_ID": "ingestd-cli-stats-db",
-        "INGESTD_DAEMON__LOG_FORMAT": "json"}, tmp_path).start()
+    daemon = Daemon(
+        SHIPPED_CONFIG,
+        {
+            "INGESTD_MQTT__PORT": str(mosquitto.port),
+            "INGESTD_STORE__PATH": str(tmp_path / "live.db"),
+            "INGESTD_MQTT__CLIENT_ID": "ingestd-cli-stats-db",
+            "INGESTD_DAEMON__LOG_FORMAT": "json",
+        },
+        tmp_path,
+    ).start()
     try:
         daemon.wait_ready()
         port = daemon.metrics_url().rsplit(":", 1)[1]
@@ -217,12 +343,16 @@ def test_stats_with_db_reads_that_file_even_while_a_daemon_answers(
         daemon.kill()
     stats = json.loads(out)
     assert (stats["source"], stats["path"], stats["readings"]) == (
-        "database", str(db), 1440 * 2 + 144 + 20)
+        "database",
+        str(db),
+        1440 * 2 + 144 + 20,
+    )
 
 
 @pytest.mark.parametrize("name", ["a#b.db", "what?.db", "x%41y.db", "sp ace.db"])
-def test_paths_with_uri_characters_work_for_every_command(db: Path, tmp_path: Path,
-                                                          name: str) -> None:
+def test_paths_with_uri_characters_work_for_every_command(
+    db: Path, tmp_path: Path, name: str
+) -> None:
     odd = tmp_path / "dir #?%" / name
     odd.parent.mkdir()
     odd.write_bytes(db.read_bytes())
@@ -230,8 +360,7 @@ def test_paths_with_uri_characters_work_for_every_command(db: Path, tmp_path: Pa
     assert stats["readings"] == 1440 * 2 + 144 + 20
     copy = tmp_path / "dir #?%" / f"copy {name}"
     ingestd(*cli(odd, "backup", str(copy)))
-    again = json.loads(ingestd(*cli(copy, "stats", "--json", "--url",
-                                    "http://127.0.0.1:9")).stdout)
+    again = json.loads(ingestd(*cli(copy, "stats", "--json", "--url", "http://127.0.0.1:9")).stdout)
     assert again["readings"] == stats["readings"]
     # No stray file cut at the '#' or '?' (SQLite's own -wal/-shm aside).
     files = {p.name for p in odd.parent.iterdir() if not p.name.endswith(("-wal", "-shm"))}
@@ -239,12 +368,28 @@ def test_paths_with_uri_characters_work_for_every_command(db: Path, tmp_path: Pa
 
 
 def test_limit_zero_means_all_for_query_and_quarantine(db: Path) -> None:
-    rows = json.loads(ingestd(*cli(db, "quarantine", "--since", str(T0), "--limit", "0",
-                                   "-f", "json")).stdout)
+    rows = json.loads(
+        ingestd(*cli(db, "quarantine", "--since", str(T0), "--limit", "0", "-f", "json")).stdout
+    )
     assert len(rows) == 2
-    rows = json.loads(ingestd(*cli(db, "query", "-s", "garage", "--since", str(T0),
-                                   "--until", str(T0 + 86400), "--limit", "0",
-                                   "-f", "json")).stdout)
+    rows = json.loads(
+        ingestd(
+            *cli(
+                db,
+                "query",
+                "-s",
+                "garage",
+                "--since",
+                str(T0),
+                "--until",
+                str(T0 + 86400),
+                "--limit",
+                "0",
+                "-f",
+                "json",
+            )
+        ).stdout
+    )
     assert len(rows) == 144
 
 
@@ -253,20 +398,38 @@ async def test_query_shows_times_a_microsecond_apart_as_different(tmp_path: Path
     t = 1_700_000_000_123_456_000
     async with SqliteStore(path) as store, store.batch() as tx:
         await tx.add_readings([Reading("fine", "v", t, 1.0), Reading("fine", "v", t + 1000, 2.0)])
-    lines = ingestd("query", "--db", str(path), "-s", "fine", "--since", str(T0),
-                    "--until", str(T0 + 1)).stdout.splitlines()
+    lines = ingestd(
+        "query", "--db", str(path), "-s", "fine", "--since", str(T0), "--until", str(T0 + 1)
+    ).stdout.splitlines()
     assert [line.split()[2:4] for line in lines[1:]] == [
         ["2023-11-14T22:13:20.123456Z", "1700000000.123456"],
-        ["2023-11-14T22:13:20.123457Z", "1700000000.123457"]]
-    rows = json.loads(ingestd("query", "--db", str(path), "-s", "fine", "--since", str(T0),
-                              "--until", str(T0 + 1), "-f", "json").stdout)
-    assert [(r["ts"], r["ts_ns"]) for r in rows] == [(1700000000.123456, t),
-                                                     (1700000000.123457, t + 1000)]
+        ["2023-11-14T22:13:20.123457Z", "1700000000.123457"],
+    ]
+    rows = json.loads(
+        ingestd(
+            "query",
+            "--db",
+            str(path),
+            "-s",
+            "fine",
+            "--since",
+            str(T0),
+            "--until",
+            str(T0 + 1),
+            "-f",
+            "json",
+        ).stdout
+    )
+    assert [(r["ts"], r["ts_ns"]) for r in rows] == [
+        (1700000000.123456, t),
+        (1700000000.123457, t + 1000),
+    ]
 
 
 def test_cli_details_a_new_user_trips_over(db: Path) -> None:
-    stats = json.loads(ingestd(*cli(db, "stats", "--format", "json", "--url",
-                                    "http://127.0.0.1:9")).stdout)
+    stats = json.loads(
+        ingestd(*cli(db, "stats", "--format", "json", "--url", "http://127.0.0.1:9")).stdout
+    )
     assert stats["source"] == "database"
     # A wrong option shows the command's own usage.
     bad = ingestd(*cli(db, "stats", "--nope"), check=False)
@@ -297,8 +460,12 @@ def test_cli_details_a_new_user_trips_over(db: Path) -> None:
 
 
 def test_check_config_names_the_file_from_the_environment() -> None:
-    proc = subprocess.run([sys.executable, "-m", "ingestd", "check-config"],
-                          capture_output=True, text=True, timeout=60,
-                          env={"PATH": "/usr/bin:/bin", "INGESTD_CONFIG": str(SHIPPED_CONFIG)})
+    proc = subprocess.run(
+        [sys.executable, "-m", "ingestd", "check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"PATH": "/usr/bin:/bin", "INGESTD_CONFIG": str(SHIPPED_CONFIG)},
+    )
     assert proc.returncode == 0, proc.stderr
     assert f"configuration OK ({SHIPPED_CONFIG})" in proc.stderr

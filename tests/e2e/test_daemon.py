@@ -41,8 +41,9 @@ def _json_stream() -> list[tuple[str, bytes]]:
     return msgs
 
 
-def _daemon(tmp_path: Path, broker_port: int, config: Path = SHIPPED_CONFIG, /,
-            **env: str) -> Daemon:
+def _daemon(
+    tmp_path: Path, broker_port: int, config: Path = SHIPPED_CONFIG, /, **env: str
+) -> Daemon:
     db = tmp_path / "data" / "ingestd.db"
     base = {
         "INGESTD_MQTT__PORT": str(broker_port),
@@ -80,8 +81,9 @@ def test_ingests_20000_qos1_messages_exactly_once(
     assert db.count() == 40_000
     assert db.count("quarantine") == 0
     # Each message was delivered once (no overlapping subscriptions), none redelivered.
-    stopped = next(json.loads(line) for line in daemon.logs().splitlines()
-                   if '"msg": "stopped"' in line)
+    stopped = next(
+        json.loads(line) for line in daemon.logs().splitlines() if '"msg": "stopped"' in line
+    )
     assert stopped["received"] == 20_000
     assert stopped["duplicates"] == 0
     distinct = db.rows("SELECT count(*) FROM (SELECT DISTINCT sensor, metric, ts FROM readings)")
@@ -95,8 +97,10 @@ def test_ingests_20000_qos1_messages_exactly_once(
     rate = 40_000 / elapsed
     record_property("readings_per_second", round(rate))
     record_property("peak_rss_mb", round(rss_kb / 1024, 1))
-    print(f"\nE2E: 40,000 readings in {elapsed:.2f}s = {rate:,.0f} readings/s; "
-          f"peak RSS {rss_kb / 1024:.1f} MB")
+    print(
+        f"\nE2E: 40,000 readings in {elapsed:.2f}s = {rate:,.0f} readings/s; "
+        f"peak RSS {rss_kb / 1024:.1f} MB"
+    )
 
 
 def test_waits_for_a_broker_that_starts_later(tmp_path: Path) -> None:
@@ -143,15 +147,22 @@ def test_malformed_messages_are_quarantined_and_the_rest_stored(
     ]
     messages: list[tuple[str, bytes]] = []
     for i in range(300):
-        messages.append((f"sensors/good{i % 10}/telemetry",
-                         json.dumps({"ts": T0 + i, "temperature": 20.5, "humidity": 50}).encode()))
+        messages.append(
+            (
+                f"sensors/good{i % 10}/telemetry",
+                json.dumps({"ts": T0 + i, "temperature": 20.5, "humidity": 50}).encode(),
+            )
+        )
         if i % 25 == 0:  # 12 bad messages: every kind, the first twice
             messages.append(bad[(i // 25) % len(bad)])
     try:
         daemon.wait_ready()
         publish(mosquitto.port, messages)
-        wait_for(lambda: db.count() >= 600 and db.count("quarantine") >= 12, 30,
-                 what="good readings and quarantined messages")
+        wait_for(
+            lambda: db.count() >= 600 and db.count("quarantine") >= 12,
+            30,
+            what="good readings and quarantined messages",
+        )
         assert daemon.stop() == 0, daemon.logs()
     finally:
         daemon.kill()
@@ -182,10 +193,16 @@ def test_malformed_messages_are_quarantined_and_the_rest_stored(
         ('[mqtt]\nport = "eighteen"\n', {}, "mqtt.port"),
         ("[mqtt]\nport = 1883\n[batch]\nmax_readingz = 5\n", {}, "batch.max_readingz: unknown key"),
         ("[mqtt\nport = 1\n", {}, "not valid TOML"),
-        ("", {"INGESTD_BATCH__MAX_DELAY_MS": "-5"},
-         "batch.max_delay_ms: Input should be greater than or equal to 0"),
-        ("[[routes]]\ntopic = \"a/{x}/b\"\nformat = \"value\"\n", {},
-         "routes[0]: sensor template '{sensor}' uses {sensor}, which topic"),
+        (
+            "",
+            {"INGESTD_BATCH__MAX_DELAY_MS": "-5"},
+            "batch.max_delay_ms: Input should be greater than or equal to 0",
+        ),
+        (
+            '[[routes]]\ntopic = "a/{x}/b"\nformat = "value"\n',
+            {},
+            "routes[0]: sensor template '{sensor}' uses {sensor}, which topic",
+        ),
     ],
 )
 def test_invalid_config_exits_78_naming_the_key(
@@ -199,7 +216,9 @@ def test_invalid_config_exits_78_naming_the_key(
     db = tmp_path / "never.db"
     proc = subprocess.run(
         [sys.executable, "-m", "ingestd", "--config", str(path)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
         env={"PATH": "/usr/bin:/bin", "INGESTD_STORE__PATH": str(db), **env},
     )
     assert proc.returncode == 78, proc.stderr
@@ -212,7 +231,9 @@ def test_check_config_prints_effective_settings_with_secrets_masked(tmp_path: Pa
     path = write_config(tmp_path / "c.toml", mqtt={"username": "u", "password": "hunter2"})
     proc = subprocess.run(
         [sys.executable, "-m", "ingestd", "check-config", "--config", str(path)],
-        capture_output=True, text=True, timeout=30,
+        capture_output=True,
+        text=True,
+        timeout=30,
         env={"PATH": "/usr/bin:/bin", "INGESTD_MQTT__PORT": "18830"},
     )
     assert proc.returncode == 0, proc.stderr

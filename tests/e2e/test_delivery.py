@@ -33,8 +33,10 @@ def _stopped(daemon: Daemon) -> dict[str, object]:
 
 
 def _telemetry(n: int, start: int = 0) -> list[tuple[str, bytes]]:
-    return [(f"sensors/s{i % 10}/telemetry", b'{"ts": %d, "x": %d}' % (T0 + i, i))
-            for i in range(start, start + n)]
+    return [
+        (f"sensors/s{i % 10}/telemetry", b'{"ts": %d, "x": %d}' % (T0 + i, i))
+        for i in range(start, start + n)
+    ]
 
 
 QOS2_ROUTES = """
@@ -56,9 +58,11 @@ def test_qos2_messages_not_yet_committed_survive_a_kill_9(tmp_path: Path) -> Non
         url = daemon.metrics_url()
         lock = hold_exclusive_lock(tmp_path / "ingestd.db", 6.0)  # nothing commits meanwhile
         publish(broker.port, _telemetry(100), qos=2, inflight=10)
-        wait_for(lambda: _metric(_get(url + "/metrics")[1],
-                                 "ingestd_messages_received_total") >= 20, 10,
-                 what="a window of QoS 2 messages received, none committed")
+        wait_for(
+            lambda: _metric(_get(url + "/metrics")[1], "ingestd_messages_received_total") >= 20,
+            10,
+            what="a window of QoS 2 messages received, none committed",
+        )
         assert db.count() == 0
         daemon.kill()  # SIGKILL with 20 received and uncommitted
         lock.join()
@@ -145,8 +149,11 @@ def test_retained_store_keeps_timed_values_once_and_counts_untimed_ones(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     db = DbReader(tmp_path / "ingestd.db")
-    publish(mosquitto.port, [("sensors/a/telemetry", b'{"ts": %d, "t": 1}' % T0),
-                             ("sensors/b/telemetry", b'{"t": 2}')], retain=True)
+    publish(
+        mosquitto.port,
+        [("sensors/a/telemetry", b'{"ts": %d, "t": 1}' % T0), ("sensors/b/telemetry", b'{"t": 2}')],
+        retain=True,
+    )
     duplicates = []
     for _ in range(3):
         daemon = daemon_for(tmp_path, mosquitto.port, STORE_RETAINED).start()
@@ -184,15 +191,21 @@ def test_readings_sharing_a_time_are_all_stored_and_none_is_a_duplicate(
     try:
         daemon.wait_ready()
         url = daemon.metrics_url()
-        publish(mosquitto.port, [
-            ("sensors/arr/telemetry", b'[{"t": 1}, {"t": 2}, {"t": 3}]'),
-            ("sensors/same/telemetry", b'[{"ts": 1700000000, "t": 1}, {"ts": 1700000000, "t": 2}]'),
-            ("sensors/flat/telemetry", b'{"a.b": 1, "a": {"b": 2}}'),
-            ("lines/ns", b"m v=1 1700000000000000100\nm v=2 1700000000000000200"),
-            ("lines/batch", b"m v=1\nm v=2\nm v=3"),
-            # Another message claiming a stored series and time with another value.
-            ("sensors/same/telemetry", b'{"ts": 1700000000, "t": 9}'),
-        ])
+        publish(
+            mosquitto.port,
+            [
+                ("sensors/arr/telemetry", b'[{"t": 1}, {"t": 2}, {"t": 3}]'),
+                (
+                    "sensors/same/telemetry",
+                    b'[{"ts": 1700000000, "t": 1}, {"ts": 1700000000, "t": 2}]',
+                ),
+                ("sensors/flat/telemetry", b'{"a.b": 1, "a": {"b": 2}}'),
+                ("lines/ns", b"m v=1 1700000000000000100\nm v=2 1700000000000000200"),
+                ("lines/batch", b"m v=1\nm v=2\nm v=3"),
+                # Another message claiming a stored series and time with another value.
+                ("sensors/same/telemetry", b'{"ts": 1700000000, "t": 9}'),
+            ],
+        )
         wait_for(lambda: db.count() == 12, 10, what="12 readings")
         wait_for(lambda: db.count("quarantine") == 1, 10, what="the conflict")
         text = _get(url + "/metrics")[1]
@@ -203,7 +216,12 @@ def test_readings_sharing_a_time_are_all_stored_and_none_is_a_duplicate(
     assert _metric(text, "ingestd_quarantined_total", 'reason="conflict"') == 1
     assert _metric(text, "ingestd_readings_unexplained") == 0
     assert db.rows("SELECT sensor, count(*) FROM readings GROUP BY 1 ORDER BY 1") == [
-        ("arr", 3), ("batch", 3), ("flat", 2), ("ns", 2), ("same", 2)]
+        ("arr", 3),
+        ("batch", 3),
+        ("flat", 2),
+        ("ns", 2),
+        ("same", 2),
+    ]
     ((reason,),) = db.rows("SELECT reason FROM quarantine")
     assert reason.startswith("conflict: a different value (1) is stored for same t")
 
@@ -213,9 +231,13 @@ def test_a_store_outage_longer_than_the_keepalive_keeps_the_connection(tmp_path:
     # pauses, and the PINGRESP waits unread behind the messages not taken.
     broker = Mosquitto(tmp_path / "broker", max_inflight=1000).start()
     db = DbReader(tmp_path / "ingestd.db")
-    env = {"INGESTD_MQTT__KEEPALIVE": "5", "INGESTD_MQTT__MAX_INFLIGHT": "100",
-           "INGESTD_MQTT__BROKER_MAX_INFLIGHT": "1000", "INGESTD_STORE__BUSY_TIMEOUT_MS": "100",
-           "INGESTD_STORE__RETRY_MAX_DELAY": "0.5"}
+    env = {
+        "INGESTD_MQTT__KEEPALIVE": "5",
+        "INGESTD_MQTT__MAX_INFLIGHT": "100",
+        "INGESTD_MQTT__BROKER_MAX_INFLIGHT": "1000",
+        "INGESTD_STORE__BUSY_TIMEOUT_MS": "100",
+        "INGESTD_STORE__RETRY_MAX_DELAY": "0.5",
+    }
     daemon = daemon_for(tmp_path, broker.port, **env).start()
     try:
         daemon.wait_ready()
@@ -261,8 +283,9 @@ def test_a_database_deleted_while_running_is_noticed_and_recreated(
     assert "store available again" in logs
 
 
-def test_two_daemons_with_one_client_id_back_off_and_say_why(tmp_path: Path,
-                                                             mosquitto: Mosquitto) -> None:
+def test_two_daemons_with_one_client_id_back_off_and_say_why(
+    tmp_path: Path, mosquitto: Mosquitto
+) -> None:
     env = {"INGESTD_MQTT__CLIENT_ID": "same-id", "INGESTD_MQTT__RECONNECT_MAX_DELAY": "30"}
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()

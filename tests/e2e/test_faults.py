@@ -41,13 +41,14 @@ FAST = {
 
 def stream(n: int, start: int = 0) -> Iterator[tuple[str, bytes]]:
     for i in range(start, start + n):
-        yield (f"sensors/s{i % 50}/telemetry",
-               b'{"ts": %.1f, "x": %d, "y": %d}' % (T0 + i, i, -i))
+        yield (f"sensors/s{i % 50}/telemetry", b'{"ts": %.1f, "x": %d, "y": %d}' % (T0 + i, i, -i))
 
 
 def assert_exactly_once(db: DbReader, n: int) -> None:
-    rows = db.rows("SELECT metric, count(*), sum(value), count(DISTINCT ts) FROM readings "
-                   "GROUP BY metric ORDER BY metric")
+    rows = db.rows(
+        "SELECT metric, count(*), sum(value), count(DISTINCT ts) FROM readings "
+        "GROUP BY metric ORDER BY metric"
+    )
     assert rows == [("x", n, n * (n - 1) / 2, n), ("y", n, -n * (n - 1) / 2, n)]
 
 
@@ -57,8 +58,9 @@ def stored_messages(db: DbReader) -> int:
 
 
 def publisher(port: int, n: int) -> threading.Thread:
-    t = threading.Thread(target=publish, args=(port, stream(n)), kwargs={"inflight": 1000},
-                         daemon=True)
+    t = threading.Thread(
+        target=publish, args=(port, stream(n)), kwargs={"inflight": 1000}, daemon=True
+    )
     t.start()
     return t
 
@@ -97,8 +99,10 @@ def test_kill_9_five_times_during_a_100k_stream(tmp_path: Path) -> None:
         assert daemon.stop() == 0, daemon.logs()
         assert_exactly_once(db, n)
         ignored = stopped_line(daemon)["duplicates"]
-        print(f"\nkill -9 x{kills}: sent {n} messages / {2 * n} readings, stored {2 * n} "
-              f"exactly once; redelivered readings ignored by the last run: {ignored}")
+        print(
+            f"\nkill -9 x{kills}: sent {n} messages / {2 * n} readings, stored {2 * n} "
+            f"exactly once; redelivered readings ignored by the last run: {ignored}"
+        )
     finally:
         daemon.kill()
         b.kill()
@@ -136,8 +140,10 @@ def test_broker_killed_and_restarted_mid_stream(tmp_path: Path) -> None:
     # Mid-stream, as meant: READY=1 came before the backlog had drained (a
     # subscription answered only after the backlog once delayed it to 99.5 %).
     assert at_kill < n * 0.8, at_kill
-    print(f"\nbroker kill -9 at {at_kill}/{n}: sent {2 * n} readings, stored {2 * n}, "
-          f"redelivered duplicates ignored {stopped_line(daemon)['duplicates']}")
+    print(
+        f"\nbroker kill -9 at {at_kill}/{n}: sent {2 * n} readings, stored {2 * n}, "
+        f"redelivered duplicates ignored {stopped_line(daemon)['duplicates']}"
+    )
 
 
 @pytest.mark.slow
@@ -205,8 +211,11 @@ def test_disk_full_then_read_only_then_recovered(tmp_path: Path, small_tmpfs: Pa
         subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
         publish(b.port, stream(5000, start=n), inflight=1000)
         daemon = _daemon(tmp_path, b.port, INGESTD_STORE__PATH=str(db_path), **FAST).start()
-        wait_for(lambda: daemon.logs().count("cannot open the store") >= 1, 30,
-                 what="the read-only condition")
+        wait_for(
+            lambda: daemon.logs().count("cannot open the store") >= 1,
+            30,
+            what="the read-only condition",
+        )
         time.sleep(2)
         assert daemon.proc is not None
         assert daemon.proc.poll() is None, "a read-only store is waited out"
@@ -223,9 +232,11 @@ def test_disk_full_then_read_only_then_recovered(tmp_path: Path, small_tmpfs: Pa
     assert conditions[0] == "disk full"
     read_only = [e["error"] for e in logs if e["msg"].startswith("cannot open the store")]
     assert read_only
-    print(f"\ndisk full at {full_at}/{n} messages, then read-only at start: sent "
-          f"{2 * (n + 5000)} readings, stored {2 * (n + 5000)}, duplicates 0; "
-          f"conditions {conditions} / {read_only[0]}")
+    print(
+        f"\ndisk full at {full_at}/{n} messages, then read-only at start: sent "
+        f"{2 * (n + 5000)} readings, stored {2 * (n + 5000)}, duplicates 0; "
+        f"conditions {conditions} / {read_only[0]}"
+    )
 
 
 @pytest.mark.slow
@@ -259,9 +270,11 @@ def test_sigterm_under_full_load_then_restart(tmp_path: Path) -> None:
     # Everything committed before the stop was acknowledged: nothing came back twice.
     assert second["duplicates"] == 0
     assert at_stop < n
-    print(f"\nSIGTERM under load: exit 0 in {took:.2f}s with {at_stop} messages committed "
-          f"({first['committed']} readings); after restart {2 * n} stored, redelivered "
-          f"duplicates {second['duplicates']}")
+    print(
+        f"\nSIGTERM under load: exit 0 in {took:.2f}s with {at_stop} messages committed "
+        f"({first['committed']} readings); after restart {2 * n} stored, redelivered "
+        f"duplicates {second['duplicates']}"
+    )
 
 
 def rss_kb(pid: int) -> int:
@@ -297,8 +310,12 @@ def test_overload_keeps_memory_flat(tmp_path: Path, qos: int) -> None:
 
         staller = threading.Thread(target=stall_store, daemon=True)
         staller.start()
-        pub = threading.Thread(target=publish, args=(b.port, stream(n)),
-                               kwargs={"qos": qos, "inflight": 1000}, daemon=True)
+        pub = threading.Thread(
+            target=publish,
+            args=(b.port, stream(n)),
+            kwargs={"qos": qos, "inflight": 1000},
+            daemon=True,
+        )
         pub.start()
         before = stored_messages(db)
         while pub.is_alive():
@@ -321,15 +338,18 @@ def test_overload_keeps_memory_flat(tmp_path: Path, qos: int) -> None:
     assert_exactly_once_from(db, n, extra=2000)
     assert "in-flight window full" in daemon.logs(), "overload is visible in the logs"
     growth_mb = (peak - baseline) / 1024
-    print(f"\noverload QoS {qos}: RSS baseline {baseline / 1024:.1f} MB, peak {peak / 1024:.1f} "
-          f"MB (+{growth_mb:.1f} MB) over {len(samples)} samples; publisher {ratio:.0f}x faster "
-          f"than the store; stored {2 * (n + 2000)} of {2 * (n + 2000)}")
+    print(
+        f"\noverload QoS {qos}: RSS baseline {baseline / 1024:.1f} MB, peak {peak / 1024:.1f} "
+        f"MB (+{growth_mb:.1f} MB) over {len(samples)} samples; publisher {ratio:.0f}x faster "
+        f"than the store; stored {2 * (n + 2000)} of {2 * (n + 2000)}"
+    )
     assert ratio >= 10, "the publisher must outrun the store by 10x for this test to mean much"
     assert growth_mb < 40, "memory is bounded by the in-flight window"
 
 
 def assert_exactly_once_from(db: DbReader, n: int, extra: int) -> None:
     total = n + extra
-    rows = db.rows("SELECT metric, count(*), count(DISTINCT ts) FROM readings GROUP BY metric "
-                   "ORDER BY metric")
+    rows = db.rows(
+        "SELECT metric, count(*), count(DISTINCT ts) FROM readings GROUP BY metric ORDER BY metric"
+    )
     assert rows == [("x", total, total), ("y", total, total)]

@@ -21,12 +21,16 @@ AS_USER = {"INGESTD_MQTT__USERNAME": "ingestd"}
 @pytest.fixture
 def auth_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     passwd = tmp_path / "passwd"
-    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "ingestd", SECRET],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["mosquitto_passwd", "-b", "-c", str(passwd), "ingestd", SECRET],
+        check=True,
+        capture_output=True,
+    )
     passwd.chmod(0o644)
     broker = Mosquitto(tmp_path / "broker", extra=f"password_file {passwd}\n")
-    broker.conf.write_text(broker.conf.read_text().replace("allow_anonymous true",
-                                                           "allow_anonymous false"))
+    broker.conf.write_text(
+        broker.conf.read_text().replace("allow_anonymous true", "allow_anonymous false")
+    )
     broker.start()
     yield broker
     broker.kill()
@@ -40,35 +44,52 @@ def _no_secret_anywhere(daemon: Daemon) -> None:
     assert SECRET not in daemon.logs()
 
 
-def test_password_from_a_file_connects_and_appears_nowhere(tmp_path: Path,
-                                                          auth_broker: Mosquitto) -> None:
+def test_password_from_a_file_connects_and_appears_nowhere(
+    tmp_path: Path, auth_broker: Mosquitto
+) -> None:
     secret_file = tmp_path / "mqtt-password"
     secret_file.write_text(SECRET + "\n")
-    daemon = daemon_for(tmp_path, auth_broker.port, None, **AS_USER,
-                        INGESTD_MQTT__PASSWORD_FILE=str(secret_file)).start()
+    daemon = daemon_for(
+        tmp_path, auth_broker.port, None, **AS_USER, INGESTD_MQTT__PASSWORD_FILE=str(secret_file)
+    ).start()
     try:
         daemon.wait_ready()
         _no_secret_anywhere(daemon)
         assert daemon.stop() == 0
     finally:
         daemon.kill()
-    out = subprocess.run([sys.executable, "-m", "ingestd", "check-config", "--config",
-                          str(tmp_path / "ingestd.toml")], capture_output=True, text=True,
-                         env={"PATH": "/usr/bin:/bin",
-                              "INGESTD_MQTT__PASSWORD_FILE": str(secret_file)})
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ingestd",
+            "check-config",
+            "--config",
+            str(tmp_path / "ingestd.toml"),
+        ],
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "INGESTD_MQTT__PASSWORD_FILE": str(secret_file)},
+    )
     assert out.returncode == 0, out.stderr
     assert SECRET not in out.stdout + out.stderr
     assert json.loads(out.stdout)["mqtt"]["password"] == "**********"
 
 
-def test_password_from_systemd_credentials_directory(tmp_path: Path,
-                                                     auth_broker: Mosquitto) -> None:
+def test_password_from_systemd_credentials_directory(
+    tmp_path: Path, auth_broker: Mosquitto
+) -> None:
     creds = tmp_path / "credentials"
     creds.mkdir()
     (creds / "mqtt-password").write_text(SECRET)
-    daemon = daemon_for(tmp_path, auth_broker.port, None, **AS_USER,
-                        CREDENTIALS_DIRECTORY=str(creds),
-                        INGESTD_MQTT__PASSWORD_FILE="mqtt-password").start()
+    daemon = daemon_for(
+        tmp_path,
+        auth_broker.port,
+        None,
+        **AS_USER,
+        CREDENTIALS_DIRECTORY=str(creds),
+        INGESTD_MQTT__PASSWORD_FILE="mqtt-password",
+    ).start()
     try:
         daemon.wait_ready()
         _no_secret_anywhere(daemon)
@@ -78,16 +99,17 @@ def test_password_from_systemd_credentials_directory(tmp_path: Path,
 
 
 def test_a_wrong_password_says_not_authorized(tmp_path: Path, auth_broker: Mosquitto) -> None:
-    daemon = daemon_for(tmp_path, auth_broker.port, None, **AS_USER,
-                        INGESTD_MQTT__PASSWORD="wrong").start()
+    daemon = daemon_for(
+        tmp_path, auth_broker.port, None, **AS_USER, INGESTD_MQTT__PASSWORD="wrong"
+    ).start()
     try:
-        wait_for(lambda: "broker refused the connection" in daemon.logs(), 15,
-                 what="the refusal")
+        wait_for(lambda: "broker refused the connection" in daemon.logs(), 15, what="the refusal")
         assert daemon.stop() == 0
     finally:
         daemon.kill()
-    line = next(json.loads(x) for x in daemon.logs().splitlines()
-                if "broker refused the connection" in x)
+    line = next(
+        json.loads(x) for x in daemon.logs().splitlines() if "broker refused the connection" in x
+    )
     assert "not authorized" in line["msg"]
     assert "check mqtt.username / mqtt.password" in line["msg"]
     assert "broker unreachable" not in daemon.logs()
@@ -99,10 +121,16 @@ def test_a_store_that_cannot_be_created_says_why_and_what_to_do(
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where a directory should be")
     config = write_config(tmp_path / "ingestd.toml")
-    daemon = Daemon(config, {"INGESTD_MQTT__PORT": str(mosquitto.port),
-                             "INGESTD_STORE__PATH": str(blocked / "sub" / "x.db"),
-                             "INGESTD_DAEMON__LOG_FORMAT": "json",
-                             "INGESTD_STORE__RETRY_MAX_DELAY": "0.2"}, tmp_path).start()
+    daemon = Daemon(
+        config,
+        {
+            "INGESTD_MQTT__PORT": str(mosquitto.port),
+            "INGESTD_STORE__PATH": str(blocked / "sub" / "x.db"),
+            "INGESTD_DAEMON__LOG_FORMAT": "json",
+            "INGESTD_STORE__RETRY_MAX_DELAY": "0.2",
+        },
+        tmp_path,
+    ).start()
     try:
         base = daemon.metrics_url()
         wait_for(lambda: "cannot open the store" in daemon.logs(), 10, what="the reason")
@@ -114,7 +142,11 @@ def test_a_store_that_cannot_be_created_says_why_and_what_to_do(
     assert status == 503
     ready = json.loads(body)
     assert {k: ready[k] for k in ("ready", "broker", "store", "pipeline")} == {
-        "ready": False, "broker": False, "store": False, "pipeline": False}
+        "ready": False,
+        "broker": False,
+        "store": False,
+        "pipeline": False,
+    }
     assert ready["detail"].startswith("store not open: ")
     assert _metric(text, "ingestd_store_available") == 0
     assert _metric(text, "ingestd_broker_connected") == 0

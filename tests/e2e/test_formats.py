@@ -43,31 +43,50 @@ format = "value"
 
 def test_mixed_formats_on_several_routes(tmp_path: Path, mosquitto: Mosquitto) -> None:
     config = write_config(tmp_path / "ingestd.toml", routes=MIXED_ROUTES)
-    config.write_text(config.read_text() + '\n[processor.scaling]\npressure = { scale = 0.01, '
-                      'unit = "hPa" }\n')
+    config.write_text(
+        config.read_text() + '\n[processor.scaling]\npressure = { scale = 0.01, unit = "hPa" }\n'
+    )
     daemon = _daemon(tmp_path, config, mosquitto.port).start()
     db = DbReader(tmp_path / "ingestd.db")
     try:
         daemon.wait_ready()
-        publish(mosquitto.port, [
-            ("plant/lyon/p1/json", json.dumps({"ts": T0, "status": "ok", "pressure": 101325,
-                                               "env": {"t": 21.5}}).encode()),
-            # A record's unit is its own `u`, else `bu` (RFC 8428 4.6), and a unit
-            # is part of a series: both temperatures say Cel.
-            ("senml/dev7", json.dumps([{"bn": "dev7:", "bt": T0, "n": "temp", "u": "Cel",
-                                        "v": 23.1}, {"n": "temp", "u": "Cel", "t": 60,
-                                                     "v": 23.4},
-                                       {"n": "door", "vb": True, "t": 60}]).encode()),
-            ("telegraf/paris", b"cpu,host=web1,core=0 idle=97.5 1700000000000000000\n"
-                               b"cpu,host=web2,core=0 idle=12 1700000000000000000"),
-            ("sensors/k1/temperature", b"19.25"),
-        ])
+        publish(
+            mosquitto.port,
+            [
+                (
+                    "plant/lyon/p1/json",
+                    json.dumps(
+                        {"ts": T0, "status": "ok", "pressure": 101325, "env": {"t": 21.5}}
+                    ).encode(),
+                ),
+                # A record's unit is its own `u`, else `bu` (RFC 8428 4.6), and a unit
+                # is part of a series: both temperatures say Cel.
+                (
+                    "senml/dev7",
+                    json.dumps(
+                        [
+                            {"bn": "dev7:", "bt": T0, "n": "temp", "u": "Cel", "v": 23.1},
+                            {"n": "temp", "u": "Cel", "t": 60, "v": 23.4},
+                            {"n": "door", "vb": True, "t": 60},
+                        ]
+                    ).encode(),
+                ),
+                (
+                    "telegraf/paris",
+                    b"cpu,host=web1,core=0 idle=97.5 1700000000000000000\n"
+                    b"cpu,host=web2,core=0 idle=12 1700000000000000000",
+                ),
+                ("sensors/k1/temperature", b"19.25"),
+            ],
+        )
         wait_for(lambda: db.count() == 8, 20, what="8 readings")
         assert daemon.stop() == 0
     finally:
         daemon.kill()
-    rows = db.rows("SELECT sensor, metric, ts, value, tags, unit FROM readings "
-                   "WHERE sensor != 'k1' ORDER BY sensor, metric, ts")
+    rows = db.rows(
+        "SELECT sensor, metric, ts, value, tags, unit FROM readings "
+        "WHERE sensor != 'k1' ORDER BY sensor, metric, ts"
+    )
     assert rows == [
         ("dev7", "dev7:door", T0 + 60, 1.0, "", ""),
         ("dev7", "dev7:temp", T0, 23.1, "", "Cel"),
@@ -103,12 +122,19 @@ rate_burst = 100
             if i % 20 == 0:  # 10 quiet devices, 100 readings each, at 1 per 200 loud ones
                 messages.append((f"sensors/quiet{i // 20 % 10}/t", b"%d" % i))
         publish(mosquitto.port, messages)
-        wait_for(lambda: db.count("readings WHERE sensor GLOB 'quiet*'") == 1000, 30,
-                 what="every quiet reading")
+        wait_for(
+            lambda: db.count("readings WHERE sensor GLOB 'quiet*'") == 1000,
+            30,
+            what="every quiet reading",
+        )
+
         def settled() -> bool:
             text = _get(base + "/metrics")[1]
-            return (_metric(text, "ingestd_messages_received_total") == loud + 1000
-                    and _metric(text, "ingestd_inflight_messages") == 0)
+            return (
+                _metric(text, "ingestd_messages_received_total") == loud + 1000
+                and _metric(text, "ingestd_inflight_messages") == 0
+            )
+
         wait_for(settled, 30, what="all messages received and settled")
         _, text = _get(base + "/metrics")
         dropped = _metric(text, "ingestd_readings_rate_limited_total", 'policy="drop"')
@@ -140,17 +166,47 @@ format = "value"
 metric = "v"
 """
 SEEDS = {
-    "fzj": [b'{"ts": 1700000000, "t": 21.5, "env": {"h": 40, "co2": 400}}',
-            b'[{"ts": 1700000000.5, "a": 1}, {"ts": "2023-11-14T22:13:20Z", "b": true}]'],
-    "fzs": [b'[{"bn":"d:","bt":1700000000,"bu":"Cel","n":"t","v":21.5},{"n":"h","v":40,"t":5}]',
-            b'[{"n":"x","v":1,"s":2}]'],
-    "fzi": [b"cpu,host=a,core=0 idle=97.5,user=2i 1700000000000000000\nmem used=1u",
-            b'weather,loc=x temp=21.5,ok=t,desc="fine" 1700000000000000000'],
+    "fzj": [
+        b'{"ts": 1700000000, "t": 21.5, "env": {"h": 40, "co2": 400}}',
+        b'[{"ts": 1700000000.5, "a": 1}, {"ts": "2023-11-14T22:13:20Z", "b": true}]',
+    ],
+    "fzs": [
+        b'[{"bn":"d:","bt":1700000000,"bu":"Cel","n":"t","v":21.5},{"n":"h","v":40,"t":5}]',
+        b'[{"n":"x","v":1,"s":2}]',
+    ],
+    "fzi": [
+        b"cpu,host=a,core=0 idle=97.5,user=2i 1700000000000000000\nmem used=1u",
+        b'weather,loc=x temp=21.5,ok=t,desc="fine" 1700000000000000000',
+    ],
     "fzv": [b"21.5", b"-1e3", b"true"],
 }
-TOKENS = [b"NaN", b"Infinity", b"1e999", b"9" * 400, b"\xff\xfe", b"\x00", b"[[[[[[", b'"',
-          b"\\", b"\n", b",", b"=", b" ", b"{}", b"[]", b"null", b'"bver":99', b'"x_":1',
-          b"\xe2\x82", b"-", b"e", b"i", b"u", b'"vs":"a"', b"{" * 600]
+TOKENS = [
+    b"NaN",
+    b"Infinity",
+    b"1e999",
+    b"9" * 400,
+    b"\xff\xfe",
+    b"\x00",
+    b"[[[[[[",
+    b'"',
+    b"\\",
+    b"\n",
+    b",",
+    b"=",
+    b" ",
+    b"{}",
+    b"[]",
+    b"null",
+    b'"bver":99',
+    b'"x_":1',
+    b"\xe2\x82",
+    b"-",
+    b"e",
+    b"i",
+    b"u",
+    b'"vs":"a"',
+    b"{" * 600,
+]
 
 
 def _mutate(rng: random.Random, seed: bytes) -> bytes:
@@ -176,8 +232,11 @@ def _mutate(rng: random.Random, seed: bytes) -> bytes:
 def test_fuzz_100000_generated_payloads_through_the_daemon(
     tmp_path: Path, mosquitto: Mosquitto, record_property: Callable[[str, object], None]
 ) -> None:
-    config = write_config(tmp_path / "ingestd.toml", routes=FUZZ_ROUTES,
-                          processor={"max_age_days": 0, "max_future_seconds": 0})
+    config = write_config(
+        tmp_path / "ingestd.toml",
+        routes=FUZZ_ROUTES,
+        processor={"max_age_days": 0, "max_future_seconds": 0},
+    )
     daemon = _daemon(tmp_path, config, mosquitto.port).start()
     rng = random.Random(20261125)
     n = 100_000
@@ -193,9 +252,12 @@ def test_fuzz_100000_generated_payloads_through_the_daemon(
         def settled() -> bool:
             # One accounting snapshot: every message received, every reading settled.
             text = _get(base + "/metrics")[1]
-            return (_metric(text, "ingestd_messages_received_total") == n
-                    and _metric(text, "ingestd_readings_in_flight") == 0
-                    and _metric(text, "ingestd_inflight_messages") == 0)
+            return (
+                _metric(text, "ingestd_messages_received_total") == n
+                and _metric(text, "ingestd_readings_in_flight") == 0
+                and _metric(text, "ingestd_inflight_messages") == 0
+            )
+
         wait_for(settled, 120, interval=0.5, what="every fuzz message settled")
         metrics = _get(base + "/metrics")[1]
         assert daemon.proc is not None
@@ -206,8 +268,9 @@ def test_fuzz_100000_generated_payloads_through_the_daemon(
     with sqlite3.connect(tmp_path / "ingestd.db") as c:
         per_sensor = dict(c.execute("SELECT sensor, count(*) FROM readings GROUP BY sensor"))
         stored = set(per_sensor)
-        quarantined = {t.split("/", 1)[1]: r for t, r in
-                       c.execute("SELECT topic, reason FROM quarantine")}
+        quarantined = {
+            t.split("/", 1)[1]: r for t, r in c.execute("SELECT topic, reason FROM quarantine")
+        }
     assert all(quarantined.values()), "a quarantine row without a reason"
     bugs = [r for r in quarantined.values() if r.startswith("internal error")]
     assert bugs == [], bugs[:5]
@@ -228,15 +291,19 @@ def test_fuzz_100000_generated_payloads_through_the_daemon(
     assert _metric(metrics, "ingestd_readings_duplicate_total") == 0
     assert _metric(metrics, "ingestd_readings_committed_total") == explained
     assert _metric(metrics, "ingestd_readings_decoded_total") == explained + _metric(
-        metrics, "ingestd_readings_quarantined_total")
-    unaccounted = [f"f{i}" for i in range(n) if f"f{i}" not in stored
-                   and f"f{i}" not in quarantined]
+        metrics, "ingestd_readings_quarantined_total"
+    )
+    unaccounted = [
+        f"f{i}" for i in range(n) if f"f{i}" not in stored and f"f{i}" not in quarantined
+    ]
     assert unaccounted == [], f"{len(unaccounted)} messages neither stored nor quarantined"
     only_quarantined = len(set(quarantined) - stored)
     record_property("fuzz_messages", n)
     record_property("fuzz_quarantined", len(quarantined))
     record_property("fuzz_only_quarantined", only_quarantined)
     record_property("fuzz_stored_some", len(stored))
-    print(f"fuzz: {n} messages, {len(quarantined)} quarantined with a reason "
-          f"({only_quarantined} wholly), {len(stored)} yielded readings; 0 crashes")
+    print(
+        f"fuzz: {n} messages, {len(quarantined)} quarantined with a reason "
+        f"({only_quarantined} wholly), {len(stored)} yielded readings; 0 crashes"
+    )
     assert len(quarantined) > n // 2  # mostly malformed, as generated

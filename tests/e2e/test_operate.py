@@ -59,9 +59,13 @@ def _metric(text: str, name: str, labels: str = "") -> float:
 
 
 def _telemetry(sensor: str, n: int, start: int = 0) -> list[tuple[str, bytes]]:
-    return [(f"sensors/{sensor}/telemetry",
-             json.dumps({"ts": T0 + i, "temperature": 20.5, "humidity": 40}).encode())
-            for i in range(start, start + n)]
+    return [
+        (
+            f"sensors/{sensor}/telemetry",
+            json.dumps({"ts": T0 + i, "temperature": 20.5, "humidity": 40}).encode(),
+        )
+        for i in range(start, start + n)
+    ]
 
 
 def test_metrics_and_health_endpoints_follow_the_pipeline(
@@ -76,22 +80,34 @@ def test_metrics_and_health_endpoints_follow_the_pipeline(
         assert _get(base + "/healthz")[0] == 200
         status, body = _get(base + "/readyz")
         assert status == 200, body
-        assert json.loads(body) == {"ready": True, "event_loop": True, "broker": True,
-                                    "store": True, "pipeline": True,
-                                    "upstream": {"broker_drops_seen": 0, "silent_routes": [],
-                                                 "stale_sensors": 0}}
+        assert json.loads(body) == {
+            "ready": True,
+            "event_loop": True,
+            "broker": True,
+            "store": True,
+            "pipeline": True,
+            "upstream": {"broker_drops_seen": 0, "silent_routes": [], "stale_sensors": 0},
+        }
         _, text = _get(base + "/metrics")
         assert _metric(text, "ingestd_readings_committed_total") == 0
         assert _metric(text, "ingestd_broker_connected") == 1
 
         publish(mosquitto.port, _telemetry("a", 500))
-        publish(mosquitto.port, [("sensors/a/telemetry", b"{not json"),
-                                 ("sensors/a/telemetry", b'{"temperature": 500}')])
+        publish(
+            mosquitto.port,
+            [
+                ("sensors/a/telemetry", b"{not json"),
+                ("sensors/a/telemetry", b'{"temperature": 500}'),
+            ],
+        )
         db = DbReader(tmp_path / "ingestd.db")
         wait_for(lambda: db.count("quarantine") == 2, 20, what="2 quarantined")
         # The counters move just after the commit the database shows.
-        wait_for(lambda: _metric(_get(base + "/metrics")[1],
-                                 "ingestd_inflight_messages") == 0, 10, what="all settled")
+        wait_for(
+            lambda: _metric(_get(base + "/metrics")[1], "ingestd_inflight_messages") == 0,
+            10,
+            what="all settled",
+        )
 
         _, text = _get(base + "/metrics")
         assert _metric(text, "ingestd_messages_received_total") == 502
@@ -100,12 +116,12 @@ def test_metrics_and_health_endpoints_follow_the_pipeline(
         assert _metric(text, "ingestd_quarantined_total", 'reason="out_of_range"') == 1
         assert _metric(text, "ingestd_quarantined_total", 'reason="no_route"') == 0
         assert _metric(text, "ingestd_batches_committed_total") >= 1
-        assert _metric(text, "ingestd_batch_rows_count") == \
-            _metric(text, "ingestd_batches_committed_total")
+        assert _metric(text, "ingestd_batch_rows_count") == _metric(
+            text, "ingestd_batches_committed_total"
+        )
         assert _metric(text, "ingestd_batch_rows_sum") == 1002
         assert _metric(text, "ingestd_commit_duration_seconds_count") >= 1
-        assert _metric(text, "ingestd_bus_queue_depth",
-                       'policy="block",subscriber="writer"') == 0
+        assert _metric(text, "ingestd_bus_queue_depth", 'policy="block",subscriber="writer"') == 0
         assert _metric(text, "ingestd_bus_dropped_total", 'subscriber="logger"') == 0
         assert _metric(text, "ingestd_inflight_messages") == 0
         assert _metric(text, "ingestd_last_commit_timestamp_seconds") > T0
@@ -113,8 +129,11 @@ def test_metrics_and_health_endpoints_follow_the_pipeline(
         assert _get(base + "/nope")[0] == 404
         # Every series the shipped Grafana dashboard plots is served.
         dashboard = (REPO / "config" / "grafana" / "ingestd-dashboard.json").read_text()
-        served = {line.split("{")[0].split(" ")[0] for line in text.splitlines()
-                  if line.startswith("ingestd_")}
+        served = {
+            line.split("{")[0].split(" ")[0]
+            for line in text.splitlines()
+            if line.startswith("ingestd_")
+        }
         plotted = set(re.findall(r"ingestd_[a-z_]+", dashboard)) - {"ingestd_overview"}
         assert plotted, "no metrics found in the dashboard"
         assert plotted <= served, plotted - served
@@ -138,9 +157,14 @@ def test_watchdog_pings_only_while_the_pipeline_makes_progress(
     tmp_path: Path, mosquitto: Mosquitto
 ) -> None:
     config = write_config(tmp_path / "ingestd.toml")
-    daemon = _daemon(tmp_path, config, mosquitto.port, WATCHDOG_USEC="1000000",
-                     INGESTD_DAEMON__STALL_TIMEOUT="2",
-                     INGESTD_STORE__BUSY_TIMEOUT_MS="600000").start()
+    daemon = _daemon(
+        tmp_path,
+        config,
+        mosquitto.port,
+        WATCHDOG_USEC="1000000",
+        INGESTD_DAEMON__STALL_TIMEOUT="2",
+        INGESTD_STORE__BUSY_TIMEOUT_MS="600000",
+    ).start()
     db_path = tmp_path / "ingestd.db"
     try:
         daemon.wait_ready()
@@ -168,8 +192,11 @@ def test_watchdog_pings_only_while_the_pipeline_makes_progress(
         db = DbReader(db_path)
         wait_for(lambda: db.count() == 100, 20, what="the held readings")
         resumed = time.monotonic()
-        wait_for(lambda: any(t > resumed for t, n in daemon.timed_notices if n == "WATCHDOG=1"),
-                 5, what="pings to resume")
+        wait_for(
+            lambda: any(t > resumed for t, n in daemon.timed_notices if n == "WATCHDOG=1"),
+            5,
+            what="pings to resume",
+        )
         assert daemon.stop() == 0
         assert "STOPPING=1" in daemon.notices
     finally:
@@ -203,48 +230,67 @@ def test_sighup_reload_adds_a_route_rejects_a_bad_file_and_loses_nothing(
         # A steady stream across every reload below.
         total = 6000
         streamer = threading.Thread(
-            target=lambda: publish(mosquitto.port, _slow(_telemetry("steady", total))),
-            daemon=True)
+            target=lambda: publish(mosquitto.port, _slow(_telemetry("steady", total))), daemon=True
+        )
         streamer.start()
 
         # 1. A new route, applied live: its messages now become readings.
         write_config(config, routes=ROUTE_A + ROUTE_B, batch={"max_readings": 1000})
         daemon.signal(signal.SIGHUP)
         wait_for(lambda: '"subscriptions updated"' in daemon.logs(), 20, what="resubscribe")
-        publish(mosquitto.port, [("plant/p1/state",
-                                  json.dumps({"ts": T0 + i, "level": i}).encode())
-                                 for i in range(100)])
-        wait_for(lambda: db.count("readings WHERE sensor = 'p1'") == 100, 20,
-                 what="readings from the new route")
+        publish(
+            mosquitto.port,
+            [
+                ("plant/p1/state", json.dumps({"ts": T0 + i, "level": i}).encode())
+                for i in range(100)
+            ],
+        )
+        wait_for(
+            lambda: db.count("readings WHERE sensor = 'p1'") == 100,
+            20,
+            what="readings from the new route",
+        )
 
         # 2. An invalid file: rejected with its error, the running config kept.
         config.write_text(config.read_text() + "\n[batch]\nmax_readings = -5\n")
         daemon.signal(signal.SIGHUP)
-        wait_for(lambda: '"reload rejected; the running configuration is kept"'
-                 in daemon.logs(), 20, what="the rejection")
+        wait_for(
+            lambda: '"reload rejected; the running configuration is kept"' in daemon.logs(),
+            20,
+            what="the rejection",
+        )
         assert "batch" in daemon.logs()
         publish(mosquitto.port, [("plant/p2/state", b'{"ts": 1700000000, "level": 7}')])
-        wait_for(lambda: db.count("readings WHERE sensor = 'p2'") == 1, 20,
-                 what="ingestion to go on")
+        wait_for(
+            lambda: db.count("readings WHERE sensor = 'p2'") == 1, 20, what="ingestion to go on"
+        )
 
         # 3. A setting that needs a restart is named, not applied.
         write_config(config, routes=ROUTE_A + ROUTE_B, mqtt={"keepalive": 45})
         daemon.signal(signal.SIGHUP)
-        wait_for(lambda: '"changed settings need a restart to apply"' in daemon.logs(), 20,
-                 what="the restart notice")
+        wait_for(
+            lambda: '"changed settings need a restart to apply"' in daemon.logs(),
+            20,
+            what="the restart notice",
+        )
         assert "mqtt.keepalive" in daemon.logs()
 
         streamer.join(120)
-        wait_for(lambda: db.count("readings WHERE sensor = 'steady'") == 2 * total, 30,
-                 what="the steady stream")
+        wait_for(
+            lambda: db.count("readings WHERE sensor = 'steady'") == 2 * total,
+            30,
+            what="the steady stream",
+        )
         _, text = _get(base + "/metrics")
         assert _metric(text, "ingestd_reloads_total") == 2
         assert _metric(text, "ingestd_reload_failures_total") == 1
         assert daemon.stop() == 0
         # Nothing lost or stored twice across three reloads.
         assert db.count("readings WHERE sensor = 'steady'") == 2 * total
-        assert db.rows("SELECT count(*) FROM (SELECT DISTINCT sensor, metric, ts "
-                       "FROM readings)")[0][0] == db.count()
+        assert (
+            db.rows("SELECT count(*) FROM (SELECT DISTINCT sensor, metric, ts FROM readings)")[0][0]
+            == db.count()
+        )
         assert db.count("quarantine") == 0
         assert daemon.notices.count("RELOADING=1") == 3
     finally:

@@ -34,15 +34,15 @@ def unprivileged() -> Iterator[str]:
         yield pwd.getpwuid(os.geteuid()).pw_name
         return
     useradd = shutil.which("useradd") or "/usr/sbin/useradd"
-    created = subprocess.run([useradd, "--system", "--shell", "/bin/bash", USER],
-                             capture_output=True, text=True)
+    created = subprocess.run(
+        [useradd, "--system", "--shell", "/bin/bash", USER], capture_output=True, text=True
+    )
     assert created.returncode in (0, 9), created.stderr  # 9: exists already
     try:
         yield USER
     finally:
         subprocess.run(["pkill", "-KILL", "-u", USER], capture_output=True)
-        subprocess.run([shutil.which("userdel") or "/usr/sbin/userdel", USER],
-                       capture_output=True)
+        subprocess.run([shutil.which("userdel") or "/usr/sbin/userdel", USER], capture_output=True)
 
 
 def _copy_checkout(dest: Path) -> None:
@@ -54,8 +54,12 @@ def _copy_checkout(dest: Path) -> None:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(REPO / name, target)
     else:
-        shutil.copytree(REPO, dest, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns(".venv", "var", ".git", "__pycache__"))
+        shutil.copytree(
+            REPO,
+            dest,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns(".venv", "var", ".git", "__pycache__"),
+        )
 
 
 @pytest.mark.slow
@@ -68,16 +72,29 @@ def test_running_it_yourself_works_as_written_for_a_normal_user(unprivileged: st
         if os.geteuid() == 0:
             home.chmod(0o755)
             subprocess.run(["chown", "-R", f"{unprivileged}:", str(home)], check=True)
-        env = {"HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",
-               # A free port for the broker and the daemon alike (README's hint).
-               "INGESTD_MQTT__PORT": str(free_port())}
+        env = {
+            "HOME": str(home),
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            "LANG": "C.UTF-8",
+            # A free port for the broker and the daemon alike (README's hint).
+            "INGESTD_MQTT__PORT": str(free_port()),
+        }
         command = ["bash", "-e", "-c", script]
         if os.geteuid() == 0:
             runuser = shutil.which("runuser") or "/usr/sbin/runuser"
-            command = [runuser, "-u", unprivileged, "--", "env", "-i",
-                       *[f"{k}={v}" for k, v in env.items()], *command]
-        proc = subprocess.run(command, cwd=checkout, capture_output=True, text=True,
-                              timeout=600, env=env)
+            command = [
+                runuser,
+                "-u",
+                unprivileged,
+                "--",
+                "env",
+                "-i",
+                *[f"{k}={v}" for k, v in env.items()],
+                *command,
+            ]
+        proc = subprocess.run(
+            command, cwd=checkout, capture_output=True, text=True, timeout=600, env=env
+        )
         out = proc.stdout + proc.stderr
         assert proc.returncode == 0, out
         assert "configuration OK" in out
@@ -89,8 +106,9 @@ def test_running_it_yourself_works_as_written_for_a_normal_user(unprivileged: st
         db = checkout / "var" / "ingestd.db"
         assert db.exists()
         assert db.stat().st_uid == pwd.getpwnam(unprivileged).pw_uid
-        left = subprocess.run(["pgrep", "-u", unprivileged, "-f", "ingestd|mosquitto"],
-                              capture_output=True, text=True)
+        left = subprocess.run(
+            ["pgrep", "-u", unprivileged, "-f", "ingestd|mosquitto"], capture_output=True, text=True
+        )
         assert left.stdout == "", f"processes left running: {left.stdout}"
     finally:
         shutil.rmtree(home, ignore_errors=True)

@@ -28,8 +28,10 @@ def test_messages_published_while_it_is_down_are_ingested_on_restart(
         assert first.stop() == 0, first.logs()
     finally:
         first.kill()
-    msgs = [(f"sensors/d{i % 7}/telemetry", f'{{"ts": {1.7e9 + i}, "x": {i}}}'.encode())
-            for i in range(1, 1001)]
+    msgs = [
+        (f"sensors/d{i % 7}/telemetry", f'{{"ts": {1.7e9 + i}, "x": {i}}}'.encode())
+        for i in range(1, 1001)
+    ]
     publish(mosquitto.port, msgs)  # nobody is connected: the broker queues them
     second = _daemon(tmp_path, mosquitto.port, **env).start()
     try:
@@ -44,19 +46,62 @@ def test_messages_published_while_it_is_down_are_ingested_on_restart(
 
 def _make_certs(d: Path) -> tuple[Path, Path, Path]:
     d.mkdir()
-    ca_key, ca, key, csr, crt = (d / n for n in ("ca.key", "ca.crt", "srv.key", "srv.csr",
-                                                  "srv.crt"))
+    ca_key, ca, key, csr, crt = (
+        d / n for n in ("ca.key", "ca.crt", "srv.key", "srv.csr", "srv.crt")
+    )
+
     def run(*a: str) -> None:
         subprocess.run(a, check=True, capture_output=True)
 
-    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-        "-subj", "/CN=ingestd test CA", "-keyout", str(ca_key), "-out", str(ca))
-    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost",
-        "-keyout", str(key), "-out", str(csr))
+    run(
+        "openssl",
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ingestd test CA",
+        "-keyout",
+        str(ca_key),
+        "-out",
+        str(ca),
+    )
+    run(
+        "openssl",
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=localhost",
+        "-keyout",
+        str(key),
+        "-out",
+        str(csr),
+    )
     ext = d / "ext.cnf"
     ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
-    run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
-        "-CAcreateserial", "-days", "2", "-extfile", str(ext), "-out", str(crt))
+    run(
+        "openssl",
+        "x509",
+        "-req",
+        "-in",
+        str(csr),
+        "-CA",
+        str(ca),
+        "-CAkey",
+        str(ca_key),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        str(ext),
+        "-out",
+        str(crt),
+    )
     return ca, crt, key
 
 
@@ -71,8 +116,9 @@ def test_tls_with_a_ca_file(tmp_path: Path, mosquitto: Mosquitto) -> None:
         extra=f"listener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {crt}\nkeyfile {key}\n",
     ).start()
     db = DbReader(tmp_path / "data" / "ingestd.db")
-    daemon = _daemon(tmp_path, tls_port, INGESTD_MQTT__TLS__ENABLED="true",
-                     INGESTD_MQTT__TLS__CA_FILE=str(ca)).start()
+    daemon = _daemon(
+        tmp_path, tls_port, INGESTD_MQTT__TLS__ENABLED="true", INGESTD_MQTT__TLS__CA_FILE=str(ca)
+    ).start()
     try:
         daemon.wait_ready()
         # Publish on the plain listener of the same broker; ingestd reads over TLS.
@@ -100,8 +146,12 @@ def test_tls_with_a_ca_file(tmp_path: Path, mosquitto: Mosquitto) -> None:
 
 def test_stop_timeout_and_second_signal(tmp_path: Path, mosquitto: Mosquitto) -> None:
     db_path = tmp_path / "data" / "ingestd.db"
-    daemon = _daemon(tmp_path, mosquitto.port, INGESTD_DAEMON__STOP_TIMEOUT="1.5",
-                     INGESTD_STORE__BUSY_TIMEOUT_MS="50").start()
+    daemon = _daemon(
+        tmp_path,
+        mosquitto.port,
+        INGESTD_DAEMON__STOP_TIMEOUT="1.5",
+        INGESTD_STORE__BUSY_TIMEOUT_MS="50",
+    ).start()
     try:
         daemon.wait_ready()
         hold_exclusive_lock(db_path, 6)
@@ -137,43 +187,58 @@ def test_stop_timeout_and_second_signal(tmp_path: Path, mosquitto: Mosquitto) ->
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="needs systemd-analyze")
 def test_systemd_unit_verifies(tmp_path: Path) -> None:
     unit = (REPO / "systemd" / "ingestd.service").read_text()
-    for key in ("Type=notify", "Restart=on-failure", "RestartPreventExitStatus=78",
-                "StateDirectory=ingestd", "DynamicUser=yes", "NoNewPrivileges=yes",
-                "ProtectSystem=strict", "ProtectHome=yes", "PrivateTmp=yes"):
+    for key in (
+        "Type=notify",
+        "Restart=on-failure",
+        "RestartPreventExitStatus=78",
+        "StateDirectory=ingestd",
+        "DynamicUser=yes",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+    ):
         assert f"\n{key}\n" in unit, key
     # Point ExecStart at this checkout's interpreter so verify can check it.
     exe = shutil.which("ingestd") or str(REPO / ".venv" / "bin" / "ingestd")
     local = tmp_path / "ingestd.service"
     local.write_text(unit.replace("/opt/ingestd/.venv/bin/ingestd", exe))
-    proc = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True,
-                          text=True, timeout=60)
-    problems = [line for line in (proc.stdout + proc.stderr).splitlines()
-                if "ingestd.service" in line]
+    proc = subprocess.run(
+        ["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60
+    )
+    problems = [
+        line for line in (proc.stdout + proc.stderr).splitlines() if "ingestd.service" in line
+    ]
     assert problems == [], problems
 
 
 @pytest.mark.parametrize(("qos", "ack"), [(1, "after_commit"), (1, "on_receive"), (0, "")])
-def test_a_large_backlog_is_taken_within_the_window(
-    tmp_path: Path, qos: int, ack: str
-) -> None:
+def test_a_large_backlog_is_taken_within_the_window(tmp_path: Path, qos: int, ack: str) -> None:
     """The backlog arrives before SUBACK; the window must bound it from the first message."""
-    broker = Mosquitto(tmp_path / "broker", max_inflight=0,
-                       extra="queue_qos0_messages true\nmax_queued_bytes 0\n").start()
+    broker = Mosquitto(
+        tmp_path / "broker", max_inflight=0, extra="queue_qos0_messages true\nmax_queued_bytes 0\n"
+    ).start()
     db = DbReader(tmp_path / "data" / "ingestd.db")
     env = {"INGESTD_MQTT__MAX_INFLIGHT": "200", "INGESTD_MQTT__BROKER_MAX_INFLIGHT": "0"}
     if ack:
         env["INGESTD_MQTT__ACK"] = ack
     config = tmp_path / "qos.toml"
-    config.write_text((REPO / "config" / "ingestd.toml").read_text()
-                      .replace("qos = 1", f"qos = {qos}"))
+    config.write_text(
+        (REPO / "config" / "ingestd.toml").read_text().replace("qos = 1", f"qos = {qos}")
+    )
     daemon = _daemon(tmp_path, broker.port, config, **env).start()
     try:
         daemon.wait_ready()
         assert daemon.stop() == 0
         n = 20_000
-        publish(broker.port, [(f"sensors/b{i % 10}/telemetry",
-                               b'{"ts": %d, "v": 1}' % (1_700_000_000 + i))
-                              for i in range(n)], qos=qos)
+        publish(
+            broker.port,
+            [
+                (f"sensors/b{i % 10}/telemetry", b'{"ts": %d, "v": 1}' % (1_700_000_000 + i))
+                for i in range(n)
+            ],
+            qos=qos,
+        )
         daemon = _daemon(tmp_path, broker.port, config, **env).start()
         daemon.wait_ready(60)
         wait_for(lambda: db.count() >= n, 60, interval=0.1, what="the backlog")
@@ -183,7 +248,8 @@ def test_a_large_backlog_is_taken_within_the_window(
         broker.kill()
     import json
 
-    stopped = [json.loads(line) for line in daemon.logs().splitlines()
-               if '"msg": "stopped"' in line][-1]
+    stopped = [
+        json.loads(line) for line in daemon.logs().splitlines() if '"msg": "stopped"' in line
+    ][-1]
     assert stopped["received"] == n
     assert stopped["in_flight_peak"] <= 200, stopped

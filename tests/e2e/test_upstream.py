@@ -22,17 +22,30 @@ from tests.helpers import (
 
 
 def _sensors(tmp_path: Path) -> list[dict[str, object]]:
-    out = subprocess.run([sys.executable, "-m", "ingestd", "sensors", "--db",
-                          str(tmp_path / "ingestd.db"), "-f", "json"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ingestd",
+            "sensors",
+            "--db",
+            str(tmp_path / "ingestd.db"),
+            "-f",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return list(json.loads(out.stdout))
 
 
 def test_a_stock_broker_dropping_a_burst_is_reported(tmp_path: Path) -> None:
     # Mosquitto's defaults: 20 in flight, 1000 queued; it publishes $SYS every second here.
     broker = Mosquitto(tmp_path / "broker", max_inflight=20)
-    broker.conf.write_text(broker.conf.read_text().replace("max_queued_messages 0\n", "")
-                           + "sys_interval 1\n")
+    broker.conf.write_text(
+        broker.conf.read_text().replace("max_queued_messages 0\n", "") + "sys_interval 1\n"
+    )
     broker.start()
     db = DbReader(tmp_path / "ingestd.db")
     daemon = daemon_for(tmp_path, broker.port).start()
@@ -40,12 +53,19 @@ def test_a_stock_broker_dropping_a_burst_is_reported(tmp_path: Path) -> None:
         daemon.wait_ready()
         base = daemon.metrics_url()
         lock = hold_exclusive_lock(tmp_path / "ingestd.db", 3.0)  # ingestd falls behind
-        publish(broker.port, [(f"sensors/s{i % 10}/telemetry",
-                               b'{"ts": %d, "x": %d}' % (1_700_000_000 + i, i))
-                              for i in range(5000)])
+        publish(
+            broker.port,
+            [
+                (f"sensors/s{i % 10}/telemetry", b'{"ts": %d, "x": %d}' % (1_700_000_000 + i, i))
+                for i in range(5000)
+            ],
+        )
         lock.join()
-        wait_for(lambda: "the broker is dropping messages" in daemon.logs(), 15,
-                 what="the drop reported in the log")
+        wait_for(
+            lambda: "the broker is dropping messages" in daemon.logs(),
+            15,
+            what="the drop reported in the log",
+        )
         text = _get(base + "/metrics")[1]
         ready = json.loads(_get(base + "/readyz")[1])
         # What the broker did not drop, ingestd stored: the loss is all upstream.
@@ -60,12 +80,15 @@ def test_a_stock_broker_dropping_a_burst_is_reported(tmp_path: Path) -> None:
     assert seen > 0
     assert _metric(text, "ingestd_broker_dropped_messages") >= seen
     assert ready["upstream"]["broker_drops_seen"] > 0
-    line = next(json.loads(x) for x in daemon.logs().splitlines()
-                if "the broker is dropping messages" in x)
+    line = next(
+        json.loads(x) for x in daemon.logs().splitlines() if "the broker is dropping messages" in x
+    )
     assert "config/mosquitto.conf" in line["msg"]
     assert "Outgoing messages are being dropped" in broker.log.read_text()
-    print(f"\nstock Mosquitto, 5000-message burst: stored {stored}, broker dropped "
-          f"{int(seen)}; log: {line['msg'][:60]}...")
+    print(
+        f"\nstock Mosquitto, 5000-message burst: stored {stored}, broker dropped "
+        f"{int(seen)}; log: {line['msg'][:60]}..."
+    )
 
 
 SEQ_ROUTE = """
@@ -77,8 +100,10 @@ sequence_field = "seq"
 
 
 def _seq(sensor: str, numbers: list[int]) -> list[tuple[str, bytes]]:
-    return [(f"sensors/{sensor}/telemetry",
-             b'{"ts": %d, "seq": %d, "t": 1}' % (1_700_000_000 + n, n)) for n in numbers]
+    return [
+        (f"sensors/{sensor}/telemetry", b'{"ts": %d, "seq": %d, "t": 1}' % (1_700_000_000 + n, n))
+        for n in numbers
+    ]
 
 
 def test_gaps_in_a_device_counter_are_counted_exactly_across_a_restart(
@@ -96,8 +121,10 @@ def test_gaps_in_a_device_counter_are_counted_exactly_across_a_restart(
         assert daemon.stop() == 0
     finally:
         daemon.kill()
-    assert (_metric(text, "ingestd_sequence_gaps_total"),
-            _metric(text, "ingestd_sequence_missing_total")) == (2, 4)
+    assert (
+        _metric(text, "ingestd_sequence_gaps_total"),
+        _metric(text, "ingestd_sequence_missing_total"),
+    ) == (2, 4)
     # The seq field is the counter, not a reading.
     assert db.rows("SELECT DISTINCT metric FROM readings") == [("t",)]
     # Across a restart of ingestd: 100..104 never arrive.
@@ -125,15 +152,16 @@ expect_within = 2
 """
 
 
-def test_silent_routes_and_stale_sensors_are_reported(tmp_path: Path,
-                                                       mosquitto: Mosquitto) -> None:
+def test_silent_routes_and_stale_sensors_are_reported(tmp_path: Path, mosquitto: Mosquitto) -> None:
     db = DbReader(tmp_path / "ingestd.db")
     daemon = daemon_for(tmp_path, mosquitto.port, SILENT_ROUTES).start()
     try:
         daemon.wait_ready()
         base = daemon.metrics_url()
-        publish(mosquitto.port, [("sensors/a/telemetry", b'{"t": 1}'),
-                                 ("sensors/b/telemetry", b'{"t": 1}')])
+        publish(
+            mosquitto.port,
+            [("sensors/a/telemetry", b'{"t": 1}'), ("sensors/b/telemetry", b'{"t": 1}')],
+        )
         wait_for(lambda: db.count() == 2, 10, what="two readings")
         wait_for(lambda: "route silent" in daemon.logs(), 10, what="the silent route")
         # a keeps talking; b stops: after 2 s b is stale, a is not.

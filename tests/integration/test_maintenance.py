@@ -21,12 +21,12 @@ async def _populate(path: Path) -> None:
     async with SqliteStore(path) as store, store.batch() as tx:
         readings = [
             Reading(f"s{s}", metric, int(NOW - age_h * 3600) * NS, float(age_h))
-            for s in range(3) for metric in ("t", "h")
+            for s in range(3)
+            for metric in ("t", "h")
             for age_h in range(0, 24 * 10, 2)  # every 2 h over 10 days
         ]
         await tx.add_readings(readings)
-        await tx.add_rejected([Rejected("x", b"bad", "reason", NOW - d * DAY)
-                               for d in range(10)])
+        await tx.add_rejected([Rejected("x", b"bad", "reason", NOW - d * DAY) for d in range(10)])
 
 
 def _count(path: Path, sql: str) -> int:

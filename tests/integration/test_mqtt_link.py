@@ -10,8 +10,9 @@ from ingestd.mqtt_link import MqttLink
 from tests.helpers import Mosquitto, publish
 
 
-async def _collect(port: int, *, ack: bool, client_id: str, seconds: float,
-                   pause_after: int | None = None) -> list[paho.MQTTMessage]:
+async def _collect(
+    port: int, *, ack: bool, client_id: str, seconds: float, pause_after: int | None = None
+) -> list[paho.MQTTMessage]:
     got: list[paho.MQTTMessage] = []
     link: MqttLink | None = None
 
@@ -23,8 +24,14 @@ async def _collect(port: int, *, ack: bool, client_id: str, seconds: float,
         if pause_after is not None and len(got) == pause_after:
             link.pause_reading()
 
-    link = MqttLink(on_message=on_message, manual_ack=True, hostname="127.0.0.1", port=port,
-                    identifier=client_id, clean_session=False)
+    link = MqttLink(
+        on_message=on_message,
+        manual_ack=True,
+        hostname="127.0.0.1",
+        port=port,
+        identifier=client_id,
+        clean_session=False,
+    )
     async with link:
         await link.subscribe("t/#", 1)
         await asyncio.sleep(seconds)
@@ -58,8 +65,14 @@ async def test_paused_link_reads_nothing_more(mosquitto: Mosquitto) -> None:
             link.pause_reading()
 
     try:
-        link = MqttLink(on_message=on_message, manual_ack=True, hostname="127.0.0.1",
-                        port=broker.port, identifier="link-p", clean_session=False)
+        link = MqttLink(
+            on_message=on_message,
+            manual_ack=True,
+            hostname="127.0.0.1",
+            port=broker.port,
+            identifier="link-p",
+            clean_session=False,
+        )
         async with link:
             await link.subscribe("t/#", 1)
             subscribed = True
@@ -98,8 +111,14 @@ async def _ack_then_close(port: int, *, confirm: bool) -> None:
             link.pause_reading()
             reached.set()
 
-    link = MqttLink(on_message=on_message, manual_ack=True, hostname="127.0.0.1", port=port,
-                    identifier="link-rst", clean_session=False)
+    link = MqttLink(
+        on_message=on_message,
+        manual_ack=True,
+        hostname="127.0.0.1",
+        port=port,
+        identifier="link-rst",
+        clean_session=False,
+    )
     async with link:
         await reached.wait()
         await asyncio.sleep(0.2)  # the broker keeps sending: unread data piles up
@@ -120,8 +139,14 @@ async def _drain_count(port: int) -> int:
         assert link is not None
         link.ack(m.mid, m.qos)
 
-    link = MqttLink(on_message=on_message, manual_ack=True, hostname="127.0.0.1", port=port,
-                    identifier="link-rst", clean_session=False)
+    link = MqttLink(
+        on_message=on_message,
+        manual_ack=True,
+        hostname="127.0.0.1",
+        port=port,
+        identifier="link-rst",
+        clean_session=False,
+    )
     async with link:
         await asyncio.sleep(3)
     return got
@@ -135,8 +160,14 @@ async def test_acks_sent_just_before_closing_are_not_lost(mosquitto: Mosquitto) 
     """
     broker = Mosquitto(mosquitto.dir.parent / "rst", max_inflight=1000).start()
     try:
-        setup = MqttLink(on_message=lambda m: None, manual_ack=True, hostname="127.0.0.1",
-                         port=broker.port, identifier="link-rst", clean_session=False)
+        setup = MqttLink(
+            on_message=lambda m: None,
+            manual_ack=True,
+            hostname="127.0.0.1",
+            port=broker.port,
+            identifier="link-rst",
+            clean_session=False,
+        )
         async with setup:
             await setup.subscribe("t/#", 1)
         messages = [(f"t/{i}", b"x" * 200) for i in range(20_000)]

@@ -124,9 +124,17 @@ async def test_writer_holds_the_batch_through_a_lock_and_acks_once(tmp_path: Pat
         inbox = bus.subscribe("writer", [Processed], policy="block", maxsize=4)
         window = InFlightWindow(100)
         window.take(2, 2)
-        writer = BatchWriter(store, inbox, bus, window, lambda e, a: acked.append((e, a)),
-                             max_readings=1000, max_delay=0.05, retry_min_delay=0.05,
-                             retry_max_delay=0.2)
+        writer = BatchWriter(
+            store,
+            inbox,
+            bus,
+            window,
+            lambda e, a: acked.append((e, a)),
+            max_readings=1000,
+            max_delay=0.05,
+            retry_min_delay=0.05,
+            retry_max_delay=0.2,
+        )
         task = asyncio.create_task(writer.run())
         holder = hold_exclusive_lock(path, 1.5)
         started = time.monotonic()
@@ -150,8 +158,17 @@ async def test_writer_flushes_by_size_age_and_saturation(tmp_path: Path) -> None
         bus = EventBus()
         inbox = bus.subscribe("writer", [Processed], policy="block", maxsize=4)
         window = InFlightWindow(1000, broker_limit=3)
-        writer = BatchWriter(store, inbox, bus, window, lambda e, a: None, max_readings=50,
-                             max_delay=0.3, retry_min_delay=0.05, retry_max_delay=0.1)
+        writer = BatchWriter(
+            store,
+            inbox,
+            bus,
+            window,
+            lambda e, a: None,
+            max_readings=50,
+            max_delay=0.3,
+            retry_min_delay=0.05,
+            retry_max_delay=0.1,
+        )
         task = asyncio.create_task(writer.run())
         # Size: 60 readings >= 50 commit at once.
         await bus.publish(Processed(readings(60, "size"), [], 1, [], 1))
@@ -184,7 +201,9 @@ async def test_large_batches_count_inserted_and_duplicates_exactly(tmp_path: Pat
             await tx.add_readings(readings(1300, "a"))
         assert (tx.inserted, tx.duplicates) == (300, 1000)
     assert db_rows(path, "SELECT sensor, count(*), sum(value) FROM readings GROUP BY 1") == [
-        ("a", 1300, sum(range(1300))), ("b", 3, 3.0)]
+        ("a", 1300, sum(range(1300))),
+        ("b", 3, 3.0),
+    ]
 
 
 async def test_version_1_database_migrates_to_tags_and_units_keeping_its_data(
@@ -200,16 +219,26 @@ async def test_version_1_database_migrates_to_tags_and_units_keeping_its_data(
     async with SqliteStore(path) as store:
         assert store.series_ids == {("k", "temperature", "", ""): 7}
         async with store.batch() as tx:
-            await tx.add_readings([
-                Reading("k", "temperature", (10**9 + 5) * NS, 5.0),  # the same series, continued
-                Reading("k", "temperature", 10**9 * NS, 9.0, "", '{"room":"a"}', "Cel"),  # tagged
-            ])
+            await tx.add_readings(
+                [
+                    Reading(
+                        "k", "temperature", (10**9 + 5) * NS, 5.0
+                    ),  # the same series, continued
+                    Reading(
+                        "k", "temperature", 10**9 * NS, 9.0, "", '{"room":"a"}', "Cel"
+                    ),  # tagged
+                ]
+            )
     assert db_rows(path, "PRAGMA user_version") == [(SCHEMA_VERSION,)]
     assert db_rows(path, "SELECT count(*) FROM readings WHERE tags = ''") == [(6,)]
-    assert db_rows(path, "SELECT value, unit FROM readings "
-                         "WHERE json_extract(nullif(tags, ''), '$.room') = 'a'") == [(9.0, "Cel")]
+    assert db_rows(
+        path,
+        "SELECT value, unit FROM readings WHERE json_extract(nullif(tags, ''), '$.room') = 'a'",
+    ) == [(9.0, "Cel")]
     assert db_rows(path, "SELECT id, tags, unit FROM series ORDER BY id") == [
-        (7, "", ""), (8, '{"room":"a"}', "Cel")]
+        (7, "", ""),
+        (8, '{"room":"a"}', "Cel"),
+    ]
 
 
 async def test_a_redelivery_is_a_duplicate_and_another_value_a_quarantined_conflict(
@@ -228,22 +257,28 @@ async def test_a_redelivery_is_a_duplicate_and_another_value_a_quarantined_confl
         assert (tx.inserted, tx.duplicates, tx.conflicts) == (0, 2, [])
         # A different message claiming the same series and time with another value.
         async with store.batch(now=5.0) as tx:
-            await tx.add_readings([Reading("k", "t", t, 7.0, "b"),
-                                   Reading("k", "t", t + 1, 8.0, "b")])
+            await tx.add_readings(
+                [Reading("k", "t", t, 7.0, "b"), Reading("k", "t", t + 1, 8.0, "b")]
+            )
         assert (tx.inserted, tx.duplicates) == (1, 0)
         assert [(c.topic, c.kind, c.received_at) for c in tx.conflicts] == [("b", "conflict", 5.0)]
         assert tx.conflicts[0].reason.startswith(
-            "conflict: a different value (1) is stored for k t at this time")
+            "conflict: a different value (1) is stored for k t at this time"
+        )
     # The conflict is in the quarantine, committed with the batch; the first value stays.
     assert db_rows(path, "SELECT topic, reason LIKE 'conflict:%' FROM quarantine") == [("b", 1)]
     assert db_rows(path, "SELECT ts_ns, seq, value FROM readings ORDER BY ts_ns, seq") == [
-        (t, 0, 1.0), (t, 1, 2.0), (t + 1, 0, 8.0)]
+        (t, 0, 1.0),
+        (t, 1, 2.0),
+        (t + 1, 0, 8.0),
+    ]
 
 
 async def test_two_readings_of_one_batch_with_one_key_and_two_values(tmp_path: Path) -> None:
     async with SqliteStore(tmp_path / "x.db") as store, store.batch() as tx:
-        await tx.add_readings([Reading("k", "t", NS, 1.0), Reading("k", "t", NS, 1.0),
-                               Reading("k", "t", NS, 3.0)])
+        await tx.add_readings(
+            [Reading("k", "t", NS, 1.0), Reading("k", "t", NS, 1.0), Reading("k", "t", NS, 3.0)]
+        )
     assert (tx.inserted, tx.duplicates, len(tx.conflicts)) == (1, 1, 1)
 
 
@@ -256,7 +291,9 @@ async def test_nanoseconds_apart_are_two_readings_and_the_view_keeps_seconds(
         await tx.add_readings([Reading("k", "t", t, 1.0), Reading("k", "t", t + 100, 2.0)])
     assert tx.inserted == 2
     assert db_rows(path, "SELECT ts_ns, value, typeof(ts) FROM readings ORDER BY ts_ns") == [
-        (t, 1.0, "real"), (t + 100, 2.0, "real")]
+        (t, 1.0, "real"),
+        (t + 100, 2.0, "real"),
+    ]
     assert db_rows(path, "SELECT ts FROM readings LIMIT 1")[0][0] == pytest.approx(t / NS)
 
 
@@ -288,8 +325,7 @@ async def test_a_database_deleted_or_replaced_while_open_is_noticed_before_any_a
         async with store.batch() as tx:
             await tx.add_readings(readings(6))
         assert (tx.inserted, tx.duplicates) == (6, 0)
-    assert db_rows(path, "SELECT sensor, count(*) FROM readings GROUP BY 1") == [
-        ("s", 6), ("z", 1)]
+    assert db_rows(path, "SELECT sensor, count(*) FROM readings GROUP BY 1") == [("s", 6), ("z", 1)]
 
 
 async def test_version_2_database_migrates_to_exact_times_keeping_its_data(
@@ -301,10 +337,13 @@ async def test_version_2_database_migrates_to_exact_times_keeping_its_data(
     with sqlite3.connect(path) as c:  # a database as ingestd 0.1 left it
         c.executescript(MIGRATIONS[0] + MIGRATIONS[1] + "\nPRAGMA user_version = 2;")
         c.execute("INSERT INTO series (id, sensor, metric, unit) VALUES (3, 'k', 't', 'Cel')")
-        c.executemany("INSERT INTO samples VALUES (3, ?, ?)",
-                      [(1_700_000_000.123456, 1.0), (1_700_000_001.5, 2.0)])
+        c.executemany(
+            "INSERT INTO samples VALUES (3, ?, ?)",
+            [(1_700_000_000.123456, 1.0), (1_700_000_001.5, 2.0)],
+        )
     async with SqliteStore(path) as store:
         assert store.series_ids == {("k", "t", "", "Cel"): 3}
     assert db_rows(path, "SELECT sensor, ts_ns, seq, value, unit FROM readings ORDER BY ts_ns") == [
         ("k", 1_700_000_000_123_456_000, 0, 1.0, "Cel"),
-        ("k", 1_700_000_001_500_000_000, 0, 2.0, "Cel")]
+        ("k", 1_700_000_001_500_000_000, 0, 2.0, "Cel"),
+    ]

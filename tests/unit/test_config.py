@@ -27,7 +27,9 @@ def test_shipped_config_is_valid_and_matches_the_model_defaults() -> None:
     settings = load_settings(SHIPPED_CONFIG)
     assert settings.mqtt.ack == "after_commit"
     assert [r.topic for r in settings.routes] == [
-        "sensors/{sensor}/telemetry", "sensors/{sensor}/{metric}"]
+        "sensors/{sensor}/telemetry",
+        "sensors/{sensor}/{metric}",
+    ]
     # Every documented default in the file equals the model's default.
     defaults = type(settings.mqtt)()
     assert settings.mqtt == defaults
@@ -77,38 +79,58 @@ def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
     ("text", "expected"),
     [
         ("[mqtt]\nport = 0\n" + ROUTE, "mqtt.port: Input should be greater than or equal to 1"),
-        ("[mqtt]\nprotocol = \"4\"\n" + ROUTE, "mqtt.protocol"),
-        ("[mqtt]\nhots = \"x\"\n" + ROUTE, "mqtt.hots: unknown key"),
-        ("[storage]\npath = \"x\"\n" + ROUTE, "storage: unknown key"),
-        ("[mqtt]\nreconnect_min_delay = 5\nreconnect_max_delay = 1\n" + ROUTE,
-         "reconnect_max_delay must not be below reconnect_min_delay"),
-        ("[processor.limits]\ntemperature = { min = 5, max = 1 }\n" + ROUTE,
-         "processor.limits.temperature: min (5.0) is above max (1.0)"),
+        ('[mqtt]\nprotocol = "4"\n' + ROUTE, "mqtt.protocol"),
+        ('[mqtt]\nhots = "x"\n' + ROUTE, "mqtt.hots: unknown key"),
+        ('[storage]\npath = "x"\n' + ROUTE, "storage: unknown key"),
+        (
+            "[mqtt]\nreconnect_min_delay = 5\nreconnect_max_delay = 1\n" + ROUTE,
+            "reconnect_max_delay must not be below reconnect_min_delay",
+        ),
+        (
+            "[processor.limits]\ntemperature = { min = 5, max = 1 }\n" + ROUTE,
+            "processor.limits.temperature: min (5.0) is above max (1.0)",
+        ),
         ("[mqtt]\n", "no [[routes]] configured"),
         ('[[routes]]\ntopic = "a/#/b"\n', "'#' must be the last level"),
         ('[[routes]]\ntopic = "a/x{y}"\n', "mixes text with a wildcard"),
-        ('[[routes]]\ntopic = "a/{sensor}"\nformat = "value"\n',
-         "metric template '{metric}' uses {metric}, which topic 'a/{sensor}' does not name"),
+        (
+            '[[routes]]\ntopic = "a/{sensor}"\nformat = "value"\n',
+            "metric template '{metric}' uses {metric}, which topic 'a/{sensor}' does not name",
+        ),
         ('[[routes]]\ntopic = "a/{sensor}"\nqos = 3\n', "routes[0].qos"),
         ('[[routes]]\ntopic = "a/{sensor}"\nformat = "xml"\n', "routes[0].format"),
-        ("[mqtt.tls]\nkey_file = \"k\"\n" + ROUTE, "key_file is set but cert_file is not"),
-        ("[mqtt]\nshared_group = \"a/b\"\n" + ROUTE, "mqtt.shared_group"),
+        ('[mqtt.tls]\nkey_file = "k"\n' + ROUTE, "key_file is set but cert_file is not"),
+        ('[mqtt]\nshared_group = "a/b"\n' + ROUTE, "mqtt.shared_group"),
         # Non-finite numbers pass every comparison the wrong way: rejected where written.
-        ("[processor.limits]\ntemperature = { min = nan }\n" + ROUTE,
-         "processor.limits.temperature.min: Input should be a finite number"),
-        ("[processor.scaling]\np = { scale = nan }\n" + ROUTE,
-         "processor.scaling.p.scale: Input should be a finite number"),
-        ("[processor.scaling]\np = { offset = -inf }\n" + ROUTE,
-         "processor.scaling.p.offset: Input should be a finite number"),
-        ("[processor]\nmax_future_seconds = inf\n" + ROUTE,
-         "processor.max_future_seconds: Input should be a finite number"),
+        (
+            "[processor.limits]\ntemperature = { min = nan }\n" + ROUTE,
+            "processor.limits.temperature.min: Input should be a finite number",
+        ),
+        (
+            "[processor.scaling]\np = { scale = nan }\n" + ROUTE,
+            "processor.scaling.p.scale: Input should be a finite number",
+        ),
+        (
+            "[processor.scaling]\np = { offset = -inf }\n" + ROUTE,
+            "processor.scaling.p.offset: Input should be a finite number",
+        ),
+        (
+            "[processor]\nmax_future_seconds = inf\n" + ROUTE,
+            "processor.max_future_seconds: Input should be a finite number",
+        ),
         # A payload with several fields needs {field}, or they all get one name.
-        ('[[routes]]\ntopic = "a/{sensor}"\nmetric = "temperature"\n',
-         "metric template 'temperature' must contain {field}"),
-        ('[[routes]]\ntopic = "a/{sensor}"\nformat = "senml"\nmetric = "x"\n',
-         "must contain {field}"),
-        ('[[routes]]\ntopic = "a/{sensor}"\nformat = "influx"\nmetric = "{measurement}"\n',
-         "must contain {field}"),
+        (
+            '[[routes]]\ntopic = "a/{sensor}"\nmetric = "temperature"\n',
+            "metric template 'temperature' must contain {field}",
+        ),
+        (
+            '[[routes]]\ntopic = "a/{sensor}"\nformat = "senml"\nmetric = "x"\n',
+            "must contain {field}",
+        ),
+        (
+            '[[routes]]\ntopic = "a/{sensor}"\nformat = "influx"\nmetric = "{measurement}"\n',
+            "must contain {field}",
+        ),
     ],
 )
 def test_errors_name_the_key(tmp_path: Path, text: str, expected: str) -> None:
@@ -124,17 +146,24 @@ def test_env_error_names_the_variable(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "from environment variable INGESTD_BATCH__MAX_READINGS" in message
 
 
-@pytest.mark.parametrize("name", ["INGESTD_MQTT_PORT", "INGESTD_MQQT__PORT",
-                                  "INGESTD_MQTT__PROT", "INGESTD_PROCESSOR__LIMITS__T__MAXIMUM"])
-def test_env_typos_are_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                              name: str) -> None:
+@pytest.mark.parametrize(
+    "name",
+    [
+        "INGESTD_MQTT_PORT",
+        "INGESTD_MQQT__PORT",
+        "INGESTD_MQTT__PROT",
+        "INGESTD_PROCESSOR__LIMITS__T__MAXIMUM",
+    ],
+)
+def test_env_typos_are_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     monkeypatch.setenv(name, "1")
     message = _error(tmp_path, ROUTE)
     assert f"{name}: environment variable names no setting" in message
 
 
-def test_env_names_of_real_settings_are_accepted(tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_env_names_of_real_settings_are_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("INGESTD_MQTT__TLS__ENABLED", "false")
     monkeypatch.setenv("INGESTD_PROCESSOR__LIMITS__T__MAX", "5")
     path = tmp_path / "c.toml"

@@ -11,10 +11,12 @@ from ingestd.errors import DecodeError
 from ingestd.events import NS, Reading
 from ingestd.routes import InputLimits, RouteTable, compile_route
 
-TABLE = RouteTable([
-    compile_route("sensors/{sensor}/telemetry", "{sensor}", "{field}", "json", "ts", 0),
-    compile_route("sensors/{sensor}/{metric}", "{sensor}", "{metric}", "value", "ts", 1),
-])
+TABLE = RouteTable(
+    [
+        compile_route("sensors/{sensor}/telemetry", "{sensor}", "{field}", "json", "ts", 0),
+        compile_route("sensors/{sensor}/{metric}", "{sensor}", "{metric}", "value", "ts", 1),
+    ]
+)
 NOW = 1_700_000_100.0
 NOW_NS = 1_700_000_100 * NS
 
@@ -30,10 +32,12 @@ def test_json_object_gives_one_reading_per_numeric_field() -> None:
     )
     assert rejected == []
     assert readings == [
-        Reading("kitchen", "temperature", 1700000000 * NS + NS // 2, 21.5,
-                "sensors/kitchen/telemetry"),
-        Reading("kitchen", "humidity", 1700000000 * NS + NS // 2, 40.0,
-                "sensors/kitchen/telemetry"),
+        Reading(
+            "kitchen", "temperature", 1700000000 * NS + NS // 2, 21.5, "sensors/kitchen/telemetry"
+        ),
+        Reading(
+            "kitchen", "humidity", 1700000000 * NS + NS // 2, 40.0, "sensors/kitchen/telemetry"
+        ),
     ]
 
 
@@ -88,11 +92,14 @@ def test_plain_value_payloads() -> None:
     readings, rejected = decode("sensors/kitchen/temperature", b"21.5")
     assert rejected == []
     assert readings == [
-        Reading("kitchen", "temperature", NOW_NS, 21.5, "sensors/kitchen/temperature")]
+        Reading("kitchen", "temperature", NOW_NS, 21.5, "sensors/kitchen/temperature")
+    ]
 
 
-@pytest.mark.parametrize("payload", [b"", b"NaN", b"inf", b"-Infinity", b"1_000", b"0x10",
-                                     b"21.5C", b"\xff", b"1e999", b"[1]"])
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"NaN", b"inf", b"-Infinity", b"1_000", b"0x10", b"21.5C", b"\xff", b"1e999", b"[1]"],
+)
 def test_bad_values_are_rejected(payload: bytes) -> None:
     readings, rejected = decode("sensors/k/temperature", payload)
     assert readings == []
@@ -126,7 +133,7 @@ def test_malformed_json_is_rejected_with_reason(payload: bytes, reason: str) -> 
 def test_bad_fields_are_quarantined_and_good_ones_kept() -> None:
     readings, rejected = decode(
         "sensors/k/telemetry",
-        b'{"temperature": 20, "status": "ok", "nested": {"a": 1, "b": [1]}, "n": null, "": 3}'
+        b'{"temperature": 20, "status": "ok", "nested": {"a": 1, "b": [1]}, "n": null, "": 3}',
     )
     assert [r.metric for r in readings] == ["temperature", "nested.a"]
     assert len(rejected) == 1
@@ -149,8 +156,10 @@ def test_unrouted_topic_and_empty_levels() -> None:
 
 
 @settings(max_examples=1500, deadline=None)
-@given(topic=st.sampled_from(["sensors/a/telemetry", "sensors/a/t", "x/y", "sensors//x"]),
-       payload=st.binary(max_size=256))
+@given(
+    topic=st.sampled_from(["sensors/a/telemetry", "sensors/a/t", "x/y", "sensors//x"]),
+    payload=st.binary(max_size=256),
+)
 def test_any_bytes_give_readings_or_a_reason_never_an_exception(topic: str, payload: bytes) -> None:
     readings, rejected = decode_all(TABLE, [(topic, payload, NOW_NS)])
     assert readings or rejected
@@ -164,8 +173,9 @@ def test_any_bytes_give_readings_or_a_reason_never_an_exception(topic: str, payl
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8),
-                                                                        children, max_size=4),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
     max_leaves=12,
 )
 
@@ -186,19 +196,26 @@ def test_json_array_of_objects_gives_every_record() -> None:
     readings, rejected = decode("sensors/k/telemetry", payload)
     assert rejected == []
     assert [(r.metric, r.ts_ns / NS, r.value) for r in readings] == [
-        ("t", 1700000000.0, 1.0), ("h", 1700000000.0, 2.0), ("t", 1700000001.0, 3.0),
-        ("t", NOW, 4.0)]
+        ("t", 1700000000.0, 1.0),
+        ("h", 1700000000.0, 2.0),
+        ("t", 1700000001.0, 3.0),
+        ("t", NOW, 4.0),
+    ]
 
 
 def test_bad_array_elements_are_quarantined_and_the_rest_kept() -> None:
-    payload = (b'[{"ts": 1700000000, "t": 1}, 5, {"ts": "never", "t": 2}, {"t": "x", "u": 3},'
-               b' {"ts": 1700000002}]')
+    payload = (
+        b'[{"ts": 1700000000, "t": 1}, 5, {"ts": "never", "t": 2}, {"t": "x", "u": 3},'
+        b' {"ts": 1700000002}]'
+    )
     readings, rejected = decode("sensors/k/telemetry", payload)
     assert [(r.metric, r.value) for r in readings] == [("t", 1.0), ("u", 3.0)]
-    assert rejected == ["element 1 is not an object (got number); "
-                        "element 2: timestamp 'never' is not ISO 8601; "
-                        "element 3: field 't' is not a finite number (got string); "
-                        "element 4: JSON object has no numeric fields"]
+    assert rejected == [
+        "element 1 is not an object (got number); "
+        "element 2: timestamp 'never' is not ISO 8601; "
+        "element 3: field 't' is not a finite number (got string); "
+        "element 4: JSON object has no numeric fields"
+    ]
 
 
 def test_invalid_utf8_and_deep_nesting_are_reasons_not_crashes() -> None:
@@ -206,23 +223,32 @@ def test_invalid_utf8_and_deep_nesting_are_reasons_not_crashes() -> None:
     # its own DecodeError: either would have stopped the daemon, and the
     # broker's redelivery would have stopped it again on every restart.
     assert decode("sensors/k/telemetry", b'{"t": 1, "s": "\xff"}') == (
-        [], ["payload is not valid UTF-8"])
+        [],
+        ["payload is not valid UTF-8"],
+    )
     assert decode("sensors/k/telemetry", b"[" * 5000 + b"]" * 5000) == (
-        [], ["JSON is nested too deeply"])
+        [],
+        ["JSON is nested too deeply"],
+    )
 
 
 # -- readings that share a time are distinct readings (never "duplicates") ---------------
+
 
 def test_an_array_without_timestamps_keeps_every_reading() -> None:
     readings, rejected = decode("sensors/k/telemetry", b'[{"t": 1}, {"t": 2}, {"t": 3}]')
     assert rejected == []
     assert [(r.ts_ns, r.seq, r.value) for r in readings] == [
-        (NOW_NS, 0, 1.0), (NOW_NS, 1, 2.0), (NOW_NS, 2, 3.0)]
+        (NOW_NS, 0, 1.0),
+        (NOW_NS, 1, 2.0),
+        (NOW_NS, 2, 3.0),
+    ]
 
 
 def test_a_repeated_timestamp_in_an_array_keeps_both_in_order() -> None:
-    readings, _ = decode("sensors/k/telemetry",
-                         b'[{"ts": 1700000000, "t": 5}, {"ts": 1700000000, "t": 6}]')
+    readings, _ = decode(
+        "sensors/k/telemetry", b'[{"ts": 1700000000, "t": 5}, {"ts": 1700000000, "t": 6}]'
+    )
     assert [(r.seq, r.value) for r in readings] == [(0, 5.0), (1, 6.0)]
 
 
@@ -244,18 +270,26 @@ def test_a_byte_order_mark_is_ignored() -> None:
     assert (rejected, [r.value for r in readings]) == ([], [1.0])
 
 
-@pytest.mark.parametrize("payload", [b'{"t": 1, "t": 2}', b'[{"h": 1}, {"x": {"t": 1, "t": 2}}]',
-                                     b'{"ts": "2023-11-14T22:13:20Z", "t": 1, "t": 2}'])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"t": 1, "t": 2}',
+        b'[{"h": 1}, {"x": {"t": 1, "t": 2}}]',
+        b'{"ts": "2023-11-14T22:13:20Z", "t": 1, "t": 2}',
+    ],
+)
 def test_a_field_named_twice_is_quarantined_with_the_reason(payload: bytes) -> None:
     readings, rejected = decode("sensors/k/telemetry", payload)
     assert readings == []
-    assert rejected == ["field 't' appears more than once in an object (which value is meant "
-                        "is ambiguous)"]
+    assert rejected == [
+        "field 't' appears more than once in an object (which value is meant is ambiguous)"
+    ]
 
 
 def test_colons_inside_strings_are_not_taken_for_repeated_fields() -> None:
-    readings, rejected = decode("sensors/k/telemetry",
-                                b'{"ts": "2023-11-14T22:13:20Z", "note": "a:b", "t": 1}')
+    readings, rejected = decode(
+        "sensors/k/telemetry", b'{"ts": "2023-11-14T22:13:20Z", "note": "a:b", "t": 1}'
+    )
     assert [r.value for r in readings] == [1.0]
     assert rejected == ["field 'note' is not a finite number (got string)"]
 

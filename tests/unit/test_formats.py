@@ -32,8 +32,9 @@ def table(*routes: dict[str, object], limits: InputLimits | None = None) -> Rout
     return RouteTable(compiled, limits)
 
 
-def run(t: RouteTable, topic: str, payload: bytes | str, now: float = NOW
-        ) -> tuple[list[Reading], list[str]]:
+def run(
+    t: RouteTable, topic: str, payload: bytes | str, now: float = NOW
+) -> tuple[list[Reading], list[str]]:
     data = payload.encode() if isinstance(payload, str) else payload
     readings, rejected = decode_all(t, [(topic, data, ns(now))])
     return readings, [r.reason for r in rejected]
@@ -48,9 +49,11 @@ def rows(readings: list[Reading]) -> list[tuple[str, float, float, str]]:
 
 # -- SenML, RFC 8428 section 5.1 ------------------------------------------------------
 
+
 def test_senml_single_datapoint() -> None:
-    readings, problems = run(SENML, "senml/dev1",
-                             '[{"n":"urn:dev:ow:10e2073a01080063","u":"Cel","v":23.1}]')
+    readings, problems = run(
+        SENML, "senml/dev1", '[{"n":"urn:dev:ow:10e2073a01080063","u":"Cel","v":23.1}]'
+    )
     assert problems == []
     # No time at all: 0 is relative, so "now" (the receive time).
     assert rows(readings) == [("urn:dev:ow:10e2073a01080063", NOW, 23.1, "Cel")]
@@ -58,41 +61,57 @@ def test_senml_single_datapoint() -> None:
 
 
 def test_senml_multiple_datapoints_with_base_name() -> None:
-    readings, _ = run(SENML, "senml/dev1", '[{"bn":"urn:dev:ow:10e2073a01080063:","n":"voltage",'
-                      '"u":"V","v":120.1},{"n":"current","u":"A","v":1.2}]')
-    assert rows(readings) == [("urn:dev:ow:10e2073a01080063:voltage", NOW, 120.1, "V"),
-                              ("urn:dev:ow:10e2073a01080063:current", NOW, 1.2, "A")]
+    readings, _ = run(
+        SENML,
+        "senml/dev1",
+        '[{"bn":"urn:dev:ow:10e2073a01080063:","n":"voltage",'
+        '"u":"V","v":120.1},{"n":"current","u":"A","v":1.2}]',
+    )
+    assert rows(readings) == [
+        ("urn:dev:ow:10e2073a01080063:voltage", NOW, 120.1, "V"),
+        ("urn:dev:ow:10e2073a01080063:current", NOW, 1.2, "A"),
+    ]
 
 
 def test_senml_multiple_measurements_with_base_time_and_unit() -> None:
-    pack = ('[{"bn":"urn:dev:ow:10e2073a0108006:","bt":1.276020076001e+09,"bu":"A","bver":5,'
-            '"n":"voltage","u":"V","v":120.1},{"n":"current","t":-5,"v":1.2},'
-            '{"n":"current","t":-4,"v":1.3},{"n":"current","t":-3,"v":1.4},'
-            '{"n":"current","t":-2,"v":1.5},{"n":"current","t":-1,"v":1.6},'
-            '{"n":"current","v":1.7}]')
+    pack = (
+        '[{"bn":"urn:dev:ow:10e2073a0108006:","bt":1.276020076001e+09,"bu":"A","bver":5,'
+        '"n":"voltage","u":"V","v":120.1},{"n":"current","t":-5,"v":1.2},'
+        '{"n":"current","t":-4,"v":1.3},{"n":"current","t":-3,"v":1.4},'
+        '{"n":"current","t":-2,"v":1.5},{"n":"current","t":-1,"v":1.6},'
+        '{"n":"current","v":1.7}]'
+    )
     readings, problems = run(SENML, "senml/dev1", pack)
     assert problems == []
     bt = 1.276020076001e9
     assert rows(readings) == [("urn:dev:ow:10e2073a0108006:voltage", bt, 120.1, "V")] + [
         ("urn:dev:ow:10e2073a0108006:current", bt + dt, v, "A")
-        for dt, v in ((-5, 1.2), (-4, 1.3), (-3, 1.4), (-2, 1.5), (-1, 1.6), (0, 1.7))]
+        for dt, v in ((-5, 1.2), (-4, 1.3), (-3, 1.4), (-2, 1.5), (-1, 1.6), (0, 1.7))
+    ]
 
 
 def test_senml_multiple_datapoints_in_several_units_keep_all_seven() -> None:
     # RFC 8428 5.1.4: one base name, humidity in the base unit, then position
     # records told apart only by their unit (lon, lat): seven readings.
-    pack = ('[{"bn":"urn:dev:ow:10e2073a01080063","bt":1.320067464e+09,"bu":"%RH","v":20},'
-            '{"u":"lon","v":24.30621},{"u":"lat","v":60.07965},'
-            '{"t":60,"v":20.3},{"u":"lon","t":60,"v":24.30622},{"u":"lat","t":60,"v":60.07965},'
-            '{"t":120,"v":20.7}]')
+    pack = (
+        '[{"bn":"urn:dev:ow:10e2073a01080063","bt":1.320067464e+09,"bu":"%RH","v":20},'
+        '{"u":"lon","v":24.30621},{"u":"lat","v":60.07965},'
+        '{"t":60,"v":20.3},{"u":"lon","t":60,"v":24.30622},{"u":"lat","t":60,"v":60.07965},'
+        '{"t":120,"v":20.7}]'
+    )
     readings, problems = run(SENML, "senml/dev", pack)
     assert problems == []
     bt = 1.320067464e9
     name = "urn:dev:ow:10e2073a01080063"
-    assert rows(readings) == [(name, bt, 20.0, "%RH"), (name, bt, 24.30621, "lon"),
-                              (name, bt, 60.07965, "lat"), (name, bt + 60, 20.3, "%RH"),
-                              (name, bt + 60, 24.30622, "lon"), (name, bt + 60, 60.07965, "lat"),
-                              (name, bt + 120, 20.7, "%RH")]
+    assert rows(readings) == [
+        (name, bt, 20.0, "%RH"),
+        (name, bt, 24.30621, "lon"),
+        (name, bt, 60.07965, "lat"),
+        (name, bt + 60, 20.3, "%RH"),
+        (name, bt + 60, 24.30622, "lon"),
+        (name, bt + 60, 60.07965, "lat"),
+        (name, bt + 120, 20.7, "%RH"),
+    ]
     # Distinct series (the unit is part of a series), so nothing needs a seq.
     assert {r.seq for r in readings} == {0}
 
@@ -101,32 +120,47 @@ def test_influx_points_without_timestamps_are_all_kept() -> None:
     readings, problems = run(INFLUX, "telegraf/paris", "cpu v=1\ncpu v=2\ncpu v=3")
     assert problems == []
     assert [(r.metric, r.seq, r.value) for r in readings] == [
-        ("cpu.v", 0, 1.0), ("cpu.v", 1, 2.0), ("cpu.v", 2, 3.0)]
+        ("cpu.v", 0, 1.0),
+        ("cpu.v", 1, 2.0),
+        ("cpu.v", 2, 3.0),
+    ]
 
 
 def test_influx_nanosecond_timestamps_stay_distinct() -> None:
-    readings, _ = run(INFLUX, "telegraf/paris",
-                      "cpu v=1 1700000000000000100\ncpu v=2 1700000000000000200")
-    assert [(r.ts_ns, r.seq) for r in readings] == [(1700000000000000100, 0),
-                                                    (1700000000000000200, 0)]
+    readings, _ = run(
+        INFLUX, "telegraf/paris", "cpu v=1 1700000000000000100\ncpu v=2 1700000000000000200"
+    )
+    assert [(r.ts_ns, r.seq) for r in readings] == [
+        (1700000000000000100, 0),
+        (1700000000000000200, 0),
+    ]
 
 
 def test_senml_resolved_data() -> None:
-    readings, _ = run(SENML, "senml/d", '[{"n":"urn:dev:ow:10e2073a01080063:voltage",'
-                      '"t":1.276020076e+09,"u":"V","v":120.1},{"n":"urn:dev:ow:10e2073a01080063:'
-                      'current","t":1.276020076e+09,"u":"A","v":1.2}]')
+    readings, _ = run(
+        SENML,
+        "senml/d",
+        '[{"n":"urn:dev:ow:10e2073a01080063:voltage",'
+        '"t":1.276020076e+09,"u":"V","v":120.1},{"n":"urn:dev:ow:10e2073a01080063:'
+        'current","t":1.276020076e+09,"u":"A","v":1.2}]',
+    )
     assert [(m, t, v) for m, t, v, _ in rows(readings)] == [
         ("urn:dev:ow:10e2073a01080063:voltage", 1.276020076e9, 120.1),
-        ("urn:dev:ow:10e2073a01080063:current", 1.276020076e9, 1.2)]
+        ("urn:dev:ow:10e2073a01080063:current", 1.276020076e9, 1.2),
+    ]
 
 
 def test_senml_multiple_data_types_keep_numbers_and_report_the_rest() -> None:
-    pack = ('[{"bn":"urn:dev:ow:10e2073a01080063:","n":"temp","u":"Cel","v":23.1},'
-            '{"n":"label","vs":"Machine Room"},{"n":"open","vb":false},'
-            '{"n":"nfc-reader","vd":"aGkgCg"}]')
+    pack = (
+        '[{"bn":"urn:dev:ow:10e2073a01080063:","n":"temp","u":"Cel","v":23.1},'
+        '{"n":"label","vs":"Machine Room"},{"n":"open","vb":false},'
+        '{"n":"nfc-reader","vd":"aGkgCg"}]'
+    )
     readings, problems = run(SENML, "senml/d", pack)
     assert [(m, v) for m, _, v, _ in rows(readings)] == [
-        ("urn:dev:ow:10e2073a01080063:temp", 23.1), ("urn:dev:ow:10e2073a01080063:open", 0.0)]
+        ("urn:dev:ow:10e2073a01080063:temp", 23.1),
+        ("urn:dev:ow:10e2073a01080063:open", 0.0),
+    ]
     assert len(problems) == 1
     assert "record 1 (urn:dev:ow:10e2073a01080063:label): a string value" in problems[0]
     assert "record 3 (urn:dev:ow:10e2073a01080063:nfc-reader): a data value" in problems[0]
@@ -158,25 +192,35 @@ def test_influx_reference_examples() -> None:
     assert point.fields == (("temperature", 82.0),)
     assert point.timestamp == 1465839830100400200
 
-    point, _ = parse_line('my\\ Measurement,tag\\ key\\ with\\ spaces=tag\\,value\\,with"commas" '
-                          'field_key\\\\\\\\="string, \\" escaped",n=1i,u=7u,b=t,f=FALSE')
+    point, _ = parse_line(
+        'my\\ Measurement,tag\\ key\\ with\\ spaces=tag\\,value\\,with"commas" '
+        'field_key\\\\\\\\="string, \\" escaped",n=1i,u=7u,b=t,f=FALSE'
+    )
     assert point.measurement == "my Measurement"
     assert point.tags == (("tag key with spaces", 'tag,value,with"commas"'),)
     assert point.fields == (("n", 1.0), ("u", 7.0), ("b", 1.0), ("f", 0.0))
     assert point.timestamp is None
 
-    points, problems = parse("# a comment\ncpu,host=a value=1 10\n\ncpu,host=b value=2 20\n"
-                             "bad\ncpu v=-1u\ncpu v=1 1 extra")
-    assert [(p.tags, p.fields[0][1]) for p in points] == [((("host", "a"),), 1.0),
-                                                         ((("host", "b"),), 2.0)]
-    assert problems == ["line 5: line has no field set (expected 'measurement field=value')",
-                        "line 6: unsigned field value '-1u' is negative",
-                        "line 7: unexpected text after the timestamp (unescaped space?)"]
+    points, problems = parse(
+        "# a comment\ncpu,host=a value=1 10\n\ncpu,host=b value=2 20\n"
+        "bad\ncpu v=-1u\ncpu v=1 1 extra"
+    )
+    assert [(p.tags, p.fields[0][1]) for p in points] == [
+        ((("host", "a"),), 1.0),
+        ((("host", "b"),), 2.0),
+    ]
+    assert problems == [
+        "line 5: line has no field set (expected 'measurement field=value')",
+        "line 6: unsigned field value '-1u' is negative",
+        "line 7: unexpected text after the timestamp (unescaped space?)",
+    ]
 
 
 def test_influx_readings_metric_names_tags_and_time() -> None:
-    payload = ("cpu,host=ignored,core=0 usage_user=12.5,usage_system=3 1700000000000000000\n"
-               'disk,path=/ used_percent=40.1,label="root"')
+    payload = (
+        "cpu,host=ignored,core=0 usage_user=12.5,usage_system=3 1700000000000000000\n"
+        'disk,path=/ used_percent=40.1,label="root"'
+    )
     readings, problems = run(INFLUX, "telegraf/web1", payload)
     assert [(r.sensor, r.metric, r.ts_ns / NS, r.value, json.loads(r.tags)) for r in readings] == [
         ("web1", "cpu.usage_user", 1.7e9, 12.5, {"core": "0", "host": "ignored"}),
@@ -184,27 +228,51 @@ def test_influx_readings_metric_names_tags_and_time() -> None:
         ("web1", "disk.used_percent", NOW, 40.1, {"path": "/"}),
     ]
     assert problems == ["line 2: field 'label' of 'disk' is a string, not a number"]
-    by_tag = table({"topic": "telegraf/{site}", "format": "influx", "sensor": "{site}",
-                    "sensor_tag": "host", "timestamp_unit": "ms", "metric": "{field}"})
+    by_tag = table(
+        {
+            "topic": "telegraf/{site}",
+            "format": "influx",
+            "sensor": "{site}",
+            "sensor_tag": "host",
+            "timestamp_unit": "ms",
+            "metric": "{field}",
+        }
+    )
     readings, _ = run(by_tag, "telegraf/paris", "cpu,host=web2 idle=99 1700000000000")
     assert [(r.sensor, r.metric, r.ts_ns / NS, r.tags) for r in readings] == [
-        ("web2", "idle", 1.7e9, "")]
+        ("web2", "idle", 1.7e9, "")
+    ]
     _, problems = run(INFLUX, "telegraf/x", b"cpu v=1 \xff")
     assert problems == ["payload is not valid UTF-8"]
 
 
 # -- json options and topic tags -----------------------------------------------------
 
+
 def test_json_nested_flattening_filters_units_and_depth() -> None:
-    t = table({"topic": "site/{site}/{sensor}", "format": "json", "exclude_fields": ["status"],
-               "timestamp_field": "time", "timestamp_unit": "ms"},
-              limits=InputLimits(max_json_depth=3))
-    payload = json.dumps({"time": 1700000000500, "status": "ok",
-                          "env": {"temperature": 21.5, "air": {"co2": 400}},
-                          "a": {"b": {"c": {"d": 1}}}})
+    t = table(
+        {
+            "topic": "site/{site}/{sensor}",
+            "format": "json",
+            "exclude_fields": ["status"],
+            "timestamp_field": "time",
+            "timestamp_unit": "ms",
+        },
+        limits=InputLimits(max_json_depth=3),
+    )
+    payload = json.dumps(
+        {
+            "time": 1700000000500,
+            "status": "ok",
+            "env": {"temperature": 21.5, "air": {"co2": 400}},
+            "a": {"b": {"c": {"d": 1}}},
+        }
+    )
     readings, problems = run(t, "site/paris/dev1", payload)
     assert [(r.metric, r.ts_ns / NS, r.value) for r in readings] == [
-        ("env.temperature", 1700000000.5, 21.5), ("env.air.co2", 1700000000.5, 400.0)]
+        ("env.temperature", 1700000000.5, 21.5),
+        ("env.air.co2", 1700000000.5, 400.0),
+    ]
     assert all(r.tags == '{"site":"paris"}' and r.sensor == "dev1" for r in readings)
     assert problems == ["field 'a.b.c' is nested deeper than 3 levels"]
 
@@ -229,9 +297,14 @@ def test_input_limits_size_depth_utf8() -> None:
 
 # -- processing: scaling and clocks ---------------------------------------------------
 
+
 def test_scaling_and_device_clock_checks() -> None:
-    r = [Reading("d", "p", ns(NOW), 101325.0), Reading("d", "t", ns(NOW + 301), 1.0),
-         Reading("d", "t", ns(NOW - 11 * 86400), 2.0), Reading("d", "t", ns(NOW - 9 * 86400), 3.0)]
+    r = [
+        Reading("d", "p", ns(NOW), 101325.0),
+        Reading("d", "t", ns(NOW + 301), 1.0),
+        Reading("d", "t", ns(NOW - 11 * 86400), 2.0),
+        Reading("d", "t", ns(NOW - 9 * 86400), 3.0),
+    ]
     rejected: list[Rejected] = []
     scaled = apply_scaling(r, {"p": Scaling(scale=0.01, unit="hPa")}, NOW, rejected)
     assert scaled[0].value == pytest.approx(1013.25)
@@ -245,16 +318,19 @@ def test_scaling_and_device_clock_checks() -> None:
 
 # -- rate limits -------------------------------------------------------------------------
 
+
 def test_token_bucket_per_device() -> None:
-    t = table({"topic": "s/{sensor}", "format": "value", "metric": "v", "rate_limit": 10,
-               "rate_burst": 5})
+    t = table(
+        {"topic": "s/{sensor}", "format": "value", "metric": "v", "rate_limit": 10, "rate_burst": 5}
+    )
     kept = [len(run(t, "s/loud", "1", now=NOW)[0]) for _ in range(8)]
     assert sum(kept) == 5
     assert t.counts.rate_dropped == 3
     assert len(run(t, "s/quiet", "1", now=NOW)[0]) == 1  # its own bucket
     assert len(run(t, "s/loud", "1", now=NOW + 0.2)[0]) == 1  # 2 tokens back after 0.2 s
-    q = table({"topic": "s/{sensor}", "rate_limit": 1, "rate_burst": 2,
-               "rate_policy": "quarantine"})
+    q = table(
+        {"topic": "s/{sensor}", "rate_limit": 1, "rate_burst": 2, "rate_policy": "quarantine"}
+    )
     readings, problems = run(q, "s/d", '{"a": 1, "b": 2, "c": 3}')
     assert [r.metric for r in readings] == ["a", "b"]
     assert problems == ["rate limit: 1 reading(s) over 1/s (burst 2) from d"]
@@ -264,20 +340,26 @@ def test_rate_limit_runs_on_the_device_clock_so_a_backlog_passes() -> None:
     # A device at exactly its limit (1/s), its 15 messages delivered at once
     # after an outage: produced at its pace, so all pass (by receive time: 1).
     t = table({"topic": "s/{sensor}", "rate_limit": 1, "rate_burst": 1})
-    kept = [len(run(t, "s/d", f'{{"ts": {1_700_000_000 + i}, "v": 1}}', now=NOW)[0])
-            for i in range(15)]
+    kept = [
+        len(run(t, "s/d", f'{{"ts": {1_700_000_000 + i}, "v": 1}}', now=NOW)[0]) for i in range(15)
+    ]
     assert kept == [1] * 15
     # Ten in 0.9 s of its own clock: the burst of one, then 0.9 tokens: one passes.
-    fast = [len(run(t, "s/e", f'{{"ts": {1_700_000_100 + i / 10}, "v": 1}}', now=NOW)[0])
-            for i in range(10)]
+    fast = [
+        len(run(t, "s/e", f'{{"ts": {1_700_000_100 + i / 10}, "v": 1}}', now=NOW)[0])
+        for i in range(10)
+    ]
     assert fast == [1] + [0] * 9
 
 
 def test_explain_shows_route_tags_and_readings() -> None:
-    s = Settings(routes=[{"topic": "plant/{site}/{sensor}/data", "format": "json"}],
-                 processor={"limits": {"t": {"max": 50}}})
-    text = explain(s, "plant/lyon/p1/data", b'{"ts": 1700000000, "t": 21.5, "u": 99, "x": "a"}',
-                   now=NOW)
+    s = Settings(
+        routes=[{"topic": "plant/{site}/{sensor}/data", "format": "json"}],
+        processor={"limits": {"t": {"max": 50}}},
+    )
+    text = explain(
+        s, "plant/lyon/p1/data", b'{"ts": 1700000000, "t": 21.5, "u": 99, "x": "a"}', now=NOW
+    )
     assert "route:   #1 'plant/{site}/{sensor}/data' (format json, qos 1)" in text
     assert "sensor:  'p1'" in text
     assert 'tags:    {"site":"lyon"}' in text
@@ -288,13 +370,21 @@ def test_explain_shows_route_tags_and_readings() -> None:
 
 # -- every decoder, any bytes ------------------------------------------------------------
 
-ALL = table({"topic": "j/{sensor}"}, {"topic": "s/{sensor}", "format": "senml"},
-            {"topic": "i/{sensor}", "format": "influx"},
-            {"topic": "v/{sensor}", "format": "value", "metric": "v"},
-            limits=InputLimits(max_payload_bytes=4096))
-SEEDS = [b'{"ts": 1700000000, "t": 1.5, "env": {"h": 2}}', b'[{"t": 1}, {"t": 2}]',
-         b'[{"bn":"a:","bt":1.7e9,"n":"t","v":1},{"n":"h","vb":true}]',
-         b"cpu,host=a v=1,w=2i 1700000000000000000\nm f=t", b"21.5", b"true"]
+ALL = table(
+    {"topic": "j/{sensor}"},
+    {"topic": "s/{sensor}", "format": "senml"},
+    {"topic": "i/{sensor}", "format": "influx"},
+    {"topic": "v/{sensor}", "format": "value", "metric": "v"},
+    limits=InputLimits(max_payload_bytes=4096),
+)
+SEEDS = [
+    b'{"ts": 1700000000, "t": 1.5, "env": {"h": 2}}',
+    b'[{"t": 1}, {"t": 2}]',
+    b'[{"bn":"a:","bt":1.7e9,"n":"t","v":1},{"n":"h","vb":true}]',
+    b"cpu,host=a v=1,w=2i 1700000000000000000\nm f=t",
+    b"21.5",
+    b"true",
+]
 
 
 @st.composite
@@ -308,19 +398,40 @@ def mutated(draw: st.DrawFn) -> bytes:
         elif op == 1:
             base[pos:pos] = draw(st.binary(min_size=1, max_size=8))
         elif op == 2:
-            base[pos:pos] = draw(st.sampled_from(
-                [b"NaN", b"1e999", b"9" * 400, b"\xff", b"[[[[", b'"', b"\\", b"\n", b'"_": 1',
-                 b"-", b"{}", b"{", b"}", b'"bver":99', b'"x_":1']))
+            base[pos:pos] = draw(
+                st.sampled_from(
+                    [
+                        b"NaN",
+                        b"1e999",
+                        b"9" * 400,
+                        b"\xff",
+                        b"[[[[",
+                        b'"',
+                        b"\\",
+                        b"\n",
+                        b'"_": 1',
+                        b"-",
+                        b"{}",
+                        b"{",
+                        b"}",
+                        b'"bver":99',
+                        b'"x_":1',
+                    ]
+                )
+            )
         else:
             del base[pos:]
     return bytes(base)
 
 
 @settings(max_examples=3000, deadline=None)
-@given(prefix=st.sampled_from(["j", "s", "i", "v"]),
-       payload=st.one_of(st.binary(max_size=512), mutated()))
-def test_every_decoder_returns_readings_or_a_reason_for_any_bytes(prefix: str,
-                                                                  payload: bytes) -> None:
+@given(
+    prefix=st.sampled_from(["j", "s", "i", "v"]),
+    payload=st.one_of(st.binary(max_size=512), mutated()),
+)
+def test_every_decoder_returns_readings_or_a_reason_for_any_bytes(
+    prefix: str, payload: bytes
+) -> None:
     readings, rejected = decode_all(ALL, [(f"{prefix}/dev", payload, ns(NOW))])
     assert readings or rejected
     assert len(rejected) <= 1

@@ -26,12 +26,21 @@ def test_watchdog_interval_from_systemd_variables() -> None:
 
 def test_reload_tells_live_settings_from_restart_ones() -> None:
     old = Settings(routes=[ROUTE])
-    new = Settings(routes=[ROUTE, {"topic": "plant/{sensor}/x"}],
-                   daemon={"log_level": "debug"}, mqtt={"port": 1884},
-                   processor={"limits": {"t": {"max": 1}}}, batch={"max_readings": 10})
+    new = Settings(
+        routes=[ROUTE, {"topic": "plant/{sensor}/x"}],
+        daemon={"log_level": "debug"},
+        mqtt={"port": 1884},
+        processor={"limits": {"t": {"max": 1}}},
+        batch={"max_readings": 10},
+    )
     changed = _changed_keys(old, new)
-    assert changed == ["batch.max_readings", "daemon.log_level", "mqtt.port",
-                       "processor.limits", "routes"]
+    assert changed == [
+        "batch.max_readings",
+        "daemon.log_level",
+        "mqtt.port",
+        "processor.limits",
+        "routes",
+    ]
     assert [k for k in changed if not k.startswith(LIVE_KEYS)] == ["mqtt.port"]
     assert _changed_keys(old, Settings(routes=[ROUTE])) == []
 
@@ -78,8 +87,10 @@ def test_library_log_records_and_tracebacks_are_json_lines_in_a_json_log() -> No
     structlog.get_logger("ingestd").info("ours", n=1)
     lines = [json.loads(line) for line in out.getvalue().splitlines()]  # each one JSON
     assert [(x.get("logger", "-"), x["msg"]) for x in lines] == [
-        ("asyncio", "Task exception was never retrieved"), ("paho", "odd packet 7"),
-        ("-", "ours")]
+        ("asyncio", "Task exception was never retrieved"),
+        ("paho", "odd packet 7"),
+        ("-", "ours"),
+    ]
     assert "broker went away" in json.dumps(lines[0]["exception"])
 
 
@@ -87,8 +98,9 @@ def test_store_advice_says_what_to_do(tmp_path: Path) -> None:
     from ingestd.app import store_advice
     from ingestd.errors import StoreUnavailable
 
-    denied = StoreUnavailable("cannot open database",
-                              "/var/lib/ingestd: [Errno 13] Permission denied: '/var/lib/ingestd'")
+    denied = StoreUnavailable(
+        "cannot open database", "/var/lib/ingestd: [Errno 13] Permission denied: '/var/lib/ingestd'"
+    )
     advice = store_advice(Path("/var/lib/ingestd/ingestd.db"), denied)
     assert advice.startswith("cannot create /var/lib/ingestd: permission denied for user ")
     assert "set store.path to a place" in advice
@@ -131,7 +143,8 @@ def test_default_client_id_is_per_host_and_stable() -> None:
     assert MqttSettings().client_id == f"ingestd-{socket.gethostname()}"
     assert MqttSettings().client_id == MqttSettings().client_id
     assert MqttSettings(client_id="site-{hostname}-2").client_id == (
-        f"site-{socket.gethostname()}-2")
+        f"site-{socket.gethostname()}-2"
+    )
 
 
 def test_the_dashboard_uses_the_data_source_chosen_at_import() -> None:

@@ -36,7 +36,10 @@ def test_most_specific_route_wins_regardless_of_order() -> None:
         ("sensors/{sensor}/telemetry", "{sensor}", "{field}", "json"),
     )
     assert [r.pattern for r in t.routes] == [
-        "sensors/{sensor}/telemetry", "sensors/{sensor}/{metric}", "sensors/#"]
+        "sensors/{sensor}/telemetry",
+        "sensors/{sensor}/{metric}",
+        "sensors/#",
+    ]
     telemetry = t.match("sensors/a/telemetry")
     assert telemetry is not None
     assert telemetry.format == "json"
@@ -63,8 +66,9 @@ def test_wildcards_do_not_match_dollar_topics() -> None:
 
 
 def test_subscriptions_are_unique() -> None:
-    t = table(("a/{sensor}/{metric}", "{sensor}", "{metric}", "value"),
-              ("a/+/+", "x", "y", "value"))
+    t = table(
+        ("a/{sensor}/{metric}", "{sensor}", "{metric}", "value"), ("a/+/+", "x", "y", "value")
+    )
     assert [f for f, _ in t.subscriptions()] == ["a/+/+"]
 
 
@@ -82,8 +86,9 @@ def test_subscriptions_are_unique() -> None:
         ("a/{x}", "{x", "m", "value", "sensor template"),
     ],
 )
-def test_bad_specs_are_rejected(pattern: str, sensor: str, metric: str, fmt: str,
-                                message: str) -> None:
+def test_bad_specs_are_rejected(
+    pattern: str, sensor: str, metric: str, fmt: str, message: str
+) -> None:
     with pytest.raises(RouteSpecError, match=message.replace("{", r"\{").replace("+", r"\+")):
         compile_route(pattern, sensor, metric, fmt)
 
@@ -133,12 +138,16 @@ def test_a_dollar_route_is_subscribed_next_to_a_catch_all() -> None:
     from ingestd.config import Settings, route_table
     from ingestd.source import subscriptions
 
-    settings = Settings(routes=[{"topic": "#", "format": "value", "metric": "v",
-                                 "sensor": "all"},
-                                {"topic": "$SYS/broker/{metric}", "format": "value",
-                                 "sensor": "broker"}])
+    settings = Settings(
+        routes=[
+            {"topic": "#", "format": "value", "metric": "v", "sensor": "all"},
+            {"topic": "$SYS/broker/{metric}", "format": "value", "sensor": "broker"},
+        ]
+    )
     assert sorted(t for t, _ in subscriptions(settings, route_table(settings))) == [
-        "#", "$SYS/broker/+"]
+        "#",
+        "$SYS/broker/+",
+    ]
 
 
 def test_a_refused_subscription_is_reported_with_the_routes_it_serves() -> None:
@@ -149,11 +158,17 @@ def test_a_refused_subscription_is_reported_with_the_routes_it_serves() -> None:
     from ingestd.flow import InFlightWindow
     from ingestd.source import MqttSource
 
-    settings = Settings(routes=[{"topic": "sensors/{sensor}/telemetry"},
-                                {"topic": "sensors/{sensor}/{metric}", "format": "value"},
-                                {"topic": "plant/{sensor}/x"}],
-                        mqtt={"shared_group": "g"})
+    settings = Settings(
+        routes=[
+            {"topic": "sensors/{sensor}/telemetry"},
+            {"topic": "sensors/{sensor}/{metric}", "format": "value"},
+            {"topic": "plant/{sensor}/x"},
+        ],
+        mqtt={"shared_group": "g"},
+    )
     source = MqttSource(settings, route_table(settings), EventBus(), InFlightWindow(10))
     assert sorted(source.routes_under("$share/g/sensors/+/+")) == [
-        "sensors/{sensor}/telemetry", "sensors/{sensor}/{metric}"]
+        "sensors/{sensor}/telemetry",
+        "sensors/{sensor}/{metric}",
+    ]
     assert source.routes_under("$share/g/plant/+/x") == ["plant/{sensor}/x"]
