@@ -24,7 +24,7 @@ import structlog
 from ingestd import __version__
 from ingestd.bus import EventBus
 from ingestd.config import Settings, load_settings, route_table
-from ingestd.errors import ConfigError, StoreError, StoreUnavailable
+from ingestd.errors import ConfigError, StopTimeout, StoreError, StoreUnavailable
 from ingestd.events import BatchCommitted, Decoded, Processed
 from ingestd.flow import InFlightWindow
 from ingestd.maintenance import Maintenance
@@ -92,10 +92,6 @@ def _user() -> str:
         return pwd.getpwuid(os.getuid()).pw_name
     except (ImportError, KeyError):
         return str(os.getuid())
-
-
-class StopTimeout(Exception):
-    """The pipeline did not drain within daemon.stop_timeout."""
 
 
 class Daemon:

@@ -241,7 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _data_command(command: str, args: argparse.Namespace, settings: Settings) -> int:
     from ingestd import inspect  # noqa: PLC0415
-    from ingestd.errors import StoreError  # noqa: PLC0415
+    from ingestd.errors import InspectError, StoreError  # noqa: PLC0415
 
     db: Path = args.db or settings.store.path
     try:
@@ -266,7 +266,7 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
                 now = time.time()
                 since = inspect.parse_time(args.since, now)
                 if since >= now and not args.until:
-                    raise inspect.InspectError(
+                    raise InspectError(
                         f"--since {args.since!r} is in the future: nothing has been stored "
                         "after now (give --until too for a range ahead)"
                     )
@@ -282,7 +282,7 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
                 since = inspect.parse_time(args.since)
                 table = inspect.quarantine(conn, since, args.limit)
             inspect.write_table(sys.stdout, table, args.format, progress=progress)
-    except (inspect.InspectError, StoreError) as exc:
+    except (InspectError, StoreError) as exc:
         print(f"ingestd: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `ingestd query ... | head`

@@ -26,12 +26,11 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from ingestd.errors import ConfigError
+from ingestd.errors import ConfigError, RouteSpecError
 from ingestd.routes import (
     CompiledRoute,
     FormatOptions,
     InputLimits,
-    RouteSpecError,
     RouteTable,
     compile_route,
 )

@@ -21,6 +21,11 @@ class ConfigError(IngestdError):
     exit_code = EX_CONFIG
 
 
+class RouteSpecError(IngestdError, ValueError):
+    """A route's topic pattern or template is malformed (a ValueError, so the
+    settings model reports it against the route's key)."""
+
+
 class DecodeError(IngestdError):
     """A payload could not be turned into readings; the message is the reason."""
 
@@ -29,7 +34,7 @@ class StoreError(IngestdError):
     """The store failed in a way retrying will not fix."""
 
 
-class StoreUnavailable(IngestdError):
+class StoreUnavailable(StoreError):
     """The store cannot take writes right now (locked, full, read-only, I/O error).
 
     The writer holds its batch and retries; nothing is acknowledged meanwhile.
@@ -38,3 +43,12 @@ class StoreUnavailable(IngestdError):
     def __init__(self, condition: str, detail: str) -> None:
         super().__init__(f"{condition}: {detail}")
         self.condition = condition
+
+
+class InspectError(IngestdError):
+    """A bad argument to a data command, or an unreadable database; the CLI
+    prints it and exits 1."""
+
+
+class StopTimeout(IngestdError):
+    """The pipeline did not drain within daemon.stop_timeout."""

@@ -110,20 +110,6 @@ class BatchCommitted(msgspec.Struct, frozen=True):
     conflicts: list[Rejected] = []
 
 
-class ConnectionChanged(msgspec.Struct, frozen=True):
-    connected: bool
-    broker: str
-    reason: str = ""
-
-
-class StoreStateChanged(msgspec.Struct, frozen=True):
-    available: bool
-    reason: str = ""
-
-
-Event = Decoded | Processed | BatchCommitted | ConnectionChanged | StoreStateChanged
-
-
 def control(*, last: bool, epoch: int = 0) -> Decoded:
     """An empty chunk that only carries `flush` (and, if `last`, end of stream)."""
     return Decoded([], [], 0, [], epoch, flush=True, last=last)

@@ -22,17 +22,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from ingestd.errors import IngestdError
+from ingestd.errors import InspectError
 from ingestd.events import NS
 from ingestd.store import SCHEMA_VERSION, ro_uri
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 PROGRESS_EVERY = 100_000
-
-
-class InspectError(IngestdError):
-    """A bad argument or an unreadable database; the CLI prints it and exits 1."""
 
 
 def parse_time(text: str, now: float | None = None) -> float:

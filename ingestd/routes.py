@@ -20,16 +20,14 @@ from dataclasses import dataclass
 
 import msgspec
 
+from ingestd.errors import RouteSpecError
+
 _NAME = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _CACHE_MAX = 65536
 # A counter that goes back by more than this restarted (a redelivery goes back
 # by at most the broker's in-flight window).
 _RESTART_BACKSTEP = 65535
 _encode = msgspec.json.encode
-
-
-class RouteSpecError(ValueError):
-    """A route's topic pattern or template is malformed."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,13 +272,6 @@ class RouteTable:
         self.sequences, self.sequences_changed = old.sequences, old.sequences_changed
         self.route_seen, self.sensor_seen = old.route_seen, old.sensor_seen
         self.expect_changed = old.expect_changed
-
-    def subscriptions(self) -> list[tuple[str, int]]:
-        """Unique subscription filters, in route order (QoS is chosen by the caller)."""
-        seen: dict[str, int] = {}
-        for r in self.routes:
-            seen.setdefault(r.subscription, r.index)
-        return list(seen.items())
 
     def sequence(self, sensor: str, seq: int) -> None:
         """Follow a device's message counter: a jump forward is a gap (messages

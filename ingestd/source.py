@@ -32,7 +32,7 @@ from ingestd.bus import EventBus
 from ingestd.config import MqttSettings, Settings, route_table
 from ingestd.decode import decode_all
 from ingestd.errors import ConfigError
-from ingestd.events import NS, ConnectionChanged, Decoded, Rejected, control
+from ingestd.events import NS, Decoded, Rejected, control
 from ingestd.flow import InFlightWindow
 from ingestd.mqtt_link import ARRIVAL_CLOCK, MqttLink, raw_topic
 from ingestd.observe.upstream import BROKER_DROPPED, UpstreamWatch
@@ -295,7 +295,6 @@ class MqttSource:
                         error=str(error),
                         connected_seconds=round(lived, 1),
                     )
-                    self.bus.publish_nowait(ConnectionChanged(False, self.broker, str(error)))
                     if lived >= max(STABLE_CONNECTION, self.settings.reconnect_max_delay):
                         backoff.reset()
                         short_lived = 0
@@ -399,7 +398,6 @@ class MqttSource:
                 epoch=self._epoch,
                 protocol=self.settings.protocol,
             )
-            self.bus.publish_nowait(ConnectionChanged(True, self.broker))
             link_lost = asyncio.ensure_future(link.wait_disconnected())
             link_lost.add_done_callback(lambda _f: self._wake.set())
             stop_cb = asyncio.ensure_future(stop.wait())

@@ -22,7 +22,7 @@ import structlog
 
 from ingestd.bus import EventBus, Subscription
 from ingestd.errors import StoreUnavailable
-from ingestd.events import BatchCommitted, Processed, Reading, Rejected, StoreStateChanged
+from ingestd.events import BatchCommitted, Processed, Reading, Rejected
 from ingestd.flow import InFlightWindow
 from ingestd.routes import SensorStatus
 from ingestd.store import SqliteStore
@@ -212,7 +212,6 @@ class BatchWriter:
                         readings=len(readings),
                         path=str(self.store.path),
                     )
-                    self.bus.publish_nowait(StoreStateChanged(False, exc.condition))
                 await asyncio.sleep(delay / 2 + random.uniform(0, delay / 2))
                 delay = min(self.retry_max_delay, delay * 2)
                 continue
@@ -221,5 +220,4 @@ class BatchWriter:
             if condition is not None:
                 self.store_available = True
                 log.warning("store available again; batch committed", after=condition)
-                self.bus.publish_nowait(StoreStateChanged(True))
             return tx.inserted, tx.duplicates, tx.conflicts

@@ -7,7 +7,8 @@ import pytest
 
 from ingestd.app import LIVE_KEYS, _changed_keys
 from ingestd.config import Settings
-from ingestd.inspect import InspectError, parse_time
+from ingestd.errors import InspectError
+from ingestd.inspect import parse_time
 from ingestd.observe.systemd import watchdog_interval
 
 ROUTE = {"topic": "sensors/{sensor}/telemetry"}
