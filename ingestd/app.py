@@ -16,12 +16,14 @@ import dataclasses
 import os
 import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Protocol
 
 import structlog
 
 from ingestd import __version__
+from ingestd.backoff import Backoff
 from ingestd.bus import EventBus
 from ingestd.config import Settings, load_settings, route_table
 from ingestd.errors import ConfigError, StopTimeout, StoreError, StoreUnavailable
@@ -35,7 +37,7 @@ from ingestd.observe.systemd import SystemdNotifier, monotonic_usec, watchdog_in
 from ingestd.observe.upstream import UpstreamWatch
 from ingestd.process import Processor
 from ingestd.routes import SequenceState
-from ingestd.source import Backoff, MqttSource
+from ingestd.source import MqttSource
 from ingestd.store import SqliteStore
 from ingestd.writer import BatchWriter
 
@@ -94,6 +96,25 @@ def _user() -> str:
         return str(os.getuid())
 
 
+class Reconfigurable(Protocol):
+    """A component a reload reaches: it takes what it needs of the new settings."""
+
+    def reconfigure(self, settings: Settings) -> None: ...
+
+
+@dataclass(frozen=True)
+class Components:
+    """The pipeline's parts, typed (reload and the health checks reach them)."""
+
+    source: MqttSource
+    processor: Processor
+    writer: BatchWriter
+    maintenance: Maintenance
+
+    def parts(self) -> list[Reconfigurable]:
+        return [self.source, self.processor, self.writer, self.maintenance]
+
+
 class Daemon:
     def __init__(
         self,
@@ -111,7 +132,7 @@ class Daemon:
         self.ready = asyncio.Event()
         self.health = Health(settings.daemon.stall_timeout)
         self.metrics = Metrics(self.health)
-        self._components: dict[str, Any] = {}
+        self._components: Components | None = None  # once the store is open
         self.upstream = UpstreamWatch(settings)
         self.health.upstream = self.upstream
         self._reloading: asyncio.Task[None] | None = None
@@ -338,15 +359,10 @@ class Daemon:
         )
         event_logger = EventLogger(to_logger)
         writer.on_commit = self.metrics.observe_commit
-        maintenance = Maintenance(lambda: self.settings.store)
+        maintenance = Maintenance(s.store)
         self.health.loop = asyncio.get_running_loop()
         self.health.pipeline = Pipeline(source, writer, window, bus)
-        self._components = {
-            "source": source,
-            "processor": processor,
-            "writer": writer,
-            "maintenance": maintenance,
-        }
+        self._components = Components(source, processor, writer, maintenance)
 
         def on_ready() -> None:
             if not self.ready.is_set():
@@ -446,17 +462,13 @@ class Daemon:
         ):
             configure_logging(new.daemon.log_level, new.daemon.log_format)
         self.health.stall_timeout = new.daemon.stall_timeout
-        self.upstream.settings = new
-        c = self._components
-        if c:
-            c["processor"].settings = new.processor
-            writer = c["writer"]
-            writer.max_readings = new.batch.max_readings
-            writer.max_delay = new.batch.max_delay_ms / 1000
-            writer.retry_min_delay = new.store.retry_min_delay
-            writer.retry_max_delay = new.store.retry_max_delay
-            if any(k.startswith("routes") for k in changed):
-                c["source"].update_routes(new)
+        # One way in for every component: between chunks, nothing in flight is
+        # lost or stored twice.
+        parts: list[Reconfigurable] = [self.upstream]
+        if self._components is not None:
+            parts += self._components.parts()
+        for part in parts:
+            part.reconfigure(new)
         log.info("configuration reloaded", applied=live)
         if restart:
             log.warning("changed settings need a restart to apply", keys=restart)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import aiosqlite
 import structlog
 
-from ingestd.config import StoreSettings
+from ingestd.config import Settings, StoreSettings
 from ingestd.events import NS
 
 log = structlog.get_logger("ingestd.maintenance")
@@ -25,20 +25,22 @@ DAY = 86400.0
 
 
 class Maintenance:
-    def __init__(
-        self, settings: Callable[[], StoreSettings], clock: Callable[[], float] = time.time
-    ) -> None:
-        self._settings = settings  # read on every pass: a reload applies
+    def __init__(self, settings: StoreSettings, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
         self.clock = clock
         self.deleted_readings = 0
         self.deleted_quarantined = 0
         self.passes = 0
         self.failures = 0
 
+    def reconfigure(self, settings: Settings) -> None:
+        """A reload: retention and its pace from the next pass on."""
+        self.settings = settings.store
+
     async def run(self, stop: asyncio.Event) -> None:
         while True:
             try:
-                async with asyncio.timeout(self._settings().maintenance_interval):
+                async with asyncio.timeout(self.settings.maintenance_interval):
                     await stop.wait()
                 return
             except TimeoutError:
@@ -47,7 +49,7 @@ class Maintenance:
 
     async def run_once(self) -> tuple[int, int]:
         """One pass: retention, then a checkpoint. (readings, quarantined) deleted."""
-        s = self._settings()
+        s = self.settings
         try:
             async with aiosqlite.connect(s.path, isolation_level=None) as conn:
                 await conn.execute(f"PRAGMA busy_timeout = {int(s.busy_timeout_ms)}")

@@ -16,7 +16,7 @@ import msgspec
 import structlog
 
 from ingestd.bus import EventBus, Subscription
-from ingestd.config import Limit, ProcessorSettings, Scaling
+from ingestd.config import Limit, ProcessorSettings, Scaling, Settings
 from ingestd.events import NS, Decoded, Processed, Reading, Rejected
 
 _encode = msgspec.json.encode
@@ -185,6 +185,10 @@ def _violation(r: Reading, limit: Limit) -> str:
 
 class Processor:
     """Validates each decoded chunk and passes it on, in order."""
+
+    def reconfigure(self, settings: Settings) -> None:
+        """A reload: new limits, scaling and clock checks from the next chunk on."""
+        self.settings = settings.processor
 
     def __init__(
         self,

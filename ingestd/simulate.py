@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import aiomqtt
 import msgspec
 
+from ingestd.backoff import Backoff
 from ingestd.config import Settings
 
 _encode = msgspec.json.encode
@@ -87,7 +88,7 @@ async def simulate(
         return sent
 
     password = m.password.get_secret_value() if m.password else None
-    backoff = 0.5
+    backoff = Backoff(0.5, 10.0)
     while not stop.is_set():
         try:
             async with aiomqtt.Client(
@@ -102,7 +103,7 @@ async def simulate(
                     f"{m.host}:{m.port}",
                     file=sys.stderr,
                 )
-                backoff = 0.5
+                backoff.reset()
                 done = 0
                 next_round = time.monotonic()
                 while (rounds == 0 or done < rounds) and not stop.is_set():
@@ -132,7 +133,6 @@ async def simulate(
                 file=sys.stderr,
             )
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(backoff):
+                async with asyncio.timeout(backoff.next()):
                     await stop.wait()
-            backoff = min(backoff * 2, 10.0)
     return summary()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
-import random
 import ssl
 import time
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from ingestd.backoff import Backoff
 from ingestd.bus import EventBus
 from ingestd.config import MqttSettings, Settings, route_table
 from ingestd.decode import decode_all
@@ -49,24 +49,6 @@ BACKPRESSURE_LOG_INTERVAL = 10.0
 # once (another client taking our client id over, an ACL) must not be
 # hammered at the shortest delay.
 STABLE_CONNECTION = 10.0
-
-
-class Backoff:
-    """Exponential backoff with equal jitter: half fixed, half random."""
-
-    def __init__(self, first: float, cap: float, rng: random.Random | None = None) -> None:
-        self.first, self.cap = first, cap
-        self.attempt = 0
-        self._rng = rng or random.Random()
-
-    def next(self) -> float:
-        base: float = min(self.cap, self.first * (2.0**self.attempt))
-        self.attempt = min(self.attempt + 1, 32)
-        jitter: float = self._rng.uniform(0, base / 2)
-        return base / 2 + jitter
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 def subscriptions(settings: Settings, table: RouteTable) -> list[tuple[str, int]]:
@@ -214,6 +196,12 @@ class MqttSource:
             link.ack(mid, qos)
 
     # -- reload ---------------------------------------------------------------------
+
+    def reconfigure(self, settings: Settings) -> None:
+        """A reload: new routes (and subscriptions) if they changed."""
+        if settings.routes != self.settings_root.routes:
+            self.update_routes(settings)
+        self.settings_root = settings
 
     def update_routes(self, settings: Settings) -> None:
         """Apply a reloaded config's routes: decode with the new table from the

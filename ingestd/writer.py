@@ -14,13 +14,14 @@ the condition is logged once when it starts and once when it clears.
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Callable
 
 import structlog
 
+from ingestd.backoff import Backoff
 from ingestd.bus import EventBus, Subscription
+from ingestd.config import Settings
 from ingestd.errors import StoreUnavailable
 from ingestd.events import BatchCommitted, Processed, Reading, Rejected
 from ingestd.flow import InFlightWindow
@@ -75,6 +76,14 @@ class BatchWriter:
         # never returns (a lock held forever) is how a writer wedges.
         self.busy_since: float | None = None
         self.on_commit: Callable[[BatchCommitted], None] | None = None
+
+    def reconfigure(self, settings: Settings) -> None:
+        """A reload: batch size and age, and the store's retry delays, from the
+        next batch on."""
+        self.max_readings = settings.batch.max_readings
+        self.max_delay = settings.batch.max_delay_ms / 1000
+        self.retry_min_delay = settings.store.retry_min_delay
+        self.retry_max_delay = settings.store.retry_max_delay
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -189,7 +198,7 @@ class BatchWriter:
         rejected: list[Rejected],
         status: SensorStatus | None = None,
     ) -> tuple[int, int, list[Rejected]]:
-        delay = self.retry_min_delay
+        backoff = Backoff(self.retry_min_delay, self.retry_max_delay)
         condition: str | None = None
         while True:
             self.busy_since = time.monotonic()
@@ -212,8 +221,7 @@ class BatchWriter:
                         readings=len(readings),
                         path=str(self.store.path),
                     )
-                await asyncio.sleep(delay / 2 + random.uniform(0, delay / 2))
-                delay = min(self.retry_max_delay, delay * 2)
+                await asyncio.sleep(backoff.next())
                 continue
             finally:
                 self.busy_since = None

@@ -48,6 +48,10 @@ class UpstreamWatch:
         self._gaps_reported_at = -REPORT_INTERVAL
         self._stale: set[tuple[int, str]] = set()
 
+    def reconfigure(self, settings: Settings) -> None:
+        """A reload: routes' expect_within from the next check on."""
+        self.settings = settings
+
     # -- the broker's drop counter ($SYS) -------------------------------------------
 
     def broker_dropped(self, payload: bytes) -> None:

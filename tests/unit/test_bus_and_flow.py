@@ -5,9 +5,9 @@ import random
 
 import pytest
 
+from ingestd.backoff import Backoff
 from ingestd.bus import EventBus
 from ingestd.flow import InFlightWindow
-from ingestd.source import Backoff
 
 
 class A:
