@@ -75,8 +75,8 @@ def store_advice(path: Path, exc: StoreUnavailable) -> str:
     lowered = text.lower()
     user = _user()
     if "permission denied" in lowered or "read-only" in lowered or "readonly" in lowered:
-        where = path.parent if not path.parent.exists() else path
-        verb = "create" if not path.parent.exists() else "write"
+        missing = not path.parent.exists()
+        where, verb = (path.parent, "create") if missing else (path, "write")
         why = "read-only file system" if "read-only" in lowered else "permission denied"
         return (
             f"cannot {verb} {where}: {why} for user {user} - set store.path to a "

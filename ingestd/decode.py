@@ -50,14 +50,11 @@ def parse_timestamp(raw: Any, unit: str = "auto") -> int:
     """
     if isinstance(raw, bool):
         raise DecodeError(f"timestamp must be a number or an ISO 8601 string, got {raw!r}")
-    if isinstance(raw, int):
+    if isinstance(raw, int | float):
         if unit == "iso":
             raise DecodeError(f"timestamp {raw!r} is a number; this route expects ISO 8601")
-        ns = raw * _NS_PER.get(unit, NS)
-    elif isinstance(raw, float):
-        if unit == "iso":
-            raise DecodeError(f"timestamp {raw!r} is a number; this route expects ISO 8601")
-        ns = float_ns(raw, _NS_PER.get(unit, NS), raw)
+        per = _NS_PER.get(unit, NS)
+        ns = raw * per if isinstance(raw, int) else float_ns(raw, per, raw)
     elif isinstance(raw, str):
         if unit not in ("auto", "iso"):
             raise DecodeError(
@@ -95,11 +92,15 @@ def check_ns(ns: int, raw: Any) -> int:
     if ns < 0:
         raise DecodeError(f"timestamp {raw!r} is out of range")
     if ns >= _TS_MAX_NS:
-        raise DecodeError(
-            f"timestamp {raw!r} is too large for Unix seconds (milliseconds sent as "
-            "seconds? set the route's timestamp_unit)"
-        )
+        raise DecodeError(_too_large(raw))
     return ns
+
+
+def _too_large(raw: Any, unit_hint: bool = True) -> str:
+    """`unit_hint`: the route has a timestamp_unit to point at (SenML's times
+    are seconds by its RFC: it does not)."""
+    hint = " set the route's timestamp_unit" if unit_hint else ""
+    return f"timestamp {raw!r} is too large for Unix seconds (milliseconds sent as seconds?{hint})"
 
 
 def decode_value(payload: bytes) -> float:
@@ -178,10 +179,10 @@ def _count_keys(doc: Any) -> int:
     stack = [doc]
     while stack:
         node = stack.pop()
-        values = node.values() if type(node) is dict else node
         if type(node) is dict:
             n += len(node)
-        for v in values:
+            node = node.values()
+        for v in node:
             kind = type(v)
             if kind is dict or kind is list:
                 stack.append(v)
@@ -424,9 +425,8 @@ def decode_message(
             sequences = _decode_json(
                 match, topic, payload, received_ns, readings, rejected, table.limits.max_json_depth
             )
-            if sequences:
-                for seq in sequences:
-                    table.sequence(match.sensor, seq)
+            for seq in sequences:
+                table.sequence(match.sensor, seq)
         elif fmt == "value":
             if not match.metric_prefix:
                 raise DecodeError("topic gives an empty metric name")
@@ -643,10 +643,7 @@ def _decode_senml(
         # resolve() checked the time is finite and >= 0; to the microsecond.
         when = round(rec.time * 1e6) * 1000
         if when >= _TS_MAX_NS:
-            problems.append(
-                f"{rec.name}: timestamp {rec.time!r} is too large for Unix "
-                "seconds (milliseconds sent as seconds?)"
-            )
+            problems.append(f"{rec.name}: {_too_large(rec.time, unit_hint=False)}")
             continue
         metric = prefix + rec.name + suffix
         if rec.value is not None:

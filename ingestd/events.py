@@ -110,6 +110,24 @@ class BatchCommitted(msgspec.Struct, frozen=True):
     conflicts: list[Rejected] = []
 
 
+def reading_payload(r: Reading, **extra: object) -> bytes:
+    """A reading as the payload of its quarantine record (JSON), with `extra`
+    fields (a conflict adds the value stored in its place)."""
+    return _encode(
+        {
+            "sensor": r.sensor,
+            "metric": r.metric,
+            "ts": r.ts_ns / NS,
+            "ts_ns": r.ts_ns,
+            "value": r.value,
+            **extra,
+        }
+    )
+
+
+_encode = msgspec.json.encode
+
+
 def control(*, last: bool, epoch: int = 0) -> Decoded:
     """An empty chunk that only carries `flush` (and, if `last`, end of stream)."""
     return Decoded([], [], 0, [], epoch, flush=True, last=last)

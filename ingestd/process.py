@@ -12,29 +12,14 @@ import math
 import time
 from collections.abc import Callable, Mapping
 
-import msgspec
 import structlog
 
 from ingestd.bus import EventBus, Subscription
 from ingestd.config import Limit, ProcessorSettings, Scaling, Settings
-from ingestd.events import NS, Decoded, Processed, Reading, Rejected
+from ingestd.events import NS, Decoded, Processed, Reading, Rejected, reading_payload
 
-_encode = msgspec.json.encode
 log = structlog.get_logger("ingestd.process")
 _NEVER = 2**63  # beyond any int64 nanosecond time
-
-
-def _as_payload(r: Reading) -> bytes:
-    """A rejected reading, as its quarantine record's payload."""
-    return _encode(
-        {
-            "sensor": r.sensor,
-            "metric": r.metric,
-            "ts": r.ts_ns / NS,
-            "ts_ns": r.ts_ns,
-            "value": r.value,
-        }
-    )
 
 
 def apply_limits(
@@ -60,7 +45,9 @@ def apply_limits(
             keep(r)
             continue
         rejected.append(
-            Rejected(r.topic, _as_payload(r), _violation(r, limits[r.metric]), now, "out_of_range")
+            Rejected(
+                r.topic, reading_payload(r), _violation(r, limits[r.metric]), now, "out_of_range"
+            )
         )
     return kept
 
@@ -87,7 +74,7 @@ def apply_scaling(
             rejected.append(
                 Rejected(
                     r.topic,
-                    _as_payload(r),
+                    reading_payload(r),
                     f"{r.metric}={r.value:g} scaled by {s.scale:g} "
                     f"+ {s.offset:g} is not a finite number",
                     now,
@@ -126,7 +113,7 @@ def apply_clock(
                 f"timestamp {ts:.3f} is {(now - ts) / 86400:,.1f} days old "
                 f"(processor.max_age_days = {max_age / 86400:g})"
             )
-        rejected.append(Rejected(r.topic, _as_payload(r), why, now, "clock"))
+        rejected.append(Rejected(r.topic, reading_payload(r), why, now, "clock"))
     return kept
 
 
@@ -168,7 +155,7 @@ def process_guarded(
             rejected.append(
                 Rejected(
                     r.topic,
-                    _as_payload(r),
+                    reading_payload(r),
                     f"internal error: processing failed (a bug in ingestd): {exc!r}",
                     now,
                     "internal",

@@ -223,6 +223,9 @@ class SensorStatus(msgspec.Struct, frozen=True):
         return bool(self.sequences or self.expect_within)
 
 
+_NO_STATUS = SensorStatus()
+
+
 @dataclass(slots=True)
 class SequenceState:
     """A device's message counter as ingestd has followed it (persisted with the
@@ -257,6 +260,8 @@ class RouteTable:
 
     def take_status(self) -> SensorStatus:
         """The per-sensor state changed since the last call, for the store."""
+        if not self.sequences_changed and not self.expect_changed:
+            return _NO_STATUS  # the common chunk: nothing to store, nothing to allocate
         seqs = {
             s: (st.last, st.gaps, st.missing)
             for s in self.sequences_changed

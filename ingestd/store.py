@@ -23,10 +23,9 @@ from pathlib import Path
 from typing import Literal
 
 import aiosqlite
-import msgspec
 
 from ingestd.errors import StoreError, StoreUnavailable
-from ingestd.events import Reading, Rejected
+from ingestd.events import Reading, Rejected, reading_payload
 from ingestd.routes import SensorStatus
 
 MIGRATIONS: tuple[str, ...] = (
@@ -136,7 +135,6 @@ _CONFLICTS = (
     "ON s.series_id = o.series_id AND s.ts_ns = o.ts_ns AND s.seq = o.seq "
     "WHERE s.value IS NOT o.value"
 )
-_NS = 1_000_000_000
 
 # Primary result codes that mean "the store cannot write now, try again later".
 _TRANSIENT = {
@@ -253,17 +251,7 @@ class Batch:
         out: list[Rejected] = []
         for i, stored in sorted(found):
             r = readings[i]
-            payload = msgspec.json.encode(
-                {
-                    "sensor": r.sensor,
-                    "metric": r.metric,
-                    "ts": r.ts_ns / _NS,
-                    "ts_ns": r.ts_ns,
-                    "seq": r.seq,
-                    "value": r.value,
-                    "stored": stored,
-                }
-            )
+            payload = reading_payload(r, seq=r.seq, stored=stored)
             out.append(
                 Rejected(
                     r.topic,
