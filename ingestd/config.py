@@ -20,17 +20,21 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    SerializerFunctionWrapHandler,
     ValidationError,
     field_validator,
+    model_serializer,
     model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from ingestd import formats
 from ingestd.errors import ConfigError, RouteSpecError
+from ingestd.formats import FormatOptions
 from ingestd.routes import (
     CompiledRoute,
-    FormatOptions,
     InputLimits,
+    RouteOptions,
     RouteTable,
     compile_route,
 )
@@ -119,59 +123,80 @@ class MqttSettings(Section):
 
 
 class RouteSettings(Section):
+    """A route: the keys every route takes are fields here; the keys of its
+    format (`timestamp_field`, `sensor_tag`, ...) are the format's options,
+    validated against it (`ingestd.formats`)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True, allow_inf_nan=False)
+
     topic: str = Field(min_length=1)
     qos: Literal[0, 1, 2] = 1
-    format: Literal["json", "senml", "influx", "value"] = "json"
+    format: str = "json"
     sensor: str = "{sensor}"
     metric: str | None = None
-    timestamp_field: str = "ts"
-    timestamp_unit: Literal["auto", "s", "ms", "us", "ns", "iso"] = "auto"
-    flatten_separator: str = Field(".", min_length=1, max_length=8)
-    fields: list[str] = Field(default_factory=list)
-    exclude_fields: list[str] = Field(default_factory=list)
-    sensor_tag: str = ""
     rate_limit: float = Field(0.0, ge=0)
     rate_burst: float = Field(0.0, ge=0)
     rate_policy: Literal["drop", "quarantine"] = "drop"
     retained: Literal["ignore", "store"] = "ignore"
-    sequence_field: str = ""
     expect_within: float = Field(0.0, ge=0)
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        try:
+            formats.get(value)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+        return value
 
     @model_validator(mode="after")
     def _compiles(self) -> RouteSettings:
-        if self.timestamp_unit == "iso" and self.format in ("senml", "influx"):
-            raise ValueError(
-                f"timestamp_unit 'iso' is for json routes; {self.format} timestamps are numbers"
-            )
-        if self.sequence_field and self.format != "json":
-            raise ValueError("sequence_field is for json routes (a field of each message)")
-        if self.sensor_tag and self.format != "influx":
-            raise ValueError("sensor_tag is for influx routes (the tag naming the sensor)")
-        if self.format != "value" and "{field}" not in self.effective_metric:
-            # Without it every field of a payload would get the same metric name.
-            raise ValueError(
-                f"metric template {self.effective_metric!r} must contain "
-                f"{{field}}: a {self.format} payload carries several fields, "
-                'each its own metric (e.g. metric = "{site}.{field}")'
-            )
+        self.format_options()  # a ValidationError here names the route's key
         try:
             self.compile()
         except RouteSpecError as exc:
             raise ValueError(str(exc)) from None
         return self
 
+    def format_options(self) -> FormatOptions:
+        """This route's keys beyond the common ones, validated by its format."""
+        fmt = formats.get(self.format)
+        extra = self.model_extra or {}
+        unknown = [k for k in extra if k not in fmt.options.model_fields]
+        if unknown:
+            takes = ", ".join(fmt.option_names()) or "none"
+            raise ValidationError.from_exception_data(
+                "RouteSettings",
+                [
+                    {
+                        "type": "value_error",
+                        "loc": (key,),
+                        "input": extra[key],
+                        "ctx": {
+                            "error": ValueError(
+                                f"not a key of {fmt.name} routes (their own keys: {takes}; "
+                                "check the spelling against config/ingestd.toml)"
+                            )
+                        },
+                    }
+                    for key in unknown
+                ],
+            )
+        return fmt.options.model_validate(extra)
+
+    @model_serializer(mode="wrap")
+    def _with_format_options(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """Dumped (check-config) with every key in effect, the format's too."""
+        data: dict[str, Any] = handler(self)
+        data.update(self.format_options().model_dump(mode="json"))
+        return data
+
     def compile(self, index: int = 0) -> CompiledRoute:
-        options = FormatOptions(
-            ts_unit=self.timestamp_unit,
-            flatten_separator=self.flatten_separator,
-            fields=frozenset(self.fields) if self.fields else None,
-            exclude_fields=frozenset(self.exclude_fields),
-            sensor_tag=self.sensor_tag,
+        options = RouteOptions(
             rate_limit=self.rate_limit,
             rate_burst=self.rate_burst or max(self.rate_limit, 1.0),
             rate_policy=self.rate_policy,
             retained=self.retained,
-            sequence_field=self.sequence_field,
             expect_within=self.expect_within,
         )
         return compile_route(
@@ -179,18 +204,16 @@ class RouteSettings(Section):
             self.sensor,
             self.effective_metric,
             self.format,
-            self.timestamp_field,
             index,
             options,
+            self.format_options(),
         )
 
     @property
     def effective_metric(self) -> str:
         if self.metric is not None:
             return self.metric
-        return {"json": "{field}", "senml": "{field}", "influx": "{measurement}.{field}"}.get(
-            self.format, "{metric}"
-        )
+        return formats.get(self.format).default_metric
 
 
 class Limit(Section):

@@ -8,9 +8,26 @@ from __future__ import annotations
 
 import msgspec
 
-from ingestd.routes import SensorStatus
-
 NS = 1_000_000_000  # nanoseconds per second
+_encode = msgspec.json.encode
+
+
+def canonical_tags(tags: dict[str, str]) -> str:
+    """Tags as stored: a JSON object with sorted keys, or "" for none."""
+    if not tags:
+        return ""
+    return _encode(tags, order="sorted").decode()
+
+
+class SensorStatus(msgspec.Struct, frozen=True):
+    """Per-sensor state to store with a chunk: sequence (last, gaps, missing) and
+    expect_within, for sensors whose state changed."""
+
+    sequences: dict[str, tuple[int, int, int]] = {}
+    expect_within: dict[str, float] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.sequences or self.expect_within)
 
 
 class Reading(msgspec.Struct, frozen=True, gc=False):

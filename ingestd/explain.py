@@ -41,10 +41,11 @@ def explain(settings: Settings, topic: str, payload: bytes | None, now: float | 
     route = settings.routes[match.route]
     lines += [
         f"route:   #{match.route + 1} {route.topic!r} (format {route.format}, qos {route.qos})",
+        f"format:  {match.fmt.summary}",
         f"sensor:  {match.sensor!r}",
         f"tags:    {match.tags or '(none)'}",
     ]
-    if route.format == "value":
+    if match.fmt.metric_from == "topic":
         lines.append(f"metric:  {match.metric_prefix!r}")
     else:
         lines.append(f"metric:  template {route.effective_metric!r}")

@@ -3,9 +3,9 @@
 A route's topic pattern is an MQTT topic filter whose single-level wildcards
 may be named: `sensors/{sensor}/{metric}` subscribes to `sensors/+/+` and
 captures the two levels. The sensor id and metric name are templates over the
-captured names (`{site}.{device}`); the metric template of a json or senml
-route may also use `{field}` (the payload field, or the SenML name), and of
-an influx route `{measurement}` and `{field}`. Named levels that neither
+captured names (`{site}.{device}`); the metric template may also use the
+names the route's format offers (`Format.template_fields`: `{field}` for json
+and senml, `{measurement}` and `{field}` for influx). Named levels that neither
 template uses become the reading's tags (`sensors/{site}/{sensor}` tags each
 reading with its site).
 """
@@ -17,33 +17,28 @@ import re
 import string
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-import msgspec
-
+from ingestd import formats
 from ingestd.errors import RouteSpecError
+from ingestd.events import SensorStatus, canonical_tags
+from ingestd.formats import Format, FormatOptions
 
 _NAME = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _CACHE_MAX = 65536
 # A counter that goes back by more than this restarted (a redelivery goes back
 # by at most the broker's in-flight window).
 _RESTART_BACKSTEP = 65535
-_encode = msgspec.json.encode
 
 
 @dataclass(frozen=True, slots=True)
-class FormatOptions:
-    """How a route reads its payloads, beyond the format's name."""
+class RouteOptions:
+    """What any route may say beyond its topic and templates, whatever its format."""
 
-    ts_unit: str = "auto"  # auto | s | ms | us | ns | iso
-    flatten_separator: str = "."
-    fields: frozenset[str] | None = None  # allow list (None: every field)
-    exclude_fields: frozenset[str] = frozenset()
-    sensor_tag: str = ""  # influx: the tag holding the sensor id
     rate_limit: float = 0.0  # readings/s per sensor (0: no limit)
     rate_burst: float = 1.0
     rate_policy: str = "drop"  # drop | quarantine
     retained: str = "ignore"  # ignore | store: messages the broker re-sends on subscribe
-    sequence_field: str = ""  # json: the device's message counter (gap detection)
     expect_within: float = 0.0  # seconds a route or sensor may stay silent (0: no limit)
 
 
@@ -51,13 +46,6 @@ class FormatOptions:
 class InputLimits:
     max_payload_bytes: int = 262144
     max_json_depth: int = 16
-
-
-def canonical_tags(tags: dict[str, str]) -> str:
-    """Tags as stored: a JSON object with sorted keys, or "" for none."""
-    if not tags:
-        return ""
-    return _encode(tags, order="sorted").decode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +58,9 @@ class CompiledRoute:
     multi: bool  # ends in '#'
     sensor_template: str
     metric_template: str
-    format: str
-    ts_field: str
-    options: FormatOptions = FormatOptions()
+    fmt: Format
+    params: Any  # the format's prepared options (Format.prepare)
+    options: RouteOptions = RouteOptions()
     tag_names: tuple[tuple[int, str], ...] = ()  # captured levels that become tags
 
     def specificity(self) -> tuple[int, ...]:
@@ -88,15 +76,15 @@ class RouteMatch:
     """What a topic resolves to: the route and the names derived from the topic."""
 
     route: int
-    format: str
-    ts_field: str
+    fmt: Format
+    params: Any  # the format's prepared options
     sensor: str
-    # For a json or senml route the metric is `metric_prefix + field +
-    # metric_suffix`; for a value route `metric_prefix` is the whole metric
-    # name; an influx route formats `metric_template` with `values`.
+    # By the format's `metric_from`: "field", the metric is `metric_prefix +
+    # field + metric_suffix`; "topic", `metric_prefix` is the whole metric
+    # name; "payload", the decoder formats `metric_template` with `values`.
     metric_prefix: str
     metric_suffix: str
-    options: FormatOptions = FormatOptions()
+    options: RouteOptions = RouteOptions()
     tags: str = ""  # canonical JSON of the topic's tag levels
     topic_tags: tuple[tuple[str, str], ...] = ()
     metric_template: str = ""
@@ -107,11 +95,17 @@ def compile_route(
     pattern: str,
     sensor: str,
     metric: str,
-    fmt: str,
-    ts_field: str = "ts",
+    fmt: str = "json",
     index: int = 0,
-    options: FormatOptions | None = None,
+    options: RouteOptions | None = None,
+    format_options: FormatOptions | None = None,
 ) -> CompiledRoute:
+    """A route from its topic pattern, templates, format name and options
+    (`format_options`: the format's own, validated; default: its defaults)."""
+    try:
+        codec = formats.get(fmt)
+    except KeyError as exc:
+        raise RouteSpecError(str(exc.args[0])) from None
     parts = pattern.split("/")
     levels: list[str | None] = []
     captures: list[tuple[int, str]] = []
@@ -146,12 +140,16 @@ def compile_route(
         sub.append(part)
     names = {n for _, n in captures}
     used = set(_check_template("sensor", sensor, pattern, names))
-    extra = {"json": {"field"}, "senml": {"field"}, "influx": {"field", "measurement"}}.get(
-        fmt, set()
-    )
-    fields = _check_template("metric", metric, pattern, names | extra)
+    fields = _check_template("metric", metric, pattern, names | codec.template_fields)
     used.update(fields)
-    if fmt in ("json", "senml") and fields.count("field") > 1:
+    if codec.metric_from != "topic" and "field" not in fields:
+        # Without it every field of a payload would get the same metric name.
+        raise RouteSpecError(
+            f"metric template {metric!r} must contain {{field}}: a {codec.name} "
+            "payload carries several fields, each its own metric "
+            '(e.g. metric = "{site}.{field}")'
+        )
+    if codec.metric_from == "field" and fields.count("field") > 1:
         raise RouteSpecError(f"metric template {metric!r}: {{field}} may appear only once")
     tag_names = tuple((pos, n) for pos, n in captures if n not in used)
     return CompiledRoute(
@@ -163,9 +161,9 @@ def compile_route(
         multi=multi,
         sensor_template=sensor,
         metric_template=metric,
-        format=fmt,
-        ts_field=ts_field,
-        options=options or FormatOptions(),
+        fmt=codec,
+        params=codec.prepare(format_options or codec.options()),
+        options=options or RouteOptions(),
         tag_names=tag_names,
     )
 
@@ -212,20 +210,6 @@ class DecodeCounts:
     sequence_missing: int = 0
 
 
-class SensorStatus(msgspec.Struct, frozen=True):
-    """Per-sensor state to store with a chunk: sequence (last, gaps, missing) and
-    expect_within, for sensors whose state changed."""
-
-    sequences: dict[str, tuple[int, int, int]] = {}
-    expect_within: dict[str, float] = {}
-
-    def __bool__(self) -> bool:
-        return bool(self.sequences or self.expect_within)
-
-
-_NO_STATUS = SensorStatus()
-
-
 @dataclass(slots=True)
 class SequenceState:
     """A device's message counter as ingestd has followed it (persisted with the
@@ -234,6 +218,9 @@ class SequenceState:
     last: int
     gaps: int = 0
     missing: int = 0
+
+
+_NO_STATUS = SensorStatus()
 
 
 class RouteTable:
@@ -324,17 +311,17 @@ class RouteTable:
                 values = {name: parts[pos] for pos, name in route.captures}
                 sensor = route.sensor_template.format_map(values)
                 prefix = suffix = ""
-                if route.format in ("json", "senml"):
+                if route.fmt.metric_from == "field":
                     marker = "\x00"
                     metric = route.metric_template.format_map({**values, "field": marker})
                     prefix, _, suffix = metric.partition(marker)
-                elif route.format == "value":
+                elif route.fmt.metric_from == "topic":
                     prefix = route.metric_template.format_map(values)
                 topic_tags = tuple((n, parts[pos]) for pos, n in route.tag_names)
                 return RouteMatch(
                     route.index,
-                    route.format,
-                    route.ts_field,
+                    route.fmt,
+                    route.params,
                     sensor,
                     prefix,
                     suffix,
@@ -346,7 +333,7 @@ class RouteTable:
                 )
         return None
 
-    def allow(self, route: int, sensor: str, options: FormatOptions, n: int, now: float) -> int:
+    def allow(self, route: int, sensor: str, options: RouteOptions, n: int, now: float) -> int:
         """How many of `n` readings from this sensor the route's rate limit lets
         through now (a token bucket of `rate_burst`, refilled at `rate_limit`/s)."""
         key = (route, sensor)

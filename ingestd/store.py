@@ -25,8 +25,7 @@ from typing import Literal
 import aiosqlite
 
 from ingestd.errors import StoreError, StoreUnavailable
-from ingestd.events import Reading, Rejected, reading_payload
-from ingestd.routes import SensorStatus
+from ingestd.events import Reading, Rejected, SensorStatus, reading_payload
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: initial schema

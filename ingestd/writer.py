@@ -23,9 +23,8 @@ from ingestd.backoff import Backoff
 from ingestd.bus import EventBus, Subscription
 from ingestd.config import Settings
 from ingestd.errors import StoreUnavailable
-from ingestd.events import BatchCommitted, Processed, Reading, Rejected
+from ingestd.events import BatchCommitted, Processed, Reading, Rejected, SensorStatus
 from ingestd.flow import InFlightWindow
-from ingestd.routes import SensorStatus
 from ingestd.store import SqliteStore
 
 log = structlog.get_logger("ingestd.writer")

@@ -118,6 +118,19 @@ def test_config_path_from_environment(tmp_path: Path, monkeypatch: pytest.Monkey
             "[processor]\nmax_future_seconds = inf\n" + ROUTE,
             "processor.max_future_seconds: Input should be a finite number",
         ),
+        # A format's own keys are checked by the format: another format's key is named.
+        (
+            '[[routes]]\ntopic = "a/{sensor}"\nsensor_tag = "host"\n',
+            "routes[0].sensor_tag: not a key of json routes (their own keys: exclude_fields,",
+        ),
+        (
+            '[[routes]]\ntopic = "a/{sensor}"\nformat = "influx"\ntimestamp_unit = "iso"\n',
+            "routes[0].timestamp_unit: Input should be 'auto', 's', 'ms', 'us' or 'ns'",
+        ),
+        (
+            '[[routes]]\ntopic = "a/{sensor}"\nformat = "value"\ntimestamp_field = "t"\n',
+            "routes[0].timestamp_field: not a key of value routes (their own keys: none;",
+        ),
         # A payload with several fields needs {field}, or they all get one name.
         (
             '[[routes]]\ntopic = "a/{sensor}"\nmetric = "temperature"\n',
@@ -191,7 +204,7 @@ def test_route_table_from_settings(tmp_path: Path) -> None:
     table = route_table(settings)
     match = table.match("sensors/kitchen/telemetry")
     assert match is not None
-    assert (match.format, match.sensor) == ("json", "kitchen")
+    assert (match.fmt.name, match.sensor) == ("json", "kitchen")
     value = table.match("sensors/kitchen/co2")
     assert value is not None
-    assert (value.format, value.sensor, value.metric_prefix) == ("value", "kitchen", "co2")
+    assert (value.fmt.name, value.sensor, value.metric_prefix) == ("value", "kitchen", "co2")

@@ -6,15 +6,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ingestd.decode import decode_all, decode_value, parse_timestamp
+from ingestd.decode import decode_all
 from ingestd.errors import DecodeError
 from ingestd.events import NS, Reading
+from ingestd.formats.common import parse_timestamp
+from ingestd.formats.value import decode_value
 from ingestd.routes import InputLimits, RouteTable, compile_route
 
 TABLE = RouteTable(
     [
-        compile_route("sensors/{sensor}/telemetry", "{sensor}", "{field}", "json", "ts", 0),
-        compile_route("sensors/{sensor}/{metric}", "{sensor}", "{metric}", "value", "ts", 1),
+        compile_route("sensors/{sensor}/telemetry", "{sensor}", "{field}", "json", 0),
+        compile_route("sensors/{sensor}/{metric}", "{sensor}", "{metric}", "value", 1),
     ]
 )
 NOW = 1_700_000_100.0

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ingestd import formats
 from ingestd.config import RouteSettings, Scaling, Settings, route_table
 from ingestd.decode import decode_all
 from ingestd.events import NS, Reading, Rejected
 from ingestd.explain import explain
-from ingestd.influx import parse, parse_line
+from ingestd.formats.influx import parse, parse_line
 from ingestd.process import apply_clock, apply_scaling
 from ingestd.routes import InputLimits, RouteTable
 
@@ -444,3 +446,29 @@ def test_every_decoder_returns_readings_or_a_reason_for_any_bytes(
 def test_route_table_from_settings_carries_the_input_limits() -> None:
     s = Settings(routes=[{"topic": "a/{sensor}"}], input={"max_payload_bytes": 10})
     assert route_table(s).limits.max_payload_bytes == 10
+
+
+# -- the registry ----------------------------------------------------------------
+
+
+def test_every_format_and_its_keys_are_documented() -> None:
+    """A format is a module on the registry; config/ingestd.toml documents its
+    name and every route key it takes."""
+    doc = (Path(__file__).parents[2] / "config" / "ingestd.toml").read_text()
+    assert formats.names() == ["json", "senml", "influx", "value"]
+    for name in formats.names():
+        fmt = formats.get(name)
+        assert f'"{name}"' in doc
+        for key in fmt.option_names():
+            assert f"#   {key} " in doc, (name, key)
+        # The default metric template uses only what the format offers, and
+        # compiles on a topic that names a sensor.
+        RouteSettings(topic="t/{sensor}/{metric}", format=name).compile()
+    with pytest.raises(KeyError, match="unknown format 'xml' \\(known: json, senml"):
+        formats.get("xml")
+
+
+def test_check_config_shows_every_key_of_the_route_format() -> None:
+    dumped = RouteSettings(topic="a/{sensor}", format="influx").model_dump(mode="json")
+    assert dumped["timestamp_unit"] == "auto" and dumped["sensor_tag"] == ""
+    assert "flatten_separator" not in dumped

@@ -43,7 +43,7 @@ def test_most_specific_route_wins_regardless_of_order() -> None:
     ]
     telemetry = t.match("sensors/a/telemetry")
     assert telemetry is not None
-    assert telemetry.format == "json"
+    assert telemetry.fmt.name == "json"
     other = t.match("sensors/a/co2")
     assert other is not None
     assert other.route == 1

@@ -13,9 +13,15 @@ from __future__ import annotations
 
 import math
 import re
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from ingestd.errors import DecodeError
+from ingestd.events import Reading, Rejected, canonical_tags
+from ingestd.formats.base import Format, FormatOptions
+from ingestd.formats.common import NS_PER, check_ns, settle
+
+if TYPE_CHECKING:
+    from ingestd.routes import RouteMatch, RouteTable
 
 _TRUE = frozenset(("t", "T", "true", "True", "TRUE"))
 _FALSE = frozenset(("f", "F", "false", "False", "FALSE"))
@@ -153,3 +159,83 @@ def parse(payload: str) -> tuple[list[Point], list[str]]:
         if point.fields:
             points.append(point)
     return points, problems
+
+
+class InfluxOptions(FormatOptions):
+    # Line protocol's default unit is the nanosecond ("auto").
+    timestamp_unit: Literal["auto", "s", "ms", "us", "ns"] = "auto"
+    # The tag whose value is the sensor id (then not stored as a tag); empty:
+    # the topic's sensor.
+    sensor_tag: str = ""
+
+
+def decode(
+    table: RouteTable,
+    match: RouteMatch,
+    topic: str,
+    payload: bytes,
+    received_ns: int,
+    readings: list[Reading],
+    rejected: list[Rejected],
+) -> None:
+    try:
+        text = payload.decode("utf-8")
+    except UnicodeDecodeError:
+        raise DecodeError("payload is not valid UTF-8") from None
+    points, problems = parse(text)
+    opts: InfluxOptions = match.params
+    # Line protocol's default unit is the nanosecond.
+    per = 1 if opts.timestamp_unit == "auto" else NS_PER[opts.timestamp_unit]
+    template, values = match.metric_template, match.values
+    before = len(readings)
+    # Lines of one message mostly repeat their measurement, fields and tags.
+    metrics: dict[tuple[str, str], str] = {}
+    tag_texts: dict[tuple[tuple[str, str], ...], tuple[str, str]] = {}
+    for p in points:
+        if p.timestamp is None:
+            when = received_ns
+        else:
+            try:
+                when = check_ns(p.timestamp * per, p.timestamp)
+            except DecodeError as exc:
+                problems.append(f"{p.measurement}: {exc}")
+                continue
+        known = tag_texts.get(p.tags)
+        if known is None:
+            sensor = match.sensor
+            tags = dict(match.topic_tags)
+            for key, tag_value in p.tags:
+                if key == opts.sensor_tag:
+                    sensor = tag_value
+                else:
+                    tags[key] = tag_value
+            known = tag_texts[p.tags] = (sensor, canonical_tags(tags))
+        sensor, tag_text = known
+        for field, value in p.fields:
+            metric = metrics.get((p.measurement, field))
+            if metric is None:
+                metric = metrics[(p.measurement, field)] = template.format_map(
+                    {**values, "measurement": p.measurement, "field": field}
+                )
+            readings.append(Reading(sensor, metric, when, value, topic, tag_text))
+    settle(
+        readings,
+        before,
+        problems,
+        "no points with numeric fields",
+        topic,
+        payload,
+        received_ns,
+        rejected,
+    )
+
+
+FORMAT = Format(
+    name="influx",
+    summary="InfluxDB line protocol, one point per line",
+    decode=decode,
+    options=InfluxOptions,
+    template_fields=frozenset({"measurement", "field"}),
+    metric_from="payload",
+    default_metric="{measurement}.{field}",
+)

@@ -14,9 +14,15 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ingestd.errors import DecodeError
+from ingestd.events import NS, Reading, Rejected
+from ingestd.formats.base import Format
+from ingestd.formats.common import TS_MAX_NS, parse_json, settle, too_large
+
+if TYPE_CHECKING:
+    from ingestd.routes import RouteMatch, RouteTable
 
 RELATIVE_LIMIT = 2**28  # RFC 8428 4.5.3
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-:./_]*$")
@@ -131,3 +137,55 @@ def resolve(pack: Any, now: float, problems: list[str]) -> list[SenmlRecord]:
             continue
         out.append(SenmlRecord(name, time, unit, value, total))
     return out
+
+
+def decode(
+    table: RouteTable,
+    match: RouteMatch,
+    topic: str,
+    payload: bytes,
+    received_ns: int,
+    readings: list[Reading],
+    rejected: list[Rejected],
+) -> None:
+    problems: list[str] = []
+    records = resolve(parse_json(payload), received_ns / NS, problems)
+    before = len(readings)
+    prefix, suffix, sensor, tags = (
+        match.metric_prefix,
+        match.metric_suffix,
+        match.sensor,
+        match.tags,
+    )
+    for rec in records:
+        # resolve() checked the time is finite and >= 0; to the microsecond.
+        when = round(rec.time * 1e6) * 1000
+        if when >= TS_MAX_NS:
+            problems.append(f"{rec.name}: {too_large(rec.time, unit_hint=False)}")
+            continue
+        metric = prefix + rec.name + suffix
+        if rec.value is not None:
+            readings.append(Reading(sensor, metric, when, rec.value, topic, tags, rec.unit))
+        if rec.sum is not None:
+            readings.append(Reading(sensor, metric + "_sum", when, rec.sum, topic, tags, rec.unit))
+    settle(
+        readings,
+        before,
+        problems,
+        "SenML pack has no numeric records",
+        topic,
+        payload,
+        received_ns,
+        rejected,
+        one_sensor=True,
+    )
+
+
+FORMAT = Format(
+    name="senml",
+    summary="SenML JSON (RFC 8428) packs, base fields resolved",
+    decode=decode,
+    template_fields=frozenset({"field"}),
+    metric_from="field",
+    default_metric="{field}",
+)

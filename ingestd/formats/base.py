@@ -1,0 +1,83 @@
+"""What a payload format is: the one object config, routes, decode and explain ask.
+
+A `Format` declares
+- `options`: the route keys it takes beyond the common ones (a pydantic model:
+  config validates a route's extra keys against it, so a key another format
+  takes, or a typo, is an error naming the key);
+- `template_fields` and `metric_from`: the names its metric template may use
+  beyond the topic's, and how a metric name is made (from the topic alone,
+  topic + one payload name, or per reading by the decoder);
+- `decode`: bytes to readings, raising only `DecodeError`;
+- `prepare`: validated options to what the decoder reads per message (a
+  slotted struct on the hot path instead of a pydantic model).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from ingestd.events import Reading, Rejected
+
+if TYPE_CHECKING:
+    from ingestd.routes import RouteMatch, RouteTable
+
+
+class FormatOptions(BaseModel):
+    """A format's own route keys (none by default)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+Decoder = Callable[
+    ["RouteTable", "RouteMatch", str, bytes, int, list[Reading], list[Rejected]], None
+]
+# "topic": the metric template over the topic's names is the whole metric name.
+# "field": the template holds {field} once; the name is prefix + field + suffix.
+# "payload": the decoder formats the template per reading (several payload names).
+MetricFrom = Literal["topic", "field", "payload"]
+
+
+def _same(options: FormatOptions) -> Any:
+    return options
+
+
+@dataclass(frozen=True, slots=True)
+class Format:
+    name: str
+    # One line for `explain` and error messages: what a payload of this format is.
+    summary: str
+    decode: Decoder
+    options: type[FormatOptions] = FormatOptions
+    template_fields: frozenset[str] = frozenset()
+    metric_from: MetricFrom = "topic"
+    default_metric: str = "{metric}"
+    prepare: Callable[[FormatOptions], Any] = field(default=_same)
+
+    def option_names(self) -> list[str]:
+        return sorted(self.options.model_fields)
+
+
+_REGISTRY: dict[str, Format] = {}
+
+
+def register(fmt: Format) -> Format:
+    if fmt.name in _REGISTRY:
+        raise ValueError(f"format {fmt.name!r} is registered twice")
+    _REGISTRY[fmt.name] = fmt
+    return fmt
+
+
+def get(name: str) -> Format:
+    """The format called `name`; KeyError names the known ones."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"unknown format {name!r} (known: {', '.join(names())})") from None
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
