@@ -41,7 +41,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from bench.profile import Profiler, summarize
+from bench.pyspy import Profiler, summarize
 from tests.helpers import SHIPPED_CONFIG, Mosquitto, wait_for
 
 REPO = Path(__file__).resolve().parent.parent

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from ingestd.events import NS, Reading
-from ingestd.store import SqliteStore
+from ingestd.store.sqlite import SqliteStore
 
 REPO = Path(__file__).resolve().parent.parent
 SENSORS, METRICS, STEP = 100, ("temperature", "humidity"), 30.0

@@ -38,7 +38,7 @@ from ingestd.observe.upstream import UpstreamWatch
 from ingestd.process import Processor
 from ingestd.routes import SequenceState
 from ingestd.source import MqttSource
-from ingestd.store import SqliteStore
+from ingestd.store import Store, open_store
 from ingestd.writer import BatchWriter
 
 log = structlog.get_logger("ingestd")
@@ -67,33 +67,6 @@ LIVE_KEYS = (
 
 # While the store cannot be opened, its reason is logged again this often.
 STORE_WAIT_LOG = 30.0
-
-
-def store_advice(path: Path, exc: StoreUnavailable) -> str:
-    """Why the store cannot be opened, and what to do about it."""
-    text = str(exc)
-    lowered = text.lower()
-    user = _user()
-    if "permission denied" in lowered or "read-only" in lowered or "readonly" in lowered:
-        missing = not path.parent.exists()
-        where, verb = (path.parent, "create") if missing else (path, "write")
-        why = "read-only file system" if "read-only" in lowered else "permission denied"
-        return (
-            f"cannot {verb} {where}: {why} for user {user} - set store.path to a "
-            f"place {user} can write (e.g. var/ingestd.db), or run as a user that can"
-        )
-    if "no space" in lowered or "disk full" in lowered:
-        return f"the disk holding {path} is full - free space there ({text})"
-    return text
-
-
-def _user() -> str:
-    try:
-        import pwd  # noqa: PLC0415 - POSIX only
-
-        return pwd.getpwuid(os.getuid()).pw_name
-    except (ImportError, KeyError):
-        return str(os.getuid())
 
 
 class Reconfigurable(Protocol):
@@ -184,9 +157,7 @@ class Daemon:
             broker=f"{s.mqtt.host}:{s.mqtt.port}",
             routes=len(s.routes),
         )
-        store = SqliteStore(
-            s.store.path, synchronous=s.store.synchronous, busy_timeout_ms=s.store.busy_timeout_ms
-        )
+        store = open_store(s.store)
         server = self._start_metrics_server()
         monitor = asyncio.get_running_loop().create_task(self._monitor(), name="monitor")
         try:
@@ -194,7 +165,7 @@ class Daemon:
                 return EXIT_OK
             return await self._main(store)
         except StoreError as exc:
-            log.error("store failed; exiting", path=str(store.path), error=str(exc))
+            log.error("store failed; exiting", path=store.where, error=str(exc))
             return EXIT_FAILURE
         finally:
             monitor.cancel()
@@ -287,7 +258,7 @@ class Daemon:
             f"{p.window.limit}, queued {queued}, committed {p.writer.committed:,}"
         )
 
-    async def _open_store(self, store: SqliteStore) -> bool:
+    async def _open_store(self, store: Store) -> bool:
         """Open the store, waiting out what keeps it closed; False if stopped first.
 
         The reason is logged in words that say what to do, again every
@@ -303,19 +274,19 @@ class Daemon:
                 await store.open()
                 self.health.store_problem = None
                 if reported is not None:
-                    log.warning("store open after all", path=str(store.path), attempts=attempts)
+                    log.warning("store open after all", path=store.where, attempts=attempts)
                 else:
-                    log.info("store open", path=str(store.path))
+                    log.info("store open", path=store.where)
                 return True
             except StoreUnavailable as exc:
                 attempts += 1
-                problem = store_advice(store.path, exc)
+                problem = store.advice(exc)
                 self.health.store_problem = problem
                 now = time.monotonic()
                 if problem != reported or now - reported_at >= STORE_WAIT_LOG:
                     log.error(
                         f"cannot open the store: {problem}; retrying",
-                        path=str(store.path),
+                        path=store.where,
                         error=str(exc),
                         attempts=attempts,
                     )
@@ -328,7 +299,7 @@ class Daemon:
             except TimeoutError:
                 continue
 
-    async def _main(self, store: SqliteStore) -> int:
+    async def _main(self, store: Store) -> int:
         s = self.settings
         bus = EventBus()
         window = InFlightWindow(
@@ -359,7 +330,7 @@ class Daemon:
         )
         event_logger = EventLogger(to_logger)
         writer.on_commit = self.metrics.observe_commit
-        maintenance = Maintenance(s.store)
+        maintenance = Maintenance(store, s.store)
         self.health.loop = asyncio.get_running_loop()
         self.health.pipeline = Pipeline(source, writer, window, bus)
         self._components = Components(source, processor, writer, maintenance)

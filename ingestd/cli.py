@@ -9,13 +9,15 @@ import os
 import sys
 import time
 from collections.abc import Coroutine, Sequence
-from contextlib import closing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ingestd import __version__
 from ingestd.config import ENV_CONFIG, Settings, effective_settings_json, load_settings
 from ingestd.errors import EX_CONFIG, ConfigError
+
+if TYPE_CHECKING:
+    from ingestd.store import Reader
 
 T = TypeVar("T")
 # Commands that read the database and need no [[routes]].
@@ -240,48 +242,49 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _data_command(command: str, args: argparse.Namespace, settings: Settings) -> int:
-    from ingestd import inspect  # noqa: PLC0415
+    from ingestd import report  # noqa: PLC0415
     from ingestd.errors import InspectError, StoreError  # noqa: PLC0415
+    from ingestd.store import open_reader  # noqa: PLC0415
 
-    db: Path = args.db or settings.store.path
+    db: Path | None = args.db
     try:
-        if command == "backup":
-            return _backup(db, args.dest)
         if command == "stats":
             m = settings.metrics
             url = args.url or f"http://{m.host}:{m.port}"
             # --db names a file: its totals, not whatever daemon answers on the port.
             ask_daemon = args.url is not None or (m.enabled and args.db is None)
-            stats = inspect.live_stats(url) if ask_daemon else None
+            stats = report.live_stats(url) if ask_daemon else None
             if stats is None:
-                with closing(inspect.connect_ro(db)) as conn:
-                    stats = inspect.db_stats(conn, db)
-            inspect.print_stats(stats, as_json=args.json or args.format == "json")
+                with open_reader(settings.store, db) as reader:
+                    stats = report.db_stats(reader)
+            report.print_stats(stats, as_json=args.json or args.format == "json")
             return 0
-        with closing(inspect.connect_ro(db)) as conn:
+        with open_reader(settings.store, db) as reader:
+            if command == "backup":
+                return _backup(reader, args.dest)
             progress = None
             if command == "sensors":
-                table = inspect.sensors(conn, args.sensor)
+                table = report.sensors(reader, args.sensor)
             elif command == "query":
                 now = time.time()
-                since = inspect.parse_time(args.since, now)
+                since = report.parse_time(args.since, now)
                 if since >= now and not args.until:
                     raise InspectError(
                         f"--since {args.since!r} is in the future: nothing has been stored "
                         "after now (give --until too for a range ahead)"
                     )
-                until = inspect.parse_time(args.until, now) if args.until else now
-                table = inspect.query(
-                    conn, args.sensor, args.metric, since, until, args.limit, args.tag
+                until = report.parse_time(args.until, now) if args.until else now
+                table = report.query(
+                    reader, args.sensor, args.metric, since, until, args.limit, args.tag
                 )
                 show = args.progress
                 if show is None:
                     show = sys.stderr.isatty() and not sys.stdout.isatty()
                 progress = sys.stderr if show else None
             else:
-                since = inspect.parse_time(args.since)
-                table = inspect.quarantine(conn, since, args.limit)
-            inspect.write_table(sys.stdout, table, args.format, progress=progress)
+                since = report.parse_time(args.since)
+                table = report.quarantine(reader, since, args.limit)
+            report.write_table(sys.stdout, table, args.format, progress=progress)
     except (InspectError, StoreError) as exc:
         print(f"ingestd: {exc}", file=sys.stderr)
         return 1
@@ -291,9 +294,7 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
     return 0
 
 
-def _backup(source: Path, dest: Path) -> int:
-    from ingestd.store import backup  # noqa: PLC0415
-
+def _backup(reader: Reader, dest: Path) -> int:
     started = time.monotonic()
     shown = [-1]
 
@@ -305,11 +306,6 @@ def _backup(source: Path, dest: Path) -> int:
                 f"ingestd: backup {pct}% ({total - remaining:,}/{total:,} pages)", file=sys.stderr
             )
 
-    _run_async(backup(source, dest, progress))
-    size = dest.stat().st_size / 1e6
-    print(
-        f"ingestd: backed up {source} to {dest} ({size:,.1f} MB) in "
-        f"{time.monotonic() - started:.1f} s",
-        file=sys.stderr,
-    )
+    done = reader.backup(str(dest), progress)
+    print(f"ingestd: {done} in {time.monotonic() - started:.1f} s", file=sys.stderr)
     return 0

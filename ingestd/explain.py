@@ -12,8 +12,8 @@ import time
 from ingestd.config import ProcessorSettings, Settings, route_table
 from ingestd.decode import decode_message
 from ingestd.events import NS, Reading, Rejected
-from ingestd.inspect import iso_ns
 from ingestd.process import process
+from ingestd.report import iso_ns
 from ingestd.routes import RouteTable
 
 

@@ -1,23 +1,22 @@
-"""Background upkeep of the store: retention and WAL checkpoints.
+"""Background upkeep of the store: retention, then the engine's housekeeping
+(for SQLite a WAL checkpoint), every `store.maintenance_interval` seconds.
 
-It runs on a connection of its own, in small transactions, so the writer
-never waits on it for long (SQLite has one writer at a time; the writer's
-busy timeout covers the few milliseconds a deletion batch holds the lock).
-A failure here is logged and retried next pass: upkeep never stops ingestion.
+The work itself is the store's (`Store.upkeep`), in small transactions so the
+writer never waits on it for long. A failure here is logged and retried next
+pass: upkeep never stops ingestion.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import Callable
 
-import aiosqlite
 import structlog
 
 from ingestd.config import Settings, StoreSettings
-from ingestd.events import NS
+from ingestd.errors import StoreError
+from ingestd.store import Store
 
 log = structlog.get_logger("ingestd.maintenance")
 
@@ -25,7 +24,10 @@ DAY = 86400.0
 
 
 class Maintenance:
-    def __init__(self, settings: StoreSettings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, store: Store, settings: StoreSettings, clock: Callable[[], float] = time.time
+    ) -> None:
+        self.store = store
         self.settings = settings
         self.clock = clock
         self.deleted_readings = 0
@@ -48,80 +50,28 @@ class Maintenance:
             await self.run_once()
 
     async def run_once(self) -> tuple[int, int]:
-        """One pass: retention, then a checkpoint. (readings, quarantined) deleted."""
+        """One pass: retention, then housekeeping. (readings, quarantined) deleted."""
         s = self.settings
+        cutoff = self.clock() - s.retention_days * DAY if s.retention_days > 0 else None
         try:
-            async with aiosqlite.connect(s.path, isolation_level=None) as conn:
-                await conn.execute(f"PRAGMA busy_timeout = {int(s.busy_timeout_ms)}")
-                readings = quarantined = 0
-                if s.retention_days > 0:
-                    cutoff = self.clock() - s.retention_days * DAY
-                    readings = await _delete_samples(conn, int(cutoff * NS), s.retention_batch)
-                    quarantined = await _delete_quarantine(conn, cutoff, s.retention_batch)
-                async with conn.execute("PRAGMA wal_checkpoint(PASSIVE)") as cur:
-                    busy, wal_pages, moved = await cur.fetchone() or (0, 0, 0)
-        except sqlite3.Error as exc:
+            done = await self.store.upkeep(cutoff, s.retention_batch)
+        except StoreError as exc:
             self.failures += 1
             log.warning(
-                "store maintenance failed; retrying next pass", error=str(exc), path=str(s.path)
+                "store maintenance failed; retrying next pass",
+                error=str(exc),
+                path=self.store.where,
             )
             return 0, 0
         self.passes += 1
-        self.deleted_readings += readings
-        self.deleted_quarantined += quarantined
-        if readings or quarantined:
+        self.deleted_readings += done.readings_deleted
+        self.deleted_quarantined += done.quarantined_deleted
+        if done.readings_deleted or done.quarantined_deleted:
             log.info(
                 "retention: old data deleted",
-                readings=readings,
-                quarantined=quarantined,
+                readings=done.readings_deleted,
+                quarantined=done.quarantined_deleted,
                 retention_days=s.retention_days,
             )
-        log.debug("wal checkpoint", wal_pages=wal_pages, checkpointed=moved, busy=busy)
-        return readings, quarantined
-
-
-async def _delete_samples(conn: aiosqlite.Connection, cutoff_ns: int, batch: int) -> int:
-    """Delete samples older than `cutoff_ns`, at most `batch` rows per transaction,
-    walking each series along its (series_id, ts_ns, seq) key."""
-    async with conn.execute("SELECT id FROM series ORDER BY id") as cur:
-        series = [row[0] for row in await cur.fetchall()]
-    deleted = 0
-    for sid in series:
-        while True:
-            # The batch-th oldest expired timestamp bounds this transaction.
-            async with conn.execute(
-                "SELECT ts_ns FROM samples WHERE series_id = ? AND ts_ns < ? ORDER BY ts_ns "
-                "LIMIT 1 OFFSET ?",
-                (sid, cutoff_ns, batch - 1),
-            ) as cur:
-                row = await cur.fetchone()
-            if row is None:
-                cur2 = await conn.execute(
-                    "DELETE FROM samples WHERE series_id = ? AND ts_ns < ?", (sid, cutoff_ns)
-                )
-            else:
-                cur2 = await conn.execute(
-                    "DELETE FROM samples WHERE series_id = ? AND ts_ns <= ?", (sid, row[0])
-                )
-            deleted += cur2.rowcount
-            await cur2.close()
-            await asyncio.sleep(0)  # let the writer in between batches
-            if row is None:
-                break
-    return deleted
-
-
-async def _delete_quarantine(conn: aiosqlite.Connection, cutoff: float, batch: int) -> int:
-    deleted = 0
-    while True:
-        cur = await conn.execute(
-            "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine "
-            "WHERE received_at < ? ORDER BY received_at LIMIT ?)",
-            (cutoff, batch),
-        )
-        n = cur.rowcount
-        await cur.close()
-        deleted += n
-        if n < batch:
-            return deleted
-        await asyncio.sleep(0)
+        log.debug("store housekeeping", **(done.detail or {}))
+        return done.readings_deleted, done.quarantined_deleted

@@ -25,7 +25,7 @@ from ingestd.config import Settings
 from ingestd.errors import StoreUnavailable
 from ingestd.events import BatchCommitted, Processed, Reading, Rejected, SensorStatus
 from ingestd.flow import InFlightWindow
-from ingestd.store import SqliteStore
+from ingestd.store import Store
 
 log = structlog.get_logger("ingestd.writer")
 
@@ -35,7 +35,7 @@ Acknowledge = Callable[[int, list[tuple[int, int]]], None]
 class BatchWriter:
     def __init__(
         self,
-        store: SqliteStore,
+        store: Store,
         inbox: Subscription,
         bus: EventBus,
         window: InFlightWindow,
@@ -218,7 +218,7 @@ class BatchWriter:
                         condition=exc.condition,
                         error=str(exc),
                         readings=len(readings),
-                        path=str(self.store.path),
+                        path=self.store.where,
                     )
                 await asyncio.sleep(backoff.next())
                 continue

@@ -35,7 +35,7 @@ from prometheus_client.registry import Collector
 
 from ingestd import __version__
 from ingestd.events import REJECT_KINDS, BatchCommitted
-from ingestd.store import STORE_CONDITIONS
+from ingestd.store.base import CONDITIONS
 
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
@@ -184,7 +184,10 @@ class Health:
             return None
         idle_for = now - p.window.progress_at
         if p.window.in_flight > 0 and idle_for > self.stall_timeout:
-            return f"{p.window.in_flight} message(s) in flight, none settled for {idle_for:.0f} s"
+            stuck = f"{p.window.in_flight} message(s) in flight, none settled for {idle_for:.0f} s"
+            if busy is not None:  # where it waits: inside the store
+                stuck += f"; a store call has not returned for {now - busy:.1f} s"
+            return stuck
         return None
 
     def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -410,7 +413,7 @@ class PipelineCollector(Collector):
             labels=["condition"],
         )
         counts = dict(w.store_errors)
-        for condition in sorted({*STORE_CONDITIONS, *counts}):
+        for condition in sorted({*CONDITIONS, *counts}):
             errors.add_metric([condition], counts.get(condition, 0))
         yield errors
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from ingestd.events import NS, Reading, Rejected
-from ingestd.store import SqliteStore
+from ingestd.store.sqlite import SqliteStore
 from tests.helpers import SHIPPED_CONFIG, Daemon, Mosquitto, publish, wait_for
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -271,7 +271,7 @@ def test_query_by_tag(db: Path) -> None:
 
 
 def test_an_older_schema_is_named_not_misread(tmp_path: Path) -> None:
-    from ingestd.store import MIGRATIONS, SCHEMA_VERSION  # MIGRATIONS[0]: ingestd 0.1
+    from ingestd.store.sqlite import MIGRATIONS, SCHEMA_VERSION  # MIGRATIONS[0]: ingestd 0.1
 
     old = tmp_path / "v1.db"
     with sqlite3.connect(old) as c:

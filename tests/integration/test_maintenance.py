@@ -12,7 +12,8 @@ from ingestd.config import StoreSettings
 from ingestd.errors import StoreError
 from ingestd.events import NS, Reading, Rejected
 from ingestd.maintenance import DAY, Maintenance
-from ingestd.store import SqliteStore, backup
+from ingestd.store import open_store
+from ingestd.store.sqlite import SqliteStore, backup
 
 NOW = 1_800_000_000.0
 
@@ -43,7 +44,7 @@ async def test_retention_deletes_exactly_what_is_older_than_the_cutoff(tmp_path:
     expected_left = _count(db, f"SELECT count(*) FROM readings WHERE ts >= {cutoff}")
     # Batches smaller than a series' expired rows: several transactions per series.
     settings = StoreSettings(path=db, retention_days=3.5, retention_batch=7)
-    m = Maintenance(settings, clock=lambda: NOW)
+    m = Maintenance(open_store(settings), settings, clock=lambda: NOW)
     deleted, quarantined = await m.run_once()
 
     assert deleted == total - expected_left
@@ -55,7 +56,8 @@ async def test_retention_deletes_exactly_what_is_older_than_the_cutoff(tmp_path:
     # A second pass finds nothing more; off (0 days) deletes nothing at all.
     assert await m.run_once() == (0, 0)
     off = StoreSettings(path=db, retention_days=0)
-    assert await Maintenance(off, clock=lambda: NOW + 100 * DAY).run_once() == (0, 0)
+    later = Maintenance(open_store(off), off, clock=lambda: NOW + 100 * DAY)
+    assert await later.run_once() == (0, 0)
     assert _count(db, "SELECT count(*) FROM readings") == expected_left
 
 
@@ -64,7 +66,7 @@ async def test_retention_runs_beside_the_writer(tmp_path: Path) -> None:
     await _populate(db)
     settings = StoreSettings(path=db, retention_days=1, retention_batch=5)
     async with SqliteStore(db) as store:
-        m = Maintenance(settings, clock=lambda: NOW)
+        m = Maintenance(open_store(settings), settings, clock=lambda: NOW)
         # The writer holds an open transaction while retention starts: retention
         # waits on the lock (busy timeout) instead of failing, then proceeds.
         async with store.batch() as tx:

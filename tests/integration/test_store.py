@@ -13,7 +13,7 @@ from ingestd.bus import EventBus
 from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import NS, Processed, Reading, Rejected
 from ingestd.flow import InFlightWindow
-from ingestd.store import SCHEMA_VERSION, SqliteStore
+from ingestd.store.sqlite import SCHEMA_VERSION, SqliteStore
 from ingestd.writer import BatchWriter
 from tests.helpers import hold_exclusive_lock
 
@@ -209,7 +209,7 @@ async def test_large_batches_count_inserted_and_duplicates_exactly(tmp_path: Pat
 async def test_version_1_database_migrates_to_tags_and_units_keeping_its_data(
     tmp_path: Path,
 ) -> None:
-    from ingestd.store import MIGRATIONS
+    from ingestd.store.sqlite import MIGRATIONS
 
     path = tmp_path / "v1.db"
     with sqlite3.connect(path) as c:  # a database as ingestd 0.1 left it
@@ -331,7 +331,7 @@ async def test_a_database_deleted_or_replaced_while_open_is_noticed_before_any_a
 async def test_version_2_database_migrates_to_exact_times_keeping_its_data(
     tmp_path: Path,
 ) -> None:
-    from ingestd.store import MIGRATIONS
+    from ingestd.store.sqlite import MIGRATIONS
 
     path = tmp_path / "v2.db"
     with sqlite3.connect(path) as c:  # a database as ingestd 0.1 left it

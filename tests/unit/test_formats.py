@@ -470,5 +470,5 @@ def test_every_format_and_its_keys_are_documented() -> None:
 
 def test_check_config_shows_every_key_of_the_route_format() -> None:
     dumped = RouteSettings(topic="a/{sensor}", format="influx").model_dump(mode="json")
-    assert dumped["timestamp_unit"] == "auto" and dumped["sensor_tag"] == ""
+    assert (dumped["timestamp_unit"], dumped["sensor_tag"]) == ("auto", "")
     assert "flatten_separator" not in dumped

@@ -8,8 +8,8 @@ import pytest
 from ingestd.app import LIVE_KEYS, _changed_keys
 from ingestd.config import Settings
 from ingestd.errors import InspectError
-from ingestd.inspect import parse_time
 from ingestd.observe.systemd import watchdog_interval
+from ingestd.report import parse_time
 
 ROUTE = {"topic": "sensors/{sensor}/telemetry"}
 
@@ -96,20 +96,20 @@ def test_library_log_records_and_tracebacks_are_json_lines_in_a_json_log() -> No
 
 
 def test_store_advice_says_what_to_do(tmp_path: Path) -> None:
-    from ingestd.app import store_advice
     from ingestd.errors import StoreUnavailable
+    from ingestd.store.sqlite import SqliteStore
 
     denied = StoreUnavailable(
         "cannot open database", "/var/lib/ingestd: [Errno 13] Permission denied: '/var/lib/ingestd'"
     )
-    advice = store_advice(Path("/var/lib/ingestd/ingestd.db"), denied)
+    advice = SqliteStore(Path("/var/lib/ingestd/ingestd.db")).advice(denied)
     assert advice.startswith("cannot create /var/lib/ingestd: permission denied for user ")
     assert "set store.path to a place" in advice
     assert "(e.g. var/ingestd.db)" in advice
     existing = tmp_path / "x.db"
     existing.write_bytes(b"")
     ro = StoreUnavailable("database read-only", "attempt to write a readonly database")
-    assert store_advice(existing, ro).startswith(f"cannot write {existing}: read-only")
+    assert SqliteStore(existing).advice(ro).startswith(f"cannot write {existing}: read-only")
 
 
 def _password(settings: object) -> str | None:

@@ -1,8 +1,8 @@
 """Getting the data out: `ingestd sensors`, `query`, `quarantine`, `stats`.
 
-Read-only connections to the database (safe next to the running daemon: WAL
-readers never block its writer), each query led by the (series_id, ts) key,
-results streamed to the output as they are read.
+The rows come from the store's `Reader` (read-only, streamed); this module
+shapes them for people and programs: exact times, aligned text, CSV or JSON,
+progress on long exports, and the running daemon's own figures.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import csv
 import json
 import math
 import re
-import sqlite3
 import sys
 import time
 import urllib.error
@@ -19,12 +18,11 @@ import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, TextIO
 
 from ingestd.errors import InspectError
 from ingestd.events import NS
-from ingestd.store import SCHEMA_VERSION, ro_uri
+from ingestd.store.base import Reader
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -73,30 +71,6 @@ def seconds_text(ns: int) -> str:
     seconds, frac = divmod(ns, NS)
     digits = f"{frac:09d}".rstrip("0")
     return f"{seconds}.{digits}" if digits else str(seconds)
-
-
-def connect_ro(path: Path) -> sqlite3.Connection:
-    if not path.exists():
-        raise InspectError(f"{path}: no database here (is store.path right? --db PATH)")
-    try:
-        conn = sqlite3.connect(ro_uri(path), uri=True, timeout=5)
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-    except sqlite3.Error as exc:
-        raise InspectError(f"{path}: cannot read the database: {exc}") from None
-    if version != SCHEMA_VERSION:
-        conn.close()
-        if version == 0:
-            raise InspectError(f"{path}: not an ingestd database (no schema version)")
-        newer = version > SCHEMA_VERSION
-        raise InspectError(
-            f"{path}: schema version {version}, this ingestd reads {SCHEMA_VERSION}: "
-            + (
-                "upgrade ingestd"
-                if newer
-                else "start the daemon once (it migrates the database), then try again"
-            )
-        )
-    return conn
 
 
 @dataclass(frozen=True)
@@ -169,27 +143,11 @@ def _with_progress(rows: Iterable[Sequence[Any]], err: TextIO) -> Iterator[Seque
 # -- the commands' queries ------------------------------------------------------------
 
 
-def sensors(conn: sqlite3.Connection, like: str | None = None, now: float | None = None) -> Table:
-    """Each series with its last reading (one index probe per series), whether
-    the sensor is stale (silent longer than its route's expect_within), and the
-    gaps seen in its message counter (messages lost upstream)."""
+def sensors(reader: Reader, like: str | None = None, now: float | None = None) -> Table:
+    """Each series with its last reading, whether the sensor is stale (silent
+    longer than its route's expect_within), and the gaps seen in its message
+    counter (messages lost upstream)."""
     now_ns = int((time.time() if now is None else now) * NS)
-    args: tuple[str, ...]
-    where, args = "", ()
-    if like:
-        where, args = "WHERE s.sensor GLOB ?", (like,)
-    cur = conn.execute(
-        f"""SELECT s.sensor, s.metric, s.tags, s.unit, r.value, r.ts_ns,
-                   st.expect_within, st.seq_gaps, st.seq_missing
-            FROM series AS s JOIN samples AS r
-              ON r.series_id = s.id
-             AND (r.ts_ns, r.seq) = (SELECT ts_ns, seq FROM samples WHERE series_id = s.id
-                                    ORDER BY ts_ns DESC, seq DESC LIMIT 1)
-            LEFT JOIN sensor_status AS st ON st.sensor = s.sensor
-            {where}
-            ORDER BY s.sensor, s.metric, s.tags, s.unit""",
-        args,
-    )
 
     def stale(ns: int, expect: float | None) -> str:
         if not expect:
@@ -209,14 +167,24 @@ def sensors(conn: sqlite3.Connection, like: str | None = None, now: float | None
             "seq_missing",
         ),
         (
-            (s, m, t, u, v, iso_ns(ns), stale(ns, exp), gaps or 0, missing or 0)
-            for s, m, t, u, v, ns, exp, gaps, missing in cur
+            (
+                r.sensor,
+                r.metric,
+                r.tags,
+                r.unit,
+                r.value,
+                iso_ns(r.ts_ns),
+                stale(r.ts_ns, r.expect_within),
+                r.seq_gaps,
+                r.seq_missing,
+            )
+            for r in reader.sensors(like)
         ),
     )
 
 
 def query(
-    conn: sqlite3.Connection,
+    reader: Reader,
     sensor: str,
     metric: str | None,
     since: float,
@@ -231,30 +199,16 @@ def query(
     """
     if until <= since:
         raise InspectError("--until must be later than --since")
-    sql = (
-        "SELECT s.sensor, s.metric, r.ts_ns, r.value, s.tags, s.unit FROM series AS s "
-        "JOIN samples AS r ON r.series_id = s.id "
-        "WHERE s.sensor = ? AND r.ts_ns >= ? AND r.ts_ns < ?"
-    )
-    args: list[Any] = [sensor, _to_ns(since), _to_ns(until)]
-    if metric:
-        sql += " AND s.metric = ?"
-        args.append(metric)
+    pairs: list[tuple[str, str]] = []
     for tag in tags:
         key, eq, value = tag.partition("=")
         if not eq or not key:
             raise InspectError(f"--tag {tag!r}: expected KEY=VALUE")
-        # A bound JSON path: the key never becomes SQL text.
-        sql += " AND json_extract(nullif(s.tags, ''), ?) = ?"
-        args += ["$." + json.dumps(key), value]
-    sql += " ORDER BY r.ts_ns, s.metric, r.seq"
-    if limit:
-        sql += " LIMIT ?"
-        args.append(limit)
-    cur = conn.execute(sql, args)
+        pairs.append((key, value))
+    rows = reader.readings(sensor, metric, _to_ns(since), _to_ns(until), limit, pairs)
     return Table(
         ("sensor", "metric", "time", "ts", "value", "tags", "unit", "ts_ns"),
-        ((s, m, iso_ns(ns), _Exact(seconds_text(ns)), v, t, u, ns) for s, m, ns, v, t, u in cur),
+        ((s, m, iso_ns(ns), _Exact(seconds_text(ns)), v, t, u, ns) for s, m, ns, v, t, u in rows),
     )
 
 
@@ -268,21 +222,15 @@ def _to_ns(seconds: float) -> int:
     return max(0, min(int(seconds * NS), 2**63 - 1))
 
 
-def quarantine(conn: sqlite3.Connection, since: float, limit: int | None) -> Table:
+def quarantine(reader: Reader, since: float, limit: int | None) -> Table:
     """Quarantined messages received since `since`, newest first; `limit` 0 or
     None: all of them."""
-    sql = (
-        "SELECT received_at, topic, reason, payload FROM quarantine WHERE received_at >= ? "
-        "ORDER BY received_at DESC, id DESC"
-    )
-    args: list[Any] = [since]
-    if limit:
-        sql += " LIMIT ?"
-        args.append(limit)
-    cur = conn.execute(sql, args)
     return Table(
         ("received", "topic", "reason", "payload"),
-        ((iso(t), topic, reason, _preview(bytes(p))) for t, topic, reason, p in cur),
+        (
+            (iso(t), topic, reason, _preview(p))
+            for t, topic, reason, p in reader.quarantined(since, limit)
+        ),
     )
 
 
@@ -293,30 +241,18 @@ def _preview(payload: bytes, size: int = 120) -> str:
     return text + ("..." if len(payload) > size else "")
 
 
-def db_stats(conn: sqlite3.Connection, path: Path) -> dict[str, Any]:
-    one = conn.execute
-    series = one("SELECT count(*) FROM series").fetchone()[0]
-    sensors_n = one("SELECT count(DISTINCT sensor) FROM series").fetchone()[0]
-    readings = one("SELECT count(*) FROM samples").fetchone()[0]
-    quarantined = one("SELECT count(*) FROM quarantine").fetchone()[0]
-    # Per series along the key (two index probes each), not a scan of samples.
-    first = one(
-        "SELECT min((SELECT min(ts_ns) FROM samples WHERE series_id = s.id)) FROM series AS s"
-    ).fetchone()[0]
-    last = one(
-        "SELECT max((SELECT max(ts_ns) FROM samples WHERE series_id = s.id)) FROM series AS s"
-    ).fetchone()[0]
-    size = sum(p.stat().st_size for p in (path, Path(f"{path}-wal")) if p.exists())
+def db_stats(reader: Reader) -> dict[str, Any]:
+    t = reader.totals()
     return {
         "source": "database",
-        "path": str(path),
-        "sensors": sensors_n,
-        "series": series,
-        "readings": readings,
-        "quarantined": quarantined,
-        "first_reading": iso_ns(first) if first is not None else None,
-        "last_reading": iso_ns(last) if last is not None else None,
-        "size_mb": round(size / 1e6, 1),
+        "path": t.where,
+        "sensors": t.sensors,
+        "series": t.series,
+        "readings": t.readings,
+        "quarantined": t.quarantined,
+        "first_reading": iso_ns(t.first_ns) if t.first_ns is not None else None,
+        "last_reading": iso_ns(t.last_ns) if t.last_ns is not None else None,
+        "size_mb": round(t.size_bytes / 1e6, 1),
     }
 
 

@@ -1,7 +1,7 @@
 """Sampling profiles of the daemon during a benchmark run, with py-spy.
 
     .venv/bin/python -m bench.bench --rounds 1 --only "batch" --profile /tmp/prof
-    .venv/bin/python -m bench.profile /tmp/prof/*.txt      # summarize again
+    .venv/bin/python -m bench.pyspy /tmp/prof/*.txt      # summarize again
 
 py-spy (`pip install py-spy`) attaches to the running daemon by pid, samples
 every thread's Python stack, and on SIGINT writes them as collapsed stacks

@@ -1,13 +1,10 @@
-"""The SQLite store: schema, migrations and transactional batches.
+"""The SQLite store: the daemon's connection and its transactional batches.
 
-Layout: `series` (one row per sensor and metric) and `samples` (series id,
-timestamp, value; a WITHOUT ROWID table keyed by (series_id, ts)). The view
-`readings(sensor, metric, ts, value)` joins them and is what users query.
-Keying samples by (series, ts) makes a redelivered reading with a device
-timestamp a no-op: the first write wins.
-
-Every write goes through `async with store.batch() as tx:`, one transaction
-that commits on exit and rolls back on any error or cancellation.
+One file in WAL mode (readers never block the writer). Samples are keyed by
+(series_id, ts_ns, seq) (see `schema`), so a redelivered reading is a no-op:
+the first write wins, and a different value under a stored key is a conflict,
+quarantined. Every write goes through `async with store.batch() as tx:`, one
+transaction that commits on exit and rolls back on any error or cancellation.
 """
 
 from __future__ import annotations
@@ -25,101 +22,11 @@ from typing import Literal
 import aiosqlite
 
 from ingestd.errors import StoreError, StoreUnavailable
-from ingestd.events import Reading, Rejected, SensorStatus, reading_payload
-
-MIGRATIONS: tuple[str, ...] = (
-    # 1: initial schema
-    """
-    CREATE TABLE series (
-        id      INTEGER PRIMARY KEY,
-        sensor  TEXT NOT NULL,
-        metric  TEXT NOT NULL,
-        UNIQUE (sensor, metric)
-    );
-    CREATE TABLE samples (
-        series_id INTEGER NOT NULL REFERENCES series(id),
-        ts        REAL NOT NULL,
-        value     REAL NOT NULL,
-        PRIMARY KEY (series_id, ts)
-    ) WITHOUT ROWID;
-    CREATE VIEW readings (sensor, metric, ts, value) AS
-        SELECT s.sensor, s.metric, r.ts, r.value
-        FROM samples AS r JOIN series AS s ON s.id = r.series_id;
-    CREATE TABLE quarantine (
-        id          INTEGER PRIMARY KEY,
-        received_at REAL NOT NULL,
-        topic       TEXT NOT NULL,
-        payload     BLOB NOT NULL,
-        reason      TEXT NOT NULL
-    );
-    CREATE INDEX quarantine_by_time ON quarantine (received_at);
-    """,
-    # 2: tags and units. A series is now (sensor, metric, tags); tags are a
-    # JSON object with sorted keys ('' for none), so json_extract() queries them.
-    """
-    CREATE TABLE series_v2 (
-        id      INTEGER PRIMARY KEY,
-        sensor  TEXT NOT NULL,
-        metric  TEXT NOT NULL,
-        tags    TEXT NOT NULL DEFAULT '',
-        unit    TEXT NOT NULL DEFAULT '',
-        UNIQUE (sensor, metric, tags)
-    );
-    INSERT INTO series_v2 (id, sensor, metric) SELECT id, sensor, metric FROM series;
-    DROP VIEW readings;
-    DROP TABLE series;
-    ALTER TABLE series_v2 RENAME TO series;
-    CREATE VIEW readings (sensor, metric, ts, value, tags, unit) AS
-        SELECT s.sensor, s.metric, r.ts, r.value, s.tags, s.unit
-        FROM samples AS r JOIN series AS s ON s.id = r.series_id;
-    """,
-    # 3: exact time and distinct readings. Time is integer Unix nanoseconds (a
-    # REAL of seconds merged readings < 240 ns apart); `seq` numbers readings of
-    # one message that share series and time; the unit is part of a series'
-    # identity (SenML sends one name in several units). Old times are taken to
-    # the microsecond, which is all a REAL of seconds carried.
-    """
-    CREATE TABLE series_v3 (
-        id      INTEGER PRIMARY KEY,
-        sensor  TEXT NOT NULL,
-        metric  TEXT NOT NULL,
-        tags    TEXT NOT NULL DEFAULT '',
-        unit    TEXT NOT NULL DEFAULT '',
-        UNIQUE (sensor, metric, tags, unit)
-    );
-    INSERT INTO series_v3 (id, sensor, metric, tags, unit)
-        SELECT id, sensor, metric, tags, unit FROM series;
-    CREATE TABLE samples_v3 (
-        series_id INTEGER NOT NULL,
-        ts_ns     INTEGER NOT NULL,
-        seq       INTEGER NOT NULL DEFAULT 0,
-        value     REAL NOT NULL,
-        PRIMARY KEY (series_id, ts_ns, seq)
-    ) WITHOUT ROWID;
-    INSERT INTO samples_v3 (series_id, ts_ns, seq, value)
-        SELECT series_id, CAST(round(ts * 1000000) AS INTEGER) * 1000, 0, value FROM samples;
-    DROP VIEW readings;
-    DROP TABLE samples;
-    DROP TABLE series;
-    ALTER TABLE series_v3 RENAME TO series;
-    ALTER TABLE samples_v3 RENAME TO samples;
-    CREATE VIEW readings (sensor, metric, ts, value, tags, unit, ts_ns, seq) AS
-        SELECT s.sensor, s.metric, r.ts_ns / 1e9, r.value, s.tags, s.unit, r.ts_ns, r.seq
-        FROM samples AS r JOIN series AS s ON s.id = r.series_id;
-    """,
-    # 4: per-sensor state kept with the readings: the device's message counter
-    # (gaps = messages lost upstream) and how long it may stay silent.
-    """
-    CREATE TABLE sensor_status (
-        sensor        TEXT PRIMARY KEY,
-        last_seq      INTEGER,
-        seq_gaps      INTEGER NOT NULL DEFAULT 0,
-        seq_missing   INTEGER NOT NULL DEFAULT 0,
-        expect_within REAL NOT NULL DEFAULT 0
-    ) WITHOUT ROWID;
-    """,
-)
-SCHEMA_VERSION = len(MIGRATIONS)
+from ingestd.events import NS, Reading, Rejected, SensorStatus, reading_payload
+from ingestd.store import base
+from ingestd.store.base import REPLACED, Upkeep
+from ingestd.store.sqlite.purge import checkpoint, delete_quarantine, delete_samples
+from ingestd.store.sqlite.schema import migrate
 
 ROWS_PER_INSERT = 256  # 1,024 parameters, well under SQLite's limit of 32,766
 _INSERT_ONE = "INSERT OR IGNORE INTO samples (series_id, ts_ns, seq, value) VALUES (?, ?, ?, ?)"
@@ -137,18 +44,15 @@ _CONFLICTS = (
 
 # Primary result codes that mean "the store cannot write now, try again later".
 _TRANSIENT = {
-    sqlite3.SQLITE_BUSY: "database locked",
-    sqlite3.SQLITE_LOCKED: "database locked",
-    sqlite3.SQLITE_FULL: "disk full",
-    sqlite3.SQLITE_IOERR: "I/O error",
-    sqlite3.SQLITE_READONLY: "database read-only",
-    sqlite3.SQLITE_CANTOPEN: "cannot open database",
-    sqlite3.SQLITE_PROTOCOL: "locking protocol error",
-    sqlite3.SQLITE_NOMEM: "out of memory",
+    sqlite3.SQLITE_BUSY: base.LOCKED,
+    sqlite3.SQLITE_LOCKED: base.LOCKED,
+    sqlite3.SQLITE_FULL: base.DISK_FULL,
+    sqlite3.SQLITE_IOERR: base.IO_ERROR,
+    sqlite3.SQLITE_READONLY: base.READ_ONLY,
+    sqlite3.SQLITE_CANTOPEN: base.CANNOT_OPEN,
+    sqlite3.SQLITE_PROTOCOL: base.PROTOCOL,
+    sqlite3.SQLITE_NOMEM: base.NO_MEMORY,
 }
-# The file at store.path is no longer the one the connection writes to.
-REPLACED = "database replaced"
-STORE_CONDITIONS = tuple(sorted({*_TRANSIENT.values(), REPLACED}))
 
 
 _SIDE = ("-wal", "-shm")
@@ -175,13 +79,13 @@ def classify(exc: sqlite3.Error) -> StoreUnavailable | None:
         # Errors raised before reaching SQLite (e.g. opening a missing directory).
         text = str(exc).lower()
         if "unable to open" in text:
-            return StoreUnavailable("cannot open database", str(exc))
+            return StoreUnavailable(base.CANNOT_OPEN, str(exc))
         return None
     condition = _TRANSIENT.get(code & 0xFF)
     return StoreUnavailable(condition, str(exc)) if condition else None
 
 
-class Batch:
+class Batch(base.Batch):
     """One open transaction; see `SqliteStore.batch`.
 
     After `add_readings`: `inserted` new rows, `duplicates` rows already stored
@@ -326,7 +230,7 @@ class Batch:
         self.quarantined += len(rejected)
 
 
-class SqliteStore:
+class SqliteStore(base.Store):
     def __init__(
         self,
         path: Path,
@@ -334,7 +238,8 @@ class SqliteStore:
         synchronous: Literal["full", "normal"] = "full",
         busy_timeout_ms: int = 1000,
     ) -> None:
-        self.path = path
+        self.path = Path(path)
+        self.where = str(path)
         self.synchronous = synchronous
         self.busy_timeout_ms = busy_timeout_ms
         self.series_ids: dict[tuple[str, str, str, str], int] = {}
@@ -354,7 +259,7 @@ class SqliteStore:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise StoreUnavailable("cannot open database", f"{self.path.parent}: {exc}") from None
+            raise StoreUnavailable(base.CANNOT_OPEN, f"{self.path.parent}: {exc}") from None
         try:
             conn = await aiosqlite.connect(self.path, isolation_level=None)
         except sqlite3.Error as exc:
@@ -366,7 +271,7 @@ class SqliteStore:
             if row is None or str(row[0]).lower() != "wal":
                 raise StoreError(f"{self.path}: could not enable WAL mode (got {row!r})")
             await conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
-            await self._migrate(conn)
+            await migrate(conn, str(self.path))
             async with conn.execute("SELECT sensor, metric, tags, unit, id FROM series") as cur:
                 rows = list(await cur.fetchall())
             self.series_ids = {(s, m, t, u): i for s, m, t, u, i in rows}
@@ -385,26 +290,6 @@ class SqliteStore:
                 raise self._translate(exc) from exc
             raise
         self._conn = conn
-
-    async def _migrate(self, conn: aiosqlite.Connection) -> None:
-        async with conn.execute("PRAGMA user_version") as cur:
-            row = await cur.fetchone()
-        version = int(row[0]) if row else 0
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path}: schema version {version} is newer than this ingestd "
-                f"understands ({SCHEMA_VERSION}); upgrade ingestd"
-            )
-        for number in range(version + 1, SCHEMA_VERSION + 1):
-            script = MIGRATIONS[number - 1]
-            try:
-                await conn.executescript(
-                    f"BEGIN IMMEDIATE;\n{script}\nPRAGMA user_version = {number};\nCOMMIT;"
-                )
-            except BaseException:
-                if conn.in_transaction:
-                    await conn.rollback()
-                raise
 
     def _set_aside_side_files(self) -> list[str]:
         """Move our -wal and -shm away from a path whose database is no longer ours.
@@ -435,8 +320,39 @@ class SqliteStore:
         await self.open()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.close()
+    async def upkeep(self, cutoff: float | None, rows_per_transaction: int) -> Upkeep:
+        """Retention and a WAL checkpoint, on a connection of its own in small
+        transactions: SQLite has one writer at a time, and the daemon's busy
+        timeout covers the few milliseconds a deletion holds the lock."""
+        try:
+            async with aiosqlite.connect(self.path, isolation_level=None) as conn:
+                await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+                readings = quarantined = 0
+                if cutoff is not None:
+                    readings = await delete_samples(conn, int(cutoff * NS), rows_per_transaction)
+                    quarantined = await delete_quarantine(conn, cutoff, rows_per_transaction)
+                detail = await checkpoint(conn)
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from exc
+        return Upkeep(readings, quarantined, detail)
+
+    def advice(self, exc: Exception) -> str:
+        """Why the database cannot be opened, and what to do about it."""
+        path = self.path
+        text = str(exc)
+        lowered = text.lower()
+        user = _user()
+        if "permission denied" in lowered or "read-only" in lowered or "readonly" in lowered:
+            missing = not path.parent.exists()
+            where, verb = (path.parent, "create") if missing else (path, "write")
+            why = "read-only file system" if "read-only" in lowered else "permission denied"
+            return (
+                f"cannot {verb} {where}: {why} for user {user} - set store.path to a "
+                f"place {user} can write (e.g. var/ingestd.db), or run as a user that can"
+            )
+        if "no space" in lowered or "disk full" in lowered:
+            return f"the disk holding {path} is full - free space there ({text})"
+        return text
 
     def _translate(self, exc: sqlite3.Error) -> Exception:
         unavailable = classify(exc)
@@ -502,41 +418,59 @@ class SqliteStore:
                 await conn.close()
 
 
+def backup_file(
+    source: Path,
+    dest: Path,
+    progress: Callable[[int, int], None] | None = None,
+    pages_per_step: int = 4096,
+) -> None:
+    """An online copy of the database with SQLite's backup API.
+
+    Safe while the daemon writes: the backup restarts a step when the source
+    changes under it, and the copy is a consistent snapshot. `progress` gets
+    (pages remaining, total pages) after each step. Only a complete copy takes
+    the name `dest`; an existing `dest` is never overwritten.
+    """
+    if not source.exists():
+        raise StoreError(f"{source}: no database to back up")
+    if dest.exists():
+        raise StoreError(f"{dest}: already exists; not overwriting it")
+    src = sqlite3.connect(ro_uri(source), uri=True, timeout=30)
+    partial = dest.with_name(dest.name + ".partial")
+    try:
+        out = sqlite3.connect(partial)
+        try:
+            src.backup(
+                out,
+                pages=pages_per_step,
+                progress=(lambda _s, rem, total: progress(rem, total)) if progress else None,
+            )
+        finally:
+            out.close()
+        partial.rename(dest)
+    except sqlite3.Error as exc:
+        partial.unlink(missing_ok=True)
+        raise StoreError(f"backup of {source} to {dest} failed: {exc}") from None
+    finally:
+        src.close()
+
+
 async def backup(
     source: Path,
     dest: Path,
     progress: Callable[[int, int], None] | None = None,
     pages_per_step: int = 4096,
 ) -> None:
-    """An online copy of the database with SQLite's backup API, in an executor.
+    """`backup_file` in an executor."""
+    await asyncio.get_running_loop().run_in_executor(
+        None, backup_file, source, dest, progress, pages_per_step
+    )
 
-    Safe while the daemon writes: the backup restarts a step when the source
-    changes under it, and the copy is a consistent snapshot. `progress` gets
-    (pages remaining, total pages) after each step.
-    """
 
-    def run() -> None:
-        if not source.exists():
-            raise StoreError(f"{source}: no database to back up")
-        if dest.exists():
-            raise StoreError(f"{dest}: already exists; not overwriting it")
-        src = sqlite3.connect(ro_uri(source), uri=True, timeout=30)
-        partial = dest.with_name(dest.name + ".partial")
-        try:
-            out = sqlite3.connect(partial)
-            try:
-                src.backup(
-                    out,
-                    pages=pages_per_step,
-                    progress=(lambda _s, rem, total: progress(rem, total)) if progress else None,
-                )
-            finally:
-                out.close()
-            partial.rename(dest)  # only a complete copy takes the name
-        except sqlite3.Error as exc:
-            partial.unlink(missing_ok=True)
-            raise StoreError(f"backup of {source} to {dest} failed: {exc}") from None
-        finally:
-            src.close()
+def _user() -> str:
+    try:
+        import pwd  # noqa: PLC0415 - POSIX only
 
-    await asyncio.get_running_loop().run_in_executor(None, run)
+        return pwd.getpwuid(os.getuid()).pw_name
+    except (ImportError, KeyError):
+        return str(os.getuid())

@@ -1,0 +1,31 @@
+"""Where readings are kept: one interface (`base`), one package per engine.
+
+The daemon, maintenance and the CLI get their store from `open_store` and
+`open_reader` and use only the interface; the settings pick the engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ingestd.config import StoreSettings
+from ingestd.store.base import CONDITIONS, Batch, Reader, Store, Upkeep
+
+
+def open_store(settings: StoreSettings) -> Store:
+    """The daemon's store (not yet opened: `await store.open()`)."""
+    from ingestd.store.sqlite import SqliteStore  # noqa: PLC0415 - the engine chosen
+
+    return SqliteStore(
+        settings.path, synchronous=settings.synchronous, busy_timeout_ms=settings.busy_timeout_ms
+    )
+
+
+def open_reader(settings: StoreSettings, path: Path | None = None) -> Reader:
+    """Read-only access for the CLI; `path` overrides the settings' database."""
+    from ingestd.store.sqlite import SqliteReader  # noqa: PLC0415
+
+    return SqliteReader(path or settings.path)
+
+
+__all__ = ["CONDITIONS", "Batch", "Reader", "Store", "Upkeep", "open_reader", "open_store"]

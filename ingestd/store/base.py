@@ -1,0 +1,200 @@
+"""The store interface: what the writer, maintenance and the CLI may ask of a
+database, whatever the engine.
+
+A backend (SQLite today) implements three things:
+
+- `Store`, the daemon's: opened (schema created and migrated) before anything
+  is read from the broker; `batch()` is one transaction (readings, quarantine
+  records and per-sensor state commit together, or not at all); `upkeep()`
+  runs retention and whatever housekeeping the engine needs, without holding
+  the writer up for long.
+- `Batch`, one open transaction, counting what it did: `inserted` new
+  readings, `duplicates` (a reading whose key is stored with the same value:
+  a redelivery), `conflicts` (the key is stored with another value: quarantined
+  in the same transaction, never silently dropped).
+- `Reader`, the CLI's: read-only, safe beside a running daemon, rows streamed.
+
+Errors: `StoreUnavailable(condition, detail)` for what waiting can cure (the
+writer holds its data, stops acknowledging and retries), with `condition` one
+of `CONDITIONS`; `StoreError` for what it cannot.
+
+Every backend keeps the same schema contract for users who query it directly:
+a `readings` view (sensor, metric, ts, value, tags, unit, ts_ns, seq) over
+`series` and `samples`, and a `quarantine` table.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from ingestd.events import Reading, Rejected, SensorStatus
+
+# What StoreUnavailable.condition may say (a metric label each: ingestd_store_unavailable).
+LOCKED = "database locked"
+DISK_FULL = "disk full"
+IO_ERROR = "I/O error"
+READ_ONLY = "database read-only"
+CANNOT_OPEN = "cannot open database"
+PROTOCOL = "locking protocol error"
+NO_MEMORY = "out of memory"
+REPLACED = "database replaced"  # the file at store.path is no longer the one written to
+CONDITIONS = tuple(
+    sorted({LOCKED, DISK_FULL, IO_ERROR, READ_ONLY, CANNOT_OPEN, PROTOCOL, NO_MEMORY, REPLACED})
+)
+
+
+class Batch(ABC):
+    """One open transaction (see `Store.batch`)."""
+
+    inserted: int
+    duplicates: int
+    quarantined: int
+    conflicts: list[Rejected]
+
+    @abstractmethod
+    async def add_readings(self, readings: Sequence[Reading]) -> None:
+        """Store readings; a key already stored is a duplicate (same value) or a
+        conflict (another value: quarantined in this transaction)."""
+
+    @abstractmethod
+    async def add_rejected(self, rejected: Sequence[Rejected]) -> None:
+        """Quarantine records, with their reasons."""
+
+    @abstractmethod
+    async def set_status(self, status: SensorStatus) -> None:
+        """Per-sensor state (device counters, expect_within), kept with the readings."""
+
+
+@dataclass(frozen=True, slots=True)
+class Upkeep:
+    """What one maintenance pass did."""
+
+    readings_deleted: int = 0
+    quarantined_deleted: int = 0
+    detail: dict[str, Any] | None = None  # engine-specific, logged at debug
+
+
+class Store(ABC):
+    """The daemon's handle on its database."""
+
+    # Where the data goes, for logs: a path, or a URL without its password.
+    where: str
+    # Device sequence counters as last committed, sensor -> (last, gaps, missing):
+    # loaded by `open`, so a gap across a restart of ingestd still counts.
+    sequences: dict[str, tuple[int, int, int]]
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect, create or migrate the schema. StoreUnavailable if it can't yet."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    def batch(self, now: float | None = None) -> AbstractAsyncContextManager[Batch]:
+        """One transaction: commits on exit, rolls back on error or cancellation.
+        `now` stamps quarantine records the batch adds itself (conflicts)."""
+
+    @abstractmethod
+    async def upkeep(self, cutoff: float | None, rows_per_transaction: int) -> Upkeep:
+        """Delete readings older than `cutoff` (Unix seconds; None: keep all) and
+        quarantine records received before it, in small transactions; then the
+        engine's housekeeping. Raises StoreError (or StoreUnavailable)."""
+
+    @abstractmethod
+    def advice(self, exc: Exception) -> str:
+        """What an operator should do about `exc` (raised by `open`), in words."""
+
+    async def __aenter__(self) -> Store:
+        await self.open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class SensorRow(NamedTuple):
+    sensor: str
+    metric: str
+    tags: str
+    unit: str
+    value: float
+    ts_ns: int  # the last reading's time
+    expect_within: float | None
+    seq_gaps: int
+    seq_missing: int
+
+
+class ReadingRow(NamedTuple):
+    sensor: str
+    metric: str
+    ts_ns: int
+    value: float
+    tags: str
+    unit: str
+
+
+class QuarantineRow(NamedTuple):
+    received_at: float
+    topic: str
+    reason: str
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StoreTotals:
+    where: str
+    sensors: int
+    series: int
+    readings: int
+    quarantined: int
+    first_ns: int | None
+    last_ns: int | None
+    size_bytes: int
+
+
+class Reader(ABC):
+    """Read-only access for the CLI, safe beside the running daemon; rows are
+    streamed as the database yields them."""
+
+    @abstractmethod
+    def sensors(self, like: str | None = None) -> Iterable[SensorRow]:
+        """Each series with its last reading; `like`: a glob on the sensor id."""
+
+    @abstractmethod
+    def readings(
+        self,
+        sensor: str,
+        metric: str | None,
+        since_ns: int,
+        until_ns: int,
+        limit: int | None,
+        tags: Sequence[tuple[str, str]] = (),
+    ) -> Iterable[ReadingRow]:
+        """One sensor's readings in [since_ns, until_ns), by time; `tags`: each
+        (key, value) must match; `limit` 0 or None: all."""
+
+    @abstractmethod
+    def quarantined(self, since: float, limit: int | None) -> Iterable[QuarantineRow]:
+        """Quarantine records received since `since` (Unix seconds), newest first."""
+
+    @abstractmethod
+    def totals(self) -> StoreTotals: ...
+
+    @abstractmethod
+    def backup(self, dest: str, progress: Callable[[int, int], None] | None = None) -> str:
+        """A consistent copy of the database at `dest` (or what the engine
+        offers instead); returns what was done, for the operator."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,129 @@
+"""What the CLI reads from a SQLite database: read-only connections (safe next
+to the running daemon: WAL readers never block its writer), each query led by
+the (series_id, ts_ns) key, rows streamed as they are read."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from ingestd.errors import StoreError
+from ingestd.store import base
+from ingestd.store.base import QuarantineRow, ReadingRow, SensorRow, StoreTotals
+from ingestd.store.sqlite.schema import SCHEMA_VERSION
+from ingestd.store.sqlite.store import backup_file, ro_uri
+
+
+class SqliteReader(base.Reader):
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if not path.exists():
+            raise StoreError(f"{path}: no database here (is store.path right? --db PATH)")
+        try:
+            conn = sqlite3.connect(ro_uri(path), uri=True, timeout=5)
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise StoreError(f"{path}: cannot read the database: {exc}") from None
+        if version != SCHEMA_VERSION:
+            conn.close()
+            if version == 0:
+                raise StoreError(f"{path}: not an ingestd database (no schema version)")
+            newer = version > SCHEMA_VERSION
+            raise StoreError(
+                f"{path}: schema version {version}, this ingestd reads {SCHEMA_VERSION}: "
+                + (
+                    "upgrade ingestd"
+                    if newer
+                    else "start the daemon once (it migrates the database), then try again"
+                )
+            )
+        self.conn = conn
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def sensors(self, like: str | None = None) -> Iterable[SensorRow]:
+        args: tuple[str, ...]
+        where, args = "", ()
+        if like:
+            where, args = "WHERE s.sensor GLOB ?", (like,)
+        cur = self.conn.execute(
+            f"""SELECT s.sensor, s.metric, s.tags, s.unit, r.value, r.ts_ns,
+                       st.expect_within, coalesce(st.seq_gaps, 0), coalesce(st.seq_missing, 0)
+                FROM series AS s JOIN samples AS r
+                  ON r.series_id = s.id
+                 AND (r.ts_ns, r.seq) = (SELECT ts_ns, seq FROM samples WHERE series_id = s.id
+                                        ORDER BY ts_ns DESC, seq DESC LIMIT 1)
+                LEFT JOIN sensor_status AS st ON st.sensor = s.sensor
+                {where}
+                ORDER BY s.sensor, s.metric, s.tags, s.unit""",
+            args,
+        )
+        return map(SensorRow._make, cur)
+
+    def readings(
+        self,
+        sensor: str,
+        metric: str | None,
+        since_ns: int,
+        until_ns: int,
+        limit: int | None,
+        tags: Sequence[tuple[str, str]] = (),
+    ) -> Iterable[ReadingRow]:
+        sql = (
+            "SELECT s.sensor, s.metric, r.ts_ns, r.value, s.tags, s.unit FROM series AS s "
+            "JOIN samples AS r ON r.series_id = s.id "
+            "WHERE s.sensor = ? AND r.ts_ns >= ? AND r.ts_ns < ?"
+        )
+        args: list[Any] = [sensor, since_ns, until_ns]
+        if metric:
+            sql += " AND s.metric = ?"
+            args.append(metric)
+        for key, value in tags:
+            # A bound JSON path: the key never becomes SQL text.
+            sql += " AND json_extract(nullif(s.tags, ''), ?) = ?"
+            args += ["$." + json.dumps(key), value]
+        sql += " ORDER BY r.ts_ns, s.metric, r.seq"
+        if limit:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return map(ReadingRow._make, self.conn.execute(sql, args))
+
+    def quarantined(self, since: float, limit: int | None) -> Iterable[QuarantineRow]:
+        sql = (
+            "SELECT received_at, topic, reason, payload FROM quarantine WHERE received_at >= ? "
+            "ORDER BY received_at DESC, id DESC"
+        )
+        args: list[Any] = [since]
+        if limit:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return (
+            QuarantineRow(t, topic, r, bytes(p)) for t, topic, r, p in self.conn.execute(sql, args)
+        )
+
+    def totals(self) -> StoreTotals:
+        one = self.conn.execute
+        series = one("SELECT count(*) FROM series").fetchone()[0]
+        sensors_n = one("SELECT count(DISTINCT sensor) FROM series").fetchone()[0]
+        readings = one("SELECT count(*) FROM samples").fetchone()[0]
+        quarantined = one("SELECT count(*) FROM quarantine").fetchone()[0]
+        # Per series along the key (two index probes each), not a scan of samples.
+        first = one(
+            "SELECT min((SELECT min(ts_ns) FROM samples WHERE series_id = s.id)) FROM series AS s"
+        ).fetchone()[0]
+        last = one(
+            "SELECT max((SELECT max(ts_ns) FROM samples WHERE series_id = s.id)) FROM series AS s"
+        ).fetchone()[0]
+        size = sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
+        return StoreTotals(
+            str(self.path), sensors_n, series, readings, quarantined, first, last, size
+        )
+
+    def backup(self, dest: str, progress: Callable[[int, int], None] | None = None) -> str:
+        target = Path(dest)
+        backup_file(self.path, target, progress)
+        return f"backed up {self.path} to {target} ({target.stat().st_size / 1e6:,.1f} MB)"
