@@ -94,8 +94,13 @@ class Daemon:
         settings: Settings,
         notifier: SystemdNotifier | None = None,
         config_path: Path | None = None,
+        *,
+        handle_signals: bool = True,
     ) -> None:
+        """`handle_signals`: take SIGTERM/SIGINT/SIGHUP (the process's own daemon);
+        off where the daemon runs inside another program's loop (tests)."""
         self.settings = settings
+        self.handle_signals = handle_signals
         self._boot_settings = settings
         self.config_path = config_path
         self.notifier = notifier or SystemdNotifier()
@@ -147,7 +152,8 @@ class Daemon:
     # -- phases ----------------------------------------------------------------
 
     async def run(self) -> int:
-        self._install_signals()
+        if self.handle_signals:
+            self._install_signals()
         s = self.settings
         log.info(
             "starting",

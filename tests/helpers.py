@@ -19,10 +19,12 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
@@ -258,11 +260,37 @@ def write_config(path: Path, routes: str | None = None, **sections: dict[str, ob
     return path
 
 
-def daemon_for(workdir: Path, port: int, routes: str | None = None, **env: str) -> Daemon:
-    """A daemon, not yet started, run in `workdir`: a config there with `routes`
-    (the default two if None), its database `workdir/ingestd.db`, a client id of
-    its own and JSON logs; `env` adds or overrides INGESTD_* variables."""
-    config = write_config(workdir / "ingestd.toml", routes=routes)
+class DaemonFactory(Protocol):
+    def __call__(
+        self,
+        port: int,
+        routes: str | None = None,
+        *,
+        # str too: a `**env` dict of strings must type-check against these
+        workdir: Path | str | None = None,
+        config: Path | str | None = None,
+        **env: str,
+    ) -> Daemon: ...
+
+
+BrokerFactory = Callable[..., "Mosquitto"]
+
+
+def daemon_for(
+    workdir: Path,
+    port: int,
+    routes: str | None = None,
+    *,
+    config: Path | str | None = None,
+    **env: str,
+) -> Daemon:
+    """A daemon, not yet started, run in `workdir`: `config`, or a config
+    written there with `routes` (the default two if None); its database
+    `workdir/ingestd.db`, a client id of its own and JSON logs; `env` adds or
+    overrides INGESTD_* variables. Tests get theirs from the `daemons` fixture,
+    which kills every one it made at teardown."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = Path(config) if config else write_config(workdir / "ingestd.toml", routes=routes)
     base = {
         "INGESTD_MQTT__PORT": str(port),
         "INGESTD_STORE__PATH": str(workdir / "ingestd.db"),
@@ -271,6 +299,27 @@ def daemon_for(workdir: Path, port: int, routes: str | None = None, **env: str) 
         **env,
     }
     return Daemon(config, base, workdir)
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """(status, body) of a GET, error statuses included."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metric_value(text: str, name: str, labels: str = "") -> float:
+    """One sample's value from the Prometheus text format."""
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key == wanted:
+            return float(value)
+    raise AssertionError(f"{wanted} not in metrics:\n{text}")
 
 
 def _toml(value: object) -> str:

@@ -15,7 +15,13 @@ import pytest
 
 from ingestd.events import NS, Reading, Rejected
 from ingestd.store.sqlite import SqliteStore
-from tests.helpers import SHIPPED_CONFIG, Daemon, Mosquitto, publish, wait_for
+from tests.helpers import (
+    SHIPPED_CONFIG,
+    DaemonFactory,
+    Mosquitto,
+    publish,
+    wait_for,
+)
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 T0_NS = 1_700_000_000 * NS
@@ -198,38 +204,30 @@ def test_stats_and_backup_from_the_database(db: Path, tmp_path: Path) -> None:
     assert json.loads(again)["readings"] == stats["readings"]
 
 
-def test_stats_from_the_running_daemon(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    daemon = Daemon(
-        SHIPPED_CONFIG,
-        {
-            "INGESTD_MQTT__PORT": str(mosquitto.port),
-            "INGESTD_STORE__PATH": str(tmp_path / "live.db"),
-            "INGESTD_MQTT__CLIENT_ID": "ingestd-cli-stats",
-            "INGESTD_DAEMON__LOG_FORMAT": "json",
-        },
-        tmp_path,
+def test_stats_from_the_running_daemon(
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
+) -> None:
+    daemon = daemons(
+        mosquitto.port, config=SHIPPED_CONFIG, INGESTD_STORE__PATH=str(tmp_path / "live.db")
     ).start()
-    try:
-        daemon.wait_ready()
-        publish(
-            mosquitto.port,
-            [("sensors/a/telemetry", b'{"temperature": 1, "humidity": 2}') for _ in range(10)],
-        )
-        url = daemon.metrics_url()
+    daemon.wait_ready()
+    publish(
+        mosquitto.port,
+        [("sensors/a/telemetry", b'{"temperature": 1, "humidity": 2}') for _ in range(10)],
+    )
+    url = daemon.metrics_url()
 
-        def live() -> dict[str, object]:
-            out = ingestd(*cli(tmp_path / "live.db", "stats", "--json", "--url", url)).stdout
-            return dict(json.loads(out))
+    def live() -> dict[str, object]:
+        out = ingestd(*cli(tmp_path / "live.db", "stats", "--json", "--url", url)).stdout
+        return dict(json.loads(out))
 
-        wait_for(lambda: live().get("readings_committed") == 20, 20, what="live stats")
-        stats = live()
-        assert stats["source"] == "daemon"
-        assert stats["messages_received"] == 10
-        assert stats["broker_connected"] == 1
-        assert stats["ready"] == 1
-        assert daemon.stop() == 0
-    finally:
-        daemon.kill()
+    wait_for(lambda: live().get("readings_committed") == 20, 20, what="live stats")
+    stats = live()
+    assert stats["source"] == "daemon"
+    assert stats["messages_received"] == 10
+    assert stats["broker_connected"] == 1
+    assert stats["ready"] == 1
+    assert daemon.stop() == 0
 
 
 def test_query_by_tag(db: Path) -> None:
@@ -320,27 +318,18 @@ def test_data_commands_need_no_config_file(db: Path) -> None:
 
 
 def test_stats_with_db_reads_that_file_even_while_a_daemon_answers(
-    tmp_path: Path, mosquitto: Mosquitto, db: Path
+    tmp_path: Path, mosquitto: Mosquitto, db: Path, daemons: DaemonFactory
 ) -> None:
-    daemon = Daemon(
-        SHIPPED_CONFIG,
-        {
-            "INGESTD_MQTT__PORT": str(mosquitto.port),
-            "INGESTD_STORE__PATH": str(tmp_path / "live.db"),
-            "INGESTD_MQTT__CLIENT_ID": "ingestd-cli-stats-db",
-            "INGESTD_DAEMON__LOG_FORMAT": "json",
-        },
-        tmp_path,
+    daemon = daemons(
+        mosquitto.port, config=SHIPPED_CONFIG, INGESTD_STORE__PATH=str(tmp_path / "live.db")
     ).start()
-    try:
-        daemon.wait_ready()
-        port = daemon.metrics_url().rsplit(":", 1)[1]
-        config = tmp_path / "c.toml"
-        config.write_text(f"[metrics]\nport = {port}\n")
-        out = ingestd("stats", "--json", "--config", str(config), "--db", str(db)).stdout
-        assert daemon.stop() == 0
-    finally:
-        daemon.kill()
+    daemon.wait_ready()
+    port = daemon.metrics_url().rsplit(":", 1)[1]
+    config = tmp_path / "c.toml"
+    config.write_text(f"[metrics]\nport = {port}\n")
+    out = ingestd("stats", "--json", "--config", str(config), "--db", str(db)).stdout
+    assert daemon.stop() == 0
+    daemon.kill()
     stats = json.loads(out)
     assert (stats["source"], stats["path"], stats["readings"]) == (
         "database",

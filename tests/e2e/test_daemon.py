@@ -14,7 +14,8 @@ import pytest
 
 from tests.helpers import (
     SHIPPED_CONFIG,
-    Daemon,
+    BrokerFactory,
+    DaemonFactory,
     DbReader,
     Mosquitto,
     free_port,
@@ -41,42 +42,29 @@ def _json_stream() -> list[tuple[str, bytes]]:
     return msgs
 
 
-def _daemon(
-    tmp_path: Path, broker_port: int, config: Path = SHIPPED_CONFIG, /, **env: str
-) -> Daemon:
-    db = tmp_path / "data" / "ingestd.db"
-    base = {
-        "INGESTD_MQTT__PORT": str(broker_port),
-        "INGESTD_STORE__PATH": str(db),
-        "INGESTD_MQTT__CLIENT_ID": f"ingestd-test-{broker_port}",
-        "INGESTD_DAEMON__LOG_FORMAT": "json",
-    }
-    base.update(env)
-    return Daemon(config, base, tmp_path)
-
-
 def test_ingests_20000_qos1_messages_exactly_once(
-    tmp_path: Path, mosquitto: Mosquitto, record_property: Callable[[str, object], None]
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    record_property: Callable[[str, object], None],
+    daemons: DaemonFactory,
 ) -> None:
-    daemon = _daemon(tmp_path, mosquitto.port).start()
-    db = DbReader(tmp_path / "data" / "ingestd.db")
-    try:
-        daemon.wait_ready()
-        stream = _json_stream()
-        started = time.monotonic()
-        sent = publish(mosquitto.port, stream, qos=1)
-        assert sent == 20_000
+    daemon = daemons(mosquitto.port, config=SHIPPED_CONFIG).start()
+    db = DbReader(tmp_path / "ingestd.db")
+    daemon.wait_ready()
+    stream = _json_stream()
+    started = time.monotonic()
+    sent = publish(mosquitto.port, stream, qos=1)
+    assert sent == 20_000
 
-        def all_stored() -> bool:
-            daemon.sample_rss()
-            return db.count() >= 40_000
+    def all_stored() -> bool:
+        daemon.sample_rss()
+        return db.count() >= 40_000
 
-        wait_for(all_stored, 120, interval=0.1, what="40,000 readings in the database")
-        elapsed = time.monotonic() - started
-        rss_kb = daemon.sample_rss()
-        assert daemon.stop() == 0, daemon.logs()
-    finally:
-        daemon.kill()
+    wait_for(all_stored, 120, interval=0.1, what="40,000 readings in the database")
+    elapsed = time.monotonic() - started
+    rss_kb = daemon.sample_rss()
+    assert daemon.stop() == 0, daemon.logs()
+    daemon.kill()
 
     assert db.count() == 40_000
     assert db.count("quarantine") == 0
@@ -103,34 +91,34 @@ def test_ingests_20000_qos1_messages_exactly_once(
     )
 
 
-def test_waits_for_a_broker_that_starts_later(tmp_path: Path) -> None:
+def test_waits_for_a_broker_that_starts_later(
+    tmp_path: Path, brokers: BrokerFactory, daemons: DaemonFactory
+) -> None:
     port = free_port()
-    daemon = _daemon(tmp_path, port, INGESTD_MQTT__RECONNECT_MAX_DELAY="1.0").start()
-    broker = Mosquitto(tmp_path / "late-broker", port)
-    db = DbReader(tmp_path / "data" / "ingestd.db")
-    try:
-        wait_for(lambda: "broker unreachable" in daemon.logs(), 20, what="an unreachable log")
-        time.sleep(2.5)  # several failed attempts
-        assert daemon.proc is not None
-        assert daemon.proc.poll() is None, daemon.logs()
-        assert daemon.logs().count("broker unreachable") == 1, "logged once per state change"
-        assert "READY=1" not in daemon.notices
-        broker.start()
-        daemon.wait_ready(30)
-        publish(port, [("sensors/late/temperature", f"{20 + i / 10}".encode()) for i in range(50)])
-        wait_for(lambda: db.count() >= 50, 30, what="50 readings")
-        assert daemon.stop() == 0, daemon.logs()
-    finally:
-        daemon.kill()
-        broker.kill()
+    daemon = daemons(port, config=SHIPPED_CONFIG, INGESTD_MQTT__RECONNECT_MAX_DELAY="1.0").start()
+    broker = brokers(tmp_path / "late-broker", port)
+    db = DbReader(tmp_path / "ingestd.db")
+    wait_for(lambda: "broker unreachable" in daemon.logs(), 20, what="an unreachable log")
+    time.sleep(2.5)  # several failed attempts
+    assert daemon.proc is not None
+    assert daemon.proc.poll() is None, daemon.logs()
+    assert daemon.logs().count("broker unreachable") == 1, "logged once per state change"
+    assert "READY=1" not in daemon.notices
+    broker.start()
+    daemon.wait_ready(30)
+    publish(port, [("sensors/late/temperature", f"{20 + i / 10}".encode()) for i in range(50)])
+    wait_for(lambda: db.count() >= 50, 30, what="50 readings")
+    assert daemon.stop() == 0, daemon.logs()
+    daemon.kill()
+    broker.kill()
     assert db.count() == 50
 
 
 def test_malformed_messages_are_quarantined_and_the_rest_stored(
-    tmp_path: Path, mosquitto: Mosquitto
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
 ) -> None:
-    daemon = _daemon(tmp_path, mosquitto.port).start()
-    db = DbReader(tmp_path / "data" / "ingestd.db")
+    daemon = daemons(mosquitto.port, config=SHIPPED_CONFIG).start()
+    db = DbReader(tmp_path / "ingestd.db")
     bad = [
         ("sensors/b1/telemetry", b"{not json"),
         ("sensors/b2/telemetry", b"[1, 2, 3]"),
@@ -155,17 +143,15 @@ def test_malformed_messages_are_quarantined_and_the_rest_stored(
         )
         if i % 25 == 0:  # 12 bad messages: every kind, the first twice
             messages.append(bad[(i // 25) % len(bad)])
-    try:
-        daemon.wait_ready()
-        publish(mosquitto.port, messages)
-        wait_for(
-            lambda: db.count() >= 600 and db.count("quarantine") >= 12,
-            30,
-            what="good readings and quarantined messages",
-        )
-        assert daemon.stop() == 0, daemon.logs()
-    finally:
-        daemon.kill()
+    daemon.wait_ready()
+    publish(mosquitto.port, messages)
+    wait_for(
+        lambda: db.count() >= 600 and db.count("quarantine") >= 12,
+        30,
+        what="good readings and quarantined messages",
+    )
+    assert daemon.stop() == 0, daemon.logs()
+    daemon.kill()
     assert db.count() == 600
     reasons = db.rows("SELECT topic, reason, payload FROM quarantine ORDER BY id")
     assert len(reasons) == 12
@@ -244,57 +230,56 @@ def test_check_config_prints_effective_settings_with_secrets_masked(tmp_path: Pa
     assert effective["routes"][0]["topic"] == "sensors/{sensor}/telemetry"
 
 
-def test_sigint_drains_and_exits_0(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    daemon = _daemon(tmp_path, mosquitto.port, INGESTD_BATCH__MAX_DELAY_MS="5000").start()
-    db = DbReader(tmp_path / "data" / "ingestd.db")
-    try:
-        daemon.wait_ready()
-        publish(mosquitto.port, [("sensors/s/temperature", b"1.5")] * 5, qos=1)
-        time.sleep(0.5)
-        # The batch would wait 5 s; a stop commits it at once.
-        daemon.signal(signal.SIGINT)
-        assert daemon.wait(10) == 0, daemon.logs()
-    finally:
-        daemon.kill()
+def test_sigint_drains_and_exits_0(
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
+) -> None:
+    daemon = daemons(
+        mosquitto.port, config=SHIPPED_CONFIG, INGESTD_BATCH__MAX_DELAY_MS="5000"
+    ).start()
+    db = DbReader(tmp_path / "ingestd.db")
+    daemon.wait_ready()
+    publish(mosquitto.port, [("sensors/s/temperature", b"1.5")] * 5, qos=1)
+    time.sleep(0.5)
+    # The batch would wait 5 s; a stop commits it at once.
+    daemon.signal(signal.SIGINT)
+    assert daemon.wait(10) == 0, daemon.logs()
+    daemon.kill()
     assert db.count() == 5
     assert "STOPPING=1" in daemon.notices
 
 
-def test_a_store_it_cannot_use_stops_it_with_status_1(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    db = tmp_path / "data" / "ingestd.db"
-    db.parent.mkdir()
+def test_a_store_it_cannot_use_stops_it_with_status_1(
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
+) -> None:
+    db = tmp_path / "ingestd.db"
     import sqlite3
 
     with sqlite3.connect(db) as c:
         c.execute("PRAGMA user_version = 999")
-    daemon = _daemon(tmp_path, mosquitto.port).start()
-    try:
-        assert daemon.wait(20) == 1
-    finally:
-        daemon.kill()
+    daemon = daemons(mosquitto.port, config=SHIPPED_CONFIG).start()
+    assert daemon.wait(20) == 1
+    daemon.kill()
     assert "newer than this ingestd understands" in daemon.logs()
     assert "READY=1" not in daemon.notices
 
 
 def test_a_failing_component_cancels_the_rest_and_exits_non_zero(
-    tmp_path: Path, mosquitto: Mosquitto
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
 ) -> None:
     import sqlite3
 
-    daemon = _daemon(tmp_path, mosquitto.port).start()
-    db = tmp_path / "data" / "ingestd.db"
-    try:
-        daemon.wait_ready()
-        publish(mosquitto.port, [("sensors/a/temperature", b"1")])
-        wait_for(lambda: DbReader(db).count() == 1, 10, what="first reading")
-        # Sabotage the schema under the running daemon: not a transient condition.
-        with sqlite3.connect(db) as c:
-            c.execute("DROP VIEW readings")
-            c.execute("DROP TABLE samples")
-        publish(mosquitto.port, [("sensors/a/temperature", b"2")])
-        status = daemon.wait(20)
-    finally:
-        daemon.kill()
+    daemon = daemons(mosquitto.port, config=SHIPPED_CONFIG).start()
+    db = tmp_path / "ingestd.db"
+    daemon.wait_ready()
+    publish(mosquitto.port, [("sensors/a/temperature", b"1")])
+    wait_for(lambda: DbReader(db).count() == 1, 10, what="first reading")
+    # Sabotage the schema under the running daemon: not a transient condition.
+    with sqlite3.connect(db) as c:
+        c.execute("DROP VIEW readings")
+        c.execute("DROP TABLE samples")
+    publish(mosquitto.port, [("sensors/a/temperature", b"2")])
+    status = daemon.wait(20)
+    daemon.kill()
     assert status == 1
     logs = daemon.logs()
     assert "component failed" in logs

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_daemon import _daemon
 from tests.helpers import (
+    SHIPPED_CONFIG,
+    BrokerFactory,
     Daemon,
+    DaemonFactory,
     DbReader,
     Mosquitto,
     hold_exclusive_lock,
@@ -65,8 +67,8 @@ def publisher(port: int, n: int) -> threading.Thread:
     return t
 
 
-def broker(tmp_path: Path) -> Mosquitto:
-    return Mosquitto(tmp_path / "broker", max_inflight=1000).start()
+def broker(brokers: BrokerFactory, tmp_path: Path) -> Mosquitto:
+    return brokers(tmp_path / "broker", max_inflight=1000).start()
 
 
 def stopped_line(daemon: Daemon) -> dict[str, object]:
@@ -77,63 +79,61 @@ def stopped_line(daemon: Daemon) -> dict[str, object]:
 
 
 @pytest.mark.slow
-def test_kill_9_five_times_during_a_100k_stream(tmp_path: Path) -> None:
+def test_kill_9_five_times_during_a_100k_stream(
+    tmp_path: Path, daemons: DaemonFactory, brokers: BrokerFactory
+) -> None:
     n = 100_000
-    b = broker(tmp_path)
-    db = DbReader(tmp_path / "data" / "ingestd.db")
+    b = broker(brokers, tmp_path)
+    db = DbReader(tmp_path / "ingestd.db")
     rng = random.Random(20261125)
     kills = 0
-    daemon = _daemon(tmp_path, b.port, **FAST).start()
-    try:
-        daemon.wait_ready()
-        pub = publisher(b.port, n)
-        while kills < 5 or pub.is_alive():
-            time.sleep(rng.uniform(0.5, 2.5))
-            if kills < 5:
-                daemon.kill()  # SIGKILL: no drain, no goodbye
-                kills += 1
-                daemon = _daemon(tmp_path, b.port, **FAST).start()
-                daemon.wait_ready()
-        pub.join()
-        wait_for(lambda: stored_messages(db) >= n, 120, interval=0.2, what="all readings")
-        assert daemon.stop() == 0, daemon.logs()
-        assert_exactly_once(db, n)
-        ignored = stopped_line(daemon)["duplicates"]
-        print(
-            f"\nkill -9 x{kills}: sent {n} messages / {2 * n} readings, stored {2 * n} "
-            f"exactly once; redelivered readings ignored by the last run: {ignored}"
-        )
-    finally:
-        daemon.kill()
-        b.kill()
+    daemon = daemons(b.port, config=SHIPPED_CONFIG, **FAST).start()
+    daemon.wait_ready()
+    pub = publisher(b.port, n)
+    while kills < 5 or pub.is_alive():
+        time.sleep(rng.uniform(0.5, 2.5))
+        if kills < 5:
+            daemon.kill()  # SIGKILL: no drain, no goodbye
+            kills += 1
+            daemon = daemons(b.port, config=SHIPPED_CONFIG, **FAST).start()
+            daemon.wait_ready()
+    pub.join()
+    wait_for(lambda: stored_messages(db) >= n, 120, interval=0.2, what="all readings")
+    assert daemon.stop() == 0, daemon.logs()
+    assert_exactly_once(db, n)
+    ignored = stopped_line(daemon)["duplicates"]
+    print(
+        f"\nkill -9 x{kills}: sent {n} messages / {2 * n} readings, stored {2 * n} "
+        f"exactly once; redelivered readings ignored by the last run: {ignored}"
+    )
 
 
 @pytest.mark.slow
-def test_broker_killed_and_restarted_mid_stream(tmp_path: Path) -> None:
+def test_broker_killed_and_restarted_mid_stream(
+    tmp_path: Path, daemons: DaemonFactory, brokers: BrokerFactory
+) -> None:
     n = 100_000
-    b = broker(tmp_path)
-    db = DbReader(tmp_path / "data" / "ingestd.db")
+    b = broker(brokers, tmp_path)
+    db = DbReader(tmp_path / "ingestd.db")
     env = {**FAST, "INGESTD_MQTT__RECONNECT_MAX_DELAY": "1.0"}
-    daemon = _daemon(tmp_path, b.port, **env).start()
-    try:
-        daemon.wait_ready()
-        assert daemon.stop() == 0  # the session exists; the broker queues from now on
-        publish(b.port, stream(n), inflight=1000)
-        b.wait_saved()  # the queue is on disk: the kill below loses none of it
-        daemon = _daemon(tmp_path, b.port, **env).start()
-        daemon.wait_ready()
-        wait_for(lambda: stored_messages(db) >= n * 0.3, 60, interval=0.05, what="30% stored")
-        b.kill()  # SIGKILL: the broker restarts from its persistence file
-        at_kill = stored_messages(db)
-        time.sleep(1.0)
-        b.start()
-        wait_for(lambda: stored_messages(db) >= n, 120, interval=0.2, what="all readings")
-        assert daemon.proc is not None
-        assert daemon.proc.poll() is None, "the daemon rode out the broker outage"
-        assert daemon.stop() == 0, daemon.logs()
-    finally:
-        daemon.kill()
-        b.kill()
+    daemon = daemons(b.port, config=SHIPPED_CONFIG, **env).start()
+    daemon.wait_ready()
+    assert daemon.stop() == 0  # the session exists; the broker queues from now on
+    publish(b.port, stream(n), inflight=1000)
+    b.wait_saved()  # the queue is on disk: the kill below loses none of it
+    daemon = daemons(b.port, config=SHIPPED_CONFIG, **env).start()
+    daemon.wait_ready()
+    wait_for(lambda: stored_messages(db) >= n * 0.3, 60, interval=0.05, what="30% stored")
+    b.kill()  # SIGKILL: the broker restarts from its persistence file
+    at_kill = stored_messages(db)
+    time.sleep(1.0)
+    b.start()
+    wait_for(lambda: stored_messages(db) >= n, 120, interval=0.2, what="all readings")
+    assert daemon.proc is not None
+    assert daemon.proc.poll() is None, "the daemon rode out the broker outage"
+    assert daemon.stop() == 0, daemon.logs()
+    daemon.kill()
+    b.kill()
     assert_exactly_once(db, n)
     logs = daemon.logs()
     assert "broker connection lost" in logs
@@ -147,25 +147,25 @@ def test_broker_killed_and_restarted_mid_stream(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_database_locked_for_5s_mid_stream(tmp_path: Path) -> None:
+def test_database_locked_for_5s_mid_stream(
+    tmp_path: Path, daemons: DaemonFactory, brokers: BrokerFactory
+) -> None:
     n = 30_000
-    b = broker(tmp_path)
-    db_path = tmp_path / "data" / "ingestd.db"
+    b = broker(brokers, tmp_path)
+    db_path = tmp_path / "ingestd.db"
     db = DbReader(db_path)
-    daemon = _daemon(tmp_path, b.port, **FAST).start()
-    try:
-        daemon.wait_ready()
-        pub = publisher(b.port, n)
-        wait_for(lambda: stored_messages(db) >= 3000, 60, what="some readings")
-        holder = hold_exclusive_lock(db_path, 5.0)
-        locked_at = stored_messages(db)
-        holder.join()
-        pub.join()
-        wait_for(lambda: stored_messages(db) >= n, 120, interval=0.2, what="all readings")
-        assert daemon.stop() == 0, daemon.logs()
-    finally:
-        daemon.kill()
-        b.kill()
+    daemon = daemons(b.port, config=SHIPPED_CONFIG, **FAST).start()
+    daemon.wait_ready()
+    pub = publisher(b.port, n)
+    wait_for(lambda: stored_messages(db) >= 3000, 60, what="some readings")
+    holder = hold_exclusive_lock(db_path, 5.0)
+    locked_at = stored_messages(db)
+    holder.join()
+    pub.join()
+    wait_for(lambda: stored_messages(db) >= n, 120, interval=0.2, what="all readings")
+    assert daemon.stop() == 0, daemon.logs()
+    daemon.kill()
+    b.kill()
     assert_exactly_once(db, n)
     logs = daemon.logs()
     assert logs.count("store unavailable; holding the batch") == 1
@@ -188,44 +188,48 @@ def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
 
 
 @pytest.mark.slow
-def test_disk_full_then_read_only_then_recovered(tmp_path: Path, small_tmpfs: Path) -> None:
+def test_disk_full_then_read_only_then_recovered(
+    tmp_path: Path, small_tmpfs: Path, daemons: DaemonFactory, brokers: BrokerFactory
+) -> None:
     n = 20_000
-    b = broker(tmp_path)
+    b = broker(brokers, tmp_path)
     db_path = small_tmpfs / "ingestd.db"
     db = DbReader(db_path)
-    daemon = _daemon(tmp_path, b.port, INGESTD_STORE__PATH=str(db_path), **FAST).start()
-    try:
-        daemon.wait_ready()
-        publisher(b.port, n).join()
-        wait_for(lambda: "disk full" in daemon.logs(), 60, what="SQLITE_FULL")
-        full_at = stored_messages(db)
-        time.sleep(2)
-        assert daemon.proc is not None
-        assert daemon.proc.poll() is None, "a full disk is waited out"
-        assert stored_messages(db) == full_at, "nothing is written while the disk is full"
-        subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)
-        wait_for(lambda: stored_messages(db) >= n, 60, interval=0.2, what="all readings")
-        assert daemon.stop() == 0, daemon.logs()
-        # Read-only: the kernel refuses to remount while the daemon has the file open
-        # for writing, so start it on a read-only filesystem, with data waiting.
-        subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
-        publish(b.port, stream(5000, start=n), inflight=1000)
-        daemon = _daemon(tmp_path, b.port, INGESTD_STORE__PATH=str(db_path), **FAST).start()
-        wait_for(
-            lambda: daemon.logs().count("cannot open the store") >= 1,
-            30,
-            what="the read-only condition",
-        )
-        time.sleep(2)
-        assert daemon.proc is not None
-        assert daemon.proc.poll() is None, "a read-only store is waited out"
-        subprocess.run(["mount", "-o", "remount,rw", str(small_tmpfs)], check=True)
-        daemon.wait_ready()
-        wait_for(lambda: stored_messages(db) >= n + 5000, 60, interval=0.2, what="the rest")
-        assert daemon.stop() == 0, daemon.logs()
-    finally:
-        daemon.kill()
-        b.kill()
+    daemon = daemons(
+        b.port, config=SHIPPED_CONFIG, INGESTD_STORE__PATH=str(db_path), **FAST
+    ).start()
+    daemon.wait_ready()
+    publisher(b.port, n).join()
+    wait_for(lambda: "disk full" in daemon.logs(), 60, what="SQLITE_FULL")
+    full_at = stored_messages(db)
+    time.sleep(2)
+    assert daemon.proc is not None
+    assert daemon.proc.poll() is None, "a full disk is waited out"
+    assert stored_messages(db) == full_at, "nothing is written while the disk is full"
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_tmpfs)], check=True)
+    wait_for(lambda: stored_messages(db) >= n, 60, interval=0.2, what="all readings")
+    assert daemon.stop() == 0, daemon.logs()
+    # Read-only: the kernel refuses to remount while the daemon has the file open
+    # for writing, so start it on a read-only filesystem, with data waiting.
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    publish(b.port, stream(5000, start=n), inflight=1000)
+    daemon = daemons(
+        b.port, config=SHIPPED_CONFIG, INGESTD_STORE__PATH=str(db_path), **FAST
+    ).start()
+    wait_for(
+        lambda: daemon.logs().count("cannot open the store") >= 1,
+        30,
+        what="the read-only condition",
+    )
+    time.sleep(2)
+    assert daemon.proc is not None
+    assert daemon.proc.poll() is None, "a read-only store is waited out"
+    subprocess.run(["mount", "-o", "remount,rw", str(small_tmpfs)], check=True)
+    daemon.wait_ready()
+    wait_for(lambda: stored_messages(db) >= n + 5000, 60, interval=0.2, what="the rest")
+    assert daemon.stop() == 0, daemon.logs()
+    daemon.kill()
+    b.kill()
     assert_exactly_once(db, n + 5000)
     logs = [json.loads(line) for line in daemon.logs().splitlines() if line.startswith("{")]
     conditions = [e.get("condition") for e in logs if "store unavailable" in e["msg"]]
@@ -240,30 +244,30 @@ def test_disk_full_then_read_only_then_recovered(tmp_path: Path, small_tmpfs: Pa
 
 
 @pytest.mark.slow
-def test_sigterm_under_full_load_then_restart(tmp_path: Path) -> None:
+def test_sigterm_under_full_load_then_restart(
+    tmp_path: Path, daemons: DaemonFactory, brokers: BrokerFactory
+) -> None:
     n = 60_000
-    b = broker(tmp_path)
-    db = DbReader(tmp_path / "data" / "ingestd.db")
-    daemon = _daemon(tmp_path, b.port, **FAST).start()
-    try:
-        daemon.wait_ready()
-        pub = publisher(b.port, n)
-        wait_for(lambda: stored_messages(db) >= 10_000, 60, interval=0.05, what="full load")
-        started = time.monotonic()
-        daemon.signal(signal.SIGTERM)
-        status = daemon.wait(15)
-        took = time.monotonic() - started
-        first = stopped_line(daemon)
-        at_stop = stored_messages(db)
-        pub.join()
-        daemon = _daemon(tmp_path, b.port, **FAST).start()
-        daemon.wait_ready()
-        wait_for(lambda: stored_messages(db) >= n, 120, interval=0.2, what="all readings")
-        assert daemon.stop() == 0
-        second = stopped_line(daemon)
-    finally:
-        daemon.kill()
-        b.kill()
+    b = broker(brokers, tmp_path)
+    db = DbReader(tmp_path / "ingestd.db")
+    daemon = daemons(b.port, config=SHIPPED_CONFIG, **FAST).start()
+    daemon.wait_ready()
+    pub = publisher(b.port, n)
+    wait_for(lambda: stored_messages(db) >= 10_000, 60, interval=0.05, what="full load")
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    status = daemon.wait(15)
+    took = time.monotonic() - started
+    first = stopped_line(daemon)
+    at_stop = stored_messages(db)
+    pub.join()
+    daemon = daemons(b.port, config=SHIPPED_CONFIG, **FAST).start()
+    daemon.wait_ready()
+    wait_for(lambda: stored_messages(db) >= n, 120, interval=0.2, what="all readings")
+    assert daemon.stop() == 0
+    second = stopped_line(daemon)
+    daemon.kill()
+    b.kill()
     assert status == 0
     assert took < 10, "within daemon.stop_timeout"
     assert_exactly_once(db, n)
@@ -286,54 +290,54 @@ def rss_kb(pid: int) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("qos", [1, 0])
-def test_overload_keeps_memory_flat(tmp_path: Path, qos: int) -> None:
+def test_overload_keeps_memory_flat(
+    tmp_path: Path, qos: int, daemons: DaemonFactory, brokers: BrokerFactory
+) -> None:
     """A publisher far faster than the store: the store is locked 97% of the time."""
     n = 100_000
-    b = broker(tmp_path)
-    db_path = tmp_path / "data" / "ingestd.db"
+    b = broker(brokers, tmp_path)
+    db_path = tmp_path / "ingestd.db"
     db = DbReader(db_path)
-    daemon = _daemon(tmp_path, b.port, **FAST).start()
+    daemon = daemons(b.port, config=SHIPPED_CONFIG, **FAST).start()
     samples: list[int] = []
-    try:
-        daemon.wait_ready()
-        assert daemon.proc is not None
-        pid = daemon.proc.pid
-        publish(b.port, stream(2000, start=n), qos=qos)  # warm up
-        wait_for(lambda: stored_messages(db) >= 2000, 30, what="warm-up")
-        baseline = rss_kb(pid)
-        stop = threading.Event()
+    daemon.wait_ready()
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    publish(b.port, stream(2000, start=n), qos=qos)  # warm up
+    wait_for(lambda: stored_messages(db) >= 2000, 30, what="warm-up")
+    baseline = rss_kb(pid)
+    stop = threading.Event()
 
-        def stall_store() -> None:
-            while not stop.is_set():
-                hold_exclusive_lock(db_path, 1.9).join()
-                time.sleep(0.05)
+    def stall_store() -> None:
+        while not stop.is_set():
+            hold_exclusive_lock(db_path, 1.9).join()
+            time.sleep(0.05)
 
-        staller = threading.Thread(target=stall_store, daemon=True)
-        staller.start()
-        pub = threading.Thread(
-            target=publish,
-            args=(b.port, stream(n)),
-            kwargs={"qos": qos, "inflight": 1000},
-            daemon=True,
-        )
-        pub.start()
-        before = stored_messages(db)
-        while pub.is_alive():
-            samples.append(rss_kb(pid))
-            time.sleep(0.1)
-        # How much faster the publisher was than the stalled store.
-        ratio = n / max(1, stored_messages(db) - before)
-        for _ in range(30):
-            samples.append(rss_kb(pid))
-            time.sleep(0.1)
-        stop.set()
-        staller.join()
-        wait_for(lambda: stored_messages(db) >= n + 2000, 180, interval=0.2, what="all readings")
+    staller = threading.Thread(target=stall_store, daemon=True)
+    staller.start()
+    pub = threading.Thread(
+        target=publish,
+        args=(b.port, stream(n)),
+        kwargs={"qos": qos, "inflight": 1000},
+        daemon=True,
+    )
+    pub.start()
+    before = stored_messages(db)
+    while pub.is_alive():
         samples.append(rss_kb(pid))
-        assert daemon.stop() == 0, daemon.logs()
-    finally:
-        daemon.kill()
-        b.kill()
+        time.sleep(0.1)
+    # How much faster the publisher was than the stalled store.
+    ratio = n / max(1, stored_messages(db) - before)
+    for _ in range(30):
+        samples.append(rss_kb(pid))
+        time.sleep(0.1)
+    stop.set()
+    staller.join()
+    wait_for(lambda: stored_messages(db) >= n + 2000, 180, interval=0.2, what="all readings")
+    samples.append(rss_kb(pid))
+    assert daemon.stop() == 0, daemon.logs()
+    daemon.kill()
+    b.kill()
     peak = max(samples)
     assert_exactly_once_from(db, n, extra=2000)
     assert "in-flight window full" in daemon.logs(), "overload is visible in the logs"

@@ -11,8 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_operate import _get, _metric
-from tests.helpers import Daemon, Mosquitto, daemon_for, wait_for, write_config
+from tests.helpers import (
+    Daemon,
+    DaemonFactory,
+    Mosquitto,
+    http_get,
+    metric_value,
+    wait_for,
+)
 
 SECRET = "s3cret-Pa55-word"
 AS_USER = {"INGESTD_MQTT__USERNAME": "ingestd"}
@@ -45,19 +51,17 @@ def _no_secret_anywhere(daemon: Daemon) -> None:
 
 
 def test_password_from_a_file_connects_and_appears_nowhere(
-    tmp_path: Path, auth_broker: Mosquitto
+    tmp_path: Path, auth_broker: Mosquitto, daemons: DaemonFactory
 ) -> None:
     secret_file = tmp_path / "mqtt-password"
     secret_file.write_text(SECRET + "\n")
-    daemon = daemon_for(
-        tmp_path, auth_broker.port, None, **AS_USER, INGESTD_MQTT__PASSWORD_FILE=str(secret_file)
+    daemon = daemons(
+        auth_broker.port, None, **AS_USER, INGESTD_MQTT__PASSWORD_FILE=str(secret_file)
     ).start()
-    try:
-        daemon.wait_ready()
-        _no_secret_anywhere(daemon)
-        assert daemon.stop() == 0
-    finally:
-        daemon.kill()
+    daemon.wait_ready()
+    _no_secret_anywhere(daemon)
+    assert daemon.stop() == 0
+    daemon.kill()
     out = subprocess.run(
         [
             sys.executable,
@@ -77,36 +81,30 @@ def test_password_from_a_file_connects_and_appears_nowhere(
 
 
 def test_password_from_systemd_credentials_directory(
-    tmp_path: Path, auth_broker: Mosquitto
+    tmp_path: Path, auth_broker: Mosquitto, daemons: DaemonFactory
 ) -> None:
     creds = tmp_path / "credentials"
     creds.mkdir()
     (creds / "mqtt-password").write_text(SECRET)
-    daemon = daemon_for(
-        tmp_path,
+    daemon = daemons(
         auth_broker.port,
         None,
         **AS_USER,
         CREDENTIALS_DIRECTORY=str(creds),
         INGESTD_MQTT__PASSWORD_FILE="mqtt-password",
     ).start()
-    try:
-        daemon.wait_ready()
-        _no_secret_anywhere(daemon)
-        assert daemon.stop() == 0
-    finally:
-        daemon.kill()
+    daemon.wait_ready()
+    _no_secret_anywhere(daemon)
+    assert daemon.stop() == 0
 
 
-def test_a_wrong_password_says_not_authorized(tmp_path: Path, auth_broker: Mosquitto) -> None:
-    daemon = daemon_for(
-        tmp_path, auth_broker.port, None, **AS_USER, INGESTD_MQTT__PASSWORD="wrong"
-    ).start()
-    try:
-        wait_for(lambda: "broker refused the connection" in daemon.logs(), 15, what="the refusal")
-        assert daemon.stop() == 0
-    finally:
-        daemon.kill()
+def test_a_wrong_password_says_not_authorized(
+    tmp_path: Path, auth_broker: Mosquitto, daemons: DaemonFactory
+) -> None:
+    daemon = daemons(auth_broker.port, None, **AS_USER, INGESTD_MQTT__PASSWORD="wrong").start()
+    wait_for(lambda: "broker refused the connection" in daemon.logs(), 15, what="the refusal")
+    assert daemon.stop() == 0
+    daemon.kill()
     line = next(
         json.loads(x) for x in daemon.logs().splitlines() if "broker refused the connection" in x
     )
@@ -116,29 +114,21 @@ def test_a_wrong_password_says_not_authorized(tmp_path: Path, auth_broker: Mosqu
 
 
 def test_a_store_that_cannot_be_created_says_why_and_what_to_do(
-    tmp_path: Path, mosquitto: Mosquitto
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
 ) -> None:
     blocked = tmp_path / "blocked"
     blocked.write_text("a file where a directory should be")
-    config = write_config(tmp_path / "ingestd.toml")
-    daemon = Daemon(
-        config,
-        {
-            "INGESTD_MQTT__PORT": str(mosquitto.port),
-            "INGESTD_STORE__PATH": str(blocked / "sub" / "x.db"),
-            "INGESTD_DAEMON__LOG_FORMAT": "json",
-            "INGESTD_STORE__RETRY_MAX_DELAY": "0.2",
-        },
-        tmp_path,
+    daemon = daemons(
+        mosquitto.port,
+        INGESTD_STORE__PATH=str(blocked / "sub" / "x.db"),
+        INGESTD_STORE__RETRY_MAX_DELAY="0.2",
     ).start()
-    try:
-        base = daemon.metrics_url()
-        wait_for(lambda: "cannot open the store" in daemon.logs(), 10, what="the reason")
-        status, body = _get(base + "/readyz")
-        text = _get(base + "/metrics")[1]
-        assert daemon.stop() == 0
-    finally:
-        daemon.kill()
+    base = daemon.metrics_url()
+    wait_for(lambda: "cannot open the store" in daemon.logs(), 10, what="the reason")
+    status, body = http_get(base + "/readyz")
+    text = http_get(base + "/metrics")[1]
+    assert daemon.stop() == 0
+    daemon.kill()
     assert status == 503
     ready = json.loads(body)
     assert {k: ready[k] for k in ("ready", "broker", "store", "pipeline")} == {
@@ -148,5 +138,5 @@ def test_a_store_that_cannot_be_created_says_why_and_what_to_do(
         "pipeline": False,
     }
     assert ready["detail"].startswith("store not open: ")
-    assert _metric(text, "ingestd_store_available") == 0
-    assert _metric(text, "ingestd_broker_connected") == 0
+    assert metric_value(text, "ingestd_store_available") == 0
+    assert metric_value(text, "ingestd_broker_connected") == 0

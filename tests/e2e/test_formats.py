@@ -3,6 +3,7 @@ routes, a runaway device, and a fuzz run of 100,000 generated payloads."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import random
 import sqlite3
@@ -14,8 +15,17 @@ import pytest
 
 from ingestd.config import load_settings, route_table
 from ingestd.explain import outcome
-from tests.e2e.test_operate import _daemon, _get, _metric
-from tests.helpers import DbReader, Mosquitto, publish, wait_for, write_config
+from tests.harness import InProcess, settings_for, until
+from tests.helpers import (
+    DaemonFactory,
+    DbReader,
+    Mosquitto,
+    http_get,
+    metric_value,
+    publish,
+    wait_for,
+    write_config,
+)
 
 T0 = 1_700_000_000.0
 
@@ -41,16 +51,17 @@ format = "value"
 """
 
 
-def test_mixed_formats_on_several_routes(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    config = write_config(tmp_path / "ingestd.toml", routes=MIXED_ROUTES)
-    config.write_text(
-        config.read_text() + '\n[processor.scaling]\npressure = { scale = 0.01, unit = "hPa" }\n'
+async def test_mixed_formats_on_several_routes(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    settings = settings_for(
+        tmp_path,
+        mosquitto.port,
+        MIXED_ROUTES,
+        processor={"scaling": {"pressure": {"scale": 0.01, "unit": "hPa"}}},
     )
-    daemon = _daemon(tmp_path, config, mosquitto.port).start()
     db = DbReader(tmp_path / "ingestd.db")
-    try:
-        daemon.wait_ready()
-        publish(
+    async with InProcess(settings) as daemon:
+        await asyncio.to_thread(
+            publish,
             mosquitto.port,
             [
                 (
@@ -79,10 +90,9 @@ def test_mixed_formats_on_several_routes(tmp_path: Path, mosquitto: Mosquitto) -
                 ("sensors/k1/temperature", b"19.25"),
             ],
         )
-        wait_for(lambda: db.count() == 8, 20, what="8 readings")
-        assert daemon.stop() == 0
-    finally:
-        daemon.kill()
+        await until(lambda: db.count() == 8, 20, what="8 readings")
+        assert daemon.accounting().unexplained == 0
+    assert daemon.status == 0
     rows = db.rows(
         "SELECT sensor, metric, ts, value, tags, unit FROM readings "
         "WHERE sensor != 'k1' ORDER BY sensor, metric, ts"
@@ -101,7 +111,9 @@ def test_mixed_formats_on_several_routes(tmp_path: Path, mosquitto: Mosquitto) -
     assert db.count("quarantine") == 0
 
 
-def test_a_runaway_device_cannot_starve_the_others(tmp_path: Path, mosquitto: Mosquitto) -> None:
+def test_a_runaway_device_cannot_starve_the_others(
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
+) -> None:
     routes = """
 [[routes]]
 topic = "sensors/{sensor}/{metric}"
@@ -110,37 +122,35 @@ rate_limit = 50
 rate_burst = 100
 """
     config = write_config(tmp_path / "ingestd.toml", routes=routes)
-    daemon = _daemon(tmp_path, config, mosquitto.port).start()
+    daemon = daemons(mosquitto.port, config=config).start()
     db = DbReader(tmp_path / "ingestd.db")
     loud = 20_000
-    try:
-        daemon.wait_ready()
-        base = daemon.metrics_url()
-        messages = []
-        for i in range(loud):
-            messages.append(("sensors/loud/t", b"%d" % i))
-            if i % 20 == 0:  # 10 quiet devices, 100 readings each, at 1 per 200 loud ones
-                messages.append((f"sensors/quiet{i // 20 % 10}/t", b"%d" % i))
-        publish(mosquitto.port, messages)
-        wait_for(
-            lambda: db.count("readings WHERE sensor GLOB 'quiet*'") == 1000,
-            30,
-            what="every quiet reading",
+    daemon.wait_ready()
+    base = daemon.metrics_url()
+    messages = []
+    for i in range(loud):
+        messages.append(("sensors/loud/t", b"%d" % i))
+        if i % 20 == 0:  # 10 quiet devices, 100 readings each, at 1 per 200 loud ones
+            messages.append((f"sensors/quiet{i // 20 % 10}/t", b"%d" % i))
+    publish(mosquitto.port, messages)
+    wait_for(
+        lambda: db.count("readings WHERE sensor GLOB 'quiet*'") == 1000,
+        30,
+        what="every quiet reading",
+    )
+
+    def settled() -> bool:
+        text = http_get(base + "/metrics")[1]
+        return (
+            metric_value(text, "ingestd_messages_received_total") == loud + 1000
+            and metric_value(text, "ingestd_inflight_messages") == 0
         )
 
-        def settled() -> bool:
-            text = _get(base + "/metrics")[1]
-            return (
-                _metric(text, "ingestd_messages_received_total") == loud + 1000
-                and _metric(text, "ingestd_inflight_messages") == 0
-            )
-
-        wait_for(settled, 30, what="all messages received and settled")
-        _, text = _get(base + "/metrics")
-        dropped = _metric(text, "ingestd_readings_rate_limited_total", 'policy="drop"')
-        assert daemon.stop() == 0
-    finally:
-        daemon.kill()
+    wait_for(settled, 30, what="all messages received and settled")
+    _, text = http_get(base + "/metrics")
+    dropped = metric_value(text, "ingestd_readings_rate_limited_total", 'policy="drop"')
+    assert daemon.stop() == 0
+    daemon.kill()
     stored = db.count("readings WHERE sensor = 'loud'")
     assert stored + dropped == loud
     # The burst, then 50/s for as long as the flood lasted (a few seconds here).
@@ -230,41 +240,42 @@ def _mutate(rng: random.Random, seed: bytes) -> bytes:
 
 @pytest.mark.slow
 def test_fuzz_100000_generated_payloads_through_the_daemon(
-    tmp_path: Path, mosquitto: Mosquitto, record_property: Callable[[str, object], None]
+    tmp_path: Path,
+    mosquitto: Mosquitto,
+    record_property: Callable[[str, object], None],
+    daemons: DaemonFactory,
 ) -> None:
     config = write_config(
         tmp_path / "ingestd.toml",
         routes=FUZZ_ROUTES,
         processor={"max_age_days": 0, "max_future_seconds": 0},
     )
-    daemon = _daemon(tmp_path, config, mosquitto.port).start()
+    daemon = daemons(mosquitto.port, config=config).start()
     rng = random.Random(20261125)
     n = 100_000
     messages = []
     for i in range(n):
         prefix = rng.choice(list(SEEDS))
         messages.append((f"{prefix}/f{i}", _mutate(rng, rng.choice(SEEDS[prefix]))))
-    try:
-        daemon.wait_ready()
-        base = daemon.metrics_url()
-        publish(mosquitto.port, messages)
+    daemon.wait_ready()
+    base = daemon.metrics_url()
+    publish(mosquitto.port, messages)
 
-        def settled() -> bool:
-            # One accounting snapshot: every message received, every reading settled.
-            text = _get(base + "/metrics")[1]
-            return (
-                _metric(text, "ingestd_messages_received_total") == n
-                and _metric(text, "ingestd_readings_in_flight") == 0
-                and _metric(text, "ingestd_inflight_messages") == 0
-            )
+    def settled() -> bool:
+        # One accounting snapshot: every message received, every reading settled.
+        text = http_get(base + "/metrics")[1]
+        return (
+            metric_value(text, "ingestd_messages_received_total") == n
+            and metric_value(text, "ingestd_readings_in_flight") == 0
+            and metric_value(text, "ingestd_inflight_messages") == 0
+        )
 
-        wait_for(settled, 120, interval=0.5, what="every fuzz message settled")
-        metrics = _get(base + "/metrics")[1]
-        assert daemon.proc is not None
-        assert daemon.proc.poll() is None, "the daemon died"
-        assert daemon.stop() == 0
-    finally:
-        daemon.kill()
+    wait_for(settled, 120, interval=0.5, what="every fuzz message settled")
+    metrics = http_get(base + "/metrics")[1]
+    assert daemon.proc is not None
+    assert daemon.proc.poll() is None, "the daemon died"
+    assert daemon.stop() == 0
+    daemon.kill()
     with sqlite3.connect(tmp_path / "ingestd.db") as c:
         per_sensor = dict(c.execute("SELECT sensor, count(*) FROM readings GROUP BY sensor"))
         stored = set(per_sensor)
@@ -287,10 +298,10 @@ def test_fuzz_100000_generated_payloads_through_the_daemon(
             disagree.append((topic, payload, len(kept), per_sensor.get(f"f{i}", 0)))
     assert disagree == [], disagree[:5]
     # And the daemon's own accounting: every decoded reading has an outcome.
-    assert _metric(metrics, "ingestd_readings_unexplained") == 0
-    assert _metric(metrics, "ingestd_readings_duplicate_total") == 0
-    assert _metric(metrics, "ingestd_readings_committed_total") == explained
-    assert _metric(metrics, "ingestd_readings_decoded_total") == explained + _metric(
+    assert metric_value(metrics, "ingestd_readings_unexplained") == 0
+    assert metric_value(metrics, "ingestd_readings_duplicate_total") == 0
+    assert metric_value(metrics, "ingestd_readings_committed_total") == explained
+    assert metric_value(metrics, "ingestd_readings_decoded_total") == explained + metric_value(
         metrics, "ingestd_readings_quarantined_total"
     )
     unaccounted = [

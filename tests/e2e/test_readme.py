@@ -14,7 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, free_port
+from tests.helpers import (
+    REPO,
+    free_port,
+)
 
 USER = "ingestd-readme"
 

@@ -10,36 +10,41 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_daemon import _daemon
-from tests.helpers import REPO, DbReader, Mosquitto, hold_exclusive_lock, publish, wait_for
+from tests.helpers import (
+    REPO,
+    SHIPPED_CONFIG,
+    BrokerFactory,
+    DaemonFactory,
+    DbReader,
+    Mosquitto,
+    hold_exclusive_lock,
+    publish,
+    wait_for,
+)
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_messages_published_while_it_is_down_are_ingested_on_restart(
-    tmp_path: Path, mosquitto: Mosquitto, protocol: str
+    tmp_path: Path, mosquitto: Mosquitto, protocol: str, daemons: DaemonFactory
 ) -> None:
     env = {"INGESTD_MQTT__PROTOCOL": protocol, "INGESTD_MQTT__MAX_INFLIGHT": "50"}
-    db = DbReader(tmp_path / "data" / "ingestd.db")
-    first = _daemon(tmp_path, mosquitto.port, **env).start()
-    try:
-        first.wait_ready()  # the session now exists on the broker
-        publish(mosquitto.port, [("sensors/p/telemetry", b'{"ts": 1.7e9, "x": 1}')])
-        wait_for(lambda: db.count() == 1, 10, what="first reading")
-        assert first.stop() == 0, first.logs()
-    finally:
-        first.kill()
+    db = DbReader(tmp_path / "ingestd.db")
+    first = daemons(mosquitto.port, config=SHIPPED_CONFIG, **env).start()
+    first.wait_ready()  # the session now exists on the broker
+    publish(mosquitto.port, [("sensors/p/telemetry", b'{"ts": 1.7e9, "x": 1}')])
+    wait_for(lambda: db.count() == 1, 10, what="first reading")
+    assert first.stop() == 0, first.logs()
+    first.kill()
     msgs = [
         (f"sensors/d{i % 7}/telemetry", f'{{"ts": {1.7e9 + i}, "x": {i}}}'.encode())
         for i in range(1, 1001)
     ]
     publish(mosquitto.port, msgs)  # nobody is connected: the broker queues them
-    second = _daemon(tmp_path, mosquitto.port, **env).start()
-    try:
-        second.wait_ready()
-        wait_for(lambda: db.count() == 1001, 30, what="the queued messages")
-        assert second.stop() == 0, second.logs()
-    finally:
-        second.kill()
+    second = daemons(mosquitto.port, config=SHIPPED_CONFIG, **env).start()
+    second.wait_ready()
+    wait_for(lambda: db.count() == 1001, 30, what="the queued messages")
+    assert second.stop() == 0, second.logs()
+    second.kill()
     assert db.count() == 1001
     assert f'"protocol": "{protocol}"' in second.logs()
 
@@ -106,81 +111,81 @@ def _make_certs(d: Path) -> tuple[Path, Path, Path]:
 
 
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-def test_tls_with_a_ca_file(tmp_path: Path, mosquitto: Mosquitto) -> None:
+def test_tls_with_a_ca_file(
+    tmp_path: Path, mosquitto: Mosquitto, brokers: BrokerFactory, daemons: DaemonFactory
+) -> None:
     ca, crt, key = _make_certs(tmp_path / "pki")
     from tests.helpers import free_port
 
     tls_port = free_port()
-    broker = Mosquitto(
+    broker = brokers(
         tmp_path / "tls-broker",
         extra=f"listener {tls_port} 127.0.0.1\ncafile {ca}\ncertfile {crt}\nkeyfile {key}\n",
     ).start()
-    db = DbReader(tmp_path / "data" / "ingestd.db")
-    daemon = _daemon(
-        tmp_path, tls_port, INGESTD_MQTT__TLS__ENABLED="true", INGESTD_MQTT__TLS__CA_FILE=str(ca)
+    db = DbReader(tmp_path / "ingestd.db")
+    daemon = daemons(
+        tls_port,
+        config=SHIPPED_CONFIG,
+        INGESTD_MQTT__TLS__ENABLED="true",
+        INGESTD_MQTT__TLS__CA_FILE=str(ca),
     ).start()
-    try:
-        daemon.wait_ready()
-        # Publish on the plain listener of the same broker; ingestd reads over TLS.
-        publish(broker.port, [("sensors/tls/temperature", b"7.5")] * 3)
-        wait_for(lambda: db.count() >= 1, 15, what="a reading over TLS")
-        assert daemon.stop() == 0, daemon.logs()
-    finally:
-        daemon.kill()
-        broker.kill()
+    daemon.wait_ready()
+    # Publish on the plain listener of the same broker; ingestd reads over TLS.
+    publish(broker.port, [("sensors/tls/temperature", b"7.5")] * 3)
+    wait_for(lambda: db.count() >= 1, 15, what="a reading over TLS")
+    assert daemon.stop() == 0, daemon.logs()
+    daemon.kill()
+    broker.kill()
     assert db.rows("SELECT sensor, value FROM readings LIMIT 1") == [("tls", 7.5)]
 
     # Without the CA the broker's certificate is refused: retried, never accepted.
-    untrusting = _daemon(tmp_path / "x", tls_port, INGESTD_MQTT__TLS__ENABLED="true")
-    (tmp_path / "x").mkdir()
+    untrusting = daemons(
+        tls_port, workdir=tmp_path / "x", config=SHIPPED_CONFIG, INGESTD_MQTT__TLS__ENABLED="true"
+    )
     broker.start()
     untrusting.start()
-    try:
-        wait_for(lambda: "broker unreachable" in untrusting.logs(), 15, what="TLS refusal")
-        assert "CERTIFICATE_VERIFY_FAILED" in untrusting.logs()
-        assert untrusting.stop() == 0
-    finally:
-        untrusting.kill()
-        broker.kill()
+    wait_for(lambda: "broker unreachable" in untrusting.logs(), 15, what="TLS refusal")
+    assert "CERTIFICATE_VERIFY_FAILED" in untrusting.logs()
+    assert untrusting.stop() == 0
 
 
-def test_stop_timeout_and_second_signal(tmp_path: Path, mosquitto: Mosquitto) -> None:
-    db_path = tmp_path / "data" / "ingestd.db"
-    daemon = _daemon(
-        tmp_path,
+def test_stop_timeout_and_second_signal(
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
+) -> None:
+    db_path = tmp_path / "ingestd.db"
+    daemon = daemons(
         mosquitto.port,
+        config=SHIPPED_CONFIG,
         INGESTD_DAEMON__STOP_TIMEOUT="1.5",
         INGESTD_STORE__BUSY_TIMEOUT_MS="50",
     ).start()
-    try:
-        daemon.wait_ready()
-        hold_exclusive_lock(db_path, 6)
-        publish(mosquitto.port, [("sensors/a/temperature", b"1")])
-        time.sleep(0.5)
-        started = time.monotonic()
-        daemon.signal(signal.SIGTERM)
-        status = daemon.wait(10)
-        elapsed = time.monotonic() - started
-    finally:
-        daemon.kill()
+    daemon.wait_ready()
+    hold_exclusive_lock(db_path, 6)
+    publish(mosquitto.port, [("sensors/a/temperature", b"1")])
+    time.sleep(0.5)
+    started = time.monotonic()
+    daemon.signal(signal.SIGTERM)
+    status = daemon.wait(10)
+    elapsed = time.monotonic() - started
+    daemon.kill()
     assert status == 1, "the drain could not finish within stop_timeout"
     assert 1.4 <= elapsed < 4
     assert "stop timeout exceeded" in daemon.logs()
 
     time.sleep(6)  # the lock is gone; the unacknowledged message is still on the broker
-    again = _daemon(tmp_path, mosquitto.port, INGESTD_STORE__BUSY_TIMEOUT_MS="50").start()
-    try:
-        again.wait_ready()
-        wait_for(lambda: DbReader(db_path).count() == 1, 10, what="the redelivered reading")
-        hold_exclusive_lock(db_path, 6)
-        publish(mosquitto.port, [("sensors/a/temperature", b"2")])
-        time.sleep(0.5)
-        again.signal(signal.SIGTERM)
-        time.sleep(0.3)
-        again.signal(signal.SIGTERM)
-        assert again.wait(5) == 128 + signal.SIGTERM
-    finally:
-        again.kill()
+    again = daemons(
+        mosquitto.port, config=SHIPPED_CONFIG, INGESTD_STORE__BUSY_TIMEOUT_MS="50"
+    ).start()
+    again.wait_ready()
+    wait_for(lambda: DbReader(db_path).count() == 1, 10, what="the redelivered reading")
+    hold_exclusive_lock(db_path, 6)
+    publish(mosquitto.port, [("sensors/a/temperature", b"2")])
+    time.sleep(0.5)
+    again.signal(signal.SIGTERM)
+    time.sleep(0.3)
+    again.signal(signal.SIGTERM)
+    assert again.wait(5) == 128 + signal.SIGTERM
+    again.kill()
     assert "second signal: forcing exit" in again.logs()
 
 
@@ -213,12 +218,14 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("qos", "ack"), [(1, "after_commit"), (1, "on_receive"), (0, "")])
-def test_a_large_backlog_is_taken_within_the_window(tmp_path: Path, qos: int, ack: str) -> None:
+def test_a_large_backlog_is_taken_within_the_window(
+    tmp_path: Path, qos: int, ack: str, brokers: BrokerFactory, daemons: DaemonFactory
+) -> None:
     """The backlog arrives before SUBACK; the window must bound it from the first message."""
-    broker = Mosquitto(
+    broker = brokers(
         tmp_path / "broker", max_inflight=0, extra="queue_qos0_messages true\nmax_queued_bytes 0\n"
     ).start()
-    db = DbReader(tmp_path / "data" / "ingestd.db")
+    db = DbReader(tmp_path / "ingestd.db")
     env = {"INGESTD_MQTT__MAX_INFLIGHT": "200", "INGESTD_MQTT__BROKER_MAX_INFLIGHT": "0"}
     if ack:
         env["INGESTD_MQTT__ACK"] = ack
@@ -226,26 +233,24 @@ def test_a_large_backlog_is_taken_within_the_window(tmp_path: Path, qos: int, ac
     config.write_text(
         (REPO / "config" / "ingestd.toml").read_text().replace("qos = 1", f"qos = {qos}")
     )
-    daemon = _daemon(tmp_path, broker.port, config, **env).start()
-    try:
-        daemon.wait_ready()
-        assert daemon.stop() == 0
-        n = 20_000
-        publish(
-            broker.port,
-            [
-                (f"sensors/b{i % 10}/telemetry", b'{"ts": %d, "v": 1}' % (1_700_000_000 + i))
-                for i in range(n)
-            ],
-            qos=qos,
-        )
-        daemon = _daemon(tmp_path, broker.port, config, **env).start()
-        daemon.wait_ready(60)
-        wait_for(lambda: db.count() >= n, 60, interval=0.1, what="the backlog")
-        assert daemon.stop() == 0, daemon.logs()
-    finally:
-        daemon.kill()
-        broker.kill()
+    daemon = daemons(broker.port, config=config, **env).start()
+    daemon.wait_ready()
+    assert daemon.stop() == 0
+    n = 20_000
+    publish(
+        broker.port,
+        [
+            (f"sensors/b{i % 10}/telemetry", b'{"ts": %d, "v": 1}' % (1_700_000_000 + i))
+            for i in range(n)
+        ],
+        qos=qos,
+    )
+    daemon = daemons(broker.port, config=config, **env).start()
+    daemon.wait_ready(60)
+    wait_for(lambda: db.count() >= n, 60, interval=0.1, what="the backlog")
+    assert daemon.stop() == 0, daemon.logs()
+    daemon.kill()
+    broker.kill()
     import json
 
     stopped = [
