@@ -7,6 +7,7 @@ documented once, in `config/ingestd.toml`; this model must match it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -256,6 +257,11 @@ class BatchSettings(Section):
 
 
 class StoreSettings(Section):
+    # "" (SQLite at `path`) or postgresql://user@host:port/db (PG* environment
+    # variables fill in what the URL leaves out; the password from
+    # `password_file` or PGPASSWORD/PGPASSFILE, never in the URL).
+    url: str = ""
+    password_file: Path | None = None
     path: Path = Path("var/ingestd.db")
     synchronous: Literal["full", "normal"] = "full"
     busy_timeout_ms: int = Field(1000, ge=0)
@@ -264,6 +270,50 @@ class StoreSettings(Section):
     retention_days: float = Field(0.0, ge=0)
     maintenance_interval: float = Field(300.0, gt=0)
     retention_batch: int = Field(5000, ge=1)
+    # PostgreSQL only.
+    statement_timeout_ms: int = Field(30000, ge=0)
+    partition_days: int = Field(1, ge=1, le=366)
+    partitions_ahead: int = Field(3, ge=1, le=366)
+
+    @property
+    def postgres(self) -> bool:
+        return self.url.startswith(("postgresql://", "postgres://"))
+
+    @model_validator(mode="after")
+    def _engine(self) -> StoreSettings:
+        if not self.url:
+            if self.password_file is not None:
+                raise ValueError("password_file is for store.url (PostgreSQL)")
+            return self
+        if not self.postgres:
+            raise ValueError(
+                f"url {self.url.split('@')[-1]!r}: expected postgresql://[user@]host[:port]/db "
+                "(or leave it empty for SQLite at store.path)"
+            )
+        if _url_password(self.url):
+            raise ValueError(
+                "url carries a password: it would show in logs and process lists; "
+                "put it in password_file (or PGPASSWORD / ~/.pgpass)"
+            )
+        if importlib.util.find_spec("asyncpg") is None:
+            raise ValueError(
+                "url is PostgreSQL but asyncpg is not installed: pip install 'ingestd[postgres]'"
+            )
+        if self.password_file is not None:
+            read_secret_file(self.password_file)  # readable now, not at the first outage
+        return self
+
+    def password(self) -> str | None:
+        """The PostgreSQL password from `password_file` (None: libpq's defaults)."""
+        if self.password_file is None:
+            return None
+        return read_secret_file(self.password_file) or None
+
+
+def _url_password(url: str) -> bool:
+    rest = url.split("://", 1)[1]
+    userinfo = rest.split("/", 1)[0].rpartition("@")[0]
+    return ":" in userinfo
 
 
 class MetricsSettings(Section):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import itertools
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -7,7 +9,19 @@ from typing import Any
 
 import pytest
 
-from tests.helpers import BrokerFactory, Daemon, DaemonFactory, Mosquitto, daemon_for
+from tests.helpers import (
+    BrokerFactory,
+    Daemon,
+    DaemonFactory,
+    DbReader,
+    Mosquitto,
+    PgReader,
+    Postgres,
+    StoreUnderTest,
+    daemon_for,
+)
+
+_db_numbers = itertools.count()
 
 
 @pytest.fixture
@@ -23,11 +37,15 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 
 
 @pytest.fixture
-def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
+def daemons(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DaemonFactory]:
     """Makes `python -m ingestd` subprocesses (`tests.helpers.daemon_for`, in
     `tmp_path` unless `workdir` says otherwise), not yet started; every daemon
-    it made is killed at teardown, whatever the test did or failed to do."""
+    it made is killed at teardown, whatever the test did or failed to do. In a
+    test that takes the `store` fixture, they write to that store."""
     made: list[Daemon] = []
+    engine: dict[str, str] = {}
+    if "store" in request.fixturenames:
+        engine = request.getfixturevalue("store").env
 
     def make(
         port: int,
@@ -38,7 +56,7 @@ def daemons(tmp_path: Path) -> Iterator[DaemonFactory]:
         **env: str,
     ) -> Daemon:
         where = Path(workdir) if workdir else tmp_path
-        daemon = daemon_for(where, port, routes, config=config, **env)
+        daemon = daemon_for(where, port, routes, config=config, **{**engine, **env})
         made.append(daemon)
         return daemon
 
@@ -61,3 +79,33 @@ def brokers() -> Iterator[BrokerFactory]:
     yield make
     for broker in made:
         broker.kill()
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[Postgres]:
+    """One PostgreSQL cluster for the session's tests that only need a database
+    (each gets its own, `pg_url`); tests that stop or kill PostgreSQL start a
+    `Postgres` of their own."""
+    cluster = Postgres().start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: Postgres, request: pytest.FixtureRequest) -> str:
+    """A fresh database on the session's cluster, for this test alone."""
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name)[:50].lower()
+    name += f"_{os.getpid()}_{next(_db_numbers)}"
+    return pg_cluster.create_db(name)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreUnderTest:
+    """Each engine in turn: the test's daemons (from `daemons`) write to it and
+    `store.reader` reads what they stored."""
+    if request.param == "sqlite":
+        return StoreUnderTest("sqlite", {}, DbReader(tmp_path / "ingestd.db"))
+    url = request.getfixturevalue("pg_url")
+    return StoreUnderTest("postgres", {"INGESTD_STORE__URL": url}, PgReader(url))

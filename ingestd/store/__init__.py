@@ -14,6 +14,16 @@ from ingestd.store.base import CONDITIONS, Batch, Reader, Store, Upkeep
 
 def open_store(settings: StoreSettings) -> Store:
     """The daemon's store (not yet opened: `await store.open()`)."""
+    if settings.postgres:
+        from ingestd.store.postgres import PostgresStore  # noqa: PLC0415 - optional
+
+        return PostgresStore(
+            settings.url,
+            password=settings.password(),
+            statement_timeout_ms=settings.statement_timeout_ms,
+            partition_days=settings.partition_days,
+            partitions_ahead=settings.partitions_ahead,
+        )
     from ingestd.store.sqlite import SqliteStore  # noqa: PLC0415 - the engine chosen
 
     return SqliteStore(
@@ -22,7 +32,11 @@ def open_store(settings: StoreSettings) -> Store:
 
 
 def open_reader(settings: StoreSettings, path: Path | None = None) -> Reader:
-    """Read-only access for the CLI; `path` overrides the settings' database."""
+    """Read-only access for the CLI; `path` (a SQLite file) overrides the settings."""
+    if settings.postgres and path is None:
+        from ingestd.store.postgres import PostgresReader  # noqa: PLC0415
+
+        return PostgresReader(settings.url, settings.password())
     from ingestd.store.sqlite import SqliteReader  # noqa: PLC0415
 
     return SqliteReader(path or settings.path)

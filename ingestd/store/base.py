@@ -42,8 +42,25 @@ CANNOT_OPEN = "cannot open database"
 PROTOCOL = "locking protocol error"
 NO_MEMORY = "out of memory"
 REPLACED = "database replaced"  # the file at store.path is no longer the one written to
+UNREACHABLE = "database unreachable"  # a server that does not answer or refuses for now
+CONNECTION_LOST = "connection lost"  # dropped mid-transaction: the commit outcome is unknown
+TIMEOUT = "statement timeout"
 CONDITIONS = tuple(
-    sorted({LOCKED, DISK_FULL, IO_ERROR, READ_ONLY, CANNOT_OPEN, PROTOCOL, NO_MEMORY, REPLACED})
+    sorted(
+        {
+            LOCKED,
+            DISK_FULL,
+            IO_ERROR,
+            READ_ONLY,
+            CANNOT_OPEN,
+            PROTOCOL,
+            NO_MEMORY,
+            REPLACED,
+            UNREACHABLE,
+            CONNECTION_LOST,
+            TIMEOUT,
+        }
+    )
 )
 
 

@@ -18,6 +18,7 @@ from tests.helpers import (
     DaemonFactory,
     DbReader,
     Mosquitto,
+    StoreUnderTest,
     free_port,
     publish,
     wait_for,
@@ -47,9 +48,10 @@ def test_ingests_20000_qos1_messages_exactly_once(
     mosquitto: Mosquitto,
     record_property: Callable[[str, object], None],
     daemons: DaemonFactory,
+    store: StoreUnderTest,
 ) -> None:
     daemon = daemons(mosquitto.port, config=SHIPPED_CONFIG).start()
-    db = DbReader(tmp_path / "ingestd.db")
+    db = store.reader
     daemon.wait_ready()
     stream = _json_stream()
     started = time.monotonic()
@@ -74,7 +76,9 @@ def test_ingests_20000_qos1_messages_exactly_once(
     )
     assert stopped["received"] == 20_000
     assert stopped["duplicates"] == 0
-    distinct = db.rows("SELECT count(*) FROM (SELECT DISTINCT sensor, metric, ts FROM readings)")
+    distinct = db.rows(
+        "SELECT count(*) FROM (SELECT DISTINCT sensor, metric, ts FROM readings) AS r"
+    )
     assert distinct[0][0] == 40_000
     # Every value is the one sent for that sensor, metric and time.
     got = {(s, m, t): v for s, m, t, v in db.rows("SELECT sensor, metric, ts, value FROM readings")}
@@ -115,10 +119,10 @@ def test_waits_for_a_broker_that_starts_later(
 
 
 def test_malformed_messages_are_quarantined_and_the_rest_stored(
-    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory, store: StoreUnderTest
 ) -> None:
     daemon = daemons(mosquitto.port, config=SHIPPED_CONFIG).start()
-    db = DbReader(tmp_path / "ingestd.db")
+    db = store.reader
     bad = [
         ("sensors/b1/telemetry", b"{not json"),
         ("sensors/b2/telemetry", b"[1, 2, 3]"),

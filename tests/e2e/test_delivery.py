@@ -17,6 +17,7 @@ from tests.helpers import (
     DaemonFactory,
     DbReader,
     Mosquitto,
+    StoreUnderTest,
     hold_exclusive_lock,
     http_get,
     metric_value,
@@ -50,16 +51,16 @@ qos = 2
 
 
 def test_qos2_messages_not_yet_committed_survive_a_kill_9(
-    tmp_path: Path, brokers: BrokerFactory, daemons: DaemonFactory
+    tmp_path: Path, brokers: BrokerFactory, daemons: DaemonFactory, store: StoreUnderTest
 ) -> None:
     # Stock broker window (20): before the fix, the 20 messages paho had
     # answered with PUBREC were lost at the kill and wedged all 20 slots.
     broker = brokers(tmp_path / "broker", max_inflight=20).start()
-    db = DbReader(tmp_path / "ingestd.db")
+    db = store.reader
     daemon = daemons(broker.port, QOS2_ROUTES).start()
     daemon.wait_ready()
     url = daemon.metrics_url()
-    lock = hold_exclusive_lock(tmp_path / "ingestd.db", 6.0)  # nothing commits meanwhile
+    lock = store.hold_lock(6.0)  # nothing commits meanwhile
     publish(broker.port, _telemetry(100), qos=2, inflight=10)
     wait_for(
         lambda: (
@@ -86,10 +87,10 @@ def test_qos2_messages_not_yet_committed_survive_a_kill_9(
 
 
 def test_qos2_survives_a_broker_kill_9_mid_stream(
-    tmp_path: Path, brokers: BrokerFactory, daemons: DaemonFactory
+    tmp_path: Path, brokers: BrokerFactory, daemons: DaemonFactory, store: StoreUnderTest
 ) -> None:
     broker = brokers(tmp_path / "broker", max_inflight=20).start()
-    db = DbReader(tmp_path / "ingestd.db")
+    db = store.reader
     env = {"INGESTD_MQTT__RECONNECT_MAX_DELAY": "0.5"}
     daemon = daemons(broker.port, QOS2_ROUTES, **env).start()
     daemon.wait_ready()
@@ -127,9 +128,9 @@ retained = "store"
 
 
 def test_a_retained_message_is_not_stored_again_at_each_restart(
-    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory, store: StoreUnderTest
 ) -> None:
-    db = DbReader(tmp_path / "ingestd.db")
+    db = store.reader
     publish(mosquitto.port, [("sensors/old/temperature", b"21.5")], retain=True)
     for run in range(3):
         daemon = daemons(mosquitto.port, VALUE_ROUTE).start()
@@ -148,9 +149,9 @@ def test_a_retained_message_is_not_stored_again_at_each_restart(
 
 
 def test_retained_store_keeps_timed_values_once_and_counts_untimed_ones(
-    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory, store: StoreUnderTest
 ) -> None:
-    db = DbReader(tmp_path / "ingestd.db")
+    db = store.reader
     publish(
         mosquitto.port,
         [("sensors/a/telemetry", b'{"ts": %d, "t": 1}' % T0), ("sensors/b/telemetry", b'{"t": 2}')],
@@ -184,9 +185,9 @@ format = "influx"
 
 
 def test_readings_sharing_a_time_are_all_stored_and_none_is_a_duplicate(
-    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory, store: StoreUnderTest
 ) -> None:
-    db = DbReader(tmp_path / "ingestd.db")
+    db = store.reader
     daemon = daemons(mosquitto.port, ARRAYS).start()
     daemon.wait_ready()
     url = daemon.metrics_url()

@@ -26,6 +26,8 @@ from tests.helpers import (
     DaemonFactory,
     DbReader,
     Mosquitto,
+    PgReader,
+    StoreUnderTest,
     hold_exclusive_lock,
     publish,
     wait_for,
@@ -46,7 +48,7 @@ def stream(n: int, start: int = 0) -> Iterator[tuple[str, bytes]]:
         yield (f"sensors/s{i % 50}/telemetry", b'{"ts": %.1f, "x": %d, "y": %d}' % (T0 + i, i, -i))
 
 
-def assert_exactly_once(db: DbReader, n: int) -> None:
+def assert_exactly_once(db: DbReader | PgReader, n: int) -> None:
     rows = db.rows(
         "SELECT metric, count(*), sum(value), count(DISTINCT ts) FROM readings "
         "GROUP BY metric ORDER BY metric"
@@ -54,9 +56,8 @@ def assert_exactly_once(db: DbReader, n: int) -> None:
     assert rows == [("x", n, n * (n - 1) / 2, n), ("y", n, -n * (n - 1) / 2, n)]
 
 
-def stored_messages(db: DbReader) -> int:
-    rows = db.rows("SELECT count(*) FROM readings WHERE metric = 'x'") if db.path.exists() else []
-    return int(rows[0][0]) if rows else 0
+def stored_messages(db: DbReader | PgReader) -> int:
+    return db.count("readings WHERE metric = 'x'")
 
 
 def publisher(port: int, n: int) -> threading.Thread:
@@ -80,11 +81,11 @@ def stopped_line(daemon: Daemon) -> dict[str, object]:
 
 @pytest.mark.slow
 def test_kill_9_five_times_during_a_100k_stream(
-    tmp_path: Path, daemons: DaemonFactory, brokers: BrokerFactory
+    tmp_path: Path, daemons: DaemonFactory, brokers: BrokerFactory, store: StoreUnderTest
 ) -> None:
     n = 100_000
     b = broker(brokers, tmp_path)
-    db = DbReader(tmp_path / "ingestd.db")
+    db = store.reader
     rng = random.Random(20261125)
     kills = 0
     daemon = daemons(b.port, config=SHIPPED_CONFIG, **FAST).start()
@@ -110,11 +111,11 @@ def test_kill_9_five_times_during_a_100k_stream(
 
 @pytest.mark.slow
 def test_broker_killed_and_restarted_mid_stream(
-    tmp_path: Path, daemons: DaemonFactory, brokers: BrokerFactory
+    tmp_path: Path, daemons: DaemonFactory, brokers: BrokerFactory, store: StoreUnderTest
 ) -> None:
     n = 100_000
     b = broker(brokers, tmp_path)
-    db = DbReader(tmp_path / "ingestd.db")
+    db = store.reader
     env = {**FAST, "INGESTD_MQTT__RECONNECT_MAX_DELAY": "1.0"}
     daemon = daemons(b.port, config=SHIPPED_CONFIG, **env).start()
     daemon.wait_ready()

@@ -1,0 +1,152 @@
+"""What the CLI reads from PostgreSQL: the same rows as from SQLite, through
+asyncpg on a private event loop (the CLI is synchronous), streamed with a
+server-side cursor so a large export never sits whole in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
+
+from ingestd.errors import StoreError
+from ingestd.store import base
+from ingestd.store.base import QuarantineRow, ReadingRow, SensorRow, StoreTotals
+from ingestd.store.postgres.schema import SCHEMA_VERSION
+from ingestd.store.postgres.store import classify, redacted
+
+_CHUNK = 5000
+
+
+class PostgresReader(base.Reader):
+    def __init__(self, url: str, password: str | None = None) -> None:
+        import asyncpg  # noqa: PLC0415
+
+        self.where = redacted(url)
+        self._loop = asyncio.new_event_loop()
+        try:
+            self.conn = self._run(asyncpg.connect(url, password=password, timeout=10))
+            version = self._run(
+                self.conn.fetchval(
+                    "SELECT max(version) FROM ingestd_schema "
+                    "WHERE to_regclass('ingestd_schema') IS NOT NULL"
+                )
+            )
+        except StoreError:
+            self._loop.close()
+            raise
+        except Exception as exc:
+            self._loop.close()
+            raise StoreError(f"{self.where}: cannot read the database: {exc}") from None
+        if version != SCHEMA_VERSION:
+            self.close()
+            if version is None:
+                raise StoreError(f"{self.where}: not an ingestd database (no schema version)")
+            raise StoreError(
+                f"{self.where}: schema version {version}, this ingestd reads {SCHEMA_VERSION}: "
+                + ("upgrade ingestd" if version > SCHEMA_VERSION else "start the daemon once")
+            )
+
+    def _run(self, coro: Any) -> Any:
+        try:
+            return self._loop.run_until_complete(coro)
+        except Exception as exc:
+            if classify(exc) is not None or getattr(exc, "sqlstate", None):
+                raise StoreError(f"{self.where}: {exc}") from None
+            raise
+
+    def _stream(self, sql: str, *args: Any) -> Iterator[Any]:
+        """Rows through a cursor, a chunk at a time."""
+        tr = self.conn.transaction(readonly=True)
+        self._run(tr.start())
+        try:
+            cur = self._run(self.conn.cursor(sql, *args))
+            while True:
+                rows = self._run(cur.fetch(_CHUNK))
+                yield from rows
+                if len(rows) < _CHUNK:
+                    break
+        finally:
+            self._run(tr.rollback())
+
+    def close(self) -> None:
+        if not self._loop.is_closed():
+            with contextlib.suppress(Exception):
+                self._loop.run_until_complete(self.conn.close(timeout=2))
+            self._loop.close()
+
+    def sensors(self, like: str | None = None) -> Iterable[SensorRow]:
+        where, args = "", []
+        if like:
+            # A glob, as with SQLite: * and ? (LIKE's own wildcards escaped).
+            pattern = like.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            where, args = "WHERE s.sensor LIKE $1", [pattern.replace("*", "%").replace("?", "_")]
+        sql = f"""SELECT s.sensor, s.metric, s.tags, s.unit, r.value, r.ts_ns,
+                         st.expect_within, coalesce(st.seq_gaps, 0), coalesce(st.seq_missing, 0)
+                  FROM series AS s
+                  JOIN LATERAL (SELECT ts_ns, value FROM samples WHERE series_id = s.id
+                                ORDER BY ts_ns DESC, seq DESC LIMIT 1) AS r ON true
+                  LEFT JOIN sensor_status AS st ON st.sensor = s.sensor
+                  {where}
+                  ORDER BY s.sensor, s.metric, s.tags, s.unit"""
+        return (SensorRow(*row) for row in self._stream(sql, *args))
+
+    def readings(
+        self,
+        sensor: str,
+        metric: str | None,
+        since_ns: int,
+        until_ns: int,
+        limit: int | None,
+        tags: Sequence[tuple[str, str]] = (),
+    ) -> Iterable[ReadingRow]:
+        sql = (
+            "SELECT s.sensor, s.metric, r.ts_ns, r.value, s.tags, s.unit FROM series AS s "
+            "JOIN samples AS r ON r.series_id = s.id "
+            "WHERE s.sensor = $1 AND r.ts_ns >= $2 AND r.ts_ns < $3"
+        )
+        args: list[Any] = [sensor, since_ns, until_ns]
+        if metric:
+            args.append(metric)
+            sql += f" AND s.metric = ${len(args)}"
+        for key, value in tags:
+            args += [key, value]
+            sql += f" AND (nullif(s.tags, '')::jsonb ->> ${len(args) - 1}) = ${len(args)}"
+        sql += " ORDER BY r.ts_ns, s.metric, r.seq"
+        if limit:
+            args.append(limit)
+            sql += f" LIMIT ${len(args)}"
+        return (ReadingRow(*row) for row in self._stream(sql, *args))
+
+    def quarantined(self, since: float, limit: int | None) -> Iterable[QuarantineRow]:
+        sql = (
+            "SELECT received_at, topic, reason, payload FROM quarantine WHERE received_at >= $1 "
+            "ORDER BY received_at DESC, id DESC"
+        )
+        args: list[Any] = [since]
+        if limit:
+            sql += " LIMIT $2"
+            args.append(limit)
+        return (QuarantineRow(t, topic, r, bytes(p)) for t, topic, r, p in self._stream(sql, *args))
+
+    def totals(self) -> StoreTotals:
+        row = self._run(
+            self.conn.fetchrow(
+                """SELECT (SELECT count(*) FROM series),
+                          (SELECT count(DISTINCT sensor) FROM series),
+                          (SELECT count(*) FROM samples),
+                          (SELECT count(*) FROM quarantine),
+                          (SELECT min(ts_ns) FROM samples),
+                          (SELECT max(ts_ns) FROM samples),
+                          pg_database_size(current_database())"""
+            )
+        )
+        series, sensors, readings, quarantined, first, last, size = row
+        return StoreTotals(self.where, sensors, series, readings, quarantined, first, last, size)
+
+    def backup(self, dest: str, progress: Callable[[int, int], None] | None = None) -> str:
+        raise StoreError(
+            f"ingestd backup copies SQLite files; for PostgreSQL ({self.where}) use its own "
+            f"tools, e.g. pg_dump --format=custom --file {dest} "
+            "(consistent while ingestd writes), or continuous archiving"
+        )

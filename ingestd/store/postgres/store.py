@@ -1,0 +1,425 @@
+"""The PostgreSQL store: one database that many ingestd instances write into.
+
+One connection for the writer's batches (a batch is one transaction; several
+would only contend for the same rows), one for upkeep. A batch loads its
+samples with COPY into a session-local staging table, then moves them with
+`INSERT ... SELECT ... ON CONFLICT DO NOTHING`: redeliveries are no-ops, as in
+SQLite, and a different value under a stored key is a conflict, quarantined
+in the same transaction. New series are upserted in a fixed order, so two
+instances creating the same series at once both succeed (one waits for the
+other) instead of deadlocking.
+
+A connection that dies during COMMIT leaves the outcome unknown: the batch is
+held and written again; its readings are then stored or counted as already
+stored (duplicates), and its quarantine rows are written once (a unique index).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import structlog
+
+from ingestd.errors import StoreError, StoreUnavailable
+from ingestd.events import NS, Reading, Rejected, SensorStatus, reading_payload
+from ingestd.store import base
+from ingestd.store.base import Upkeep
+from ingestd.store.postgres.schema import ensure_partitions, migrate, partitions
+
+log = structlog.get_logger("ingestd.store")
+
+_STAGE = (
+    "CREATE TEMP TABLE IF NOT EXISTS ingestd_stage "
+    "(i integer, series_id integer, ts_ns bigint, seq integer, value double precision) "
+    "ON COMMIT DELETE ROWS"
+)
+_MOVE = (
+    "INSERT INTO samples (series_id, ts_ns, seq, value) "
+    "SELECT series_id, ts_ns, seq, value FROM ingestd_stage ORDER BY i ON CONFLICT DO NOTHING"
+)
+# Rows offered that differ from what is stored under their key (checked only
+# when a batch inserted fewer rows than it offered).
+_CONFLICTS = (
+    "SELECT st.i, s.value FROM ingestd_stage AS st JOIN samples AS s "
+    "ON s.series_id = st.series_id AND s.ts_ns = st.ts_ns AND s.seq = st.seq "
+    "WHERE s.value IS DISTINCT FROM st.value ORDER BY st.i"
+)
+# SQLSTATE (or its class, two characters) -> condition: what waiting can cure.
+_TRANSIENT = {
+    "08": base.CONNECTION_LOST,  # connection exception
+    "57P01": base.UNREACHABLE,  # admin shutdown
+    "57P02": base.UNREACHABLE,  # crash shutdown
+    "57P03": base.UNREACHABLE,  # cannot connect now (starting up, recovering)
+    "57014": base.TIMEOUT,  # query canceled: statement_timeout
+    "53100": base.DISK_FULL,
+    "53200": base.NO_MEMORY,
+    "53300": base.UNREACHABLE,  # too many connections
+    "40001": base.LOCKED,  # serialization failure
+    "40P01": base.LOCKED,  # deadlock detected
+    "55P03": base.LOCKED,  # lock not available
+    "25006": base.READ_ONLY,  # read-only transaction (a standby, default_transaction_read_only)
+    "58030": base.IO_ERROR,
+}
+
+
+def redacted(url: str) -> str:
+    """The URL without a password, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = netloc[0].split(":", 1)[0]
+    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[2]}"))
+
+
+def classify(exc: BaseException) -> StoreUnavailable | None:
+    """A StoreUnavailable for what waiting can cure, None for real errors."""
+    import asyncpg  # noqa: PLC0415 - an optional dependency
+
+    if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
+        return StoreUnavailable(base.CONNECTION_LOST, str(exc) or type(exc).__name__)
+    if isinstance(exc, asyncpg.exceptions.InterfaceError) and "closed" in str(exc):
+        return StoreUnavailable(base.CONNECTION_LOST, str(exc))
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        # The protocol state after the server dropped the connection mid-query
+        # ("cannot switch to state ..."): a new connection cures it.
+        return StoreUnavailable(base.CONNECTION_LOST, str(exc))
+    if isinstance(exc, OSError | TimeoutError | ConnectionError):
+        return StoreUnavailable(base.UNREACHABLE, str(exc) or type(exc).__name__)
+    state = getattr(exc, "sqlstate", None)
+    if isinstance(state, str):
+        condition = _TRANSIENT.get(state) or _TRANSIENT.get(state[:2])
+        if condition:
+            return StoreUnavailable(condition, str(exc))
+    return None
+
+
+class Batch(base.Batch):
+    """One open transaction; see `PostgresStore.batch`."""
+
+    def __init__(self, store: PostgresStore, conn: Any, now: float) -> None:
+        self._store = store
+        self._conn = conn
+        self._now = now
+        self.new_series: dict[tuple[str, str, str, str], int] = {}
+        self.inserted = 0
+        self.duplicates = 0
+        self.conflicts: list[Rejected] = []
+        self.quarantined = 0
+
+    async def add_readings(self, readings: Sequence[Reading]) -> None:
+        if not readings:
+            return
+        known = self._store.series_ids
+        try:
+            rows = [
+                (i, known[(r.sensor, r.metric, r.tags, r.unit)], r.ts_ns, r.seq, r.value)
+                for i, r in enumerate(readings)
+            ]
+        except KeyError:
+            await self._add_series(readings)
+            new = self.new_series
+            rows = [
+                (i, known.get(key) or new[key], r.ts_ns, r.seq, r.value)
+                for i, r in enumerate(readings)
+                if (key := (r.sensor, r.metric, r.tags, r.unit))
+            ]
+        conn = self._conn
+        await conn.copy_records_to_table("ingestd_stage", records=rows)
+        status = await conn.execute(_MOVE)
+        inserted = int(status.rsplit(" ", 1)[1])
+        self.inserted += inserted
+        if inserted < len(rows):
+            conflicts = await self._conflicts(readings)
+            self.duplicates += len(rows) - inserted - len(conflicts)
+            if conflicts:
+                await self.add_rejected(conflicts)
+                self.conflicts += conflicts
+        await conn.execute("TRUNCATE ingestd_stage")
+
+    async def _add_series(self, readings: Sequence[Reading]) -> None:
+        known = self._store.series_ids
+        missing = sorted(
+            {
+                key
+                for r in readings
+                if (key := (r.sensor, r.metric, r.tags, r.unit)) not in known
+                and key not in self.new_series
+            }
+        )
+        if not missing:
+            return
+        cols = list(zip(*missing, strict=True))
+        # In key order: two instances inserting an overlapping set of new series
+        # lock them in the same order (one waits for the other; no deadlock).
+        await self._conn.execute(
+            "INSERT INTO series (sensor, metric, tags, unit) "
+            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
+            "ORDER BY 1, 2, 3, 4 ON CONFLICT DO NOTHING",
+            *cols,
+        )
+        found = await self._conn.fetch(
+            "SELECT s.id, s.sensor, s.metric, s.tags, s.unit FROM series AS s "
+            "JOIN unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
+            "AS k(sensor, metric, tags, unit) USING (sensor, metric, tags, unit)",
+            *cols,
+        )
+        for row in found:
+            self.new_series[(row["sensor"], row["metric"], row["tags"], row["unit"])] = row["id"]
+        if len(found) != len(missing):  # pragma: no cover - the INSERT above guarantees rows
+            raise StoreError(f"{len(missing) - len(found)} series vanished inside a transaction")
+
+    async def _conflicts(self, readings: Sequence[Reading]) -> list[Rejected]:
+        out: list[Rejected] = []
+        for i, stored in await self._conn.fetch(_CONFLICTS):
+            r = readings[i]
+            out.append(
+                Rejected(
+                    r.topic,
+                    reading_payload(r, seq=r.seq, stored=stored),
+                    f"conflict: a different value ({stored:g}) is stored for "
+                    f"{r.sensor} {r.metric} at this time (ts_ns {r.ts_ns}); this one ({r.value:g}) "
+                    "was not stored",
+                    self._now,
+                    "conflict",
+                )
+            )
+        return out
+
+    async def set_status(self, status: SensorStatus) -> None:
+        if status.sequences:
+            await self._conn.executemany(
+                "INSERT INTO sensor_status (sensor, last_seq, seq_gaps, seq_missing) "
+                "VALUES ($1, $2, $3, $4) ON CONFLICT (sensor) DO UPDATE SET "
+                "last_seq = excluded.last_seq, seq_gaps = excluded.seq_gaps, "
+                "seq_missing = excluded.seq_missing",
+                [(sensor, *v) for sensor, v in sorted(status.sequences.items())],
+            )
+        if status.expect_within:
+            await self._conn.executemany(
+                "INSERT INTO sensor_status (sensor, expect_within) VALUES ($1, $2) "
+                "ON CONFLICT (sensor) DO UPDATE SET expect_within = excluded.expect_within",
+                sorted(status.expect_within.items()),
+            )
+
+    async def add_rejected(self, rejected: Sequence[Rejected]) -> None:
+        if not rejected:
+            return
+        await self._conn.executemany(
+            "INSERT INTO quarantine (received_at, topic, payload, reason) "
+            "VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+            [(r.received_at, r.topic, r.payload, r.reason) for r in rejected],
+        )
+        self.quarantined += len(rejected)
+
+
+class PostgresStore(base.Store):
+    def __init__(
+        self,
+        url: str,
+        *,
+        password: str | None = None,
+        statement_timeout_ms: int = 30000,
+        partition_days: int = 1,
+        partitions_ahead: int = 3,
+        clock: Any = time.time,
+    ) -> None:
+        self.url = url
+        self.where = redacted(url)
+        self._password = password
+        self.statement_timeout_ms = statement_timeout_ms
+        self.partition_days = partition_days
+        self.partitions_ahead = partitions_ahead
+        self.clock = clock
+        self.series_ids: dict[tuple[str, str, str, str], int] = {}
+        self.sequences: dict[str, tuple[int, int, int]] = {}
+        self._conn: Any = None
+        self._partitioned_until = 0  # ts_ns up to which partitions exist ahead
+
+    async def _connect(self) -> Any:
+        import asyncpg  # noqa: PLC0415
+
+        try:
+            return await asyncpg.connect(
+                self.url,
+                password=self._password,
+                timeout=10,
+                server_settings={
+                    "application_name": "ingestd",
+                    "statement_timeout": str(self.statement_timeout_ms),
+                    # Acknowledged means durable: a server configured with
+                    # synchronous_commit = off would lose acknowledged batches
+                    # in a crash (measured: 1,104 of 40,000 readings at kill -9).
+                    "synchronous_commit": "on",
+                },
+            )
+        except Exception as exc:
+            raise self._translate(exc) from exc
+
+    async def open(self) -> None:
+        if self._conn is not None:
+            return
+        conn = await self._connect()
+        try:
+            await migrate(conn, self.where)
+            await self._partition(conn)
+            await conn.execute(_STAGE)
+            rows = await conn.fetch("SELECT sensor, metric, tags, unit, id FROM series")
+            self.series_ids = {(r[0], r[1], r[2], r[3]): r[4] for r in rows}
+            rows = await conn.fetch(
+                "SELECT sensor, last_seq, seq_gaps, seq_missing FROM sensor_status "
+                "WHERE last_seq IS NOT NULL"
+            )
+            self.sequences = {r[0]: (r[1], r[2], r[3]) for r in rows}
+        except BaseException as exc:
+            with suppress(Exception):
+                await conn.close(timeout=2)
+            if isinstance(exc, Exception) and not isinstance(exc, StoreError):
+                raise self._translate(exc) from exc
+            raise
+        self._conn = conn
+
+    async def _partition(self, conn: Any) -> None:
+        now_ns = int(self.clock() * NS)
+        created = await ensure_partitions(conn, now_ns, self.partition_days, self.partitions_ahead)
+        if created:
+            log.info("partitions created", partitions=created)
+        self._partitioned_until = now_ns + self.partitions_ahead * self.partition_days * 86400 * NS
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with suppress(Exception):
+                await conn.close(timeout=2)
+
+    async def __aenter__(self) -> PostgresStore:
+        await self.open()
+        return self
+
+    def _translate(self, exc: BaseException) -> Exception:
+        unavailable = classify(exc)
+        if unavailable is not None:
+            return unavailable
+        return StoreError(f"{self.where}: {exc}")
+
+    @asynccontextmanager
+    async def batch(self, now: float | None = None) -> AsyncIterator[Batch]:
+        if self._conn is not None and self._conn.is_closed():
+            # Closed by the server while idle (a restart, pg_terminate_backend,
+            # idle_session_timeout): start afresh, and say so.
+            log.warning("store connection closed by the server; reconnecting", store=self.where)
+            await self._reset()
+        await self.open()
+        conn = self._conn
+        tx = Batch(self, conn, time.time() if now is None else now)
+        transaction: Any = None
+        try:
+            transaction = conn.transaction()
+            await transaction.start()
+            yield tx
+            await transaction.commit()
+        except BaseException as exc:
+            await self._abandon(transaction, exc)
+            if isinstance(exc, Exception) and not isinstance(exc, StoreError):
+                raise self._translate(exc) from exc
+            raise
+        self.series_ids.update(tx.new_series)
+
+    async def _abandon(self, transaction: Any, exc: BaseException) -> None:
+        conn = self._conn
+        try:
+            if transaction is not None and conn is not None and not conn.is_closed():
+                await asyncio.wait_for(transaction.rollback(), 5)
+        except Exception:
+            await self._reset()
+            return
+        except BaseException:
+            await self._reset()
+            raise
+        if classify(exc) is not None and (conn is None or conn.is_closed() or not _kept(exc)):
+            await self._reset()
+
+    async def _reset(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+
+    async def upkeep(self, cutoff: float | None, rows_per_transaction: int) -> Upkeep:
+        """Partitions ahead of need; retention drops whole partitions older than
+        the cutoff and deletes, in small transactions, what is older in the
+        partition that straddles it (and in the default partition)."""
+        conn = await self._connect()
+        try:
+            await self._partition(conn)
+            readings = quarantined = dropped = 0
+            if cutoff is not None:
+                cutoff_ns = int(cutoff * NS)
+                for name, lo, hi in await partitions(conn):
+                    if hi <= cutoff_ns:
+                        n = await conn.fetchval(f'SELECT count(*) FROM "{name}"')
+                        await conn.execute(f'DROP TABLE "{name}"')
+                        readings += n
+                        dropped += 1
+                    elif lo < cutoff_ns:
+                        readings += await _delete_older(conn, name, cutoff_ns, rows_per_transaction)
+                readings += await _delete_older(
+                    conn, "samples_default", cutoff_ns, rows_per_transaction
+                )
+                while True:
+                    status = await conn.execute(
+                        "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine "
+                        "WHERE received_at < $1 ORDER BY received_at LIMIT $2)",
+                        cutoff,
+                        rows_per_transaction,
+                    )
+                    n = int(status.rsplit(" ", 1)[1])
+                    quarantined += n
+                    if n < rows_per_transaction:
+                        break
+        except Exception as exc:
+            raise self._translate(exc) from exc
+        finally:
+            with suppress(Exception):
+                await conn.close(timeout=2)
+        return Upkeep(readings, quarantined, {"partitions_dropped": dropped})
+
+    def advice(self, exc: Exception) -> str:
+        text = str(exc)
+        lowered = text.lower()
+        if "password authentication failed" in lowered or "no password" in lowered:
+            return (
+                f"PostgreSQL at {self.where} refused the password - set store.password_file "
+                f"(or PGPASSWORD / ~/.pgpass) ({text})"
+            )
+        if "does not exist" in lowered and "database" in lowered:
+            return f"{text} - create it (createdb) or fix store.url"
+        if "connect" in lowered or "refused" in lowered:
+            return f"PostgreSQL at {self.where} does not answer - is it running? ({text})"
+        return text
+
+
+def _kept(exc: BaseException) -> bool:
+    """Conditions after which the connection itself is still good."""
+    state = getattr(exc, "sqlstate", "")
+    return state in ("57014", "40001", "40P01", "55P03")
+
+
+async def _delete_older(conn: Any, table: str, cutoff_ns: int, batch: int) -> int:
+    deleted = 0
+    while True:
+        status = await conn.execute(
+            f'DELETE FROM "{table}" WHERE ctid = ANY(ARRAY('
+            f'SELECT ctid FROM "{table}" WHERE ts_ns < $1 LIMIT $2))',
+            cutoff_ns,
+            batch,
+        )
+        n = int(status.rsplit(" ", 1)[1])
+        deleted += n
+        if n < batch:
+            return deleted
+        await asyncio.sleep(0)

@@ -1,0 +1,197 @@
+"""The PostgreSQL store under faults, and many instances writing one database.
+
+Each test that stops, kills or restarts PostgreSQL runs a cluster of its own
+(`own_pg`); the promise under test is the same as with SQLite: hold the batch,
+stop acknowledging, retry, say so once per state change, resume; never exit
+because the database is away; every reading stored exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    BrokerFactory,
+    DaemonFactory,
+    Mosquitto,
+    PgReader,
+    Postgres,
+    http_get,
+    publish,
+    wait_for,
+)
+
+NOW = time.time()
+FAST = {
+    "INGESTD_MQTT__BROKER_MAX_INFLIGHT": "1000",
+    "INGESTD_MQTT__MAX_INFLIGHT": "1000",
+    "INGESTD_STORE__RETRY_MAX_DELAY": "0.5",
+}
+
+
+@pytest.fixture
+def own_pg() -> Iterator[Postgres]:
+    cluster = Postgres().start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+def stream(n: int, start: int = 0, sensors: int = 50) -> Iterator[tuple[str, bytes]]:
+    """Message i: sensor s<i % sensors>, x = i, y = -i, at a distinct time today
+    (so the day's partitions take them)."""
+    for i in range(start, start + n):
+        yield (
+            f"sensors/s{i % sensors}/telemetry",
+            b'{"ts": %.3f, "x": %d, "y": %d}' % (NOW - 3600 + i / 1000, i, -i),
+        )
+
+
+def exactly_once(db: PgReader, n: int) -> list[tuple[object, ...]]:
+    rows = db.rows(
+        "SELECT metric, count(*), count(DISTINCT (sensor, ts_ns)), sum(value) FROM readings "
+        "GROUP BY metric ORDER BY metric"
+    )
+    assert rows == [("x", n, n, n * (n - 1) / 2), ("y", n, n, -n * (n - 1) / 2)]
+    return rows
+
+
+def publisher(port: int, n: int, start: int = 0) -> threading.Thread:
+    t = threading.Thread(
+        target=publish,
+        args=(port, stream(n, start)),
+        kwargs={"inflight": 1000},
+        daemon=True,
+    )
+    t.start()
+    return t
+
+
+def test_postgres_down_at_start_is_waited_out(
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory, own_pg: Postgres
+) -> None:
+    url = own_pg.create_db("ingest")
+    own_pg.stop()
+    daemon = daemons(mosquitto.port, INGESTD_STORE__URL=url, **FAST).start()
+    base = daemon.metrics_url()
+    wait_for(lambda: "cannot open the store" in daemon.logs(), 15, what="the reason logged")
+    status, body = http_get(base + "/readyz")
+    assert status == 503
+    assert "does not answer" in json.loads(body)["detail"], body
+    time.sleep(2)
+    assert daemon.proc is not None
+    assert daemon.proc.poll() is None, "the daemon must wait, not exit"
+    own_pg.start()
+    daemon.wait_ready(timeout=30)
+    publish(mosquitto.port, stream(1000))
+    db = PgReader(url)
+    wait_for(lambda: db.count() == 2000, 30, what="1000 messages stored")
+    assert daemon.stop() == 0
+    exactly_once(db, 1000)
+    assert "postgresql://postgres@127.0.0.1" in daemon.logs()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["restart", "kill -9"])
+def test_postgres_restarted_mid_stream_loses_and_doubles_nothing(
+    tmp_path: Path,
+    brokers: BrokerFactory,
+    daemons: DaemonFactory,
+    own_pg: Postgres,
+    how: str,
+    record_property: Callable[[str, object], None],
+) -> None:
+    n = 30_000
+    b = brokers(tmp_path / "broker", max_inflight=1000).start()
+    url = own_pg.create_db("ingest")
+    db = PgReader(url)
+    daemon = daemons(b.port, INGESTD_STORE__URL=url, **FAST).start()
+    daemon.wait_ready()
+    pub = publisher(b.port, n)
+    wait_for(lambda: db.count("readings WHERE metric = 'x'") >= n // 4, 60, what="a quarter")
+    at_fault = db.count("readings WHERE metric = 'x'")
+    if how == "restart":
+        own_pg.restart()
+    else:
+        own_pg.kill()
+        time.sleep(1)
+        own_pg.start()
+    pub.join(120)
+    wait_for(lambda: db.count("readings WHERE metric = 'x'") == n, 120, what="all stored")
+    base = daemon.metrics_url()
+    text = http_get(base + "/metrics")[1]
+    assert daemon.stop() == 0, daemon.logs()
+    rows = exactly_once(db, n)
+    assert db.count("quarantine") == 0
+    logs = daemon.logs()
+    assert logs.count("store unavailable; holding the batch and retrying") >= 1
+    assert "store available again" in logs
+    record_property("postgres_fault", f"{how} at {at_fault:,} of {n:,}: stored {rows}")
+    print(f"\n{how} at {at_fault:,}/{n:,} messages: stored {rows}; {text.count('condition')}")
+
+
+@pytest.mark.slow
+def test_connections_killed_during_commits_lose_and_double_nothing(
+    tmp_path: Path,
+    brokers: BrokerFactory,
+    daemons: DaemonFactory,
+    own_pg: Postgres,
+    record_property: Callable[[str, object], None],
+) -> None:
+    """pg_terminate_backend on the writer's connection, again and again, while it
+    commits: some commits die with their outcome unknown; the batch is written
+    again and the keys make that safe."""
+    n = 30_000
+    b = brokers(tmp_path / "broker", max_inflight=1000).start()
+    url = own_pg.create_db("ingest")
+    db = PgReader(url)
+    daemon = daemons(b.port, INGESTD_STORE__URL=url, **FAST).start()
+    daemon.wait_ready()
+    pub = publisher(b.port, n)
+    killed = 0
+    deadline = time.monotonic() + 60
+    while pub.is_alive() and time.monotonic() < deadline and killed < 40:
+        rows = own_pg.sql(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = 'ingestd' AND datname = 'ingest'"
+        )
+        killed += int(rows[0][0])
+        time.sleep(0.15)
+    pub.join(120)
+    wait_for(lambda: db.count("readings WHERE metric = 'x'") == n, 120, what="all stored")
+    assert daemon.stop() == 0, daemon.logs()
+    rows = exactly_once(db, n)
+    assert killed >= 5, f"only {killed} connections killed: the stream ended too soon"
+    assert db.count("quarantine") == 0
+    assert "connection lost" in daemon.logs()
+    record_property("terminated", f"{killed} connections killed; stored {rows}")
+    print(f"\n{killed} writer connections terminated: stored {rows}")
+
+
+def test_a_statement_timeout_is_waited_out(
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory, pg_url: str
+) -> None:
+    db = PgReader(pg_url)
+    daemon = daemons(
+        mosquitto.port,
+        INGESTD_STORE__URL=pg_url,
+        INGESTD_STORE__STATEMENT_TIMEOUT_MS="300",
+        INGESTD_STORE__RETRY_MAX_DELAY="0.3",
+    ).start()
+    daemon.wait_ready()
+    lock = db.hold_lock(3.0)
+    publish(mosquitto.port, stream(500))
+    wait_for(lambda: "statement timeout" in daemon.logs(), 10, what="the timeout reported")
+    assert db.count() == 0
+    lock.join()
+    wait_for(lambda: db.count() == 1000, 20, what="all stored after the lock")
+    assert daemon.stop() == 0
+    exactly_once(db, 500)
+    assert daemon.logs().count("store unavailable; holding the batch") == 1, "once per state"
