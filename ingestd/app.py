@@ -155,15 +155,15 @@ class Daemon:
         if self.handle_signals:
             self._install_signals()
         s = self.settings
+        store = open_store(s.store)
         log.info(
             "starting",
             version=__version__,
             pid=os.getpid(),
-            store=str(s.store.path),
+            store=store.where,
             broker=f"{s.mqtt.host}:{s.mqtt.port}",
             routes=len(s.routes),
         )
-        store = open_store(s.store)
         server = self._start_metrics_server()
         monitor = asyncio.get_running_loop().create_task(self._monitor(), name="monitor")
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -279,27 +280,36 @@ class StoreSettings(Section):
     def postgres(self) -> bool:
         return self.url.startswith(("postgresql://", "postgres://"))
 
-    @model_validator(mode="after")
-    def _engine(self) -> StoreSettings:
-        if not self.url:
-            if self.password_file is not None:
-                raise ValueError("password_file is for store.url (PostgreSQL)")
-            return self
-        if not self.postgres:
+    @field_validator("url")
+    @classmethod
+    def _engine_url(cls, url: str) -> str:
+        if not url:
+            return url
+        if not url.startswith(("postgresql://", "postgres://")):
             raise ValueError(
-                f"url {self.url.split('@')[-1]!r}: expected postgresql://[user@]host[:port]/db "
+                f"{url.rpartition('@')[2]!r}: expected postgresql://[user@]host[:port]/db "
                 "(or leave it empty for SQLite at store.path)"
             )
-        if _url_password(self.url):
+        if _url_password(url):
             raise ValueError(
-                "url carries a password: it would show in logs and process lists; "
-                "put it in password_file (or PGPASSWORD / ~/.pgpass)"
+                "the URL carries a password: it would show in logs and process lists; "
+                "put it in store.password_file (or PGPASSWORD / ~/.pgpass)"
             )
-        if importlib.util.find_spec("asyncpg") is None:
+        try:
+            found = importlib.util.find_spec("asyncpg") is not None
+        except ValueError:  # present in sys.modules as None: not importable
+            found = False
+        if not found:
             raise ValueError(
-                "url is PostgreSQL but asyncpg is not installed: pip install 'ingestd[postgres]'"
+                "a PostgreSQL URL, but asyncpg is not installed: pip install 'ingestd[postgres]'"
             )
+        return url
+
+    @model_validator(mode="after")
+    def _password_file(self) -> StoreSettings:
         if self.password_file is not None:
+            if not self.url:
+                raise ValueError("password_file is for store.url (PostgreSQL)")
             read_secret_file(self.password_file)  # readable now, not at the first outage
         return self
 
@@ -481,8 +491,12 @@ def _dotted(loc: tuple[int | str, ...]) -> str:
     return out
 
 
+_URL_SECRET = re.compile(r"(://[^:/@\s\"']+:)[^@\s\"']+@")
+
+
 def _short(value: Any) -> str:
     text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    text = _URL_SECRET.sub(r"\1***@", text)  # a password written into a URL is not echoed
     return text if len(text) <= 80 else text[:77] + "..."
 
 

@@ -7,6 +7,7 @@ over a real NOTIFY_SOCKET.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import getpass
 import json
@@ -546,7 +547,9 @@ class PgReader:
             finally:
                 await conn.close()
 
-        return asyncio.run(run())
+        # In a thread of its own: callers may be inside a running loop (async tests).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(lambda: asyncio.run(run())).result()
 
     def count(self, table: str = "readings") -> int:
         try:

@@ -208,3 +208,29 @@ def test_route_table_from_settings(tmp_path: Path) -> None:
     value = table.match("sensors/kitchen/co2")
     assert value is not None
     assert (value.fmt.name, value.sensor, value.metric_prefix) == ("value", "kitchen", "co2")
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("mysql://db/x", "store.url: 'mysql://db/x': expected postgresql://"),
+        ("postgresql://ingest:s3cret@db/x", "store.url: the URL carries a password"),
+    ],
+)
+def test_store_url_errors_name_the_key(tmp_path: Path, url: str, expected: str) -> None:
+    message = _error(tmp_path, f'[store]\nurl = "{url}"\n' + ROUTE)
+    assert expected in message
+    assert "s3cret" not in message
+
+
+def test_a_postgresql_url_without_asyncpg_is_a_config_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "asyncpg" else real(name, *a)
+    )
+    message = _error(tmp_path, '[store]\nurl = "postgresql://db/x"\n' + ROUTE)
+    assert "store.url: a PostgreSQL URL, but asyncpg is not installed: pip install" in message
