@@ -42,7 +42,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.pyspy import Profiler, summarize
-from tests.helpers import SHIPPED_CONFIG, Mosquitto, wait_for
+from tests.helpers import SHIPPED_CONFIG, Mosquitto, Postgres, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -59,6 +59,8 @@ class Scenario:
     env: tuple[tuple[str, str], ...] = ()
     messages: int | None = None  # overrides --messages (the slow script)
     batch: int = 0  # records per message (a JSON array); 0: one object per message
+    store: str = "sqlite"  # "sqlite" | "postgres" (a database of its own per run)
+    instances: int = 1  # > 1: that many daemons in one shared group
 
     @property
     def readings_per_message(self) -> int:
@@ -120,7 +122,45 @@ def scenarios() -> list[Scenario]:
             messages=20_000,
             batch=25,
         ),
+        Scenario(
+            "ingestd -> PostgreSQL, QoS 1 ack after commit, broker inflight 1000",
+            "ingestd",
+            1,
+            1000,
+            fast,
+            store="postgres",
+        ),
+        Scenario(
+            "ingestd -> PostgreSQL, batch payloads (50 readings/message), QoS 1",
+            "ingestd",
+            1,
+            1000,
+            fast,
+            messages=20_000,
+            batch=25,
+            store="postgres",
+        ),
+        Scenario(
+            "2 x ingestd (shared group) -> PostgreSQL, QoS 1 ack after commit",
+            "ingestd",
+            1,
+            1000,
+            fast,
+            store="postgres",
+            instances=2,
+        ),
     ]
+
+
+_PG: list[Postgres] = []
+
+
+def postgres_url() -> str:
+    """A new database on the benchmark's own PostgreSQL cluster (started once)."""
+    if not _PG:
+        _PG.append(Postgres().start())
+    name = f"bench_{time.monotonic_ns()}"
+    return _PG[0].create_db(name)
 
 
 def record(i: int) -> str:
@@ -166,11 +206,11 @@ def preload(broker: Mosquitto, messages: int, qos: int, workdir: Path, batch: in
             raise RuntimeError(f"mosquitto_pub failed: {err.decode()}")
 
 
-def register_session(port: int, client_id: str, qos: int) -> None:
+def register_session(port: int, client_id: str, qos: int, group: str = "") -> None:
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
     c.connect("127.0.0.1", port)
     c.loop_start()
-    info = c.subscribe("sensors/+/+", qos)
+    info = c.subscribe(f"$share/{group}/sensors/+/+" if group else "sensors/+/+", qos)
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline and info[0] != 0:
         time.sleep(0.01)
@@ -194,66 +234,83 @@ def proc_stats(pid: int) -> tuple[float, float]:
 def run_ingestd(
     sc: Scenario, broker: Mosquitto, messages: int, work: Path, profile: Path | None = None
 ) -> Result:
-    client_id = "bench-ingestd"
-    register_session(broker.port, client_id, sc.qos)
+    ids = [f"bench-ingestd-{i}" for i in range(sc.instances)]
+    group = "bench" if sc.instances > 1 else ""
+    for client_id in ids:
+        register_session(broker.port, client_id, sc.qos, group)
     preload(broker, messages, sc.qos, work, sc.batch)
     expected = messages * sc.readings_per_message
     config = work / "ingestd.toml"
     config.write_text(SHIPPED_CONFIG.read_text().replace("qos = 1", f"qos = {sc.qos}"))
-    env = {
+    base = {
         **{k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")},
         "INGESTD_MQTT__PORT": str(broker.port),
-        "INGESTD_MQTT__CLIENT_ID": client_id,
         "INGESTD_STORE__PATH": str(work / "ingestd.db"),
         "INGESTD_DAEMON__LOG_FORMAT": "json",
+        "INGESTD_METRICS__PORT": "0",
         **dict(sc.env),
     }
-    log = work / "ingestd.log"
-    with log.open("wb") as fh:
-        proc = subprocess.Popen(
-            [PY, "-m", "ingestd", "--config", str(config)],
-            env=env,
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-    profiler = Profiler(proc.pid, profile) if profile else None
+    if sc.store == "postgres":
+        base["INGESTD_STORE__URL"] = postgres_url()
+    if group:
+        base["INGESTD_MQTT__SHARED_GROUP"] = group
+    procs: list[subprocess.Popen[bytes]] = []
+    logs: list[Path] = []
+    for client_id in ids:
+        log = work / f"{client_id}.log"
+        logs.append(log)
+        with log.open("wb") as fh:
+            procs.append(
+                subprocess.Popen(
+                    [PY, "-m", "ingestd", "--config", str(config)],
+                    env={**base, "INGESTD_MQTT__CLIENT_ID": client_id},
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    cwd=REPO,
+                )
+            )
+    profiler = Profiler(procs[0].pid, profile) if profile else None
     commits: list[tuple[float, int]] = []
     connected: list[float] = []
 
     def committed() -> bool:
         commits.clear()
         connected.clear()
-        for line in log.read_text().splitlines():
-            if '"batch committed"' in line or '"connected to broker"' in line:
-                e = json.loads(line)
-                at = dt.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00"))
-                if "readings" in e:
-                    commits.append((at.timestamp(), e["readings"]))
-                else:
-                    connected.append(at.timestamp())
-        if proc.poll() is not None:
-            raise RuntimeError(f"ingestd exited early:\n{log.read_text()[-3000:]}")
+        for log, proc in zip(logs, procs, strict=True):
+            for line in log.read_text().splitlines():
+                if '"batch committed"' in line or '"connected to broker"' in line:
+                    e = json.loads(line)
+                    at = dt.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00"))
+                    if "readings" in e:
+                        commits.append((at.timestamp(), e["readings"]))
+                    else:
+                        connected.append(at.timestamp())
+            if proc.poll() is not None:
+                raise RuntimeError(f"ingestd exited early:\n{log.read_text()[-3000:]}")
         return sum(n for _, n in commits) >= expected
 
     try:
         wait_for(committed, 600, interval=0.2, what="the backlog to be committed")
-        cpu, rss = proc_stats(proc.pid)
+        stats = [proc_stats(p.pid) for p in procs]
     finally:
         if profiler:
             profiler.stop()
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(30)
     total = sum(n for _, n in commits)
-    # From the connection (the backlog starts flowing) to the commit that completed it;
-    # every consumer is timed the same way.
+    commits.sort()
+    # From the first connection (the backlog starts flowing) to the commit that
+    # completed it; every consumer is timed the same way. CPU: all instances';
+    # RSS: the largest instance's.
     return Result(
         sc,
         messages,
         total,
-        max(commits[-1][0] - connected[0], 1e-9),
-        cpu,
-        rss,
+        max(commits[-1][0] - min(connected), 1e-9),
+        sum(c for c, _ in stats),
+        max(r for _, r in stats),
         lost=expected - total,
     )
 
@@ -527,6 +584,8 @@ def main() -> int:
     print(table)
     if a.out:
         a.out.write_text(table)
+    for cluster in _PG:
+        cluster.cleanup()
     return 0
 
 

@@ -573,7 +573,7 @@ class PgReader:
             conn = await asyncpg.connect(self.url, timeout=10)
             try:
                 async with conn.transaction():
-                    await conn.execute("LOCK TABLE samples IN ACCESS EXCLUSIVE MODE")
+                    await conn.execute("LOCK TABLE samples IN EXCLUSIVE MODE")
                     locked.set()
                     await asyncio.sleep(seconds)
             finally:

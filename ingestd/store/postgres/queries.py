@@ -9,6 +9,8 @@ import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
+import asyncpg
+
 from ingestd.errors import StoreError
 from ingestd.store import base
 from ingestd.store.base import QuarantineRow, ReadingRow, SensorRow, StoreTotals
@@ -20,8 +22,6 @@ _CHUNK = 5000
 
 class PostgresReader(base.Reader):
     def __init__(self, url: str, password: str | None = None) -> None:
-        import asyncpg  # noqa: PLC0415
-
         self.where = redacted(url)
         self._loop = asyncio.new_event_loop()
         try:
