@@ -534,7 +534,11 @@ def main() -> int:
     p.add_argument("--messages", type=int, default=100_000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="1 round of 20,000 messages")
-    p.add_argument("--only", default="", help="run scenarios whose name contains this")
+    p.add_argument(
+        "--only",
+        default="",
+        help="run scenarios whose name contains this (or one of these, '|'-separated)",
+    )
     p.add_argument("--out", type=Path, default=None, help="write the table to this file")
     p.add_argument(
         "--latency-rate",
@@ -556,7 +560,8 @@ def main() -> int:
     if shutil.which("mosquitto_pub") is None:
         print("bench: mosquitto_pub not found (apt-get install mosquitto-clients)", file=sys.stderr)
         return 1
-    chosen = [s for s in scenarios() if a.only.lower() in s.name.lower()]
+    wanted = [w.strip().lower() for w in a.only.split("|")]
+    chosen = [s for s in scenarios() if any(w in s.name.lower() for w in wanted)]
     run = Run({s.name: [] for s in chosen})
     started = time.monotonic()
     if a.profile:

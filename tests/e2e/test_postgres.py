@@ -9,6 +9,8 @@ because the database is away; every reading stored exactly once.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -252,3 +254,43 @@ def test_three_instances_in_one_shared_group_store_every_reading_once(
     )
     record_property("scale_out", report)
     print("\n" + report)
+
+
+def test_the_data_commands_read_postgresql(
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory, pg_url: str
+) -> None:
+    daemon = daemons(mosquitto.port, INGESTD_STORE__URL=pg_url).start()
+    daemon.wait_ready()
+    publish(mosquitto.port, [*stream(100, sensors=2), ("sensors/a/telemetry", b"{bad")])
+    db = PgReader(pg_url)
+    wait_for(lambda: db.count() == 200 and db.count("quarantine") == 1, 20, what="stored")
+    assert daemon.stop() == 0
+    config = tmp_path / "cli.toml"
+    config.write_text(f'[store]\nurl = "{pg_url}"\n[metrics]\nenabled = false\n')
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "ingestd", *args, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin"},
+        )
+
+    listed = run("sensors", "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    sensors = json.loads(listed.stdout)
+    assert [(r["sensor"], r["metric"]) for r in sensors] == [
+        ("s0", "x"), ("s0", "y"), ("s1", "x"), ("s1", "y"),
+    ]  # fmt: skip
+    rows = json.loads(
+        run("query", "--sensor", "s1", "--since", "2h", "--metric", "x", "--format", "json").stdout
+    )
+    assert [r["value"] for r in rows] == [float(i) for i in range(1, 100, 2)]
+    stats = json.loads(run("stats", "--json").stdout)
+    assert (stats["readings"], stats["quarantined"], stats["series"]) == (200, 1, 4)
+    assert "postgresql://postgres@127.0.0.1" in stats["path"]
+    assert "{bad" in run("quarantine", "--since", "1h").stdout
+    refused = run("backup", str(tmp_path / "x.db"))
+    assert refused.returncode == 1
+    assert "pg_dump" in refused.stderr

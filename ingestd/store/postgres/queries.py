@@ -26,12 +26,9 @@ class PostgresReader(base.Reader):
         self._loop = asyncio.new_event_loop()
         try:
             self.conn = self._run(asyncpg.connect(url, password=password, timeout=10))
-            version = self._run(
-                self.conn.fetchval(
-                    "SELECT max(version) FROM ingestd_schema "
-                    "WHERE to_regclass('ingestd_schema') IS NOT NULL"
-                )
-            )
+            version = None
+            if self._run(self.conn.fetchval("SELECT to_regclass('ingestd_schema')")) is not None:
+                version = self._run(self.conn.fetchval("SELECT max(version) FROM ingestd_schema"))
         except StoreError:
             self._loop.close()
             raise
