@@ -35,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -270,27 +271,39 @@ def run_ingestd(
                 )
             )
     profiler = Profiler(procs[0].pid, profile) if profile else None
-    commits: list[tuple[float, int]] = []
     connected: list[float] = []
+    urls: list[str] = []
+    done_at: list[float] = []
+    committed_total = [0]
 
     def committed() -> bool:
-        commits.clear()
-        connected.clear()
+        # Per-batch lines are debug (the log is quiet at info): the daemons'
+        # committed counters say when the backlog is in, polled every 20 ms.
         for log, proc in zip(logs, procs, strict=True):
-            for line in log.read_text().splitlines():
-                if '"batch committed"' in line or '"connected to broker"' in line:
-                    e = json.loads(line)
-                    at = dt.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00"))
-                    if "readings" in e:
-                        commits.append((at.timestamp(), e["readings"]))
-                    else:
-                        connected.append(at.timestamp())
             if proc.poll() is not None:
                 raise RuntimeError(f"ingestd exited early:\n{log.read_text()[-3000:]}")
-        return sum(n for _, n in commits) >= expected
+        if len(urls) < len(procs) or len(connected) < len(procs):
+            urls.clear()
+            connected.clear()
+            for log in logs:
+                for line in log.read_text().splitlines():
+                    if '"metrics listening"' in line:
+                        urls.append(json.loads(line)["url"])
+                    elif '"connected to broker"' in line:
+                        e = json.loads(line)
+                        at = dt.datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00"))
+                        connected.append(at.timestamp())
+            if len(urls) < len(procs):
+                return False
+        total = sum(_committed(url) for url in urls)
+        committed_total[0] = total
+        if total >= expected:
+            done_at.append(time.time())
+            return True
+        return False
 
     try:
-        wait_for(committed, 600, interval=0.2, what="the backlog to be committed")
+        wait_for(committed, 600, interval=0.02, what="the backlog to be committed")
         stats = [proc_stats(p.pid) for p in procs]
     finally:
         if profiler:
@@ -299,20 +312,27 @@ def run_ingestd(
             proc.send_signal(signal.SIGTERM)
         for proc in procs:
             proc.wait(30)
-    total = sum(n for _, n in commits)
-    commits.sort()
-    # From the first connection (the backlog starts flowing) to the commit that
-    # completed it; every consumer is timed the same way. CPU: all instances';
-    # RSS: the largest instance's.
+    total = committed_total[0]
+    # From the first connection (the backlog starts flowing) to the poll that saw
+    # it all committed (within 20 ms of the commit); every consumer is timed
+    # from its connection. CPU: all instances'; RSS: the largest instance's.
     return Result(
         sc,
         messages,
         total,
-        max(commits[-1][0] - min(connected), 1e-9),
+        max(done_at[-1] - min(connected), 1e-9),
         sum(c for c, _ in stats),
         max(r for _, r in stats),
         lost=expected - total,
     )
+
+
+def _committed(url: str) -> int:
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            if line.startswith("ingestd_readings_committed_total "):
+                return int(float(line.split()[1]))
+    return 0
 
 
 def run_baseline(sc: Scenario, broker: Mosquitto, messages: int, work: Path) -> Result:

@@ -334,7 +334,16 @@ class Daemon:
             retry_min_delay=s.store.retry_min_delay,
             retry_max_delay=s.store.retry_max_delay,
         )
-        event_logger = EventLogger(to_logger)
+
+        def pipeline_now() -> dict[str, object]:
+            return {
+                "in_flight": window.in_flight,
+                "in_flight_peak": window.take_recent_peak(),
+                "window": window.limit,
+                "backlog": sum(sub.depth for sub in bus.subscriptions if sub.policy == "block"),
+            }
+
+        event_logger = EventLogger(to_logger, s.daemon.log_summary_interval, pipeline_now)
         writer.on_commit = self.metrics.observe_commit
         maintenance = Maintenance(store, s.store)
         self.health.loop = asyncio.get_running_loop()

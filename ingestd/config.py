@@ -56,6 +56,7 @@ class DaemonSettings(Section):
     stall_timeout: float = Field(60.0, gt=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = "auto"
+    log_summary_interval: float = Field(60.0, ge=0)
 
 
 class TlsSettings(Section):

@@ -30,6 +30,7 @@ class InFlightWindow:
         # quarantined (a term of the accounting identity).
         self.readings = 0
         self.peak = 0
+        self.recent_peak = 0  # since the last `take_recent_peak` (the log summary's)
         self.pauses = 0
         # monotonic time of the last settle, or of the first take after idle:
         # work in flight with no progress for long means a stalled pipeline.
@@ -61,6 +62,7 @@ class InFlightWindow:
         self.in_flight += messages
         self.unacked += unacked
         self.peak = max(self.peak, self.in_flight)
+        self.recent_peak = max(self.recent_peak, self.in_flight)
         if messages:
             self._idle.clear()
         if self.in_flight >= self.limit:
@@ -69,6 +71,10 @@ class InFlightWindow:
             self._paused = True
             self.pauses += 1
             self._on_full()
+
+    def take_recent_peak(self) -> int:
+        peak, self.recent_peak = self.recent_peak, self.in_flight
+        return peak
 
     def settle(self, messages: int, unacked: int) -> None:
         self.progress_at = time.monotonic()
