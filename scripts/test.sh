@@ -1,11 +1,23 @@
 #!/usr/bin/env bash
-# Run the tests against real Mosquitto and SQLite (sets up first).
+# Run the tests against real Mosquitto, SQLite and PostgreSQL (sets up first;
+# installs Debian's postgresql package when its binaries are missing: the
+# PostgreSQL tests start clusters of their own from them).
 #   scripts/test.sh          the quick run (skips tests marked slow)
 #   scripts/test.sh --all    everything, fault injection included (what CI runs)
 # Other arguments go to pytest, e.g. scripts/test.sh tests/unit -x
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v psql >/dev/null; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "test: PostgreSQL's binaries (initdb, pg_ctl, psql) are missing and there is no apt-get" >&2
+    exit 1
+  fi
+  echo "test: installing postgresql with apt-get" >&2
+  sudo=""; [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends postgresql
+fi
 args=()
 if [ "${1:-}" = "--all" ]; then
   shift
