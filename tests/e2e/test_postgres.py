@@ -9,8 +9,11 @@ because the database is away; every reading stored exactly once.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -294,3 +297,41 @@ def test_the_data_commands_read_postgresql(
     refused = run("backup", str(tmp_path / "x.db"))
     assert refused.returncode == 1
     assert "pg_dump" in refused.stderr
+
+
+@pytest.mark.slow
+def test_a_full_disk_under_postgresql_is_waited_out(
+    tmp_path: Path, brokers: BrokerFactory, daemons: DaemonFactory, own_pg: Postgres
+) -> None:
+    """The database's tables on a 4 MB tablespace: it fills (SQLSTATE 53100),
+    the batch is held and nothing acknowledged; given room, all is stored once."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = Path(tempfile.mkdtemp(prefix="ingestd-pgspace-"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)], check=True)
+    try:
+        shutil.chown(mnt, "postgres", "postgres")
+        own_pg.sql(f"CREATE TABLESPACE small LOCATION '{mnt}'")
+        url = own_pg.create_db("ingest")
+        own_pg.sql("ALTER DATABASE ingest SET default_tablespace = small")
+        n = 60_000
+        b = brokers(tmp_path / "broker", max_inflight=1000).start()
+        db = PgReader(url)
+        daemon = daemons(b.port, INGESTD_STORE__URL=url, **FAST).start()
+        daemon.wait_ready()
+        publisher(b.port, n).join(120)
+        wait_for(lambda: "disk full" in daemon.logs(), 60, what="the disk to fill")
+        full_at = db.count("readings WHERE metric = 'x'")
+        time.sleep(2)
+        assert daemon.proc is not None
+        assert daemon.proc.poll() is None, "a full disk is waited out"
+        assert db.count("readings WHERE metric = 'x'") == full_at
+        subprocess.run(["mount", "-o", "remount,size=256m", str(mnt)], check=True)
+        wait_for(lambda: db.count("readings WHERE metric = 'x'") == n, 120, what="all stored")
+        assert daemon.stop() == 0, daemon.logs()
+        rows = exactly_once(db, n)
+        print(f"\ndisk full at {full_at:,}/{n:,} messages; after room was made: {rows}")
+    finally:
+        own_pg.stop("immediate")
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        shutil.rmtree(mnt, ignore_errors=True)

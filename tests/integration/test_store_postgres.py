@@ -137,3 +137,22 @@ async def _partition_names(url: str) -> list[str]:
 
 def test_day_ns() -> None:
     assert DAY_NS == 86400 * NS
+
+
+async def test_a_hypertable_where_timescaledb_is_installed(pg_url: str) -> None:
+    """TimescaleDB: samples is a hypertable, retention drops chunks. Runs only
+    where the extension exists (Debian does not package it; this machine lacks
+    it): the partitioned table above is what runs here."""
+    db = PgReader(pg_url)
+    if not db.rows("SELECT count(*) FROM pg_available_extensions WHERE name = 'timescaledb'")[0][0]:
+        pytest.skip("the timescaledb extension is not installed on this PostgreSQL")
+    db.rows("CREATE EXTENSION IF NOT EXISTS timescaledb")
+    day0 = int(NOW) // 86400 * 86400
+    async with PostgresStore(pg_url) as store:
+        assert store.hypertable
+        async with store.batch() as tx:
+            await tx.add_readings(_readings("old", 5, (day0 - 10 * 86400) * NS))
+            await tx.add_readings(_readings("now", 5, day0 * NS))
+        done = await store.upkeep(day0 - 86400, 100)
+        assert done.readings_deleted == 5
+    assert db.rows("SELECT DISTINCT sensor FROM readings") == [("now",)]

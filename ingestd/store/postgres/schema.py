@@ -70,8 +70,38 @@ MIGRATIONS: tuple[str, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-async def migrate(conn: Any, where: str) -> None:
+# With TimescaleDB (the extension created in the database before ingestd's
+# first start), samples is a hypertable instead: chunks of `partition_days`
+# made by TimescaleDB as data arrives, retention by drop_chunks().
+_PARTITIONED = """) PARTITION BY RANGE (ts_ns);
+    CREATE TABLE samples_default PARTITION OF samples DEFAULT;
+"""
+_HYPERTABLE = """);
+    SELECT create_hypertable('samples', 'ts_ns', chunk_time_interval => {chunk}::bigint);
+"""
+
+
+async def timescaledb(conn: Any) -> bool:
+    """Whether the database has the timescaledb extension."""
+    return bool(
+        await conn.fetchval("SELECT count(*) FROM pg_extension WHERE extname = 'timescaledb'")
+    )
+
+
+async def is_hypertable(conn: Any) -> bool:
+    if not await timescaledb(conn):
+        return False
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM timescaledb_information.hypertables "
+            "WHERE hypertable_name = 'samples'"
+        )
+    )
+
+
+async def migrate(conn: Any, where: str, partition_days: int = 1) -> None:
     """Create or migrate the schema to SCHEMA_VERSION, one instance at a time."""
+    hyper = await timescaledb(conn)
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", SCHEMA_LOCK)
         await conn.execute("CREATE TABLE IF NOT EXISTS ingestd_schema (version integer NOT NULL)")
@@ -82,7 +112,11 @@ async def migrate(conn: Any, where: str) -> None:
                 f"understands ({SCHEMA_VERSION}); upgrade ingestd"
             )
         for number in range(version + 1, SCHEMA_VERSION + 1):
-            await conn.execute(MIGRATIONS[number - 1])
+            script = MIGRATIONS[number - 1]
+            if number == 1 and hyper:
+                chunk = _HYPERTABLE.format(chunk=partition_days * DAY_NS)
+                script = script.replace(_PARTITIONED, chunk)
+            await conn.execute(script)
             await conn.execute("INSERT INTO ingestd_schema (version) VALUES ($1)", number)
 
 

@@ -30,7 +30,7 @@ from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import NS, Reading, Rejected, SensorStatus, reading_payload
 from ingestd.store import base
 from ingestd.store.base import Upkeep
-from ingestd.store.postgres.schema import ensure_partitions, migrate, partitions
+from ingestd.store.postgres.schema import ensure_partitions, is_hypertable, migrate, partitions
 
 log = structlog.get_logger("ingestd.store")
 
@@ -83,7 +83,11 @@ def classify(exc: BaseException) -> StoreUnavailable | None:
     """A StoreUnavailable for what waiting can cure, None for real errors."""
     if isinstance(exc, asyncpg.exceptions.ConnectionDoesNotExistError):
         return StoreUnavailable(base.CONNECTION_LOST, str(exc) or type(exc).__name__)
-    if isinstance(exc, asyncpg.exceptions.InterfaceError) and "closed" in str(exc):
+    if isinstance(exc, asyncpg.exceptions.InterfaceError) and any(
+        # The connection died under an operation; it cannot be used again.
+        sign in str(exc)
+        for sign in ("closed", "another operation is in progress")
+    ):
         return StoreUnavailable(base.CONNECTION_LOST, str(exc))
     if isinstance(exc, asyncpg.exceptions.InternalClientError):
         # The protocol state after the server dropped the connection mid-query
@@ -258,6 +262,7 @@ class PostgresStore(base.Store):
         # through the staging table (measured side by side in bench/).
         self.direct_copy = True
         self._partitioned_until = 0  # ts_ns up to which partitions exist ahead
+        self.hypertable = False  # TimescaleDB: it makes the chunks, drop_chunks() expires them
 
     async def _connect(self) -> Any:
         try:
@@ -282,7 +287,8 @@ class PostgresStore(base.Store):
             return
         conn = await self._connect()
         try:
-            await migrate(conn, self.where)
+            await migrate(conn, self.where, self.partition_days)
+            self.hypertable = await is_hypertable(conn)
             await self._partition(conn)
             await conn.execute(_STAGE)
             rows = await conn.fetch("SELECT sensor, metric, tags, unit, id FROM series")
@@ -301,6 +307,8 @@ class PostgresStore(base.Store):
         self._conn = conn
 
     async def _partition(self, conn: Any) -> None:
+        if self.hypertable:
+            return
         now_ns = int(self.clock() * NS)
         created = await ensure_partitions(conn, now_ns, self.partition_days, self.partitions_ahead)
         if created:
@@ -373,7 +381,17 @@ class PostgresStore(base.Store):
         try:
             await self._partition(conn)
             readings = quarantined = dropped = 0
-            if cutoff is not None:
+            if cutoff is not None and self.hypertable:
+                cutoff_ns = int(cutoff * NS)
+                readings = await conn.fetchval(
+                    "SELECT count(*) FROM samples WHERE ts_ns < $1", cutoff_ns
+                )
+                dropped = len(
+                    await conn.fetch("SELECT drop_chunks('samples', older_than => $1)", cutoff_ns)
+                )
+                # What is left below the cutoff is in the chunk it cuts through.
+                await _delete_older_by_key(conn, cutoff_ns, rows_per_transaction)
+            elif cutoff is not None:
                 cutoff_ns = int(cutoff * NS)
                 for name, lo, hi in await partitions(conn):
                     if hi <= cutoff_ns:
@@ -386,6 +404,7 @@ class PostgresStore(base.Store):
                 readings += await _delete_older(
                     conn, "samples_default", cutoff_ns, rows_per_transaction
                 )
+            if cutoff is not None:
                 while True:
                     status = await conn.execute(
                         "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine "
@@ -431,6 +450,24 @@ async def _delete_older(conn: Any, table: str, cutoff_ns: int, batch: int) -> in
         status = await conn.execute(
             f'DELETE FROM "{table}" WHERE ctid = ANY(ARRAY('
             f'SELECT ctid FROM "{table}" WHERE ts_ns < $1 LIMIT $2))',
+            cutoff_ns,
+            batch,
+        )
+        n = int(status.rsplit(" ", 1)[1])
+        deleted += n
+        if n < batch:
+            return deleted
+        await asyncio.sleep(0)
+
+
+async def _delete_older_by_key(conn: Any, cutoff_ns: int, batch: int) -> int:
+    """Delete samples older than the cutoff by their key, `batch` per statement
+    (a hypertable's ctid is not unique across its chunks)."""
+    deleted = 0
+    while True:
+        status = await conn.execute(
+            "DELETE FROM samples WHERE (series_id, ts_ns, seq) IN ("
+            "SELECT series_id, ts_ns, seq FROM samples WHERE ts_ns < $1 LIMIT $2)",
             cutoff_ns,
             batch,
         )
