@@ -379,6 +379,9 @@ class PostgresStore(base.Store):
         partition that straddles it (and in the default partition)."""
         conn = await self._connect()
         try:
+            # Upkeep is not held to the writer's statement timeout: counting a
+            # large partition before dropping it may take a while.
+            await conn.execute("SET statement_timeout = 0")
             await self._partition(conn)
             readings = quarantined = dropped = 0
             if cutoff is not None and self.hypertable:
