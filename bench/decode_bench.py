@@ -24,7 +24,13 @@ ROUTES = [
     {"topic": "senml/{sensor}", "format": "senml"},
     {"topic": "influx/{sensor}", "format": "influx"},
     {"topic": "value/{sensor}/{metric}", "format": "value"},
+    {"topic": "homie/5/#", "format": "homie"},
 ]
+# Homie values need their device's description first (decoded once, before timing).
+HOMIE_DESCRIPTION = json.dumps(
+    {"homie": "5.0", "version": 1, "nodes": {"env": {"properties": {
+        "temperature": {"datatype": "float", "unit": "°C"}}}}}
+).encode()  # fmt: skip
 CASES = [
     (
         "json, flat object, 2 readings",
@@ -62,11 +68,13 @@ CASES = [
         ).encode(),
     ),
     ("value, one number", "value/d1/temperature", b"21.5"),
+    ("homie, one float property", "homie/5/d1/env/temperature", b"21.5"),
 ]
 
 
 def main() -> int:
     table = route_table(Settings(routes=ROUTES))
+    decode_all(table, [("homie/5/d1/$description", HOMIE_DESCRIPTION, int(T0 * NS))])
     print(f"{'format':<42} {'readings/s':>12} {'us/reading':>11} {'msgs/s':>10}")
     for name, topic, payload in CASES:
         chunk = [(topic, payload, int(T0 * NS))] * 1000

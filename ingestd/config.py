@@ -135,12 +135,12 @@ class RouteSettings(Section):
     topic: str = Field(min_length=1)
     qos: Literal[0, 1, 2] = 1
     format: str = "json"
-    sensor: str = "{sensor}"
+    sensor: str | None = None
     metric: str | None = None
     rate_limit: float = Field(0.0, ge=0)
     rate_burst: float = Field(0.0, ge=0)
     rate_policy: Literal["drop", "quarantine"] = "drop"
-    retained: Literal["ignore", "store"] = "ignore"
+    retained: Literal["ignore", "store"] | None = None
     expect_within: float = Field(0.0, ge=0)
 
     @field_validator("format")
@@ -192,6 +192,7 @@ class RouteSettings(Section):
         """Dumped (check-config) with every key in effect, the format's too."""
         data: dict[str, Any] = handler(self)
         data.update(self.format_options().model_dump(mode="json"))
+        data["sensor"], data["retained"] = self.effective_sensor, self.effective_retained
         return data
 
     def compile(self, index: int = 0) -> CompiledRoute:
@@ -199,18 +200,28 @@ class RouteSettings(Section):
             rate_limit=self.rate_limit,
             rate_burst=self.rate_burst or max(self.rate_limit, 1.0),
             rate_policy=self.rate_policy,
-            retained=self.retained,
+            retained=self.effective_retained,
             expect_within=self.expect_within,
         )
         return compile_route(
             self.topic,
-            self.sensor,
+            self.effective_sensor,
             self.effective_metric,
             self.format,
             index,
             options,
             self.format_options(),
         )
+
+    @property
+    def effective_sensor(self) -> str:
+        return self.sensor if self.sensor is not None else formats.get(self.format).default_sensor
+
+    @property
+    def effective_retained(self) -> str:
+        if self.retained is not None:
+            return self.retained
+        return formats.get(self.format).default_retained
 
     @property
     def effective_metric(self) -> str:

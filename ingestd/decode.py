@@ -80,6 +80,7 @@ def decode_message(
         table.sensor_seen[seen] = received_ns
     before = len(readings)
     try:
+        table.retained_now = retained
         match.fmt.decode(table, match, topic, payload, received_ns, readings, rejected)
     except DecodeError as exc:
         del readings[before:]

@@ -139,15 +139,16 @@ def compile_route(
         levels.append(part)
         sub.append(part)
     names = {n for _, n in captures}
-    used = set(_check_template("sensor", sensor, pattern, names))
+    used = set(_check_template("sensor", sensor, pattern, names | codec.sensor_fields))
     fields = _check_template("metric", metric, pattern, names | codec.template_fields)
     used.update(fields)
-    if codec.metric_from != "topic" and "field" not in fields:
+    need = codec.metric_requires
+    if codec.metric_from != "topic" and need not in fields:
         # Without it every field of a payload would get the same metric name.
         raise RouteSpecError(
-            f"metric template {metric!r} must contain {{field}}: a {codec.name} "
-            "payload carries several fields, each its own metric "
-            '(e.g. metric = "{site}.{field}")'
+            f"metric template {metric!r} must contain {{{need}}}: a {codec.name} "
+            f"route carries several values, each its own metric "
+            f'(e.g. metric = "{{site}}.{{{need}}}")'
         )
     if codec.metric_from == "field" and fields.count("field") > 1:
         raise RouteSpecError(f"metric template {metric!r}: {{field}} may appear only once")
@@ -208,6 +209,7 @@ class DecodeCounts:
     retained_ignored: int = 0
     sequence_gaps: int = 0
     sequence_missing: int = 0
+    non_numeric: int = 0  # values a format knows are not numbers (homie strings, enums)
 
 
 @dataclass(slots=True)
@@ -244,6 +246,12 @@ class RouteTable:
         # Sensors first heard of (this run) on a route with expect_within, and
         # that limit: the store keeps it so `ingestd sensors` can flag staleness.
         self.expect_changed: dict[str, float] = {}
+        # What stateful formats learned from earlier messages, by format name
+        # (homie: device descriptions and states).
+        self.format_state: dict[str, Any] = {}
+        # Whether the message being decoded is one the broker re-sent because
+        # we subscribed (set by decode_message, for formats that care).
+        self.retained_now = False
 
     def take_status(self) -> SensorStatus:
         """The per-sensor state changed since the last call, for the store."""
@@ -264,6 +272,7 @@ class RouteTable:
         self.sequences, self.sequences_changed = old.sequences, old.sequences_changed
         self.route_seen, self.sensor_seen = old.route_seen, old.sensor_seen
         self.expect_changed = old.expect_changed
+        self.format_state = old.format_state
 
     def sequence(self, sensor: str, seq: int) -> None:
         """Follow a device's message counter: a jump forward is a gap (messages
@@ -309,7 +318,12 @@ class RouteTable:
         for route in self.routes:
             if _matches(route, parts):
                 values = {name: parts[pos] for pos, name in route.captures}
-                sensor = route.sensor_template.format_map(values)
+                # A format that names sensors from the payload gets the template.
+                sensor = (
+                    route.sensor_template
+                    if route.fmt.sensor_fields
+                    else route.sensor_template.format_map(values)
+                )
                 prefix = suffix = ""
                 if route.fmt.metric_from == "field":
                     marker = "\x00"

@@ -141,11 +141,13 @@ class Daemon:
     _reader: threading.Thread | None = None
     log_path: Path = field(init=False)
     peak_rss_kb: int = 0
+    _log_offset: int = 0  # where this run's lines begin in the log
 
     def __post_init__(self) -> None:
         self.log_path = self.workdir / "daemon.log"
 
     def start(self) -> Daemon:
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         sock_path = self.workdir / f"notify-{time.monotonic_ns()}.sock"
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self._sock.bind(str(sock_path))
@@ -186,7 +188,12 @@ class Daemon:
         found: list[str] = []
 
         def listening() -> bool:
-            for line in self.logs().splitlines():
+            # This run's lines only: a daemon started again in the same
+            # directory appends to the log a previous one wrote.
+            with self.log_path.open("rb") as fh:
+                fh.seek(self._log_offset)
+                mine = fh.read().decode(errors="replace")
+            for line in mine.splitlines():
                 if '"metrics listening"' in line:
                     found.append(json.loads(line)["url"].removesuffix("/metrics"))
                     return True

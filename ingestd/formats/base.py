@@ -56,6 +56,17 @@ class Format:
     metric_from: MetricFrom = "topic"
     default_metric: str = "{metric}"
     prepare: Callable[[FormatOptions], Any] = field(default=_same)
+    # Names the sensor template may use beyond the topic's. A format with any
+    # names the sensor per message: RouteMatch.sensor is then the template,
+    # formatted by the decoder.
+    sensor_fields: frozenset[str] = frozenset()
+    default_sensor: str = "{sensor}"
+    # A route's `retained` unless it says otherwise: "store" for a format whose
+    # meaning arrives in retained messages (descriptions, births).
+    default_retained: str = "ignore"
+    # The name a metric template must contain when a payload carries several
+    # values (else they would all get one metric name).
+    metric_requires: str = "field"
 
     def option_names(self) -> list[str]:
         return sorted(self.options.model_fields)

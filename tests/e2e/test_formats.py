@@ -318,3 +318,69 @@ def test_fuzz_100000_generated_payloads_through_the_daemon(
         f"({only_quarantined} wholly), {len(stored)} yielded readings; 0 crashes"
     )
     assert len(quarantined) > n // 2  # mostly malformed, as generated
+
+
+HOMIE_ROUTE = """
+[[routes]]
+topic = "homie/5/#"
+format = "homie"
+"""
+
+
+def test_a_homie_device_through_the_daemon_and_a_restart(
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
+) -> None:
+    """A Homie 5 device as devices publish: retained description, state and
+    values. Values are stored with the description's units; a device that never
+    described itself is quarantined with the reason; after a restart the broker
+    re-sends everything retained and nothing is stored twice."""
+    description = {
+        "homie": "5.0",
+        "version": 1,
+        "nodes": {
+            "env": {
+                "properties": {
+                    "temperature": {"datatype": "float", "unit": "°C"},
+                    "on": {"datatype": "boolean"},
+                    "mode": {"datatype": "enum", "format": "eco,comfort"},
+                }
+            }
+        },
+    }
+    retained = [
+        ("homie/5/boiler/$description", json.dumps(description).encode()),
+        ("homie/5/boiler/$state", b"init"),
+    ]
+    publish(mosquitto.port, retained, retain=True)
+    db = DbReader(tmp_path / "ingestd.db")
+    daemon = daemons(mosquitto.port, HOMIE_ROUTE).start()
+    daemon.wait_ready()
+    live = [
+        ("homie/5/boiler/$state", b"ready"),
+        *[("homie/5/boiler/env/temperature", b"%.1f" % (20 + i / 10)) for i in range(10)],
+        ("homie/5/boiler/env/on", b"true"),
+        ("homie/5/boiler/env/mode", b"eco"),
+        ("homie/5/stranger/env/temperature", b"5"),
+    ]
+    publish(mosquitto.port, live, retain=True)  # as Homie devices do
+    wait_for(lambda: db.count() == 11 and db.count("quarantine") == 1, 15, what="stored")
+    text = http_get(daemon.metrics_url() + "/metrics")[1]
+    assert metric_value(text, "ingestd_readings_unexplained") == 0
+    assert daemon.stop() == 0
+    logs = daemon.logs()
+    assert '"state": "init"' in logs
+    assert '"state": "ready"' in logs
+    # A restart: the broker re-sends the retained description, state and last
+    # values; the values have no time of their own and are not stored again.
+    again = daemons(mosquitto.port, HOMIE_ROUTE).start()
+    again.wait_ready()
+    time.sleep(1.5)
+    text = http_get(again.metrics_url() + "/metrics")[1]
+    assert metric_value(text, "ingestd_readings_unexplained") == 0
+    assert again.stop() == 0
+    assert db.count() == 11
+    rows = db.rows("SELECT sensor, metric, value, unit FROM readings ORDER BY ts_ns")
+    assert rows[0] == ("boiler", "env.temperature", 20.0, "°C")
+    assert rows[-1] == ("boiler", "env.on", 1.0, "")
+    ((reason,),) = db.rows("SELECT reason FROM quarantine")
+    assert reason.startswith("device 'stranger' has not sent its $description")

@@ -1,0 +1,239 @@
+"""The homie format: devices following the Homie convention, version 5.
+
+A device describes itself in a retained JSON document,
+`homie/5/<device>/$description`: its nodes, each node's properties, and each
+property's datatype and unit. Values arrive one per topic,
+`homie/5/<device>/<node>/<property>`, as text to be read by that datatype.
+`homie/5/<device>/$state` says whether the device is init, ready,
+disconnected, sleeping or lost.
+
+Stateful, like the convention: the descriptions and states seen so far are
+kept per route table (and carried across a reload). A value whose device has
+not described itself, or whose property its description lacks, is
+quarantined with that reason, never guessed; a later description applies to
+later values. Integer and float properties are stored, booleans as 1/0; other
+datatypes (string, enum, color, datetime, duration, json) are not numbers:
+counted (`DecodeCounts.non_numeric`) and not stored. Values carry no time: a
+retained value re-sent at subscribe is not a new reading and is not read at
+all (counted with the retained messages ignored); the route's `retained` is
+"store" for homie so that the retained descriptions and states are read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from ingestd.errors import DecodeError
+from ingestd.events import Reading, Rejected
+from ingestd.formats.base import Format
+from ingestd.formats.common import json_type, parse_json
+
+if TYPE_CHECKING:
+    from ingestd.routes import RouteMatch, RouteTable
+
+log = structlog.get_logger("ingestd.formats.homie")
+
+STATES = frozenset({"init", "ready", "disconnected", "sleeping", "lost"})
+NUMERIC = frozenset({"integer", "float", "boolean"})
+DATATYPES = NUMERIC | {"string", "enum", "color", "datetime", "duration", "json"}
+_DEVICES_KEPT = 65536
+
+
+@dataclass(slots=True)
+class Device:
+    # (node, property) -> (datatype, unit)
+    properties: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
+    version: int | None = None
+    described: bool = False
+    state: str = ""
+
+
+def _devices(table: RouteTable) -> dict[str, Device]:
+    devices: dict[str, Device] = table.format_state.setdefault("homie", {})
+    return devices
+
+
+def _device(table: RouteTable, device_id: str) -> Device:
+    devices = _devices(table)
+    found = devices.get(device_id)
+    if found is None:
+        if len(devices) >= _DEVICES_KEPT:
+            devices.clear()
+        found = devices[device_id] = Device()
+    return found
+
+
+def device_state(table: RouteTable, device_id: str) -> Device | None:
+    """What ingestd knows of a device (for `explain` and tests)."""
+    return _devices(table).get(device_id)
+
+
+def decode(
+    table: RouteTable,
+    match: RouteMatch,
+    topic: str,
+    payload: bytes,
+    received_ns: int,
+    readings: list[Reading],
+    rejected: list[Rejected],
+) -> None:
+    parts = topic.split("/")
+    try:
+        at = next(i for i in range(len(parts) - 1) if parts[i] == "homie" and parts[i + 1] == "5")
+    except StopIteration:
+        raise DecodeError("not a Homie 5 topic (expected .../homie/5/<device>/...)") from None
+    rest = parts[at + 2 :]
+    if len(rest) < 2 or not rest[0]:
+        raise DecodeError("not a Homie 5 device topic (expected homie/5/<device>/...)")
+    device_id, level = rest[0], rest[1]
+    if level == "$description" and len(rest) == 2:
+        _describe(table, device_id, payload)
+        return
+    if level == "$state" and len(rest) == 2:
+        _state(table, device_id, payload)
+        return
+    if level.startswith("$") or len(rest) != 3 or rest[2].startswith("$"):
+        return  # other device attributes, /set commands, $target: not readings
+    node, prop = rest[1], rest[2]
+    _value_reading(table, match, topic, payload, received_ns, readings, device_id, node, prop)
+
+
+def _value_reading(
+    table: RouteTable,
+    match: RouteMatch,
+    topic: str,
+    payload: bytes,
+    received_ns: int,
+    readings: list[Reading],
+    device_id: str,
+    node: str,
+    prop: str,
+) -> None:
+    if table.retained_now:
+        # The broker re-sends the last value at every subscribe, in no set order
+        # with the description: it has no time of its own and is not a new
+        # reading. Counted (as a retained message not decoded), never stored,
+        # never quarantined.
+        table.counts.retained_ignored += 1
+        return
+    device = device_state(table, device_id)
+    if device is None or not device.described:
+        raise DecodeError(
+            f"device {device_id!r} has not sent its $description: a value is not stored "
+            "without its datatype (the route must cover homie/5/+/$description too)"
+        )
+    spec = device.properties.get((node, prop))
+    if spec is None:
+        raise DecodeError(
+            f"property {node}/{prop} is not in device {device_id!r}'s $description "
+            f"(version {device.version})"
+        )
+    datatype, unit = spec
+    if datatype not in NUMERIC:
+        table.counts.non_numeric += 1
+        return
+    value = _value(datatype, payload)
+    names = _names(table, match, topic, device_id, node, prop)
+    readings.append(Reading(names[0], names[1], received_ns, value, topic, match.tags, unit))
+
+
+def _names(
+    table: RouteTable, match: RouteMatch, topic: str, device_id: str, node: str, prop: str
+) -> tuple[str, str]:
+    """(sensor, metric) of a value topic, formatted once per topic and templates
+    (a reload may change the templates; the cache goes on with the new table)."""
+    cache: dict[tuple[str, str, str], tuple[str, str]] = table.format_state.setdefault(
+        "homie_names", {}
+    )
+    key = (topic, match.sensor, match.metric_template)
+    found = cache.get(key)
+    if found is None:
+        if len(cache) >= _DEVICES_KEPT:
+            cache.clear()
+        names = {**match.values, "device": device_id, "node": node, "property": prop}
+        found = cache[key] = (
+            match.sensor.format_map(names),
+            match.metric_template.format_map(names),
+        )
+    return found
+
+
+def _value(datatype: str, payload: bytes) -> float:
+    try:
+        text = payload.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise DecodeError("payload is not valid UTF-8") from None
+    if datatype == "boolean":
+        if text not in ("true", "false"):
+            raise DecodeError(f"boolean property: {text[:32]!r} is not true or false")
+        return 1.0 if text == "true" else 0.0
+    try:
+        value = int(text) if datatype == "integer" else float(text)
+    except ValueError:
+        raise DecodeError(f"{datatype} property: {text[:32]!r} is not a {datatype}") from None
+    number = float(value)
+    if not math.isfinite(number):
+        raise DecodeError(f"{datatype} property: {text[:32]!r} is not a finite number")
+    return number
+
+
+def _describe(table: RouteTable, device_id: str, payload: bytes) -> None:
+    if not payload:
+        # An empty retained message removes the device (Homie 5: deletion).
+        _devices(table).pop(device_id, None)
+        return
+    doc: Any = parse_json(payload)
+    if type(doc) is not dict:
+        raise DecodeError(f"$description is not a JSON object (got {json_type(doc)})")
+    nodes = doc.get("nodes", {})
+    if type(nodes) is not dict:
+        raise DecodeError(f"$description: 'nodes' is not an object (got {json_type(nodes)})")
+    properties: dict[tuple[str, str], tuple[str, str]] = {}
+    for node_id, node in nodes.items():
+        props = node.get("properties", {}) if type(node) is dict else None
+        if type(props) is not dict:
+            raise DecodeError(f"$description: node {node_id!r} has no 'properties' object")
+        for prop_id, spec in props.items():
+            datatype = spec.get("datatype") if type(spec) is dict else None
+            if datatype not in DATATYPES:
+                raise DecodeError(
+                    f"$description: property {node_id}/{prop_id} has datatype {datatype!r} "
+                    f"(Homie 5 knows {', '.join(sorted(DATATYPES))})"
+                )
+            unit = spec.get("unit", "")
+            properties[(node_id, prop_id)] = (datatype, unit if type(unit) is str else "")
+    device = _device(table, device_id)
+    version = doc.get("version")
+    device.properties = properties
+    device.version = version if type(version) is int else None
+    device.described = True
+
+
+def _state(table: RouteTable, device_id: str, payload: bytes) -> None:
+    text = payload.decode("utf-8", "replace").strip()
+    if text not in STATES:
+        raise DecodeError(
+            f"$state {text[:32]!r} is not one of {', '.join(sorted(STATES))} (Homie 5)"
+        )
+    device = _device(table, device_id)
+    if device.state != text:
+        log.info("homie device state", device=device_id, state=text, was=device.state or None)
+        device.state = text
+
+
+FORMAT = Format(
+    name="homie",
+    summary="Homie 5 devices: $description gives datatypes and units, one value per topic",
+    decode=decode,
+    template_fields=frozenset({"device", "node", "property"}),
+    metric_from="payload",
+    default_metric="{node}.{property}",
+    sensor_fields=frozenset({"device", "node", "property"}),
+    default_sensor="{device}",
+    default_retained="store",
+    metric_requires="property",
+)

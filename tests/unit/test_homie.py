@@ -1,0 +1,180 @@
+"""The homie format (Homie 5): descriptions, values by datatype, states, and
+values that cannot be read (before their description, unknown, malformed)."""
+
+from __future__ import annotations
+
+import json
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingestd.config import RouteSettings
+from ingestd.decode import decode_all
+from ingestd.events import NS, Reading
+from ingestd.formats.homie import device_state
+from ingestd.routes import RouteTable
+
+NOW_NS = 1_800_000_000 * NS
+
+DESCRIPTION = {
+    "homie": "5.0",
+    "version": 7,
+    "name": "Boiler room",
+    "nodes": {
+        "env": {
+            "properties": {
+                "temperature": {"datatype": "float", "unit": "°C"},
+                "humidity": {"datatype": "integer", "unit": "%"},
+                "alarm": {"datatype": "boolean"},
+                "label": {"datatype": "string"},
+            }
+        }
+    },
+}
+
+
+def table(**route: object) -> RouteTable:
+    return RouteTable([RouteSettings(topic="homie/5/#", format="homie", **route).compile(0)])
+
+
+def run(
+    t: RouteTable, *messages: tuple[str, bytes], retained: bool = False
+) -> tuple[list[Reading], list[str]]:
+    deliveries = [(topic, payload, NOW_NS + i) for i, (topic, payload) in enumerate(messages)]
+    if retained:
+        readings, rejected = decode_all(t, [], deliveries)
+    else:
+        readings, rejected = decode_all(t, deliveries)
+    return readings, [r.reason for r in rejected]
+
+
+def describe(t: RouteTable, device: str = "boiler", doc: object = DESCRIPTION) -> None:
+    _, problems = run(t, (f"homie/5/{device}/$description", json.dumps(doc).encode()))
+    assert problems == []
+
+
+def test_values_are_read_by_their_declared_datatype_with_their_unit() -> None:
+    t = table()
+    describe(t)
+    readings, problems = run(
+        t,
+        ("homie/5/boiler/env/temperature", b"21.5"),
+        ("homie/5/boiler/env/humidity", b"40"),
+        ("homie/5/boiler/env/alarm", b"true"),
+        ("homie/5/boiler/env/label", b"basement"),
+    )
+    assert problems == []
+    assert [(r.sensor, r.metric, r.value, r.unit) for r in readings] == [
+        ("boiler", "env.temperature", 21.5, "°C"),
+        ("boiler", "env.humidity", 40.0, "%"),
+        ("boiler", "env.alarm", 1.0, ""),
+    ]
+    assert t.counts.non_numeric == 1  # the string: counted, not stored
+    assert readings[0].ts_ns == NOW_NS  # values carry no time: the receive time
+
+
+def test_a_value_before_its_description_is_quarantined_not_guessed() -> None:
+    t = table()
+    readings, problems = run(t, ("homie/5/boiler/env/temperature", b"21.5"))
+    assert readings == []
+    assert problems == [
+        "device 'boiler' has not sent its $description: a value is not stored without its "
+        "datatype (the route must cover homie/5/+/$description too)"
+    ]
+    describe(t)
+    readings, problems = run(t, ("homie/5/boiler/env/pressure", b"1013"))
+    assert problems == [
+        "property env/pressure is not in device 'boiler''s $description (version 7)"
+    ]
+
+
+def test_a_new_description_applies_to_later_values() -> None:
+    t = table()
+    describe(t)
+    changed = json.loads(json.dumps(DESCRIPTION))
+    changed["version"] = 8
+    changed["nodes"]["env"]["properties"]["temperature"] = {"datatype": "float", "unit": "K"}
+    describe(t, doc=changed)
+    readings, _ = run(t, ("homie/5/boiler/env/temperature", b"294.65"))
+    assert [(r.value, r.unit) for r in readings] == [(294.65, "K")]
+    # An empty retained $description deletes the device: its values wait again.
+    run(t, ("homie/5/boiler/$description", b""))
+    _, problems = run(t, ("homie/5/boiler/env/temperature", b"1"))
+    assert "has not sent its $description" in problems[0]
+
+
+def test_state_is_followed_and_bad_values_name_the_problem() -> None:
+    t = table()
+    describe(t)
+    for state in ("init", "ready", "sleeping", "lost"):
+        assert run(t, ("homie/5/boiler/$state", state.encode())) == ([], [])
+        device = device_state(t, "boiler")
+        assert device is not None
+        assert device.state == state
+    _, problems = run(
+        t,
+        ("homie/5/boiler/$state", b"asleep"),
+        ("homie/5/boiler/env/temperature", b"warm"),
+        ("homie/5/boiler/env/humidity", b"40.5"),
+        ("homie/5/boiler/env/alarm", b"1"),
+        ("homie/5/boiler/env/temperature", b"nan"),
+    )
+    assert problems == [
+        "$state 'asleep' is not one of disconnected, init, lost, ready, sleeping (Homie 5)",
+        "float property: 'warm' is not a float",
+        "integer property: '40.5' is not a integer",
+        "boolean property: '1' is not true or false",
+        "float property: 'nan' is not a finite number",
+    ]
+    # Commands and the device's other attributes are not readings.
+    assert run(
+        t,
+        ("homie/5/boiler/env/temperature/set", b"30"),
+        ("homie/5/boiler/env/temperature/$target", b"30"),
+        ("homie/5/boiler/$log/info", b"hello"),
+    ) == ([], [])
+
+
+def test_retained_values_are_not_stored_again_but_descriptions_are_read() -> None:
+    """At every subscribe the broker re-sends the retained description and
+    values: the description is read, the values (no time of their own) are not
+    stored again and are counted."""
+    t = table()
+    readings, problems = run(
+        t,
+        ("homie/5/boiler/$description", json.dumps(DESCRIPTION).encode()),
+        ("homie/5/boiler/env/temperature", b"21.5"),
+        retained=True,
+    )
+    assert (readings, problems) == ([], [])
+    assert (t.counts.retained_ignored, t.counts.decoded) == (1, 0)
+    assert run(t, ("homie/5/boiler/env/temperature", b"22"))[0][0].value == 22.0
+
+
+def test_templates_and_a_broken_description() -> None:
+    t = table(sensor="site1.{device}", metric="{property}")
+    describe(t)
+    readings, _ = run(t, ("homie/5/boiler/env/temperature", b"1"))
+    assert (readings[0].sensor, readings[0].metric) == ("site1.boiler", "temperature")
+    _, problems = run(
+        t,
+        ("homie/5/x/$description", b"[]"),
+        ("homie/5/x/$description", b'{"nodes": {"n": {"properties": {"p": {"datatype": "f"}}}}}'),
+    )
+    assert problems[0] == "$description is not a JSON object (got array)"
+    assert problems[1].startswith("$description: property n/p has datatype 'f'")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.sampled_from(
+        ["homie/5/d/$description", "homie/5/d/$state", "homie/5/d/env/temperature", "homie/5/d"]
+    ),
+    st.binary(max_size=200),
+)
+def test_nothing_a_device_sends_raises(topic: str, payload: bytes) -> None:
+    t = table()
+    describe(t, "d")
+    readings, rejected = decode_all(t, [(topic, payload, NOW_NS)])
+    assert all(r.kind != "internal" for r in rejected)
+    assert len(readings) <= 1
