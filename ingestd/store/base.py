@@ -31,7 +31,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ingestd.events import Reading, Rejected, SensorStatus
+from ingestd.events import Reading, Rejected, SensorStatus, reading_payload
 
 # What StoreUnavailable.condition may say (a metric label each: ingestd_store_unavailable).
 LOCKED = "database locked"
@@ -67,10 +67,27 @@ CONDITIONS = tuple(
 class Batch(ABC):
     """One open transaction (see `Store.batch`)."""
 
-    inserted: int
-    duplicates: int
-    quarantined: int
-    conflicts: list[Rejected]
+    def __init__(self, now: float) -> None:
+        self._now = now  # stamps the quarantine records the batch adds itself
+        self.new_series: dict[tuple[str, str, str, str], int] = {}
+        self.inserted = 0
+        self.duplicates = 0
+        self.conflicts: list[Rejected] = []
+        self.quarantined = 0
+
+    def conflict(self, r: Reading, stored: float) -> Rejected:
+        """The quarantine record of a reading whose key holds another value: a
+        second, different reading claiming that series and time, kept with
+        both values, never silently dropped (the same words on every engine)."""
+        return Rejected(
+            r.topic,
+            reading_payload(r, seq=r.seq, stored=stored),
+            f"conflict: a different value ({stored:g}) is stored for "
+            f"{r.sensor} {r.metric} at this time (ts_ns {r.ts_ns}); this one ({r.value:g}) "
+            "was not stored",
+            self._now,
+            "conflict",
+        )
 
     @abstractmethod
     async def add_readings(self, readings: Sequence[Reading]) -> None:

@@ -27,7 +27,7 @@ import asyncpg  # the optional dependency: this module is imported only for Post
 import structlog
 
 from ingestd.errors import StoreError, StoreUnavailable
-from ingestd.events import NS, Reading, Rejected, SensorStatus, reading_payload
+from ingestd.events import NS, Reading, Rejected, SensorStatus
 from ingestd.store import base
 from ingestd.store.base import Upkeep
 from ingestd.store.postgres.schema import ensure_partitions, is_hypertable, migrate, partitions
@@ -107,14 +107,9 @@ class Batch(base.Batch):
     """One open transaction; see `PostgresStore.batch`."""
 
     def __init__(self, store: PostgresStore, conn: Any, now: float) -> None:
+        super().__init__(now)
         self._store = store
         self._conn = conn
-        self._now = now
-        self.new_series: dict[tuple[str, str, str, str], int] = {}
-        self.inserted = 0
-        self.duplicates = 0
-        self.conflicts: list[Rejected] = []
-        self.quarantined = 0
 
     async def add_readings(self, readings: Sequence[Reading]) -> None:
         if not readings:
@@ -194,21 +189,9 @@ class Batch(base.Batch):
             raise StoreError(f"{len(missing) - len(found)} series vanished inside a transaction")
 
     async def _conflicts(self, readings: Sequence[Reading]) -> list[Rejected]:
-        out: list[Rejected] = []
-        for i, stored in await self._conn.fetch(_CONFLICTS):
-            r = readings[i]
-            out.append(
-                Rejected(
-                    r.topic,
-                    reading_payload(r, seq=r.seq, stored=stored),
-                    f"conflict: a different value ({stored:g}) is stored for "
-                    f"{r.sensor} {r.metric} at this time (ts_ns {r.ts_ns}); this one ({r.value:g}) "
-                    "was not stored",
-                    self._now,
-                    "conflict",
-                )
-            )
-        return out
+        return [
+            self.conflict(readings[i], stored) for i, stored in await self._conn.fetch(_CONFLICTS)
+        ]
 
     async def set_status(self, status: SensorStatus) -> None:
         if status.sequences:
@@ -408,17 +391,13 @@ class PostgresStore(base.Store):
                     conn, "samples_default", cutoff_ns, rows_per_transaction
                 )
             if cutoff is not None:
-                while True:
-                    status = await conn.execute(
-                        "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine "
-                        "WHERE received_at < $1 ORDER BY received_at LIMIT $2)",
-                        cutoff,
-                        rows_per_transaction,
-                    )
-                    n = int(status.rsplit(" ", 1)[1])
-                    quarantined += n
-                    if n < rows_per_transaction:
-                        break
+                quarantined = await _delete_in_batches(
+                    conn,
+                    "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine "
+                    "WHERE received_at < $1 ORDER BY received_at LIMIT $2)",
+                    cutoff,
+                    rows_per_transaction,
+                )
         except Exception as exc:
             raise self._translate(exc) from exc
         finally:
@@ -447,35 +426,35 @@ def _kept(exc: BaseException) -> bool:
     return state in ("57014", "40001", "40P01", "55P03")
 
 
-async def _delete_older(conn: Any, table: str, cutoff_ns: int, batch: int) -> int:
+async def _delete_in_batches(conn: Any, sql: str, cutoff: float, batch: int) -> int:
+    """Run a DELETE of at most `batch` rows ($1 the cutoff, $2 the batch) until
+    it deletes fewer: small transactions, so the writer never waits long."""
     deleted = 0
     while True:
-        status = await conn.execute(
-            f'DELETE FROM "{table}" WHERE ctid = ANY(ARRAY('
-            f'SELECT ctid FROM "{table}" WHERE ts_ns < $1 LIMIT $2))',
-            cutoff_ns,
-            batch,
-        )
+        status = await conn.execute(sql, cutoff, batch)
         n = int(status.rsplit(" ", 1)[1])
         deleted += n
         if n < batch:
             return deleted
         await asyncio.sleep(0)
+
+
+async def _delete_older(conn: Any, table: str, cutoff_ns: int, batch: int) -> int:
+    return await _delete_in_batches(
+        conn,
+        f'DELETE FROM "{table}" WHERE ctid = ANY(ARRAY('
+        f'SELECT ctid FROM "{table}" WHERE ts_ns < $1 LIMIT $2))',
+        cutoff_ns,
+        batch,
+    )
 
 
 async def _delete_older_by_key(conn: Any, cutoff_ns: int, batch: int) -> int:
-    """Delete samples older than the cutoff by their key, `batch` per statement
-    (a hypertable's ctid is not unique across its chunks)."""
-    deleted = 0
-    while True:
-        status = await conn.execute(
-            "DELETE FROM samples WHERE (series_id, ts_ns, seq) IN ("
-            "SELECT series_id, ts_ns, seq FROM samples WHERE ts_ns < $1 LIMIT $2)",
-            cutoff_ns,
-            batch,
-        )
-        n = int(status.rsplit(" ", 1)[1])
-        deleted += n
-        if n < batch:
-            return deleted
-        await asyncio.sleep(0)
+    """By key: a hypertable's ctid is not unique across its chunks."""
+    return await _delete_in_batches(
+        conn,
+        "DELETE FROM samples WHERE (series_id, ts_ns, seq) IN ("
+        "SELECT series_id, ts_ns, seq FROM samples WHERE ts_ns < $1 LIMIT $2)",
+        cutoff_ns,
+        batch,
+    )

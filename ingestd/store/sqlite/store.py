@@ -22,7 +22,7 @@ from typing import Literal
 import aiosqlite
 
 from ingestd.errors import StoreError, StoreUnavailable
-from ingestd.events import NS, Reading, Rejected, SensorStatus, reading_payload
+from ingestd.events import NS, Reading, Rejected, SensorStatus
 from ingestd.store import base
 from ingestd.store.base import REPLACED, Upkeep
 from ingestd.store.sqlite.purge import checkpoint, delete_quarantine, delete_samples
@@ -94,14 +94,9 @@ class Batch(base.Batch):
     """
 
     def __init__(self, store: SqliteStore, conn: aiosqlite.Connection, now: float) -> None:
+        super().__init__(now)
         self._store = store
         self._conn = conn
-        self._now = now
-        self.new_series: dict[tuple[str, str, str, str], int] = {}
-        self.inserted = 0
-        self.duplicates = 0
-        self.conflicts: list[Rejected] = []
-        self.quarantined = 0
 
     async def add_readings(self, readings: Sequence[Reading]) -> None:
         if not readings:
@@ -151,22 +146,7 @@ class Batch(base.Batch):
             params = list(chain.from_iterable((start + i, *row) for i, row in enumerate(part)))
             async with self._conn.execute(sql, params) as cur:
                 found += [(int(i), float(v)) for i, v in await cur.fetchall()]
-        out: list[Rejected] = []
-        for i, stored in sorted(found):
-            r = readings[i]
-            payload = reading_payload(r, seq=r.seq, stored=stored)
-            out.append(
-                Rejected(
-                    r.topic,
-                    payload,
-                    f"conflict: a different value ({stored:g}) is stored for "
-                    f"{r.sensor} {r.metric} at this time (ts_ns {r.ts_ns}); this one ({r.value:g}) "
-                    "was not stored",
-                    self._now,
-                    "conflict",
-                )
-            )
-        return out
+        return [self.conflict(readings[i], stored) for i, stored in sorted(found)]
 
     async def _insert(self, sql: str, params: Sequence[Sequence[object]]) -> int:
         cur = await self._conn.executemany(sql, params)
