@@ -20,14 +20,16 @@ def canonical_tags(tags: dict[str, str]) -> str:
 
 
 class SensorStatus(msgspec.Struct, frozen=True):
-    """Per-sensor state to store with a chunk: sequence (last, gaps, missing) and
-    expect_within, for sensors whose state changed."""
+    """Per-sensor state to store with a chunk: sequence (last, gaps, missing),
+    expect_within, and the state a device reports of itself (Homie's $state),
+    for sensors whose state changed."""
 
     sequences: dict[str, tuple[int, int, int]] = {}
     expect_within: dict[str, float] = {}
+    states: dict[str, str] = {}
 
     def __bool__(self) -> bool:
-        return bool(self.sequences or self.expect_within)
+        return bool(self.sequences or self.expect_within or self.states)
 
 
 class Reading(msgspec.Struct, frozen=True, gc=False):

@@ -165,6 +165,7 @@ def sensors(reader: Reader, like: str | None = None, now: float | None = None) -
             "stale",
             "seq_gaps",
             "seq_missing",
+            "state",
         ),
         (
             (
@@ -177,6 +178,7 @@ def sensors(reader: Reader, like: str | None = None, now: float | None = None) -
                 stale(r.ts_ns, r.expect_within),
                 r.seq_gaps,
                 r.seq_missing,
+                r.state,
             )
             for r in reader.sensors(like)
         ),

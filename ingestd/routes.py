@@ -252,10 +252,13 @@ class RouteTable:
         # Whether the message being decoded is one the broker re-sent because
         # we subscribed (set by decode_message, for formats that care).
         self.retained_now = False
+        # The state devices report of themselves (Homie's $state), changed
+        # since the last chunk: the store keeps it for `ingestd sensors`.
+        self.states_changed: dict[str, str] = {}
 
     def take_status(self) -> SensorStatus:
         """The per-sensor state changed since the last call, for the store."""
-        if not self.sequences_changed and not self.expect_changed:
+        if not self.sequences_changed and not self.expect_changed and not self.states_changed:
             return _NO_STATUS  # the common chunk: nothing to store, nothing to allocate
         seqs = {
             s: (st.last, st.gaps, st.missing)
@@ -263,8 +266,9 @@ class RouteTable:
             if (st := self.sequences.get(s)) is not None
         }
         expect, self.expect_changed = self.expect_changed, {}
+        states, self.states_changed = self.states_changed, {}
         self.sequences_changed.clear()
-        return SensorStatus(seqs, expect)
+        return SensorStatus(seqs, expect, states)
 
     def carry_state(self, old: RouteTable) -> None:
         """A reloaded table goes on with the running one's per-device state."""
@@ -273,6 +277,7 @@ class RouteTable:
         self.route_seen, self.sensor_seen = old.route_seen, old.sensor_seen
         self.expect_changed = old.expect_changed
         self.format_state = old.format_state
+        self.states_changed = old.states_changed
 
     def sequence(self, sensor: str, seq: int) -> None:
         """Follow a device's message counter: a jump forward is a gap (messages

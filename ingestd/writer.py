@@ -147,13 +147,15 @@ class BatchWriter:
         rejected: list[Rejected] = []
         sequences: dict[str, tuple[int, int, int]] = {}
         expect: dict[str, float] = {}
+        states: dict[str, str] = {}
         for c in chunks:
             readings.extend(c.readings)
             rejected.extend(c.rejected)
             if c.status:  # later chunks hold the later state
                 sequences.update(c.status.sequences)
                 expect.update(c.status.expect_within)
-        status = SensorStatus(sequences, expect)
+                states.update(c.status.states)
+        status = SensorStatus(sequences, expect, states)
         started = time.perf_counter()
         inserted, duplicates, conflicts = await self._commit(readings, rejected, status)
         seconds = time.perf_counter() - started

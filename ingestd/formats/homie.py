@@ -21,6 +21,7 @@ all (counted with the retained messages ignored); the route's `retained` is
 
 from __future__ import annotations
 
+import collections
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -94,7 +95,7 @@ def decode(
         _describe(table, device_id, payload)
         return
     if level == "$state" and len(rest) == 2:
-        _state(table, device_id, payload)
+        _state(table, match, device_id, payload)
         return
     if level.startswith("$") or len(rest) != 3 or rest[2].startswith("$"):
         return  # other device attributes, /set commands, $target: not readings
@@ -213,7 +214,7 @@ def _describe(table: RouteTable, device_id: str, payload: bytes) -> None:
     device.described = True
 
 
-def _state(table: RouteTable, device_id: str, payload: bytes) -> None:
+def _state(table: RouteTable, match: RouteMatch, device_id: str, payload: bytes) -> None:
     text = payload.decode("utf-8", "replace").strip()
     if text not in STATES:
         raise DecodeError(
@@ -223,6 +224,8 @@ def _state(table: RouteTable, device_id: str, payload: bytes) -> None:
     if device.state != text:
         log.info("homie device state", device=device_id, state=text, was=device.state or None)
         device.state = text
+        names = collections.defaultdict(str, {**match.values, "device": device_id})
+        table.states_changed[match.sensor.format_map(names)] = text
 
 
 FORMAT = Format(

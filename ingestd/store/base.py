@@ -161,6 +161,7 @@ class SensorRow(NamedTuple):
     expect_within: float | None
     seq_gaps: int
     seq_missing: int
+    state: str  # what the device last said of itself (Homie's $state), or ""
 
 
 class ReadingRow(NamedTuple):

@@ -101,6 +101,7 @@ def test_sensors_lists_every_series_with_its_last_value(db: Path) -> None:
         "stale",
         "seq_gaps",
         "seq_missing",
+        "state",
     ]
     assert len(table) == 2
     assert table[1].startswith("garage")

@@ -384,3 +384,5 @@ def test_a_homie_device_through_the_daemon_and_a_restart(
     assert rows[-1] == ("boiler", "env.on", 1.0, "")
     ((reason,),) = db.rows("SELECT reason FROM quarantine")
     assert reason.startswith("device 'stranger' has not sent its $description")
+    # The device's own word on its state, kept for `ingestd sensors`.
+    assert db.rows("SELECT state FROM sensor_status WHERE sensor = 'boiler'") == [("ready",)]

@@ -27,7 +27,10 @@ async def test_instances_starting_at_once_migrate_once(pg_url: str) -> None:
     for s in stores:
         await s.close()
     db = PgReader(pg_url)
-    assert db.rows("SELECT version FROM ingestd_schema") == [(SCHEMA_VERSION,)]
+    # Each migration once, however many instances started at once.
+    assert db.rows("SELECT version FROM ingestd_schema ORDER BY 1") == [
+        (v,) for v in range(1, SCHEMA_VERSION + 1)
+    ]
     # The contract users query: the readings view's columns.
     cols = db.rows(
         "SELECT column_name FROM information_schema.columns WHERE table_name = 'readings' "

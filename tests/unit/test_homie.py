@@ -111,6 +111,9 @@ def test_state_is_followed_and_bad_values_name_the_problem() -> None:
         device = device_state(t, "boiler")
         assert device is not None
         assert device.state == state
+        assert t.take_status().states == {"boiler": state}  # to the store with the chunk
+    assert run(t, ("homie/5/boiler/$state", b"lost")) == ([], [])
+    assert not t.take_status()  # no change, nothing to store
     _, problems = run(
         t,
         ("homie/5/boiler/$state", b"asleep"),

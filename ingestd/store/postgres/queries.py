@@ -79,7 +79,8 @@ class PostgresReader(base.Reader):
             pattern = like.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
             where, args = "WHERE s.sensor LIKE $1", [pattern.replace("*", "%").replace("?", "_")]
         sql = f"""SELECT s.sensor, s.metric, s.tags, s.unit, r.value, r.ts_ns,
-                         st.expect_within, coalesce(st.seq_gaps, 0), coalesce(st.seq_missing, 0)
+                         st.expect_within, coalesce(st.seq_gaps, 0), coalesce(st.seq_missing, 0),
+                         coalesce(st.state, '')
                   FROM series AS s
                   JOIN LATERAL (SELECT ts_ns, value FROM samples WHERE series_id = s.id
                                 ORDER BY ts_ns DESC, seq DESC LIMIT 1) AS r ON true

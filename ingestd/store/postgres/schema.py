@@ -66,6 +66,10 @@ MIGRATIONS: tuple[str, ...] = (
         expect_within double precision NOT NULL DEFAULT 0
     );
     """,
+    # 2: the state a device reports of itself (Homie's $state).
+    """
+    ALTER TABLE sensor_status ADD COLUMN state text NOT NULL DEFAULT '';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -208,6 +208,12 @@ class Batch(base.Batch):
                 "ON CONFLICT (sensor) DO UPDATE SET expect_within = excluded.expect_within",
                 sorted(status.expect_within.items()),
             )
+        if status.states:
+            await self._conn.executemany(
+                "INSERT INTO sensor_status (sensor, state) VALUES ($1, $2) "
+                "ON CONFLICT (sensor) DO UPDATE SET state = excluded.state",
+                sorted(status.states.items()),
+            )
 
     async def add_rejected(self, rejected: Sequence[Rejected]) -> None:
         if not rejected:

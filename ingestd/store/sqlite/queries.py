@@ -52,7 +52,8 @@ class SqliteReader(base.Reader):
             where, args = "WHERE s.sensor GLOB ?", (like,)
         cur = self.conn.execute(
             f"""SELECT s.sensor, s.metric, s.tags, s.unit, r.value, r.ts_ns,
-                       st.expect_within, coalesce(st.seq_gaps, 0), coalesce(st.seq_missing, 0)
+                       st.expect_within, coalesce(st.seq_gaps, 0), coalesce(st.seq_missing, 0),
+                       coalesce(st.state, '')
                 FROM series AS s JOIN samples AS r
                   ON r.series_id = s.id
                  AND (r.ts_ns, r.seq) = (SELECT ts_ns, seq FROM samples WHERE series_id = s.id

@@ -105,6 +105,10 @@ MIGRATIONS: tuple[str, ...] = (
         expect_within REAL NOT NULL DEFAULT 0
     ) WITHOUT ROWID;
     """,
+    # 5: the state a device reports of itself (Homie's $state).
+    """
+    ALTER TABLE sensor_status ADD COLUMN state TEXT NOT NULL DEFAULT '';
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

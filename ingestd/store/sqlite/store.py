@@ -199,6 +199,12 @@ class Batch(base.Batch):
                 "ON CONFLICT (sensor) DO UPDATE SET expect_within = excluded.expect_within",
                 list(status.expect_within.items()),
             )
+        if status.states:
+            await self._conn.executemany(
+                "INSERT INTO sensor_status (sensor, state) VALUES (?, ?) "
+                "ON CONFLICT (sensor) DO UPDATE SET state = excluded.state",
+                list(status.states.items()),
+            )
 
     async def add_rejected(self, rejected: Sequence[Rejected]) -> None:
         if not rejected:
