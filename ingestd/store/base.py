@@ -99,8 +99,34 @@ class Batch(ABC):
         """Quarantine records, with their reasons."""
 
     @abstractmethod
+    async def execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        """One statement for each row, `?` placeholders (the engine's own are
+        substituted), in this transaction."""
+
     async def set_status(self, status: SensorStatus) -> None:
-        """Per-sensor state (device counters, expect_within), kept with the readings."""
+        """Per-sensor state (device counters, expect_within, the state a device
+        reports), kept with the readings. Rows in sensor order: instances
+        writing one database lock them in the same order."""
+        if status.sequences:
+            await self.execute_many(
+                "INSERT INTO sensor_status (sensor, last_seq, seq_gaps, seq_missing) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (sensor) DO UPDATE SET "
+                "last_seq = excluded.last_seq, seq_gaps = excluded.seq_gaps, "
+                "seq_missing = excluded.seq_missing",
+                [(sensor, *v) for sensor, v in sorted(status.sequences.items())],
+            )
+        if status.expect_within:
+            await self.execute_many(
+                "INSERT INTO sensor_status (sensor, expect_within) VALUES (?, ?) "
+                "ON CONFLICT (sensor) DO UPDATE SET expect_within = excluded.expect_within",
+                sorted(status.expect_within.items()),
+            )
+        if status.states:
+            await self.execute_many(
+                "INSERT INTO sensor_status (sensor, state) VALUES (?, ?) "
+                "ON CONFLICT (sensor) DO UPDATE SET state = excluded.state",
+                sorted(status.states.items()),
+            )
 
 
 @dataclass(frozen=True, slots=True)

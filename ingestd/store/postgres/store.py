@@ -17,6 +17,7 @@ stored (duplicates), and its quarantine rows are written once (a unique index).
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -27,7 +28,7 @@ import asyncpg  # the optional dependency: this module is imported only for Post
 import structlog
 
 from ingestd.errors import StoreError, StoreUnavailable
-from ingestd.events import NS, Reading, Rejected, SensorStatus
+from ingestd.events import NS, Reading, Rejected
 from ingestd.store import base
 from ingestd.store.base import Upkeep
 from ingestd.store.postgres.schema import ensure_partitions, is_hypertable, migrate, partitions
@@ -39,6 +40,7 @@ _STAGE = (
     "(i integer, series_id integer, ts_ns bigint, seq integer, value double precision) "
     "ON COMMIT DELETE ROWS"
 )
+_PLACEHOLDER = re.compile(r"\?")
 _SAMPLE_COLUMNS = ("series_id", "ts_ns", "seq", "value")
 _MOVE = (
     "INSERT INTO samples (series_id, ts_ns, seq, value) "
@@ -193,27 +195,9 @@ class Batch(base.Batch):
             self.conflict(readings[i], stored) for i, stored in await self._conn.fetch(_CONFLICTS)
         ]
 
-    async def set_status(self, status: SensorStatus) -> None:
-        if status.sequences:
-            await self._conn.executemany(
-                "INSERT INTO sensor_status (sensor, last_seq, seq_gaps, seq_missing) "
-                "VALUES ($1, $2, $3, $4) ON CONFLICT (sensor) DO UPDATE SET "
-                "last_seq = excluded.last_seq, seq_gaps = excluded.seq_gaps, "
-                "seq_missing = excluded.seq_missing",
-                [(sensor, *v) for sensor, v in sorted(status.sequences.items())],
-            )
-        if status.expect_within:
-            await self._conn.executemany(
-                "INSERT INTO sensor_status (sensor, expect_within) VALUES ($1, $2) "
-                "ON CONFLICT (sensor) DO UPDATE SET expect_within = excluded.expect_within",
-                sorted(status.expect_within.items()),
-            )
-        if status.states:
-            await self._conn.executemany(
-                "INSERT INTO sensor_status (sensor, state) VALUES ($1, $2) "
-                "ON CONFLICT (sensor) DO UPDATE SET state = excluded.state",
-                sorted(status.states.items()),
-            )
+    async def execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        numbered = iter(range(1, sql.count("?") + 1))
+        await self._conn.executemany(_PLACEHOLDER.sub(lambda _: f"${next(numbered)}", sql), rows)
 
     async def add_rejected(self, rejected: Sequence[Rejected]) -> None:
         if not rejected:

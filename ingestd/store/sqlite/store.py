@@ -17,12 +17,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
 from itertools import chain
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import aiosqlite
 
 from ingestd.errors import StoreError, StoreUnavailable
-from ingestd.events import NS, Reading, Rejected, SensorStatus
+from ingestd.events import NS, Reading, Rejected
 from ingestd.store import base
 from ingestd.store.base import REPLACED, Upkeep
 from ingestd.store.sqlite.purge import checkpoint, delete_quarantine, delete_samples
@@ -183,28 +183,8 @@ class Batch(base.Batch):
             raise StoreError(f"series {key!r} vanished inside its own transaction")
         return int(row[0])
 
-    async def set_status(self, status: SensorStatus) -> None:
-        """Store per-sensor state (sequence counters, expect_within)."""
-        if status.sequences:
-            await self._conn.executemany(
-                "INSERT INTO sensor_status (sensor, last_seq, seq_gaps, seq_missing) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (sensor) DO UPDATE SET "
-                "last_seq = excluded.last_seq, seq_gaps = excluded.seq_gaps, "
-                "seq_missing = excluded.seq_missing",
-                [(sensor, *v) for sensor, v in status.sequences.items()],
-            )
-        if status.expect_within:
-            await self._conn.executemany(
-                "INSERT INTO sensor_status (sensor, expect_within) VALUES (?, ?) "
-                "ON CONFLICT (sensor) DO UPDATE SET expect_within = excluded.expect_within",
-                list(status.expect_within.items()),
-            )
-        if status.states:
-            await self._conn.executemany(
-                "INSERT INTO sensor_status (sensor, state) VALUES (?, ?) "
-                "ON CONFLICT (sensor) DO UPDATE SET state = excluded.state",
-                list(status.states.items()),
-            )
+    async def execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        await self._conn.executemany(sql, rows)
 
     async def add_rejected(self, rejected: Sequence[Rejected]) -> None:
         if not rejected:
