@@ -31,6 +31,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from ingestd.errors import StoreError
 from ingestd.events import Reading, Rejected, SensorStatus, reading_payload
 
 # What StoreUnavailable.condition may say (a metric label each: ingestd_store_unavailable).
@@ -62,6 +63,31 @@ CONDITIONS = tuple(
         }
     )
 )
+
+
+def newer_schema(where: str, version: int, known: int) -> StoreError:
+    """The daemon's refusal of a database a later ingestd migrated."""
+    return StoreError(
+        f"{where}: schema version {version} is newer than this ingestd "
+        f"understands ({known}); upgrade ingestd"
+    )
+
+
+def unreadable_schema(where: str, version: int | None, known: int) -> StoreError | None:
+    """Why the CLI cannot read a database of schema `version` (None or 0: no
+    schema at all), or None if it can: the same words for every engine."""
+    if version == known:
+        return None
+    if not version:
+        return StoreError(f"{where}: not an ingestd database (no schema version)")
+    return StoreError(
+        f"{where}: schema version {version}, this ingestd reads {known}: "
+        + (
+            "upgrade ingestd"
+            if version > known
+            else "start the daemon once (it migrates the database), then try again"
+        )
+    )
 
 
 class Batch(ABC):

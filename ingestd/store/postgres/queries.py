@@ -13,7 +13,7 @@ import asyncpg
 
 from ingestd.errors import StoreError
 from ingestd.store import base
-from ingestd.store.base import QuarantineRow, ReadingRow, SensorRow, StoreTotals
+from ingestd.store.base import QuarantineRow, ReadingRow, SensorRow, StoreTotals, unreadable_schema
 from ingestd.store.postgres.schema import SCHEMA_VERSION
 from ingestd.store.postgres.store import classify, redacted
 
@@ -35,14 +35,10 @@ class PostgresReader(base.Reader):
         except Exception as exc:
             self._loop.close()
             raise StoreError(f"{self.where}: cannot read the database: {exc}") from None
-        if version != SCHEMA_VERSION:
+        problem = unreadable_schema(self.where, version, SCHEMA_VERSION)
+        if problem is not None:
             self.close()
-            if version is None:
-                raise StoreError(f"{self.where}: not an ingestd database (no schema version)")
-            raise StoreError(
-                f"{self.where}: schema version {version}, this ingestd reads {SCHEMA_VERSION}: "
-                + ("upgrade ingestd" if version > SCHEMA_VERSION else "start the daemon once")
-            )
+            raise problem
 
     def _run(self, coro: Any) -> Any:
         try:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from ingestd.errors import StoreError
+from ingestd.store.base import newer_schema
 
 NS = 1_000_000_000
 DAY_NS = 86400 * NS
@@ -111,10 +111,7 @@ async def migrate(conn: Any, where: str, partition_days: int = 1) -> None:
         await conn.execute("CREATE TABLE IF NOT EXISTS ingestd_schema (version integer NOT NULL)")
         version = await conn.fetchval("SELECT max(version) FROM ingestd_schema") or 0
         if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{where}: schema version {version} is newer than this ingestd "
-                f"understands ({SCHEMA_VERSION}); upgrade ingestd"
-            )
+            raise newer_schema(where, version, SCHEMA_VERSION)
         for number in range(version + 1, SCHEMA_VERSION + 1):
             script = MIGRATIONS[number - 1]
             if number == 1 and hyper:

@@ -12,7 +12,7 @@ from typing import Any
 
 from ingestd.errors import StoreError
 from ingestd.store import base
-from ingestd.store.base import QuarantineRow, ReadingRow, SensorRow, StoreTotals
+from ingestd.store.base import QuarantineRow, ReadingRow, SensorRow, StoreTotals, unreadable_schema
 from ingestd.store.sqlite.schema import SCHEMA_VERSION
 from ingestd.store.sqlite.store import backup_file, ro_uri
 
@@ -27,19 +27,10 @@ class SqliteReader(base.Reader):
             version = conn.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.Error as exc:
             raise StoreError(f"{path}: cannot read the database: {exc}") from None
-        if version != SCHEMA_VERSION:
+        problem = unreadable_schema(str(path), version, SCHEMA_VERSION)
+        if problem is not None:
             conn.close()
-            if version == 0:
-                raise StoreError(f"{path}: not an ingestd database (no schema version)")
-            newer = version > SCHEMA_VERSION
-            raise StoreError(
-                f"{path}: schema version {version}, this ingestd reads {SCHEMA_VERSION}: "
-                + (
-                    "upgrade ingestd"
-                    if newer
-                    else "start the daemon once (it migrates the database), then try again"
-                )
-            )
+            raise problem
         self.conn = conn
 
     def close(self) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import aiosqlite
 
-from ingestd.errors import StoreError
+from ingestd.store.base import newer_schema
 
 MIGRATIONS: tuple[str, ...] = (
     # 1: initial schema
@@ -119,10 +119,7 @@ async def migrate(conn: aiosqlite.Connection, where: str) -> None:
         row = await cur.fetchone()
     version = int(row[0]) if row else 0
     if version > SCHEMA_VERSION:
-        raise StoreError(
-            f"{where}: schema version {version} is newer than this ingestd "
-            f"understands ({SCHEMA_VERSION}); upgrade ingestd"
-        )
+        raise newer_schema(where, version, SCHEMA_VERSION)
     for number in range(version + 1, SCHEMA_VERSION + 1):
         script = MIGRATIONS[number - 1]
         try:
