@@ -43,7 +43,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.pyspy import Profiler, summarize
-from tests.helpers import SHIPPED_CONFIG, Mosquitto, Postgres, wait_for
+from tests.helpers import SHIPPED_CONFIG, Mosquitto, Postgres, _children, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -77,6 +77,8 @@ class Result:
     cpu: float
     rss_mb: float
     lost: int
+    broker_cpu: float = 0.0  # the broker's CPU seconds over the run
+    db_cpu: float = 0.0  # PostgreSQL's (every server process), 0 for SQLite
 
     @property
     def rate(self) -> float:
@@ -220,6 +222,34 @@ def register_session(port: int, client_id: str, qos: int, group: str = "") -> No
     c.loop_stop()
 
 
+def cpu_seconds(pids: list[int]) -> dict[int, float]:
+    """CPU seconds used so far by each of these processes still alive."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    out: dict[int, float] = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[pid] = (int(fields[11]) + int(fields[12])) / ticks
+    return out
+
+
+def server_pids(broker: Mosquitto, sc: Scenario) -> tuple[list[int], list[int]]:
+    """(the broker, PostgreSQL's postmaster and its children)."""
+    db: list[int] = []
+    if sc.store == "postgres" and _PG:
+        pid_file = _PG[0].data / "postmaster.pid"
+        postmaster = int(pid_file.read_text().split("\n", 1)[0])
+        db = [postmaster, *_children(postmaster)]
+    return ([broker.proc.pid] if broker.proc else []), db
+
+
+def used_since(before: dict[int, float], pids: list[int]) -> float:
+    """CPU seconds these processes used since `before` (new ones: all of theirs)."""
+    return sum(c - before.get(pid, 0.0) for pid, c in cpu_seconds(pids).items())
+
+
 def proc_stats(pid: int) -> tuple[float, float]:
     """(CPU seconds, peak RSS in MB) of a live process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
@@ -271,6 +301,8 @@ def run_ingestd(
                 )
             )
     profiler = Profiler(procs[0].pid, profile) if profile else None
+    broker_pids, db_pids = server_pids(broker, sc)
+    servers_before = cpu_seconds(broker_pids + db_pids)
     connected: list[float] = []
     urls: list[str] = []
     done_at: list[float] = []
@@ -305,6 +337,9 @@ def run_ingestd(
     try:
         wait_for(committed, 600, interval=0.02, what="the backlog to be committed")
         stats = [proc_stats(p.pid) for p in procs]
+        broker_cpu = used_since(servers_before, broker_pids)
+        # Backends started for this run count whole; those already gone are missed.
+        db_cpu = used_since(servers_before, server_pids(broker, sc)[1])
     finally:
         if profiler:
             profiler.stop()
@@ -324,6 +359,8 @@ def run_ingestd(
         sum(c for c, _ in stats),
         max(r for _, r in stats),
         lost=expected - total,
+        broker_cpu=broker_cpu,
+        db_cpu=db_cpu,
     )
 
 
@@ -356,7 +393,10 @@ def run_baseline(sc: Scenario, broker: Mosquitto, messages: int, work: Path) -> 
     ]
     if sc.consumer == "paho_sqlite":
         args += ["--db", str(work / "script.db")]
+    broker_pids = server_pids(broker, sc)[0]
+    before = cpu_seconds(broker_pids)
     proc = subprocess.run(args, capture_output=True, cwd=REPO, timeout=600, check=False)
+    broker_cpu = used_since(before, broker_pids)
     if proc.returncode != 0:
         raise RuntimeError(f"{sc.consumer} failed: {proc.stderr.decode()[-2000:]}")
     r = json.loads(proc.stdout.decode().strip().splitlines()[-1])
@@ -370,6 +410,7 @@ def run_baseline(sc: Scenario, broker: Mosquitto, messages: int, work: Path) -> 
         r["cpu"],
         r["rss_kb"] / 1024,
         lost=messages - r["count"],
+        broker_cpu=broker_cpu,
     )
 
 
@@ -502,17 +543,24 @@ def report(run: Run, rounds: int, messages: int, command: str, elapsed: float) -
         f"Command: `{command}` ({rounds} interleaved round(s), {messages:,} messages per run "
         f"unless noted, {elapsed:.0f} s in all).",
         "",
-        "| scenario | messages | readings/s (median) | min-max | CPU s | peak RSS MB | lost |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| scenario | messages | readings/s (median) | min-max | CPU s | broker CPU s "
+        "| DB CPU s | peak RSS MB | lost |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, results in run.results.items():
         rates = [r.rate for r in results]
         lines.append(
             f"| {name} | {results[0].messages:,} | {median(rates):,.0f} | "
             f"{min(rates):,.0f}-{max(rates):,.0f} | {median([r.cpu for r in results]):.2f} | "
+            f"{median([r.broker_cpu for r in results]):.2f} | "
+            f"{_or_dash(median([r.db_cpu for r in results]))} | "
             f"{median([r.rss_mb for r in results]):.1f} | {max(r.lost for r in results)} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _or_dash(seconds: float) -> str:
+    return f"{seconds:.2f}" if seconds else "-"
 
 
 def latency_report(rate: float, seconds: float, rounds: int) -> str:
