@@ -9,6 +9,13 @@ for a flush (shutdown).
 A store that cannot take writes (locked, full, read-only, I/O error) is waited
 out: the batch is held and retried with backoff, nothing is acknowledged, and
 the condition is logged once when it starts and once when it clears.
+
+A store that takes several batches at once (PostgreSQL: a connection each)
+gets up to `store.concurrent_batches` in flight: the server loads one while
+the daemon sends the next. They are settled (counted, acknowledged) in the
+order they were formed, whatever order they commit in; a batch that writes a
+sensor's state waits for batches in flight that write the same sensor's, so
+per-sensor state is written in order too.
 """
 
 from __future__ import annotations
@@ -67,14 +74,29 @@ class BatchWriter:
         self.quarantined_readings = 0
         self.batches = 0
         self.store_available = True
+        self._condition: str | None = None  # why the store refused the last attempt
         # For metrics and health (read from the metrics server's thread too).
         self.quarantined_by_kind: dict[str, int] = {}
         self.store_errors: dict[str, int] = {}
         self.last_commit_at = 0.0  # wall clock, 0 before the first
-        # monotonic start of the store call in progress, else None: a call that
-        # never returns (a lock held forever) is how a writer wedges.
-        self.busy_since: float | None = None
+        # monotonic start of each store call in progress: a call that never
+        # returns (a lock held forever) is how a writer wedges.
+        self._busy: dict[int, float] = {}
         self.on_commit: Callable[[BatchCommitted], None] | None = None
+        self.concurrency = max(1, store.concurrent_batches)
+        self._slots = asyncio.Semaphore(self.concurrency)
+        self._last: asyncio.Task[None] | None = None  # the newest batch in flight
+        self._jobs: asyncio.TaskGroup | None = None
+        # Sensors whose state a batch in flight writes, per batch.
+        self._stating: dict[int, frozenset[str]] = {}
+        self._formed = 0
+
+    @property
+    def busy_since(self) -> float | None:
+        """monotonic start of the oldest store call in progress, else None
+        (read from the metrics server's thread too)."""
+        starts = list(self._busy.values())
+        return min(starts) if starts else None
 
     def reconfigure(self, settings: Settings) -> None:
         """A reload: batch size and age, and the store's retry delays, from the
@@ -85,6 +107,20 @@ class BatchWriter:
         self.retry_max_delay = settings.store.retry_max_delay
 
     async def run(self) -> None:
+        if self.concurrency == 1:
+            await self._run()
+            return
+        try:
+            async with asyncio.TaskGroup() as jobs:
+                self._jobs = jobs
+                await self._run()
+        except BaseExceptionGroup as group:
+            # A batch's failure is the writer's, as with one batch at a time.
+            raise group.exceptions[0] from None
+        finally:
+            self._jobs = None
+
+    async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             if self._chunks:
@@ -156,9 +192,59 @@ class BatchWriter:
                 expect.update(c.status.expect_within)
                 states.update(c.status.states)
         status = SensorStatus(sequences, expect, states)
-        started = time.perf_counter()
-        inserted, duplicates, conflicts = await self._commit(readings, rejected, status)
-        seconds = time.perf_counter() - started
+        if self._jobs is None:
+            started = time.perf_counter()
+            result = await self._commit(readings, rejected, status)
+            self._settle(chunks, readings, rejected, result, time.perf_counter() - started)
+            return
+        self._formed += 1
+        number = self._formed
+        sensors = frozenset(sequences) | frozenset(expect) | frozenset(states)
+        if sensors and any(sensors & other for other in self._stating.values()):
+            # Its state must not overtake an earlier batch's: wait for those in
+            # flight (settled in order, so the newest done means all are).
+            last = self._last
+            if last is not None:
+                await asyncio.wait({last})
+        await self._slots.acquire()
+        if sensors:
+            self._stating[number] = sensors
+        self._last = self._jobs.create_task(
+            self._job(number, self._last, chunks, readings, rejected, status),
+            name=f"batch {number}",
+        )
+
+    async def _job(
+        self,
+        number: int,
+        earlier: asyncio.Task[None] | None,
+        chunks: list[Processed],
+        readings: list[Reading],
+        rejected: list[Rejected],
+        status: SensorStatus,
+    ) -> None:
+        """One batch in flight: commit it, then settle it after the batch before."""
+        try:
+            started = time.perf_counter()
+            result = await self._commit(readings, rejected, status, number)
+            seconds = time.perf_counter() - started
+        finally:
+            self._stating.pop(number, None)
+            self._slots.release()
+        if earlier is not None:
+            await earlier  # its failure is this one's too: nothing settles out of order
+        self._settle(chunks, readings, rejected, result, seconds)
+
+    def _settle(
+        self,
+        chunks: list[Processed],
+        readings: list[Reading],
+        rejected: list[Rejected],
+        result: tuple[int, int, list[Rejected]],
+        seconds: float,
+    ) -> None:
+        """A committed batch: counters, acknowledgements, the window, the event."""
+        inserted, duplicates, conflicts = result
         if conflicts:
             rejected = rejected + conflicts
         # Counters first: whoever sees the window settle (a scrape, say) sees them too.
@@ -198,11 +284,11 @@ class BatchWriter:
         readings: list[Reading],
         rejected: list[Rejected],
         status: SensorStatus | None = None,
+        number: int = 0,
     ) -> tuple[int, int, list[Rejected]]:
         backoff = Backoff(self.retry_min_delay, self.retry_max_delay)
-        condition: str | None = None
         while True:
-            self.busy_since = time.monotonic()
+            self._busy[number] = time.monotonic()
             try:
                 async with self.store.batch() as tx:
                     await tx.add_readings(readings)
@@ -210,10 +296,11 @@ class BatchWriter:
                     if status:
                         await tx.set_status(status)
             except StoreUnavailable as exc:
-                self.busy_since = None
+                self._busy.pop(number, None)
                 self.store_errors[exc.condition] = self.store_errors.get(exc.condition, 0) + 1
-                if exc.condition != condition:
-                    condition = exc.condition
+                # Once per change of condition, whichever batch in flight meets it.
+                if exc.condition != self._condition:
+                    self._condition = exc.condition
                     self.store_available = False
                     log.error(
                         "store unavailable; holding the batch and retrying",
@@ -225,8 +312,9 @@ class BatchWriter:
                 await asyncio.sleep(backoff.next())
                 continue
             finally:
-                self.busy_since = None
-            if condition is not None:
+                self._busy.pop(number, None)
+            if self._condition is not None:
                 self.store_available = True
-                log.warning("store available again; batch committed", after=condition)
+                log.warning("store available again; batch committed", after=self._condition)
+                self._condition = None
             return tx.inserted, tx.duplicates, tx.conflicts

@@ -169,6 +169,9 @@ class Store(ABC):
 
     # Where the data goes, for logs: a path, or a URL without its password.
     where: str
+    # Batches that may be open at once (one connection each); the writer keeps
+    # up to this many in flight.
+    concurrent_batches: int = 1
     # Device sequence counters as last committed, sensor -> (last, gaps, missing):
     # loaded by `open`, so a gap across a restart of ingestd still counts.
     sequences: dict[str, tuple[int, int, int]]

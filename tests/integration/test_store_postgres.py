@@ -8,10 +8,13 @@ import time
 
 import pytest
 
+from ingestd.bus import EventBus
 from ingestd.errors import StoreError
-from ingestd.events import NS, Reading, Rejected, SensorStatus
+from ingestd.events import NS, Processed, Reading, Rejected, SensorStatus
+from ingestd.flow import InFlightWindow
 from ingestd.store.postgres import SCHEMA_VERSION, PostgresReader, PostgresStore
 from ingestd.store.postgres.schema import DAY_NS, partitions
+from ingestd.writer import BatchWriter
 from tests.helpers import PgReader
 
 NOW = time.time()
@@ -159,3 +162,135 @@ async def test_a_hypertable_where_timescaledb_is_installed(pg_url: str) -> None:
         done = await store.upkeep(day0 - 86400, 100)
         assert done.readings_deleted == 5
     assert db.rows("SELECT DISTINCT sensor FROM readings") == [("now",)]
+
+
+class _Pipeline:
+    """A BatchWriter over a PostgresStore, fed chunk by chunk, each chunk its
+    own batch (flush=True); what it acknowledges, in order."""
+
+    def __init__(self, store: PostgresStore) -> None:
+        self.bus = EventBus()
+        inbox = self.bus.subscribe("writer", [Processed], policy="block", maxsize=16)
+        self.window = InFlightWindow(1000)
+        self.acked: list[int] = []
+        self.writer = BatchWriter(
+            store,
+            inbox,
+            self.bus,
+            self.window,
+            lambda epoch, acks: self.acked.extend(mid for mid, _ in acks),
+            max_readings=100_000,
+            max_delay=5,
+            retry_min_delay=0.05,
+            retry_max_delay=0.1,
+        )
+        self.task = asyncio.create_task(self.writer.run())
+
+    async def send(self, mid: int, rs: list[Reading], status: SensorStatus | None = None) -> None:
+        self.window.take(1, 1)
+        self.window.readings += len(rs)
+        await self.bus.publish(
+            Processed(rs, [], 1, [(mid, 1)], 1, flush=True, status=status or SensorStatus())
+        )
+
+    async def finish(self) -> None:
+        await self.bus.publish(Processed([], [], 0, [], 1, flush=True, last=True))
+        await asyncio.wait_for(self.task, 30)
+
+
+async def _block_key(url: str, key_of: Reading) -> tuple[object, object]:
+    """Another session inserts the sample key of `key_of` and keeps its
+    transaction open: a batch holding that key waits for it, for real."""
+    import asyncpg
+
+    conn = await asyncpg.connect(url)
+    tx = conn.transaction()
+    await tx.start()
+    sid = await conn.fetchval(
+        "INSERT INTO series (sensor, metric) VALUES ($1, $2) "
+        "ON CONFLICT (sensor, metric, tags, unit) DO UPDATE SET sensor = excluded.sensor "
+        "RETURNING id",
+        key_of.sensor,
+        key_of.metric,
+    )
+    await conn.execute(
+        "INSERT INTO samples (series_id, ts_ns, seq, value) VALUES ($1, $2, 0, $3)",
+        sid,
+        key_of.ts_ns,
+        key_of.value,
+    )
+    return conn, tx
+
+
+async def _until(check: object, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.02)
+
+
+async def test_batches_in_flight_commit_out_of_order_but_settle_in_order(pg_url: str) -> None:
+    """Batch 1 is held by a row lock another session holds; batch 2 commits
+    meanwhile (the pipeline is real), yet nothing is acknowledged until batch 1
+    is in, and then in the order received."""
+    t0 = int(NOW) * NS
+    first, second = _readings("a", 50, t0), _readings("b", 50, t0)
+    async with PostgresStore(pg_url) as store:
+        assert store.concurrent_batches == 2
+        blocker, blocked = await _block_key(pg_url, first[25])
+        db = PgReader(pg_url)
+        pipe = _Pipeline(store)
+        await pipe.send(1, first)
+        await pipe.send(2, second)
+        # Batch 2 commits while batch 1 waits for the lock...
+        await _until(lambda: db.rows("SELECT count(*) FROM readings WHERE sensor = 'b'") == [(50,)])
+        await asyncio.sleep(0.3)
+        # ...but is not acknowledged before batch 1.
+        assert pipe.acked == []
+        assert pipe.writer.committed == 0
+        await blocked.rollback()  # type: ignore[attr-defined]
+        await blocker.close()  # type: ignore[attr-defined]
+        await _until(lambda: pipe.acked == [1, 2])
+        assert (pipe.writer.committed, pipe.writer.duplicates, pipe.writer.batches) == (100, 0, 2)
+        await pipe.finish()
+    assert db.count() == 100
+    assert pipe.window.in_flight == 0
+
+
+async def test_a_batch_writing_a_sensors_state_waits_for_the_one_before(pg_url: str) -> None:
+    """Per-sensor state is written in batch order: batch 2 carries a later
+    sequence for sensor a than batch 1, so it is not let past batch 1."""
+    t0 = int(NOW) * NS
+    first, second = _readings("a", 50, t0), _readings("a", 50, t0 + 100 * NS)
+    async with PostgresStore(pg_url) as store:
+        blocker, blocked = await _block_key(pg_url, first[25])
+        db = PgReader(pg_url)
+        pipe = _Pipeline(store)
+        await pipe.send(1, first, SensorStatus({"a": (5, 0, 0)}))
+        await pipe.send(2, second, SensorStatus({"a": (9, 1, 3)}))
+        await asyncio.sleep(0.5)
+        assert db.count() == 0, "batch 2 must wait for batch 1, which writes a's state too"
+        await blocked.rollback()  # type: ignore[attr-defined]
+        await blocker.close()  # type: ignore[attr-defined]
+        await _until(lambda: pipe.acked == [1, 2])
+        await pipe.finish()
+    assert db.count() == 100
+    assert db.rows("SELECT last_seq, seq_gaps, seq_missing FROM sensor_status") == [(9, 1, 3)]
+
+
+async def test_a_redelivery_in_the_next_batch_in_flight_is_a_duplicate(pg_url: str) -> None:
+    """The same readings in two batches in flight at once (a redelivery while
+    the first is being written): stored once, counted once as duplicates, no
+    deadlock between the two connections."""
+    t0 = int(NOW) * NS
+    rs = [Reading(f"s{i % 7}", "t", t0 + i * NS, float(i)) for i in range(3000)]
+    async with PostgresStore(pg_url) as store:
+        pipe = _Pipeline(store)
+        for mid in range(1, 9):  # 8 batches, each the same 3,000 readings
+            await pipe.send(mid, list(reversed(rs)) if mid % 2 else rs)
+        await _until(lambda: pipe.acked == list(range(1, 9)), 30)
+        await pipe.finish()
+        writer = pipe.writer
+    assert (writer.committed, writer.duplicates) == (3000, 7 * 3000)
+    db = PgReader(pg_url)
+    assert db.count() == 3000
