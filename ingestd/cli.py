@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ingestd import __version__
 from ingestd.config import ENV_CONFIG, Settings, effective_settings_json, load_settings
-from ingestd.errors import EX_CONFIG, ConfigError
+from ingestd.errors import EX_CONFIG, EX_USAGE, ConfigError
 
 if TYPE_CHECKING:
     from ingestd.store import Reader
@@ -52,6 +52,14 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         type=Path,
         default=None,
         help="read the sample payload from this file (bytes as they are)",
+    )
+    payload.add_argument(
+        "--after",
+        action="append",
+        default=[],
+        metavar="TOPIC=FILE",
+        help="decode this message first (repeatable), for formats whose meaning "
+        "depends on earlier messages: a Sparkplug BIRTH, a Homie $description",
     )
     topic_help = "show which route this topic matches and what it yields"
     check = sub.add_parser(
@@ -194,9 +202,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             payload = args.payload_file.read_bytes()
         else:
             payload = (args.payload or "").replace("\\n", "\n").encode()
-        print(
-            explain(settings, args.topic, payload if (args.payload or args.payload_file) else None)
-        )
+        before: list[tuple[str, bytes]] = []
+        for item in args.after:
+            topic, eq, path = item.partition("=")
+            if not eq or not topic:
+                print(f"ingestd: --after {item!r}: expected TOPIC=FILE", file=sys.stderr)
+                return EX_USAGE
+            try:
+                before.append((topic, Path(path).read_bytes()))
+            except OSError as exc:
+                print(f"ingestd: --after {item!r}: {exc}", file=sys.stderr)
+                return EX_USAGE
+        sample = payload if (args.payload or args.payload_file) else None
+        print(explain(settings, args.topic, sample, after=before))
         return 0
 
     if command == "check-config":

@@ -90,6 +90,9 @@ class MqttSettings(Section):
     max_inflight: int = Field(1000, ge=1, le=65535)
     broker_max_inflight: int = Field(20, ge=0, le=65535)
     shared_group: str = Field("", pattern=r"^[^/+#]*$")
+    # Sparkplug B host application id: publish spBv1.0/STATE/<id> (retained,
+    # with its will) so edge nodes know a primary host is there. "": none.
+    sparkplug_host_id: str = Field("", pattern=r"^[^/+#]*$")
     watch_broker_drops: bool = True
     reconnect_min_delay: float = Field(0.5, gt=0)
     reconnect_max_delay: float = Field(30.0, gt=0)

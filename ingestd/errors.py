@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 EX_CONFIG = os.EX_CONFIG if hasattr(os, "EX_CONFIG") else 78
+EX_USAGE = os.EX_USAGE if hasattr(os, "EX_USAGE") else 64
 
 
 class IngestdError(Exception):

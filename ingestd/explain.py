@@ -28,10 +28,24 @@ def outcome(
     return process(readings, processor, received_ns / NS, rejected), rejected
 
 
-def explain(settings: Settings, topic: str, payload: bytes | None, now: float | None = None) -> str:
+def explain(
+    settings: Settings,
+    topic: str,
+    payload: bytes | None,
+    now: float | None = None,
+    after: list[tuple[str, bytes]] | None = None,
+) -> str:
+    """`after`: messages decoded first, as the daemon would have seen them
+    (a Sparkplug BIRTH before its DATA, a Homie $description before values)."""
     now = time.time() if now is None else now
     table = route_table(settings)
     lines = [f"topic:   {topic}"]
+    for i, (earlier, body) in enumerate(after or []):
+        kept, rejected = outcome(table, settings.processor, earlier, body, int(now * NS) - 1000 + i)
+        told = f"{len(kept)} reading(s)" + (
+            f", quarantined: {rejected[0].reason}" if rejected else ""
+        )
+        lines.append(f"after:   {earlier} ({len(body)} bytes): {told}")
     match = table.match(topic)
     if match is None:
         lines.append(
@@ -49,6 +63,10 @@ def explain(settings: Settings, topic: str, payload: bytes | None, now: float | 
         lines.append(f"metric:  {match.metric_prefix!r}")
     else:
         lines.append(f"metric:  template {route.effective_metric!r}")
+    if match.fmt.describe_state is not None:
+        known = match.fmt.describe_state(table, topic)
+        lines.append("state:   " + (known[0] if known else "(none)"))
+        lines += [f"         {line}" for line in known[1:]]
     if payload is None:
         return "\n".join(lines)
     received_ns = int(now * NS)
@@ -66,6 +84,8 @@ def explain(settings: Settings, topic: str, payload: bytes | None, now: float | 
         lines.append("readings: none")
     for rej in rejected:
         lines.append(f"quarantined ({rej.kind}): {rej.reason}")
+    for command_topic, _body in table.commands:
+        lines.append(f"would send: {command_topic} (the daemon sends it; explain does not)")
     if table.counts.rate_dropped:
         lines.append(f"dropped by the rate limit: {table.counts.rate_dropped}")
     return "\n".join(lines)

@@ -210,6 +210,10 @@ class DecodeCounts:
     sequence_gaps: int = 0
     sequence_missing: int = 0
     non_numeric: int = 0  # values a format knows are not numbers (homie strings, enums)
+    # Values a format read and did not store, by why (sparkplug: "string",
+    # "dataset", "transient", "null", ...).
+    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    rebirth_requests: int = 0  # Sparkplug rebirths asked for
 
 
 @dataclass(slots=True)
@@ -255,6 +259,9 @@ class RouteTable:
         # The state devices report of themselves (Homie's $state), changed
         # since the last chunk: the store keeps it for `ingestd sensors`.
         self.states_changed: dict[str, str] = {}
+        # MQTT messages a format asks to send (Sparkplug rebirth requests):
+        # (topic, payload), published by the source after the chunk.
+        self.commands: list[tuple[str, bytes]] = []
 
     def take_status(self) -> SensorStatus:
         """The per-sensor state changed since the last call, for the store."""
@@ -278,6 +285,7 @@ class RouteTable:
         self.expect_changed = old.expect_changed
         self.format_state = old.format_state
         self.states_changed = old.states_changed
+        self.commands = old.commands
 
     def sequence(self, sensor: str, seq: int) -> None:
         """Follow a device's message counter: a jump forward is a gap (messages

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import ssl
 import time
@@ -165,6 +166,7 @@ class MqttSource:
         self._inbox: list[paho.MQTTMessage] = []
         self._wake = asyncio.Event()
         self._link: MqttLink | None = None
+        self._state_ms = 0  # the Sparkplug host STATE's timestamp (this connection's)
         self._epoch = 0
         self._connected_at = 0.0
         self._paused_at = 0.0
@@ -344,6 +346,11 @@ class MqttSource:
             if s.persistent_session and s.session_expiry:
                 properties.SessionExpiryInterval = s.session_expiry
         password = s.password.get_secret_value() if s.password is not None else None
+        will = None
+        if s.sparkplug_host_id:
+            # Sparkplug 3.0 host STATE: the will carries the birth's timestamp.
+            self._state_ms = int(time.time() * 1000)
+            will = aiomqtt.Will(self.state_topic, self._state(False), qos=1, retain=True)
         side: dict[str, Callable[[bytes], None]] = {}
         if s.watch_broker_drops and self.upstream is not None:
             side[BROKER_DROPPED] = self.upstream.broker_dropped
@@ -364,7 +371,28 @@ class MqttSource:
             tls_context=self._tls,
             tls_insecure=s.tls.insecure if self._tls is not None else None,
             timeout=10,
+            will=will,
         )
+
+    @property
+    def state_topic(self) -> str:
+        return f"spBv1.0/STATE/{self.settings.sparkplug_host_id}"
+
+    def _state(self, online: bool) -> bytes:
+        return json.dumps({"online": online, "timestamp": self._state_ms}).encode()
+
+    async def _host_state(self, link: MqttLink, online: bool) -> None:
+        """Sparkplug host application STATE (retained, QoS 1)."""
+        if not self.settings.sparkplug_host_id:
+            return
+        try:
+            await asyncio.wait_for(
+                link.publish(self.state_topic, self._state(online), qos=1, retain=True), 5
+            )
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            log.warning("could not publish the Sparkplug host STATE", error=str(exc))
+            return
+        log.info("sparkplug host state", topic=self.state_topic, online=online)
 
     async def _session(self, stop: asyncio.Event, on_ready: Callable[[], None]) -> None:
         # Never connect while the pipeline is full: a persistent session's
@@ -395,10 +423,13 @@ class MqttSource:
             pump = asyncio.ensure_future(self._pump(link, stop, link_lost))
             try:
                 if await self._subscribe(link, link_lost, pump):
+                    await self._host_state(link, True)
                     on_ready()
                 await pump
             finally:
                 stop_cb.cancel()
+                if stop.is_set() and link.connected:
+                    await self._host_state(link, False)
                 if self._watch is not None:  # belongs to this connection
                     self._watch.cancel()
                     await asyncio.gather(self._watch, return_exceptions=True)
@@ -524,6 +555,21 @@ class MqttSource:
         if paused_for >= BACKPRESSURE_LOG_INTERVAL:
             log.warning("reading from the broker resumed", paused_seconds=round(paused_for, 1))
 
+    async def _send_commands(self) -> None:
+        """What decoding asked to send (Sparkplug rebirth requests), QoS 0 as
+        the specification has commands. Without a connection they are dropped:
+        the format asks again when the node's data goes on arriving unresolved."""
+        commands, self.table.commands = self.table.commands, []
+        link = self._link
+        if link is None or not link.connected:
+            return
+        for topic, payload in commands:
+            try:
+                await link.publish(topic, payload, qos=0)
+            except aiomqtt.MqttError as exc:
+                log.warning("could not send a command", topic=topic, error=str(exc))
+                return
+
     def _on_message(self, message: paho.MQTTMessage) -> None:
         self._inbox.append(message)
         self.window.take(1, 1 if (message.qos and self.manual_ack) else 0)
@@ -565,6 +611,8 @@ class MqttSource:
             rejected.extend(bad_topics)
         acks = [(m.mid, m.qos) for m in messages if m.qos] if self.manual_ack else []
         status = self.table.take_status()
+        if self.table.commands:
+            await self._send_commands()
         await self.bus.publish(
             Decoded(readings, rejected, len(messages), acks, self._epoch, status=status)
         )

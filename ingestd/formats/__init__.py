@@ -8,10 +8,10 @@ is one module here (a `FORMAT = Format(...)`), one line below, and its tests.
 
 from __future__ import annotations
 
-from ingestd.formats import homie, influx, json_objects, senml, value
+from ingestd.formats import homie, influx, json_objects, senml, sparkplug, value
 from ingestd.formats.base import Format, FormatOptions, get, names, register
 
-for _module in (json_objects, senml, influx, value, homie):
+for _module in (json_objects, senml, influx, value, homie, sparkplug):
     register(_module.FORMAT)
 
 __all__ = ["Format", "FormatOptions", "get", "names", "register"]

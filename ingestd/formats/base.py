@@ -67,6 +67,9 @@ class Format:
     # The name a metric template must contain when a payload carries several
     # values (else they would all get one metric name).
     metric_requires: str = "field"
+    # For `explain`: what the format knows from earlier messages that bears on
+    # this topic (lines of text), for formats with state; None for the rest.
+    describe_state: Callable[[RouteTable, str], list[str]] | None = None
 
     def option_names(self) -> list[str]:
         return sorted(self.options.model_fields)

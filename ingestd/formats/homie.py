@@ -228,6 +228,22 @@ def _state(table: RouteTable, match: RouteMatch, device_id: str, payload: bytes)
         table.states_changed[match.sensor.format_map(names)] = text
 
 
+def describe_state(table: RouteTable, topic: str) -> list[str]:
+    """What ingestd knows of the topic's device, for `explain`."""
+    parts = topic.split("/")
+    at = next((i for i in range(len(parts) - 2) if parts[i : i + 2] == ["homie", "5"]), None)
+    if at is None:
+        return []
+    device_id = parts[at + 2]
+    device = device_state(table, device_id)
+    if device is None or not device.described:
+        return [f"device {device_id!r}: no $description seen (values would be quarantined)"]
+    lines = [f"device {device_id!r}: version {device.version}, state {device.state or '?'}"]
+    for (node, prop), (datatype, unit) in sorted(device.properties.items()):
+        lines.append(f"{node}/{prop}: {datatype}" + (f" [{unit}]" if unit else ""))
+    return lines
+
+
 FORMAT = Format(
     name="homie",
     summary="Homie 5 devices: $description gives datatypes and units, one value per topic",
@@ -239,4 +255,5 @@ FORMAT = Format(
     default_sensor="{device}",
     default_retained="store",
     metric_requires="property",
+    describe_state=describe_state,
 )

@@ -407,6 +407,21 @@ class PipelineCollector(Collector):
             "Messages missing in those jumps (an estimate of what was lost)",
             seqs.sequence_missing,
         )
+        yield _counter(
+            "ingestd_sparkplug_rebirth_requests",
+            "Rebirths asked of Sparkplug edge nodes (a sequence gap, DATA before "
+            "its BIRTH, an undeclared alias)",
+            seqs.rebirth_requests,
+        )
+        skipped = CounterMetricFamily(
+            "ingestd_values_skipped",
+            "Values a format read and did not store (not numbers: strings, "
+            "datasets, ...; Sparkplug transient or null values), by kind",
+            labels=["kind"],
+        )
+        for kind, n in sorted(dict(seqs.skipped).items()):
+            skipped.add_metric([kind], n)
+        yield skipped
         errors = CounterMetricFamily(
             "ingestd_store_errors",
             "Failed commit attempts (retried), by condition",

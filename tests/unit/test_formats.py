@@ -455,7 +455,7 @@ def test_every_format_and_its_keys_are_documented() -> None:
     """A format is a module on the registry; config/ingestd.toml documents its
     name and every route key it takes."""
     doc = (Path(__file__).parents[2] / "config" / "ingestd.toml").read_text()
-    assert formats.names() == ["json", "senml", "influx", "value", "homie"]
+    assert formats.names() == ["json", "senml", "influx", "value", "homie", "sparkplug"]
     for name in formats.names():
         fmt = formats.get(name)
         assert f'"{name}"' in doc

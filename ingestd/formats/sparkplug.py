@@ -1,0 +1,455 @@
+"""The sparkplug format: Eclipse Sparkplug B 3.0 edge nodes and devices.
+
+Topics are `spBv1.0/<group>/<type>/<edge_node>[/<device>]`; payloads are
+protobuf (`sparkplug_pb`). What a DATA message means depends on what came
+before it, so the state is kept per edge node, as the specification's host
+application keeps it:
+
+- NBIRTH declares the node's metrics (name, alias, datatype, properties: the
+  unit is the `engUnit` property) and starts its sequence at 0; its `bdSeq`
+  metric ties it to the NDEATH that will end it. DBIRTH does the same for a
+  device of the node. BIRTH values are readings too.
+- NDATA / DDATA may name metrics by alias only; they are resolved with the
+  table their BIRTH gave. The sequence number (0-255, shared by the node and
+  its devices) must follow on.
+- A gap in the sequence, DATA from a node (or device) whose BIRTH ingestd has
+  not seen (it started after the BIRTH, say), or an alias no BIRTH declared
+  make the node's state unknown: the message is quarantined with that reason,
+  never guessed, and a rebirth is requested (NCMD `Node Control/Rebirth`, at
+  most once per `rebirth_interval` seconds per node). Everything after the
+  new NBIRTH is stored again.
+- NDEATH (with the BIRTH's bdSeq; an older one is ignored) marks the node and
+  its devices offline, DDEATH the device; a BIRTH marks them online. The state
+  is stored per sensor (`ingestd sensors`).
+
+Mapping: sensor `{group}/{source}` (`source`: the edge node, or edge node /
+device), metric `{name}` (the metric's name), unit from `engUnit`, time the
+metric's timestamp, else the payload's, else the receive time. Integer,
+float, double and boolean metrics are stored (booleans as 1/0), historical
+ones too; transient and null values, strings, text, UUIDs, date-times, bytes,
+files, datasets, templates, property sets and arrays are not numbers to
+store: counted per kind (`DecodeCounts.skipped`) and not stored.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from google.protobuf.message import DecodeError as ProtobufDecodeError
+from pydantic import Field
+
+from ingestd.errors import DecodeError
+from ingestd.events import Reading, Rejected
+from ingestd.formats.base import Format, FormatOptions
+from ingestd.formats.sparkplug_pb import BY_NAME, DATATYPES, Payload
+
+if TYPE_CHECKING:
+    from ingestd.routes import RouteMatch, RouteTable
+
+log = structlog.get_logger("ingestd.formats.sparkplug")
+
+NAMESPACE = "spBv1.0"
+REBIRTH = "Node Control/Rebirth"
+_NODES_KEPT = 65536
+_SIGNED_ANY = {BY_NAME["Int8"], BY_NAME["Int16"], BY_NAME["Int32"], BY_NAME["Int64"]}
+_UINT64 = BY_NAME["UInt64"]
+_FLOAT, _DOUBLE, _BOOLEAN = BY_NAME["Float"], BY_NAME["Double"], BY_NAME["Boolean"]
+# Not numbers to store, by what they are (the key counted in DecodeCounts.skipped).
+_SKIPPED = {
+    BY_NAME["String"]: "string",
+    BY_NAME["Text"]: "string",
+    BY_NAME["UUID"]: "string",
+    BY_NAME["DateTime"]: "datetime",
+    BY_NAME["Bytes"]: "bytes",
+    BY_NAME["File"]: "bytes",
+    BY_NAME["DataSet"]: "dataset",
+    BY_NAME["Template"]: "template",
+    BY_NAME["PropertySet"]: "propertyset",
+    BY_NAME["PropertySetList"]: "propertyset",
+}
+_NS_PER_MS = 1_000_000
+
+
+class SparkplugOptions(FormatOptions):
+    # Seconds between two rebirth requests to one edge node.
+    rebirth_interval: float = Field(10.0, gt=0)
+    # Whether to ask for rebirths at all (false: quarantine and wait for the
+    # node's next BIRTH).
+    request_rebirth: bool = True
+
+
+@dataclass(slots=True)
+class Metric:
+    name: str
+    datatype: int
+    unit: str
+
+
+@dataclass(slots=True)
+class Scope:
+    """A node or one of its devices: what its BIRTH declared."""
+
+    born: bool = False
+    by_alias: dict[int, Metric] = field(default_factory=dict)
+    by_name: dict[str, Metric] = field(default_factory=dict)
+    online: bool = False
+
+
+@dataclass(slots=True)
+class Node:
+    scope: Scope = field(default_factory=Scope)
+    devices: dict[str, Scope] = field(default_factory=dict)
+    seq: int = -1  # last sequence number followed
+    bd_seq: int | None = None
+    rebirth_at: float = -math.inf  # monotonic time of the last rebirth request
+    rebirths: int = 0
+    # Sensor names used for the node and its devices (to mark them offline).
+    sensors: dict[str, str] = field(default_factory=dict)  # device ("" node) -> sensor
+
+
+def _nodes(table: RouteTable) -> dict[tuple[str, str], Node]:
+    nodes: dict[tuple[str, str], Node] = table.format_state.setdefault("sparkplug", {})
+    return nodes
+
+
+def node_state(table: RouteTable, group: str, edge_node: str) -> Node | None:
+    """What ingestd knows of an edge node (for `explain` and tests)."""
+    return _nodes(table).get((group, edge_node))
+
+
+def _node(table: RouteTable, key: tuple[str, str]) -> Node:
+    nodes = _nodes(table)
+    found = nodes.get(key)
+    if found is None:
+        if len(nodes) >= _NODES_KEPT:
+            nodes.clear()
+        found = nodes[key] = Node()
+    return found
+
+
+def rebirth_request(group: str, edge_node: str, now_ms: int) -> tuple[str, bytes]:
+    """The NCMD that asks an edge node to publish its BIRTHs again."""
+    payload = Payload(timestamp=now_ms)
+    payload.metrics.add(name=REBIRTH, datatype=_BOOLEAN, timestamp=now_ms, boolean_value=True)
+    return f"{NAMESPACE}/{group}/NCMD/{edge_node}", payload.SerializeToString()
+
+
+def parse_topic(topic: str) -> tuple[str, str, str, str] | None:
+    """(group, type, edge node, device or "") of a Sparkplug B topic, else None."""
+    parts = topic.split("/")
+    try:
+        at = parts.index(NAMESPACE)
+    except ValueError:
+        return None
+    rest = parts[at + 1 :]
+    if len(rest) == 4:
+        return rest[0], rest[1], rest[2], rest[3]
+    if len(rest) == 3:
+        return rest[0], rest[1], rest[2], ""
+    return None
+
+
+def decode(
+    table: RouteTable,
+    match: RouteMatch,
+    topic: str,
+    payload: bytes,
+    received_ns: int,
+    readings: list[Reading],
+    rejected: list[Rejected],
+) -> None:
+    parsed = parse_topic(topic)
+    if parsed is None:
+        if "/STATE/" in f"/{topic}/" or topic.endswith("/STATE"):
+            return  # a host application's STATE (ours or another's): not data
+        raise DecodeError(
+            "not a Sparkplug B topic (expected spBv1.0/<group>/<type>/<edge_node>[/<device>])"
+        )
+    group, kind, edge_node, device = parsed
+    if group == "STATE":
+        return
+    if kind in ("NCMD", "DCMD"):
+        return  # commands, ours or another host's: not data
+    if kind not in ("NBIRTH", "NDEATH", "NDATA", "DBIRTH", "DDEATH", "DDATA"):
+        raise DecodeError(f"unknown Sparkplug message type {kind!r}")
+    if (kind[0] == "D") != bool(device):
+        raise DecodeError(f"{kind} topic {'without' if device else 'with'} a device id")
+    try:
+        message = Payload.FromString(payload)
+    except (ProtobufDecodeError, RuntimeError, ValueError) as exc:
+        raise DecodeError(f"not a Sparkplug B protobuf payload: {exc}") from None
+    node = _node(table, (group, edge_node))
+    params: SparkplugOptions = match.params
+    names = {**match.values, "group": group, "edge_node": edge_node, "device": device}
+    names["source"] = f"{edge_node}/{device}" if device else edge_node
+    sensor = match.sensor.format_map(names)
+    node.sensors[device] = sensor
+    if kind == "NDEATH":
+        _death(table, node, group, edge_node, message)
+        return
+    if kind == "NBIRTH":
+        node.seq = message.seq if message.HasField("seq") else 0
+        node.devices.clear()
+        node.scope = _birth(message)
+        for metric in message.metrics:
+            if metric.name == "bdSeq":
+                node.bd_seq = _bd_seq(metric)
+        _online(table, node, "", sensor)
+        try:
+            _values(table, match, topic, message, node.scope, names, sensor, received_ns, readings)
+        except _Unresolved as exc:
+            raise DecodeError(f"Sparkplug NBIRTH of {group}/{edge_node}: {exc}") from None
+        return
+    # Every other message follows the node's sequence.
+    problem = _follow(node, message)
+    scope = node.devices.get(device) if device else node.scope
+    if problem is None and kind != "DBIRTH" and (scope is None or not scope.born):
+        what = f"device {device!r} of node {group}/{edge_node}" if device else "node"
+        problem = f"DATA from {what} whose BIRTH ingestd has not seen"
+    if problem is None and kind == "DDEATH":
+        if scope is not None:
+            scope.born = False
+            _offline(table, node, device)
+        return
+    if problem is None:
+        if kind == "DBIRTH":
+            scope = node.devices[device] = _birth(message)
+            _online(table, node, device, sensor)
+        assert scope is not None
+        try:
+            _values(table, match, topic, message, scope, names, sensor, received_ns, readings)
+            return
+        except _Unresolved as exc:
+            problem = str(exc)
+    # The node's state is not known: nothing in this message is guessed.
+    node.scope.born = False
+    asked = _ask_rebirth(table, node, params, group, edge_node, problem)
+    raise DecodeError(
+        f"Sparkplug node {group}/{edge_node}: {problem}; "
+        + ("rebirth requested" if asked else "waiting for its rebirth")
+    )
+
+
+class _Unresolved(Exception):
+    pass
+
+
+def _follow(node: Node, message: Any) -> str | None:
+    """Check and advance the node's sequence; the problem, if any."""
+    if not node.scope.born:
+        return "message before the node's NBIRTH (ingestd has not seen its birth)"
+    seq = message.seq if message.HasField("seq") else None
+    if seq is None or seq > 255:
+        return f"sequence number {seq} is missing or out of range"
+    expected = (node.seq + 1) % 256
+    ahead = (seq - expected) % 256
+    if ahead == 0:
+        node.seq = seq
+        return None
+    if ahead >= 128:
+        # Behind: a message already followed, delivered again (a redelivery
+        # after a reconnect). Its aliases are the current ones: read it again;
+        # the store tells its readings apart as duplicates.
+        return None
+    return f"sequence gap: expected {expected}, got {seq} ({ahead} message(s) missing)"
+
+
+def _ask_rebirth(
+    table: RouteTable,
+    node: Node,
+    params: SparkplugOptions,
+    group: str,
+    edge_node: str,
+    why: str,
+) -> bool:
+    if not params.request_rebirth:
+        return False
+    now = time.monotonic()
+    if now - node.rebirth_at < params.rebirth_interval:
+        return False
+    node.rebirth_at = now
+    node.rebirths += 1
+    table.counts.rebirth_requests += 1
+    table.commands.append(rebirth_request(group, edge_node, int(time.time() * 1000)))
+    log.info("sparkplug rebirth requested", node=f"{group}/{edge_node}", reason=why)
+    return True
+
+
+def _birth(message: Any) -> Scope:
+    scope = Scope(born=True, online=True)
+    for m in message.metrics:
+        unit = ""
+        if m.HasField("properties"):
+            props = m.properties
+            for key, value in zip(props.keys, props.values, strict=False):
+                if key == "engUnit" and value.WhichOneof("value") == "string_value":
+                    unit = value.string_value
+        metric = Metric(m.name, m.datatype, unit)
+        if m.name:
+            scope.by_name[m.name] = metric
+        if m.HasField("alias"):
+            scope.by_alias[m.alias] = metric
+    return scope
+
+
+def _values(
+    table: RouteTable,
+    match: RouteMatch,
+    topic: str,
+    message: Any,
+    scope: Scope,
+    names: dict[str, str],
+    sensor: str,
+    received_ns: int,
+    readings: list[Reading],
+) -> None:
+    """The message's numeric metrics as readings; raises _Unresolved (before
+    appending anything) if a metric cannot be named."""
+    default_ns = message.timestamp * _NS_PER_MS if message.HasField("timestamp") else received_ns
+    out: list[Reading] = []
+    skipped = table.counts.skipped
+    template = match.metric_template
+    for m in message.metrics:
+        if m.name:
+            declared = scope.by_name.get(m.name)
+        elif m.HasField("alias"):
+            declared = scope.by_alias.get(m.alias)
+            if declared is None:
+                raise _Unresolved(f"alias {m.alias} was not declared by the BIRTH")
+        else:
+            raise _Unresolved("a metric has neither a name nor an alias")
+        name = m.name or (declared.name if declared else "")
+        datatype = m.datatype or (declared.datatype if declared else 0)
+        unit = declared.unit if declared else ""
+        if m.is_transient:
+            skipped["transient"] = skipped.get("transient", 0) + 1
+            continue
+        if m.is_null or m.WhichOneof("value") is None:
+            skipped["null"] = skipped.get("null", 0) + 1
+            continue
+        if name == "bdSeq" or name.startswith(("Node Control/", "Device Control/")):
+            continue  # the protocol's own metrics, not measurements
+        value = _number(m, datatype)
+        if value is None:
+            which = m.WhichOneof("value")
+            kind = _SKIPPED.get(datatype, "array" if datatype >= 22 else "unknown")
+            if which in ("float_value", "double_value") and datatype not in _SKIPPED:
+                kind = "not_finite"
+            skipped[kind] = skipped.get(kind, 0) + 1
+            continue
+        ts_ns = m.timestamp * _NS_PER_MS if m.HasField("timestamp") else default_ns
+        metric = template.format_map({**names, "name": name}) if template != "{name}" else name
+        out.append(Reading(sensor, metric, ts_ns, value, topic, match.tags, unit))
+    readings.extend(out)
+
+
+def _number(m: Any, datatype: int) -> float | None:
+    """The metric's value as a number, None if it is not one to store.
+
+    The datatype (the metric's, else its BIRTH's) says whether the value is a
+    measurement and how to sign an integer; the value is read from the field
+    the payload actually carries (a protobuf default is never taken for a
+    value that was not sent)."""
+    if datatype in _SKIPPED or datatype >= 22:
+        return None
+    which = m.WhichOneof("value")
+    if which == "int_value":
+        v = m.int_value
+        return float(v - (1 << 32) if v >= 1 << 31 and datatype in _SIGNED_ANY else v)
+    if which == "long_value":
+        v = m.long_value
+        return float(v - (1 << 64) if v >= 1 << 63 and datatype in _SIGNED_ANY else v)
+    if which == "boolean_value":
+        return 1.0 if m.boolean_value else 0.0
+    if which == "double_value":
+        f = m.double_value
+    elif which == "float_value":
+        f = m.float_value
+    else:
+        return None
+    if not math.isfinite(f):
+        return None  # NaN is how Sparkplug devices often say "no value"
+    return float(f)
+
+
+def _bd_seq(m: Any) -> int | None:
+    value = _number(m, m.datatype or _UINT64)
+    return None if value is None else int(value)
+
+
+def _death(table: RouteTable, node: Node, group: str, edge_node: str, message: Any) -> None:
+    bd_seq = None
+    for m in message.metrics:
+        if m.name == "bdSeq":
+            bd_seq = _bd_seq(m)
+    if node.bd_seq is not None and bd_seq is not None and bd_seq != node.bd_seq:
+        # The will of an earlier session, delivered late: this birth still stands.
+        log.info(
+            "sparkplug NDEATH of an earlier session ignored",
+            node=f"{group}/{edge_node}",
+            bd_seq=bd_seq,
+            current=node.bd_seq,
+        )
+        return
+    node.scope.born = False
+    for scope in node.devices.values():
+        scope.born = False
+    _offline(table, node, "")
+    for device in node.devices:
+        _offline(table, node, device)
+
+
+def _online(table: RouteTable, node: Node, device: str, sensor: str) -> None:
+    table.states_changed[sensor] = "online"
+
+
+def _offline(table: RouteTable, node: Node, device: str) -> None:
+    sensor = node.sensors.get(device)
+    if sensor:
+        table.states_changed[sensor] = "offline"
+
+
+def describe(datatype: int) -> str:
+    return DATATYPES.get(datatype, f"datatype {datatype}")
+
+
+def describe_state(table: RouteTable, topic: str) -> list[str]:
+    """What ingestd knows of the topic's edge node (or device), for `explain`."""
+    parsed = parse_topic(topic)
+    if parsed is None:
+        return []
+    group, _kind, edge_node, device = parsed
+    node = node_state(table, group, edge_node)
+    if node is None:
+        return [f"node {group}/{edge_node}: no BIRTH seen (DATA would be quarantined)"]
+    scope = node.devices.get(device) if device else node.scope
+    what = f"device {device} of node {group}/{edge_node}" if device else f"node {group}/{edge_node}"
+    if scope is None or not scope.born:
+        return [f"{what}: not born (DATA would be quarantined until its BIRTH)"]
+    lines = [f"{what}: born, last seq {node.seq}, bdSeq {node.bd_seq}"]
+    for alias, m in sorted(scope.by_alias.items()):
+        unit = f" [{m.unit}]" if m.unit else ""
+        lines.append(f"alias {alias} = {m.name!r} ({describe(m.datatype)}){unit}")
+    named = [m for name, m in scope.by_name.items() if m not in scope.by_alias.values()]
+    for m in named:
+        lines.append(f"{m.name!r} ({describe(m.datatype)}), no alias")
+    return lines
+
+
+FORMAT = Format(
+    name="sparkplug",
+    summary="Sparkplug B 3.0 edge nodes and devices: protobuf, metrics named by their BIRTH",
+    decode=decode,
+    options=SparkplugOptions,
+    template_fields=frozenset({"group", "edge_node", "device", "source", "name"}),
+    metric_from="payload",
+    default_metric="{name}",
+    sensor_fields=frozenset({"group", "edge_node", "device", "source"}),
+    default_sensor="{group}/{source}",
+    metric_requires="name",
+    describe_state=describe_state,
+)

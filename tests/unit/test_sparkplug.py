@@ -1,0 +1,282 @@
+"""The sparkplug format (Sparkplug B 3.0): BIRTH declares, DATA resolves aliases
+by it, the sequence is followed, and what cannot be resolved is quarantined
+with a rebirth request, never guessed."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ingestd.config import RouteSettings
+from ingestd.decode import decode_all
+from ingestd.events import NS, Reading
+from ingestd.formats.sparkplug import REBIRTH, node_state
+from ingestd.formats.sparkplug_pb import BY_NAME, Payload
+from ingestd.routes import RouteTable
+
+NOW_NS = 1_800_000_000 * NS
+T_MS = 1_799_999_000_000
+NODE = "spBv1.0/plant/{kind}/press-1"
+DEV = "spBv1.0/plant/{kind}/press-1/spindle"
+
+
+def table(**route: object) -> RouteTable:
+    return RouteTable([RouteSettings(topic="spBv1.0/#", format="sparkplug", **route).compile(0)])
+
+
+def run(t: RouteTable, *messages: tuple[str, bytes]) -> tuple[list[Reading], list[str]]:
+    deliveries = [(topic, payload, NOW_NS + i) for i, (topic, payload) in enumerate(messages)]
+    readings, rejected = decode_all(t, deliveries)
+    return readings, [r.reason for r in rejected]
+
+
+def metric(p: Any, name: str = "", alias: int | None = None, **kw: Any) -> Any:
+    m = p.metrics.add(**kw)
+    if name:
+        m.name = name
+    if alias is not None:
+        m.alias = alias
+    return m
+
+
+def birth(seq: int = 0, bd_seq: int = 1) -> bytes:
+    p = Payload(timestamp=T_MS, seq=seq)
+    metric(p, "bdSeq", datatype=BY_NAME["UInt64"], long_value=bd_seq)
+    t = metric(p, "Temperature", 1, datatype=BY_NAME["Double"], double_value=20.5)
+    t.properties.keys.append("engUnit")
+    t.properties.values.add(type=BY_NAME["String"], string_value="°C")
+    metric(p, "Count", 2, datatype=BY_NAME["Int32"], int_value=(-3) & 0xFFFFFFFF)
+    metric(p, "Running", 3, datatype=BY_NAME["Boolean"], boolean_value=True)
+    metric(p, "Label", 4, datatype=BY_NAME["String"], string_value="press")
+    metric(p, "Node Control/Rebirth", 5, datatype=BY_NAME["Boolean"], boolean_value=False)
+    return bytes(p.SerializeToString())
+
+
+def data(seq: int, *values: tuple[int, float], ts_ms: int = T_MS + 1000) -> bytes:
+    p = Payload(timestamp=ts_ms, seq=seq)
+    for alias, v in values:
+        metric(p, alias=alias, double_value=v)  # no name, no datatype: the BIRTH's
+    return bytes(p.SerializeToString())
+
+
+def test_birth_then_data_by_alias_with_units_types_and_times() -> None:
+    t = table()
+    readings, problems = run(t, (NODE.format(kind="NBIRTH"), birth()))
+    assert problems == []
+    got = {r.metric: (r.value, r.unit, r.sensor, r.ts_ns) for r in readings}
+    ts = T_MS * 1_000_000
+    assert got == {
+        "Temperature": (20.5, "°C", "plant/press-1", ts),
+        "Count": (-3.0, "", "plant/press-1", ts),
+        "Running": (1.0, "", "plant/press-1", ts),
+    }  # Label (a string), the control metric and bdSeq: not readings
+    assert t.counts.skipped == {"string": 1}
+    readings, problems = run(t, (NODE.format(kind="NDATA"), data(1, (1, 21.25))))
+    assert problems == []
+    assert [(r.metric, r.value, r.unit, r.ts_ns) for r in readings] == [
+        ("Temperature", 21.25, "°C", (T_MS + 1000) * 1_000_000)
+    ]
+    state = node_state(t, "plant", "press-1")
+    assert state is not None
+    assert state.seq == 1
+    assert state.bd_seq == 1
+    assert t.take_status().states == {"plant/press-1": "online"}
+
+
+def test_a_sequence_gap_quarantines_and_asks_for_one_rebirth_until_reborn() -> None:
+    t = table()
+    run(t, (NODE.format(kind="NBIRTH"), birth()))
+    _, problems = run(
+        t,
+        (NODE.format(kind="NDATA"), data(1, (1, 1.0))),
+        (NODE.format(kind="NDATA"), data(3, (1, 3.0))),  # 2 never came
+        (NODE.format(kind="NDATA"), data(4, (1, 4.0))),
+    )
+    assert problems[0].startswith("Sparkplug node plant/press-1: sequence gap: expected 2, got 3")
+    assert problems[0].endswith("rebirth requested")
+    assert "waiting for its rebirth" in problems[1]  # asked once, not per message
+    assert t.counts.rebirth_requests == 1
+    [(topic, payload)] = t.commands
+    assert topic == "spBv1.0/plant/NCMD/press-1"
+    [m] = Payload.FromString(payload).metrics
+    assert (m.name, m.boolean_value) == (REBIRTH, True)
+    readings, problems = run(
+        t,
+        (NODE.format(kind="NBIRTH"), birth(bd_seq=2)),
+        (NODE.format(kind="NDATA"), data(1, (1, 5.0))),
+    )
+    assert problems == []
+    assert [r.value for r in readings if r.metric == "Temperature"] == [20.5, 5.0]
+
+
+def test_data_from_a_node_never_seen_born_is_not_guessed() -> None:
+    t = table()
+    readings, problems = run(t, (NODE.format(kind="NDATA"), data(17, (1, 1.0))))
+    assert readings == []
+    assert "has not seen its birth" in problems[0]
+    assert "rebirth requested" in problems[0]
+    assert t.commands
+    assert t.counts.rebirth_requests == 1
+
+
+def test_an_alias_the_birth_did_not_declare_is_quarantined() -> None:
+    t = table()
+    run(t, (NODE.format(kind="NBIRTH"), birth()))
+    readings, problems = run(t, (NODE.format(kind="NDATA"), data(1, (1, 1.0), (99, 2.0))))
+    assert readings == []  # nothing from the message, not even the resolvable alias
+    assert "alias 99 was not declared by the BIRTH" in problems[0]
+
+
+def test_devices_have_their_own_birth_and_death_and_share_the_nodes_sequence() -> None:
+    t = table()
+    run(t, (NODE.format(kind="NBIRTH"), birth()))
+    p = Payload(timestamp=T_MS, seq=1)
+    metric(p, "RPM", 10, datatype=BY_NAME["Float"], float_value=1500.0)
+    readings, problems = run(
+        t,
+        (DEV.format(kind="DBIRTH"), p.SerializeToString()),
+        (DEV.format(kind="DDATA"), data(2, (10, 1510.0))),
+        (NODE.format(kind="NDATA"), data(3, (1, 22.0))),
+    )
+    assert problems == []
+    assert [(r.sensor, r.metric, r.value) for r in readings] == [
+        ("plant/press-1/spindle", "RPM", 1500.0),
+        ("plant/press-1/spindle", "RPM", 1510.0),
+        ("plant/press-1", "Temperature", 22.0),
+    ]
+    t.take_status()
+    run(t, (DEV.format(kind="DDEATH"), Payload(timestamp=T_MS, seq=4).SerializeToString()))
+    assert t.take_status().states == {"plant/press-1/spindle": "offline"}
+    _, problems = run(t, (DEV.format(kind="DDATA"), data(5, (10, 1.0))))
+    assert "whose BIRTH ingestd has not seen" in problems[0]
+
+
+def test_ndeath_with_the_births_bdseq_marks_node_and_devices_offline() -> None:
+    t = table()
+    run(t, (NODE.format(kind="NBIRTH"), birth(bd_seq=5)))
+    p = Payload(timestamp=T_MS, seq=1)
+    metric(p, "RPM", 10, datatype=BY_NAME["Float"], float_value=1.0)
+    run(t, (DEV.format(kind="DBIRTH"), p.SerializeToString()))
+    t.take_status()
+    stale = Payload(timestamp=T_MS)
+    metric(stale, "bdSeq", datatype=BY_NAME["UInt64"], long_value=4)
+    run(t, (NODE.format(kind="NDEATH"), stale.SerializeToString()))
+    assert t.take_status().states == {}, "an earlier session's will does not end this one"
+    death = Payload(timestamp=T_MS)
+    metric(death, "bdSeq", datatype=BY_NAME["UInt64"], long_value=5)
+    run(t, (NODE.format(kind="NDEATH"), death.SerializeToString()))
+    assert t.take_status().states == {
+        "plant/press-1": "offline",
+        "plant/press-1/spindle": "offline",
+    }
+
+
+def test_redelivered_data_is_read_again_not_a_gap() -> None:
+    t = table()
+    run(t, (NODE.format(kind="NBIRTH"), birth()))
+    first = data(1, (1, 1.0))
+    readings, problems = run(
+        t, (NODE.format(kind="NDATA"), first), (NODE.format(kind="NDATA"), first)
+    )
+    assert problems == []
+    assert len(readings) == 2
+    assert readings[0] == readings[1]
+    assert t.counts.rebirth_requests == 0
+
+
+def test_the_sequence_wraps_at_255() -> None:
+    t = table()
+    run(t, (NODE.format(kind="NBIRTH"), birth()))
+    msgs = [(NODE.format(kind="NDATA"), data(s % 256, (1, float(s)))) for s in range(1, 600)]
+    readings, problems = run(t, *msgs)
+    assert problems == []
+    assert len(readings) == 599
+
+
+def test_historical_stored_transient_and_null_and_nan_counted() -> None:
+    t = table()
+    run(t, (NODE.format(kind="NBIRTH"), birth()))
+    p = Payload(timestamp=T_MS + 5, seq=1)
+    metric(p, alias=1, double_value=1.0, is_historical=True, timestamp=T_MS - 60_000)
+    metric(p, alias=1, double_value=2.0, is_transient=True)
+    metric(p, alias=1, is_null=True)
+    metric(p, alias=1, double_value=math.nan)
+    readings, problems = run(t, (NODE.format(kind="NDATA"), p.SerializeToString()))
+    assert problems == []
+    assert [(r.value, r.ts_ns) for r in readings] == [(1.0, (T_MS - 60_000) * 1_000_000)]
+    assert t.counts.skipped == {"string": 1, "transient": 1, "null": 1, "not_finite": 1}
+
+
+def test_commands_and_host_state_are_not_data() -> None:
+    t = table()
+    readings, problems = run(
+        t,
+        ("spBv1.0/plant/NCMD/press-1", b"\x00"),
+        ("spBv1.0/STATE/ingestd-1", b'{"online": true, "timestamp": 1}'),
+    )
+    assert readings == []
+    assert problems == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(payload=st.binary(max_size=300), kind=st.sampled_from(["NBIRTH", "NDATA", "NDEATH"]))
+def test_garbage_payloads_are_quarantined_or_ignored(payload: bytes, kind: str) -> None:
+    t = table()
+    run(t, (NODE.format(kind="NBIRTH"), birth()))
+    readings, problems = run(t, (NODE.format(kind=kind), payload))
+    assert all(isinstance(p, str) and p for p in problems)
+    assert all(math.isfinite(r.value) for r in readings)
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.floats(allow_nan=False, allow_infinity=False, width=64), max_size=20))
+def test_every_double_sent_by_alias_comes_back_exactly(values: list[float]) -> None:
+    t = table()
+    run(t, (NODE.format(kind="NBIRTH"), birth()))
+    msgs = [(NODE.format(kind="NDATA"), data(i + 1, (1, v))) for i, v in enumerate(values)]
+    readings, problems = run(t, *msgs)
+    assert problems == []
+    assert [r.value for r in readings] == values
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    kind=st.sampled_from(["Int8", "Int16", "Int32", "Int64", "UInt8", "UInt32", "UInt64"]),
+    value=st.integers(min_value=-(2**31), max_value=2**32 - 1),
+)
+def test_integers_are_read_by_their_declared_type(kind: str, value: int) -> None:
+    signed = kind.startswith("Int")
+    bits = {"8": 8, "16": 16, "32": 32, "64": 64}[kind.removeprefix("U").removeprefix("Int")]
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    value = max(lo, min(hi, value))
+    p = Payload(timestamp=T_MS, seq=0)
+    if bits == 64:
+        metric(p, "x", 1, datatype=BY_NAME[kind], long_value=value & (2**64 - 1))
+    else:
+        metric(p, "x", 1, datatype=BY_NAME[kind], int_value=value & (2**32 - 1))
+    readings, problems = run(table(), (NODE.format(kind="NBIRTH"), p.SerializeToString()))
+    assert problems == []
+    assert [r.value for r in readings] == [float(value)]
+
+
+def test_explain_shows_the_alias_state_it_resolves_data_with() -> None:
+    from ingestd.config import Settings
+    from ingestd.explain import explain
+
+    settings = Settings(routes=[RouteSettings(topic="spBv1.0/#", format="sparkplug")])
+    topic = NODE.format(kind="NDATA")
+    now = T_MS / 1000 + 10
+    alone = explain(settings, topic, data(1, (1, 21.75)), now=now)
+    assert "state:   node plant/press-1: no BIRTH seen" in alone
+    assert "readings: none" in alone
+    assert "would send: spBv1.0/plant/NCMD/press-1" in alone
+    after = explain(
+        settings, topic, data(1, (1, 21.75)), now, after=[(NODE.format(kind="NBIRTH"), birth())]
+    )
+    assert "after:   spBv1.0/plant/NBIRTH/press-1" in after
+    assert "alias 1 = 'Temperature' (Double) [°C]" in after
+    assert "plant/press-1 Temperature = 21.75 °C at" in after
+    assert "would send" not in after
