@@ -25,6 +25,7 @@ ROUTES = [
     {"topic": "influx/{sensor}", "format": "influx"},
     {"topic": "value/{sensor}/{metric}", "format": "value"},
     {"topic": "homie/5/#", "format": "homie"},
+    {"topic": "spBv1.0/#", "format": "sparkplug"},
 ]
 # Homie values need their device's description first (decoded once, before timing).
 HOMIE_DESCRIPTION = json.dumps(
@@ -72,16 +73,43 @@ CASES = [
 ]
 
 
+def sparkplug_messages() -> tuple[bytes, list[bytes]]:
+    """An NBIRTH declaring 10 Double metrics, and 1,024 NDATA carrying all 10 by
+    alias, seq 1, 2, ... 255, 0, 1, ... (a whole number of wraps, so chunk after
+    chunk follows on as a live node's would)."""
+    from ingestd.formats.sparkplug_pb import BY_NAME, Payload  # noqa: PLC0415
+
+    ms = int(T0 * 1000)
+    birth = Payload(timestamp=ms, seq=0)
+    for a in range(10):
+        birth.metrics.add(name=f"m{a}", alias=a, datatype=BY_NAME["Double"], double_value=0.0)
+    data = []
+    for k in range(1024):
+        p = Payload(timestamp=ms + k, seq=(k + 1) % 256)
+        for a in range(10):
+            p.metrics.add(alias=a, double_value=21.5 + a)
+        data.append(p.SerializeToString())
+    return birth.SerializeToString(), data
+
+
 def main() -> int:
     table = route_table(Settings(routes=ROUTES))
     decode_all(table, [("homie/5/d1/$description", HOMIE_DESCRIPTION, int(T0 * NS))])
+    birth, sparkplug_data = sparkplug_messages()
+    decode_all(table, [("spBv1.0/g/NBIRTH/n1", birth, int(T0 * NS))])
     print(f"{'format':<42} {'readings/s':>12} {'us/reading':>11} {'msgs/s':>10}")
-    for name, topic, payload in CASES:
-        chunk = [(topic, payload, int(T0 * NS))] * 1000
+    chunks = [(name, [(topic, payload, int(T0 * NS))] * 1000) for name, topic, payload in CASES]
+    chunks.append(
+        (
+            "sparkplug, NDATA of 10 doubles by alias",
+            [("spBv1.0/g/NDATA/n1", p, int(T0 * NS)) for p in sparkplug_data],
+        )
+    )
+    for name, chunk in chunks:
         readings, rejected = decode_all(table, chunk)
         assert readings, name
         assert not rejected, rejected[:1]
-        per_message = len(readings) // 1000
+        per_message = len(readings) // len(chunk)
         runs = []
         for _ in range(5):
             n, started = 0, time.perf_counter()

@@ -92,6 +92,13 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="stop after this many rounds (default 0: run until interrupted)",
     )
     sim.add_argument(
+        "--format",
+        choices=("json", "sparkplug"),
+        default="json",
+        help="json: sensors/<sensor>/telemetry objects (default); sparkplug: each "
+        "sensor a Sparkplug B edge node (spBv1.0/ingestd-sim/...)",
+    )
+    sim.add_argument(
         "--qos",
         type=int,
         choices=(0, 1, 2),
@@ -228,12 +235,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ingestd.observe.log import configure_logging  # noqa: PLC0415
 
     if command == "simulate":
-        from ingestd.simulate import simulate  # noqa: PLC0415
+        from ingestd.simulate import simulate, simulate_sparkplug  # noqa: PLC0415
 
         configure_logging("warning", "console", sys.stderr)
         try:
             _run_async(
-                simulate(
+                (simulate_sparkplug if args.format == "sparkplug" else simulate)(
                     settings,
                     sensors=args.sensors,
                     interval=args.interval,

@@ -2,7 +2,8 @@
 # See ingestd work: set up (virtualenv, dependencies, Mosquitto if missing),
 # start a private Mosquitto on a free local port, run the daemon with the
 # shipped config and feed it with the built-in simulator. Ctrl-C stops all.
-# The data stays in ./var/ingestd.db.
+# The data stays in ./var/ingestd.db. Arguments go to the simulator, e.g.
+# `scripts/quickstart.sh --format sparkplug` for Sparkplug B edge nodes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -61,7 +62,7 @@ pids+=($!)
 export INGESTD_MQTT__PORT=$port INGESTD_MQTT__BROKER_MAX_INFLIGHT=1000
 export INGESTD_STORE__PATH=$PWD/var/ingestd.db
 echo "quickstart: broker on 127.0.0.1:$port, database var/ingestd.db; Ctrl-C to stop" >&2
-.venv/bin/ingestd simulate --config config/ingestd.toml --sensors 8 --interval 1 &
+.venv/bin/ingestd simulate --config config/ingestd.toml --sensors 8 --interval 1 "$@" &
 pids+=($!)
 .venv/bin/ingestd run --config config/ingestd.toml &
 pids+=($!)

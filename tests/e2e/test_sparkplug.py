@@ -7,6 +7,7 @@ stored is in quarantine with its reason."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -18,6 +19,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.helpers import (
     REPO,
+    SHIPPED_CONFIG,
     DaemonFactory,
     DbReader,
     Mosquitto,
@@ -141,3 +143,58 @@ def test_a_sparkplug_edge_node_through_a_gap_a_restart_and_its_death(
     state = retained(mosquitto.port, f"spBv1.0/STATE/{HOST}")
     assert state is not None
     assert json.loads(state)["online"] is False
+
+
+def test_the_simulators_edge_nodes_are_reborn_on_request_and_die_on_stop(
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
+) -> None:
+    """`ingestd simulate --format sparkplug` with the shipped config. The nodes
+    are born before ingestd starts, so ingestd first sees their DATA without
+    a BIRTH: it asks each for a rebirth, they answer, and their data is
+    stored from then on. When the simulator stops, their NDEATH marks them
+    offline."""
+    env = {
+        "INGESTD_MQTT__PORT": str(mosquitto.port),
+        "INGESTD_STORE__PATH": str(tmp_path / "ingestd.db"),
+    }
+    sim = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "ingestd", "simulate", "--config", str(SHIPPED_CONFIG)),
+            *("--format", "sparkplug", "--sensors", "2", "--interval", "0.1", "--rounds", "60"),
+        ],
+        env={**os.environ, **env},
+        cwd=REPO,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)  # born, and sending DATA, before ingestd is there
+        db = DbReader(tmp_path / "ingestd.db")
+        daemon = daemons(mosquitto.port, config=SHIPPED_CONFIG).start()
+        daemon.wait_ready()
+        _, err = sim.communicate(timeout=60)
+    finally:
+        if sim.poll() is None:
+            sim.kill()
+    assert sim.returncode == 0, err
+    assert "answered 2 rebirth request(s)" in err
+    wait_for(
+        lambda: db.rows("SELECT count(*) FROM sensor_status WHERE state = 'offline'") == [(2,)],
+        15,
+        what="both nodes offline after the simulator stopped",
+    )
+    assert daemon.stop() == 0
+    sensors = db.rows("SELECT DISTINCT sensor, metric, unit FROM readings ORDER BY 1, 2")
+    assert sensors == [
+        (f"ingestd-sim/{node}", metric, unit)
+        for node in ("kitchen", "living-room")
+        for metric, unit in [
+            ("Environment/CO2", "ppm"),
+            ("Environment/Humidity", "%"),
+            ("Environment/Temperature", "°C"),
+            ("Status/Uptime", "s"),
+        ]
+    ]
+    reasons = [r for (r,) in db.rows("SELECT reason FROM quarantine")]
+    assert reasons, "the DATA sent before the rebirth is quarantined, not guessed"
+    assert all("has not seen its birth" in r or "waiting for its rebirth" in r for r in reasons)

@@ -29,6 +29,7 @@ def test_shipped_config_is_valid_and_matches_the_model_defaults() -> None:
     assert [r.topic for r in settings.routes] == [
         "sensors/{sensor}/telemetry",
         "sensors/{sensor}/{metric}",
+        "spBv1.0/#",
     ]
     # Every documented default in the file equals the model's default.
     defaults = type(settings.mqtt)()

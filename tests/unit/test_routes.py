@@ -140,7 +140,7 @@ def test_overlapping_route_filters_are_subscribed_once() -> None:
     from tests.helpers import SHIPPED_CONFIG
 
     settings = load_settings(SHIPPED_CONFIG)
-    assert subscriptions(settings, route_table(settings)) == [("sensors/+/+", 1)]
+    assert subscriptions(settings, route_table(settings)) == [("sensors/+/+", 1), ("spBv1.0/#", 1)]
 
 
 def test_a_dollar_route_is_subscribed_next_to_a_catch_all() -> None:
