@@ -72,6 +72,7 @@ _SKIPPED = {
     BY_NAME["PropertySetList"]: "propertyset",
 }
 _NS_PER_MS = 1_000_000
+_MAX_MS = (1 << 63) // _NS_PER_MS
 
 
 class SparkplugOptions(FormatOptions):
@@ -192,9 +193,11 @@ def decode(
         _death(table, node, group, edge_node, message)
         return
     if kind == "NBIRTH":
-        node.seq = message.seq if message.HasField("seq") else 0
+        # Unborn until this BIRTH reads whole: a bad one leaves nothing to resolve with.
         node.devices.clear()
+        node.scope = Scope()
         node.scope = _birth(message)
+        node.seq = message.seq if message.HasField("seq") else 0
         for metric in message.metrics:
             if metric.name == "bdSeq":
                 node.bd_seq = _bd_seq(metric)
@@ -217,6 +220,7 @@ def decode(
         return
     if problem is None:
         if kind == "DBIRTH":
+            node.devices.pop(device, None)
             scope = node.devices[device] = _birth(message)
             _online(table, node, device, sensor)
         assert scope is not None
@@ -287,8 +291,8 @@ def _birth(message: Any) -> Scope:
             props = m.properties
             for key, value in zip(props.keys, props.values, strict=False):
                 if key == "engUnit" and value.WhichOneof("value") == "string_value":
-                    unit = value.string_value
-        metric = Metric(m.name, m.datatype, unit)
+                    unit = _text(value.string_value, "an engUnit")
+        metric = Metric(_text(m.name, "a metric name"), m.datatype, unit)
         if m.name:
             scope.by_name[m.name] = metric
         if m.HasField("alias"):
@@ -309,7 +313,9 @@ def _values(
 ) -> None:
     """The message's numeric metrics as readings; raises _Unresolved (before
     appending anything) if a metric cannot be named."""
-    default_ns = message.timestamp * _NS_PER_MS if message.HasField("timestamp") else received_ns
+    default_ns = received_ns
+    if message.HasField("timestamp"):
+        default_ns = _time_ns(message.timestamp)
     out: list[Reading] = []
     skipped = table.counts.skipped
     template = match.metric_template
@@ -322,7 +328,7 @@ def _values(
                 raise _Unresolved(f"alias {m.alias} was not declared by the BIRTH")
         else:
             raise _Unresolved("a metric has neither a name nor an alias")
-        name = m.name or (declared.name if declared else "")
+        name = _text(m.name, "a metric name") or (declared.name if declared else "")
         datatype = m.datatype or (declared.datatype if declared else 0)
         unit = declared.unit if declared else ""
         if m.is_transient:
@@ -341,10 +347,25 @@ def _values(
                 kind = "not_finite"
             skipped[kind] = skipped.get(kind, 0) + 1
             continue
-        ts_ns = m.timestamp * _NS_PER_MS if m.HasField("timestamp") else default_ns
+        ts_ns = _time_ns(m.timestamp) if m.HasField("timestamp") else default_ns
         metric = template.format_map({**names, "name": name}) if template != "{name}" else name
         out.append(Reading(sensor, metric, ts_ns, value, topic, match.tags, unit))
     readings.extend(out)
+
+
+def _text(value: str | bytes, what: str) -> str:
+    """A protobuf string field: proto2 does not check UTF-8, and upb hands
+    back bytes where it is not."""
+    if type(value) is not str:
+        raise DecodeError(f"{what} is not valid UTF-8")
+    return value
+
+
+def _time_ns(ms: int) -> int:
+    """Unix ms (uint64 on the wire) as ns; one past what a store can hold is bad input."""
+    if ms >= _MAX_MS:
+        raise DecodeError(f"timestamp {ms} ms is out of range (after the year 2262)")
+    return ms * _NS_PER_MS
 
 
 def _number(m: Any, datatype: int) -> float | None:

@@ -228,7 +228,7 @@ def test_garbage_payloads_are_quarantined_or_ignored(payload: bytes, kind: str) 
     run(t, (NODE.format(kind="NBIRTH"), birth()))
     readings, problems = run(t, (NODE.format(kind=kind), payload))
     assert all(isinstance(p, str) and p for p in problems)
-    assert all(math.isfinite(r.value) for r in readings)
+    assert all(math.isfinite(r.value) and 0 <= r.ts_ns < 2**63 for r in readings)
 
 
 @settings(max_examples=200, deadline=None)
@@ -280,3 +280,20 @@ def test_explain_shows_the_alias_state_it_resolves_data_with() -> None:
     assert "alias 1 = 'Temperature' (Double) [°C]" in after
     assert "plant/press-1 Temperature = 21.75 °C at" in after
     assert "would send" not in after
+
+
+def test_a_birth_that_cannot_be_read_leaves_the_node_unborn() -> None:
+    """A BIRTH with a metric name that is not UTF-8 is quarantined, and the
+    node's earlier alias table is not used for the DATA that follows."""
+    t = table()
+    run(t, (NODE.format(kind="NBIRTH"), birth()))
+    bad_birth = bytes(Payload(timestamp=T_MS, seq=0).SerializeToString())
+    # A metric by hand: name (field 1) b"\xff\xfe", alias 1, datatype Double, 0.0.
+    metric_bytes = b"\x0a\x02\xff\xfe" + b"\x10\x01" + b"\x20\x0a" + b"\x69" + b"\x00" * 8
+    bad_birth += b"\x12" + bytes([len(metric_bytes)]) + metric_bytes
+    readings, problems = run(t, (NODE.format(kind="NBIRTH"), bad_birth))
+    assert readings == []
+    assert problems == ["a metric name is not valid UTF-8"]
+    readings, problems = run(t, (NODE.format(kind="NDATA"), data(1, (1, 5.0))))
+    assert readings == []
+    assert "has not seen its birth" in problems[0]
