@@ -1,4 +1,4 @@
-"""The homie format: devices following the Homie convention, version 5.
+"""The homie format: devices following the Homie convention, version 5 (and 4).
 
 A device describes itself in a retained JSON document,
 `homie/5/<device>/$description`: its nodes, each node's properties, and each
@@ -17,6 +17,11 @@ counted (`DecodeCounts.non_numeric`) and not stored. Values carry no time: a
 retained value re-sent at subscribe is not a new reading and is not read at
 all (counted with the retained messages ignored); the route's `retained` is
 "store" for homie so that the retained descriptions and states are read.
+
+Homie 4 (`homie/<device>/...`, no version level) describes each property in
+topics of its own, `<node>/<property>/$datatype` and `$unit`; a value whose
+property has no `$datatype` yet is quarantined with that reason. A route
+`homie/#` takes both conventions.
 """
 
 from __future__ import annotations
@@ -39,8 +44,10 @@ if TYPE_CHECKING:
 log = structlog.get_logger("ingestd.formats.homie")
 
 STATES = frozenset({"init", "ready", "disconnected", "sleeping", "lost"})
+STATES_V4 = STATES | {"alert"}
 NUMERIC = frozenset({"integer", "float", "boolean"})
 DATATYPES = NUMERIC | {"string", "enum", "color", "datetime", "duration", "json"}
+DATATYPES_V4 = DATATYPES - {"json"}
 _DEVICES_KEPT = 65536
 
 
@@ -51,6 +58,7 @@ class Device:
     version: int | None = None
     described: bool = False
     state: str = ""
+    homie4: bool = False  # described by Homie 4 $datatype / $unit topics
 
 
 def _devices(table: RouteTable) -> dict[str, Device]:
@@ -84,9 +92,12 @@ def decode(
 ) -> None:
     parts = topic.split("/")
     try:
-        at = next(i for i in range(len(parts) - 1) if parts[i] == "homie" and parts[i + 1] == "5")
+        at = next(i for i in range(len(parts) - 1) if parts[i] == "homie")
     except StopIteration:
-        raise DecodeError("not a Homie 5 topic (expected .../homie/5/<device>/...)") from None
+        raise DecodeError("not a Homie topic (expected .../homie/5/<device>/...)") from None
+    if parts[at + 1] != "5":
+        _decode_v4(table, match, topic, payload, received_ns, readings, parts[at + 1 :])
+        return
     rest = parts[at + 2 :]
     if len(rest) < 2 or not rest[0]:
         raise DecodeError("not a Homie 5 device topic (expected homie/5/<device>/...)")
@@ -101,6 +112,57 @@ def decode(
         return  # other device attributes, /set commands, $target: not readings
     node, prop = rest[1], rest[2]
     _value_reading(table, match, topic, payload, received_ns, readings, device_id, node, prop)
+
+
+def _decode_v4(
+    table: RouteTable,
+    match: RouteMatch,
+    topic: str,
+    payload: bytes,
+    received_ns: int,
+    readings: list[Reading],
+    rest: list[str],
+) -> None:
+    """Homie 4: `homie/<device>/...`, each attribute its own retained topic:
+    a property's `$datatype` and `$unit` at `<node>/<property>/$datatype` and
+    `/$unit`, its value at `<node>/<property>`, the device's `$state`."""
+    if len(rest) < 2 or not rest[0] or rest[0].startswith("$"):
+        raise DecodeError("not a Homie device topic (expected homie/<device>/...)")
+    device_id = rest[0]
+    if rest[1] == "$state" and len(rest) == 2:
+        _state(table, match, device_id, payload, STATES_V4)
+        return
+    if len(rest) == 4 and rest[3] in ("$datatype", "$unit") and not rest[1].startswith("$"):
+        device = _device(table, device_id)
+        device.homie4 = True
+        key = (rest[1], rest[2])
+        text = payload.decode("utf-8", "replace").strip()
+        datatype, unit = device.properties.get(key, ("", ""))
+        if rest[3] == "$datatype":
+            if text not in DATATYPES_V4:
+                raise DecodeError(
+                    f"property {rest[1]}/{rest[2]} has $datatype {text[:32]!r} "
+                    f"(Homie 4 knows {', '.join(sorted(DATATYPES_V4))})"
+                )
+            datatype = text
+        else:
+            unit = text
+        device.properties[key] = (datatype, unit)
+        return
+    if len(rest) != 3 or rest[1].startswith("$") or rest[2].startswith("$"):
+        return  # $homie, $nodes, $properties, $name, /set: not readings
+    if table.retained_now:
+        table.counts.retained_ignored += 1  # as for Homie 5: no time of its own
+        return
+    node, prop = rest[1], rest[2]
+    known = device_state(table, device_id)
+    spec = known.properties.get((node, prop)) if known is not None and known.homie4 else None
+    if spec is None or not spec[0]:
+        raise DecodeError(
+            f"property {node}/{prop} of device {device_id!r} has no $datatype (Homie 4): a "
+            "value is not stored without it (the route must cover its $datatype topic too)"
+        )
+    _store_value(table, match, topic, payload, received_ns, readings, device_id, node, prop, spec)
 
 
 def _value_reading(
@@ -133,6 +195,22 @@ def _value_reading(
             f"property {node}/{prop} is not in device {device_id!r}'s $description "
             f"(version {device.version})"
         )
+    _store_value(table, match, topic, payload, received_ns, readings, device_id, node, prop, spec)
+
+
+def _store_value(
+    table: RouteTable,
+    match: RouteMatch,
+    topic: str,
+    payload: bytes,
+    received_ns: int,
+    readings: list[Reading],
+    device_id: str,
+    node: str,
+    prop: str,
+    spec: tuple[str, str],
+) -> None:
+    """A value read by its property's (datatype, unit)."""
     datatype, unit = spec
     if datatype not in NUMERIC:
         table.counts.non_numeric += 1
@@ -214,11 +292,18 @@ def _describe(table: RouteTable, device_id: str, payload: bytes) -> None:
     device.described = True
 
 
-def _state(table: RouteTable, match: RouteMatch, device_id: str, payload: bytes) -> None:
+def _state(
+    table: RouteTable,
+    match: RouteMatch,
+    device_id: str,
+    payload: bytes,
+    states: frozenset[str] = STATES,
+) -> None:
     text = payload.decode("utf-8", "replace").strip()
-    if text not in STATES:
+    if text not in states:
+        version = 4 if states is STATES_V4 else 5
         raise DecodeError(
-            f"$state {text[:32]!r} is not one of {', '.join(sorted(STATES))} (Homie 5)"
+            f"$state {text[:32]!r} is not one of {', '.join(sorted(states))} (Homie {version})"
         )
     device = _device(table, device_id)
     if device.state != text:

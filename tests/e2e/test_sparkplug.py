@@ -198,3 +198,28 @@ def test_the_simulators_edge_nodes_are_reborn_on_request_and_die_on_stop(
     reasons = [r for (r,) in db.rows("SELECT reason FROM quarantine")]
     assert reasons, "the DATA sent before the rebirth is quarantined, not guessed"
     assert all("has not seen its birth" in r or "waiting for its rebirth" in r for r in reasons)
+
+
+def test_the_host_state_will_says_offline_when_ingestd_dies(
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
+) -> None:
+    """kill -9: no clean goodbye, so the broker publishes the will: the
+    retained STATE goes offline, with the timestamp of the online message it
+    ends (Sparkplug 3.0 ties the two by it)."""
+    daemon = daemons(mosquitto.port, ROUTE, INGESTD_MQTT__SPARKPLUG_HOST_ID=HOST).start()
+    daemon.wait_ready()
+    online = retained(mosquitto.port, f"spBv1.0/STATE/{HOST}")
+    assert online is not None
+    assert json.loads(online)["online"] is True
+    daemon.kill()
+    wait_for(
+        lambda: (
+            (got := retained(mosquitto.port, f"spBv1.0/STATE/{HOST}")) is not None
+            and json.loads(got)["online"] is False
+        ),
+        30,
+        what="the will",
+    )
+    offline = retained(mosquitto.port, f"spBv1.0/STATE/{HOST}")
+    assert offline is not None
+    assert json.loads(offline)["timestamp"] == json.loads(online)["timestamp"]

@@ -34,7 +34,8 @@ DESCRIPTION = {
 
 
 def table(**route: object) -> RouteTable:
-    return RouteTable([RouteSettings(topic="homie/5/#", format="homie", **route).compile(0)])
+    spec: dict[str, object] = {"topic": "homie/5/#", "format": "homie", **route}
+    return RouteTable([RouteSettings(**spec).compile(0)])
 
 
 def run(
@@ -181,3 +182,56 @@ def test_nothing_a_device_sends_raises(topic: str, payload: bytes) -> None:
     readings, rejected = decode_all(t, [(topic, payload, NOW_NS)])
     assert all(r.kind != "internal" for r in rejected)
     assert len(readings) <= 1
+
+
+# -- Homie 4 ---------------------------------------------------------------------
+
+
+def test_homie4_properties_described_by_their_own_topics() -> None:
+    """Homie 4: $datatype and $unit per property topic; values read by them;
+    a value before its $datatype is quarantined; "alert" is a v4 state."""
+    t = table(topic="homie/#")
+    readings, problems = run(
+        t,
+        ("homie/boiler/env/temperature/$unit", "°C".encode()),
+        ("homie/boiler/env/temperature/$datatype", b"float"),
+        ("homie/boiler/env/on/$datatype", b"boolean"),
+        ("homie/boiler/env/mode/$datatype", b"enum"),
+        ("homie/boiler/$nodes", b"env"),
+        ("homie/boiler/env/$properties", b"temperature,on,mode"),
+        retained=True,
+    )
+    assert (readings, problems) == ([], [])
+    readings, problems = run(
+        t,
+        ("homie/boiler/$state", b"alert"),
+        ("homie/boiler/env/temperature", b"21.5"),
+        ("homie/boiler/env/on", b"true"),
+        ("homie/boiler/env/mode", b"eco"),
+        ("homie/boiler/env/pressure", b"1.2"),
+    )
+    assert [(r.sensor, r.metric, r.value, r.unit) for r in readings] == [
+        ("boiler", "env.temperature", 21.5, "°C"),
+        ("boiler", "env.on", 1.0, ""),
+    ]
+    assert problems == [
+        "property env/pressure of device 'boiler' has no $datatype (Homie 4): a value is not "
+        "stored without it (the route must cover its $datatype topic too)"
+    ]
+    assert t.take_status().states == {"boiler": "alert"}
+    # Homie 5 devices on the same route are read as before.
+    describe(t)
+    readings, problems = run(t, ("homie/5/boiler/env/temperature", b"20"))
+    assert problems == []
+    assert [(r.metric, r.value) for r in readings] == [("env.temperature", 20.0)]
+
+
+def test_homie4_rejects_an_unknown_datatype_and_a_v5_only_state() -> None:
+    t = table(topic="homie/#")
+    _, problems = run(
+        t,
+        ("homie/d/n/p/$datatype", b"json"),
+        ("homie/5/d/$state", b"alert"),
+    )
+    assert problems[0].startswith("property n/p has $datatype 'json' (Homie 4 knows")
+    assert problems[1].startswith("$state 'alert' is not one of")
