@@ -54,7 +54,7 @@ T0 = 1_700_000_000.0
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    consumer: str  # "ingestd" | "aiomqtt" | "paho_sqlite"
+    consumer: str  # "ingestd" | "aiomqtt" | "paho_sqlite" | "paho_sqlite_batch" | "mosquitto_sub"
     qos: int
     broker_inflight: int
     env: tuple[tuple[str, str], ...] = ()
@@ -62,6 +62,7 @@ class Scenario:
     batch: int = 0  # records per message (a JSON array); 0: one object per message
     store: str = "sqlite"  # "sqlite" | "postgres" (a database of its own per run)
     instances: int = 1  # > 1: that many daemons in one shared group
+    payload: str = "json"  # "json" | "senml" (batch > 0: a SenML pack of `batch` records)
 
     @property
     def readings_per_message(self) -> int:
@@ -116,6 +117,21 @@ def scenarios() -> list[Scenario]:
         Scenario(
             "hand-written paho + sqlite3 script, QoS 1", "paho_sqlite", 1, 1000, messages=3000
         ),
+        Scenario("mosquitto_sub (C, receive only), QoS 0", "mosquitto_sub", 0, 1000),
+        Scenario("mosquitto_sub (C, receive only), QoS 1", "mosquitto_sub", 1, 1000),
+        Scenario(
+            "paho + sqlite3 batch script (commit per 1,000), QoS 0", "paho_sqlite_batch", 0, 1000
+        ),
+        Scenario(
+            "paho + sqlite3 batch script (commit per 1,000), QoS 1", "paho_sqlite_batch", 1, 1000
+        ),
+        Scenario(
+            "ingestd, MQTT 5, QoS 1 ack after commit, broker inflight 1000",
+            "ingestd",
+            1,
+            1000,
+            (*fast, ("INGESTD_MQTT__PROTOCOL", "5")),
+        ),
         Scenario(
             "ingestd, batch payloads (50 readings/message), QoS 1 ack after commit",
             "ingestd",
@@ -124,6 +140,16 @@ def scenarios() -> list[Scenario]:
             fast,
             messages=20_000,
             batch=25,
+        ),
+        Scenario(
+            "ingestd, SenML packs (50 readings/message), QoS 1 ack after commit",
+            "ingestd",
+            1,
+            1000,
+            fast,
+            messages=20_000,
+            batch=25,
+            payload="senml",
         ),
         Scenario(
             "ingestd -> PostgreSQL, QoS 1 ack after commit, broker inflight 1000",
@@ -166,6 +192,18 @@ def postgres_url() -> str:
     return _PG[0].create_db(name)
 
 
+def senml_pack(i: int, records: int) -> str:
+    """A SenML pack of `records` records, 2 readings each (temperature and
+    humidity), times base + j ms: pack i covers the times JSON array i does."""
+    bt = T0 + i * records * 0.001
+    out = []
+    for j in range(records):
+        head = f'"bn": "urn:dev:", "bt": {bt:.3f}, ' if j == 0 else ""
+        out.append(f'{{{head}"n": "temperature", "t": {j * 0.001:.3f}, "v": {20 + j % 100 / 10}}}')
+        out.append(f'{{"n": "humidity", "t": {j * 0.001:.3f}, "v": {(i + j) % 100}}}')
+    return "[" + ", ".join(out) + "]"
+
+
 def record(i: int) -> str:
     return (
         f'{{"ts": {T0 + i * 0.001:.3f}, "temperature": {20 + (i % 100) / 10}, '
@@ -173,14 +211,23 @@ def record(i: int) -> str:
     )
 
 
-def preload(broker: Mosquitto, messages: int, qos: int, workdir: Path, batch: int = 0) -> None:
+def preload(
+    broker: Mosquitto,
+    messages: int,
+    qos: int,
+    workdir: Path,
+    batch: int = 0,
+    payload: str = "json",
+) -> None:
     per = messages // SENSORS
     procs = []
     for s in range(SENSORS):
         lines = workdir / f"load-{s}.txt"
         with lines.open("w") as fh:
             for i in range(per):
-                if batch:
+                if batch and payload == "senml":
+                    fh.write(senml_pack(i, batch) + "\n")
+                elif batch:
                     fh.write("[" + ", ".join(record(i * batch + j) for j in range(batch)) + "]\n")
                 else:
                     fh.write(record(i) + "\n")
@@ -269,10 +316,17 @@ def run_ingestd(
     group = "bench" if sc.instances > 1 else ""
     for client_id in ids:
         register_session(broker.port, client_id, sc.qos, group)
-    preload(broker, messages, sc.qos, work, sc.batch)
+    preload(broker, messages, sc.qos, work, sc.batch, sc.payload)
     expected = messages * sc.readings_per_message
     config = work / "ingestd.toml"
-    config.write_text(SHIPPED_CONFIG.read_text().replace("qos = 1", f"qos = {sc.qos}"))
+    text = SHIPPED_CONFIG.read_text().replace("qos = 1", f"qos = {sc.qos}")
+    if sc.payload == "senml":
+        json_route = (
+            'format = "json"\nsensor = "{sensor}"\nmetric = "{field}"\ntimestamp_field = "ts"'
+        )
+        assert json_route in text, "the shipped telemetry route changed"
+        text = text.replace(json_route, 'format = "senml"\nsensor = "{sensor}"\nmetric = "{field}"')
+    config.write_text(text)
     base = {
         **{k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")},
         "INGESTD_MQTT__PORT": str(broker.port),
@@ -391,7 +445,7 @@ def run_baseline(sc: Scenario, broker: Mosquitto, messages: int, work: Path) -> 
         "--client-id",
         client_id,
     ]
-    if sc.consumer == "paho_sqlite":
+    if sc.consumer.startswith("paho_sqlite"):
         args += ["--db", str(work / "script.db")]
     broker_pids = server_pids(broker, sc)[0]
     before = cpu_seconds(broker_pids)
