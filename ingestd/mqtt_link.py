@@ -27,6 +27,19 @@ plumbing, but not three things an at-least-once ingester needs:
    one keepalive. While paused, a PINGREQ that was written counts as the sign
    of life: a broker that is gone shows as a failed write.
 
+7. speed (issue 16, each measured in bench/): paho formats a debug log call
+   for every packet (aiomqtt hands it a logger): only its warnings and errors
+   are passed on. The acknowledgements of a committed batch go out as one
+   write (PUBACKs concatenated), not one queued packet each. And complete
+   QoS 0/1 PUBLISH packets already in our read buffer are parsed here, into a
+   light message with the fields paho's has, without paho's per-packet Python
+   (an MQTTMessage with a threading.Condition, a log call, callback
+   matching). paho keeps everything else: CONNECT, SUBSCRIBE, keepalive,
+   PUBREL, QoS 2, PUBLISH with MQTT 5 properties, partial packets at the end
+   of the buffer, TLS, reconnects. `tests/unit/test_mqtt_fastpath.py` feeds
+   the same byte streams (fuzzed, split at every byte, QoS 0/1/2, MQTT 3.1.1
+   and 5 with properties) to both and compares the messages.
+
 Everything here that reaches into a private attribute is listed in
 `REQUIRED_INTERNALS`; `tests/unit/test_mqtt_link.py` fails loudly if an
 upgrade of either library removes one.
@@ -35,6 +48,7 @@ upgrade of either library removes one.
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -58,6 +72,9 @@ REQUIRED_INTERNALS: tuple[tuple[type[Any], str], ...] = (
     (paho.Client, "_send_pubrec"),
     (paho.Client, "_send_pubcomp"),
     (paho.Client, "_packet_handle"),
+    (paho.Client, "_packet_queue"),
+    (paho.Client, "_send_puback"),
+    (paho.Client, "_easy_log"),
 )
 # paho.Client instance attributes: `_ping_t` is non-zero while a PINGREQ is unanswered;
 # `_sock` is the socket paho reads from (we put a buffer in front of it); `_in_packet`
@@ -65,6 +82,8 @@ REQUIRED_INTERNALS: tuple[tuple[type[Any], str], ...] = (
 # `_in_messages` holds QoS 2 messages waiting for PUBREL; `_last_bytes_received`
 # and `_msgtime_mutex` are what its keepalive check reads.
 REQUIRED_PAHO_ATTRS = (
+    "_protocol",
+    "_manual_ack",
     "_ping_t",
     "_sock",
     "_in_packet",
@@ -80,6 +99,7 @@ ARRIVAL_CLOCK: Callable[[], float] = paho.time_func
 
 MessageHandler = Callable[[paho.MQTTMessage], None]
 
+_PUBACK = struct.Struct("!BBH")
 # Packets read per socket wake-up before yielding to the event loop.
 _READS_PER_WAKEUP = 256
 # Bytes asked of the kernel per read: a few hundred typical PUBLISH packets.
@@ -90,6 +110,91 @@ def raw_topic(message: paho.MQTTMessage) -> bytes:
     """A message's topic as the broker sent it (paho's `topic` property raises on
     invalid UTF-8)."""
     return bytes(message._topic)
+
+
+class FastMessage:
+    """A received PUBLISH as the fast path gives it: the attributes of paho's
+    `MQTTMessage` that ingestd reads, and nothing that costs per message."""
+
+    __slots__ = ("_topic", "dup", "mid", "payload", "properties", "qos", "retain", "timestamp")
+
+    def __init__(
+        self,
+        topic: bytes,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        dup: bool,
+        mid: int,
+        timestamp: float,
+    ) -> None:
+        self._topic = topic
+        self.payload = payload
+        self.qos = qos
+        self.retain = retain
+        self.dup = dup
+        self.mid = mid
+        self.timestamp = timestamp
+        self.properties = None
+
+    @property
+    def topic(self) -> str:
+        """As paho's: raises UnicodeDecodeError for a topic that is not UTF-8."""
+        return self._topic.decode("utf-8")
+
+
+Parsed = tuple[bytes, bytes, int, bool, bool, int, int]
+
+
+def parse_publishes(buf: bytes, pos: int, v5: bool, out: list[Parsed]) -> int:
+    """Parse the complete QoS 0/1 PUBLISH packets at `buf[pos:]` into `out`
+    (topic, payload, qos, retain, dup, mid, end position); return the position of the first
+    packet left for paho: another type, QoS 2, MQTT 5 properties present, a
+    malformed one (paho reports it), or one not wholly in the buffer."""
+    end = len(buf)
+    while pos < end:
+        first = buf[pos]
+        if first & 0xF0 != 0x30:
+            return pos
+        qos = (first >> 1) & 3
+        if qos > 1:
+            return pos
+        # Remaining length: 1-4 bytes, 7 bits each.
+        length = 0
+        shift = 0
+        i = pos + 1
+        while True:
+            if i >= end or i - pos > 4:
+                return pos
+            byte = buf[i]
+            length |= (byte & 0x7F) << shift
+            i += 1
+            if not byte & 0x80:
+                break
+            shift += 7
+        stop = i + length
+        if stop > end or length < 2:
+            return pos
+        tlen = (buf[i] << 8) | buf[i + 1]
+        if not tlen:
+            return pos  # MQTT 3.1.1 refuses an empty topic, MQTT 5 needs an alias
+        j = i + 2 + tlen
+        mid = 0
+        if qos:
+            if j + 2 > stop:
+                return pos
+            mid = (buf[j] << 8) | buf[j + 1]
+            j += 2
+        elif j > stop:
+            return pos
+        if v5:
+            if j >= stop or buf[j] != 0:
+                return pos  # properties (or a malformed length): paho decodes them
+            j += 1
+        topic = buf[i + 2 : i + 2 + tlen]
+        out.append((topic, buf[j:stop], qos, bool(first & 1), bool(first & 8), mid, stop))
+        pos = stop
+    return pos
 
 
 class _BufferedSocket:
@@ -161,6 +266,11 @@ class MqttLink(aiomqtt.Client):
         paho_client: paho.Client = self._client
         paho_client.manual_ack_set(manual_ack)
         paho_client.on_message = self._deliver
+        # paho's per-packet debug lines cost a call each; pass on what matters.
+        paho_client._easy_log = self._paho_log  # type: ignore[method-assign]
+        self._paho_logger = paho_client._logger
+        self.fast_publishes = 0  # PUBLISH packets the fast path parsed (tests read it)
+        self.fast_path = True  # off: paho parses every packet (the differential test)
         self._paho_handle_publish = paho_client._handle_publish
         self._paho_handle_pubrel = paho_client._handle_pubrel
         self._paho_send_pubrec = paho_client._send_pubrec
@@ -214,6 +324,36 @@ class MqttLink(aiomqtt.Client):
             self.discarded += 1  # not acknowledged: the broker redelivers it next session
             return
         self._handler(message)
+
+    def _paho_log(self, level: int, fmt: str, *args: Any) -> None:
+        if level in (paho.MQTT_LOG_WARNING, paho.MQTT_LOG_ERR) and self._paho_logger is not None:
+            self._paho_logger.log(
+                logging.WARNING if level == paho.MQTT_LOG_WARNING else logging.ERROR, fmt, *args
+            )
+
+    def ack_many(self, acks: list[tuple[int, int]]) -> bool:
+        """Acknowledge these (mid, qos) in order: the PUBACKs in one write (one
+        queued packet of them all), QoS 2's PUBRECs as `ack` sends them. False
+        if the connection is gone."""
+        client: paho.Client = self._client
+        pubacks: list[bytes] = []
+        ok = True
+        for mid, qos in acks:
+            if qos == 1:
+                pubacks.append(_PUBACK.pack(0x40, 2, mid))
+                continue
+            if pubacks:
+                ok = self._queue_pubacks(client, pubacks) and ok
+                pubacks = []
+            ok = self.ack(mid, qos) and ok
+        if pubacks:
+            ok = self._queue_pubacks(client, pubacks) and ok
+        return ok
+
+    @staticmethod
+    def _queue_pubacks(client: paho.Client, pubacks: list[bytes]) -> bool:
+        rc = client._packet_queue(0x40, b"".join(pubacks), 0, 0)
+        return bool(rc == paho.MQTT_ERR_SUCCESS)
 
     def ack(self, mid: int, qos: int) -> bool:
         """Send PUBACK (QoS 1) or PUBREC (QoS 2: the broker answers PUBREL, and
@@ -319,6 +459,38 @@ class MqttLink(aiomqtt.Client):
         self._fd = None
         super()._on_socket_close(client, userdata, sock)
 
+    def _fast_publishes(self, client: paho.Client) -> int:
+        """Deliver the complete QoS 0/1 PUBLISH packets at the head of the read
+        buffer (paho between packets); the number delivered."""
+        sock = client._sock
+        if not self.fast_path or type(sock) is not _BufferedSocket:
+            return 0
+        if client._in_packet["command"] != 0:
+            return 0  # paho is in the middle of a packet
+        buf, pos = sock._buf, sock._pos
+        if pos >= len(buf):
+            return 0
+        parsed: list[Parsed] = []
+        parse_publishes(buf, pos, client._protocol == paho.MQTTv5, parsed)
+        if not parsed:
+            return 0
+        now = ARRIVAL_CLOCK()
+        with client._msgtime_mutex:
+            client._last_bytes_received = now
+        auto_ack = not client._manual_ack
+        deliver = self._deliver
+        taken = 0
+        for topic, payload, qos, retain, dup, mid, end in parsed:
+            sock._pos = end  # taken: the rest stays buffered for paho or for later
+            deliver(client, None, FastMessage(topic, payload, qos, retain, dup, mid, now))  # type: ignore[arg-type]
+            taken += 1
+            if qos and auto_ack:
+                client._send_puback(mid)
+            if self._paused:
+                break  # the window is full: not one message more than paho would take
+        self.fast_publishes += taken
+        return taken
+
     def _read(self) -> None:
         if self._paused:
             return  # a call_soon from before the pause
@@ -326,6 +498,8 @@ class MqttLink(aiomqtt.Client):
         try:
             for _ in range(_READS_PER_WAKEUP):
                 before = self._received
+                if self._fast_publishes(client) and self._paused:
+                    return
                 rc = client.loop_read()
                 if rc != paho.MQTT_ERR_SUCCESS or self._paused:
                     return

@@ -194,8 +194,7 @@ class MqttSource:
         if link is None or epoch != self._epoch or not link.connected:
             self.stale_acks += len(acks)
             return
-        for mid, qos in acks:
-            link.ack(mid, qos)
+        link.ack_many(acks)
 
     # -- reload ---------------------------------------------------------------------
 
