@@ -16,6 +16,8 @@ import math
 import re
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from ingestd.errors import DecodeError
 from ingestd.events import NS, Reading, Rejected
 from ingestd.formats.base import Format
@@ -30,6 +32,10 @@ _KNOWN = frozenset(
     ("bn", "bt", "bu", "bv", "bs", "bver", "n", "u", "v", "vs", "vb", "vd", "s", "t", "ut")
 )
 _BASE = frozenset(("bn", "bt", "bu", "bv", "bs", "bver"))
+_SIMPLE = frozenset(("n", "t", "v", "u"))
+# Names already found valid (the regex costs more than the rest of a record).
+_NAMES_SEEN: set[str] = set()
+_NAMES_KEPT = 65536
 SENML_VERSION = 10
 
 
@@ -57,6 +63,33 @@ def _number(record: dict[str, Any], key: str, i: int) -> float | None:
     return value
 
 
+def _finite(raw: Any, key: str, i: int) -> float:
+    """`_number` for a value known to be there, types checked first (JSON
+    numbers are exactly int or float; a bool is neither)."""
+    kind = type(raw)
+    if kind is float:
+        if raw - raw != 0.0:  # inf - inf and nan - nan are nan
+            raise DecodeError(f"record {i}: {key!r} is not a finite number")
+        return float(raw)
+    if kind is int:
+        try:
+            return float(raw)
+        except OverflowError:
+            raise DecodeError(f"record {i}: {key!r} is not a finite number") from None
+    raise DecodeError(f"record {i}: {key!r} must be a number")
+
+
+def _check_name(name: str, i: int) -> None:
+    """Raise for a name SenML does not allow; remember the good ones."""
+    if not name:
+        raise DecodeError(f"record {i} has no name (n or bn)")
+    if not _NAME.match(name):
+        raise DecodeError(f"record {i}: name {name[:64]!r} has characters SenML does not allow")
+    if len(_NAMES_SEEN) >= _NAMES_KEPT:
+        _NAMES_SEEN.clear()
+    _NAMES_SEEN.add(name)
+
+
 def _string(record: dict[str, Any], key: str, i: int) -> str | None:
     raw = record.get(key)
     if raw is None:
@@ -78,6 +111,43 @@ def resolve(pack: Any, now: float, problems: list[str]) -> list[SenmlRecord]:
     for i, record in enumerate(pack):
         if not isinstance(record, dict):
             raise DecodeError(f"record {i} is not an object")
+        keys = record.keys()
+        if keys <= _SIMPLE:
+            # The common record (n, t, v, u at most; base fields from before):
+            # the same checks in the same order as below, without the rest.
+            try:
+                n = record.get("n")
+                if n is None:
+                    name = bn
+                elif type(n) is str:
+                    name = bn + n
+                else:
+                    raise DecodeError(f"record {i}: 'n' must be a string")
+                if name not in _NAMES_SEEN:
+                    _check_name(name, i)
+                raw = record.get("t")
+                t = bt if raw is None else bt + _finite(raw, "t", i)
+                time = now + t if t < RELATIVE_LIMIT else t
+                u = record.get("u")
+                if u is None:
+                    simple_unit = bu
+                elif type(u) is str:
+                    simple_unit = u
+                else:
+                    raise DecodeError(f"record {i}: 'u' must be a string")
+                raw = record.get("v")
+                if raw is None:
+                    if not keys:
+                        continue  # {}: nothing, as a record of base fields only
+                    raise DecodeError(f"record {i} ({name}) has no value")
+                simple_value = bv + _finite(raw, "v", i)
+                if time < 0 or not math.isfinite(time):
+                    raise DecodeError(f"record {i}: time {time!r} is out of range")
+            except DecodeError as exc:
+                problems.append(str(exc))
+                continue
+            out.append(SenmlRecord(name, time, simple_unit, simple_value, None))
+            continue
         for key in record:
             if key not in _KNOWN and key.endswith("_"):
                 raise DecodeError(
@@ -99,12 +169,8 @@ def resolve(pack: Any, now: float, problems: list[str]) -> list[SenmlRecord]:
             if "bs" in record:
                 bs = _number(record, "bs", i) or 0.0
             name = bn + (_string(record, "n", i) or "")
-            if not name:
-                raise DecodeError(f"record {i} has no name (n or bn)")
-            if not _NAME.match(name):
-                raise DecodeError(
-                    f"record {i}: name {name[:64]!r} has characters SenML does not allow"
-                )
+            if name not in _NAMES_SEEN:
+                _check_name(name, i)
             t = bt + (_number(record, "t", i) or 0.0)
             time = now + t if t < RELATIVE_LIMIT else t
             unit = _string(record, "u", i)
@@ -139,6 +205,71 @@ def resolve(pack: Any, now: float, problems: list[str]) -> list[SenmlRecord]:
     return out
 
 
+class _Simple(msgspec.Struct, forbid_unknown_fields=True):
+    """A record of the common kind: base name, time and unit, name, time,
+    unit, value. Any other field (or a wrong type) fails the typed decode and
+    the pack takes the general path."""
+
+    bn: str | None = None
+    bt: float | None = None
+    bu: str | None = None
+    n: str | None = None
+    t: float | None = None
+    u: str | None = None
+    v: float | None = None
+
+
+_SIMPLE_PACK = msgspec.json.Decoder(list[_Simple])
+
+
+def _resolve_simple(payload: bytes, now: float) -> list[SenmlRecord] | None:
+    """The pack decoded by type (in C) and resolved, when every record is of
+    the common kind and fine; None sends it the general way (`resolve`),
+    which then finds and words any problem exactly as it always has."""
+    try:
+        pack = _SIMPLE_PACK.decode(payload)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return None
+    if not pack:
+        return None
+    fields = 0
+    bn, bt, bu = "", 0.0, ""
+    out: list[SenmlRecord] = []
+    isfinite = math.isfinite
+    for r in pack:
+        if r.bn is not None:
+            bn = r.bn
+            fields += 1
+        if r.bt is not None:
+            bt = r.bt
+            fields += 1
+            if not isfinite(bt):
+                return None  # e.g. 1e400: a problem, worded by resolve()
+        if r.bu is not None:
+            bu = r.bu
+            fields += 1
+        name = bn if r.n is None else bn + r.n
+        if name not in _NAMES_SEEN:
+            if not name or not _NAME.match(name):
+                return None  # a problem, worded by resolve()
+            _check_name(name, 0)
+        if r.v is None:
+            if r.n is not None or r.t is not None or r.u is not None:
+                return None  # no value: a problem, worded by resolve()
+            continue  # base fields only
+        t = bt if r.t is None else bt + r.t
+        time = now + t if t < RELATIVE_LIMIT else t
+        if not isfinite(r.v) or not isfinite(t) or time < 0:
+            return None
+        fields += 1 + (r.n is not None) + (r.t is not None) + (r.u is not None)
+        out.append(SenmlRecord(name, time, bu if r.u is None else r.u, r.v, None))
+    # Each key once (what parse_json checks): a JSON null or a repeated key
+    # makes the count differ, and the general path decides.
+    if payload.count(b'":') != fields:
+        return None
+    return out
+
+
 def decode(
     table: RouteTable,
     match: RouteMatch,
@@ -149,7 +280,9 @@ def decode(
     rejected: list[Rejected],
 ) -> None:
     problems: list[str] = []
-    records = resolve(parse_json(payload), received_ns / NS, problems)
+    records = _resolve_simple(payload, received_ns / NS)
+    if records is None:
+        records = resolve(parse_json(payload), received_ns / NS, problems)
     before = len(readings)
     prefix, suffix, sensor, tags = (
         match.metric_prefix,
