@@ -316,11 +316,24 @@ def _state(
 def describe_state(table: RouteTable, topic: str) -> list[str]:
     """What ingestd knows of the topic's device, for `explain`."""
     parts = topic.split("/")
-    at = next((i for i in range(len(parts) - 2) if parts[i : i + 2] == ["homie", "5"]), None)
+    at = next((i for i in range(len(parts) - 1) if parts[i] == "homie"), None)
     if at is None:
         return []
-    device_id = parts[at + 2]
+    v5 = parts[at + 1] == "5"
+    if v5 and len(parts) < at + 3:
+        return []
+    device_id = parts[at + 2] if v5 else parts[at + 1]
     device = device_state(table, device_id)
+    if not v5:
+        if device is None or not device.homie4:
+            return [f"device {device_id!r}: no $datatype seen (values would be quarantined)"]
+        lines = [f"device {device_id!r} (Homie 4): state {device.state or '?'}"]
+        for (node, prop), (datatype, unit) in sorted(device.properties.items()):
+            lines.append(
+                f"{node}/{prop}: {datatype or '(no $datatype yet)'}"
+                + (f" [{unit}]" if unit else "")
+            )
+        return lines
     if device is None or not device.described:
         return [f"device {device_id!r}: no $description seen (values would be quarantined)"]
     lines = [f"device {device_id!r}: version {device.version}, state {device.state or '?'}"]

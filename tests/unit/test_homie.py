@@ -235,3 +235,25 @@ def test_homie4_rejects_an_unknown_datatype_and_a_v5_only_state() -> None:
     )
     assert problems[0].startswith("property n/p has $datatype 'json' (Homie 4 knows")
     assert problems[1].startswith("$state 'alert' is not one of")
+
+
+def test_explain_shows_what_it_knows_of_a_homie4_device() -> None:
+    from ingestd.config import Settings
+    from ingestd.explain import explain
+
+    settings = Settings(routes=[RouteSettings(topic="homie/#", format="homie")])
+    topic = "homie/boiler/env/temperature"
+    alone = explain(settings, topic, b"21.5")
+    assert "state:   device 'boiler': no $datatype seen" in alone
+    assert "has no $datatype (Homie 4)" in alone
+    after = explain(
+        settings,
+        topic,
+        b"21.5",
+        after=[
+            ("homie/boiler/env/temperature/$datatype", b"float"),
+            ("homie/boiler/env/temperature/$unit", "°C".encode()),
+        ],
+    )
+    assert "env/temperature: float [°C]" in after
+    assert "boiler env.temperature = 21.5 °C" in after
