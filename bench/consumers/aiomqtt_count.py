@@ -6,14 +6,12 @@ the time the connection was established.
 
 from __future__ import annotations
 
-import json
-import resource
 import time
 
 import aiomqtt
 import uvloop
 
-from bench.consumers import arguments
+from bench.consumers import arguments, report
 
 
 async def main(port: int, expect: int, qos: int, client_id: str) -> None:
@@ -31,19 +29,7 @@ async def main(port: int, expect: int, qos: int, client_id: str) -> None:
             if count >= expect:
                 last = time.time()
                 break
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(
-        json.dumps(
-            {
-                "count": count,
-                "first": first,
-                "last": last,
-                "cpu": usage.ru_utime + usage.ru_stime,
-                "rss_kb": usage.ru_maxrss,
-            }
-        ),
-        flush=True,
-    )
+    report(count, first, last)
 
 
 if __name__ == "__main__":

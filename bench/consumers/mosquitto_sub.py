@@ -8,12 +8,11 @@ line: {"count", "first", "last", "cpu", "rss_kb"}.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
 
-from bench.consumers import arguments
+from bench.consumers import arguments, report
 
 
 def main(port: int, expect: int, qos: int, client_id: str) -> None:
@@ -29,18 +28,7 @@ def main(port: int, expect: int, qos: int, client_id: str) -> None:
     last = time.time()
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"mosquitto_sub exited with {os.waitstatus_to_exitcode(status)}")
-    print(
-        json.dumps(
-            {
-                "count": expect,
-                "first": first,
-                "last": last,
-                "cpu": usage.ru_utime + usage.ru_stime,
-                "rss_kb": usage.ru_maxrss,
-            }
-        ),
-        flush=True,
-    )
+    report(expect, first, last, usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
 
 
 if __name__ == "__main__":
