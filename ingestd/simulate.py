@@ -27,6 +27,8 @@ import msgspec
 
 from ingestd.backoff import Backoff
 from ingestd.config import Settings
+from ingestd.formats.sparkplug import REBIRTH
+from ingestd.formats.sparkplug_pb import BY_NAME, Payload
 
 _encode = msgspec.json.encode
 
@@ -174,8 +176,6 @@ class EdgeNode:
         return f"spBv1.0/{SPARKPLUG_GROUP}/{kind}/{self.sensor.name}"
 
     def death(self) -> bytes:
-        from ingestd.formats.sparkplug_pb import BY_NAME, Payload  # noqa: PLC0415
-
         p = Payload(timestamp=int(time.time() * 1000))
         p.metrics.add(name="bdSeq", datatype=BY_NAME["UInt64"], long_value=self.bd_seq)
         return bytes(p.SerializeToString())
@@ -191,9 +191,6 @@ class EdgeNode:
         }
 
     def birth(self, now: float) -> bytes:
-        from ingestd.formats.sparkplug import REBIRTH  # noqa: PLC0415
-        from ingestd.formats.sparkplug_pb import BY_NAME, Payload  # noqa: PLC0415
-
         self.seq = 0
         p = Payload(timestamp=int(now * 1000), seq=0)
         p.metrics.add(name="bdSeq", datatype=BY_NAME["UInt64"], long_value=self.bd_seq)
@@ -208,8 +205,6 @@ class EdgeNode:
         return bytes(p.SerializeToString())
 
     def data(self, now: float) -> bytes:
-        from ingestd.formats.sparkplug_pb import Payload  # noqa: PLC0415
-
         self.seq = (self.seq + 1) % 256
         p = Payload(timestamp=int(now * 1000), seq=self.seq)
         for name, value in self._values(now).items():
@@ -219,9 +214,6 @@ class EdgeNode:
         return bytes(p.SerializeToString())
 
     def on_command(self, payload: bytes) -> None:
-        from ingestd.formats.sparkplug import REBIRTH  # noqa: PLC0415
-        from ingestd.formats.sparkplug_pb import Payload  # noqa: PLC0415
-
         try:
             metrics = Payload.FromString(payload).metrics
         except Exception:

@@ -250,9 +250,10 @@ def _resolve_simple(payload: bytes, now: float) -> list[SenmlRecord] | None:
             fields += 1
         name = bn if r.n is None else bn + r.n
         if name not in _NAMES_SEEN:
-            if not name or not _NAME.match(name):
+            try:
+                _check_name(name, 0)
+            except DecodeError:
                 return None  # a problem, worded by resolve()
-            _check_name(name, 0)
         if r.v is None:
             if r.n is not None or r.t is not None or r.u is not None:
                 return None  # no value: a problem, worded by resolve()

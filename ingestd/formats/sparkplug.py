@@ -201,7 +201,7 @@ def decode(
         for metric in message.metrics:
             if metric.name == "bdSeq":
                 node.bd_seq = _bd_seq(metric)
-        _online(table, node, "", sensor)
+        table.states_changed[sensor] = "online"
         try:
             _values(table, match, topic, message, node.scope, names, sensor, received_ns, readings)
         except _Unresolved as exc:
@@ -222,7 +222,7 @@ def decode(
         if kind == "DBIRTH":
             node.devices.pop(device, None)
             scope = node.devices[device] = _birth(message)
-            _online(table, node, device, sensor)
+            table.states_changed[sensor] = "online"
         assert scope is not None
         try:
             _values(table, match, topic, message, scope, names, sensor, received_ns, readings)
@@ -422,10 +422,6 @@ def _death(table: RouteTable, node: Node, group: str, edge_node: str, message: A
     _offline(table, node, "")
     for device in node.devices:
         _offline(table, node, device)
-
-
-def _online(table: RouteTable, node: Node, device: str, sensor: str) -> None:
-    table.states_changed[sensor] = "online"
 
 
 def _offline(table: RouteTable, node: Node, device: str) -> None:
