@@ -449,7 +449,9 @@ class Postgres:
     a free loopback port, trust authentication on loopback. PostgreSQL refuses
     to run as root: as root its binaries run as the `postgres` user."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, durable: bool = False) -> None:
+        """`durable`: fsync as a production server does (the benchmark's);
+        otherwise not, as tests need no crash safety from the disk."""
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="ingestd-pg-"))
         self.data = self.dir / "data"
@@ -465,9 +467,10 @@ class Postgres:
         with (self.data / "postgresql.conf").open("a") as conf:
             conf.write(
                 f"port = {self.port}\nlisten_addresses = '127.0.0.1'\n"
-                f"unix_socket_directories = '{self.dir}'\nfsync = off\n"
-                "synchronous_commit = off\nfull_page_writes = off\nmax_connections = 100\n"
+                f"unix_socket_directories = '{self.dir}'\nmax_connections = 100\n"
             )
+            if not durable:
+                conf.write("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run([*self._as, *args], capture_output=True, check=check)
