@@ -581,9 +581,19 @@ class MqttSource:
             self._wake.set()
 
     async def _publish_inbox(self) -> None:
-        if not self._inbox:
-            return
-        messages, self._inbox = self._inbox, []
+        # In chunks of at most a quarter of the in-flight window. A read can
+        # take the whole window at once (the broker sends it in one burst after
+        # a commit's acknowledgements); as one chunk it would be one batch, and
+        # the next could be read only after it was written. In quarters, the
+        # writer commits half the window while the other half is read, and a
+        # store that takes batches side by side (PostgreSQL) gets them.
+        size = max(1, self.window.limit // 4)
+        while self._inbox:
+            messages = self._inbox[:size]
+            del self._inbox[:size]
+            await self._publish_chunk(messages)
+
+    async def _publish_chunk(self, messages: list[paho.MQTTMessage]) -> None:
         self.received += len(messages)
         # paho stamps each message with a monotonic clock on arrival; turn that
         # into wall-clock nanoseconds so readings without a device timestamp

@@ -300,3 +300,40 @@ def test_two_daemons_with_one_client_id_back_off_and_say_why(
     said = a.logs() + b.logs()
     assert "another client is connected with the same mqtt.client_id" in said
     assert '"client_id": "same-id"' in said
+
+
+def test_a_window_sent_in_one_burst_is_written_in_several_batches(
+    tmp_path: Path, brokers: BrokerFactory, daemons: DaemonFactory
+) -> None:
+    # A persistent session's backlog: at connection the broker sends the whole
+    # window (200 messages of 10 readings) at once, and one read can take it
+    # all. Taken as one chunk it was one batch of 2,000 readings, whatever
+    # batch.max_readings said, and nothing more could be read until it was in.
+    broker = brokers(tmp_path / "broker", max_inflight=1000).start()
+    db = DbReader(tmp_path / "ingestd.db")
+    env = {
+        "INGESTD_MQTT__MAX_INFLIGHT": "200",
+        "INGESTD_MQTT__BROKER_MAX_INFLIGHT": "1000",
+        "INGESTD_BATCH__MAX_READINGS": "500",
+    }
+    daemon = daemons(broker.port, **env).start()
+    daemon.wait_ready()  # the session is registered
+    assert daemon.stop() == 0
+    messages = [
+        (
+            f"sensors/s{i % 10}/telemetry",
+            json.dumps([{"ts": T0 + i * 10 + j, "x": j} for j in range(10)]).encode(),
+        )
+        for i in range(600)
+    ]
+    publish(broker.port, messages)
+    daemon.start()
+    wait_for(lambda: db.count() == 6000, 30, what="6,000 readings")
+    text = http_get(daemon.metrics_url() + "/metrics")[1]
+    assert daemon.stop() == 0
+    batches = metric_value(text, "ingestd_batch_rows_count")
+    largest_allowed = metric_value(text, "ingestd_batch_rows_bucket", 'le="500.0"')
+    # A chunk is at most a quarter of the window (50 messages, 500 readings):
+    # every batch within max_readings, and so several per window.
+    assert batches >= 12
+    assert largest_allowed == batches, text
