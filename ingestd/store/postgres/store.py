@@ -1,11 +1,12 @@
 """The PostgreSQL store: one database that many ingestd instances write into.
 
-One connection for the writer's batches (a batch is one transaction; several
-would only contend for the same rows), one for upkeep. A batch loads its
-samples with COPY into a session-local staging table, then moves them with
-`INSERT ... SELECT ... ON CONFLICT DO NOTHING`: redeliveries are no-ops, as in
-SQLite, and a different value under a stored key is a conflict, quarantined
-in the same transaction. New series are upserted in a fixed order, so two
+A connection per batch in flight (up to `concurrent_batches`, kept for the
+next), one for upkeep. A batch COPYs its samples straight into the partition
+that holds them; if a key is already stored that COPY fails, is undone (a
+savepoint), and the samples go through a session-local staging table and
+`INSERT ... SELECT ... ON CONFLICT DO NOTHING` instead: redeliveries are
+no-ops, as in SQLite, and a different value under a stored key is a conflict,
+quarantined in the same transaction. New series are upserted in a fixed order, so two
 instances creating the same series at once both succeed (one waits for the
 other) instead of deadlocking.
 
