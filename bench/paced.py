@@ -18,15 +18,18 @@ def main() -> None:
     a = p.parse_args()
     out = sys.stdout
     start = time.monotonic()
-    last_ts = 0.0
+    last_us = 0
     sent = 0
     while sent < a.count:
         due = min(a.count, int((time.monotonic() - start) * a.rate) + 1)
         while sent < due:
-            # Strictly increasing per publisher, so no two records share a key.
-            ts = max(time.time(), last_ts + 1e-6)
-            last_ts = ts
-            out.write(f'{{"ts": {ts:.6f}, "temperature": 21.5, "humidity": {sent % 100}}}\n')
+            # Strictly increasing per publisher, so no two records share a key:
+            # whole microseconds, written exactly. (A float ts + 1e-6 printed
+            # with 6 decimals could repeat the last one: 2 of 400,000 did.)
+            us = max(time.time_ns() // 1000, last_us + 1)
+            last_us = us
+            ts = f"{us // 1_000_000}.{us % 1_000_000:06d}"
+            out.write(f'{{"ts": {ts}, "temperature": 21.5, "humidity": {sent % 100}}}\n')
             sent += 1
         out.flush()
         time.sleep(0.001)
