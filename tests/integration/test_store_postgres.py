@@ -9,9 +9,10 @@ import time
 import pytest
 
 from ingestd.bus import EventBus
-from ingestd.errors import StoreError
+from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import NS, Processed, Reading, Rejected, SensorStatus
 from ingestd.flow import InFlightWindow
+from ingestd.store.base import TIMEOUT
 from ingestd.store.postgres import SCHEMA_VERSION, PostgresReader, PostgresStore
 from ingestd.store.postgres.schema import DAY_NS, partitions
 from ingestd.writer import BatchWriter
@@ -294,3 +295,47 @@ async def test_a_redelivery_in_the_next_batch_in_flight_is_a_duplicate(pg_url: s
     assert (writer.committed, writer.duplicates) == (3000, 7 * 3000)
     db = PgReader(pg_url)
     assert db.count() == 3000
+
+
+async def test_a_batch_of_readings_alone_times_out_stores_nothing_and_is_retried(
+    pg_url: str,
+) -> None:
+    """A batch of known series' readings is one COPY, its own transaction (no
+    BEGIN ... COMMIT around it). Stopped by a statement timeout it stores
+    nothing and leaves its connection good; written again it stores all, and
+    once more (a redelivery) it counts them as duplicates."""
+    t0 = int(NOW) * NS
+    db = PgReader(pg_url)
+    async with PostgresStore(pg_url, statement_timeout_ms=300) as store:
+        async with store.batch() as tx:  # the series: a transaction of its own
+            await tx.add_readings(_readings("c", 5, t0))
+        assert tx.begun
+        backends = _backends(db)
+        assert len(backends) == store.concurrent_batches
+        later = _readings("c", 200, t0 + 1000 * NS)
+        lock = db.hold_lock(1.5)
+        with pytest.raises(StoreUnavailable) as caught:
+            async with store.batch() as tx:
+                await tx.add_readings(later)
+        assert caught.value.condition == TIMEOUT
+        assert not tx.begun
+        assert db.count() == 5
+        await asyncio.to_thread(lock.join)
+        async with store.batch() as tx:
+            await tx.add_readings(later)
+        assert (tx.begun, tx.inserted, tx.duplicates) == (False, 200, 0)
+        async with store.batch() as tx:
+            await tx.add_readings(later)
+        assert (tx.inserted, tx.duplicates) == (0, 200)
+        assert _backends(db) == backends  # the same connections throughout
+    assert db.count() == 205
+
+
+def _backends(db: PgReader) -> set[int]:
+    return {
+        pid
+        for (pid,) in db.rows(
+            "SELECT pid FROM pg_stat_activity "
+            "WHERE application_name = 'ingestd' AND datname = current_database()"
+        )
+    }

@@ -111,17 +111,32 @@ def classify(exc: BaseException) -> StoreUnavailable | None:
 
 
 class Batch(base.Batch):
-    """One open transaction; see `PostgresStore.batch`."""
+    """One batch on one connection; see `PostgresStore.batch`.
+
+    The transaction is opened by the first write that needs one. A batch of
+    readings alone (the common case: known series, nothing quarantined, no
+    sensor state) is one COPY at the end, a transaction by itself: two round
+    trips fewer than BEGIN ... COMMIT around it, and a batch waits on its
+    round trips behind the event loop's other work.
+    """
 
     def __init__(self, store: PostgresStore, conn: Any, now: float) -> None:
         super().__init__(now)
         self._store = store
         self._conn = conn
-        # True while nothing was written since the savepoint the transaction
-        # opened with (BEGIN and SAVEPOINT go in one round trip): a direct COPY
-        # then needs no savepoint of its own. Round trips are what a batch
-        # waits on, behind the event loop's other work.
-        self.at_savepoint = True
+        self.begun = False  # BEGIN sent (with a savepoint, in the same round trip)
+        # True while nothing was written since that savepoint: a direct COPY
+        # then needs no savepoint of its own.
+        self.at_savepoint = False
+        # Readings for the direct COPY, written at the end (or before another
+        # batch of readings): their records and the readings themselves.
+        self._pending: tuple[list[tuple[int, int, int, float]], Sequence[Reading]] | None = None
+
+    async def _begin(self) -> None:
+        if not self.begun:
+            await self._conn.execute(f"BEGIN; SAVEPOINT {_SAVEPOINT}")
+            self.begun = True
+            self.at_savepoint = True
 
     async def add_readings(self, readings: Sequence[Reading]) -> None:
         if not readings:
@@ -141,15 +156,38 @@ class Batch(base.Batch):
                 for r in readings
                 if (key := (r.sensor, r.metric, r.tags, r.unit))
             ]
-        conn = self._conn
+        if self._store.direct_copy:
+            if self._pending is not None:
+                await self._write_pending()
+            self._pending = (records, readings)
+            return
+        await self._careful(records, readings)
+
+    async def finish(self) -> None:
+        """Write what is pending and commit."""
+        if self._pending is not None:
+            await self._write_pending()
+        if self.begun:
+            await self._conn.execute("COMMIT")
+
+    async def _write_pending(self) -> None:
+        assert self._pending is not None
+        (records, readings), self._pending = self._pending, None
         # Fresh readings (the common case) go straight into samples with COPY;
         # a key already stored fails that COPY, which is then undone (a
-        # savepoint) and the batch goes the careful way, through the staging
-        # table, to tell duplicates from conflicts.
-        if self._store.direct_copy and await self._copy_direct(records):
+        # savepoint, or its own transaction) and the batch goes the careful
+        # way, through the staging table, to tell duplicates from conflicts.
+        if await self._copy_direct(records):
             self.inserted += len(records)
             return
+        await self._careful(records, readings)
+
+    async def _careful(
+        self, records: list[tuple[int, int, int, float]], readings: Sequence[Reading]
+    ) -> None:
+        await self._begin()
         self.at_savepoint = False
+        conn = self._conn
         await conn.copy_records_to_table(
             "ingestd_stage", records=[(i, *r) for i, r in enumerate(records)]
         )
@@ -171,30 +209,34 @@ class Batch(base.Batch):
         it costs about 12% less, and two batches in flight at once then lock
         keys they share in the same order), into the one partition that holds
         them all where there is one (routing each row through the parent costs
-        the server about 12% more)."""
+        the server about 12% more). Outside a transaction the COPY is one."""
         records = sorted(records)
         stamps = list(map(_TS, records))
         target = self._store.partition_for(min(stamps), max(stamps))
         conn = self._conn
-        if not self.at_savepoint:
+        if self.begun and not self.at_savepoint:
             await conn.execute(f"SAVEPOINT {_SAVEPOINT}")
         self.at_savepoint = False
         try:
             await conn.copy_records_to_table(target, records=records, columns=_SAMPLE_COLUMNS)
         except asyncpg.exceptions.UniqueViolationError:
-            await conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
-            self.at_savepoint = True
+            await self._undo()
             return False
         except (asyncpg.exceptions.UndefinedTableError, asyncpg.exceptions.CheckViolationError):
             if target == "samples":
                 raise
             # The partition went (retention, by another instance) or changed
             # bounds since it was listed: route through the parent this time.
-            await conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
-            self.at_savepoint = True
+            await self._undo()
             self._store.forget_partitions()
             return await self._copy_direct(records)
         return True
+
+    async def _undo(self) -> None:
+        """Undo a failed direct COPY (outside a transaction, it undid itself)."""
+        if self.begun:
+            await self._conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
+            self.at_savepoint = True
 
     async def _add_series(self, readings: Sequence[Reading]) -> None:
         known = self._store.series_ids
@@ -209,6 +251,7 @@ class Batch(base.Batch):
         if not missing:
             return
         cols = list(zip(*missing, strict=True))
+        await self._begin()
         self.at_savepoint = False
         # In key order: two instances inserting an overlapping set of new series
         # lock them in the same order (one waits for the other; no deadlock).
@@ -235,6 +278,7 @@ class Batch(base.Batch):
         ]
 
     async def execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        await self._begin()
         self.at_savepoint = False
         numbered = iter(range(1, sql.count("?") + 1))
         await self._conn.executemany(_PLACEHOLDER.sub(lambda _: f"${next(numbered)}", sql), rows)
@@ -242,6 +286,7 @@ class Batch(base.Batch):
     async def add_rejected(self, rejected: Sequence[Rejected]) -> None:
         if not rejected:
             return
+        await self._begin()
         self.at_savepoint = False
         await self._conn.executemany(
             "INSERT INTO quarantine (received_at, topic, payload, reason) "
@@ -332,6 +377,13 @@ class PostgresStore(base.Store):
                 raise self._translate(exc) from exc
             raise
         self._idle.append(conn)
+        # The pipeline's other connections now, not in the middle of the
+        # first burst (a connection and its staging table: tens of ms).
+        for _ in range(self.concurrent_batches - 1):
+            try:
+                self._idle.append(await self._fresh())
+            except StoreUnavailable:
+                break  # the batch that needs it opens it (or waits out why it cannot)
         self._opened = True
 
     async def _take(self) -> Any:
@@ -343,6 +395,10 @@ class PostgresStore(base.Store):
             # Closed by the server while idle (a restart, pg_terminate_backend,
             # idle_session_timeout): start afresh, and say so.
             log.warning("store connection closed by the server; reconnecting", store=self.where)
+        return await self._fresh()
+
+    async def _fresh(self) -> Any:
+        """A new connection, ready for batches."""
         conn = await self._connect()
         try:
             await conn.execute(_STAGE)
@@ -396,19 +452,31 @@ class PostgresStore(base.Store):
         conn = await self._take()
         tx = Batch(self, conn, time.time() if now is None else now)
         try:
-            await conn.execute(f"BEGIN; SAVEPOINT {_SAVEPOINT}")
             yield tx
-            await conn.execute("COMMIT")
+            await tx.finish()
         except BaseException as exc:
-            await self._abandon(conn, exc)
+            await self._abandon(conn, exc, tx.begun)
             if isinstance(exc, Exception) and not isinstance(exc, StoreError):
                 raise self._translate(exc) from exc
             raise
         self._idle.append(conn)
         self.series_ids.update(tx.new_series)
 
-    async def _abandon(self, conn: Any, exc: BaseException) -> None:
+    async def _abandon(self, conn: Any, exc: BaseException, begun: bool = True) -> None:
         """Roll back; keep the connection if it is still good, else start afresh."""
+        if not begun:
+            # No transaction open. The connection is good after an error the
+            # server reported that leaves it so; after anything else (it died,
+            # or the task was cancelled in the middle of a COPY) start afresh.
+            if (
+                isinstance(exc, asyncpg.PostgresError)
+                and not conn.is_closed()
+                and (classify(exc) is None or _kept(exc))
+            ):
+                self._idle.append(conn)
+            else:
+                self._reset(conn)
+            return
         try:
             if not conn.is_closed():
                 await asyncio.wait_for(conn.execute("ROLLBACK"), 5)
