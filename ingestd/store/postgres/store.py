@@ -156,12 +156,9 @@ class Batch(base.Batch):
                 for r in readings
                 if (key := (r.sensor, r.metric, r.tags, r.unit))
             ]
-        if self._store.direct_copy:
-            if self._pending is not None:
-                await self._write_pending()
-            self._pending = (records, readings)
-            return
-        await self._careful(records, readings)
+        if self._pending is not None:
+            await self._write_pending()
+        self._pending = (records, readings)
 
     async def finish(self) -> None:
         """Write what is pending and commit."""
@@ -325,9 +322,6 @@ class PostgresStore(base.Store):
         self._opened = False
         self._opening = asyncio.Lock()
         self.concurrent_batches = 2
-        # COPY straight into samples first (see Batch.add_readings); off: always
-        # through the staging table (measured side by side in bench/).
-        self.direct_copy = True
         self._partitioned_until = 0  # ts_ns up to which partitions exist ahead
         # (name, from ts_ns, to ts_ns) of the range partitions, as last listed.
         self._ranges: list[tuple[str, int, int]] = []
