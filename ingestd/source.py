@@ -583,10 +583,11 @@ class MqttSource:
     async def _publish_inbox(self) -> None:
         # In chunks of at most a quarter of the in-flight window. A read can
         # take the whole window at once (the broker sends it in one burst after
-        # a commit's acknowledgements); as one chunk it would be one batch, and
-        # the next could be read only after it was written. In quarters, the
-        # writer commits half the window while the other half is read, and a
-        # store that takes batches side by side (PostgreSQL) gets them.
+        # a commit's acknowledgements); as one chunk it would be one batch
+        # however many readings it held, written while nothing else could be.
+        # In quarters, the writer closes a batch at `max_readings` (or half the
+        # window) and the rest goes in the next, which a store that takes
+        # batches side by side (PostgreSQL) writes at the same time.
         size = max(1, self.window.limit // 4)
         while self._inbox:
             messages = self._inbox[:size]
