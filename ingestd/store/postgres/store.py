@@ -1,18 +1,21 @@
 """The PostgreSQL store: one database that many ingestd instances write into.
 
-A connection per batch in flight (up to `concurrent_batches`, kept for the
-next), one for upkeep. A batch COPYs its samples straight into the partition
-that holds them; if a key is already stored that COPY fails, is undone (a
-savepoint), and the samples go through a session-local staging table and
-`INSERT ... SELECT ... ON CONFLICT DO NOTHING` instead: redeliveries are
-no-ops, as in SQLite, and a different value under a stored key is a conflict,
-quarantined in the same transaction. New series are upserted in a fixed order, so two
-instances creating the same series at once both succeed (one waits for the
-other) instead of deadlocking.
+A connection per batch in flight (up to `concurrent_batches`, opened with
+the store and kept), one for upkeep. A batch COPYs its samples straight into
+the partition that holds them (a batch of readings alone is that COPY, a
+transaction by itself); if a key is already stored that COPY fails, is undone
+(a savepoint, or its own transaction), and the samples go through a
+session-local staging table and `INSERT ... SELECT ... ON CONFLICT DO
+NOTHING` instead: redeliveries are no-ops, as in SQLite, and a different
+value under a stored key is a conflict, quarantined in the same transaction.
+New series are upserted in a fixed order, so two instances creating the same
+series at once both succeed (one waits for the other) instead of
+deadlocking.
 
-A connection that dies during COMMIT leaves the outcome unknown: the batch is
-held and written again; its readings are then stored or counted as already
-stored (duplicates), and its quarantine rows are written once (a unique index).
+A connection that dies during a batch's commit (COMMIT, or the lone COPY)
+leaves the outcome unknown: the batch is held and written again; its
+readings are then stored or counted as already stored (duplicates), and its
+quarantine rows are written once (a unique index).
 """
 
 from __future__ import annotations
@@ -456,7 +459,7 @@ class PostgresStore(base.Store):
         self._idle.append(conn)
         self.series_ids.update(tx.new_series)
 
-    async def _abandon(self, conn: Any, exc: BaseException, begun: bool = True) -> None:
+    async def _abandon(self, conn: Any, exc: BaseException, begun: bool) -> None:
         """Roll back; keep the connection if it is still good, else start afresh."""
         if not begun:
             # No transaction open. The connection is good after an error the
