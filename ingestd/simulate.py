@@ -66,6 +66,15 @@ def make_sensors(count: int, seed: int) -> list[SimSensor]:
     return sensors
 
 
+def _stop_on_signals() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
 async def simulate(
     settings: Settings,
     *,
@@ -76,10 +85,7 @@ async def simulate(
     seed: int = 1,
 ) -> int:
     """Publish until `rounds` rounds are done (0: until SIGINT/SIGTERM). Returns messages sent."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = _stop_on_signals()
     m = settings.mqtt
     fleet = make_sensors(sensors, seed)
     sent = 0
@@ -247,10 +253,7 @@ async def simulate_sparkplug(
 ) -> int:
     """Each sensor as a Sparkplug B edge node of group `ingestd-sim`, on its own
     connection (its NDEATH is its will). Returns the DATA messages sent."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+    stop = _stop_on_signals()
     m = settings.mqtt
     password = m.password.get_secret_value() if m.password else None
     nodes = [EdgeNode(s, int(time.time()) + i) for i, s in enumerate(make_sensors(sensors, seed))]
