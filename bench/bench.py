@@ -187,12 +187,13 @@ def scenarios() -> list[Scenario]:
 _PG: list[Postgres] = []
 
 
-def postgres_url() -> str:
-    """A new database on the benchmark's own PostgreSQL cluster (started once)."""
+def postgres_database() -> tuple[str, str]:
+    """(name, URL) of a new database on the benchmark's own PostgreSQL cluster
+    (started once)."""
     if not _PG:
         _PG.append(Postgres(durable=True).start())
     name = f"bench_{time.monotonic_ns()}"
-    return _PG[0].create_db(name)
+    return name, _PG[0].create_db(name)
 
 
 def senml_pack(i: int, records: int) -> str:
@@ -302,9 +303,7 @@ def used_since(before: dict[int, float], pids: list[int]) -> float:
 
 def proc_stats(pid: int) -> tuple[float, float]:
     """(CPU seconds, peak RSS in MB) of a live process."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(fields[11]) + int(fields[12])) / ticks
+    cpu = cpu_seconds([pid])[pid]
     hwm = 0
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -340,8 +339,7 @@ def run_ingestd(
     }
     database = ""
     if sc.store == "postgres":
-        base["INGESTD_STORE__URL"] = postgres_url()
-        database = base["INGESTD_STORE__URL"].rsplit("/", 1)[1]
+        database, base["INGESTD_STORE__URL"] = postgres_database()
     if group:
         base["INGESTD_MQTT__SHARED_GROUP"] = group
     procs: list[subprocess.Popen[bytes]] = []
