@@ -8,6 +8,7 @@ because the database is away; every reading stored exactly once.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from tests.helpers import (
@@ -146,9 +148,6 @@ def _terminate_busy_writers(url: str, pub: threading.Thread, most: int) -> int:
     """pg_terminate_backend on ingestd's connections that are in a statement or
     a transaction, polled every 5 ms while `pub` publishes (at most 60 s, at
     most `most` of them); how many were killed."""
-    import asyncio
-
-    import asyncpg
 
     async def run() -> int:
         conn = await asyncpg.connect(url, timeout=10)
