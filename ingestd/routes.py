@@ -23,6 +23,7 @@ from ingestd import formats
 from ingestd.errors import RouteSpecError
 from ingestd.events import SensorStatus, canonical_tags
 from ingestd.formats import Format, FormatOptions
+from ingestd.observe.device_log import DeviceLog
 
 _NAME = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 _CACHE_MAX = 65536
@@ -214,6 +215,7 @@ class DecodeCounts:
     # "dataset", "transient", "null", ...).
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     rebirth_requests: int = 0  # Sparkplug rebirths asked for
+    rebirths_suppressed: int = 0  # not asked: over rebirth_max_per_second in all
 
 
 @dataclass(slots=True)
@@ -256,6 +258,11 @@ class RouteTable:
         # Whether the message being decoded is one the broker re-sent because
         # we subscribed (set by decode_message, for formats that care).
         self.retained_now = False
+        # Whether the broker flagged it DUP: sent before on this session, so
+        # perhaps read already (Sparkplug tells redeliveries from gaps by it).
+        self.redelivered_now = False
+        # Lines about single devices share one budget (ids come from anyone).
+        self.device_log = DeviceLog()
         # The state devices report of themselves (Homie's $state), changed
         # since the last chunk: the store keeps it for `ingestd sensors`.
         self.states_changed: dict[str, str] = {}
@@ -286,6 +293,7 @@ class RouteTable:
         self.format_state = old.format_state
         self.states_changed = old.states_changed
         self.commands = old.commands
+        self.device_log = old.device_log
 
     def sequence(self, sensor: str, seq: int) -> None:
         """Follow a device's message counter: a jump forward is a gap (messages

@@ -307,7 +307,9 @@ def _state(
         )
     device = _device(table, device_id)
     if device.state != text:
-        log.info("homie device state", device=device_id, state=text, was=device.state or None)
+        table.device_log.info(
+            log, "homie device state", device=device_id, state=text, was=device.state or None
+        )
         device.state = text
         names = collections.defaultdict(str, {**match.values, "device": device_id})
         table.states_changed[match.sensor.format_map(names)] = text

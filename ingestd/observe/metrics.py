@@ -413,6 +413,18 @@ class PipelineCollector(Collector):
             "its BIRTH, an undeclared alias)",
             seqs.rebirth_requests,
         )
+        yield _counter(
+            "ingestd_sparkplug_rebirths_suppressed",
+            "Rebirths not asked because more were due than sparkplug's "
+            "rebirth_max_per_second allows in all (asked again as the data goes on)",
+            seqs.rebirths_suppressed,
+        )
+        yield _counter(
+            "ingestd_device_log_lines_suppressed",
+            "Per-device info lines (state changes, rebirths) over the shared budget "
+            "of 20 a minute: counted here, not written",
+            src.table.device_log.suppressed,
+        )
         skipped = CounterMetricFamily(
             "ingestd_values_skipped",
             "Values a format read and did not store (not numbers: strings, "
