@@ -11,7 +11,7 @@ ours, quarantined as such.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 
 import structlog
 
@@ -30,6 +30,7 @@ def decode_message(
     readings: list[Reading],
     rejected: list[Rejected],
     retained: bool = False,
+    redelivered: bool = False,
 ) -> None:
     """Decode one message, appending to `readings` and `rejected`.
 
@@ -37,6 +38,7 @@ def decode_message(
     without a device time are stamped with it. `retained`: the broker sent this
     message because we subscribed (MQTT 3.3.1.3), not because it was just
     published; the route's `retained` option says whether it counts.
+    `redelivered`: the broker flagged it DUP (sent before on this session).
     """
     limit = table.limits.max_payload_bytes
     if len(payload) > limit:
@@ -81,6 +83,7 @@ def decode_message(
     before = len(readings)
     try:
         table.retained_now = retained
+        table.redelivered_now = redelivered
         match.fmt.decode(table, match, topic, payload, received_ns, readings, rejected)
     except DecodeError as exc:
         del readings[before:]
@@ -173,13 +176,30 @@ def decode_all(
     table: RouteTable,
     deliveries: Iterable[tuple[str, bytes, int]],
     retained: Iterable[tuple[str, bytes, int]] = (),
+    redelivered: Collection[int] = (),
 ) -> tuple[list[Reading], list[Rejected]]:
     """Decode a chunk of (topic, payload, received_ns) deliveries, and of
-    deliveries the broker flagged as retained (see `decode_message`)."""
+    deliveries the broker flagged as retained (see `decode_message`).
+    `redelivered`: the positions in `deliveries` the broker flagged DUP."""
     readings: list[Reading] = []
     rejected: list[Rejected] = []
+    if redelivered:
+        for i, (topic, payload, received_ns) in enumerate(deliveries):
+            decode_message(
+                table, topic, payload, received_ns, readings, rejected, redelivered=i in redelivered
+            )
+        return _retained(table, retained, readings, rejected)
     for topic, payload, received_ns in deliveries:
         decode_message(table, topic, payload, received_ns, readings, rejected)
+    return _retained(table, retained, readings, rejected)
+
+
+def _retained(
+    table: RouteTable,
+    retained: Iterable[tuple[str, bytes, int]],
+    readings: list[Reading],
+    rejected: list[Rejected],
+) -> tuple[list[Reading], list[Rejected]]:
     for topic, payload, received_ns in retained:
         decode_message(table, topic, payload, received_ns, readings, rejected, retained=True)
     return readings, rejected

@@ -605,6 +605,7 @@ class MqttSource:
         deliveries: list[tuple[str, bytes, int]] = []
         retained: list[tuple[str, bytes, int]] = []
         bad_topics: list[Rejected] = []
+        redelivered: set[int] = set()  # positions in `deliveries` flagged DUP
         for m in messages:
             now = offset + int(m.timestamp * NS)
             if now <= last:
@@ -613,14 +614,19 @@ class MqttSource:
             # paho hands out bytes (typed bytes | bytearray); no copy needed.
             payload = cast(bytes, m.payload)
             try:
-                (retained if m.retain else deliveries).append((m.topic, payload, now))
+                if m.retain:
+                    retained.append((m.topic, payload, now))
+                else:
+                    if m.dup:
+                        redelivered.add(len(deliveries))
+                    deliveries.append((m.topic, payload, now))
             except UnicodeDecodeError:
                 shown = raw_topic(m).decode("utf-8", "backslashreplace")
                 bad_topics.append(
                     Rejected(shown, payload, "topic is not valid UTF-8", now / NS, "bad_topic")
                 )
         self._last_received_ns = last
-        readings, rejected = decode_all(self.table, deliveries, retained)
+        readings, rejected = decode_all(self.table, deliveries, retained, redelivered)
         self.window.readings += len(readings)
         if bad_topics:
             rejected.extend(bad_topics)

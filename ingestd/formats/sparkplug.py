@@ -11,13 +11,28 @@ application keeps it:
   device of the node. BIRTH values are readings too.
 - NDATA / DDATA may name metrics by alias only; they are resolved with the
   table their BIRTH gave. The sequence number (0-255, shared by the node and
-  its devices) must follow on.
+  its devices) must follow on: any other number is a gap, however far it
+  jumps, except a redelivery (below).
 - A gap in the sequence, DATA from a node (or device) whose BIRTH ingestd has
   not seen (it started after the BIRTH, say), or an alias no BIRTH declared
   make the node's state unknown: the message is quarantined with that reason,
   never guessed, and a rebirth is requested (NCMD `Node Control/Rebirth`, at
-  most once per `rebirth_interval` seconds per node). Everything after the
-  new NBIRTH is stored again.
+  most once per `rebirth_interval` seconds per node, and at most
+  `rebirth_max_per_second` in all, so junk from new node ids cannot make
+  ingestd publish at their rate). Everything after the new NBIRTH is stored
+  again.
+- Redeliveries. After a reconnect the broker sends again, with the DUP flag
+  and in their first order, the messages ingestd had not acknowledged; and
+  a device whose PUBACK was lost publishes its last message again. Such a
+  message is never a gap and never unbirths the node: one ingestd read
+  since the current BIRTH (a DUP flag and a number at most as far back as
+  the messages followed since that BIRTH, or a repeat of the last number) is
+  read again with the current aliases, and its readings are stored once
+  (duplicates); one sent before the current BIRTH (a DUP flag and a payload
+  time before the BIRTH's) was read with that BIRTH's aliases, and its
+  readings are already in the pipeline: it is skipped, counted as
+  `redelivered` in `DecodeCounts.skipped`, and never read with aliases
+  that were not its own.
 - NDEATH (with the BIRTH's bdSeq; an older one is ignored) marks the node and
   its devices offline, DDEATH the device; a BIRTH marks them online. The state
   is stored per sensor (`ingestd sensors`).
@@ -81,6 +96,9 @@ class SparkplugOptions(FormatOptions):
     # Whether to ask for rebirths at all (false: quarantine and wait for the
     # node's next BIRTH).
     request_rebirth: bool = True
+    # Rebirth requests at most per second, all nodes together (the excess is
+    # counted and asked for again when the node's data goes on arriving).
+    rebirth_max_per_second: float = Field(10.0, gt=0)
 
 
 @dataclass(slots=True)
@@ -98,6 +116,10 @@ class Scope:
     by_alias: dict[int, Metric] = field(default_factory=dict)
     by_name: dict[str, Metric] = field(default_factory=dict)
     online: bool = False
+    birth_ms: int = -1  # the BIRTH's payload timestamp (-1: none)
+    # The node's `count` when this BIRTH was read (a device's BIRTH comes in
+    # the middle of the node's sequence).
+    since: int = 0
 
 
 @dataclass(slots=True)
@@ -105,6 +127,9 @@ class Node:
     scope: Scope = field(default_factory=Scope)
     devices: dict[str, Scope] = field(default_factory=dict)
     seq: int = -1  # last sequence number followed
+    # Messages followed since the NBIRTH, the NBIRTH included: a redelivered
+    # message at most this far back is one ingestd read in this birth.
+    count: int = 0
     bd_seq: int | None = None
     rebirth_at: float = -math.inf  # monotonic time of the last rebirth request
     rebirths: int = 0
@@ -189,28 +214,42 @@ def decode(
     names["source"] = f"{edge_node}/{device}" if device else edge_node
     sensor = match.sensor.format_map(names)
     node.sensors[device] = sensor
+    redelivered = table.redelivered_now
     if kind == "NDEATH":
         _death(table, node, group, edge_node, message)
         return
     if kind == "NBIRTH":
-        # Unborn until this BIRTH reads whole: a bad one leaves nothing to resolve with.
-        node.devices.clear()
-        node.scope = Scope()
-        node.scope = _birth(message)
-        node.seq = message.seq if message.HasField("seq") else 0
-        for metric in message.metrics:
-            if metric.name == "bdSeq":
-                node.bd_seq = _bd_seq(metric)
-        table.states_changed[sensor] = "online"
+        birth_step = _rebirth_step(node, message) if redelivered and node.count else _NEXT
+        if birth_step is _SKIP:
+            _skipped(table, "redelivered")
+            return
+        if birth_step is _NEXT:
+            # Unborn until this BIRTH reads whole: a bad one leaves nothing to resolve with.
+            node.devices.clear()
+            node.scope = Scope()
+            node.scope = _birth(message, 0)
+            node.seq = message.seq if message.HasField("seq") else 0
+            node.count = 1
+            for metric in message.metrics:
+                if metric.name == "bdSeq":
+                    node.bd_seq = _bd_seq(metric)
+            table.states_changed[sensor] = "online"
         try:
             _values(table, match, topic, message, node.scope, names, sensor, received_ns, readings)
         except _Unresolved as exc:
             raise DecodeError(f"Sparkplug NBIRTH of {group}/{edge_node}: {exc}") from None
         return
     # Every other message follows the node's sequence.
-    problem = _follow(node, message)
     scope = node.devices.get(device) if device else node.scope
-    if problem is None and kind != "DBIRTH" and (scope is None or not scope.born):
+    step = _follow(node, scope, message, redelivered)
+    if step is _SKIP:
+        _skipped(table, "redelivered")
+        return
+    problem: str | None = step if isinstance(step, str) else None
+    # Read again (_AGAIN), a message is read with the aliases it was read with
+    # the first time, even if the node died since.
+    known = scope is not None and (scope.born or (step is _AGAIN and scope.birth_ms >= 0))
+    if problem is None and kind != "DBIRTH" and not known:
         what = f"device {device!r} of node {group}/{edge_node}" if device else "node"
         problem = f"DATA from {what} whose BIRTH ingestd has not seen"
     if problem is None and kind == "DDEATH":
@@ -219,9 +258,9 @@ def decode(
             _offline(table, node, device)
         return
     if problem is None:
-        if kind == "DBIRTH":
+        if kind == "DBIRTH" and (step is _NEXT or not known):
             node.devices.pop(device, None)
-            scope = node.devices[device] = _birth(message)
+            scope = node.devices[device] = _birth(message, node.count - 1)
             table.states_changed[sensor] = "online"
         assert scope is not None
         try:
@@ -242,24 +281,78 @@ class _Unresolved(Exception):
     pass
 
 
-def _follow(node: Node, message: Any) -> str | None:
-    """Check and advance the node's sequence; the problem, if any."""
-    if not node.scope.born:
-        return "message before the node's NBIRTH (ingestd has not seen its birth)"
+class _Step:
+    """How a message stands in its node's sequence (besides a problem, a str)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+_NEXT = _Step("next")  # the next number: followed
+_AGAIN = _Step("again")  # read since the current BIRTH, delivered again: read again
+_SKIP = _Step("skip")  # delivered again from before the current BIRTH: not read
+
+
+def _payload_ms(message: Any) -> int | None:
+    return message.timestamp if message.HasField("timestamp") else None
+
+
+def _follow(node: Node, scope: Scope | None, message: Any, redelivered: bool) -> _Step | str:
+    """Check and advance the node's sequence: a step, or the problem.
+
+    `redelivered`: the broker flagged the message DUP, so ingestd may have read
+    it already (on this connection or the one before), perhaps before the
+    node's DEATH or a gap that left it unborn since."""
     seq = message.seq if message.HasField("seq") else None
-    if seq is None or seq > 255:
+    born = node.scope.born
+    if born and (seq is None or seq > 255):
         return f"sequence number {seq} is missing or out of range"
-    expected = (node.seq + 1) % 256
-    ahead = (seq - expected) % 256
-    if ahead == 0:
+    if redelivered and node.count:
+        # Sent before the BIRTH it would be read with (the node's, or its
+        # device's): read before that BIRTH came, with the aliases it had.
+        birth = scope if scope is not None and scope.birth_ms >= 0 else node.scope
+        ts = _payload_ms(message)
+        if ts is not None and ts < birth.birth_ms:
+            return _SKIP
+    if born and seq == (node.seq + 1) % 256:
         node.seq = seq
-        return None
-    if ahead >= 128:
-        # Behind: a message already followed, delivered again (a redelivery
-        # after a reconnect). Its aliases are the current ones: read it again;
-        # the store tells its readings apart as duplicates.
-        return None
-    return f"sequence gap: expected {expected}, got {seq} ({ahead} message(s) missing)"
+        node.count += 1
+        return _NEXT
+    if redelivered and node.count and seq is not None and (node.seq - seq) % 256 < node.count:
+        # Followed since this BIRTH and sent again after a reconnect: the
+        # current aliases are its own; the store tells its readings apart
+        # as duplicates.
+        return _AGAIN
+    if not born:
+        return "message before the node's NBIRTH (ingestd has not seen its birth)"
+    assert seq is not None
+    if seq == node.seq:
+        return _AGAIN  # the last message again: a device that did not get its PUBACK
+    expected = (node.seq + 1) % 256
+    missing = (seq - expected) % 256
+    return f"sequence gap: expected {expected}, got {seq} ({missing} message(s) missing)"
+
+
+def _rebirth_step(node: Node, message: Any) -> _Step:
+    """A redelivered NBIRTH of a node born before: the current one again
+    (_AGAIN: its values read again, the state kept, even if the node died
+    since), an earlier one (_SKIP), or a newer one."""
+    ts = _payload_ms(message)
+    born_ms = node.scope.birth_ms
+    if ts is not None and ts < born_ms:
+        return _SKIP
+    bd_seq = next((_bd_seq(m) for m in message.metrics if m.name == "bdSeq"), None)
+    if ts == born_ms and bd_seq == node.bd_seq:
+        return _AGAIN
+    return _NEXT
+
+
+def _skipped(table: RouteTable, kind: str) -> None:
+    skipped = table.counts.skipped
+    skipped[kind] = skipped.get(kind, 0) + 1
 
 
 def _ask_rebirth(
@@ -275,16 +368,31 @@ def _ask_rebirth(
     now = time.monotonic()
     if now - node.rebirth_at < params.rebirth_interval:
         return False
+    # All nodes together: a token bucket of one second's worth.
+    rate = params.rebirth_max_per_second
+    bucket: list[float] = table.format_state.setdefault("sparkplug_rebirths", [rate, now])
+    tokens = min(max(rate, 1.0), bucket[0] + (now - bucket[1]) * rate)
+    bucket[1] = now
+    if tokens < 1:
+        bucket[0] = tokens
+        table.counts.rebirths_suppressed += 1
+        return False
+    bucket[0] = tokens - 1
     node.rebirth_at = now
     node.rebirths += 1
     table.counts.rebirth_requests += 1
     table.commands.append(rebirth_request(group, edge_node, int(time.time() * 1000)))
-    log.info("sparkplug rebirth requested", node=f"{group}/{edge_node}", reason=why)
+    table.device_log.info(
+        log, "sparkplug rebirth requested", node=f"{group}/{edge_node}", reason=why
+    )
     return True
 
 
-def _birth(message: Any) -> Scope:
-    scope = Scope(born=True, online=True)
+def _birth(message: Any, since: int) -> Scope:
+    scope = Scope(born=True, online=True, since=since)
+    ts = _payload_ms(message)
+    if ts is not None:
+        scope.birth_ms = ts
     for m in message.metrics:
         unit = ""
         if m.HasField("properties"):
@@ -409,7 +517,8 @@ def _death(table: RouteTable, node: Node, group: str, edge_node: str, message: A
             bd_seq = _bd_seq(m)
     if node.bd_seq is not None and bd_seq is not None and bd_seq != node.bd_seq:
         # The will of an earlier session, delivered late: this birth still stands.
-        log.info(
+        table.device_log.info(
+            log,
             "sparkplug NDEATH of an earlier session ignored",
             node=f"{group}/{edge_node}",
             bd_seq=bd_seq,

@@ -12,17 +12,22 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.helpers import (
     REPO,
     SHIPPED_CONFIG,
+    BrokerFactory,
+    Daemon,
     DaemonFactory,
     DbReader,
     Mosquitto,
+    hold_exclusive_lock,
     http_get,
     metric_value,
     wait_for,
@@ -223,3 +228,161 @@ def test_the_host_state_will_says_offline_when_ingestd_dies(
     offline = retained(mosquitto.port, f"spBv1.0/STATE/{HOST}")
     assert offline is not None
     assert json.loads(offline)["timestamp"] == json.loads(online)["timestamp"]
+
+
+# -- redeliveries through a real broker reconnect --------------------------------------
+
+REDELIVERY_ENV = {
+    "INGESTD_MQTT__BROKER_MAX_INFLIGHT": "1000",
+    "INGESTD_MQTT__RECONNECT_MIN_DELAY": "0.1",
+    "INGESTD_MQTT__RECONNECT_MAX_DELAY": "1",
+}
+
+
+def metrics_of(daemon: Daemon, name: str, labels: str = "") -> float:
+    return metric_value(http_get(daemon.metrics_url() + "/metrics")[1], name, labels)
+
+
+def unacked_across_a_broker_restart(
+    broker: Mosquitto, daemon: Daemon, node: EdgeNode, db: Path, send: Callable[[], int]
+) -> None:
+    """`send` publishes messages (returning how many) while another writer holds
+    the database, so ingestd reads them but can neither commit nor acknowledge
+    them; then the broker restarts, and sends them again, flagged DUP, to
+    ingestd's persistent session. The lock goes once ingestd is back."""
+    received = metrics_of(daemon, "ingestd_messages_received_total")
+    reconnects = metrics_of(daemon, "ingestd_broker_reconnects_total")
+    lock = hold_exclusive_lock(db, 6)
+    n = send()
+    wait_for(
+        lambda: metrics_of(daemon, "ingestd_messages_received_total") >= received + n,
+        20,
+        what=f"ingestd to read the {n} messages",
+    )
+    assert metrics_of(daemon, "ingestd_inflight_unacked_messages") >= n
+    node.expect_reconnect()
+    broker.restart()
+    wait_for(
+        lambda: metrics_of(daemon, "ingestd_broker_reconnects_total") > reconnects,
+        20,
+        what="ingestd to reconnect",
+    )
+    node.wait_connected()
+    lock.join()
+
+
+def stored_as_sent(db: DbReader, node: EdgeNode) -> int:
+    """Every stored value is the one the node sent under that name at that
+    time, and none twice; the number of rows."""
+    rows = db.rows("SELECT metric, ts_ns, value FROM readings")
+    for metric, ts_ns, value in rows:
+        assert node.sent[ts_ns // 1_000_000][metric] == value, (metric, ts_ns)
+    assert len(rows) == len({(m, t) for m, t, _v in rows}), "nothing twice"
+    return len(rows)
+
+
+@pytest.fixture
+def redelivery(
+    tmp_path: Path, brokers: BrokerFactory, daemons: DaemonFactory
+) -> Iterator[tuple[Mosquitto, Daemon, EdgeNode, DbReader]]:
+    broker = brokers(tmp_path / "broker", max_inflight=1000).start()
+    daemon = daemons(broker.port, ROUTE, **REDELIVERY_ENV).start()
+    daemon.wait_ready()
+    node = EdgeNode(broker.port).connect()
+    db = DbReader(tmp_path / "ingestd.db")
+    node.birth(0)
+    for i in range(1, 21):
+        node.data(i)
+    wait_for(lambda: db.count() == 4 * 21, 20, what="the first 20 DATA stored")
+    yield broker, daemon, node, db
+    node.close()
+
+
+def test_redeliveries_of_200_unacknowledged_data_are_not_a_gap(
+    tmp_path: Path, redelivery: tuple[Mosquitto, Daemon, EdgeNode, DbReader]
+) -> None:
+    """Case (c): more than 128 of a node's messages unacknowledged at a
+    reconnect (200: their numbers wrap past the current one) are read again,
+    not taken for a gap that would unbirth the node."""
+    broker, daemon, node, db = redelivery
+
+    def send() -> int:
+        for i in range(21, 221):
+            node.data(i)
+        return 200
+
+    unacked_across_a_broker_restart(broker, daemon, node, tmp_path / "ingestd.db", send)
+    for i in range(221, 261):
+        node.data(i)
+    # Back on the broker, the node is born again (its NDEATH was published).
+    want = 4 * (260 + node.births)
+    wait_for(lambda: db.count() == want, 30, what="all 260 DATA and the BIRTHs stored")
+    time.sleep(0.5)
+    assert node.births == 2
+    assert stored_as_sent(db, node) == want
+    assert db.count("quarantine") == 0
+    assert metrics_of(daemon, "ingestd_sparkplug_rebirth_requests_total") == 0
+    assert node.rebirth_requests == 0
+    assert metrics_of(daemon, "ingestd_readings_duplicate_total") > 0, "they were redelivered"
+    assert metrics_of(daemon, "ingestd_readings_unexplained") == 0
+    assert daemon.stop() == 0
+
+
+def test_a_redelivery_from_before_a_rebirth_keeps_its_own_aliases(
+    tmp_path: Path, redelivery: tuple[Mosquitto, Daemon, EdgeNode, DbReader]
+) -> None:
+    """Case (b): DATA read before a rebirth that changed the aliases, sent
+    again after a reconnect, is never read with the new BIRTH's aliases (a
+    Temperature stored as a Pressure that never was)."""
+    broker, daemon, node, db = redelivery
+    swapped = {**node.aliases, "Line/Temperature": 2, "Line/Pressure": 1}
+
+    def send() -> int:
+        for i in range(21, 26):
+            node.data(i)
+        node.birth(26, aliases=swapped)
+        for i in range(27, 32):
+            node.data(i)
+        return 11
+
+    unacked_across_a_broker_restart(broker, daemon, node, tmp_path / "ingestd.db", send)
+    for i in range(32, 41):
+        node.data(i)
+    want = 4 * (40 - 1 + 3)  # DATA 1-40 but 26 (a BIRTH instead), three BIRTHs
+    wait_for(lambda: db.count() == want, 30, what="everything stored")
+    time.sleep(0.5)
+    assert stored_as_sent(db, node) == want
+    assert db.count("quarantine") == 0
+    assert metrics_of(daemon, "ingestd_values_skipped_total", 'kind="redelivered"') == 5
+    assert metrics_of(daemon, "ingestd_sparkplug_rebirth_requests_total") == 0
+    assert metrics_of(daemon, "ingestd_readings_unexplained") == 0
+    assert daemon.stop() == 0
+
+
+def test_a_gap_of_150_after_a_reconnect_is_a_gap(
+    tmp_path: Path, redelivery: tuple[Mosquitto, Daemon, EdgeNode, DbReader]
+) -> None:
+    """Case (a): a jump of 128-255 is a gap like any other (quarantined, one
+    rebirth asked), while the reconnect's redeliveries before it are not."""
+    broker, daemon, node, db = redelivery
+
+    def send() -> int:
+        for i in range(21, 31):
+            node.data(i)
+        return 10
+
+    unacked_across_a_broker_restart(broker, daemon, node, tmp_path / "ingestd.db", send)
+    node.data(31, lost=150)
+    wait_for(lambda: node.rebirth_requests == 1, 20, what="the rebirth request")
+    for i in range(32, 41):
+        node.data(i)  # the first answers with an NBIRTH
+    want = 4 * (40 - 1 + 3)  # DATA 1-40 but 31 (quarantined), three BIRTHs
+    wait_for(lambda: db.count() == want, 30, what="everything but DATA 31 stored")
+    time.sleep(0.5)
+    assert stored_as_sent(db, node) == want
+    [(reason,)] = db.rows("SELECT reason FROM quarantine")
+    # After the BIRTH of its new session (seq 0), 150 lost.
+    assert "sequence gap: expected 1, got 151 (150 message(s) missing)" in reason
+    assert metrics_of(daemon, "ingestd_sparkplug_rebirth_requests_total") == 1
+    assert metrics_of(daemon, "ingestd_readings_unexplained") == 0
+    assert daemon.stop() == 0

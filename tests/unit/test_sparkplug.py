@@ -297,3 +297,127 @@ def test_a_birth_that_cannot_be_read_leaves_the_node_unborn() -> None:
     readings, problems = run(t, (NODE.format(kind="NDATA"), data(1, (1, 5.0))))
     assert readings == []
     assert "has not seen its birth" in problems[0]
+
+
+def dup_run(t: RouteTable, *messages: tuple[str, bytes]) -> tuple[list[Reading], list[str]]:
+    """`run`, every message flagged DUP by the broker (sent again after a reconnect)."""
+    deliveries = [(topic, payload, NOW_NS + i) for i, (topic, payload) in enumerate(messages)]
+    readings, rejected = decode_all(t, deliveries, redelivered=range(len(deliveries)))
+    return readings, [r.reason for r in rejected]
+
+
+@given(st.integers(2, 255))
+@settings(max_examples=60, deadline=None)
+def test_any_forward_jump_is_a_gap_however_far(jump: int) -> None:
+    t = table()
+    run(t, (NODE.format(kind="NBIRTH"), birth()))
+    run(t, *[(NODE.format(kind="NDATA"), data(s, (1, 1.0))) for s in range(1, 11)])
+    seq = (10 + jump) % 256
+    readings, problems = run(t, (NODE.format(kind="NDATA"), data(seq, (1, 2.0))))
+    assert readings == []
+    assert problems[0].startswith(
+        f"Sparkplug node plant/press-1: sequence gap: expected 11, got {seq} "
+        f"({jump - 1} message(s) missing)"
+    )
+    assert t.counts.rebirth_requests == 1
+    # The node is unborn until its rebirth: nothing after the gap is guessed.
+    _, problems = run(t, (NODE.format(kind="NDATA"), data((seq + 1) % 256, (1, 3.0))))
+    assert "waiting for its rebirth" in problems[0]
+
+
+@given(st.integers(1, 600))
+@settings(max_examples=60, deadline=None)
+def test_redeliveries_after_a_reconnect_never_unbirth_the_node(unacked: int) -> None:
+    """However many of a node's messages were not acknowledged at a reconnect
+    (ingestd's window is 1,000), the broker's DUP redeliveries are read again
+    with the same aliases, and the node goes on where it was."""
+    t = table()
+    run(t, (NODE.format(kind="NBIRTH"), birth()))
+    first = [(NODE.format(kind="NDATA"), data(s % 256, (1, float(s)))) for s in range(1, 1001)]
+    readings, problems = run(t, *first)
+    assert problems == []
+    again, problems = dup_run(t, *first[-unacked:])
+    assert problems == []
+    assert again == readings[-unacked:]
+    after, problems = run(t, (NODE.format(kind="NDATA"), data(1001 % 256, (1, 1001.0))))
+    assert problems == []
+    assert [r.value for r in after] == [1001.0]
+    assert t.counts.rebirth_requests == 0
+
+
+def rebirth_swapped(seq: int = 0) -> bytes:
+    """A new NBIRTH (bdSeq 2, a second later) that gives aliases 1 and 2 to
+    other metrics than the first BIRTH did."""
+    p = Payload(timestamp=T_MS + 60_000, seq=seq)
+    metric(p, "bdSeq", datatype=BY_NAME["UInt64"], long_value=2)
+    metric(p, "Humidity", 1, datatype=BY_NAME["Double"], double_value=40.0)
+    metric(p, "Temperature", 2, datatype=BY_NAME["Double"], double_value=21.0)
+    return bytes(p.SerializeToString())
+
+
+def test_a_redelivery_from_before_a_rebirth_is_never_read_with_the_new_aliases() -> None:
+    t = table()
+    run(t, (NODE.format(kind="NBIRTH"), birth()))
+    old = [(NODE.format(kind="NDATA"), data(s, (1, 30.0 + s), ts_ms=T_MS + s)) for s in (1, 2)]
+    new = [
+        (NODE.format(kind="NBIRTH"), rebirth_swapped()),
+        (NODE.format(kind="NDATA"), data(1, (1, 41.0), (2, 22.0), ts_ms=T_MS + 61_000)),
+    ]
+    first, problems = run(t, *old, *new)
+    assert problems == []
+    # The broker sends all four again after a reconnect, in their order.
+    again, problems = dup_run(t, *old, *new)
+    assert problems == []
+    assert t.counts.skipped["redelivered"] == 2
+    # No Humidity of 31 or 32 (Temperature values read with the new aliases).
+    assert again == first[2:]
+    assert ("Humidity", 31.0) not in [(r.metric, r.value) for r in again]
+    assert t.counts.rebirth_requests == 0
+    state = node_state(t, "plant", "press-1")
+    assert state is not None
+    assert (state.seq, state.bd_seq) == (1, 2)
+
+
+def test_a_device_redelivery_from_before_its_dbirth_is_skipped() -> None:
+    t = table()
+    run(t, (NODE.format(kind="NBIRTH"), birth()))
+
+    def dbirth(seq: int, ts_ms: int, name: str) -> bytes:
+        p = Payload(timestamp=ts_ms, seq=seq)
+        metric(p, name, 10, datatype=BY_NAME["Double"], double_value=1.0)
+        return bytes(p.SerializeToString())
+
+    msgs = [
+        (DEV.format(kind="DBIRTH"), dbirth(1, T_MS + 10, "RPM")),
+        (DEV.format(kind="DDATA"), data(2, (10, 1500.0), ts_ms=T_MS + 20)),
+        (DEV.format(kind="DBIRTH"), dbirth(3, T_MS + 30, "Torque")),
+        (DEV.format(kind="DDATA"), data(4, (10, 7.5), ts_ms=T_MS + 40)),
+    ]
+    _, problems = run(t, *msgs)
+    assert problems == []
+    again, problems = dup_run(t, *msgs)
+    assert problems == []
+    assert [(r.metric, r.value) for r in again] == [("Torque", 1.0), ("Torque", 7.5)]
+    assert t.counts.skipped["redelivered"] == 2
+
+
+def test_a_dup_message_ingestd_never_read_after_a_real_gap_is_a_gap() -> None:
+    """DUP says "sent before", not "read before": a redelivered message ahead
+    of the sequence (the ones between were lost upstream) is a gap."""
+    t = table()
+    run(t, (NODE.format(kind="NBIRTH"), birth()))
+    run(t, *[(NODE.format(kind="NDATA"), data(s, (1, 1.0))) for s in range(1, 6)])
+    _, problems = dup_run(t, (NODE.format(kind="NDATA"), data(9, (1, 2.0))))
+    assert "sequence gap: expected 6, got 9 (3 message(s) missing)" in problems[0]
+
+
+def test_junk_from_many_node_ids_buys_bounded_rebirth_requests_and_log_lines() -> None:
+    t = table()
+    junk = [(f"spBv1.0/junk/NDATA/n{i}", data(1, (1, 1.0))) for i in range(2000)]
+    _, problems = run(t, *junk)
+    assert len(problems) == 2000  # every one quarantined with its reason
+    # One second's worth (10) at most, the rest counted; decoding took well under 1 s.
+    assert 10 <= t.counts.rebirth_requests <= 20
+    assert len(t.commands) == t.counts.rebirth_requests
+    assert t.counts.rebirths_suppressed == 2000 - t.counts.rebirth_requests
+    assert t.device_log.suppressed >= t.counts.rebirth_requests - 20
