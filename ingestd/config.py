@@ -290,6 +290,7 @@ class StoreSettings(Section):
     statement_timeout_ms: int = Field(30000, ge=0)
     partition_days: int = Field(1, ge=1, le=366)
     partitions_ahead: int = Field(3, ge=1, le=366)
+    partitions_behind: int = Field(30, ge=0, le=3660)
 
     @property
     def postgres(self) -> bool:

@@ -12,6 +12,7 @@ import time
 from ingestd.config import ProcessorSettings, Settings, route_table
 from ingestd.decode import decode_message
 from ingestd.events import NS, Reading, Rejected
+from ingestd.printable import printable
 from ingestd.process import process
 from ingestd.report import iso_ns
 from ingestd.routes import RouteTable
@@ -51,24 +52,25 @@ def explain(
         lines.append(
             'route:   none matches: such a message is quarantined ("no route matches this topic")'
         )
-        return "\n".join(lines)
+        return _shown(lines)
     route = settings.routes[match.route]
     lines += [
-        f"route:   #{match.route + 1} {route.topic!r} (format {route.format}, qos {route.qos})",
+        f"route:   #{match.route + 1} {_quoted(route.topic)} "
+        f"(format {route.format}, qos {route.qos})",
         f"format:  {match.fmt.summary}",
-        f"sensor:  {match.sensor!r}",
+        f"sensor:  {_quoted(match.sensor)}",
         f"tags:    {match.tags or '(none)'}",
     ]
     if match.fmt.metric_from == "topic":
-        lines.append(f"metric:  {match.metric_prefix!r}")
+        lines.append(f"metric:  {_quoted(match.metric_prefix)}")
     else:
-        lines.append(f"metric:  template {route.effective_metric!r}")
+        lines.append(f"metric:  template {_quoted(route.effective_metric)}")
     if match.fmt.describe_state is not None:
         known = match.fmt.describe_state(table, topic)
         lines.append("state:   " + (known[0] if known else "(none)"))
         lines += [f"         {line}" for line in known[1:]]
     if payload is None:
-        return "\n".join(lines)
+        return _shown(lines)
     received_ns = int(now * NS)
     kept, rejected = outcome(table, settings.processor, topic, payload, received_ns)
     lines.append(f"payload: {len(payload)} bytes")
@@ -88,4 +90,16 @@ def explain(
         lines.append(f"would send: {command_topic} (the daemon sends it; explain does not)")
     if table.counts.rate_dropped:
         lines.append(f"dropped by the rate limit: {table.counts.rate_dropped}")
-    return "\n".join(lines)
+    return _shown(lines)
+
+
+def _quoted(text: str) -> str:
+    # Quotes show where the text starts and ends; `printable` (in _shown) makes
+    # what is between them visible, once (repr() would escape, then be escaped again).
+    return f"'{text}'"
+
+
+def _shown(lines: list[str]) -> str:
+    """The report for a terminal: the topic, sensor, metric, tags and reasons
+    come from the sample (a device's text), so each line is escaped."""
+    return "\n".join(printable(line) for line in lines)

@@ -3,6 +3,12 @@
 The rows come from the store's `Reader` (read-only, streamed); this module
 shapes them for people and programs: exact times, aligned text, CSV or JSON,
 progress on long exports, and the running daemon's own figures.
+
+Text a device chose (sensor ids, metrics, tags, topics) is escaped in the
+table, which people read (`printable`: a U+202E in an id cannot reorder a
+row). CSV and JSON are data and keep it exact: JSON writes such characters as
+`\\uXXXX` escapes (ASCII output), CSV writes them as they are, so a CSV export
+round-trips to the stored text; read it with a program, not a terminal.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from typing import Any, TextIO
 
 from ingestd.errors import InspectError
 from ingestd.events import NS
+from ingestd.printable import printable
 from ingestd.store.base import Reader
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
@@ -124,7 +131,9 @@ def _json_object(cols: list[str], row: Sequence[Any]) -> str:
 def _cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.15g}"
-    return "" if v is None else str(v)
+    if isinstance(v, _Shown):
+        return v
+    return "" if v is None else printable(str(v))
 
 
 def _with_progress(rows: Iterable[Sequence[Any]], err: TextIO) -> Iterator[Sequence[Any]]:
@@ -220,6 +229,13 @@ class _Exact(str):
     __slots__ = ()
 
 
+class _Shown(str):
+    """Text already escaped for display (a payload preview): the table shows
+    it as it is instead of escaping its backslashes again."""
+
+    __slots__ = ()
+
+
 def _to_ns(seconds: float) -> int:
     return max(0, min(int(seconds * NS), 2**63 - 1))
 
@@ -236,11 +252,11 @@ def quarantine(reader: Reader, since: float, limit: int | None) -> Table:
     )
 
 
-def _preview(payload: bytes, size: int = 120) -> str:
+def _preview(payload: bytes, size: int = 120) -> _Shown:
     text = payload[:size].decode("utf-8", "backslashreplace")
     # Devices send anything: keep one line, control characters escaped.
     text = text.encode("unicode_escape").decode("ascii")
-    return text + ("..." if len(payload) > size else "")
+    return _Shown(text + ("..." if len(payload) > size else ""))
 
 
 def db_stats(reader: Reader) -> dict[str, Any]:
@@ -309,5 +325,5 @@ def print_stats(stats: dict[str, Any], out: TextIO = sys.stdout, as_json: bool =
         return
     width = max(len(k) for k in stats)
     for k, v in stats.items():
-        shown = f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else v
+        shown = f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else printable(str(v))
         out.write(f"{k.ljust(width)}  {shown}\n")

@@ -1,7 +1,9 @@
 """The logger stage: a bus observer that turns pipeline events into log lines.
 
 It subscribes with the `drop` policy: under load it may miss events (and says
-how many), but it never slows ingestion down.
+how many), but it never slows ingestion down. Device text (topics, reasons,
+payloads) is logged as it is: the renderer makes it safe, for every log line
+(`observe.log`: escaped on the console, JSON-escaped in JSON lines).
 """
 
 from __future__ import annotations
@@ -138,7 +140,7 @@ class EventLogger:
         now = self._interval
         for rej in rejected:
             now.quarantined[rej.kind] = now.quarantined.get(rej.kind, 0) + 1
-            now.examples.setdefault(rej.kind, printable(rej.reason)[:160])
+            now.examples.setdefault(rej.kind, rej.reason[:160])
             shape = (rej.kind, _VARYING.sub("*", rej.reason))
             first = shape not in self._reasons
             if first:
@@ -155,11 +157,9 @@ class EventLogger:
                 (log.info if loud else log.debug)(
                     "quarantined",
                     **(first_note if loud else {}),
-                    topic=printable(rej.topic),
-                    reason=printable(rej.reason),
-                    payload=printable(
-                        rej.payload[:_PAYLOAD_SHOWN].decode("utf-8", "backslashreplace")
-                    ),
+                    topic=rej.topic,
+                    reason=rej.reason,
+                    payload=rej.payload[:_PAYLOAD_SHOWN].decode("utf-8", "backslashreplace"),
                     size=len(rej.payload),
                     kind=rej.kind,
                 )
@@ -189,12 +189,3 @@ class EventLogger:
         if self.pipeline is not None:
             fields.update(self.pipeline())
         log.info("summary", **fields)
-
-
-_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
-
-
-def printable(text: str) -> str:
-    """What a device sent, safe for a terminal or a log line: control characters
-    (escape sequences, newlines) shown as \\xNN."""
-    return text.translate(_CONTROL)

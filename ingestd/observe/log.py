@@ -1,7 +1,8 @@
 """structlog configuration, in one place.
 
 JSON lines when the output is not a terminal (journald, files, pipes), a
-readable console rendering when it is. The level can be changed at run time
+readable console rendering when it is, with device text escaped
+(`ingestd.printable`). The level can be changed at run time
 (loggers are not cached), which a reload relies on.
 """
 
@@ -12,6 +13,8 @@ import sys
 from typing import Any, Literal, TextIO
 
 import structlog
+
+from ingestd.printable import printable
 
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -37,10 +40,13 @@ def configure_logging(
         render = [
             structlog.processors.dict_tracebacks,
             structlog.processors.EventRenamer("msg"),
-            structlog.processors.JSONRenderer(default=str),
+            # ASCII only: a control or format character in device text is
+            # written as a JSON escape, so the line stays one safe line and the
+            # text stays exact.
+            structlog.processors.JSONRenderer(default=str, ensure_ascii=True),
         ]
     else:
-        render = [structlog.dev.ConsoleRenderer(colors=_isatty(out))]
+        render = [_printable_strings, structlog.dev.ConsoleRenderer(colors=_isatty(out))]
     structlog.configure(
         processors=[structlog.contextvars.merge_contextvars, *stamp, *render],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
@@ -61,6 +67,22 @@ def configure_logging(
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.WARNING)
+
+
+# Rendered by the console renderer itself, from the exception: not device text,
+# and their line breaks are meant.
+_KEPT_AS_IS = frozenset({"exception", "exc_info", "stack"})
+
+
+def _printable_strings(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    """Console lines are read by people: every text value (and the message,
+    which for a library's log record may quote a topic) is escaped, so device
+    text can neither move the cursor nor reorder the line. Other values are
+    shown with repr(), which escapes them already."""
+    for key, value in event.items():
+        if isinstance(value, str) and key not in _KEPT_AS_IS:
+            event[key] = printable(value)
+    return event
 
 
 def _isatty(stream: TextIO) -> bool:

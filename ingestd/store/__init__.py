@@ -23,6 +23,8 @@ def open_store(settings: StoreSettings) -> Store:
             statement_timeout_ms=settings.statement_timeout_ms,
             partition_days=settings.partition_days,
             partitions_ahead=settings.partitions_ahead,
+            partitions_behind=settings.partitions_behind,
+            retention_days=settings.retention_days,
         )
     from ingestd.store.sqlite import SqliteStore  # noqa: PLC0415 - the engine chosen
 

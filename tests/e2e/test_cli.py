@@ -180,6 +180,37 @@ def test_quarantine_shows_reasons_with_device_bytes_escaped(db: Path) -> None:
     assert "\\x00" in shown
 
 
+async def test_a_format_character_in_a_sensor_id_cannot_reorder_the_table(
+    tmp_path: Path,
+) -> None:
+    # U+202E (RIGHT-TO-LEFT OVERRIDE) shows the rest of a line reversed; U+2066
+    # opens an isolate; U+200B is invisible. In a table, escaped; in JSON and
+    # CSV, the exact id (JSON as a \u escape, CSV as the character itself).
+    evil = "lab\u202eerutarepmet\u2066\u200b"
+    path = tmp_path / "data.db"
+    async with SqliteStore(path) as store, store.batch() as tx:
+        await tx.add_readings(
+            [Reading(evil, "temperature\x1b[2J", T0_NS, 21.5), Reading("plain", "t", T0_NS, 1.0)]
+        )
+    table = ingestd(*cli(path, "sensors")).stdout
+    for ch in ("\u202e", "\u2066", "\u200b", "\x1b"):
+        assert ch not in table
+    rows = table.splitlines()
+    assert rows[1].startswith("lab\\u202eerutarepmet\\u2066\\u200b  temperature\\x1b[2J  ")
+    assert rows[2].startswith("plain")
+    # The columns still line up: the escaped id is as wide as it is shown.
+    assert rows[1].index("21.5") == rows[2].index("1 ") == rows[0].index("last_value")
+
+    as_json = ingestd(*cli(path, "sensors", "-f", "json")).stdout
+    assert as_json.isascii()
+    assert json.loads(as_json)[0]["sensor"] == evil
+    as_csv = ingestd(*cli(path, "sensors", "-f", "csv")).stdout
+    assert next(csv.DictReader(io.StringIO(as_csv)))["sensor"] == evil
+    query = ingestd(*cli(path, "query", "-s", evil, "--since", str(T0 - 1), "--until", str(T0 + 1)))
+    assert "\u202e" not in query.stdout
+    assert "lab\\u202eerutarepmet" in query.stdout
+
+
 def test_bad_arguments_and_missing_database_are_clear_errors(db: Path, tmp_path: Path) -> None:
     bad = ingestd(*cli(db, "query", "-s", "kitchen", "--since", "yesterday"), check=False)
     assert bad.returncode == 1

@@ -105,11 +105,14 @@ async def test_batches_are_idempotent_and_conflicts_quarantined(pg_url: str) -> 
 async def test_partitions_ahead_and_retention_drops_whole_ones(pg_url: str) -> None:
     day0 = int(NOW) // 86400 * 86400
     clock = [float(day0 + 3600)]
-    store = PostgresStore(pg_url, partition_days=1, partitions_ahead=2, clock=lambda: clock[0])
+    store = PostgresStore(
+        pg_url, partition_days=1, partitions_ahead=2, partitions_behind=7, clock=lambda: clock[0]
+    )
     async with store:
         names = await _partition_names(pg_url)
         assert len(names) == 3  # today and two ahead
-        # Readings 10 days old (before any partition: the default one), today, tomorrow.
+        # Readings 10 days old (past partitions_behind: the default partition),
+        # today, tomorrow.
         async with store.batch() as tx:
             await tx.add_readings(_readings("old", 5, (day0 - 10 * 86400) * NS))
             await tx.add_readings(_readings("now", 5, (day0 + 60) * NS))
@@ -126,6 +129,151 @@ async def test_partitions_ahead_and_retention_drops_whole_ones(pg_url: str) -> N
     lows = sorted(lo for _, lo, _ in await _partitions(pg_url))
     assert lows[0] == (day0 + 86400) * NS
     assert lows[-1] == (day0 + 5 * 86400) * NS  # two ahead of the new today
+
+
+async def test_a_backlog_lands_in_partitions_of_its_own(pg_url: str) -> None:
+    day0 = int(NOW) // 86400 * 86400
+    clock = [float(day0 + 3600)]
+    store = PostgresStore(
+        pg_url, partition_days=1, partitions_ahead=2, partitions_behind=5, clock=lambda: clock[0]
+    )
+    db = PgReader(pg_url)
+    async with store:
+        # Known series first, so the backlog batch is the steady-state kind:
+        # a COPY outside a transaction.
+        async with store.batch() as tx:
+            await tx.add_readings(_readings("dev", 1, (day0 + 60) * NS))
+        # Delivered after an outage: readings from 3 days ago, and two days
+        # (one batch spanning both), then 9 days ago (past partitions_behind).
+        three_ago, two_ago = (day0 - 3 * 86400) * NS, (day0 - 2 * 86400) * NS
+        async with store.batch() as tx:
+            await tx.add_readings(_readings("dev", 10, three_ago + 100 * NS))
+        async with store.batch() as tx:
+            await tx.add_readings(
+                _readings("dev", 5, three_ago + 86000 * NS, 50.0)
+                + _readings("dev", 5, two_ago + 60 * NS, 60.0)
+            )
+        async with store.batch() as tx:
+            await tx.add_readings(_readings("dev", 4, (day0 - 9 * 86400) * NS))
+        lows = {lo: name for name, lo, _ in await _partitions(pg_url)}
+        assert three_ago in lows
+        assert two_ago in lows
+        assert (day0 - 9 * 86400) * NS not in lows
+        assert db.rows(f'SELECT count(*) FROM "{lows[three_ago]}"') == [(15,)]
+        assert db.rows(f'SELECT count(*) FROM "{lows[two_ago]}"') == [(5,)]
+        assert db.rows("SELECT count(*) FROM samples_default") == [(4,)]
+
+        # The cache knows them now: more of the same backlog costs no DDL, and
+        # a redelivery is a duplicate, as anywhere.
+        async with store.batch() as tx:
+            await tx.add_readings(_readings("dev", 10, three_ago + 100 * NS))
+        assert (tx.inserted, tx.duplicates) == (0, 10)
+
+        # Retention drops the backlog's partitions whole (and deletes the
+        # default partition's old rows).
+        done = await store.upkeep(day0 - 86400, 1000)
+        assert done.detail == {"partitions_dropped": 2}
+        assert done.readings_deleted == 24
+    assert db.rows("SELECT count(*) FROM samples") == [(1,)]
+    lows_after = sorted(lo for _, lo, _ in await _partitions(pg_url))
+    assert lows_after[0] == day0 * NS
+
+
+async def test_rows_already_in_the_default_partition_move_into_the_new_one(
+    pg_url: str,
+) -> None:
+    day0 = int(NOW) // 86400 * 86400
+    four_ago = (day0 - 4 * 86400) * NS
+    # An older ingestd (partitions_behind = 0) put this backlog in the default partition.
+    async with PostgresStore(pg_url, partitions_behind=0) as old, old.batch() as tx:
+        await tx.add_readings(_readings("dev", 7, four_ago))
+    db = PgReader(pg_url)
+    assert db.rows("SELECT count(*) FROM samples_default") == [(7,)]
+    async with PostgresStore(pg_url, partitions_behind=30) as store:
+        async with store.batch() as tx:
+            await tx.add_readings(_readings("dev", 3, four_ago + 1000 * NS))
+        assert tx.inserted == 3
+    lows = {lo: name for name, lo, _ in await _partitions(pg_url)}
+    assert db.rows(f'SELECT count(*) FROM "{lows[four_ago]}"') == [(10,)]
+    assert db.rows("SELECT count(*) FROM samples_default") == [(0,)]
+
+
+async def test_a_backlog_in_a_batch_with_new_series_gets_its_partition_next_batch(
+    pg_url: str,
+) -> None:
+    # New series open a transaction before the COPY: no DDL inside it (it may
+    # hold locks the DDL waits for); the next batch outside one creates the
+    # partition and moves these rows out of the default partition.
+    day0 = int(NOW) // 86400 * 86400
+    two_ago = (day0 - 2 * 86400) * NS
+    db = PgReader(pg_url)
+    async with PostgresStore(pg_url) as store:
+        async with store.batch() as tx:
+            await tx.add_readings(_readings("new", 5, two_ago))
+        assert db.rows("SELECT count(*) FROM samples_default") == [(5,)]
+        async with store.batch() as tx:
+            await tx.add_readings(_readings("new", 1, (day0 + 60) * NS))
+        assert store.partition_for(two_ago, two_ago) != "samples"
+    assert db.rows("SELECT count(*) FROM samples_default") == [(0,)]
+    assert db.count() == 6
+
+
+async def test_a_partition_not_made_in_time_leaves_the_batch_to_the_default_one(
+    pg_url: str,
+) -> None:
+    import asyncpg
+
+    from ingestd.store.postgres.schema import PARTITION_LOCK
+
+    day0 = int(NOW) // 86400 * 86400
+    two_ago = (day0 - 2 * 86400) * NS
+    async with PostgresStore(pg_url) as store:
+        async with store.batch() as tx:
+            await tx.add_readings(_readings("dev", 1, (day0 + 60) * NS))
+        # Another instance busy creating partitions (for longer than the batch
+        # path waits): the batch commits anyway, into the default partition.
+        other = await asyncpg.connect(pg_url)
+        try:
+            await other.execute("SELECT pg_advisory_lock($1)", PARTITION_LOCK)
+            started = time.monotonic()
+            async with store.batch() as tx:
+                await tx.add_readings(_readings("dev", 5, two_ago))
+            assert tx.inserted == 5
+            assert time.monotonic() - started < 10
+        finally:
+            await other.close()
+        assert store.partition_for(two_ago, two_ago) == "samples"
+    db = PgReader(pg_url)
+    assert db.rows("SELECT count(*) FROM samples_default") == [(5,)]
+
+
+async def test_instances_creating_the_same_backlog_partitions_at_once_all_commit(
+    pg_url: str,
+) -> None:
+    day0 = int(NOW) // 86400 * 86400
+    stores = [PostgresStore(pg_url) for _ in range(4)]
+    for s in stores:
+        await s.open()
+    # Each instance its own series, all in the same three past days, at once.
+    starts = [(day0 - d * 86400) * NS for d in (3, 4, 5)]
+
+    async def write(store: PostgresStore, k: int, stamps: list[int]) -> None:
+        async with store.batch() as tx:
+            await tx.add_readings([Reading(f"s{k}", "t", t + k * NS, 1.0) for t in stamps])
+
+    # Series made first (today): the racing batches are then COPYs outside a
+    # transaction, the path that creates partitions.
+    await asyncio.gather(*(write(s, k, [day0 * NS]) for k, s in enumerate(stores)))
+    await asyncio.gather(*(write(s, k, starts) for k, s in enumerate(stores)))
+    for s in stores:
+        assert all(s.partition_for(t, t) != "samples" for t in starts)
+        await s.close()
+    db = PgReader(pg_url)
+    assert db.count() == 4 + 4 * 3
+    assert db.rows("SELECT count(*) FROM samples_default") == [(0,)]
+    lows = sorted(lo for _, lo, _ in await _partitions(pg_url))
+    assert lows == sorted(set(lows))  # each range once
+    assert set(starts) <= set(lows)
 
 
 async def _partitions(url: str) -> list[tuple[str, int, int]]:

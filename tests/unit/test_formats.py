@@ -472,3 +472,15 @@ def test_check_config_shows_every_key_of_the_route_format() -> None:
     dumped = RouteSettings(topic="a/{sensor}", format="influx").model_dump(mode="json")
     assert (dumped["timestamp_unit"], dumped["sensor_tag"]) == ("auto", "")
     assert "flatten_separator" not in dumped
+
+
+def test_explain_escapes_the_device_text_it_shows() -> None:
+    s = Settings(routes=[{"topic": "plant/{sensor}/data", "format": "json"}])
+    text = explain(s, "plant/p\u202e1/data", '{"t\u2066": 21.5, "x\\u001b": "a"}'.encode(), now=NOW)
+    assert not any(c in text for c in "\u202e\u2066\x1b")
+    assert "topic:   plant/p\\u202e1/data" in text
+    assert "sensor:  'p\\u202e1'" in text  # escaped once, not repr()'d and escaped again
+    assert "p\\u202e1 t\\u2066 = 21.5" in text
+    # The decoder's reason already quotes the name with repr(): its backslash is
+    # then shown doubled, as every backslash in device text is.
+    assert "field 'x\\\\x1b' is not a finite number" in text

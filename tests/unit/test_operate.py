@@ -62,7 +62,7 @@ def test_parse_time_forms() -> None:
 
 
 def test_device_text_is_escaped_for_logs() -> None:
-    from ingestd.observe.event_log import printable
+    from ingestd.printable import printable
 
     assert printable("a\x1b[31mred\nnext\x7f é") == "a\\x1b[31mred\\x0anext\\x7f é"
     assert printable("plain/topic") == "plain/topic"

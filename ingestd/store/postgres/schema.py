@@ -4,8 +4,11 @@ The same contract as SQLite's: `series`, `samples` keyed by (series_id, ts_ns,
 seq), the `readings` view (sensor, metric, ts, value, tags, unit, ts_ns, seq),
 `quarantine` and `sensor_status`. `samples` is partitioned by range of ts_ns
 (native declarative partitioning): the daemon creates partitions ahead of
-need, retention drops whole partitions, and a default partition takes what
-falls outside them (device clocks far in the past or future).
+need, and behind, for the periods a batch's readings fall into (a backlog
+delivered after an outage), within `store.partitions_behind` and
+`store.partitions_ahead` periods of now; retention drops whole partitions,
+and a default partition takes what falls outside them (device clocks far in
+the past or future).
 
 The version lives in `ingestd_schema`; migrations and partition changes run
 under a transaction-level advisory lock, so instances starting at once take
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import re
 from typing import Any
+
+import asyncpg
 
 from ingestd.store.base import newer_schema
 
@@ -141,37 +146,72 @@ async def partitions(conn: Any) -> list[tuple[str, int, int]]:
 
 async def ensure_partitions(conn: Any, now_ns: int, days: int, ahead: int) -> list[str]:
     """Partitions of `days` days each from the one holding `now_ns` to `ahead`
-    more; returns the names created. Rows already in the default partition for
-    a new range move into it (PostgreSQL refuses the partition otherwise)."""
+    more; returns the names created."""
     step = days * DAY_NS
     first = now_ns // step * step
-    wanted = [(first + k * step, first + (k + 1) * step) for k in range(ahead + 1)]
+    return await create_partitions(
+        conn, [(first + k * step, first + (k + 1) * step) for k in range(ahead + 1)]
+    )
+
+
+async def create_partitions(
+    conn: Any, wanted: list[tuple[int, int]], lock_timeout_ms: int = 0
+) -> list[str]:
+    """Range partitions for the parts of `wanted` ([from, to) in ts_ns) that no
+    partition covers yet; returns the names created.
+
+    Instances take turns (a transaction-level advisory lock) and each lists
+    the partitions after taking it, so two instances wanting the same range
+    create it once and both go on. Rows already in the default partition for
+    a new range are moved into it in the same transaction (PostgreSQL refuses
+    the partition otherwise); a range some other tool partitioned meanwhile,
+    without our lock, is left to it. `lock_timeout_ms` (0: wait) bounds the
+    wait for the lock and for the tables' locks: the lock is then not
+    available (SQLSTATE 55P03) and nothing is created.
+    """
     created: list[str] = []
     async with conn.transaction():
+        if lock_timeout_ms:
+            await conn.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
         await conn.execute("SELECT pg_advisory_xact_lock($1)", PARTITION_LOCK)
         existing = [(lo, hi) for _, lo, hi in await partitions(conn)]
         for lo, hi in wanted:
-            for gap_lo, gap_hi in _gaps(lo, hi, existing):
+            for gap_lo, gap_hi in uncovered(lo, hi, existing):
                 name = f"samples_{gap_lo // NS}_{gap_hi // NS}"
-                await conn.execute(
-                    "CREATE TEMP TABLE ingestd_moving ON COMMIT DROP AS "
-                    "WITH m AS (DELETE FROM samples_default WHERE ts_ns >= $1 AND ts_ns < $2 "
-                    "RETURNING *) SELECT * FROM m",
-                    gap_lo,
-                    gap_hi,
-                )
-                await conn.execute(
-                    f'CREATE TABLE "{name}" PARTITION OF samples '
-                    f"FOR VALUES FROM ({gap_lo}) TO ({gap_hi})"
-                )
-                await conn.execute("INSERT INTO samples SELECT * FROM ingestd_moving")
-                await conn.execute("DROP TABLE ingestd_moving")
+                try:
+                    async with conn.transaction():  # a savepoint: one range at a time
+                        made = await _create_one(conn, name, gap_lo, gap_hi)
+                except asyncpg.exceptions.InvalidObjectDefinitionError:
+                    # "would overlap partition": made by someone who does not
+                    # take our lock. Theirs stands.
+                    made = False
                 existing.append((gap_lo, gap_hi))
-                created.append(name)
+                if made:
+                    created.append(name)
     return created
 
 
-def _gaps(lo: int, hi: int, taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
+async def _create_one(conn: Any, name: str, lo: int, hi: int) -> bool:
+    """Move the default partition's rows in [lo, hi) aside, create the
+    partition, put them back (into it); False if a table of that name exists."""
+    if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f'"{name}"'):
+        return False
+    await conn.execute(
+        "CREATE TEMP TABLE ingestd_moving ON COMMIT DROP AS "
+        "WITH m AS (DELETE FROM samples_default WHERE ts_ns >= $1 AND ts_ns < $2 "
+        "RETURNING *) SELECT * FROM m",
+        lo,
+        hi,
+    )
+    await conn.execute(
+        f'CREATE TABLE IF NOT EXISTS "{name}" PARTITION OF samples FOR VALUES FROM ({lo}) TO ({hi})'
+    )
+    await conn.execute("INSERT INTO samples SELECT * FROM ingestd_moving")
+    await conn.execute("DROP TABLE ingestd_moving")
+    return True
+
+
+def uncovered(lo: int, hi: int, taken: list[tuple[int, int]]) -> list[tuple[int, int]]:
     """The parts of [lo, hi) that no range in `taken` covers."""
     gaps = [(lo, hi)]
     for t_lo, t_hi in taken:

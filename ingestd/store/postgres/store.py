@@ -36,7 +36,15 @@ from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import NS, Reading, Rejected
 from ingestd.store import base
 from ingestd.store.base import Upkeep
-from ingestd.store.postgres.schema import ensure_partitions, is_hypertable, migrate, partitions
+from ingestd.store.postgres.schema import (
+    DAY_NS,
+    create_partitions,
+    ensure_partitions,
+    is_hypertable,
+    migrate,
+    partitions,
+    uncovered,
+)
 
 log = structlog.get_logger("ingestd.store")
 
@@ -49,6 +57,11 @@ _PLACEHOLDER = re.compile(r"\?")
 _SAMPLE_COLUMNS = ("series_id", "ts_ns", "seq", "value")
 _TS = itemgetter(1)
 _SAVEPOINT = "ingestd_direct"
+# Creating a partition on the batch path waits at most this long for its locks
+# (another instance's DDL, writers holding the parent): past it, the batch's
+# readings go to the default partition and creation is tried again later.
+_PARTITION_LOCK_TIMEOUT_MS = 2000
+_PARTITION_RETRY_AFTER = 60.0  # seconds before the batch path tries again after a failure
 _MOVE = (
     "INSERT INTO samples (series_id, ts_ns, seq, value) "
     "SELECT series_id, ts_ns, seq, value FROM ingestd_stage ORDER BY series_id, ts_ns, seq, i "
@@ -212,7 +225,20 @@ class Batch(base.Batch):
         the server about 12% more). Outside a transaction the COPY is one."""
         records = sorted(records)
         stamps = list(map(_TS, records))
-        target = self._store.partition_for(min(stamps), max(stamps))
+        store = self._store
+        lo_ns, hi_ns = min(stamps), max(stamps)
+        target = store.partition_for(lo_ns, hi_ns)
+        if target == "samples" or store.deferred_periods:
+            # Not all in one known partition (a backlog, midnight, a device
+            # clock far off): the periods it needs, from the cache, no I/O.
+            missing = store.missing_periods(stamps) if target == "samples" else []
+            if self.begun:
+                # This transaction may hold locks the DDL would wait for: the
+                # next batch that starts outside one creates them.
+                store.deferred_periods.update(missing)
+            elif missing or store.deferred_periods:
+                await store.cover(self._conn, missing)
+                target = store.partition_for(lo_ns, hi_ns)
         conn = self._conn
         if self.begun and not self.at_savepoint:
             await conn.execute(f"SAVEPOINT {_SAVEPOINT}")
@@ -307,6 +333,8 @@ class PostgresStore(base.Store):
         statement_timeout_ms: int = 30000,
         partition_days: int = 1,
         partitions_ahead: int = 3,
+        partitions_behind: int = 30,
+        retention_days: float = 0.0,
         clock: Any = time.time,
     ) -> None:
         self.url = url
@@ -315,6 +343,8 @@ class PostgresStore(base.Store):
         self.statement_timeout_ms = statement_timeout_ms
         self.partition_days = partition_days
         self.partitions_ahead = partitions_ahead
+        self.partitions_behind = partitions_behind
+        self.retention_days = retention_days
         self.clock = clock
         self.series_ids: dict[tuple[str, str, str, str], int] = {}
         self.sequences: dict[str, tuple[int, int, int]] = {}
@@ -328,6 +358,10 @@ class PostgresStore(base.Store):
         self._partitioned_until = 0  # ts_ns up to which partitions exist ahead
         # (name, from ts_ns, to ts_ns) of the range partitions, as last listed.
         self._ranges: list[tuple[str, int, int]] = []
+        # Periods (ts_ns // period) a batch needed while inside a transaction.
+        self.deferred_periods: set[int] = set()
+        self._covering = asyncio.Lock()  # one creation at a time per instance
+        self._cover_after = 0.0  # monotonic time before which the batch path creates none
         self.hypertable = False  # TimescaleDB: it makes the chunks, drop_chunks() expires them
 
     async def _connect(self) -> Any:
@@ -425,6 +459,67 @@ class PostgresStore(base.Store):
 
     def forget_partitions(self) -> None:
         self._ranges = []
+
+    def missing_periods(self, stamps: Sequence[int]) -> list[int]:
+        """The partition periods (ts_ns // period length) these readings fall
+        into that have no partition yet and are within the bound: from
+        `partitions_behind` periods before the current one (and not wholly
+        older than the retention cutoff, which would drop it at once) to
+        `partitions_ahead` after it. Readings outside it go to the default
+        partition. From the cached list: no round trip."""
+        if self.hypertable:
+            return []
+        step = self.partition_days * DAY_NS
+        now = self.clock()
+        current = int(now * NS) // step
+        first = current - self.partitions_behind
+        if self.retention_days:
+            first = max(first, int((now - self.retention_days * 86400) * NS) // step)
+        last = current + self.partitions_ahead
+        taken = [(lo, hi) for _, lo, hi in self._ranges]
+        return sorted(
+            p
+            for p in {ts // step for ts in stamps}
+            if first <= p <= last and uncovered(p * step, (p + 1) * step, taken)
+        )
+
+    async def cover(self, conn: Any, periods: list[int]) -> None:
+        """Create the partitions for `periods` (and those deferred), on a
+        connection outside a transaction; the cache is then listed afresh.
+
+        A lock not had in time, or a statement timeout (moving many rows out
+        of the default partition), is not the batch's failure: its readings go
+        to the default partition, and the batch path tries again a minute on."""
+        async with self._covering:
+            wanted = sorted(set(periods) | self.deferred_periods)
+            self.deferred_periods.clear()
+            if time.monotonic() < self._cover_after:
+                return
+            # Another batch of this instance may have made them meanwhile.
+            wanted = self.missing_periods([p * self.partition_days * DAY_NS for p in wanted])
+            if not wanted:
+                return
+            step = self.partition_days * DAY_NS
+            try:
+                created = await create_partitions(
+                    conn,
+                    [(p * step, (p + 1) * step) for p in wanted],
+                    lock_timeout_ms=_PARTITION_LOCK_TIMEOUT_MS,
+                )
+                self._ranges = await partitions(conn)
+            except asyncpg.PostgresError as exc:
+                if not _kept(exc):
+                    raise
+                self._cover_after = time.monotonic() + _PARTITION_RETRY_AFTER
+                log.warning(
+                    "could not create partitions for arriving readings now; "
+                    "they go to the default partition",
+                    error=str(exc),
+                    retry_seconds=_PARTITION_RETRY_AFTER,
+                )
+                return
+        if created:
+            log.info("partitions created for arriving readings", partitions=created)
 
     async def close(self) -> None:
         idle, self._idle = self._idle, []
