@@ -319,8 +319,12 @@ class Daemon:
             "logger", [Processed, BatchCommitted], policy="drop", maxsize=observer_q
         )
         table = route_table(s)
-        # Device counters go on from what was committed: a gap across a restart counts.
-        table.sequences.update((sensor, SequenceState(*v)) for sensor, v in store.sequences.items())
+        # Device counters go on from what was committed: a gap across a restart
+        # counts. Only the last number: the stored gap counts stay in the store,
+        # which adds to them what this run finds.
+        table.sequences.update(
+            (sensor, SequenceState(v[0])) for sensor, v in store.sequences.items()
+        )
         source = MqttSource(s, table, bus, window, upstream=self.upstream)
         processor = Processor(to_processor, bus, s.processor)
         writer = BatchWriter(

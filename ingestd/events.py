@@ -21,8 +21,9 @@ def canonical_tags(tags: dict[str, str]) -> str:
 
 class SensorStatus(msgspec.Struct, frozen=True):
     """Per-sensor state to store with a chunk: sequence (last, gaps, missing),
-    expect_within, and the state a device reports of itself (Homie's $state),
-    for sensors whose state changed."""
+    gaps and missing being those found since the previous status (the store
+    adds them up), expect_within, and the state a device reports of itself
+    (Homie's $state), for sensors whose state changed."""
 
     sequences: dict[str, tuple[int, int, int]] = {}
     expect_within: dict[str, float] = {}

@@ -24,9 +24,12 @@ from ingestd.errors import RouteSpecError
 from ingestd.events import SensorStatus, canonical_tags
 from ingestd.formats import Format, FormatOptions
 from ingestd.observe.device_log import DeviceLog
+from ingestd.recent import RecentCache
 
 _NAME = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
-_CACHE_MAX = 65536
+# Topics, sensors and (route, sensor) pairs each cache keeps, the most recently
+# used (see ingestd.recent for what an entry weighs).
+KEPT = 65536
 # A counter that goes back by more than this restarted (a redelivery goes back
 # by at most the broker's in-flight window).
 _RESTART_BACKSTEP = 65535
@@ -220,8 +223,12 @@ class DecodeCounts:
 
 @dataclass(slots=True)
 class SequenceState:
-    """A device's message counter as ingestd has followed it (persisted with the
-    readings, so a gap across an ingestd restart still counts)."""
+    """A device's message counter as ingestd has followed it: the last number
+    seen, and the gaps found since the state was last taken for the store
+    (`RouteTable.take_status`). The store adds those to the counts it holds,
+    so a state forgotten (evicted) and rebuilt, or kept by another instance,
+    never replaces counts already stored; `last` is persisted too, so a gap
+    across an ingestd restart still counts."""
 
     last: int
     gaps: int = 0
@@ -234,17 +241,25 @@ _NO_STATUS = SensorStatus()
 class RouteTable:
     """Routes ordered most specific first; `match` resolves a topic, cached."""
 
-    def __init__(self, routes: Sequence[CompiledRoute], limits: InputLimits | None = None) -> None:
+    def __init__(
+        self,
+        routes: Sequence[CompiledRoute],
+        limits: InputLimits | None = None,
+        kept: int = KEPT,
+    ) -> None:
         self.routes = sorted(routes, key=CompiledRoute.specificity)
         self.limits = limits or InputLimits()
-        self._cache: dict[str, RouteMatch | None] = {}
+        # `kept`: entries each per-topic and per-sensor cache holds (tests make it small).
+        self._cache: RecentCache[str, RouteMatch | None] = RecentCache(kept)
         # Per-device rate limiting: (route, sensor) -> [tokens, last refill time].
-        self.buckets: dict[tuple[int, str], list[float]] = {}
+        # A bucket forgotten starts again full: a burst, not a cliff.
+        self.buckets: RecentCache[tuple[int, str], list[float]] = RecentCache(kept)
         self.counts = DecodeCounts()
         # Per sensor: the device's sequence counter; `sequences_changed` holds the
-        # sensors whose state the next chunk carries to the store.
-        self.sequences: dict[str, SequenceState] = {}
-        self.sequences_changed: set[str] = set()
+        # states whose gaps the next chunk carries to the store (by reference: a
+        # state evicted meanwhile still reports what it found).
+        self.sequences: RecentCache[str, SequenceState] = RecentCache(kept)
+        self.sequences_changed: dict[str, SequenceState] = {}
         # Per route, and per (route, sensor): monotonic time of the last message,
         # for routes with expect_within.
         self.route_seen: dict[int, int] = {}
@@ -274,14 +289,14 @@ class RouteTable:
         """The per-sensor state changed since the last call, for the store."""
         if not self.sequences_changed and not self.expect_changed and not self.states_changed:
             return _NO_STATUS  # the common chunk: nothing to store, nothing to allocate
-        seqs = {
-            s: (st.last, st.gaps, st.missing)
-            for s in self.sequences_changed
-            if (st := self.sequences.get(s)) is not None
-        }
+        seqs: dict[str, tuple[int, int, int]] = {}
+        for sensor, st in self.sequences_changed.items():
+            # Gaps found since the last call: the store adds them to its counts.
+            seqs[sensor] = (st.last, st.gaps, st.missing)
+            st.gaps = st.missing = 0
+        self.sequences_changed = {}
         expect, self.expect_changed = self.expect_changed, {}
         states, self.states_changed = self.states_changed, {}
-        self.sequences_changed.clear()
         return SensorStatus(seqs, expect, states)
 
     def carry_state(self, old: RouteTable) -> None:
@@ -299,11 +314,14 @@ class RouteTable:
         """Follow a device's message counter: a jump forward is a gap (messages
         lost upstream: device, network or broker); a step back is a redelivery
         or a device restart, not a gap."""
-        state = self.sequences.get(sensor)
+        sequences = self.sequences
+        state = sequences.get(sensor)
+        if state is not None and sequences.full:
+            sequences.move_to_end(sensor)
         if state is None:
-            if len(self.sequences) >= _CACHE_MAX:
-                self.sequences.clear()
-            self.sequences[sensor] = SequenceState(seq)
+            # First seen (this run), or forgotten: no gap can be judged yet; the
+            # store keeps the counts found before.
+            state = sequences[sensor] = SequenceState(seq)
         elif seq > state.last:
             if seq > state.last + 1:
                 missed = seq - state.last - 1
@@ -316,22 +334,22 @@ class RouteTable:
             state.last = seq  # the device restarted its counter
         else:
             return
-        self.sequences_changed.add(sensor)
+        self.sequences_changed[sensor] = state
 
     @property
     def cached_topics(self) -> int:
-        """Topics whose match is cached (bounded: the cache never grows past 65,536)."""
+        """Topics whose match is cached (the most recent `kept`, 65,536 by default)."""
         return len(self._cache)
 
     def match(self, topic: str) -> RouteMatch | None:
+        cache = self._cache
         try:
-            return self._cache[topic]
+            result = cache[topic]
         except KeyError:
-            pass
-        result = self._resolve(topic)
-        if len(self._cache) >= _CACHE_MAX:
-            self._cache.clear()
-        self._cache[topic] = result
+            result = cache[topic] = self._resolve(topic)
+            return result
+        if cache.full:  # a hit counts as a use once the cache evicts (RecentCache)
+            cache.move_to_end(topic)
         return result
 
     def _resolve(self, topic: str) -> RouteMatch | None:
@@ -372,10 +390,8 @@ class RouteTable:
         """How many of `n` readings from this sensor the route's rate limit lets
         through now (a token bucket of `rate_burst`, refilled at `rate_limit`/s)."""
         key = (route, sensor)
-        bucket = self.buckets.get(key)
+        bucket = self.buckets.recent(key)
         if bucket is None:
-            if len(self.buckets) >= _CACHE_MAX:
-                self.buckets.clear()
             bucket = self.buckets[key] = [options.rate_burst, now]
         tokens = min(options.rate_burst, bucket[0] + max(now - bucket[1], 0.0) * options.rate_limit)
         allowed = min(n, int(tokens))

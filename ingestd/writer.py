@@ -188,7 +188,12 @@ class BatchWriter:
             readings.extend(c.readings)
             rejected.extend(c.rejected)
             if c.status:  # later chunks hold the later state
-                sequences.update(c.status.sequences)
+                for sensor, seq in c.status.sequences.items():
+                    # Gaps are deltas since the previous chunk's: summed, not replaced.
+                    before = sequences.get(sensor)
+                    if before is not None:
+                        seq = (seq[0], before[1] + seq[1], before[2] + seq[2])  # noqa: PLW2901
+                    sequences[sensor] = seq
                 expect.update(c.status.expect_within)
                 states.update(c.status.states)
         status = SensorStatus(sequences, expect, states)

@@ -22,6 +22,16 @@ Homie 4 (`homie/<device>/...`, no version level) describes each property in
 topics of its own, `<node>/<property>/$datatype` and `$unit`; a value whose
 property has no `$datatype` yet is quarantined with that reason. A route
 `homie/#` takes both conventions.
+
+Memory, and ids nobody described: a description is expensive to lose (it is
+retained, re-sent only at subscribe), so only a description (Homie 5
+`$description`, Homie 4 `$datatype`/`$unit`) earns a device a place among the
+descriptions, the 65,536 most recently used (~0.35 KB each plus ~0.25 KB per
+property; a description is at most `max_payload_bytes`). The `$state` of a
+device that has not described itself is kept apart, in its own cache of the
+65,536 most recent (~0.1 KB each), and a value from an unknown id is
+quarantined without keeping anything: a flood of `$state` or values from
+junk ids never evicts a described device.
 """
 
 from __future__ import annotations
@@ -37,6 +47,7 @@ from ingestd.errors import DecodeError
 from ingestd.events import Reading, Rejected
 from ingestd.formats.base import Format
 from ingestd.formats.common import json_type, parse_json
+from ingestd.recent import RecentCache
 
 if TYPE_CHECKING:
     from ingestd.routes import RouteMatch, RouteTable
@@ -48,7 +59,9 @@ STATES_V4 = STATES | {"alert"}
 NUMERIC = frozenset({"integer", "float", "boolean"})
 DATATYPES = NUMERIC | {"string", "enum", "color", "datetime", "duration", "json"}
 DATATYPES_V4 = DATATYPES - {"json"}
-_DEVICES_KEPT = 65536
+_DESCRIPTIONS_KEPT = 65536  # described devices
+_STATES_KEPT = 65536  # $state of devices not described
+_NAMES_KEPT = 65536  # (sensor, metric) per value topic
 
 
 @dataclass(slots=True)
@@ -61,24 +74,38 @@ class Device:
     homie4: bool = False  # described by Homie 4 $datatype / $unit topics
 
 
-def _devices(table: RouteTable) -> dict[str, Device]:
-    devices: dict[str, Device] = table.format_state.setdefault("homie", {})
+def _devices(table: RouteTable) -> RecentCache[str, Device]:
+    """Devices that described themselves, by id."""
+    devices: RecentCache[str, Device] | None = table.format_state.get("homie")
+    if devices is None:
+        devices = table.format_state["homie"] = RecentCache(_DESCRIPTIONS_KEPT)
     return devices
 
 
+def _states(table: RouteTable) -> RecentCache[str, str]:
+    """The last `$state` of devices that have not described themselves."""
+    states: RecentCache[str, str] | None = table.format_state.get("homie_states")
+    if states is None:
+        states = table.format_state["homie_states"] = RecentCache(_STATES_KEPT)
+    return states
+
+
 def _device(table: RouteTable, device_id: str) -> Device:
+    """The device, given a place among the described (only a description does that)."""
     devices = _devices(table)
-    found = devices.get(device_id)
+    found = devices.recent(device_id)
     if found is None:
-        if len(devices) >= _DEVICES_KEPT:
-            devices.clear()
-        found = devices[device_id] = Device()
+        found = devices[device_id] = Device(state=_states(table).pop(device_id, ""))
     return found
 
 
 def device_state(table: RouteTable, device_id: str) -> Device | None:
-    """What ingestd knows of a device (for `explain` and tests)."""
-    return _devices(table).get(device_id)
+    """What ingestd knows of a described device (for `explain` and tests)."""
+    devices = _devices(table)
+    found = devices.get(device_id)
+    if found is not None and devices.full:
+        devices.move_to_end(device_id)
+    return found
 
 
 def decode(
@@ -225,14 +252,17 @@ def _names(
 ) -> tuple[str, str]:
     """(sensor, metric) of a value topic, formatted once per topic and templates
     (a reload may change the templates; the cache goes on with the new table)."""
-    cache: dict[tuple[str, str, str], tuple[str, str]] = table.format_state.setdefault(
-        "homie_names", {}
+    cache: RecentCache[tuple[str, str, str], tuple[str, str]] | None = table.format_state.get(
+        "homie_names"
     )
+    if cache is None:
+        cache = table.format_state["homie_names"] = RecentCache(_NAMES_KEPT)
     key = (topic, match.sensor, match.metric_template)
     found = cache.get(key)
-    if found is None:
-        if len(cache) >= _DEVICES_KEPT:
-            cache.clear()
+    if found is not None:
+        if cache.full:
+            cache.move_to_end(key)
+    else:
         names = {**match.values, "device": device_id, "node": node, "property": prop}
         found = cache[key] = (
             match.sensor.format_map(names),
@@ -264,6 +294,7 @@ def _describe(table: RouteTable, device_id: str, payload: bytes) -> None:
     if not payload:
         # An empty retained message removes the device (Homie 5: deletion).
         _devices(table).pop(device_id, None)
+        _states(table).pop(device_id, None)
         return
     doc: Any = parse_json(payload)
     if type(doc) is not dict:
@@ -305,12 +336,21 @@ def _state(
         raise DecodeError(
             f"$state {text[:32]!r} is not one of {', '.join(sorted(states))} (Homie {version})"
         )
-    device = _device(table, device_id)
-    if device.state != text:
-        table.device_log.info(
-            log, "homie device state", device=device_id, state=text, was=device.state or None
-        )
+    # A device not described keeps its state apart: a $state alone must not
+    # take (and evict) a description's place.
+    device = device_state(table, device_id)
+    if device is not None:
+        was = device.state
         device.state = text
+    else:
+        undescribed = _states(table)
+        was = undescribed.recent(device_id) or ""
+        if was != text:
+            undescribed[device_id] = text
+    if was != text:
+        table.device_log.info(
+            log, "homie device state", device=device_id, state=text, was=was or None
+        )
         names = collections.defaultdict(str, {**match.values, "device": device_id})
         table.states_changed[match.sensor.format_map(names)] = text
 

@@ -22,6 +22,7 @@ from ingestd.errors import DecodeError
 from ingestd.events import NS, Reading, Rejected
 from ingestd.formats.base import Format
 from ingestd.formats.common import TS_MAX_NS, parse_json, settle, too_large
+from ingestd.recent import RecentCache
 
 if TYPE_CHECKING:
     from ingestd.routes import RouteMatch, RouteTable
@@ -33,9 +34,10 @@ _KNOWN = frozenset(
 )
 _BASE = frozenset(("bn", "bt", "bu", "bv", "bs", "bver"))
 _SIMPLE = frozenset(("n", "t", "v", "u"))
-# Names already found valid (the regex costs more than the rest of a record).
-_NAMES_SEEN: set[str] = set()
+# Names already found valid (the regex costs more than the rest of a record),
+# the most recently used.
 _NAMES_KEPT = 65536
+_NAMES_SEEN: RecentCache[str, bool] = RecentCache(_NAMES_KEPT)
 SENML_VERSION = 10
 
 
@@ -85,9 +87,7 @@ def _check_name(name: str, i: int) -> None:
         raise DecodeError(f"record {i} has no name (n or bn)")
     if not _NAME.match(name):
         raise DecodeError(f"record {i}: name {name[:64]!r} has characters SenML does not allow")
-    if len(_NAMES_SEEN) >= _NAMES_KEPT:
-        _NAMES_SEEN.clear()
-    _NAMES_SEEN.add(name)
+    _NAMES_SEEN[name] = True
 
 
 def _string(record: dict[str, Any], key: str, i: int) -> str | None:
@@ -125,6 +125,8 @@ def resolve(pack: Any, now: float, problems: list[str]) -> list[SenmlRecord]:
                     raise DecodeError(f"record {i}: 'n' must be a string")
                 if name not in _NAMES_SEEN:
                     _check_name(name, i)
+                elif _NAMES_SEEN.full:
+                    _NAMES_SEEN.move_to_end(name)
                 raw = record.get("t")
                 t = bt if raw is None else bt + _finite(raw, "t", i)
                 time = now + t if t < RELATIVE_LIMIT else t
@@ -171,6 +173,8 @@ def resolve(pack: Any, now: float, problems: list[str]) -> list[SenmlRecord]:
             name = bn + (_string(record, "n", i) or "")
             if name not in _NAMES_SEEN:
                 _check_name(name, i)
+            elif _NAMES_SEEN.full:
+                _NAMES_SEEN.move_to_end(name)
             t = bt + (_number(record, "t", i) or 0.0)
             time = now + t if t < RELATIVE_LIMIT else t
             unit = _string(record, "u", i)
@@ -254,6 +258,8 @@ def _resolve_simple(payload: bytes, now: float) -> list[SenmlRecord] | None:
                 _check_name(name, 0)
             except DecodeError:
                 return None  # a problem, worded by resolve()
+        elif _NAMES_SEEN.full:
+            _NAMES_SEEN.move_to_end(name)
         if r.v is None:
             if r.n is not None or r.t is not None or r.u is not None:
                 return None  # no value: a problem, worded by resolve()

@@ -132,13 +132,20 @@ class Batch(ABC):
     async def set_status(self, status: SensorStatus) -> None:
         """Per-sensor state (device counters, expect_within, the state a device
         reports), kept with the readings. Rows in sensor order: instances
-        writing one database lock them in the same order."""
+        writing one database lock them in the same order.
+
+        Sequence gaps and missing counts are deltas, added to the stored ones:
+        a state rebuilt from nothing (evicted from memory, or another instance
+        of a shared group) adds what it found and never replaces the totals.
+        `last_seq` is the last writer's: a device counter may restart, so no
+        larger number is more right than the newest."""
         if status.sequences:
             await self.execute_many(
                 "INSERT INTO sensor_status (sensor, last_seq, seq_gaps, seq_missing) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT (sensor) DO UPDATE SET "
-                "last_seq = excluded.last_seq, seq_gaps = excluded.seq_gaps, "
-                "seq_missing = excluded.seq_missing",
+                "last_seq = excluded.last_seq, "
+                "seq_gaps = sensor_status.seq_gaps + excluded.seq_gaps, "
+                "seq_missing = sensor_status.seq_missing + excluded.seq_missing",
                 [(sensor, *v) for sensor, v in sorted(status.sequences.items())],
             )
         if status.expect_within:

@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 
 from ingestd.bus import EventBus
+from ingestd.config import RouteSettings
+from ingestd.decode import decode_all
 from ingestd.errors import StoreError, StoreUnavailable
-from ingestd.events import NS, Processed, Reading, Rejected
+from ingestd.events import NS, Processed, Reading, Rejected, SensorStatus
 from ingestd.flow import InFlightWindow
+from ingestd.routes import RouteTable
 from ingestd.store.sqlite import SCHEMA_VERSION, SqliteStore
 from ingestd.writer import BatchWriter
 from tests.helpers import hold_exclusive_lock
@@ -347,3 +350,63 @@ async def test_version_2_database_migrates_to_exact_times_keeping_its_data(
         ("k", 1_700_000_000_123_456_000, 0, 1.0, "Cel"),
         ("k", 1_700_000_001_500_000_000, 0, 2.0, "Cel"),
     ]
+
+
+def _seq_table(kept: int) -> RouteTable:
+    spec = {"topic": "s/{sensor}", "format": "json", "sequence_field": "seq"}
+    return RouteTable([RouteSettings(**spec).compile(0)], kept=kept)
+
+
+def _seq_chunk(t: RouteTable, sensor: str, *numbers: int) -> tuple[list[Reading], SensorStatus]:
+    msgs = [(f"s/{sensor}", b'{"seq": %d, "v": 1}' % n, 10**18 + n * NS) for n in numbers]
+    found, rejected = decode_all(t, msgs)
+    assert rejected == []
+    return found, t.take_status()
+
+
+async def test_a_sensor_evicted_from_memory_keeps_its_stored_sequence_counts(
+    tmp_path: Path,
+) -> None:
+    """Sequence counts are written as deltas and added: a sensor's state
+    forgotten (a cache of one sensor here) and rebuilt from nothing adds what
+    it finds to the stored counts, never replaces them."""
+    path = tmp_path / "x.db"
+    t = _seq_table(kept=1)
+    async with SqliteStore(path) as store:
+        for sensor, numbers in (("a", (1, 5)), ("b", (1,)), ("a", (10, 12))):
+            found, status = _seq_chunk(t, sensor, *numbers)
+            async with store.batch() as tx:
+                await tx.add_readings(found)
+                await tx.set_status(status)
+    rows = db_rows(path, "SELECT sensor, last_seq, seq_gaps, seq_missing FROM sensor_status")
+    # a: 1 -> 5 (1 gap, 3 missing), forgotten, then 10 -> 12 (1 gap, 1 missing).
+    assert sorted(rows) == [("a", 12, 2, 4), ("b", 1, 0, 0)]
+
+
+async def test_the_writer_adds_up_the_gaps_of_the_chunks_it_batches(tmp_path: Path) -> None:
+    path = tmp_path / "x.db"
+    t = _seq_table(kept=10)
+    async with SqliteStore(path) as store:
+        bus = EventBus()
+        inbox = bus.subscribe("writer", [Processed], policy="block", maxsize=4)
+        window = InFlightWindow(100)
+        writer = BatchWriter(
+            store,
+            inbox,
+            bus,
+            window,
+            lambda e, a: None,
+            max_readings=1000,
+            max_delay=5,
+            retry_min_delay=0.05,
+            retry_max_delay=0.1,
+        )
+        task = asyncio.create_task(writer.run())
+        for numbers in ((1, 3), (4, 8), (9, 12)):  # 1+3+2 missing in 3 gaps
+            found, status = _seq_chunk(t, "a", *numbers)
+            await bus.publish(Processed(found, [], 1, [], 1, status=status))
+        await bus.publish(Processed([], [], 0, [], 1, flush=True, last=True))
+        await asyncio.wait_for(task, 5)
+        assert writer.batches == 1
+    rows = db_rows(path, "SELECT sensor, last_seq, seq_gaps, seq_missing FROM sensor_status")
+    assert rows == [("a", 12, 3, 6)]

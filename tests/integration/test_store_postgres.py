@@ -9,9 +9,12 @@ import time
 import pytest
 
 from ingestd.bus import EventBus
+from ingestd.config import RouteSettings
+from ingestd.decode import decode_all
 from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import NS, Processed, Reading, Rejected, SensorStatus
 from ingestd.flow import InFlightWindow
+from ingestd.routes import RouteTable
 from ingestd.store.base import TIMEOUT
 from ingestd.store.postgres import SCHEMA_VERSION, PostgresReader, PostgresStore
 from ingestd.store.postgres.schema import DAY_NS, partitions
@@ -415,7 +418,7 @@ async def test_a_batch_writing_a_sensors_state_waits_for_the_one_before(pg_url: 
         blocker, blocked = await _block_key(pg_url, first[25])
         db = PgReader(pg_url)
         pipe = _Pipeline(store)
-        await pipe.send(1, first, SensorStatus({"a": (5, 0, 0)}))
+        await pipe.send(1, first, SensorStatus({"a": (5, 1, 2)}))
         await pipe.send(2, second, SensorStatus({"a": (9, 1, 3)}))
         await asyncio.sleep(0.5)
         assert db.count() == 0, "batch 2 must wait for batch 1, which writes a's state too"
@@ -424,7 +427,8 @@ async def test_a_batch_writing_a_sensors_state_waits_for_the_one_before(pg_url: 
         await _until(lambda: pipe.acked == [1, 2])
         await pipe.finish()
     assert db.count() == 100
-    assert db.rows("SELECT last_seq, seq_gaps, seq_missing FROM sensor_status") == [(9, 1, 3)]
+    # The last writer's last_seq; the gaps each batch found, added up.
+    assert db.rows("SELECT last_seq, seq_gaps, seq_missing FROM sensor_status") == [(9, 2, 5)]
 
 
 async def test_a_redelivery_in_the_next_batch_in_flight_is_a_duplicate(pg_url: str) -> None:
@@ -487,3 +491,44 @@ def _backends(db: PgReader) -> set[int]:
             "WHERE application_name = 'ingestd' AND datname = current_database()"
         )
     }
+
+
+async def test_a_sensor_evicted_from_memory_keeps_its_stored_sequence_counts(pg_url: str) -> None:
+    """As on SQLite: a sensor's state forgotten (a cache of one sensor here) and
+    rebuilt from nothing adds what it finds to the stored counts."""
+    spec = {"topic": "s/{sensor}", "format": "json", "sequence_field": "seq"}
+    t = RouteTable([RouteSettings(**spec).compile(0)], kept=1)
+    async with PostgresStore(pg_url) as store:
+        for sensor, numbers in (("a", (1, 5)), ("b", (1,)), ("a", (10, 12))):
+            msgs = [(f"s/{sensor}", b'{"seq": %d, "v": 1}' % n, 10**18 + n * NS) for n in numbers]
+            found, rejected = decode_all(t, msgs)
+            assert rejected == []
+            async with store.batch() as tx:
+                await tx.add_readings(found)
+                await tx.set_status(t.take_status())
+    rows = PgReader(pg_url).rows(
+        "SELECT sensor, last_seq, seq_gaps, seq_missing FROM sensor_status ORDER BY sensor"
+    )
+    assert rows == [("a", 12, 2, 4), ("b", 1, 0, 0)]
+
+
+async def test_instances_adding_gaps_to_one_sensor_at_once_sum_them(pg_url: str) -> None:
+    """Two instances of a shared group both follow sensor a (each sees part of
+    its stream) and write the gaps they found at the same time: the stored
+    counts are the sum, not whichever wrote last."""
+    a, b = PostgresStore(pg_url), PostgresStore(pg_url)
+    await a.open()
+    await b.open()
+
+    async def write(store: PostgresStore, gaps: int, missing: int) -> None:
+        for n in range(50):
+            async with store.batch() as tx:
+                await tx.set_status(SensorStatus({"a": (n, gaps, missing)}))
+
+    try:
+        await asyncio.gather(write(a, 1, 2), write(b, 3, 5))
+    finally:
+        await a.close()
+        await b.close()
+    rows = PgReader(pg_url).rows("SELECT seq_gaps, seq_missing FROM sensor_status")
+    assert rows == [(50 * 1 + 50 * 3, 50 * 2 + 50 * 5)]

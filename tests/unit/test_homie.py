@@ -257,3 +257,38 @@ def test_explain_shows_what_it_knows_of_a_homie4_device() -> None:
     )
     assert "env/temperature: float [°C]" in after
     assert "boiler env.temperature = 21.5 °C" in after
+
+
+def test_a_flood_of_junk_states_and_values_keeps_every_description() -> None:
+    """70,000 ids that only send $state (more than any cache holds) and values
+    from ids never described: the 10 described devices keep their descriptions
+    and their values are still read."""
+    t = table()
+    devices = [f"dev{i}" for i in range(10)]
+    for device in devices:
+        describe(t, device)
+    for start in range(0, 70_000, 1000):
+        junk = [(f"homie/5/junk{i}/$state", b"ready") for i in range(start, start + 1000)]
+        assert run(t, *junk) == ([], [])
+    _, problems = run(t, *((f"homie/5/nobody{i}/env/temperature", b"1") for i in range(1000)))
+    assert len(problems) == 1000  # quarantined, and nothing kept for them
+    readings, problems = run(t, *((f"homie/5/{d}/env/temperature", b"21.5") for d in devices))
+    assert problems == []
+    assert [(r.sensor, r.metric, r.value) for r in readings] == [
+        (d, "env.temperature", 21.5) for d in devices
+    ]
+    assert len(t.format_state["homie"]) == 10
+    assert len(t.format_state["homie_states"]) == 65536  # bounded, by recency
+
+
+def test_a_state_sent_before_the_description_stays_with_the_device() -> None:
+    t = table()
+    assert run(t, ("homie/5/boiler/$state", b"init")) == ([], [])
+    assert device_state(t, "boiler") is None  # a $state alone is no description
+    describe(t)
+    device = device_state(t, "boiler")
+    assert device is not None
+    assert device.state == "init"
+    assert "boiler" not in t.format_state["homie_states"]
+    assert run(t, ("homie/5/boiler/$state", b"init")) == ([], [])
+    assert t.take_status().states == {"boiler": "init"}  # once, not again

@@ -2,8 +2,10 @@ from __future__ import annotations
 
 import pytest
 
+from ingestd.config import RouteSettings
+from ingestd.decode import decode_all
 from ingestd.errors import RouteSpecError
-from ingestd.routes import RouteTable, compile_route
+from ingestd.routes import RouteOptions, RouteTable, compile_route
 
 
 def table(*specs: tuple[str, str, str, str]) -> RouteTable:
@@ -181,3 +183,63 @@ def test_a_refused_subscription_is_reported_with_the_routes_it_serves() -> None:
         "sensors/{sensor}/{metric}",
     ]
     assert source.routes_under("$share/g/plant/+/x") == ["plant/{sensor}/x"]
+
+
+def test_match_cache_keeps_the_topics_in_use_through_a_flood() -> None:
+    t = RouteTable(
+        [compile_route("d/{sensor}/{metric}", "{sensor}", "{metric}", "value")], kept=100
+    )
+    for i in range(99):
+        t.match(f"d/early{i}/m")
+    hot = t.match("d/hot/m")  # the cache is full: from now on a use counts
+    for i in range(10_000):
+        t.match(f"d/s{i}/m")
+        if i % 50 == 0:
+            assert t.match("d/hot/m") is hot  # a hit: still the cached match
+    assert t.cached_topics == 100
+    assert t.match("d/hot/m") is hot
+
+
+def _seq_table(kept: int) -> RouteTable:
+    spec = {"topic": "s/{sensor}", "format": "json", "sequence_field": "seq"}
+    return RouteTable([RouteSettings(**spec).compile(0)], kept=kept)
+
+
+def _seq(t: RouteTable, sensor: str, *numbers: int) -> None:
+    msgs = [(f"s/{sensor}", b'{"seq": %d, "v": 1}' % n, 10**18 + n) for n in numbers]
+    readings, rejected = decode_all(t, msgs)
+    assert rejected == []
+    assert len(readings) == len(numbers)
+
+
+def test_sequence_status_carries_the_gaps_found_since_the_last_one() -> None:
+    t = _seq_table(kept=2)
+    _seq(t, "a", 1, 2, 5)  # a gap of 2 missing
+    assert t.take_status().sequences == {"a": (5, 1, 2)}
+    assert t.take_status().sequences == {}
+    _seq(t, "a", 6, 9)  # another: 2 more missing
+    assert t.take_status().sequences == {"a": (9, 1, 2)}  # this one only: the store adds up
+    # Forgotten (two other sensors since), then seen again: no gap judged, and
+    # no counts to overwrite the stored ones.
+    _seq(t, "b", 1)
+    _seq(t, "c", 1)
+    assert "a" not in t.sequences
+    _seq(t, "a", 20)
+    assert t.take_status().sequences == {"b": (1, 0, 0), "c": (1, 0, 0), "a": (20, 0, 0)}
+
+
+def test_a_state_evicted_before_its_status_is_taken_still_reports_its_gaps() -> None:
+    t = _seq_table(kept=1)
+    _seq(t, "a", 1, 4)
+    _seq(t, "b", 1)  # evicts "a" from the cache, not from the pending status
+    assert t.take_status().sequences == {"a": (4, 1, 2), "b": (1, 0, 0)}
+
+
+def test_rate_limit_buckets_are_forgotten_one_at_a_time() -> None:
+    t = _seq_table(kept=3)
+    opts = RouteOptions(rate_limit=1.0, rate_burst=2.0)
+    assert t.allow(0, "hot", opts, 2, 0.0) == 2  # spends its burst
+    for i in range(100):
+        t.allow(0, f"s{i}", opts, 1, 0.0)
+        assert t.allow(0, "hot", opts, 1, 0.0) == 0  # still empty: never reset
+    assert len(t.buckets) == 3
