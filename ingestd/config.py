@@ -367,6 +367,44 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     metrics: MetricsSettings = MetricsSettings()
 
+    @model_validator(mode="after")
+    def _shareable(self) -> Settings:
+        """Routes that cannot be read in a shared group, refused with the reason
+        (each member would see part of a device's stream)."""
+        if not self.mqtt.shared_group:
+            return self
+        problems: list[tuple[tuple[int | str, ...], Any, str]] = []
+        for i, route in enumerate(self.routes):
+            fmt = formats.get(route.format)
+            if fmt.unshareable:
+                problems.append((("routes", i, "format"), route.format, fmt.unshareable))
+            field = getattr(route.format_options(), "sequence_field", "")
+            if field:
+                problems.append(
+                    (
+                        ("routes", i, "sequence_field"),
+                        field,
+                        "a device's message counter cannot be followed in a shared group: "
+                        "each member sees part of its messages, so each would count the "
+                        "others' as gaps; leave sequence_field out, or run this route on "
+                        "one ingestd outside mqtt.shared_group",
+                    )
+                )
+        if problems:
+            raise ValidationError.from_exception_data(
+                "Settings",
+                [
+                    {
+                        "type": "value_error",
+                        "loc": loc,
+                        "input": value,
+                        "ctx": {"error": ValueError(f"not with mqtt.shared_group: {why}")},
+                    }
+                    for loc, value, why in problems
+                ],
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,

@@ -18,7 +18,7 @@ import json
 import math
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import aiomqtt
@@ -60,8 +60,32 @@ def subscriptions(settings: Settings, table: RouteTable) -> list[tuple[str, int]
     filter is not subscribed: `sensors/+/telemetry` is left out next to
     `sensors/+/+`. The covering filter gets the highest QoS of those it covers;
     routing to the most specific route happens on our side.
+
+    In a shared group, the topics in which devices describe themselves (a
+    format's `state_topics`, Homie's `$` topics) are subscribed outside the
+    group as well: every member needs every description, and through the
+    group a live one reaches one member. Retained ones are not sent to a
+    shared subscription at all by the MQTT 5 rule (4.8.2; Mosquitto 2.0.11,
+    measured, does send them to each member at its subscribe). A member may
+    then get such a message twice (measured: over MQTT 5, not 3.1.1):
+    reading a description again changes nothing.
     """
     wanted = [(r.subscription, settings.routes[r.index].qos) for r in table.routes]
+    group = settings.mqtt.shared_group
+    if not group:
+        return _without_overlap(wanted)
+    shared = [(f"$share/{group}/{t}", q) for t, q in _without_overlap(wanted)]
+    own = [
+        (topic, settings.routes[r.index].qos)
+        for r in table.routes
+        if r.fmt.state_topics is not None
+        for topic in r.fmt.state_topics(r.subscription)
+        if filter_covers(r.subscription, topic)
+    ]
+    return shared + _without_overlap(own)
+
+
+def _without_overlap(wanted: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
     kept: dict[str, int] = {}
     for topic, _ in wanted:
         if any(other != topic and filter_covers(other, topic) for other, _ in wanted):
@@ -71,9 +95,7 @@ def subscriptions(settings: Settings, table: RouteTable) -> list[tuple[str, int]
         for keeper, current in kept.items():
             if filter_covers(keeper, topic):
                 kept[keeper] = max(current, qos)
-    group = settings.mqtt.shared_group
-    prefix = f"$share/{group}/" if group else ""
-    return [(prefix + topic, q) for topic, q in kept.items()]
+    return list(kept.items())
 
 
 def filter_covers(outer: str, inner: str) -> bool:
@@ -496,7 +518,7 @@ class MqttSource:
         return [
             self.settings_root.routes[r.index].topic
             for r in self.table.routes
-            if filter_covers(bare, r.subscription)
+            if filter_covers(bare, r.subscription) or filter_covers(r.subscription, bare)
         ]
 
     async def _pump(

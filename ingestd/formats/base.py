@@ -70,6 +70,16 @@ class Format:
     # For `explain`: what the format knows from earlier messages that bears on
     # this topic (lines of text), for formats with state; None for the rest.
     describe_state: Callable[[RouteTable, str], list[str]] | None = None
+    # Topic filters for the messages in which devices describe themselves
+    # (Homie's `$` topics), given a route's filter; the source keeps those the
+    # route's filter covers. In a shared group they are subscribed outside it,
+    # so every member has every description (and retained ones at subscribe,
+    # which a shared subscription does not get). None: the format keeps no
+    # descriptions.
+    state_topics: Callable[[str], list[str]] | None = None
+    # Why the format cannot be read in a shared group (None: it can): check-config
+    # refuses the combination with this reason.
+    unshareable: str | None = None
 
     def option_names(self) -> list[str]:
         return sorted(self.options.model_fields)

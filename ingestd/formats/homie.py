@@ -384,6 +384,22 @@ def describe_state(table: RouteTable, topic: str) -> list[str]:
     return lines
 
 
+def state_topics(subscription: str) -> list[str]:
+    """The filters of the topics devices describe themselves in, under the
+    route's filter: Homie 5's `$description` and `$state`, Homie 4's `$state`,
+    `$datatype` and `$unit` (the source keeps those the route's filter covers)."""
+    levels = subscription.split("/")
+    at = levels.index("homie") if "homie" in levels else 0
+    root = "/".join([*levels[:at], "homie"])
+    return [
+        f"{root}/5/+/$description",
+        f"{root}/5/+/$state",
+        f"{root}/+/$state",
+        f"{root}/+/+/+/$datatype",
+        f"{root}/+/+/+/$unit",
+    ]
+
+
 FORMAT = Format(
     name="homie",
     summary="Homie 5 devices: $description gives datatypes and units, one value per topic",
@@ -396,4 +412,5 @@ FORMAT = Format(
     default_retained="store",
     metric_requires="property",
     describe_state=describe_state,
+    state_topics=state_topics,
 )

@@ -578,4 +578,10 @@ FORMAT = Format(
     default_sensor="{group}/{source}",
     metric_requires="name",
     describe_state=describe_state,
+    unshareable=(
+        "a shared subscription hands each message to one member, and a Sparkplug "
+        "node's DATA can only be read in order with its BIRTH and sequence, which the "
+        "other members would not see; run the sparkplug routes on one ingestd "
+        "outside the group (as Sparkplug's primary host) and the others in it"
+    ),
 )

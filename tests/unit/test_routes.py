@@ -185,6 +185,37 @@ def test_a_refused_subscription_is_reported_with_the_routes_it_serves() -> None:
     assert source.routes_under("$share/g/plant/+/x") == ["plant/{sensor}/x"]
 
 
+def test_in_a_shared_group_homie_descriptions_are_subscribed_outside_it() -> None:
+    """Every member needs every description: the `$` topics a homie route
+    covers are subscribed outside the group too, the values only in it."""
+    from ingestd.config import Settings, route_table
+    from ingestd.source import subscriptions
+
+    def plan(topic: str, group: str = "g") -> list[tuple[str, int]]:
+        settings = Settings(
+            routes=[{"topic": topic, "format": "homie"}, {"topic": "sensors/{sensor}/telemetry"}],
+            mqtt={"shared_group": group},
+        )
+        return subscriptions(settings, route_table(settings))
+
+    assert sorted(plan("homie/#")) == [
+        ("$share/g/homie/#", 1),
+        ("$share/g/sensors/+/telemetry", 1),
+        ("homie/+/$state", 1),
+        ("homie/+/+/+/$datatype", 1),
+        ("homie/+/+/+/$unit", 1),
+        ("homie/5/+/$description", 1),
+        ("homie/5/+/$state", 1),
+    ]
+    # Under a prefix, and only what the route's own filter covers (Homie 5 here).
+    assert [t for t, _ in plan("site/+/homie/5/#") if not t.startswith("$share")] == [
+        "site/+/homie/5/+/$description",
+        "site/+/homie/5/+/$state",
+    ]
+    # Without a group, one subscription per filter as before.
+    assert sorted(t for t, _ in plan("homie/#", group="")) == ["homie/#", "sensors/+/telemetry"]
+
+
 def test_match_cache_keeps_the_topics_in_use_through_a_flood() -> None:
     t = RouteTable(
         [compile_route("d/{sensor}/{metric}", "{sensor}", "{metric}", "value")], kept=100
