@@ -96,6 +96,13 @@ def test_a_64_mb_publish_is_refused_unread_and_the_rest_is_stored(
         ]
         assert len(lines) == 1
         assert lines[0]["payload_bytes"] == BIG
+        # A flood of them: each quarantined and counted, the warning not repeated.
+        flood = [(f"sensors/f{i}/telemetry", b"y" * 1_000_000) for i in range(5)]
+        publish(mosquitto.port, flood)
+        wait_for(lambda: db.count("quarantine") == 6, 20, what="the flood's quarantine")
+        metrics = http_get(url + "/metrics")[1]
+        assert metric_value(metrics, "ingestd_oversized_packets_skipped_total") == 6
+        assert daemon.logs().count("over the maximum packet size") == 1
 
     assert daemon.stop() == 0
     # Acknowledged once quarantined: a restart gets nothing again.
@@ -103,5 +110,5 @@ def test_a_64_mb_publish_is_refused_unread_and_the_rest_is_stored(
     daemon.wait_ready()
     time.sleep(1)
     assert db.count() == 1 + SMALL
-    assert db.count("quarantine") == (0 if protocol == "5" else 1)
+    assert db.count("quarantine") == (0 if protocol == "5" else 6)
     assert daemon.stop() == 0

@@ -7,6 +7,7 @@ import asyncio
 
 import aiomqtt
 import paho.mqtt.client as paho
+import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -209,7 +210,13 @@ def _publish_v5(port: int, messages: list[tuple[str, bytes]]) -> None:
 
 
 async def _receive_big(
-    port: int, *, v5: bool, ask_broker: bool, client_id: str, publisher_v5: bool = False
+    port: int,
+    *,
+    v5: bool,
+    ask_broker: bool,
+    client_id: str,
+    publisher_v5: bool = False,
+    qos: int = 1,
 ) -> list[paho.MQTTMessage]:
     """Subscribe with a link bounded at LIMIT, publish a 64 MB message and ten
     small ones, and return what the link handed on (acknowledging each)."""
@@ -239,11 +246,11 @@ async def _receive_big(
     )
     messages = [("big/one", _big_payload())] + [(f"t/{i}", str(i).encode()) for i in range(10)]
     async with link:
-        await link.subscribe([("big/#", 1), ("t/#", 1)])
+        await link.subscribe([("big/#", qos), ("t/#", qos)])
         if publisher_v5:
             await asyncio.to_thread(_publish_v5, port, messages)
         else:
-            await asyncio.to_thread(publish, port, messages)
+            await asyncio.to_thread(publish, port, messages, qos=qos)
         deadline = asyncio.get_running_loop().time() + 30
         while len(got) < (10 if v5 and ask_broker else 11):
             assert asyncio.get_running_loop().time() < deadline, f"got {len(got)}"
@@ -253,23 +260,25 @@ async def _receive_big(
     return got
 
 
-def _check_skipped(got: list[paho.MQTTMessage]) -> None:
+def _check_skipped(got: list[paho.MQTTMessage], qos: int = 1) -> None:
     big, *small = got
     assert isinstance(big, OversizedMessage)
     assert big.topic == "big/one"
-    assert big.qos == 1
+    assert big.qos == qos
     assert big.mid
     assert big.size == BIG
     assert big.payload == _big_payload()[:1024], "the first KiB is kept"
     assert [m.payload for m in small] == [str(i).encode() for i in range(10)]
 
 
+@pytest.mark.parametrize("qos", [1, 2])
 async def test_v311_packet_over_the_bound_is_skipped_unread_and_handed_on(
-    mosquitto: Mosquitto,
+    mosquitto: Mosquitto, qos: int
 ) -> None:
-    got = await _receive_big(mosquitto.port, v5=False, ask_broker=False, client_id="big-3")
-    _check_skipped(got)
-    # Acknowledged like any message: not redelivered to the next connection.
+    got = await _receive_big(mosquitto.port, v5=False, ask_broker=False, client_id="big-3", qos=qos)
+    _check_skipped(got, qos)
+    # Acknowledged like any message (QoS 2: PUBREC, and the PUBREL completed):
+    # not redelivered to the next connection.
     again = await _collect(mosquitto.port, ack=True, client_id="big-3", seconds=0.5)
     assert again == []
 
