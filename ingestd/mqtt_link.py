@@ -690,7 +690,8 @@ class MqttLink(aiomqtt.Client):
         skip = self._skip
         assert skip is not None
         try:
-            data = client._sock_recv(min(skip.left, _SKIP_READ))
+            # Never more than the socket's bound, or it would refuse our own read.
+            data = client._sock_recv(min(skip.left, _SKIP_READ, self._max_remaining))
         except BlockingIOError:
             return False
         except OSError:

@@ -293,6 +293,34 @@ async def test_v5_packet_the_broker_sends_anyway_is_skipped_past_its_properties(
     _check_skipped(got)
 
 
+async def test_a_bound_smaller_than_one_read_still_skips(mosquitto: Mosquitto) -> None:
+    got: list[paho.MQTTMessage] = []
+
+    def on_message(m: paho.MQTTMessage) -> None:
+        got.append(m)
+        link.ack(m.mid, m.qos)
+
+    link = MqttLink(
+        on_message=on_message,
+        manual_ack=True,
+        max_packet_size=1000,  # under the 64 KiB the skip reads at a time
+        hostname="127.0.0.1",
+        port=mosquitto.port,
+        identifier="big-small",
+    )
+    async with link:
+        await link.subscribe("t/#", 1)
+        await asyncio.to_thread(publish, mosquitto.port, [("t/a", b"z" * 200_000), ("t/b", b"ok")])
+        deadline = asyncio.get_running_loop().time() + 10
+        while len(got) < 2:
+            assert asyncio.get_running_loop().time() < deadline, f"got {len(got)}"
+            await asyncio.sleep(0.05)
+        assert link.connected
+    assert isinstance(got[0], OversizedMessage)
+    assert got[0].size == 200_000
+    assert got[1].payload == b"ok"
+
+
 async def test_v5_maximum_packet_size_makes_the_broker_drop_it(mosquitto: Mosquitto) -> None:
     got = await _receive_big(mosquitto.port, v5=True, ask_broker=True, client_id="big-5")
     assert [m.payload for m in got] == [str(i).encode() for i in range(10)]
