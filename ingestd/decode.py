@@ -44,16 +44,7 @@ def decode_message(
     if len(payload) > limit:
         # Before anything else: no route, bad topic or good, nothing over the
         # limit is kept whole.
-        rejected.append(
-            Rejected(
-                topic,
-                payload[:1024],
-                f"payload is {len(payload):,} bytes, over the limit of "
-                f"{limit:,} (input.max_payload_bytes; first 1 KiB kept)",
-                received_ns / NS,
-                "too_large",
-            )
-        )
+        rejected.append(too_large(topic, payload, len(payload), limit, received_ns))
         return
     match = table.match(topic)
     if match is None:
@@ -118,6 +109,23 @@ def decode_message(
         readings[before:] = timed
     if opts.rate_limit and len(readings) > before:
         _rate_limit(table, match, topic, payload, received_ns / NS, readings, before, rejected)
+
+
+def too_large(
+    topic: str, payload: bytes, size: int, limit: int, received_ns: int, *, skipped: bool = False
+) -> Rejected:
+    """The quarantine record of a payload of `size` bytes over `limit`: its first
+    1 KiB (`payload` may be just that). `skipped`: the packet was over the
+    maximum packet size and read past without being buffered (`ingestd.mqtt_link`)."""
+    how = "; skipped while reading, never held whole" if skipped else ""
+    return Rejected(
+        topic,
+        payload[:1024],
+        f"payload is {size:,} bytes, over the limit of {limit:,} "
+        f"(input.max_payload_bytes; first 1 KiB kept{how})",
+        received_ns / NS,
+        "too_large",
+    )
 
 
 def _rate_limit(

@@ -40,6 +40,17 @@ plumbing, but not three things an at-least-once ingester needs:
    the same byte streams (fuzzed, split at every byte, QoS 0/1/2, MQTT 3.1.1
    and 5 with properties) to both and compares the messages.
 
+8. a bound on what one packet can cost (issue 22): paho accumulates a packet
+   whole before handling it, and Mosquitto sends PUBLISH packets up to 256 MB.
+   A packet over `max_packet_size` is refused before it is buffered: MQTT 5
+   asks the broker for no bigger packets (Maximum Packet Size in CONNECT; the
+   broker discards them, MQTT 5 3.1.2.11.4); for MQTT 3.1.1, and for a broker
+   that sends one anyway, paho asking our socket for more than the bound is
+   the sign: its bytes are read and discarded in small reads, keeping only
+   the topic and the first KiB of payload, and the message is handed on as an
+   `OversizedMessage` (acknowledged like any other once it is quarantined, so
+   the broker does not redeliver it forever).
+
 Everything here that reaches into a private attribute is listed in
 `REQUIRED_INTERNALS`; `tests/unit/test_mqtt_link.py` fails loudly if an
 upgrade of either library removes one.
@@ -75,6 +86,7 @@ REQUIRED_INTERNALS: tuple[tuple[type[Any], str], ...] = (
     (paho.Client, "_packet_queue"),
     (paho.Client, "_send_puback"),
     (paho.Client, "_easy_log"),
+    (paho.Client, "_loop_rc_handle"),
 )
 # paho.Client instance attributes: `_ping_t` is non-zero while a PINGREQ is unanswered;
 # `_sock` is the socket paho reads from (we put a buffer in front of it); `_in_packet`
@@ -104,6 +116,46 @@ _PUBACK = struct.Struct("!BBH")
 _READS_PER_WAKEUP = 256
 # Bytes asked of the kernel per read: a few hundred typical PUBLISH packets.
 _READ_SIZE = 64 * 1024
+
+# What a packet may hold beyond its payload before it is refused unread: the
+# longest topic MQTT allows (65,535 bytes and its length), a packet id, the
+# fixed header, and ~64 KiB of MQTT 5 properties. A payload over
+# input.max_payload_bytes that fits in this headroom still arrives whole and
+# is quarantined by decode (too_large); only bigger packets are skipped.
+PACKET_HEADROOM = 128 * 1024
+# MQTT's largest packet: a Remaining Length of 268,435,455 in four bytes, the
+# command byte and those four.
+MQTT_MAX_PACKET = 268_435_455 + 5
+# Of a skipped packet we keep at most this much of its start (topic, packet id,
+# properties and the first KiB of payload), in reads of at most _SKIP_READ.
+_SKIP_KEEP = PACKET_HEADROOM
+_SKIP_READ = 64 * 1024
+PREVIEW_BYTES = 1024
+
+
+def max_packet_size(max_payload_bytes: int) -> int:
+    """The largest packet (fixed header included) ingestd takes from the broker:
+    the payload limit plus `PACKET_HEADROOM`, at most what MQTT allows. Sent as
+    MQTT 5's Maximum Packet Size and enforced by the adapter on 3.1.1 alike."""
+    return min(max_payload_bytes + PACKET_HEADROOM, MQTT_MAX_PACKET)
+
+
+def _varint_size(n: int) -> int:
+    return 1 if n < 0x80 else 2 if n < 0x4000 else 3 if n < 0x20_0000 else 4
+
+
+def max_remaining_length(packet_size: int) -> int:
+    """The largest Remaining Length a packet of at most `packet_size` bytes in
+    all (command byte, the Remaining Length's own bytes, the rest) can have."""
+    remaining = packet_size - 2
+    while remaining > 0 and 1 + _varint_size(remaining) + remaining > packet_size:
+        remaining -= 1
+    return remaining
+
+
+class _PacketTooLarge(Exception):
+    """Raised through paho when it asks for a packet body over the bound: paho
+    has read the fixed header (its `_in_packet`) and none of the body."""
 
 
 def raw_topic(message: paho.MQTTMessage) -> bytes:
@@ -141,6 +193,70 @@ class FastMessage:
     def topic(self) -> str:
         """As paho's: raises UnicodeDecodeError for a topic that is not UTF-8."""
         return self._topic.decode("utf-8")
+
+
+class OversizedMessage(FastMessage):
+    """A PUBLISH over the maximum packet size, skipped while reading: its topic,
+    qos and packet id as sent, `payload` the first `PREVIEW_BYTES` of it only,
+    and `size` the size of the payload it had."""
+
+    __slots__ = ("size",)
+
+    def __init__(
+        self,
+        topic: bytes,
+        preview: bytes,
+        size: int,
+        qos: int,
+        retain: bool,
+        dup: bool,
+        mid: int,
+        timestamp: float,
+    ) -> None:
+        super().__init__(topic, preview, qos, retain, dup, mid, timestamp)
+        self.size = size
+
+
+class _Skip:
+    """A PUBLISH being read past: its fixed header, the start of it kept, what is left."""
+
+    __slots__ = ("command", "head", "left", "length")
+
+    def __init__(self, command: int, length: int) -> None:
+        self.command = command
+        self.length = length  # Remaining Length
+        self.left = length
+        self.head = bytearray()
+
+
+def parse_skipped(
+    command: int, head: bytes | bytearray, length: int, v5: bool
+) -> tuple[bytes, int, int, bytes]:
+    """(topic, packet id, payload size, payload preview) of a PUBLISH whose
+    variable header starts `head` and whose Remaining Length is `length`. What
+    `head` does not hold is left out (an empty topic or preview), never guessed."""
+    qos = (command >> 1) & 3
+    if len(head) < 2:
+        return b"", 0, length, b""
+    tlen = (head[0] << 8) | head[1]
+    topic = bytes(head[2 : 2 + tlen])
+    j = 2 + tlen
+    mid = 0
+    if qos:
+        mid = (head[j] << 8) | head[j + 1] if j + 2 <= len(head) else 0
+        j += 2
+    if v5:
+        props = shift = 0
+        while j < len(head) and shift <= 21:
+            byte = head[j]
+            j += 1
+            props |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        j += props
+    j = min(j, length)
+    return topic, mid, length - j, bytes(head[j : j + PREVIEW_BYTES])
 
 
 Parsed = tuple[bytes, bytes, int, bool, bool, int, int]
@@ -205,14 +321,19 @@ class _BufferedSocket:
     go on reading although the kernel has nothing more to report readable.
     """
 
-    __slots__ = ("_buf", "_pos", "_sock")
+    __slots__ = ("_buf", "_pos", "_sock", "limit")
 
-    def __init__(self, sock: Any) -> None:
+    def __init__(self, sock: Any, limit: int = 0) -> None:
         self._sock = sock
         self._buf = b""
         self._pos = 0
+        # paho asks for a packet's whole body at once (then for what is left):
+        # a request over `limit` (0: none) means a packet over the bound.
+        self.limit = limit
 
     def recv(self, n: int) -> bytes:
+        if self.limit and n > self.limit:
+            raise _PacketTooLarge(n)
         buf, pos = self._buf, self._pos
         if pos < len(buf):
             end = pos + n
@@ -246,12 +367,20 @@ class MqttLink(aiomqtt.Client):
         on_message: MessageHandler,
         manual_ack: bool,
         side_topics: Mapping[str, Callable[[bytes], None]] | None = None,
+        max_packet_size: int = 0,
         **kwargs: Any,
     ) -> None:
         """`side_topics`: topics whose payloads go to their own callback, outside
         the pipeline (the broker's $SYS counters): not counted, not acknowledged
-        (they arrive at QoS 0)."""
+        (they arrive at QoS 0). `max_packet_size` (bytes, 0: no bound): a
+        PUBLISH bigger than this is skipped unread and handed on as an
+        `OversizedMessage`; for MQTT 5 it also belongs in the CONNECT
+        properties (the caller's), so the broker sends none."""
         super().__init__(**kwargs)
+        self.max_packet_size = max_packet_size
+        self._max_remaining = max_remaining_length(max_packet_size) if max_packet_size else 0
+        self._skip: _Skip | None = None
+        self.oversized = 0  # PUBLISH packets skipped on this connection
         self._handler = on_message
         self._side = {t.encode(): cb for t, cb in (side_topics or {}).items()}
         self._received = 0
@@ -444,7 +573,7 @@ class MqttLink(aiomqtt.Client):
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho calls this from the executor thread that runs connect(), after
         # creating the socket and before sending CONNECT on it.
-        client._sock = _BufferedSocket(sock)
+        client._sock = _BufferedSocket(sock, self._max_remaining)
         fd = sock.fileno()
 
         def register() -> None:
@@ -497,10 +626,19 @@ class MqttLink(aiomqtt.Client):
         client: paho.Client = self._client
         try:
             for _ in range(_READS_PER_WAKEUP):
+                if self._skip is not None:
+                    if not self._skip_some(client) or self._paused:
+                        return
+                    continue
                 before = self._received
                 if self._fast_publishes(client) and self._paused:
                     return
-                rc = client.loop_read()
+                try:
+                    rc = client.loop_read()
+                except _PacketTooLarge:
+                    if not self._start_skip(client):
+                        return
+                    continue
                 if rc != paho.MQTT_ERR_SUCCESS or self._paused:
                     return
                 # Our buffer (and TLS) may hold bytes the selector cannot see.
@@ -514,3 +652,79 @@ class MqttLink(aiomqtt.Client):
             fut: asyncio.Future[None] = self._disconnected
             if not fut.done():
                 fut.set_exception(exc)
+
+    # -- packets over the bound (see the module docstring, 8) ---------------------
+
+    def _start_skip(self, client: paho.Client) -> bool:
+        """Take over the packet paho has the fixed header of; False if the
+        connection is closed instead (not a PUBLISH: a broken broker)."""
+        packet = client._in_packet
+        command, length = packet["command"], packet["remaining_length"]
+        client._in_packet = {  # as paho leaves it between packets
+            "command": 0,
+            "have_remaining": 0,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": 0,
+            "packet": bytearray(),
+            "to_process": 0,
+            "pos": 0,
+        }
+        if command & 0xF0 != 0x30:
+            log = self._paho_logger or logging.getLogger("ingestd.mqtt_link")
+            log.error(
+                "the broker sent a packet of type %d and %d bytes, over the maximum packet "
+                "size of %d: closing the connection",
+                command >> 4,
+                length,
+                self.max_packet_size,
+            )
+            client._loop_rc_handle(paho.MQTT_ERR_PROTOCOL)
+            return False
+        self._skip = _Skip(command, length)
+        return True
+
+    def _skip_some(self, client: paho.Client) -> bool:
+        """Read past some of the skipped packet; False when the socket has
+        nothing more for now (or the connection is gone)."""
+        skip = self._skip
+        assert skip is not None
+        try:
+            # Never more than the socket's bound, or it would refuse our own read.
+            data = client._sock_recv(min(skip.left, _SKIP_READ, self._max_remaining))
+        except BlockingIOError:
+            return False
+        except OSError:
+            data = b""
+        if not data:
+            self._skip = None
+            client._loop_rc_handle(paho.MQTT_ERR_CONN_LOST)
+            return False
+        skip.left -= len(data)
+        room = _SKIP_KEEP - len(skip.head)
+        if room > 0:
+            skip.head += data[:room]
+        now = ARRIVAL_CLOCK()
+        with client._msgtime_mutex:
+            client._last_bytes_received = now
+        if skip.left:
+            return True
+        self._skip = None
+        command = skip.command
+        qos = (command >> 1) & 3
+        topic, mid, size, preview = parse_skipped(
+            command, skip.head, skip.length, client._protocol == paho.MQTTv5
+        )
+        self.oversized += 1
+        message = OversizedMessage(
+            topic, preview, size, qos, bool(command & 1), bool(command & 8), mid, now
+        )
+        # With manual acknowledgement it is acknowledged once quarantined, as any
+        # message; without, as paho would (it completes the PUBREL of a mid it
+        # does not hold).
+        if qos == 2 and not client._manual_ack:
+            self._paho_send_pubrec(mid)
+        self._deliver(client, None, message)  # type: ignore[arg-type]
+        if qos == 1 and not client._manual_ack:
+            client._send_puback(mid)
+        return True

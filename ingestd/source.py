@@ -31,11 +31,11 @@ from paho.mqtt.properties import Properties
 from ingestd.backoff import Backoff
 from ingestd.bus import EventBus
 from ingestd.config import MqttSettings, Settings, route_table
-from ingestd.decode import decode_all
+from ingestd.decode import decode_all, too_large
 from ingestd.errors import ConfigError
 from ingestd.events import NS, Decoded, Rejected, control
 from ingestd.flow import InFlightWindow
-from ingestd.mqtt_link import ARRIVAL_CLOCK, MqttLink, raw_topic
+from ingestd.mqtt_link import ARRIVAL_CLOCK, MqttLink, OversizedMessage, max_packet_size, raw_topic
 from ingestd.observe.upstream import BROKER_DROPPED, UpstreamWatch
 from ingestd.routes import RouteTable
 
@@ -45,6 +45,8 @@ log = structlog.get_logger("ingestd.source")
 ACK_CONFIRM_TIMEOUT = 3.0
 # Backpressure is logged at most this often (seconds), with a count.
 BACKPRESSURE_LOG_INTERVAL = 10.0
+# So are packets skipped for their size: a flood of them is one line per interval.
+OVERSIZE_LOG_INTERVAL = 10.0
 # A connection that lasted less than this (and less than reconnect_max_delay)
 # does not reset the backoff: a broker that accepts and then drops us at
 # once (another client taking our client id over, an ACL) must not be
@@ -201,6 +203,10 @@ class MqttSource:
         self.reconnects = 0
         self.received = 0
         self.stale_acks = 0
+        self.oversized_skipped = 0
+        self.max_packet_size = max_packet_size(settings.input.max_payload_bytes)
+        self._oversize_logged = -OVERSIZE_LOG_INTERVAL
+        self._oversize_unlogged = 0
 
     # -- acknowledgement (called by the writer after a commit) -------------------
 
@@ -360,10 +366,15 @@ class MqttSource:
     def _make_link(self) -> MqttLink:
         s = self.settings
         v5 = s.protocol == "5"
+        # Bigger packets are refused before they are read whole: by the broker
+        # (MQTT 5), or skipped unread by the link (3.1.1) and quarantined.
+        packet_limit = max_packet_size(self.settings_root.input.max_payload_bytes)
+        self.max_packet_size = packet_limit
         properties = None
         if v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.ReceiveMaximum = s.max_inflight
+            properties.MaximumPacketSize = packet_limit
             if s.persistent_session and s.session_expiry:
                 properties.SessionExpiryInterval = s.session_expiry
         password = s.password.get_secret_value() if s.password is not None else None
@@ -379,6 +390,7 @@ class MqttSource:
             on_message=self._on_message,
             manual_ack=self.manual_ack,
             side_topics=side,
+            max_packet_size=packet_limit,
             hostname=s.host,
             port=s.port,
             username=s.username,
@@ -434,6 +446,7 @@ class MqttSource:
                 broker=self.broker,
                 epoch=self._epoch,
                 protocol=self.settings.protocol,
+                max_packet_size=link.max_packet_size,
             )
             link_lost = asyncio.ensure_future(link.wait_disconnected())
             link_lost.add_done_callback(lambda _f: self._wake.set())
@@ -616,6 +629,27 @@ class MqttSource:
             del self._inbox[:size]
             await self._publish_chunk(messages)
 
+    def _oversized(self, m: OversizedMessage, received_ns: int) -> Rejected:
+        """The quarantine record of a packet the link skipped for its size;
+        counted, and logged at most once per OVERSIZE_LOG_INTERVAL."""
+        topic = raw_topic(m).decode("utf-8", "backslashreplace")  # type: ignore[arg-type]
+        self.oversized_skipped += 1
+        self._oversize_unlogged += 1
+        now = time.monotonic()
+        if now - self._oversize_logged >= OVERSIZE_LOG_INTERVAL:
+            log.warning(
+                "PUBLISH over the maximum packet size skipped while reading and quarantined "
+                "(too_large); raise input.max_payload_bytes if such payloads are expected",
+                topic=topic,
+                payload_bytes=m.size,
+                max_packet_size=self.max_packet_size,
+                skipped=self._oversize_unlogged,
+            )
+            self._oversize_logged = now
+            self._oversize_unlogged = 0
+        limit = self.settings_root.input.max_payload_bytes
+        return too_large(topic, m.payload, m.size, limit, received_ns, skipped=True)
+
     async def _publish_chunk(self, messages: list[paho.MQTTMessage]) -> None:
         self.received += len(messages)
         # paho stamps each message with a monotonic clock on arrival; turn that
@@ -635,6 +669,9 @@ class MqttSource:
             last = now
             # paho hands out bytes (typed bytes | bytearray); no copy needed.
             payload = cast(bytes, m.payload)
+            if isinstance(m, OversizedMessage):
+                bad_topics.append(self._oversized(m, now))
+                continue
             try:
                 if m.retain:
                     retained.append((m.topic, payload, now))

@@ -252,6 +252,18 @@ class PipelineCollector(Collector):
         a = h.fresh_accounting()
         yield _counter("ingestd_messages_received", "MQTT messages received", a.messages_received)
         yield _counter(
+            "ingestd_oversized_packets_skipped",
+            "PUBLISH packets over the maximum packet size (input.max_payload_bytes plus "
+            "headroom) read past without being buffered, each quarantined as too_large",
+            src.oversized_skipped,
+        )
+        yield _gauge(
+            "ingestd_max_packet_size_bytes",
+            "The largest packet taken from the broker (MQTT 5: sent as Maximum Packet "
+            "Size, and the broker drops bigger messages, counted only in its log)",
+            src.max_packet_size,
+        )
+        yield _counter(
             "ingestd_readings_decoded",
             "Readings decoded from received payloads (what explain lists)",
             a.decoded,

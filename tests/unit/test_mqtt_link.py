@@ -87,3 +87,50 @@ def test_buffered_socket_serves_small_reads_from_one_large_read() -> None:
 
 def wait_readable(sock: socket.socket) -> bool:
     return bool(select.select([sock], [], [], 5)[0])
+
+
+def test_max_remaining_length_fits_the_whole_packet_in_the_bound() -> None:
+    for size in (10, 129, 130, 131, 16_386, 16_387, 300_000, mqtt_link.MQTT_MAX_PACKET):
+        r = mqtt_link.max_remaining_length(size)
+        assert 1 + mqtt_link._varint_size(r) + r <= size
+        assert 1 + mqtt_link._varint_size(r + 1) + r + 1 > size
+    assert mqtt_link.max_remaining_length(mqtt_link.MQTT_MAX_PACKET) == 268_435_455
+    assert mqtt_link.max_packet_size(262_144) == 262_144 + mqtt_link.PACKET_HEADROOM
+    assert mqtt_link.max_packet_size(10**9) == mqtt_link.MQTT_MAX_PACKET
+
+
+def test_buffered_socket_refuses_a_read_over_its_limit() -> None:
+    a, b = socket.socketpair()
+    try:
+        buffered = mqtt_link._BufferedSocket(b, limit=1000)
+        with pytest.raises(mqtt_link._PacketTooLarge):
+            buffered.recv(1001)
+        a.sendall(b"x" * 10)
+        assert wait_readable(b)
+        assert buffered.recv(1000) == b"x" * 10
+    finally:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("v5", [False, True])
+@pytest.mark.parametrize("qos", [0, 1, 2])
+def test_parse_skipped_reads_the_variable_header_and_keeps_a_preview(v5: bool, qos: int) -> None:
+    topic, payload = "big/topic/é".encode(), bytes(range(256)) * 20
+    head = len(topic).to_bytes(2, "big") + topic
+    if qos:
+        head += (4242).to_bytes(2, "big")
+    if v5:
+        props = b"\x26\x00\x01k\x00\x01v"  # a user property
+        head += bytes([len(props)]) + props
+    packet = head + payload
+    command = 0x30 | (qos << 1)
+    for kept in (len(packet), len(head) + 10, 3):
+        got = mqtt_link.parse_skipped(command, bytearray(packet[:kept]), len(packet), v5)
+        t, mid, size, preview = got
+        if kept >= len(head):
+            assert (t, mid, size) == (topic, 4242 if qos else 0, len(payload))
+            assert preview == payload[: min(mqtt_link.PREVIEW_BYTES, kept - len(head))]
+        else:  # what was not kept is left out, not guessed
+            assert preview == b""
+            assert t == topic[:1]
