@@ -61,6 +61,7 @@ from ingestd.errors import DecodeError
 from ingestd.events import Reading, Rejected
 from ingestd.formats.base import Format, FormatOptions
 from ingestd.formats.sparkplug_pb import BY_NAME, DATATYPES, Payload
+from ingestd.recent import RecentCache
 
 if TYPE_CHECKING:
     from ingestd.routes import RouteMatch, RouteTable
@@ -137,23 +138,35 @@ class Node:
     sensors: dict[str, str] = field(default_factory=dict)  # device ("" node) -> sensor
 
 
-def _nodes(table: RouteTable) -> dict[tuple[str, str], Node]:
-    nodes: dict[tuple[str, str], Node] = table.format_state.setdefault("sparkplug", {})
+def _nodes(table: RouteTable, kind: str = "sparkplug") -> RecentCache[tuple[str, str], Node]:
+    """Nodes whose NBIRTH ingestd read ("sparkplug"), or ids it has only heard
+    DATA or a DEATH from ("sparkplug_strangers"): each bounded by recency, so
+    junk from new ids never takes a born node's place."""
+    nodes: RecentCache[tuple[str, str], Node] | None = table.format_state.get(kind)
+    if nodes is None:
+        nodes = table.format_state[kind] = RecentCache(_NODES_KEPT)
     return nodes
 
 
 def node_state(table: RouteTable, group: str, edge_node: str) -> Node | None:
     """What ingestd knows of an edge node (for `explain` and tests)."""
-    return _nodes(table).get((group, edge_node))
+    key = (group, edge_node)
+    return _nodes(table).get(key) or _nodes(table, "sparkplug_strangers").get(key)
 
 
-def _node(table: RouteTable, key: tuple[str, str]) -> Node:
-    nodes = _nodes(table)
-    found = nodes.get(key)
+def _node(table: RouteTable, key: tuple[str, str], birth: bool) -> Node:
+    """The node; an NBIRTH (`birth`) gives it a place among the born."""
+    found = _nodes(table).recent(key)
+    if found is not None:
+        return found
+    strangers = _nodes(table, "sparkplug_strangers")
+    if birth:
+        found = strangers.pop(key, None) or Node()
+        _nodes(table)[key] = found
+        return found
+    found = strangers.recent(key)
     if found is None:
-        if len(nodes) >= _NODES_KEPT:
-            nodes.clear()
-        found = nodes[key] = Node()
+        found = strangers[key] = Node()
     return found
 
 
@@ -208,7 +221,7 @@ def decode(
         message = Payload.FromString(payload)
     except (ProtobufDecodeError, RuntimeError, ValueError) as exc:
         raise DecodeError(f"not a Sparkplug B protobuf payload: {exc}") from None
-    node = _node(table, (group, edge_node))
+    node = _node(table, (group, edge_node), kind == "NBIRTH")
     params: SparkplugOptions = match.params
     names = {**match.values, "group": group, "edge_node": edge_node, "device": device}
     names["source"] = f"{edge_node}/{device}" if device else edge_node

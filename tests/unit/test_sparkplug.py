@@ -421,3 +421,18 @@ def test_junk_from_many_node_ids_buys_bounded_rebirth_requests_and_log_lines() -
     assert len(t.commands) == t.counts.rebirth_requests
     assert t.counts.rebirths_suppressed == 2000 - t.counts.rebirth_requests
     assert t.device_log.suppressed >= t.counts.rebirth_requests - 20
+
+
+def test_a_flood_of_junk_node_ids_keeps_every_born_node() -> None:
+    """70,000 node ids that never sent an NBIRTH (more than the 65,536 kept)
+    cost the born nodes nothing: their DATA is still resolved by alias."""
+    t = table()
+    born = [f"spBv1.0/plant/{{kind}}/press-{i}" for i in range(3)]
+    run(t, *[(b.format(kind="NBIRTH"), birth()) for b in born])
+    junk = data(1, (1, 1.0))
+    run(t, *[(f"spBv1.0/junk/NDATA/n{i}", junk) for i in range(70_000)])
+    readings, problems = run(t, *[(b.format(kind="NDATA"), data(1, (1, 7.0))) for b in born])
+    assert problems == []
+    assert [(r.sensor, r.metric, r.value) for r in readings] == [
+        (f"plant/press-{i}", "Temperature", 7.0) for i in range(3)
+    ]
