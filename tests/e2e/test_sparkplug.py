@@ -30,6 +30,7 @@ from tests.helpers import (
     hold_exclusive_lock,
     http_get,
     metric_value,
+    publish,
     wait_for,
 )
 from tests.sparkplug_node import METRICS, EdgeNode
@@ -386,3 +387,61 @@ def test_a_gap_of_150_after_a_reconnect_is_a_gap(
     assert metrics_of(daemon, "ingestd_sparkplug_rebirth_requests_total") == 1
     assert metrics_of(daemon, "ingestd_readings_unexplained") == 0
     assert daemon.stop() == 0
+
+
+def test_junk_from_2000_new_ids_buys_bounded_commands_and_log_lines(
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
+) -> None:
+    """Anyone who can publish junk under spBv1.0/ and homie/ must not make
+    ingestd publish commands or write log lines at their rate: 2,000 node ids
+    sending DATA before any BIRTH, and 2,000 Homie ids sending $state."""
+    routes = ROUTE + '\n[[routes]]\ntopic = "homie/#"\nformat = "homie"\n'
+    daemon = daemons(mosquitto.port, routes).start()
+    daemon.wait_ready()
+    commands: list[str] = []
+    watcher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="ncmd-watch")
+    watcher.on_message = lambda _c, _u, m: commands.append(m.topic)
+    watcher.connect("127.0.0.1", mosquitto.port)
+    watcher.loop_start()
+    watcher.subscribe("spBv1.0/+/NCMD/+", 0)
+    time.sleep(0.3)
+    junk = [(f"spBv1.0/junk/NDATA/n{i}", node_data_payload(i)) for i in range(2000)]
+    junk += [(f"homie/5/j{i}/$state", b"ready") for i in range(2000)]
+    started = time.monotonic()
+    publish(mosquitto.port, junk)
+    db = DbReader(tmp_path / "ingestd.db")
+    wait_for(lambda: db.count("quarantine") == 2000, 30, what="the junk DATA quarantined")
+    seconds = time.monotonic() - started
+    time.sleep(1.0)
+    watcher.loop_stop()
+    watcher.disconnect()
+    text = http_get(daemon.metrics_url() + "/metrics")[1]
+    asked = metric_value(text, "ingestd_sparkplug_rebirth_requests_total")
+    held = metric_value(text, "ingestd_sparkplug_rebirths_suppressed_total")
+    # At most 10 a second (and a burst of 10), the rest counted, never lost track of.
+    assert asked <= 10 + 10 * (seconds + 1), (asked, seconds)
+    assert asked + held == 2000
+    assert len(commands) == asked
+    lines = [json.loads(x) for x in daemon.logs().splitlines() if x.startswith("{")]
+    device_lines = [
+        x for x in lines if x["msg"] in ("homie device state", "sparkplug rebirth requested")
+    ]
+    assert len(device_lines) <= 20  # the shared budget of one minute
+    assert metric_value(text, "ingestd_device_log_lines_suppressed_total") >= 2000 + asked - 20
+    info = [x for x in lines if x["level"] in ("info", "warning") and x["msg"] != "summary"]
+    assert len(info) < 60, [x["msg"] for x in info]
+    print(
+        f"\n4,000 junk messages in {seconds:.1f} s: {asked:.0f} rebirths asked, {held:.0f} "
+        f"held back, {len(commands)} NCMDs seen, {len(device_lines)} per-device lines, "
+        f"{len(info)} info/warning lines in all"
+    )
+    assert daemon.stop() == 0
+
+
+def node_data_payload(i: int) -> bytes:
+    """An NDATA (seq 1) by alias, from a node no BIRTH declared."""
+    from ingestd.formats.sparkplug_pb import Payload
+
+    p = Payload(timestamp=int(time.time() * 1000), seq=1)
+    p.metrics.add(alias=1, double_value=float(i))
+    return bytes(p.SerializeToString())
