@@ -185,16 +185,27 @@ def decode_all(
     deliveries: Iterable[tuple[str, bytes, int]],
     retained: Iterable[tuple[str, bytes, int]] = (),
     redelivered: Collection[int] = (),
+    retained_at: Collection[int] = (),
 ) -> tuple[list[Reading], list[Rejected]]:
-    """Decode a chunk of (topic, payload, received_ns) deliveries, and of
-    deliveries the broker flagged as retained (see `decode_message`).
-    `redelivered`: the positions in `deliveries` the broker flagged DUP."""
+    """Decode a chunk of (topic, payload, received_ns) deliveries, in their
+    order, and then `retained`: deliveries the broker flagged as retained
+    (see `decode_message`). `redelivered` and `retained_at`: the positions in
+    `deliveries` the broker flagged DUP, and retained. The source marks
+    retained ones in place: a description re-sent at subscribe must be read
+    before the values that arrived after it."""
     readings: list[Reading] = []
     rejected: list[Rejected] = []
-    if redelivered:
+    if redelivered or retained_at:
         for i, (topic, payload, received_ns) in enumerate(deliveries):
             decode_message(
-                table, topic, payload, received_ns, readings, rejected, redelivered=i in redelivered
+                table,
+                topic,
+                payload,
+                received_ns,
+                readings,
+                rejected,
+                retained=i in retained_at,
+                redelivered=i in redelivered,
             )
         return _retained(table, retained, readings, rejected)
     for topic, payload, received_ns in deliveries:

@@ -659,9 +659,11 @@ class MqttSource:
         offset = self.clock_ns() - int(ARRIVAL_CLOCK() * NS)
         last = self._last_received_ns
         deliveries: list[tuple[str, bytes, int]] = []
-        retained: list[tuple[str, bytes, int]] = []
         bad_topics: list[Rejected] = []
-        redelivered: set[int] = set()  # positions in `deliveries` flagged DUP
+        # Positions in `deliveries` flagged DUP, and retained (decoded in
+        # arrival order with the rest: a description before what follows it).
+        redelivered: set[int] = set()
+        retained_at: set[int] = set()
         for m in messages:
             now = offset + int(m.timestamp * NS)
             if now <= last:
@@ -673,19 +675,21 @@ class MqttSource:
                 bad_topics.append(self._oversized(m, now))
                 continue
             try:
+                topic = m.topic
                 if m.retain:
-                    retained.append((m.topic, payload, now))
-                else:
-                    if m.dup:
-                        redelivered.add(len(deliveries))
-                    deliveries.append((m.topic, payload, now))
+                    retained_at.add(len(deliveries))
+                if m.dup:
+                    redelivered.add(len(deliveries))
+                deliveries.append((topic, payload, now))
             except UnicodeDecodeError:
                 shown = raw_topic(m).decode("utf-8", "backslashreplace")
                 bad_topics.append(
                     Rejected(shown, payload, "topic is not valid UTF-8", now / NS, "bad_topic")
                 )
         self._last_received_ns = last
-        readings, rejected = decode_all(self.table, deliveries, retained, redelivered)
+        readings, rejected = decode_all(
+            self.table, deliveries, redelivered=redelivered, retained_at=retained_at
+        )
         self.window.readings += len(readings)
         if bad_topics:
             rejected.extend(bad_topics)

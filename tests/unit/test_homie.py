@@ -292,3 +292,17 @@ def test_a_state_sent_before_the_description_stays_with_the_device() -> None:
     assert "boiler" not in t.format_state["homie_states"]
     assert run(t, ("homie/5/boiler/$state", b"init")) == ([], [])
     assert t.take_status().states == {"boiler": "init"}  # once, not again
+
+
+def test_a_retained_description_is_read_before_the_values_that_arrived_after_it() -> None:
+    """A member joining a shared group gets the retained description at its
+    subscribe, in the same chunk as the first values that follow it: read in
+    arrival order, not the retained ones last."""
+    t = table()
+    chunk = [
+        ("homie/5/boiler/$description", json.dumps(DESCRIPTION).encode(), NOW_NS),
+        ("homie/5/boiler/env/temperature", b"21.5", NOW_NS + 1),
+    ]
+    readings, rejected = decode_all(t, chunk, retained_at={0})
+    assert rejected == []
+    assert [(r.metric, r.value) for r in readings] == [("env.temperature", 21.5)]
