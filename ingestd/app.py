@@ -36,7 +36,7 @@ from ingestd.observe.metrics import Accounting, Health, Metrics, MetricsServer, 
 from ingestd.observe.systemd import SystemdNotifier, monotonic_usec, watchdog_interval
 from ingestd.observe.upstream import UpstreamWatch
 from ingestd.process import Processor
-from ingestd.routes import SequenceState
+from ingestd.routes import SequenceState, restore_device_state
 from ingestd.source import MqttSource
 from ingestd.store import Store, open_store
 from ingestd.writer import BatchWriter
@@ -156,6 +156,7 @@ class Daemon:
             self._install_signals()
         s = self.settings
         store = open_store(s.store)
+        store.owner = s.mqtt.client_id  # whose device state it loads and writes
         log.info(
             "starting",
             version=__version__,
@@ -325,6 +326,9 @@ class Daemon:
         table.sequences.update(
             (sensor, SequenceState(v[0])) for sensor, v in store.sequences.items()
         )
+        # Stateful formats go on from their state at the last commit (a
+        # Sparkplug node's BIRTH and sequence): a restart is not a rebirth.
+        restore_device_state(table, store.devices)
         source = MqttSource(s, table, bus, window, upstream=self.upstream)
         processor = Processor(to_processor, bus, s.processor)
         writer = BatchWriter(

@@ -23,14 +23,20 @@ class SensorStatus(msgspec.Struct, frozen=True):
     """Per-sensor state to store with a chunk: sequence (last, gaps, missing),
     gaps and missing being those found since the previous status (the store
     adds them up), expect_within, and the state a device reports of itself
-    (Homie's $state), for sensors whose state changed."""
+    (Homie's $state), for sensors whose state changed.
+
+    `devices`: what a stateful format must find again after a restart (a
+    Sparkplug node's BIRTH and sequence), by (format, device): (position,
+    description), the description None when only the position changed.
+    Written with the chunk, it is the state as of the last commit."""
 
     sequences: dict[str, tuple[int, int, int]] = {}
     expect_within: dict[str, float] = {}
     states: dict[str, str] = {}
+    devices: dict[tuple[str, str], tuple[bytes, bytes | None]] = {}
 
     def __bool__(self) -> bool:
-        return bool(self.sequences or self.expect_within or self.states)
+        return bool(self.sequences or self.expect_within or self.states or self.devices)
 
 
 class Reading(msgspec.Struct, frozen=True, gc=False):

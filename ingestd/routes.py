@@ -276,6 +276,9 @@ class RouteTable:
         # Whether the broker flagged it DUP: sent before on this session, so
         # perhaps read already (Sparkplug tells redeliveries from gaps by it).
         self.redelivered_now = False
+        # A stateful format changed what it keeps across restarts (its
+        # `save_state` says what): the next chunk carries it to the store.
+        self.devices_changed = False
         # Lines about single devices share one budget (ids come from anyone).
         self.device_log = DeviceLog()
         # The state devices report of themselves (Homie's $state), changed
@@ -287,8 +290,20 @@ class RouteTable:
 
     def take_status(self) -> SensorStatus:
         """The per-sensor state changed since the last call, for the store."""
-        if not self.sequences_changed and not self.expect_changed and not self.states_changed:
+        if not (
+            self.sequences_changed
+            or self.expect_changed
+            or self.states_changed
+            or self.devices_changed
+        ):
             return _NO_STATUS  # the common chunk: nothing to store, nothing to allocate
+        devices: dict[tuple[str, str], tuple[bytes, bytes | None]] = {}
+        if self.devices_changed:
+            self.devices_changed = False
+            for fmt in {r.fmt.name: r.fmt for r in self.routes}.values():
+                if fmt.save_state is not None:
+                    saved = fmt.save_state(self)
+                    devices.update(((fmt.name, d), v) for d, v in saved.items())
         seqs: dict[str, tuple[int, int, int]] = {}
         for sensor, st in self.sequences_changed.items():
             # Gaps found since the last call: the store adds them to its counts.
@@ -297,7 +312,7 @@ class RouteTable:
         self.sequences_changed = {}
         expect, self.expect_changed = self.expect_changed, {}
         states, self.states_changed = self.states_changed, {}
-        return SensorStatus(seqs, expect, states)
+        return SensorStatus(seqs, expect, states, devices)
 
     def carry_state(self, old: RouteTable) -> None:
         """A reloaded table goes on with the running one's per-device state."""
@@ -309,6 +324,7 @@ class RouteTable:
         self.states_changed = old.states_changed
         self.commands = old.commands
         self.device_log = old.device_log
+        self.devices_changed = old.devices_changed
 
     def sequence(self, sensor: str, seq: int) -> None:
         """Follow a device's message counter: a jump forward is a gap (messages
@@ -397,6 +413,16 @@ class RouteTable:
         allowed = min(n, int(tokens))
         bucket[0], bucket[1] = tokens - allowed, now
         return allowed
+
+
+def restore_device_state(
+    table: RouteTable, devices: dict[str, list[tuple[str, bytes, bytes]]]
+) -> None:
+    """Give each of the table's stateful formats what the store kept of it."""
+    for fmt in {r.fmt.name: r.fmt for r in table.routes}.values():
+        rows = devices.get(fmt.name)
+        if rows and fmt.load_state is not None:
+            fmt.load_state(table, rows)
 
 
 def _matches(route: CompiledRoute, parts: list[str]) -> bool:

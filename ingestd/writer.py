@@ -184,6 +184,7 @@ class BatchWriter:
         sequences: dict[str, tuple[int, int, int]] = {}
         expect: dict[str, float] = {}
         states: dict[str, str] = {}
+        devices: dict[tuple[str, str], tuple[bytes, bytes | None]] = {}
         for c in chunks:
             readings.extend(c.readings)
             rejected.extend(c.rejected)
@@ -196,7 +197,12 @@ class BatchWriter:
                     sequences[sensor] = seq
                 expect.update(c.status.expect_within)
                 states.update(c.status.states)
-        status = SensorStatus(sequences, expect, states)
+                for device, (position, description) in c.status.devices.items():
+                    # The latest position; the latest description any chunk had.
+                    if description is None and device in devices:
+                        description = devices[device][1]  # noqa: PLW2901
+                    devices[device] = (position, description)
+        status = SensorStatus(sequences, expect, states, devices)
         if self._jobs is None:
             started = time.perf_counter()
             result = await self._commit(readings, rejected, status)
@@ -204,7 +210,12 @@ class BatchWriter:
             return
         self._formed += 1
         number = self._formed
-        sensors = frozenset(sequences) | frozenset(expect) | frozenset(states)
+        sensors = (
+            frozenset(sequences)
+            | frozenset(expect)
+            | frozenset(states)
+            | frozenset(f"\x00{f}\x00{d}" for f, d in devices)  # apart from sensor names
+        )
         if sensors and any(sensors & other for other in self._stating.values()):
             # Its state must not overtake an earlier batch's: wait for those in
             # flight (settled in order, so the newest done means all are).

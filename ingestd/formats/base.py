@@ -77,6 +77,14 @@ class Format:
     # which a shared subscription does not get). None: the format keeps no
     # descriptions.
     state_topics: Callable[[str], list[str]] | None = None
+    # Device state that must outlive the process (a Sparkplug node's BIRTH and
+    # sequence: without it every node is unknown after a restart until it is
+    # born again). `save_state(table)` takes what changed since the last call,
+    # {device: (position, description or None if unchanged)}; the store keeps
+    # it with the chunk, and `load_state(table, rows)` puts it back at start
+    # (rows of (device, position, description), the most recent first).
+    save_state: Callable[[RouteTable], dict[str, tuple[bytes, bytes | None]]] | None = None
+    load_state: Callable[[RouteTable, list[tuple[str, bytes, bytes]]], None] | None = None
     # Why the format cannot be read in a shared group (None: it can): check-config
     # refuses the combination with this reason.
     unshareable: str | None = None

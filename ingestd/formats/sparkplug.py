@@ -53,6 +53,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import structlog
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from pydantic import Field
@@ -221,15 +222,19 @@ def decode(
         message = Payload.FromString(payload)
     except (ProtobufDecodeError, RuntimeError, ValueError) as exc:
         raise DecodeError(f"not a Sparkplug B protobuf payload: {exc}") from None
-    node = _node(table, (group, edge_node), kind == "NBIRTH")
+    key = (group, edge_node)
+    node = _node(table, key, kind == "NBIRTH")
     params: SparkplugOptions = match.params
     names = {**match.values, "group": group, "edge_node": edge_node, "device": device}
     names["source"] = f"{edge_node}/{device}" if device else edge_node
     sensor = match.sensor.format_map(names)
-    node.sensors[device] = sensor
+    if node.sensors.get(device) != sensor:
+        node.sensors[device] = sensor
+        _changed(table, key, described=True)
     redelivered = table.redelivered_now
     if kind == "NDEATH":
-        _death(table, node, group, edge_node, message)
+        if _death(table, node, group, edge_node, message):
+            _changed(table, key, described=True)
         return
     if kind == "NBIRTH":
         birth_step = _rebirth_step(node, message) if redelivered and node.count else _NEXT
@@ -247,6 +252,7 @@ def decode(
                 if metric.name == "bdSeq":
                     node.bd_seq = _bd_seq(metric)
             table.states_changed[sensor] = "online"
+            _changed(table, key, described=True)
         try:
             _values(table, match, topic, message, node.scope, names, sensor, received_ns, readings)
         except _Unresolved as exc:
@@ -255,6 +261,8 @@ def decode(
     # Every other message follows the node's sequence.
     scope = node.devices.get(device) if device else node.scope
     step = _follow(node, scope, message, redelivered)
+    if step is _NEXT:
+        _changed(table, key)
     if step is _SKIP:
         _skipped(table, "redelivered")
         return
@@ -269,12 +277,14 @@ def decode(
         if scope is not None:
             scope.born = False
             _offline(table, node, device)
+            _changed(table, key, described=True)
         return
     if problem is None:
         if kind == "DBIRTH" and (step is _NEXT or not known):
             node.devices.pop(device, None)
             scope = node.devices[device] = _birth(message, node.count - 1)
             table.states_changed[sensor] = "online"
+            _changed(table, key, described=True)
         assert scope is not None
         try:
             _values(table, match, topic, message, scope, names, sensor, received_ns, readings)
@@ -283,6 +293,7 @@ def decode(
             problem = str(exc)
     # The node's state is not known: nothing in this message is guessed.
     node.scope.born = False
+    _changed(table, key)
     asked = _ask_rebirth(table, node, params, group, edge_node, problem)
     raise DecodeError(
         f"Sparkplug node {group}/{edge_node}: {problem}; "
@@ -523,7 +534,8 @@ def _bd_seq(m: Any) -> int | None:
     return None if value is None else int(value)
 
 
-def _death(table: RouteTable, node: Node, group: str, edge_node: str, message: Any) -> None:
+def _death(table: RouteTable, node: Node, group: str, edge_node: str, message: Any) -> bool:
+    """An NDEATH; False if it was an earlier session's, ignored."""
     bd_seq = None
     for m in message.metrics:
         if m.name == "bdSeq":
@@ -537,19 +549,112 @@ def _death(table: RouteTable, node: Node, group: str, edge_node: str, message: A
             bd_seq=bd_seq,
             current=node.bd_seq,
         )
-        return
+        return False
     node.scope.born = False
     for scope in node.devices.values():
         scope.born = False
     _offline(table, node, "")
     for device in node.devices:
         _offline(table, node, device)
+    return True
 
 
 def _offline(table: RouteTable, node: Node, device: str) -> None:
     sensor = node.sensors.get(device)
     if sensor:
         table.states_changed[sensor] = "offline"
+
+
+# -- across restarts ---------------------------------------------------------------------
+
+_pack = msgspec.msgpack.encode
+_unpack = msgspec.msgpack.decode
+
+
+def _changed(table: RouteTable, key: tuple[str, str], described: bool = False) -> None:
+    """The node's state changed: its position (sequence, born), and with
+    `described` what its BIRTHs declared too. The next chunk saves it."""
+    dirty: dict[tuple[str, str], bool] = table.format_state.setdefault("sparkplug_dirty", {})
+    dirty[key] = described or dirty.get(key, False)
+    table.devices_changed = True
+
+
+def _dump_scope(scope: Scope) -> list[Any]:
+    aliased = {id(m) for m in scope.by_alias.values()}
+    metrics: list[list[Any]] = [
+        [m.name, m.datatype, m.unit, alias] for alias, m in scope.by_alias.items()
+    ]
+    metrics += [
+        [m.name, m.datatype, m.unit, None] for m in scope.by_name.values() if id(m) not in aliased
+    ]
+    return [scope.born, scope.online, scope.birth_ms, scope.since, metrics]
+
+
+def _load_scope(dumped: list[Any]) -> Scope:
+    born, online, birth_ms, since, metrics = dumped
+    scope = Scope(born=born, online=online, birth_ms=birth_ms, since=since)
+    for name, datatype, unit, alias in metrics:
+        metric = Metric(name, datatype, unit)
+        if name:
+            scope.by_name.setdefault(name, metric)
+        if alias is not None:
+            scope.by_alias[alias] = metric
+    return scope
+
+
+def save_state(table: RouteTable) -> dict[str, tuple[bytes, bytes | None]]:
+    """What changed of born nodes since the last call: position (sequence,
+    count, bdSeq, born) and, where a BIRTH or DEATH changed it, the
+    description (the node's and its devices' alias tables)."""
+    dirty: dict[tuple[str, str], bool] | None = table.format_state.pop("sparkplug_dirty", None)
+    if not dirty:
+        return {}
+    born = _nodes(table)
+    out: dict[str, tuple[bytes, bytes | None]] = {}
+    for key, described in dirty.items():
+        node = born.get(key)
+        if node is None or not node.count:
+            continue  # never born (junk ids are not kept), or forgotten since
+        position = _pack([node.seq, node.count, node.bd_seq, node.scope.born])
+        description = None
+        if described:
+            description = _pack(
+                [
+                    _dump_scope(node.scope),
+                    {d: _dump_scope(sc) for d, sc in node.devices.items()},
+                    node.sensors,
+                ]
+            )
+        out[f"{key[0]}/{key[1]}"] = (position, description)
+    return out
+
+
+def load_state(table: RouteTable, rows: list[tuple[str, bytes, bytes]]) -> None:
+    """Born nodes as the store kept them at the last commit (the most recent
+    first; as many as the node cache holds)."""
+    born = _nodes(table)
+    for device, position, description in reversed(rows[:_NODES_KEPT]):
+        group, _, edge_node = device.partition("/")
+        try:
+            seq, count, bd_seq, node_born = _unpack(position)
+            scope, devices, sensors = _unpack(description)
+            node = Node(
+                scope=_load_scope(scope),
+                devices={d: _load_scope(sc) for d, sc in devices.items()},
+                seq=seq,
+                count=count,
+                bd_seq=bd_seq,
+                sensors=dict(sensors),
+            )
+        except (msgspec.DecodeError, TypeError, ValueError) as exc:
+            log.warning(
+                "sparkplug node state not readable; it waits for a rebirth",
+                node=device,
+                error=str(exc),
+            )
+            continue
+        node.scope.born = bool(node_born)
+        born[(group, edge_node)] = node
 
 
 def describe(datatype: int) -> str:
@@ -591,6 +696,8 @@ FORMAT = Format(
     default_sensor="{group}/{source}",
     metric_requires="name",
     describe_state=describe_state,
+    save_state=save_state,
+    load_state=load_state,
     unshareable=(
         "a shared subscription hands each message to one member, and a Sparkplug "
         "node's DATA can only be read in order with its BIRTH and sequence, which the "

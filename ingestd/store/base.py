@@ -95,6 +95,9 @@ class Batch(ABC):
 
     def __init__(self, now: float) -> None:
         self._now = now  # stamps the quarantine records the batch adds itself
+        # Whose device state this batch writes (the instance's MQTT client id):
+        # each instance finds its own again after a restart.
+        self.owner = ""
         self.new_series: dict[tuple[str, str, str, str], int] = {}
         self.inserted = 0
         self.duplicates = 0
@@ -160,6 +163,32 @@ class Batch(ABC):
                 "ON CONFLICT (sensor) DO UPDATE SET state = excluded.state",
                 sorted(status.states.items()),
             )
+        if status.devices:
+            # A description not sent (None) is the one stored: only the position moved.
+            await self.execute_many(
+                "INSERT INTO device_state (owner, format, device, position, description, "
+                "updated) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (owner, format, device) DO "
+                "UPDATE SET position = excluded.position, description = "
+                "coalesce(excluded.description, device_state.description), "
+                "updated = excluded.updated",
+                [
+                    (self.owner, fmt, device, position, description, self._now)
+                    for (fmt, device), (position, description) in sorted(status.devices.items())
+                ],
+            )
+
+
+# The device state `open` loads: the instance's own, most recently updated first,
+# at most what the formats' caches hold.
+DEVICE_STATE_LOADED = 65536
+
+
+def device_states(rows: Iterable[Sequence[Any]]) -> dict[str, list[tuple[str, bytes, bytes]]]:
+    """(format, device, position, description) rows by format, in their order."""
+    out: dict[str, list[tuple[str, bytes, bytes]]] = {}
+    for fmt, device, position, description in rows:
+        out.setdefault(fmt, []).append((device, bytes(position), bytes(description)))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +211,11 @@ class Store(ABC):
     # Device sequence counters as last committed, sensor -> (last, gaps, missing):
     # loaded by `open`, so a gap across a restart of ingestd still counts.
     sequences: dict[str, tuple[int, int, int]]
+    # The instance whose device state `open` loads and batches write (its MQTT
+    # client id; set before `open`), and that state as last committed:
+    # format -> [(device, position, description)], the most recently updated first.
+    owner: str = ""
+    devices: dict[str, list[tuple[str, bytes, bytes]]]
 
     @abstractmethod
     async def open(self) -> None:

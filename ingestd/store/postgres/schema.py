@@ -75,6 +75,19 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE sensor_status ADD COLUMN state text NOT NULL DEFAULT '';
     """,
+    # 3: what a stateful format must find again after a restart (a Sparkplug
+    # node's BIRTH and sequence), per instance (owner: its MQTT client id).
+    """
+    CREATE TABLE device_state (
+        owner       text NOT NULL,
+        format      text NOT NULL,
+        device      text NOT NULL,
+        position    bytea NOT NULL,
+        description bytea,
+        updated     double precision NOT NULL,
+        PRIMARY KEY (owner, format, device)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

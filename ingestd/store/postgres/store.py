@@ -348,6 +348,7 @@ class PostgresStore(base.Store):
         self.clock = clock
         self.series_ids: dict[tuple[str, str, str, str], int] = {}
         self.sequences: dict[str, tuple[int, int, int]] = {}
+        self.devices: dict[str, list[tuple[str, bytes, bytes]]] = {}
         # Connections not in a batch; a batch takes one. Up to
         # `concurrent_batches` batches are open at once (the writer's pipeline):
         # the server loads one while the daemon sends the next.
@@ -401,6 +402,13 @@ class PostgresStore(base.Store):
                 "WHERE last_seq IS NOT NULL"
             )
             self.sequences = {r[0]: (r[1], r[2], r[3]) for r in rows}
+            rows = await conn.fetch(
+                "SELECT format, device, position, description FROM device_state "
+                "WHERE owner = $1 AND description IS NOT NULL ORDER BY updated DESC LIMIT $2",
+                self.owner,
+                base.DEVICE_STATE_LOADED,
+            )
+            self.devices = base.device_states(rows)
         except BaseException as exc:
             with suppress(Exception):
                 await conn.close(timeout=2)
@@ -543,6 +551,7 @@ class PostgresStore(base.Store):
         await self.open()
         conn = await self._take()
         tx = Batch(self, conn, time.time() if now is None else now)
+        tx.owner = self.owner
         try:
             yield tx
             await tx.finish()
@@ -634,6 +643,9 @@ class PostgresStore(base.Store):
                     cutoff,
                     rows_per_transaction,
                 )
+                # Devices not heard of since the cutoff (a node gone, or a junk
+                # id's BIRTH): their state goes with their readings.
+                await conn.execute("DELETE FROM device_state WHERE updated < $1", cutoff)
         except Exception as exc:
             raise self._translate(exc) from exc
         finally:

@@ -109,6 +109,20 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE sensor_status ADD COLUMN state TEXT NOT NULL DEFAULT '';
     """,
+    # 6: what a stateful format must find again after a restart (a Sparkplug
+    # node's BIRTH and sequence), per instance (owner: its MQTT client id),
+    # written with the chunk it follows.
+    """
+    CREATE TABLE device_state (
+        owner       TEXT NOT NULL,
+        format      TEXT NOT NULL,
+        device      TEXT NOT NULL,
+        position    BLOB NOT NULL,
+        description BLOB,
+        updated     REAL NOT NULL,
+        PRIMARY KEY (owner, format, device)
+    ) WITHOUT ROWID;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

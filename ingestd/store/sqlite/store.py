@@ -211,6 +211,7 @@ class SqliteStore(base.Store):
         self.series_ids: dict[tuple[str, str, str, str], int] = {}
         # Device sequence counters as last committed: (last, gaps, missing).
         self.sequences: dict[str, tuple[int, int, int]] = {}
+        self.devices: dict[str, list[tuple[str, bytes, bytes]]] = {}
         self._conn: aiosqlite.Connection | None = None
         # (device, inode) of the file the connection has open: a file deleted or
         # replaced under a running daemon is noticed before anything is acked.
@@ -246,6 +247,12 @@ class SqliteStore(base.Store):
                 "FROM sensor_status WHERE last_seq IS NOT NULL"
             ) as cur:
                 self.sequences = {row[0]: (row[1], row[2], row[3]) for row in await cur.fetchall()}
+            async with conn.execute(
+                "SELECT format, device, position, description FROM device_state "
+                "WHERE owner = ? AND description IS NOT NULL ORDER BY updated DESC LIMIT ?",
+                (self.owner, base.DEVICE_STATE_LOADED),
+            ) as cur:
+                self.devices = base.device_states(await cur.fetchall())
             self._identity = _identity(self.path)
             self._side_files = {sfx: _identity(Path(f"{self.path}{sfx}")) for sfx in _SIDE}
             if self._identity is None:
@@ -297,6 +304,9 @@ class SqliteStore(base.Store):
                 if cutoff is not None:
                     readings = await delete_samples(conn, int(cutoff * NS), rows_per_transaction)
                     quarantined = await delete_quarantine(conn, cutoff, rows_per_transaction)
+                    # Devices not heard of since the cutoff (a node gone, or a
+                    # junk id's BIRTH): their state goes with their readings.
+                    await conn.execute("DELETE FROM device_state WHERE updated < ?", (cutoff,))
                 detail = await checkpoint(conn)
         except sqlite3.Error as exc:
             raise self._translate(exc) from exc
@@ -341,6 +351,7 @@ class SqliteStore(base.Store):
         conn = self._conn
         assert conn is not None
         tx = Batch(self, conn, time.time() if now is None else now)
+        tx.owner = self.owner
         try:
             await conn.execute("BEGIN IMMEDIATE")
             yield tx
