@@ -276,6 +276,9 @@ class RouteTable:
         # Whether the broker flagged it DUP: sent before on this session, so
         # perhaps read already (Sparkplug tells redeliveries from gaps by it).
         self.redelivered_now = False
+        self.read_before_now = False  # ... and this process read it already
+        # Whether the source must tell which redeliveries were read already.
+        self.tells_redeliveries = any(r.fmt.tells_redeliveries for r in self.routes)
         # A stateful format changed what it keeps across restarts (its
         # `save_state` says what): the next chunk carries it to the store.
         self.devices_changed = False

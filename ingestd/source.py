@@ -203,6 +203,10 @@ class MqttSource:
         self.reconnects = 0
         self.received = 0
         self.stale_acks = 0
+        # QoS 1/2 packet id -> (topic, payload hash) of the last message read
+        # under it, in this process (at most 65,535: ids are 16 bits), for
+        # formats that must tell a redelivery read already (tells_redeliveries).
+        self._read_packets: dict[int, tuple[str, int]] = {}
         self.oversized_skipped = 0
         self.max_packet_size = max_packet_size(settings.input.max_payload_bytes)
         self._oversize_logged = -OVERSIZE_LOG_INTERVAL
@@ -661,9 +665,12 @@ class MqttSource:
         deliveries: list[tuple[str, bytes, int]] = []
         bad_topics: list[Rejected] = []
         # Positions in `deliveries` flagged DUP, and retained (decoded in
-        # arrival order with the rest: a description before what follows it).
+        # arrival order with the rest: a description before what follows it),
+        # and the DUP ones this process read already.
         redelivered: set[int] = set()
         retained_at: set[int] = set()
+        read_before: set[int] = set()
+        read = self._read_packets if self.table.tells_redeliveries else None
         for m in messages:
             now = offset + int(m.timestamp * NS)
             if now <= last:
@@ -680,6 +687,14 @@ class MqttSource:
                     retained_at.add(len(deliveries))
                 if m.dup:
                     redelivered.add(len(deliveries))
+                if read is not None and m.qos:
+                    # A packet id is unique among a session's unacknowledged
+                    # messages and kept on redelivery; what it carried tells
+                    # a message read before from a later one reusing the id.
+                    carried = (topic, hash(payload))
+                    if m.dup and read.get(m.mid) == carried:
+                        read_before.add(len(deliveries))
+                    read[m.mid] = carried
                 deliveries.append((topic, payload, now))
             except UnicodeDecodeError:
                 shown = raw_topic(m).decode("utf-8", "backslashreplace")
@@ -688,7 +703,11 @@ class MqttSource:
                 )
         self._last_received_ns = last
         readings, rejected = decode_all(
-            self.table, deliveries, redelivered=redelivered, retained_at=retained_at
+            self.table,
+            deliveries,
+            redelivered=redelivered,
+            retained_at=retained_at,
+            read_before=read_before,
         )
         self.window.readings += len(readings)
         if bad_topics:

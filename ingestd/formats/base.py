@@ -85,6 +85,11 @@ class Format:
     # (rows of (device, position, description), the most recent first).
     save_state: Callable[[RouteTable], dict[str, tuple[bytes, bytes | None]]] | None = None
     load_state: Callable[[RouteTable, list[tuple[str, bytes, bytes]]], None] | None = None
+    # Whether the decoder needs to know which redelivered messages (DUP) this
+    # process has read already (the source then remembers what each QoS 1/2
+    # packet id carried): a format whose state depends on message order must
+    # not read a message twice, nor skip one it never read.
+    tells_redeliveries: bool = False
     # Why the format cannot be read in a shared group (None: it can): check-config
     # refuses the combination with this reason.
     unshareable: str | None = None

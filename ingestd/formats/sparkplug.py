@@ -22,17 +22,18 @@ application keeps it:
   ingestd publish at their rate). Everything after the new NBIRTH is stored
   again.
 - Redeliveries. After a reconnect the broker sends again, with the DUP flag
-  and in their first order, the messages ingestd had not acknowledged; and
-  a device whose PUBACK was lost publishes its last message again. Such a
-  message is never a gap and never unbirths the node: one ingestd read
-  since the current BIRTH (a DUP flag and a number at most as far back as
-  the messages followed since that BIRTH, or a repeat of the last number) is
-  read again with the current aliases, and its readings are stored once
-  (duplicates); one sent before the current BIRTH (a DUP flag and a payload
-  time before the BIRTH's) was read with that BIRTH's aliases, and its
-  readings are already in the pipeline: it is skipped, counted as
-  `redelivered` in `DecodeCounts.skipped`, and never read with aliases
-  that were not its own.
+  and their packet ids, the messages ingestd had not acknowledged. One this
+  process read already (the source tells, by packet id and content:
+  `tells_redeliveries`) is skipped whatever its number or time: its
+  readings are on their way to the store, and reading it again after a
+  later BIRTH would resolve it with aliases that were never its own
+  (counted as `redelivered` in `DecodeCounts.skipped`). One it never read
+  follows on like any other. After a restart the node's state comes from
+  the store as of the last commit (`save_state` / `load_state`); until this
+  process follows a new message of the node, a redelivery behind that state
+  and dated no later than its last message was committed before: skipped.
+  A device that publishes its last message again (a lost PUBACK) is read
+  again; its readings are duplicates.
 - NDEATH (with the BIRTH's bdSeq; an older one is ignored) marks the node and
   its devices offline, DDEATH the device; a BIRTH marks them online. The state
   is stored per sensor (`ingestd sensors`).
@@ -119,9 +120,6 @@ class Scope:
     by_name: dict[str, Metric] = field(default_factory=dict)
     online: bool = False
     birth_ms: int = -1  # the BIRTH's payload timestamp (-1: none)
-    # The node's `count` when this BIRTH was read (a device's BIRTH comes in
-    # the middle of the node's sequence).
-    since: int = 0
 
 
 @dataclass(slots=True)
@@ -129,9 +127,11 @@ class Node:
     scope: Scope = field(default_factory=Scope)
     devices: dict[str, Scope] = field(default_factory=dict)
     seq: int = -1  # last sequence number followed
-    # Messages followed since the NBIRTH, the NBIRTH included: a redelivered
-    # message at most this far back is one ingestd read in this birth.
-    count: int = 0
+    last_ms: int = -1  # payload time of the last message followed (-1: none)
+    # Its state came from the store at start, and this process has not yet
+    # followed a new (not redelivered) message of it.
+    restored: bool = False
+    count: int = 0  # messages followed since the NBIRTH, the NBIRTH included (0: never born)
     bd_seq: int | None = None
     rebirth_at: float = -math.inf  # monotonic time of the last rebirth request
     rebirths: int = 0
@@ -237,7 +237,12 @@ def decode(
             _changed(table, key, described=True)
         return
     if kind == "NBIRTH":
-        birth_step = _rebirth_step(node, message) if redelivered and node.count else _NEXT
+        if table.read_before_now:
+            birth_step: _Step = _SKIP
+        elif redelivered and node.restored:
+            birth_step = _rebirth_step(node, message)
+        else:
+            birth_step = _NEXT
         if birth_step is _SKIP:
             _skipped(table, "redelivered")
             return
@@ -245,9 +250,10 @@ def decode(
             # Unborn until this BIRTH reads whole: a bad one leaves nothing to resolve with.
             node.devices.clear()
             node.scope = Scope()
-            node.scope = _birth(message, 0)
+            node.scope = _birth(message)
             node.seq = message.seq if message.HasField("seq") else 0
             node.count = 1
+            node.last_ms = node.scope.birth_ms
             for metric in message.metrics:
                 if metric.name == "bdSeq":
                     node.bd_seq = _bd_seq(metric)
@@ -260,16 +266,14 @@ def decode(
         return
     # Every other message follows the node's sequence.
     scope = node.devices.get(device) if device else node.scope
-    step = _follow(node, scope, message, redelivered)
+    step = _follow(node, scope, message, redelivered, table.read_before_now)
     if step is _NEXT:
         _changed(table, key)
     if step is _SKIP:
         _skipped(table, "redelivered")
         return
     problem: str | None = step if isinstance(step, str) else None
-    # Read again (_AGAIN), a message is read with the aliases it was read with
-    # the first time, even if the node died since.
-    known = scope is not None and (scope.born or (step is _AGAIN and scope.birth_ms >= 0))
+    known = scope is not None and scope.born
     if problem is None and kind != "DBIRTH" and not known:
         what = f"device {device!r} of node {group}/{edge_node}" if device else "node"
         problem = f"DATA from {what} whose BIRTH ingestd has not seen"
@@ -282,7 +286,7 @@ def decode(
     if problem is None:
         if kind == "DBIRTH" and (step is _NEXT or not known):
             node.devices.pop(device, None)
-            scope = node.devices[device] = _birth(message, node.count - 1)
+            scope = node.devices[device] = _birth(message)
             table.states_changed[sensor] = "online"
             _changed(table, key, described=True)
         assert scope is not None
@@ -316,7 +320,7 @@ class _Step:
 
 
 _NEXT = _Step("next")  # the next number: followed
-_AGAIN = _Step("again")  # read since the current BIRTH, delivered again: read again
+_AGAIN = _Step("again")  # the same message again, or the current BIRTH: read again
 _SKIP = _Step("skip")  # delivered again from before the current BIRTH: not read
 
 
@@ -324,35 +328,39 @@ def _payload_ms(message: Any) -> int | None:
     return message.timestamp if message.HasField("timestamp") else None
 
 
-def _follow(node: Node, scope: Scope | None, message: Any, redelivered: bool) -> _Step | str:
+def _follow(
+    node: Node, scope: Scope | None, message: Any, redelivered: bool, read_before: bool
+) -> _Step | str:
     """Check and advance the node's sequence: a step, or the problem.
 
-    `redelivered`: the broker flagged the message DUP, so ingestd may have read
-    it already (on this connection or the one before), perhaps before the
-    node's DEATH or a gap that left it unborn since."""
+    `read_before`: the broker sent this message again after a reconnect and
+    this process read it already, with the state it had then; its readings
+    are in the pipeline: it is skipped, whatever its number or time.
+    `redelivered` alone: sent before, not read by this process. For a node
+    whose state came from the store at start (`restored`), a number behind
+    the one followed, dated no later than the last followed message, was
+    read and committed before the restart: skipped too."""
+    if read_before:
+        return _SKIP
     seq = message.seq if message.HasField("seq") else None
     born = node.scope.born
     if born and (seq is None or seq > 255):
         return f"sequence number {seq} is missing or out of range"
-    if redelivered and node.count:
-        # Sent before the BIRTH it would be read with (the node's, or its
-        # device's): read before that BIRTH came, with the aliases it had.
-        birth = scope if scope is not None and scope.birth_ms >= 0 else node.scope
-        ts = _payload_ms(message)
-        if ts is not None and ts < birth.birth_ms:
-            return _SKIP
     if born and seq == (node.seq + 1) % 256:
         node.seq = seq
         node.count += 1
+        ts = _payload_ms(message)
+        if ts is not None:
+            node.last_ms = ts
+        if not redelivered:
+            node.restored = False  # past the redeliveries: this process follows it now
         return _NEXT
-    if redelivered and node.count and seq is not None and (node.seq - seq) % 256 < node.count:
-        # Followed since this BIRTH and sent again after a reconnect: the
-        # current aliases are its own; the store tells its readings apart
-        # as duplicates.
-        return _AGAIN
-    if not born:
+    if redelivered and node.restored:
+        ts = _payload_ms(message)
+        if ts is not None and ts <= node.last_ms:
+            return _SKIP
+    if not born or seq is None:
         return "message before the node's NBIRTH (ingestd has not seen its birth)"
-    assert seq is not None
     if seq == node.seq:
         return _AGAIN  # the last message again: a device that did not get its PUBACK
     expected = (node.seq + 1) % 256
@@ -361,15 +369,13 @@ def _follow(node: Node, scope: Scope | None, message: Any, redelivered: bool) ->
 
 
 def _rebirth_step(node: Node, message: Any) -> _Step:
-    """A redelivered NBIRTH of a node born before: the current one again
-    (_AGAIN: its values read again, the state kept, even if the node died
-    since), an earlier one (_SKIP), or a newer one."""
+    """A redelivered NBIRTH of a node restored from the store: the current
+    one again (_AGAIN: its values read again, the state kept), else one to
+    apply (_NEXT): the broker sends what follows it again, in order, so the
+    node's state is replayed as it went."""
     ts = _payload_ms(message)
-    born_ms = node.scope.birth_ms
-    if ts is not None and ts < born_ms:
-        return _SKIP
     bd_seq = next((_bd_seq(m) for m in message.metrics if m.name == "bdSeq"), None)
-    if ts == born_ms and bd_seq == node.bd_seq:
+    if ts == node.scope.birth_ms and bd_seq == node.bd_seq:
         return _AGAIN
     return _NEXT
 
@@ -412,8 +418,8 @@ def _ask_rebirth(
     return True
 
 
-def _birth(message: Any, since: int) -> Scope:
-    scope = Scope(born=True, online=True, since=since)
+def _birth(message: Any) -> Scope:
+    scope = Scope(born=True, online=True)
     ts = _payload_ms(message)
     if ts is not None:
         scope.birth_ms = ts
@@ -587,12 +593,12 @@ def _dump_scope(scope: Scope) -> list[Any]:
     metrics += [
         [m.name, m.datatype, m.unit, None] for m in scope.by_name.values() if id(m) not in aliased
     ]
-    return [scope.born, scope.online, scope.birth_ms, scope.since, metrics]
+    return [scope.born, scope.online, scope.birth_ms, metrics]
 
 
 def _load_scope(dumped: list[Any]) -> Scope:
-    born, online, birth_ms, since, metrics = dumped
-    scope = Scope(born=born, online=online, birth_ms=birth_ms, since=since)
+    born, online, birth_ms, metrics = dumped
+    scope = Scope(born=born, online=online, birth_ms=birth_ms)
     for name, datatype, unit, alias in metrics:
         metric = Metric(name, datatype, unit)
         if name:
@@ -615,7 +621,7 @@ def save_state(table: RouteTable) -> dict[str, tuple[bytes, bytes | None]]:
         node = born.get(key)
         if node is None or not node.count:
             continue  # never born (junk ids are not kept), or forgotten since
-        position = _pack([node.seq, node.count, node.bd_seq, node.scope.born])
+        position = _pack([node.seq, node.count, node.bd_seq, node.scope.born, node.last_ms])
         description = None
         if described:
             description = _pack(
@@ -636,7 +642,7 @@ def load_state(table: RouteTable, rows: list[tuple[str, bytes, bytes]]) -> None:
     for device, position, description in reversed(rows[:_NODES_KEPT]):
         group, _, edge_node = device.partition("/")
         try:
-            seq, count, bd_seq, node_born = _unpack(position)
+            seq, count, bd_seq, node_born, last_ms = _unpack(position)
             scope, devices, sensors = _unpack(description)
             node = Node(
                 scope=_load_scope(scope),
@@ -644,6 +650,8 @@ def load_state(table: RouteTable, rows: list[tuple[str, bytes, bytes]]) -> None:
                 seq=seq,
                 count=count,
                 bd_seq=bd_seq,
+                last_ms=last_ms,
+                restored=True,
                 sensors=dict(sensors),
             )
         except (msgspec.DecodeError, TypeError, ValueError) as exc:
@@ -696,6 +704,7 @@ FORMAT = Format(
     default_sensor="{group}/{source}",
     metric_requires="name",
     describe_state=describe_state,
+    tells_redeliveries=True,
     save_state=save_state,
     load_state=load_state,
     unshareable=(
