@@ -48,41 +48,44 @@ class RecentCache(OrderedDict[K, V]):
 
     `cache[key] = value` inserts (or replaces) an entry as the most recent
     and, past the bound, forgets the least recently used one. `recent(key)`
-    is a lookup that counts as a use. `full` is set once the cache has
-    reached its bound: only from then on is anything evicted, so only from
-    then on does a use move an entry (a hit then costs one `move_to_end`,
-    ~35 ns; before, nothing). Entries used only before the cache first filled
-    stand in the order they were inserted: each may be evicted once before
-    its uses count, and comes back at the recent end when next inserted.
+    is a lookup that counts as a use. `warm` is set once the cache has held
+    half its bound: from then on a use moves an entry (a hit then costs one
+    `move_to_end`, ~35 ns; before, nothing). Nothing is evicted before the
+    cache is full, so an entry used at least once in the half before that
+    (as a busy device is) has its uses counted before any eviction, and the
+    busiest stays: a flood of new ids evicts first what was used least
+    recently. Entries used only while the cache was less than half full
+    stand in the order they were inserted until their next use.
 
     A hot path may inline a hit, with plain lookups (`cache[key]`, `get`,
     `in` do not touch recency):
 
         found = cache.get(key)
-        if found is not None and cache.full:
+        if found is not None and cache.warm:
             cache.move_to_end(key)
     """
 
-    __slots__ = ("bound", "full")
+    __slots__ = ("_warm_at", "bound", "warm")
 
     def __init__(self, bound: int) -> None:
         if bound < 1:
             raise ValueError(f"a RecentCache holds at least one entry (bound {bound})")
         super().__init__()
         self.bound = bound
-        self.full = False
+        self.warm = False
+        self._warm_at = max(1, bound // 2)
 
     def __setitem__(self, key: K, value: V) -> None:
         super().__setitem__(key, value)
         self.move_to_end(key)
-        if len(self) >= self.bound:
-            self.full = True
+        if len(self) >= self._warm_at:
+            self.warm = True
             if len(self) > self.bound:
                 self.popitem(last=False)
 
     def recent(self, key: K) -> V | None:
         """The entry's value, counted as a use; None if not held."""
         found = self.get(key)
-        if found is not None and self.full:
+        if found is not None and self.warm:
             self.move_to_end(key)
         return found

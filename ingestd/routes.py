@@ -335,7 +335,7 @@ class RouteTable:
         or a device restart, not a gap."""
         sequences = self.sequences
         state = sequences.get(sensor)
-        if state is not None and sequences.full:
+        if state is not None and sequences.warm:
             sequences.move_to_end(sensor)
         if state is None:
             # First seen (this run), or forgotten: no gap can be judged yet; the
@@ -367,7 +367,7 @@ class RouteTable:
         except KeyError:
             result = cache[topic] = self._resolve(topic)
             return result
-        if cache.full:  # a hit counts as a use once the cache evicts (RecentCache)
+        if cache.warm:  # a hit counts as a use from half full on (RecentCache)
             cache.move_to_end(topic)
         return result
 

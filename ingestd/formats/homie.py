@@ -103,7 +103,7 @@ def device_state(table: RouteTable, device_id: str) -> Device | None:
     """What ingestd knows of a described device (for `explain` and tests)."""
     devices = _devices(table)
     found = devices.get(device_id)
-    if found is not None and devices.full:
+    if found is not None and devices.warm:
         devices.move_to_end(device_id)
     return found
 
@@ -260,7 +260,7 @@ def _names(
     key = (topic, match.sensor, match.metric_template)
     found = cache.get(key)
     if found is not None:
-        if cache.full:
+        if cache.warm:
             cache.move_to_end(key)
     else:
         names = {**match.values, "device": device_id, "node": node, "property": prop}

@@ -125,7 +125,7 @@ def resolve(pack: Any, now: float, problems: list[str]) -> list[SenmlRecord]:
                     raise DecodeError(f"record {i}: 'n' must be a string")
                 if name not in _NAMES_SEEN:
                     _check_name(name, i)
-                elif _NAMES_SEEN.full:
+                elif _NAMES_SEEN.warm:
                     _NAMES_SEEN.move_to_end(name)
                 raw = record.get("t")
                 t = bt if raw is None else bt + _finite(raw, "t", i)
@@ -173,7 +173,7 @@ def resolve(pack: Any, now: float, problems: list[str]) -> list[SenmlRecord]:
             name = bn + (_string(record, "n", i) or "")
             if name not in _NAMES_SEEN:
                 _check_name(name, i)
-            elif _NAMES_SEEN.full:
+            elif _NAMES_SEEN.warm:
                 _NAMES_SEEN.move_to_end(name)
             t = bt + (_number(record, "t", i) or 0.0)
             time = now + t if t < RELATIVE_LIMIT else t
@@ -258,7 +258,7 @@ def _resolve_simple(payload: bytes, now: float) -> list[SenmlRecord] | None:
                 _check_name(name, 0)
             except DecodeError:
                 return None  # a problem, worded by resolve()
-        elif _NAMES_SEEN.full:
+        elif _NAMES_SEEN.warm:
             _NAMES_SEEN.move_to_end(name)
         if r.v is None:
             if r.n is not None or r.t is not None or r.u is not None:

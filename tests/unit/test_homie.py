@@ -306,3 +306,23 @@ def test_a_retained_description_is_read_before_the_values_that_arrived_after_it(
     readings, rejected = decode_all(t, chunk, retained_at={0})
     assert rejected == []
     assert [(r.metric, r.value) for r in readings] == [("env.temperature", 21.5)]
+
+
+def test_a_busy_described_device_keeps_its_description_through_a_flood_of_new_devices() -> None:
+    """Found by review: 70,000 other devices describe themselves (new devices,
+    or junk), the boiler, described first, sends a value after every 10 of
+    them. Its last 447 values were quarantined (evicted once, never back);
+    now its uses keep its place."""
+    t = table(topic="homie/#")
+    describe(t)
+    quarantined = stored = 0
+    for chunk in range(7000):
+        msgs = [
+            (f"homie/5/d{chunk * 10 + k}/$description", json.dumps(DESCRIPTION).encode())
+            for k in range(10)
+        ]
+        msgs.append(("homie/5/boiler/env/temperature", b"21.5"))
+        readings, problems = run(t, *msgs)
+        stored += sum(r.sensor == "boiler" for r in readings)
+        quarantined += sum("boiler" in p for p in problems)
+    assert (stored, quarantined) == (7000, 0)

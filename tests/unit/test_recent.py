@@ -25,7 +25,7 @@ def test_a_flood_of_new_keys_costs_a_used_key_nothing() -> None:
     cache: RecentCache[int, int] = RecentCache(1000)
     cache.update((-k, -k) for k in range(2, 1001))
     cache[-1] = -1
-    assert cache.full
+    assert cache.warm
     for i in range(100_000):
         cache[i] = i
         if i % 500 == 0:
@@ -34,20 +34,31 @@ def test_a_flood_of_new_keys_costs_a_used_key_nothing() -> None:
     assert -1 in cache
 
 
-def test_before_it_is_full_entries_stand_in_insertion_order() -> None:
-    """Nothing is evicted below the bound, so a hit moves nothing until then;
-    an entry used only before is evicted once, then kept by its uses."""
-    cache: RecentCache[str, int] = RecentCache(2)
+def test_uses_count_from_half_full_on() -> None:
+    """Below half the bound a hit moves nothing (nothing is near eviction);
+    from half full on, a use makes an entry the most recent."""
+    cache: RecentCache[str, int] = RecentCache(4)
     cache["a"] = 1
     assert cache.recent("a") == 1
-    assert not cache.full
+    assert not cache.warm
     cache["b"] = 2
-    assert cache.full
-    cache["c"] = 3  # "a" goes, though used: it was used before the cache filled
-    assert list(cache) == ["b", "c"]
-    assert cache.recent("b") == 2  # now a use counts
-    cache["a"] = 1
-    assert list(cache) == ["b", "a"]
+    assert cache.warm
+    assert cache.recent("a") == 1  # now a use counts
+    cache["c"] = 3
+    cache["d"] = 4
+    cache["e"] = 5  # "b" goes: "a" was used since
+    assert list(cache) == ["a", "c", "d", "e"]
+
+
+def test_a_busy_entry_inserted_first_outlives_a_flood_of_new_ones() -> None:
+    """Found by review: with uses counted only once the cache was full, the
+    busiest entry, inserted first, was the first evicted."""
+    cache: RecentCache[int, int] = RecentCache(1000)
+    cache[-1] = -1
+    for i in range(100_000):
+        cache[i] = i
+        if i % 10 == 0:
+            assert cache.recent(-1) == -1
 
 
 def test_update_keeps_the_bound() -> None:
@@ -68,11 +79,11 @@ def test_a_cache_holds_at_least_one_entry() -> None:
 def test_it_behaves_as_a_least_recently_used_list(bound: int, ops: list[tuple[str, int]]) -> None:
     cache: RecentCache[int, int] = RecentCache(bound)
     model: list[int] = []  # least recent first
-    full = False  # a hit moves an entry once the cache has filled
+    warm = False  # a hit moves an entry once the cache has held half its bound
     for op, key in ops:
         if op == "get":
             assert cache.recent(key) == (key if key in model else None)
-            if key in model and full:
+            if key in model and warm:
                 model.remove(key)
                 model.append(key)
         else:
@@ -80,7 +91,7 @@ def test_it_behaves_as_a_least_recently_used_list(bound: int, ops: list[tuple[st
             if key in model:
                 model.remove(key)
             model.append(key)
-            full = full or len(model) >= bound
+            warm = warm or len(model) >= max(1, bound // 2)
             del model[:-bound]
         assert list(cache) == model
-        assert cache.full == full
+        assert cache.warm == warm
