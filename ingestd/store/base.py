@@ -141,14 +141,22 @@ class Batch(ABC):
         a state rebuilt from nothing (evicted from memory, or another instance
         of a shared group) adds what it found and never replaces the totals.
         `last_seq` is the last writer's: a device counter may restart, so no
-        larger number is more right than the newest."""
+        larger number is more right than the newest.
+
+        A batch written again (its first commit's outcome unknown: the
+        connection died during COMMIT) must not add its gaps twice: a row
+        that already holds the batch's `last_seq` has had them. (The counter
+        moves with every new message, and a step back is not stored.)"""
         if status.sequences:
+            again = "coalesce(sensor_status.last_seq, excluded.last_seq - 1) = excluded.last_seq"
             await self.execute_many(
                 "INSERT INTO sensor_status (sensor, last_seq, seq_gaps, seq_missing) "
                 "VALUES (?, ?, ?, ?) ON CONFLICT (sensor) DO UPDATE SET "
                 "last_seq = excluded.last_seq, "
-                "seq_gaps = sensor_status.seq_gaps + excluded.seq_gaps, "
-                "seq_missing = sensor_status.seq_missing + excluded.seq_missing",
+                f"seq_gaps = sensor_status.seq_gaps + CASE WHEN {again} THEN 0 "
+                "ELSE excluded.seq_gaps END, "
+                f"seq_missing = sensor_status.seq_missing + CASE WHEN {again} THEN 0 "
+                "ELSE excluded.seq_missing END",
                 [(sensor, *v) for sensor, v in sorted(status.sequences.items())],
             )
         if status.expect_within:

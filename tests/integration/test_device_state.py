@@ -11,7 +11,7 @@ import pytest
 
 from ingestd.config import RouteSettings
 from ingestd.decode import decode_all
-from ingestd.events import NS
+from ingestd.events import NS, SensorStatus
 from ingestd.formats.sparkplug import node_state
 from ingestd.formats.sparkplug_pb import BY_NAME, Payload
 from ingestd.routes import RouteTable, restore_device_state
@@ -93,3 +93,22 @@ async def test_a_nodes_state_comes_back_at_open_as_last_committed(
     found, rejected = decode_all(fresh, [(NODE.format(kind="NDATA"), data(5, 5.0), 10**18)])
     assert rejected == []
     assert [(r.metric, r.value) for r in found] == [("Temperature", 5.0)]
+
+
+async def test_a_batch_written_again_adds_its_sequence_gaps_once(
+    new_store: Callable[[], Store],
+) -> None:
+    """A batch whose first commit's outcome was unknown (the connection died
+    during COMMIT) is written again: its gaps are not added twice (found by
+    review: 2 gaps and 14 missing stored for 1 and 7)."""
+    async with new_store() as store:
+        for status in (
+            SensorStatus({"s1": (2, 0, 0)}),
+            SensorStatus({"s1": (10, 1, 7)}),
+            SensorStatus({"s1": (10, 1, 7)}),  # the same batch again
+            SensorStatus({"s1": (14, 1, 3)}),
+        ):
+            async with store.batch() as tx:
+                await tx.set_status(status)
+    async with new_store() as store:
+        assert store.sequences == {"s1": (14, 2, 10)}

@@ -520,13 +520,14 @@ async def test_instances_adding_gaps_to_one_sensor_at_once_sum_them(pg_url: str)
     await a.open()
     await b.open()
 
-    async def write(store: PostgresStore, gaps: int, missing: int) -> None:
+    async def write(store: PostgresStore, gaps: int, missing: int, odd: int) -> None:
         for n in range(50):
             async with store.batch() as tx:
-                await tx.set_status(SensorStatus({"a": (n, gaps, missing)}))
+                # Each its own part of the stream: its own last numbers.
+                await tx.set_status(SensorStatus({"a": (2 * n + odd, gaps, missing)}))
 
     try:
-        await asyncio.gather(write(a, 1, 2), write(b, 3, 5))
+        await asyncio.gather(write(a, 1, 2, 0), write(b, 3, 5, 1))
     finally:
         await a.close()
         await b.close()
