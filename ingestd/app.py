@@ -326,9 +326,11 @@ class Daemon:
         table.sequences.update(
             (sensor, SequenceState(v[0])) for sensor, v in store.sequences.items()
         )
+        store.sequences = {}  # seeded: the table keeps what it can hold, by recency
         # Stateful formats go on from their state at the last commit (a
         # Sparkplug node's BIRTH and sequence): a restart is not a rebirth.
         restore_device_state(table, store.devices)
+        store.devices = {}
         source = MqttSource(s, table, bus, window, upstream=self.upstream)
         processor = Processor(to_processor, bus, s.processor)
         writer = BatchWriter(

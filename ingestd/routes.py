@@ -260,10 +260,12 @@ class RouteTable:
         # state evicted meanwhile still reports what it found).
         self.sequences: RecentCache[str, SequenceState] = RecentCache(kept)
         self.sequences_changed: dict[str, SequenceState] = {}
-        # Per route, and per (route, sensor): monotonic time of the last message,
-        # for routes with expect_within.
+        # Per route, and per (route, sensor): time of the last message, for
+        # routes with expect_within. Sensors by recency: one forgotten (silent
+        # longest, past the bound) no longer counts in ingestd_sensors_stale;
+        # `ingestd sensors` judges staleness from the store, for all.
         self.route_seen: dict[int, int] = {}
-        self.sensor_seen: dict[tuple[int, str], int] = {}
+        self.sensor_seen: RecentCache[tuple[int, str], int] = RecentCache(kept)
         # Sensors first heard of (this run) on a route with expect_within, and
         # that limit: the store keeps it so `ingestd sensors` can flag staleness.
         self.expect_changed: dict[str, float] = {}

@@ -274,3 +274,14 @@ def test_rate_limit_buckets_are_forgotten_one_at_a_time() -> None:
         t.allow(0, f"s{i}", opts, 1, 0.0)
         assert t.allow(0, "hot", opts, 1, 0.0) == 0  # still empty: never reset
     assert len(t.buckets) == 3
+
+
+def test_sensors_followed_for_expect_within_are_bounded_by_recency() -> None:
+    """A flood of new ids on a route with expect_within costs at most the
+    bound; the sensors heard most recently are the ones kept."""
+    spec = {"topic": "d/{sensor}", "format": "value", "metric": "v", "expect_within": 60}
+    t = RouteTable([RouteSettings(**spec).compile(0)], kept=100)
+    decode_all(t, [(f"d/s{i}", b"1", 10**18 + i) for i in range(10_000)])
+    assert len(t.sensor_seen) == 100
+    assert (0, "s9999") in t.sensor_seen
+    assert (0, "s0") not in t.sensor_seen
