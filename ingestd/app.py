@@ -39,6 +39,7 @@ from ingestd.process import Processor
 from ingestd.routes import SequenceState, restore_device_state
 from ingestd.source import MqttSource
 from ingestd.store import Store, open_store
+from ingestd.store.base import PACKETS, unpack_packets
 from ingestd.writer import BatchWriter
 
 log = structlog.get_logger("ingestd")
@@ -330,8 +331,17 @@ class Daemon:
         # Stateful formats go on from their state at the last commit (a
         # Sparkplug node's BIRTH and sequence): a restart is not a rebirth.
         restore_device_state(table, store.devices)
+        # The last messages committed before: a redelivery among them after
+        # this restart is not read again (formats with tells_redeliveries).
+        committed = [
+            packet
+            for device, position, _ in store.devices.get(PACKETS[0], [])
+            if device == PACKETS[1]
+            for packet in unpack_packets(position)
+        ]
         store.devices = {}
         source = MqttSource(s, table, bus, window, upstream=self.upstream)
+        source.committed_packets = set(committed)
         processor = Processor(to_processor, bus, s.processor)
         writer = BatchWriter(
             store,
@@ -344,6 +354,7 @@ class Daemon:
             retry_min_delay=s.store.retry_min_delay,
             retry_max_delay=s.store.retry_max_delay,
         )
+        writer.packets.extend(committed)
 
         def pipeline_now() -> dict[str, object]:
             return {

@@ -34,9 +34,17 @@ class SensorStatus(msgspec.Struct, frozen=True):
     expect_within: dict[str, float] = {}
     states: dict[str, str] = {}
     devices: dict[tuple[str, str], tuple[bytes, bytes | None]] = {}
+    # (packet id, CRC-32 of topic and payload) of the QoS 1/2 messages of
+    # routes whose format tells redeliveries (`Format.tells_redeliveries`):
+    # from the source, a chunk's own; to the store, the last ones committed
+    # through this batch, so that after a restart a redelivery among them is
+    # known to be committed already.
+    packets: tuple[tuple[int, int], ...] = ()
 
     def __bool__(self) -> bool:
-        return bool(self.sequences or self.expect_within or self.states or self.devices)
+        return bool(
+            self.sequences or self.expect_within or self.states or self.devices or self.packets
+        )
 
 
 class Reading(msgspec.Struct, frozen=True, gc=False):

@@ -18,10 +18,12 @@ import json
 import math
 import ssl
 import time
+import zlib
 from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import aiomqtt
+import msgspec
 import paho.mqtt.client as paho
 import structlog
 from aiomqtt.exceptions import MqttConnectError
@@ -203,10 +205,14 @@ class MqttSource:
         self.reconnects = 0
         self.received = 0
         self.stale_acks = 0
-        # QoS 1/2 packet id -> (topic, payload hash) of the last message read
-        # under it, in this process (at most 65,535: ids are 16 bits), for
-        # formats that must tell a redelivery read already (tells_redeliveries).
-        self._read_packets: dict[int, tuple[str, int]] = {}
+        # For formats that must tell a redelivery read already
+        # (tells_redeliveries): QoS 1/2 packet id -> CRC-32 of the topic and
+        # payload last read under it in this process (at most 65,535: ids are
+        # 16 bits); and, after a restart, the (id, CRC) of the last messages
+        # committed before it (from the store), until the broker's
+        # redeliveries are over.
+        self._read_packets: dict[int, int] = {}
+        self.committed_packets: set[tuple[int, int]] = set()
         self.oversized_skipped = 0
         self.max_packet_size = max_packet_size(settings.input.max_payload_bytes)
         self._oversize_logged = -OVERSIZE_LOG_INTERVAL
@@ -670,7 +676,9 @@ class MqttSource:
         redelivered: set[int] = set()
         retained_at: set[int] = set()
         read_before: set[int] = set()
-        read = self._read_packets if self.table.tells_redeliveries else None
+        packets: list[tuple[int, int]] = []
+        table = self.table
+        read = self._read_packets if table.tells_redeliveries else None
         for m in messages:
             now = offset + int(m.timestamp * NS)
             if now <= last:
@@ -688,13 +696,20 @@ class MqttSource:
                 if m.dup:
                     redelivered.add(len(deliveries))
                 if read is not None and m.qos:
-                    # A packet id is unique among a session's unacknowledged
-                    # messages and kept on redelivery; what it carried tells
-                    # a message read before from a later one reusing the id.
-                    carried = (topic, hash(payload))
-                    if m.dup and read.get(m.mid) == carried:
-                        read_before.add(len(deliveries))
-                    read[m.mid] = carried
+                    match = table.match(topic)
+                    if match is not None and match.fmt.tells_redeliveries:
+                        # A packet id is unique among a session's unacknowledged
+                        # messages and kept on redelivery; what it carried tells
+                        # a message read before from a later one reusing the id.
+                        carried = zlib.crc32(payload, zlib.crc32(raw_topic(m)))
+                        mid = m.mid
+                        if m.dup:
+                            if read.get(mid) == carried or (mid, carried) in self.committed_packets:
+                                read_before.add(len(deliveries))
+                        elif self.committed_packets:
+                            self.committed_packets = set()  # the redeliveries are over
+                        read[mid] = carried
+                        packets.append((mid, carried))
                 deliveries.append((topic, payload, now))
             except UnicodeDecodeError:
                 shown = raw_topic(m).decode("utf-8", "backslashreplace")
@@ -714,6 +729,8 @@ class MqttSource:
             rejected.extend(bad_topics)
         acks = [(m.mid, m.qos) for m in messages if m.qos] if self.manual_ack else []
         status = self.table.take_status()
+        if packets:
+            status = msgspec.structs.replace(status, packets=tuple(packets))
         if self.table.commands:
             await self._send_commands()
         await self.bus.publish(

@@ -21,6 +21,7 @@ per-sensor state is written in order too.
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 from collections.abc import Callable
 
@@ -63,6 +64,13 @@ class BatchWriter:
         self.retry_min_delay = retry_min_delay
         self.retry_max_delay = retry_max_delay
         self._chunks: list[Processed] = []
+        # The (packet id, CRC) of the last tracked messages batched (see
+        # SensorStatus.packets), twice the window: every message the broker
+        # may still hold unacknowledged is among them. Seeded at start with
+        # those committed before.
+        self.packets: collections.deque[tuple[int, int]] = collections.deque(
+            maxlen=2 * window.limit
+        )
         self._size = 0
         self._deliveries = 0
         self._unacked = 0
@@ -185,6 +193,7 @@ class BatchWriter:
         expect: dict[str, float] = {}
         states: dict[str, str] = {}
         devices: dict[tuple[str, str], tuple[bytes, bytes | None]] = {}
+        packets = False
         for c in chunks:
             readings.extend(c.readings)
             rejected.extend(c.rejected)
@@ -202,7 +211,12 @@ class BatchWriter:
                     if description is None and device in devices:
                         description = devices[device][1]  # noqa: PLW2901
                     devices[device] = (position, description)
-        status = SensorStatus(sequences, expect, states, devices)
+                if c.status.packets:
+                    self.packets.extend(c.status.packets)
+                    packets = True
+        status = SensorStatus(
+            sequences, expect, states, devices, tuple(self.packets) if packets else ()
+        )
         if self._jobs is None:
             started = time.perf_counter()
             result = await self._commit(readings, rejected, status)
@@ -215,6 +229,7 @@ class BatchWriter:
             | frozenset(expect)
             | frozenset(states)
             | frozenset(f"\x00{f}\x00{d}" for f, d in devices)  # apart from sensor names
+            | (frozenset({"\x00packets"}) if packets else frozenset())  # one row, in order
         )
         if sensors and any(sensors & other for other in self._stating.values()):
             # Its state must not overtake an earlier batch's: wait for those in

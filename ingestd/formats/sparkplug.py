@@ -29,9 +29,9 @@ application keeps it:
   later BIRTH would resolve it with aliases that were never its own
   (counted as `redelivered` in `DecodeCounts.skipped`). One it never read
   follows on like any other. After a restart the node's state comes from
-  the store as of the last commit (`save_state` / `load_state`); until this
-  process follows a new message of the node, a redelivery behind that state
-  and dated no later than its last message was committed before: skipped.
+  the store as of the last commit (`save_state` / `load_state`), and the
+  source counts as read the redeliveries that were committed before (the
+  store keeps the packet ids and CRCs of the last messages committed).
   A device that publishes its last message again (a lost PUBACK) is read
   again; its readings are duplicates.
 - NDEATH (with the BIRTH's bdSeq; an older one is ignored) marks the node and
@@ -127,10 +127,6 @@ class Node:
     scope: Scope = field(default_factory=Scope)
     devices: dict[str, Scope] = field(default_factory=dict)
     seq: int = -1  # last sequence number followed
-    last_ms: int = -1  # payload time of the last message followed (-1: none)
-    # Its state came from the store at start, and this process has not yet
-    # followed a new (not redelivered) message of it.
-    restored: bool = False
     count: int = 0  # messages followed since the NBIRTH, the NBIRTH included (0: never born)
     bd_seq: int | None = None
     rebirth_at: float = -math.inf  # monotonic time of the last rebirth request
@@ -237,12 +233,7 @@ def decode(
             _changed(table, key, described=True)
         return
     if kind == "NBIRTH":
-        if table.read_before_now:
-            birth_step: _Step = _SKIP
-        elif redelivered and node.restored:
-            birth_step = _rebirth_step(node, message)
-        else:
-            birth_step = _NEXT
+        birth_step = _SKIP if table.read_before_now else _NEXT
         if birth_step is _SKIP:
             _skipped(table, "redelivered")
             return
@@ -253,7 +244,6 @@ def decode(
             node.scope = _birth(message)
             node.seq = message.seq if message.HasField("seq") else 0
             node.count = 1
-            node.last_ms = node.scope.birth_ms
             for metric in message.metrics:
                 if metric.name == "bdSeq":
                     node.bd_seq = _bd_seq(metric)
@@ -336,10 +326,9 @@ def _follow(
     `read_before`: the broker sent this message again after a reconnect and
     this process read it already, with the state it had then; its readings
     are in the pipeline: it is skipped, whatever its number or time.
-    `redelivered` alone: sent before, not read by this process. For a node
-    whose state came from the store at start (`restored`), a number behind
-    the one followed, dated no later than the last followed message, was
-    read and committed before the restart: skipped too."""
+    After a restart the source counts as read the redeliveries that were
+    committed before it. `redelivered` alone: sent before, never read: it
+    follows on like any other message."""
     if read_before:
         return _SKIP
     seq = message.seq if message.HasField("seq") else None
@@ -349,16 +338,7 @@ def _follow(
     if born and seq == (node.seq + 1) % 256:
         node.seq = seq
         node.count += 1
-        ts = _payload_ms(message)
-        if ts is not None:
-            node.last_ms = ts
-        if not redelivered:
-            node.restored = False  # past the redeliveries: this process follows it now
         return _NEXT
-    if redelivered and node.restored:
-        ts = _payload_ms(message)
-        if ts is not None and ts <= node.last_ms:
-            return _SKIP
     if not born or seq is None:
         return "message before the node's NBIRTH (ingestd has not seen its birth)"
     if seq == node.seq:
@@ -366,18 +346,6 @@ def _follow(
     expected = (node.seq + 1) % 256
     missing = (seq - expected) % 256
     return f"sequence gap: expected {expected}, got {seq} ({missing} message(s) missing)"
-
-
-def _rebirth_step(node: Node, message: Any) -> _Step:
-    """A redelivered NBIRTH of a node restored from the store: the current
-    one again (_AGAIN: its values read again, the state kept), else one to
-    apply (_NEXT): the broker sends what follows it again, in order, so the
-    node's state is replayed as it went."""
-    ts = _payload_ms(message)
-    bd_seq = next((_bd_seq(m) for m in message.metrics if m.name == "bdSeq"), None)
-    if ts == node.scope.birth_ms and bd_seq == node.bd_seq:
-        return _AGAIN
-    return _NEXT
 
 
 def _skipped(table: RouteTable, kind: str) -> None:
@@ -621,7 +589,7 @@ def save_state(table: RouteTable) -> dict[str, tuple[bytes, bytes | None]]:
         node = born.get(key)
         if node is None or not node.count:
             continue  # never born (junk ids are not kept), or forgotten since
-        position = _pack([node.seq, node.count, node.bd_seq, node.scope.born, node.last_ms])
+        position = _pack([node.seq, node.count, node.bd_seq, node.scope.born])
         description = None
         if described:
             description = _pack(
@@ -642,7 +610,7 @@ def load_state(table: RouteTable, rows: list[tuple[str, bytes, bytes]]) -> None:
     for device, position, description in reversed(rows[:_NODES_KEPT]):
         group, _, edge_node = device.partition("/")
         try:
-            seq, count, bd_seq, node_born, last_ms = _unpack(position)
+            seq, count, bd_seq, node_born = _unpack(position)
             scope, devices, sensors = _unpack(description)
             node = Node(
                 scope=_load_scope(scope),
@@ -650,11 +618,9 @@ def load_state(table: RouteTable, rows: list[tuple[str, bytes, bytes]]) -> None:
                 seq=seq,
                 count=count,
                 bd_seq=bd_seq,
-                last_ms=last_ms,
-                restored=True,
                 sensors=dict(sensors),
             )
-        except (msgspec.DecodeError, TypeError, ValueError) as exc:
+        except Exception as exc:
             log.warning(
                 "sparkplug node state not readable; it waits for a rebirth",
                 node=device,

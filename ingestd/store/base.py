@@ -172,23 +172,72 @@ class Batch(ABC):
                 sorted(status.states.items()),
             )
         if status.devices:
-            # A description not sent (None) is the one stored: only the position moved.
+            items = sorted(status.devices.items())
+            described = [
+                (self.owner, fmt, device, position, description, self._now)
+                for (fmt, device), (position, description) in items
+                if description is not None
+            ]
+            if described:
+                await self.execute_many(
+                    "INSERT INTO device_state (owner, format, device, position, description, "
+                    "updated) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (owner, format, device) "
+                    "DO UPDATE SET position = excluded.position, "
+                    "description = excluded.description, updated = excluded.updated",
+                    described,
+                )
+            # Only the position moved: the row is there (a device's first save
+            # carries its description). Were it gone, a row without one would
+            # be no use: nothing is written, and after a restart the device
+            # is unknown until it describes itself again.
+            moved = [
+                (position, self._now, self.owner, fmt, device)
+                for (fmt, device), (position, description) in items
+                if description is None
+            ]
+            if moved:
+                await self.execute_many(
+                    "UPDATE device_state SET position = ?, updated = ? "
+                    "WHERE owner = ? AND format = ? AND device = ?",
+                    moved,
+                )
+        if status.packets:
             await self.execute_many(
                 "INSERT INTO device_state (owner, format, device, position, description, "
-                "updated) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (owner, format, device) DO "
-                "UPDATE SET position = excluded.position, description = "
-                "coalesce(excluded.description, device_state.description), "
-                "updated = excluded.updated",
-                [
-                    (self.owner, fmt, device, position, description, self._now)
-                    for (fmt, device), (position, description) in sorted(status.devices.items())
-                ],
+                "updated) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (owner, format, device) "
+                "DO UPDATE SET position = excluded.position, updated = excluded.updated",
+                [(self.owner, *PACKETS, pack_packets(status.packets), b"", self._now)],
             )
 
 
 # The device state `open` loads: the instance's own, most recently updated first,
 # at most what the formats' caches hold.
 DEVICE_STATE_LOADED = 65536
+# Rows device_state keeps at most, all instances together, the most recently
+# updated: a device is not forgotten for being silent (its state is its
+# BIRTH, however old), only for a flood of others (junk ids' BIRTHs).
+DEVICE_STATE_KEPT = 4 * DEVICE_STATE_LOADED
+# Upkeep's statement for that (the engine's placeholder for the offset).
+DEVICE_STATE_TRIM = (
+    "DELETE FROM device_state WHERE (owner, format, device) IN ("
+    "SELECT owner, format, device FROM device_state ORDER BY updated DESC "
+    "LIMIT {all} OFFSET {offset})"
+)
+# The row that holds the (packet id, CRC) of the last messages committed (see
+# SensorStatus.packets), as (format, device) in device_state.
+PACKETS = ("ingestd", "committed packets")
+
+
+def pack_packets(packets: Sequence[tuple[int, int]]) -> bytes:
+    """(packet id, CRC-32) pairs as 6 bytes each."""
+    return b"".join(mid.to_bytes(2, "big") + crc.to_bytes(4, "big") for mid, crc in packets)
+
+
+def unpack_packets(data: bytes) -> list[tuple[int, int]]:
+    return [
+        (int.from_bytes(data[i : i + 2], "big"), int.from_bytes(data[i + 2 : i + 6], "big"))
+        for i in range(0, len(data) - len(data) % 6, 6)
+    ]
 
 
 def device_states(rows: Iterable[Sequence[Any]]) -> dict[str, list[tuple[str, bytes, bytes]]]:

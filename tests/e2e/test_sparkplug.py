@@ -320,8 +320,9 @@ def test_redeliveries_of_200_unacknowledged_data_are_not_a_gap(
     tmp_path: Path, redelivery: tuple[Mosquitto, Daemon, EdgeNode, DbReader]
 ) -> None:
     """Case (c): more than 128 of a node's messages unacknowledged at a
-    reconnect (200: their numbers wrap past the current one) are read again,
-    not taken for a gap that would unbirth the node."""
+    reconnect (200: their numbers wrap past the current one), sent again, are
+    known for read (skipped: their readings are on their way), not taken for
+    a gap that would unbirth the node."""
     broker, daemon, node, db = redelivery
 
     def send() -> int:

@@ -643,9 +643,9 @@ class PostgresStore(base.Store):
                     cutoff,
                     rows_per_transaction,
                 )
-                # Devices not heard of since the cutoff (a node gone, or a junk
-                # id's BIRTH): their state goes with their readings.
-                await conn.execute("DELETE FROM device_state WHERE updated < $1", cutoff)
+            await conn.execute(
+                base.DEVICE_STATE_TRIM.format(all="ALL", offset="$1"), base.DEVICE_STATE_KEPT
+            )
         except Exception as exc:
             raise self._translate(exc) from exc
         finally:

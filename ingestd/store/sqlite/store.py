@@ -304,9 +304,10 @@ class SqliteStore(base.Store):
                 if cutoff is not None:
                     readings = await delete_samples(conn, int(cutoff * NS), rows_per_transaction)
                     quarantined = await delete_quarantine(conn, cutoff, rows_per_transaction)
-                    # Devices not heard of since the cutoff (a node gone, or a
-                    # junk id's BIRTH): their state goes with their readings.
-                    await conn.execute("DELETE FROM device_state WHERE updated < ?", (cutoff,))
+                await conn.execute(
+                    base.DEVICE_STATE_TRIM.format(all="-1", offset="?"),
+                    (base.DEVICE_STATE_KEPT,),
+                )
                 detail = await checkpoint(conn)
         except sqlite3.Error as exc:
             raise self._translate(exc) from exc
