@@ -346,7 +346,8 @@ class PostgresStore(base.Store):
         self.partitions_behind = partitions_behind
         self.retention_days = retention_days
         self.clock = clock
-        self.series_ids: dict[tuple[str, str, str, str], int] = {}
+        # Series ids by recency (base.SERIES_KEPT): one not held is looked up.
+        self.series_ids = base.series_cache(())
         self.sequences: dict[str, tuple[int, int, int]] = {}
         self.devices: dict[str, list[tuple[str, bytes, bytes]]] = {}
         # Connections not in a batch; a batch takes one. Up to
@@ -395,8 +396,11 @@ class PostgresStore(base.Store):
             self.hypertable = await is_hypertable(conn)
             await self._partition(conn)
             await conn.execute(_STAGE)
-            rows = await conn.fetch("SELECT sensor, metric, tags, unit, id FROM series")
-            self.series_ids = {(r[0], r[1], r[2], r[3]): r[4] for r in rows}
+            rows = await conn.fetch(
+                "SELECT sensor, metric, tags, unit, id FROM series ORDER BY id DESC LIMIT $1",
+                base.SERIES_KEPT,
+            )
+            self.series_ids = base.series_cache(rows)
             rows = await conn.fetch(
                 "SELECT sensor, last_seq, seq_gaps, seq_missing FROM sensor_status "
                 "WHERE last_seq IS NOT NULL"

@@ -208,7 +208,8 @@ class SqliteStore(base.Store):
         self.where = str(path)
         self.synchronous = synchronous
         self.busy_timeout_ms = busy_timeout_ms
-        self.series_ids: dict[tuple[str, str, str, str], int] = {}
+        # Series ids by recency (base.SERIES_KEPT): one not held is looked up.
+        self.series_ids = base.series_cache(())
         # Device sequence counters as last committed: (last, gaps, missing).
         self.sequences: dict[str, tuple[int, int, int]] = {}
         self.devices: dict[str, list[tuple[str, bytes, bytes]]] = {}
@@ -239,9 +240,11 @@ class SqliteStore(base.Store):
                 raise StoreError(f"{self.path}: could not enable WAL mode (got {row!r})")
             await conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
             await migrate(conn, str(self.path))
-            async with conn.execute("SELECT sensor, metric, tags, unit, id FROM series") as cur:
-                rows = list(await cur.fetchall())
-            self.series_ids = {(s, m, t, u): i for s, m, t, u, i in rows}
+            async with conn.execute(
+                "SELECT sensor, metric, tags, unit, id FROM series ORDER BY id DESC LIMIT ?",
+                (base.SERIES_KEPT,),
+            ) as cur:
+                self.series_ids = base.series_cache(await cur.fetchall())
             async with conn.execute(
                 "SELECT sensor, last_seq, seq_gaps, seq_missing "
                 "FROM sensor_status WHERE last_seq IS NOT NULL"

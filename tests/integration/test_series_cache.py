@@ -1,0 +1,48 @@
+"""The stores hold series ids by recency, bounded (a fleet of a million ids
+must not hold a million in memory): a series not held is found again in the
+database, never made twice, on both engines."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from ingestd.events import Reading
+from ingestd.store import base
+from ingestd.store.base import Store
+from ingestd.store.postgres import PostgresStore
+from ingestd.store.sqlite import SqliteStore
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
+    if request.param == "sqlite":
+        return lambda: SqliteStore(tmp_path / "x.db")
+    url = request.getfixturevalue("pg_url")
+    return lambda: PostgresStore(url)
+
+
+def reading(sensor: str, ts_ns: int, value: float = 1.0) -> Reading:
+    return Reading(sensor, "t", ts_ns, value, f"s/{sensor}", "", "")
+
+
+async def test_a_series_forgotten_is_found_again_not_made_twice(
+    new_store: Callable[[], Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(base, "SERIES_KEPT", 10)
+    async with new_store() as store:
+        for i in range(100):
+            async with store.batch() as tx:
+                await tx.add_readings([reading(f"s{i}", 10**18 + i)])
+        assert len(store.series_ids) == 10  # type: ignore[attr-defined]
+        async with store.batch() as tx:
+            # s0 was forgotten long ago: a new reading and a redelivered one.
+            await tx.add_readings([reading("s0", 10**18 + 1000), reading("s0", 10**18)])
+        assert (tx.inserted, tx.duplicates, tx.conflicts) == (1, 1, [])
+    async with new_store() as store:  # and at open, only the most recent
+        assert len(store.series_ids) == 10  # type: ignore[attr-defined]
+        async with store.batch() as tx:
+            await tx.add_readings([reading("s1", 10**18 + 1)])  # forgotten, redelivered
+        assert (tx.inserted, tx.duplicates) == (0, 1)
