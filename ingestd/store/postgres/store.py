@@ -403,7 +403,8 @@ class PostgresStore(base.Store):
             self.series_ids = base.series_cache(rows)
             rows = await conn.fetch(
                 "SELECT sensor, last_seq, seq_gaps, seq_missing FROM sensor_status "
-                "WHERE last_seq IS NOT NULL"
+                "WHERE last_seq IS NOT NULL LIMIT $1",
+                base.SEQUENCES_LOADED,
             )
             self.sequences = {r[0]: (r[1], r[2], r[3]) for r in rows}
             rows = await conn.fetch(

@@ -247,7 +247,8 @@ class SqliteStore(base.Store):
                 self.series_ids = base.series_cache(await cur.fetchall())
             async with conn.execute(
                 "SELECT sensor, last_seq, seq_gaps, seq_missing "
-                "FROM sensor_status WHERE last_seq IS NOT NULL"
+                "FROM sensor_status WHERE last_seq IS NOT NULL LIMIT ?",
+                (base.SEQUENCES_LOADED,),
             ) as cur:
                 self.sequences = {row[0]: (row[1], row[2], row[3]) for row in await cur.fetchall()}
             async with conn.execute(
