@@ -30,7 +30,6 @@ def decode_message(
     readings: list[Reading],
     rejected: list[Rejected],
     retained: bool = False,
-    redelivered: bool = False,
     read_before: bool = False,
 ) -> None:
     """Decode one message, appending to `readings` and `rejected`.
@@ -39,9 +38,9 @@ def decode_message(
     without a device time are stamped with it. `retained`: the broker sent this
     message because we subscribed (MQTT 3.3.1.3), not because it was just
     published; the route's `retained` option says whether it counts.
-    `redelivered`: the broker flagged it DUP (sent before on this session);
-    `read_before`: and this process read that very message already (the
-    source knows for formats that ask, `Format.tells_redeliveries`).
+    `read_before`: the broker sent it again (DUP) and this process read that
+    very message already, or committed it before a restart (the source knows,
+    for formats that ask: `Format.tells_redeliveries`).
     """
     limit = table.limits.max_payload_bytes
     if len(payload) > limit:
@@ -77,7 +76,6 @@ def decode_message(
     before = len(readings)
     try:
         table.retained_now = retained
-        table.redelivered_now = redelivered
         table.read_before_now = read_before
         match.fmt.decode(table, match, topic, payload, received_ns, readings, rejected)
     except DecodeError as exc:
@@ -188,20 +186,19 @@ def decode_all(
     table: RouteTable,
     deliveries: Iterable[tuple[str, bytes, int]],
     retained: Iterable[tuple[str, bytes, int]] = (),
-    redelivered: Collection[int] = (),
     retained_at: Collection[int] = (),
     read_before: Collection[int] = (),
 ) -> tuple[list[Reading], list[Rejected]]:
     """Decode a chunk of (topic, payload, received_ns) deliveries, in their
     order, and then `retained`: deliveries the broker flagged as retained
-    (see `decode_message`). `redelivered` and `retained_at`: the positions in
-    `deliveries` the broker flagged DUP, and retained; `read_before`: those of
-    the DUP ones this process read already. The source marks
+    (see `decode_message`). `retained_at` and `read_before`: the positions in
+    `deliveries` the broker flagged retained, and those it sent again that
+    were read already. The source marks
     retained ones in place: a description re-sent at subscribe must be read
     before the values that arrived after it."""
     readings: list[Reading] = []
     rejected: list[Rejected] = []
-    if redelivered or retained_at:
+    if retained_at or read_before:
         for i, (topic, payload, received_ns) in enumerate(deliveries):
             decode_message(
                 table,
@@ -211,7 +208,6 @@ def decode_all(
                 readings,
                 rejected,
                 retained=i in retained_at,
-                redelivered=i in redelivered,
                 read_before=i in read_before,
             )
         return _retained(table, retained, readings, rejected)

@@ -277,8 +277,9 @@ class RouteTable:
         self.retained_now = False
         # Whether the broker flagged it DUP: sent before on this session, so
         # perhaps read already (Sparkplug tells redeliveries from gaps by it).
-        self.redelivered_now = False
-        self.read_before_now = False  # ... and this process read it already
+        # Whether the broker sent the message being decoded again (DUP) and
+        # this process read it already (or committed it before a restart).
+        self.read_before_now = False
         # Whether the source must tell which redeliveries were read already.
         self.tells_redeliveries = any(r.fmt.tells_redeliveries for r in self.routes)
         # A stateful format changed what it keeps across restarts (its

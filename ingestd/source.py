@@ -670,10 +670,9 @@ class MqttSource:
         last = self._last_received_ns
         deliveries: list[tuple[str, bytes, int]] = []
         bad_topics: list[Rejected] = []
-        # Positions in `deliveries` flagged DUP, and retained (decoded in
-        # arrival order with the rest: a description before what follows it),
-        # and the DUP ones this process read already.
-        redelivered: set[int] = set()
+        # Positions in `deliveries` flagged retained (decoded in arrival order
+        # with the rest: a description before what follows it), and those
+        # sent again (DUP) that this process read already.
         retained_at: set[int] = set()
         read_before: set[int] = set()
         packets: list[tuple[int, int]] = []
@@ -693,8 +692,6 @@ class MqttSource:
                 topic = m.topic
                 if m.retain:
                     retained_at.add(len(deliveries))
-                if m.dup:
-                    redelivered.add(len(deliveries))
                 if read is not None and m.qos:
                     match = table.match(topic)
                     if match is not None and match.fmt.tells_redeliveries:
@@ -720,7 +717,6 @@ class MqttSource:
         readings, rejected = decode_all(
             self.table,
             deliveries,
-            redelivered=redelivered,
             retained_at=retained_at,
             read_before=read_before,
         )

@@ -119,7 +119,6 @@ class Scope:
     by_alias: dict[int, Metric] = field(default_factory=dict)
     by_name: dict[str, Metric] = field(default_factory=dict)
     online: bool = False
-    birth_ms: int = -1  # the BIRTH's payload timestamp (-1: none)
 
 
 @dataclass(slots=True)
@@ -227,7 +226,6 @@ def decode(
     if node.sensors.get(device) != sensor:
         node.sensors[device] = sensor
         _changed(table, key, described=True)
-    redelivered = table.redelivered_now
     if kind == "NDEATH":
         if _death(table, node, group, edge_node, message):
             _changed(table, key, described=True)
@@ -256,7 +254,7 @@ def decode(
         return
     # Every other message follows the node's sequence.
     scope = node.devices.get(device) if device else node.scope
-    step = _follow(node, scope, message, redelivered, table.read_before_now)
+    step = _follow(node, scope, message, table.read_before_now)
     if step is _NEXT:
         _changed(table, key)
     if step is _SKIP:
@@ -314,21 +312,15 @@ _AGAIN = _Step("again")  # the same message again, or the current BIRTH: read ag
 _SKIP = _Step("skip")  # delivered again from before the current BIRTH: not read
 
 
-def _payload_ms(message: Any) -> int | None:
-    return message.timestamp if message.HasField("timestamp") else None
-
-
-def _follow(
-    node: Node, scope: Scope | None, message: Any, redelivered: bool, read_before: bool
-) -> _Step | str:
+def _follow(node: Node, scope: Scope | None, message: Any, read_before: bool) -> _Step | str:
     """Check and advance the node's sequence: a step, or the problem.
 
     `read_before`: the broker sent this message again after a reconnect and
     this process read it already, with the state it had then; its readings
     are in the pipeline: it is skipped, whatever its number or time.
     After a restart the source counts as read the redeliveries that were
-    committed before it. `redelivered` alone: sent before, never read: it
-    follows on like any other message."""
+    committed before it. A message sent again that was never read follows on
+    like any other."""
     if read_before:
         return _SKIP
     seq = message.seq if message.HasField("seq") else None
@@ -388,9 +380,6 @@ def _ask_rebirth(
 
 def _birth(message: Any) -> Scope:
     scope = Scope(born=True, online=True)
-    ts = _payload_ms(message)
-    if ts is not None:
-        scope.birth_ms = ts
     for m in message.metrics:
         unit = ""
         if m.HasField("properties"):
@@ -561,12 +550,12 @@ def _dump_scope(scope: Scope) -> list[Any]:
     metrics += [
         [m.name, m.datatype, m.unit, None] for m in scope.by_name.values() if id(m) not in aliased
     ]
-    return [scope.born, scope.online, scope.birth_ms, metrics]
+    return [scope.born, scope.online, metrics]
 
 
 def _load_scope(dumped: list[Any]) -> Scope:
-    born, online, birth_ms, metrics = dumped
-    scope = Scope(born=born, online=online, birth_ms=birth_ms)
+    born, online, metrics = dumped
+    scope = Scope(born=born, online=online)
     for name, datatype, unit, alias in metrics:
         metric = Metric(name, datatype, unit)
         if name:

@@ -308,9 +308,8 @@ def dup_run(
     reconnect); `read`: messages this process read already (the source tells
     by packet id and content), else ones it never read."""
     deliveries = [(topic, payload, NOW_NS + i) for i, (topic, payload) in enumerate(messages)]
-    every = range(len(deliveries))
     readings, rejected = decode_all(
-        t, deliveries, redelivered=every, read_before=every if read else ()
+        t, deliveries, read_before=range(len(deliveries)) if read else ()
     )
     return readings, [r.reason for r in rejected]
 
@@ -479,7 +478,7 @@ def test_a_node_state_row_that_cannot_be_read_waits_for_a_rebirth() -> None:
     run(t, (NODE.format(kind="NBIRTH"), birth()))
     [(device, (position, description))] = save_state(t).items()
     assert description is not None
-    wrong = msgspec.msgpack.encode([[True, True, 0, []], [], {}])  # devices a list
+    wrong = msgspec.msgpack.encode([[True, True, []], [], {}])  # devices a list
     fresh = table()
     load_state(fresh, [(device, position, wrong), ("plant/other", b"\xc1", b"\xc1")])
     assert node_state(fresh, "plant", "press-1") is None
