@@ -375,6 +375,17 @@ class Settings(BaseSettings):
         if not self.mqtt.shared_group:
             return self
         problems: list[tuple[tuple[int | str, ...], Any, str]] = []
+        if self.mqtt.sparkplug_host_id:
+            problems.append(
+                (
+                    ("mqtt", "sparkplug_host_id"),
+                    self.mqtt.sparkplug_host_id,
+                    "a Sparkplug host's STATE is one application's, and every member "
+                    "would publish it (and its will would say offline when any one "
+                    "died); set it on the one ingestd that reads the sparkplug routes, "
+                    "outside the group",
+                )
+            )
         for i, route in enumerate(self.routes):
             fmt = formats.get(route.format)
             if fmt.unshareable:

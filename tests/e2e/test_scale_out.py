@@ -115,14 +115,14 @@ def test_homie_devices_described_before_and_after_members_join(
     assert states == {"early": "ready", "late": "ready"}
 
 
-def check_config(tmp_path: Path, routes: str) -> subprocess.CompletedProcess[str]:
+def check_config(tmp_path: Path, routes: str, **env: str) -> subprocess.CompletedProcess[str]:
     config = write_config(tmp_path / "ingestd.toml", routes=routes)
     return subprocess.run(
         [sys.executable, "-m", "ingestd", "check-config", "--config", str(config)],
         capture_output=True,
         text=True,
         cwd=REPO,
-        env={"INGESTD_MQTT__SHARED_GROUP": "ingest", "PATH": "/usr/bin:/bin"},
+        env={"INGESTD_MQTT__SHARED_GROUP": "ingest", "PATH": "/usr/bin:/bin", **env},
     )
 
 
@@ -136,3 +136,6 @@ def test_check_config_refuses_what_a_shared_group_cannot_read(tmp_path: Path) ->
     assert "routes[1].sequence_field: not with mqtt.shared_group:" in out.stderr
     assert "routes[2]" not in out.stderr  # homie reads in a group
     assert check_config(tmp_path, HOMIE).returncode == 0
+    host = check_config(tmp_path, HOMIE, INGESTD_MQTT__SPARKPLUG_HOST_ID="scada")
+    assert host.returncode == 78
+    assert "mqtt.sparkplug_host_id: not with mqtt.shared_group:" in host.stderr
