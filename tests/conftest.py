@@ -3,12 +3,15 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from ingestd.store.base import Store
+from ingestd.store.postgres import PostgresStore
+from ingestd.store.sqlite import SqliteStore
 from tests.helpers import (
     BrokerFactory,
     Daemon,
@@ -109,3 +112,13 @@ def store(request: pytest.FixtureRequest, tmp_path: Path) -> StoreUnderTest:
         return StoreUnderTest("sqlite", {}, DbReader(tmp_path / "ingestd.db"))
     url = request.getfixturevalue("pg_url")
     return StoreUnderTest("postgres", {"INGESTD_STORE__URL": url}, PgReader(url))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
+    """Each engine in turn: a function that makes a store object (not yet
+    opened) on one database, the same each call, for tests of the store itself."""
+    if request.param == "sqlite":
+        return lambda: SqliteStore(tmp_path / "x.db")
+    url = request.getfixturevalue("pg_url")
+    return lambda: PostgresStore(url)

@@ -5,9 +5,6 @@ engines: each instance's own, the last position, the last description."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
-
-import pytest
 
 from ingestd.config import RouteSettings
 from ingestd.decode import decode_all
@@ -16,8 +13,6 @@ from ingestd.formats.sparkplug import node_state
 from ingestd.formats.sparkplug_pb import BY_NAME, Payload
 from ingestd.routes import RouteTable, restore_device_state
 from ingestd.store.base import Store
-from ingestd.store.postgres import PostgresStore
-from ingestd.store.sqlite import SqliteStore
 
 NODE = "spBv1.0/plant/{kind}/press-1"
 T_MS = 1_799_999_000_000
@@ -38,14 +33,6 @@ def data(seq: int, value: float) -> bytes:
     p = Payload(timestamp=T_MS + seq, seq=seq)
     p.metrics.add(alias=1, double_value=value)
     return bytes(p.SerializeToString())
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
-    if request.param == "sqlite":
-        return lambda: SqliteStore(tmp_path / "x.db")
-    url = request.getfixturevalue("pg_url")
-    return lambda: PostgresStore(url)
 
 
 async def test_a_nodes_state_comes_back_at_open_as_last_committed(

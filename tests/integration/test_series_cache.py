@@ -5,23 +5,12 @@ database, never made twice, on both engines."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from ingestd.events import Reading
 from ingestd.store import base
 from ingestd.store.base import Store
-from ingestd.store.postgres import PostgresStore
-from ingestd.store.sqlite import SqliteStore
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-def new_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
-    if request.param == "sqlite":
-        return lambda: SqliteStore(tmp_path / "x.db")
-    url = request.getfixturevalue("pg_url")
-    return lambda: PostgresStore(url)
 
 
 def reading(sensor: str, ts_ns: int, value: float = 1.0) -> Reading:
