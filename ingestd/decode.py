@@ -193,9 +193,9 @@ def decode_all(
     order, and then `retained`: deliveries the broker flagged as retained
     (see `decode_message`). `retained_at` and `read_before`: the positions in
     `deliveries` the broker flagged retained, and those it sent again that
-    were read already. The source marks
-    retained ones in place: a description re-sent at subscribe must be read
-    before the values that arrived after it."""
+    were read already. The source marks retained ones in place: a
+    description re-sent at subscribe must be read before the values that
+    arrived after it."""
     readings: list[Reading] = []
     rejected: list[Rejected] = []
     if retained_at or read_before:

@@ -275,13 +275,15 @@ class RouteTable:
         # Whether the message being decoded is one the broker re-sent because
         # we subscribed (set by decode_message, for formats that care).
         self.retained_now = False
-        # Whether the broker flagged it DUP: sent before on this session, so
-        # perhaps read already (Sparkplug tells redeliveries from gaps by it).
         # Whether the broker sent the message being decoded again (DUP) and
         # this process read it already (or committed it before a restart).
         self.read_before_now = False
         # Whether the source must tell which redeliveries were read already.
         self.tells_redeliveries = any(r.fmt.tells_redeliveries for r in self.routes)
+        # The routes' formats that keep device state across restarts, once each.
+        self.stateful = [
+            f for f in {r.fmt.name: r.fmt for r in self.routes}.values() if f.save_state
+        ]
         # A stateful format changed what it keeps across restarts (its
         # `save_state` says what): the next chunk carries it to the store.
         self.devices_changed = False
@@ -306,10 +308,10 @@ class RouteTable:
         devices: dict[tuple[str, str], tuple[bytes, bytes | None]] = {}
         if self.devices_changed:
             self.devices_changed = False
-            for fmt in {r.fmt.name: r.fmt for r in self.routes}.values():
-                if fmt.save_state is not None:
-                    saved = fmt.save_state(self)
-                    devices.update(((fmt.name, d), v) for d, v in saved.items())
+            for fmt in self.stateful:
+                assert fmt.save_state is not None
+                saved = fmt.save_state(self)
+                devices.update(((fmt.name, d), v) for d, v in saved.items())
         seqs: dict[str, tuple[int, int, int]] = {}
         for sensor, st in self.sequences_changed.items():
             # Gaps found since the last call: the store adds them to its counts.
@@ -336,14 +338,11 @@ class RouteTable:
         """Follow a device's message counter: a jump forward is a gap (messages
         lost upstream: device, network or broker); a step back is a redelivery
         or a device restart, not a gap."""
-        sequences = self.sequences
-        state = sequences.get(sensor)
-        if state is not None and sequences.warm:
-            sequences.move_to_end(sensor)
+        state = self.sequences.recent(sensor)
         if state is None:
             # First seen (this run), or forgotten: no gap can be judged yet; the
             # store keeps the counts found before.
-            state = sequences[sensor] = SequenceState(seq)
+            state = self.sequences[sensor] = SequenceState(seq)
         elif seq > state.last:
             if seq > state.last + 1:
                 missed = seq - state.last - 1
@@ -425,7 +424,7 @@ def restore_device_state(
     table: RouteTable, devices: dict[str, list[tuple[str, bytes, bytes]]]
 ) -> None:
     """Give each of the table's stateful formats what the store kept of it."""
-    for fmt in {r.fmt.name: r.fmt for r in table.routes}.values():
+    for fmt in table.stateful:
         rows = devices.get(fmt.name)
         if rows and fmt.load_state is not None:
             fmt.load_state(table, rows)

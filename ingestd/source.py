@@ -660,6 +660,31 @@ class MqttSource:
         limit = self.settings_root.input.max_payload_bytes
         return too_large(topic, m.payload, m.size, limit, received_ns, skipped=True)
 
+    def _read_again(
+        self, m: paho.MQTTMessage, topic: str, payload: bytes, packets: list[tuple[int, int]]
+    ) -> bool:
+        """For a QoS 1/2 message of a route whose format tells redeliveries:
+        whether the broker sent again one this process read already, or that
+        was committed before a restart. A packet id is unique among a
+        session's unacknowledged messages and kept on redelivery; what it
+        carried (CRC-32 of topic and payload) tells a message read before from
+        a later one reusing the id. Records it (`packets`, for the store)."""
+        match = self.table.match(topic)
+        if match is None or not match.fmt.tells_redeliveries:
+            return False
+        carried = zlib.crc32(payload, zlib.crc32(raw_topic(m)))
+        mid = m.mid
+        again = False
+        if m.dup:
+            again = (
+                self._read_packets.get(mid) == carried or (mid, carried) in self.committed_packets
+            )
+        elif self.committed_packets:
+            self.committed_packets = set()  # the broker's redeliveries are over
+        self._read_packets[mid] = carried
+        packets.append((mid, carried))
+        return again
+
     async def _publish_chunk(self, messages: list[paho.MQTTMessage]) -> None:
         self.received += len(messages)
         # paho stamps each message with a monotonic clock on arrival; turn that
@@ -677,7 +702,7 @@ class MqttSource:
         read_before: set[int] = set()
         packets: list[tuple[int, int]] = []
         table = self.table
-        read = self._read_packets if table.tells_redeliveries else None
+        tracking = table.tells_redeliveries
         for m in messages:
             now = offset + int(m.timestamp * NS)
             if now <= last:
@@ -690,41 +715,27 @@ class MqttSource:
                 continue
             try:
                 topic = m.topic
-                if m.retain:
-                    retained_at.add(len(deliveries))
-                if read is not None and m.qos:
-                    match = table.match(topic)
-                    if match is not None and match.fmt.tells_redeliveries:
-                        # A packet id is unique among a session's unacknowledged
-                        # messages and kept on redelivery; what it carried tells
-                        # a message read before from a later one reusing the id.
-                        carried = zlib.crc32(payload, zlib.crc32(raw_topic(m)))
-                        mid = m.mid
-                        if m.dup:
-                            if read.get(mid) == carried or (mid, carried) in self.committed_packets:
-                                read_before.add(len(deliveries))
-                        elif self.committed_packets:
-                            self.committed_packets = set()  # the redeliveries are over
-                        read[mid] = carried
-                        packets.append((mid, carried))
-                deliveries.append((topic, payload, now))
             except UnicodeDecodeError:
                 shown = raw_topic(m).decode("utf-8", "backslashreplace")
                 bad_topics.append(
                     Rejected(shown, payload, "topic is not valid UTF-8", now / NS, "bad_topic")
                 )
+                continue
+            at = len(deliveries)
+            if m.retain:
+                retained_at.add(at)
+            if tracking and m.qos and self._read_again(m, topic, payload, packets):
+                read_before.add(at)
+            deliveries.append((topic, payload, now))
         self._last_received_ns = last
         readings, rejected = decode_all(
-            self.table,
-            deliveries,
-            retained_at=retained_at,
-            read_before=read_before,
+            table, deliveries, retained_at=retained_at, read_before=read_before
         )
         self.window.readings += len(readings)
         if bad_topics:
             rejected.extend(bad_topics)
         acks = [(m.mid, m.qos) for m in messages if m.qos] if self.manual_ack else []
-        status = self.table.take_status()
+        status = table.take_status()
         if packets:
             status = msgspec.structs.replace(status, packets=tuple(packets))
         if self.table.commands:

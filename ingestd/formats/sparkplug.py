@@ -213,6 +213,12 @@ def decode(
         raise DecodeError(f"unknown Sparkplug message type {kind!r}")
     if (kind[0] == "D") != bool(device):
         raise DecodeError(f"{kind} topic {'without' if device else 'with'} a device id")
+    if table.read_before_now:
+        # Sent again, read already (or committed before a restart) with the
+        # state it had then: its readings are on their way, its effect is in
+        # the node's state. Whatever its number, time or kind: not read again.
+        _skipped(table, "redelivered")
+        return
     try:
         message = Payload.FromString(payload)
     except (ProtobufDecodeError, RuntimeError, ValueError) as exc:
@@ -231,22 +237,17 @@ def decode(
             _changed(table, key, described=True)
         return
     if kind == "NBIRTH":
-        birth_step = _SKIP if table.read_before_now else _NEXT
-        if birth_step is _SKIP:
-            _skipped(table, "redelivered")
-            return
-        if birth_step is _NEXT:
-            # Unborn until this BIRTH reads whole: a bad one leaves nothing to resolve with.
-            node.devices.clear()
-            node.scope = Scope()
-            node.scope = _birth(message)
-            node.seq = message.seq if message.HasField("seq") else 0
-            node.count = 1
-            for metric in message.metrics:
-                if metric.name == "bdSeq":
-                    node.bd_seq = _bd_seq(metric)
-            table.states_changed[sensor] = "online"
-            _changed(table, key, described=True)
+        # Unborn until this BIRTH reads whole: a bad one leaves nothing to resolve with.
+        node.devices.clear()
+        node.scope = Scope()
+        node.scope = _birth(message)
+        node.seq = message.seq if message.HasField("seq") else 0
+        node.count = 1
+        for metric in message.metrics:
+            if metric.name == "bdSeq":
+                node.bd_seq = _bd_seq(metric)
+        table.states_changed[sensor] = "online"
+        _changed(table, key, described=True)
         try:
             _values(table, match, topic, message, node.scope, names, sensor, received_ns, readings)
         except _Unresolved as exc:
@@ -254,12 +255,9 @@ def decode(
         return
     # Every other message follows the node's sequence.
     scope = node.devices.get(device) if device else node.scope
-    step = _follow(node, scope, message, table.read_before_now)
+    step = _follow(node, message)
     if step is _NEXT:
         _changed(table, key)
-    if step is _SKIP:
-        _skipped(table, "redelivered")
-        return
     problem: str | None = step if isinstance(step, str) else None
     known = scope is not None and scope.born
     if problem is None and kind != "DBIRTH" and not known:
@@ -308,21 +306,13 @@ class _Step:
 
 
 _NEXT = _Step("next")  # the next number: followed
-_AGAIN = _Step("again")  # the same message again, or the current BIRTH: read again
-_SKIP = _Step("skip")  # delivered again from before the current BIRTH: not read
+_AGAIN = _Step("again")  # the last message again (a device's retry): read again
 
 
-def _follow(node: Node, scope: Scope | None, message: Any, read_before: bool) -> _Step | str:
-    """Check and advance the node's sequence: a step, or the problem.
-
-    `read_before`: the broker sent this message again after a reconnect and
-    this process read it already, with the state it had then; its readings
-    are in the pipeline: it is skipped, whatever its number or time.
-    After a restart the source counts as read the redeliveries that were
-    committed before it. A message sent again that was never read follows on
-    like any other."""
-    if read_before:
-        return _SKIP
+def _follow(node: Node, message: Any) -> _Step | str:
+    """Check and advance the node's sequence: a step, or the problem. (A
+    redelivery read before never gets here; one never read follows on like
+    any other message.)"""
     seq = message.seq if message.HasField("seq") else None
     born = node.scope.born
     if born and (seq is None or seq > 255):
