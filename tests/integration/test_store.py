@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,32 @@ def readings(n: int, sensor: str = "s", t0: int = 10**9) -> list[Reading]:
 def db_rows(path: Path, sql: str) -> list[tuple[object, ...]]:
     with sqlite3.connect(path) as c:
         return list(c.execute(sql).fetchall())
+
+
+def writer_on(
+    store: SqliteStore,
+    window: InFlightWindow,
+    acknowledge: Callable[[int, list[tuple[int, int]]], None] = lambda e, a: None,
+    *,
+    max_readings: int = 1000,
+    max_delay: float = 5.0,
+    retry_max_delay: float = 0.1,
+) -> tuple[EventBus, BatchWriter]:
+    """A bus and a BatchWriter on `store`, its inbox on that bus."""
+    bus = EventBus()
+    inbox = bus.subscribe("writer", [Processed], policy="block", maxsize=4)
+    writer = BatchWriter(
+        store,
+        inbox,
+        bus,
+        window,
+        acknowledge,
+        max_readings=max_readings,
+        max_delay=max_delay,
+        retry_min_delay=0.05,
+        retry_max_delay=retry_max_delay,
+    )
+    return bus, writer
 
 
 async def test_schema_is_created_versioned_and_in_wal_mode(tmp_path: Path) -> None:
@@ -123,20 +150,10 @@ async def test_writer_holds_the_batch_through_a_lock_and_acks_once(tmp_path: Pat
     path = tmp_path / "x.db"
     acked: list[tuple[int, list[tuple[int, int]]]] = []
     async with SqliteStore(path, busy_timeout_ms=50) as store:
-        bus = EventBus()
-        inbox = bus.subscribe("writer", [Processed], policy="block", maxsize=4)
         window = InFlightWindow(100)
         window.take(2, 2)
-        writer = BatchWriter(
-            store,
-            inbox,
-            bus,
-            window,
-            lambda e, a: acked.append((e, a)),
-            max_readings=1000,
-            max_delay=0.05,
-            retry_min_delay=0.05,
-            retry_max_delay=0.2,
+        bus, writer = writer_on(
+            store, window, lambda e, a: acked.append((e, a)), max_delay=0.05, retry_max_delay=0.2
         )
         task = asyncio.create_task(writer.run())
         holder = hold_exclusive_lock(path, 1.5)
@@ -158,20 +175,8 @@ async def test_writer_holds_the_batch_through_a_lock_and_acks_once(tmp_path: Pat
 async def test_writer_flushes_by_size_age_and_saturation(tmp_path: Path) -> None:
     path = tmp_path / "x.db"
     async with SqliteStore(path) as store:
-        bus = EventBus()
-        inbox = bus.subscribe("writer", [Processed], policy="block", maxsize=4)
         window = InFlightWindow(1000, broker_limit=3)
-        writer = BatchWriter(
-            store,
-            inbox,
-            bus,
-            window,
-            lambda e, a: None,
-            max_readings=50,
-            max_delay=0.3,
-            retry_min_delay=0.05,
-            retry_max_delay=0.1,
-        )
+        bus, writer = writer_on(store, window, max_readings=50, max_delay=0.3)
         task = asyncio.create_task(writer.run())
         # Size: 60 readings >= 50 commit at once.
         await bus.publish(Processed(readings(60, "size"), [], 1, [], 1))
@@ -387,20 +392,7 @@ async def test_the_writer_adds_up_the_gaps_of_the_chunks_it_batches(tmp_path: Pa
     path = tmp_path / "x.db"
     t = _seq_table(kept=10)
     async with SqliteStore(path) as store:
-        bus = EventBus()
-        inbox = bus.subscribe("writer", [Processed], policy="block", maxsize=4)
-        window = InFlightWindow(100)
-        writer = BatchWriter(
-            store,
-            inbox,
-            bus,
-            window,
-            lambda e, a: None,
-            max_readings=1000,
-            max_delay=5,
-            retry_min_delay=0.05,
-            retry_max_delay=0.1,
-        )
+        bus, writer = writer_on(store, InFlightWindow(100))
         task = asyncio.create_task(writer.run())
         for numbers in ((1, 3), (4, 8), (9, 12)):  # 1+3+2 missing in 3 gaps
             found, status = _seq_chunk(t, "a", *numbers)
