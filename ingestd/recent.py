@@ -39,7 +39,7 @@ keeps its stored counts).
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TypeVar
+from typing import Any, TypeVar
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -91,3 +91,12 @@ class RecentCache(OrderedDict[K, V]):
         if found is not None and self.warm:
             self.move_to_end(key)
         return found
+
+
+def kept_in(holder: dict[str, Any], key: str, bound: int) -> RecentCache[Any, Any]:
+    """The RecentCache at `holder[key]` (a format's state in its route table),
+    made empty, of `bound` entries, the first time it is asked for."""
+    cache: RecentCache[Any, Any] | None = holder.get(key)
+    if cache is None:
+        cache = holder[key] = RecentCache(bound)
+    return cache

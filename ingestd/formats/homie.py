@@ -47,7 +47,7 @@ from ingestd.errors import DecodeError
 from ingestd.events import Reading, Rejected
 from ingestd.formats.base import Format
 from ingestd.formats.common import json_type, parse_json
-from ingestd.recent import RecentCache
+from ingestd.recent import RecentCache, kept_in
 
 if TYPE_CHECKING:
     from ingestd.routes import RouteMatch, RouteTable
@@ -76,17 +76,13 @@ class Device:
 
 def _devices(table: RouteTable) -> RecentCache[str, Device]:
     """Devices that described themselves, by id."""
-    devices: RecentCache[str, Device] | None = table.format_state.get("homie")
-    if devices is None:
-        devices = table.format_state["homie"] = RecentCache(_DESCRIPTIONS_KEPT)
+    devices: RecentCache[str, Device] = kept_in(table.format_state, "homie", _DESCRIPTIONS_KEPT)
     return devices
 
 
 def _states(table: RouteTable) -> RecentCache[str, str]:
     """The last `$state` of devices that have not described themselves."""
-    states: RecentCache[str, str] | None = table.format_state.get("homie_states")
-    if states is None:
-        states = table.format_state["homie_states"] = RecentCache(_STATES_KEPT)
+    states: RecentCache[str, str] = kept_in(table.format_state, "homie_states", _STATES_KEPT)
     return states
 
 
@@ -101,11 +97,7 @@ def _device(table: RouteTable, device_id: str) -> Device:
 
 def device_state(table: RouteTable, device_id: str) -> Device | None:
     """What ingestd knows of a described device (for `explain` and tests)."""
-    devices = _devices(table)
-    found = devices.get(device_id)
-    if found is not None and devices.warm:
-        devices.move_to_end(device_id)
-    return found
+    return _devices(table).recent(device_id)
 
 
 def decode(
@@ -252,17 +244,12 @@ def _names(
 ) -> tuple[str, str]:
     """(sensor, metric) of a value topic, formatted once per topic and templates
     (a reload may change the templates; the cache goes on with the new table)."""
-    cache: RecentCache[tuple[str, str, str], tuple[str, str]] | None = table.format_state.get(
-        "homie_names"
+    cache: RecentCache[tuple[str, str, str], tuple[str, str]] = kept_in(
+        table.format_state, "homie_names", _NAMES_KEPT
     )
-    if cache is None:
-        cache = table.format_state["homie_names"] = RecentCache(_NAMES_KEPT)
     key = (topic, match.sensor, match.metric_template)
-    found = cache.get(key)
-    if found is not None:
-        if cache.warm:
-            cache.move_to_end(key)
-    else:
+    found = cache.recent(key)
+    if found is None:
         names = {**match.values, "device": device_id, "node": node, "property": prop}
         found = cache[key] = (
             match.sensor.format_map(names),

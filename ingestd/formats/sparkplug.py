@@ -63,7 +63,7 @@ from ingestd.errors import DecodeError
 from ingestd.events import Reading, Rejected
 from ingestd.formats.base import Format, FormatOptions
 from ingestd.formats.sparkplug_pb import BY_NAME, DATATYPES, Payload
-from ingestd.recent import RecentCache
+from ingestd.recent import RecentCache, kept_in
 
 if TYPE_CHECKING:
     from ingestd.routes import RouteMatch, RouteTable
@@ -138,9 +138,7 @@ def _nodes(table: RouteTable, kind: str = "sparkplug") -> RecentCache[tuple[str,
     """Nodes whose NBIRTH ingestd read ("sparkplug"), or ids it has only heard
     DATA or a DEATH from ("sparkplug_strangers"): each bounded by recency, so
     junk from new ids never takes a born node's place."""
-    nodes: RecentCache[tuple[str, str], Node] | None = table.format_state.get(kind)
-    if nodes is None:
-        nodes = table.format_state[kind] = RecentCache(_NODES_KEPT)
+    nodes: RecentCache[tuple[str, str], Node] = kept_in(table.format_state, kind, _NODES_KEPT)
     return nodes
 
 
