@@ -16,31 +16,21 @@ import dataclasses
 import os
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import structlog
 
 from ingestd import __version__
 from ingestd.backoff import Backoff
-from ingestd.bus import EventBus
-from ingestd.config import Settings, load_settings, route_table
+from ingestd.config import Settings, load_settings
 from ingestd.errors import ConfigError, StopTimeout, StoreError, StoreUnavailable
-from ingestd.events import BatchCommitted, Decoded, Processed
-from ingestd.flow import InFlightWindow
-from ingestd.maintenance import Maintenance
-from ingestd.observe.event_log import EventLogger
 from ingestd.observe.log import configure_logging
-from ingestd.observe.metrics import Accounting, Health, Metrics, MetricsServer, Pipeline
+from ingestd.observe.metrics import Health, Metrics, MetricsServer
 from ingestd.observe.systemd import SystemdNotifier, monotonic_usec, watchdog_interval
 from ingestd.observe.upstream import UpstreamWatch
-from ingestd.process import Processor
-from ingestd.routes import SequenceState, restore_device_state
-from ingestd.source import MqttSource
+from ingestd.pipeline import Pipeline
+from ingestd.primary import Primacy, split
 from ingestd.store import Store, open_store
-from ingestd.store.base import PACKETS, unpack_packets
-from ingestd.writer import BatchWriter
 
 log = structlog.get_logger("ingestd")
 
@@ -70,25 +60,6 @@ LIVE_KEYS = (
 STORE_WAIT_LOG = 30.0
 
 
-class Reconfigurable(Protocol):
-    """A component a reload reaches: it takes what it needs of the new settings."""
-
-    def reconfigure(self, settings: Settings) -> None: ...
-
-
-@dataclass(frozen=True)
-class Components:
-    """The pipeline's parts, typed (reload and the health checks reach them)."""
-
-    source: MqttSource
-    processor: Processor
-    writer: BatchWriter
-    maintenance: Maintenance
-
-    def parts(self) -> list[Reconfigurable]:
-        return [self.source, self.processor, self.writer, self.maintenance]
-
-
 class Daemon:
     def __init__(
         self,
@@ -111,7 +82,8 @@ class Daemon:
         self.ready = asyncio.Event()
         self.health = Health(settings.daemon.stall_timeout)
         self.metrics = Metrics(self.health)
-        self._components: Components | None = None  # once the store is open
+        self._pipeline: Pipeline | None = None  # once the store is open
+        self._primacy: Primacy | None = None  # in a shared group with ordered routes
         self.upstream = UpstreamWatch(settings)
         self.health.upstream = self.upstream
         self._reloading: asyncio.Task[None] | None = None
@@ -243,10 +215,14 @@ class Daemon:
                 last_ping = now
             p = self.health.pipeline
             if p is not None:
-                self.upstream.check(p.source.table)
+                t = self.health.tally
+                self.upstream.check(
+                    [q.source.table for q in self.health.running()],
+                    (t.sequence_gaps, t.sequence_missing),
+                )
             if now - last_status >= STATUS_INTERVAL:
                 if p is not None and self.ready.is_set() and not self.stop.is_set():
-                    committed = p.writer.committed
+                    committed = self.health.accounting.committed
                     rate = (committed - last_committed) / max(now - last_at, 1e-9)
                     last_committed, last_at = committed, now
                     self.notifier.notify("STATUS=" + self._status(p, rate, stall))
@@ -308,68 +284,22 @@ class Daemon:
                 continue
 
     async def _main(self, store: Store) -> int:
-        s = self.settings
-        bus = EventBus()
-        window = InFlightWindow(
-            s.mqtt.max_inflight,
-            broker_limit=s.mqtt.broker_max_inflight if s.mqtt.protocol == "3.1.1" else 0,
+        member, primary = split(self.settings)
+        pipeline = Pipeline.build(
+            member, store, upstream=self.upstream, on_commit=self.metrics.observe_commit
         )
-        stage_q, observer_q = s.bus.stage_queue_size, s.bus.observer_queue_size
-        to_processor = bus.subscribe("processor", [Decoded], policy="block", maxsize=stage_q)
-        to_writer = bus.subscribe("writer", [Processed], policy="block", maxsize=stage_q)
-        to_logger = bus.subscribe(
-            "logger", [Processed, BatchCommitted], policy="drop", maxsize=observer_q
-        )
-        table = route_table(s)
-        # Device counters go on from what was committed: a gap across a restart
-        # counts. Only the last number: the stored gap counts stay in the store,
-        # which adds to them what this run finds.
-        table.sequences.update(
-            (sensor, SequenceState(v[0])) for sensor, v in store.sequences.items()
-        )
-        store.sequences = {}  # seeded: the table keeps what it can hold, by recency
-        # Stateful formats go on from their state at the last commit (a
-        # Sparkplug node's BIRTH and sequence): a restart is not a rebirth.
-        restore_device_state(table, store.devices)
-        # The last messages committed before: a redelivery among them after
-        # this restart is not read again (formats with tells_redeliveries).
-        committed = [
-            packet
-            for device, position, _ in store.devices.get(PACKETS[0], [])
-            if device == PACKETS[1]
-            for packet in unpack_packets(position)
-        ]
-        store.devices = {}
-        source = MqttSource(s, table, bus, window, upstream=self.upstream)
-        source.committed_packets = set(committed)
-        processor = Processor(to_processor, bus, s.processor)
-        writer = BatchWriter(
-            store,
-            to_writer,
-            bus,
-            window,
-            source.acknowledge,
-            max_readings=s.batch.max_readings,
-            max_delay=s.batch.max_delay_ms / 1000,
-            retry_min_delay=s.store.retry_min_delay,
-            retry_max_delay=s.store.retry_max_delay,
-        )
-        writer.packets.extend(committed)
-
-        def pipeline_now() -> dict[str, object]:
-            return {
-                "in_flight": window.in_flight,
-                "in_flight_peak": window.take_recent_peak(),
-                "window": window.limit,
-                "backlog": sum(sub.depth for sub in bus.subscriptions if sub.policy == "block"),
-            }
-
-        event_logger = EventLogger(to_logger, s.daemon.log_summary_interval, pipeline_now)
-        writer.on_commit = self.metrics.observe_commit
-        maintenance = Maintenance(store, s.store)
         self.health.loop = asyncio.get_running_loop()
-        self.health.pipeline = Pipeline(source, writer, window, bus)
-        self._components = Components(source, processor, writer, maintenance)
+        self.health.pipeline = self._pipeline = pipeline
+        if primary is not None:
+            self._primacy = Primacy(
+                primary,
+                self.health,
+                self.stop,
+                on_commit=self.metrics.observe_commit,
+                stop_timeout=self._drain_left,
+                device_log=pipeline.source.table.device_log,
+            )
+        source = pipeline.source
 
         def on_ready() -> None:
             if not self.ready.is_set():
@@ -380,18 +310,15 @@ class Daemon:
         failed = False
         try:
             async with asyncio.TaskGroup() as tg:
-                tg.create_task(source.run(self.stop, on_ready), name="source")
-                tg.create_task(processor.run(), name="processor")
-                writer_task = tg.create_task(writer.run(), name="writer")
-                logger_task = tg.create_task(event_logger.run(), name="logger")
-                tg.create_task(maintenance.run(self.stop), name="maintenance")
-                tg.create_task(self._supervise_stop(writer_task, logger_task), name="stop")
+                tg.create_task(pipeline.run(self.stop, on_ready, self._drain_left), name="member")
+                if self._primacy is not None:
+                    tg.create_task(self._primacy.run(), name="primacy")
         except* StopTimeout:
             log.error(
                 "stop timeout exceeded; exiting with work in flight (it stays unacknowledged "
                 "and the broker redelivers it)",
-                in_flight=window.in_flight,
-                stop_timeout=s.daemon.stop_timeout,
+                in_flight=sum(p.window.in_flight for p in self.health.running()),
+                stop_timeout=self.settings.daemon.stop_timeout,
             )
             failed = True
         except* Exception as group:
@@ -400,34 +327,26 @@ class Daemon:
             failed = True
         if failed:
             return EXIT_FAILURE
-        accounting = Accounting.of(self.health.pipeline) if self.health.pipeline else None
+        tally = self.health.take_tally()
+        writer = pipeline.writer
         log.info(
             "stopped",
-            committed=writer.committed,
-            duplicates=writer.duplicates,
+            committed=tally.accounting.committed,
+            duplicates=tally.accounting.duplicate,
             quarantined=writer.quarantined,
-            batches=writer.batches,
-            received=source.received,
+            batches=tally.batches,
+            received=tally.accounting.messages_received,
             stale_acks=source.stale_acks,
-            readings=dataclasses.asdict(accounting) if accounting else {},
-            in_flight_peak=window.peak,
-            window=window.limit,
+            readings=dataclasses.asdict(tally.accounting),
+            in_flight_peak=pipeline.window.peak,
+            window=pipeline.window.limit,
             seconds=round(time.monotonic() - self._stop_started, 3),
         )
         return EXIT_OK
 
-    async def _supervise_stop(
-        self, writer_task: asyncio.Task[None], logger_task: asyncio.Task[None]
-    ) -> None:
-        """After a stop request: bound the drain by stop_timeout, then end the observers."""
-        await self.stop.wait()
-        remaining = self.settings.daemon.stop_timeout - (time.monotonic() - self._stop_started)
-        try:
-            async with asyncio.timeout(max(remaining, 0)):
-                await asyncio.wait({writer_task})
-        except TimeoutError:
-            raise StopTimeout from None
-        logger_task.cancel()
+    def _drain_left(self) -> float:
+        """Seconds left of daemon.stop_timeout since the stop was asked."""
+        return self.settings.daemon.stop_timeout - (time.monotonic() - self._stop_started)
 
     # -- reload ----------------------------------------------------------------
 
@@ -471,11 +390,14 @@ class Daemon:
         self.health.stall_timeout = new.daemon.stall_timeout
         # One way in for every component: between chunks, nothing in flight is
         # lost or stored twice.
-        parts: list[Reconfigurable] = [self.upstream]
-        if self._components is not None:
-            parts += self._components.parts()
-        for part in parts:
-            part.reconfigure(new)
+        member, primary = split(new)
+        self.upstream.reconfigure(new)
+        if self._pipeline is not None:
+            self._pipeline.reconfigure(member)
+        if self._primacy is not None and primary is not None:
+            self._primacy.reconfigure(primary)
+        elif (self._primacy is not None) != (primary is not None):
+            restart.append("routes (which need the shared group's primary)")
         log.info("configuration reloaded", applied=live)
         if restart:
             log.warning("changed settings need a restart to apply", keys=restart)

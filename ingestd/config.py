@@ -39,6 +39,7 @@ from ingestd.routes import (
     RouteOptions,
     RouteTable,
     compile_route,
+    filters_meet,
 )
 
 ENV_PREFIX = "INGESTD_"
@@ -93,6 +94,9 @@ class MqttSettings(Section):
     # Sparkplug B host application id: publish spBv1.0/STATE/<id> (retained,
     # with its will) so edge nodes know a primary host is there. "": none.
     sparkplug_host_id: str = Field("", pattern=r"^[^/+#]*$")
+    # In a shared group: the client id of the primary role, which reads the
+    # routes only one reader can follow (""): ingestd-primary-<shared_group>.
+    primary_client_id: str = Field("", max_length=65535)
     watch_broker_drops: bool = True
     reconnect_min_delay: float = Field(0.5, gt=0)
     reconnect_max_delay: float = Field(30.0, gt=0)
@@ -163,6 +167,19 @@ class RouteSettings(Section):
         except RouteSpecError as exc:
             raise ValueError(str(exc)) from None
         return self
+
+    def one_reader(self) -> str | None:
+        """Why this route needs one reader of all its messages (None: it does not):
+        in a shared group, the primary reads it (`ingestd.primary`)."""
+        fmt = formats.get(self.format)
+        if fmt.unshareable:
+            return fmt.unshareable
+        if getattr(self.format_options(), "sequence_field", ""):
+            return (
+                "a device's message counter cannot be followed on part of its messages: "
+                "each member would count the others' as gaps"
+            )
+        return None
 
     def format_options(self) -> FormatOptions:
         """This route's keys beyond the common ones, validated by its format."""
@@ -370,36 +387,42 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _shareable(self) -> Settings:
-        """Routes that cannot be read in a shared group, refused with the reason
-        (each member would see part of a device's stream)."""
+        """In a shared group, what only one reader can follow (Sparkplug, a
+        `sequence_field`, the Sparkplug host STATE) is read by the primary, whom
+        the members elect through the PostgreSQL store they share; refused with
+        SQLite, and where a shared route's filter reaches the same topics."""
         if not self.mqtt.shared_group:
             return self
         problems: list[tuple[tuple[int | str, ...], Any, str]] = []
-        if self.mqtt.sparkplug_host_id:
-            problems.append(
-                (
-                    ("mqtt", "sparkplug_host_id"),
-                    self.mqtt.sparkplug_host_id,
-                    "a Sparkplug host's STATE is one application's, and every member "
-                    "would publish it (and its will would say offline when any one "
-                    "died); set it on the one ingestd that reads the sparkplug routes, "
-                    "outside the group",
-                )
+        compiled = [r.compile(i) for i, r in enumerate(self.routes)]
+        ordered = [i for i, r in enumerate(self.routes) if r.one_reader()]
+        if not self.store.postgres:
+            why = (
+                "in a shared group it is read by one member at a time, the primary, which "
+                "the members choose through the PostgreSQL store they share (store.url); "
+                "with SQLite each member has its own file and there is nothing to choose "
+                "by. Set store.url, or run it on one ingestd outside mqtt.shared_group"
             )
-        for i, route in enumerate(self.routes):
-            fmt = formats.get(route.format)
-            if fmt.unshareable:
-                problems.append((("routes", i, "format"), route.format, fmt.unshareable))
-            field = getattr(route.format_options(), "sequence_field", "")
-            if field:
+            if self.mqtt.sparkplug_host_id:
+                problems.append((("mqtt", "sparkplug_host_id"), self.mqtt.sparkplug_host_id, why))
+            for i in ordered:
+                route = self.routes[i]
+                if formats.get(route.format).unshareable:
+                    problems.append((("routes", i, "format"), route.format, why))
+                else:
+                    field = route.format_options().sequence_field  # type: ignore[attr-defined]
+                    problems.append((("routes", i, "sequence_field"), field, why))
+        for i in ordered:
+            for j, other in enumerate(compiled):
+                if j in ordered or not filters_meet(compiled[i].subscription, other.subscription):
+                    continue
                 problems.append(
                     (
-                        ("routes", i, "sequence_field"),
-                        field,
-                        "a device's message counter cannot be followed in a shared group: "
-                        "each member sees part of its messages, so each would count the "
-                        "others' as gaps; leave sequence_field out, or run this route on "
-                        "one ingestd outside mqtt.shared_group",
+                        ("routes", j, "topic"),
+                        self.routes[j].topic,
+                        f"it reaches topics of routes[{i}] ({self.routes[i].topic}), which "
+                        "only the primary reads: a member would read those messages under "
+                        "this route. Make the filters disjoint",
                     )
                 )
         if problems:

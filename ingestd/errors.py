@@ -46,6 +46,12 @@ class StoreUnavailable(StoreError):
         self.condition = condition
 
 
+class NotPrimary(StoreError):
+    """A commit of the primary's pipeline after another member took the role
+    over (its epoch moved on): refused, so a deposed primary never overwrites
+    what the new one wrote. Nothing of the batch is acknowledged."""
+
+
 class InspectError(IngestdError):
     """A bad argument to a data command, or an unreadable database; the CLI
     prints it and exits 1."""

@@ -430,6 +430,25 @@ def restore_device_state(
             fmt.load_state(table, rows)
 
 
+def filters_meet(a: str, b: str) -> bool:
+    """True if some topic matches both MQTT filters (`a/+/c` and `a/b/#` do).
+
+    A wildcard at the first level never matches a topic that starts with `$`
+    (MQTT 4.7.2)."""
+    x, y = a.split("/"), b.split("/")
+    for i in range(max(len(x), len(y))):
+        here = [f[i] for f in (x, y) if i < len(f)]
+        if i == 0 and any(level.startswith("$") for level in here) and x[0] != y[0]:
+            return False
+        if "#" in here:
+            return True
+        if len(here) < 2:
+            return False
+        if "+" not in here and here[0] != here[1]:
+            return False
+    return True
+
+
 def _matches(route: CompiledRoute, parts: list[str]) -> bool:
     n = len(route.levels)
     if route.multi:

@@ -19,7 +19,7 @@ import math
 import ssl
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, cast
 
 import aiomqtt
@@ -186,6 +186,9 @@ class MqttSource:
         self.clock_ns = clock_ns
         self._last_received_ns = 0
         self.upstream = upstream
+        # Awaited before each connection; raises to stop (the primary role's
+        # pipeline: the role is still this member's).
+        self.before_connect: Callable[[], Awaitable[None]] | None = None
         self.manual_ack = self.settings.ack == "after_commit"
         self.broker = f"{self.settings.host}:{self.settings.port}"
         self._tls = tls_context(self.settings)
@@ -441,6 +444,8 @@ class MqttSource:
         # Never connect while the pipeline is full: a persistent session's
         # backlog starts flowing right after CONNACK.
         await self.window.wait_room()
+        if self.before_connect is not None:
+            await self.before_connect()
         link = self._make_link()
         # Wired before connecting, so the backlog is bounded from its first message.
         self.window.on_flow(lambda: self._pause(link), lambda: self._resume(link))
@@ -496,6 +501,9 @@ class MqttSource:
         backlog, so a second one would hold readiness back until the backlog
         is drained (measured: READY at 99.5% of 100,000 queued messages)."""
         filters = list(self.subscriptions)
+        if not filters:  # every route is the primary's (a shared group's member)
+            log.info("subscribed", topics=[])
+            return True
         request = asyncio.ensure_future(link.subscribe(filters, timeout=math.inf))
         waiting: set[asyncio.Future[Any]] = {request, link_lost, pump}
         await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)

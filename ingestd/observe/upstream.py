@@ -10,6 +10,7 @@ HTTP thread reads the plain values.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -46,7 +47,7 @@ class UpstreamWatch:
         self._drops_reported_at = -REPORT_INTERVAL
         self._gaps_reported = (0, 0)
         self._gaps_reported_at = -REPORT_INTERVAL
-        self._stale: set[tuple[int, str]] = set()
+        self._stale: set[tuple[int, int, str]] = set()
 
     def reconfigure(self, settings: Settings) -> None:
         """A reload: routes' expect_within from the next check on."""
@@ -97,19 +98,27 @@ class UpstreamWatch:
 
     # -- the periodic check (monitor tick) ------------------------------------------------
 
-    def check(self, table: RouteTable, now_ns: int | None = None) -> None:
+    def check(
+        self,
+        tables: Sequence[RouteTable],
+        gaps: tuple[int, int] = (0, 0),
+        now_ns: int | None = None,
+    ) -> None:
+        """Once a second: the broker's drops, the devices' counter gaps (`gaps`:
+        sequence gaps and missing, this process's totals), silent routes and
+        stale sensors in each pipeline's table."""
         now_ns = time.time_ns() if now_ns is None else now_ns
         self._report_drops()
-        self._report_gaps(table)
+        self._report_gaps(*gaps)
         silent: list[str] = []
-        routes = self.settings.routes
-        for r in table.routes:
-            expect = r.options.expect_within
-            if not expect:
-                continue
-            last = table.route_seen.get(r.index, self.started_ns)
-            if now_ns - last > expect * NS:
-                silent.append(routes[r.index].topic)
+        for table in tables:
+            for r in table.routes:
+                expect = r.options.expect_within
+                if not expect:
+                    continue
+                last = table.route_seen.get(r.index, self.started_ns)
+                if now_ns - last > expect * NS:
+                    silent.append(r.pattern)
         if silent != self.state.silent_routes:
             new = sorted(set(silent) - set(self.state.silent_routes))
             back = sorted(set(self.state.silent_routes) - set(silent))
@@ -122,24 +131,26 @@ class UpstreamWatch:
             if back:
                 log.info("route heard from again", routes=back)
             self.state.silent_routes = silent
-        self._check_sensors(table, now_ns)
+        self._check_sensors(tables, now_ns)
 
-    def _check_sensors(self, table: RouteTable, now_ns: int) -> None:
-        limits = {
-            r.index: r.options.expect_within * NS for r in table.routes if r.options.expect_within
-        }
-        if not limits:
-            self.state.stale_sensors = 0
-            return
-        stale = {
-            key
-            for key, seen in table.sensor_seen.items()
-            if key[0] in limits and now_ns - seen > limits[key[0]]
-        }
+    def _check_sensors(self, tables: Sequence[RouteTable], now_ns: int) -> None:
+        stale: set[tuple[int, int, str]] = set()
+        for i, table in enumerate(tables):
+            limits = {
+                r.index: r.options.expect_within * NS
+                for r in table.routes
+                if r.options.expect_within
+            }
+            if limits:
+                stale.update(
+                    (i, *key)
+                    for key, seen in table.sensor_seen.items()
+                    if key[0] in limits and now_ns - seen > limits[key[0]]
+                )
         new = stale - self._stale
         back = self._stale - stale
         if new:
-            names = sorted(s for _, s in new)
+            names = sorted(s for _, _, s in new)
             log.warning(
                 "sensors stale: silent longer than their route's expect_within",
                 count=len(new),
@@ -147,14 +158,12 @@ class UpstreamWatch:
                 more=max(0, len(names) - NAMED),
             )
         if back:
-            names = sorted(s for _, s in back)
+            names = sorted(s for _, _, s in back)
             log.info("sensors heard from again", count=len(back), sensors=names[:NAMED])
         self._stale = stale
         self.state.stale_sensors = len(stale)
 
-    def _report_gaps(self, table: RouteTable) -> None:
-        c = table.counts
-        gaps, missing = c.sequence_gaps, c.sequence_missing
+    def _report_gaps(self, gaps: int, missing: int) -> None:
         now = time.monotonic()
         if gaps == self._gaps_reported[0] or now - self._gaps_reported_at < REPORT_INTERVAL:
             return

@@ -126,16 +126,29 @@ def check_config(tmp_path: Path, routes: str, **env: str) -> subprocess.Complete
     )
 
 
-def test_check_config_refuses_what_a_shared_group_cannot_read(tmp_path: Path) -> None:
+def test_check_config_takes_ordered_routes_in_a_group_only_with_postgresql(
+    tmp_path: Path,
+) -> None:
     sparkplug = '[[routes]]\ntopic = "spBv1.0/#"\nformat = "sparkplug"\n'
     sequenced = '[[routes]]\ntopic = "s/{sensor}/t"\nsequence_field = "n"\n'
     out = check_config(tmp_path, sparkplug + sequenced + HOMIE)
     assert out.returncode == 78, out.stderr
     assert "routes[0].format: not with mqtt.shared_group:" in out.stderr
-    assert "Sparkplug node's DATA can only be read in order" in out.stderr
     assert "routes[1].sequence_field: not with mqtt.shared_group:" in out.stderr
+    assert "PostgreSQL store they share (store.url)" in out.stderr
     assert "routes[2]" not in out.stderr  # homie reads in a group
     assert check_config(tmp_path, HOMIE).returncode == 0
     host = check_config(tmp_path, HOMIE, INGESTD_MQTT__SPARKPLUG_HOST_ID="scada")
     assert host.returncode == 78
     assert "mqtt.sparkplug_host_id: not with mqtt.shared_group:" in host.stderr
+    pg = {"INGESTD_STORE__URL": "postgresql://ingestd@127.0.0.1:1/ingestd"}
+    both = check_config(tmp_path, sparkplug + sequenced + HOMIE, **pg)
+    assert both.returncode == 0, both.stderr
+    assert check_config(tmp_path, HOMIE, INGESTD_MQTT__SPARKPLUG_HOST_ID="x", **pg).returncode == 0
+    # A shared route reaching the ordered route's topics: the member would read them.
+    wide = '[[routes]]\ntopic = "s/{sensor}/#"\n'
+    out = check_config(tmp_path, sequenced + wide, **pg)
+    assert out.returncode == 78
+    assert "routes[1].topic: not with mqtt.shared_group: it reaches topics of routes[0]" in (
+        out.stderr
+    )

@@ -88,6 +88,17 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (owner, format, device)
     );
     """,
+    # 4: who reads a shared group's ordered routes (ingestd.primary): the
+    # term's epoch fences a deposed primary's late commits out.
+    """
+    CREATE TABLE primary_role (
+        grp       text PRIMARY KEY,
+        epoch     bigint NOT NULL,
+        client_id text NOT NULL,
+        holder    text NOT NULL,
+        since     double precision NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

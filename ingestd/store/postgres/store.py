@@ -32,7 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg  # the optional dependency: this module is imported only for PostgreSQL
 import structlog
 
-from ingestd.errors import StoreError, StoreUnavailable
+from ingestd.errors import NotPrimary, StoreError, StoreUnavailable
 from ingestd.events import NS, Reading, Rejected
 from ingestd.store import base
 from ingestd.store.base import Upkeep
@@ -57,6 +57,7 @@ _PLACEHOLDER = re.compile(r"\?")
 _SAMPLE_COLUMNS = ("series_id", "ts_ns", "seq", "value")
 _TS = itemgetter(1)
 _SAVEPOINT = "ingestd_direct"
+_TERM = "SELECT epoch FROM primary_role WHERE grp = $1 FOR SHARE"
 # Creating a partition on the batch path waits at most this long for its locks
 # (another instance's DDL, writers holding the parent): past it, the batch's
 # readings go to the default partition and creation is tried again later.
@@ -153,6 +154,18 @@ class Batch(base.Batch):
             await self._conn.execute(f"BEGIN; SAVEPOINT {_SAVEPOINT}")
             self.begun = True
             self.at_savepoint = True
+
+    async def fenced(self, group: str, epoch: int) -> None:
+        """Open the transaction with the primary role's row read FOR SHARE: a
+        member taking the role over (UPDATE epoch) waits for this commit, and a
+        batch begun after it sees the new epoch and is refused (NotPrimary)."""
+        await self._begin()
+        now = await self._conn.fetchval(_TERM, group)
+        if now != epoch:
+            raise NotPrimary(
+                f"the primary role of group {group!r} moved on (term {epoch} -> {now}); "
+                "this member no longer writes for it"
+            )
 
     async def add_readings(self, readings: Sequence[Reading]) -> None:
         if not readings:
@@ -365,6 +378,9 @@ class PostgresStore(base.Store):
         self._covering = asyncio.Lock()  # one creation at a time per instance
         self._cover_after = 0.0  # monotonic time before which the batch path creates none
         self.hypertable = False  # TimescaleDB: it makes the chunks, drop_chunks() expires them
+        # (group, epoch) of the primary role this store writes for (None: a
+        # member's store): every batch checks the term is still its own.
+        self.fence: tuple[str, int] | None = None
 
     async def _connect(self) -> Any:
         try:
@@ -558,6 +574,8 @@ class PostgresStore(base.Store):
         tx = Batch(self, conn, time.time() if now is None else now)
         tx.owner = self.owner
         try:
+            if self.fence is not None:
+                await tx.fenced(*self.fence)
             yield tx
             await tx.finish()
         except BaseException as exc:

@@ -1,0 +1,174 @@
+"""One pipeline: an MQTT session through decode, checks and batches into the
+store, acknowledged after commit.
+
+A daemon runs one; a member of a shared group that holds the primary role
+(`ingestd.primary`) runs a second one for the routes only one reader can
+follow, under the role's client id. Both are this same code: taking the role
+over is, for that pipeline, what a restart is for a lone ingestd.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import structlog
+
+from ingestd.bus import EventBus
+from ingestd.config import Settings, route_table
+from ingestd.errors import StopTimeout
+from ingestd.events import BatchCommitted, Decoded, Processed
+from ingestd.flow import InFlightWindow
+from ingestd.maintenance import Maintenance
+from ingestd.observe.device_log import DeviceLog
+from ingestd.observe.event_log import EventLogger
+from ingestd.observe.upstream import UpstreamWatch
+from ingestd.process import Processor
+from ingestd.routes import SequenceState, restore_device_state
+from ingestd.source import MqttSource
+from ingestd.store import Store
+from ingestd.store.base import PACKETS, unpack_packets
+from ingestd.writer import BatchWriter
+
+log = structlog.get_logger("ingestd")
+
+
+@dataclass
+class Pipeline:
+    """The running parts of one pipeline (reload and the health checks reach them)."""
+
+    role: str  # "member" (or a lone ingestd), "primary"
+    source: MqttSource
+    processor: Processor
+    writer: BatchWriter
+    window: InFlightWindow
+    bus: EventBus
+    logger: EventLogger
+    maintenance: Maintenance | None
+    started_at: float = field(default_factory=time.time)
+
+    @classmethod
+    def build(
+        cls,
+        s: Settings,
+        store: Store,
+        *,
+        role: str = "member",
+        upstream: UpstreamWatch | None = None,
+        on_commit: Callable[[BatchCommitted], None] | None = None,
+        maintain: bool = True,
+        device_log: DeviceLog | None = None,
+    ) -> Pipeline:
+        """Wire a pipeline on an open store, its device state as last committed."""
+        bus = EventBus()
+        window = InFlightWindow(
+            s.mqtt.max_inflight,
+            broker_limit=s.mqtt.broker_max_inflight if s.mqtt.protocol == "3.1.1" else 0,
+        )
+        stage_q, observer_q = s.bus.stage_queue_size, s.bus.observer_queue_size
+        to_processor = bus.subscribe("processor", [Decoded], policy="block", maxsize=stage_q)
+        to_writer = bus.subscribe("writer", [Processed], policy="block", maxsize=stage_q)
+        to_logger = bus.subscribe(
+            "logger", [Processed, BatchCommitted], policy="drop", maxsize=observer_q
+        )
+        table = route_table(s)
+        if device_log is not None:
+            table.device_log = device_log  # one budget of per-device lines per process
+        # Device counters go on from what was committed: a gap across a restart
+        # counts. Only the last number: the stored gap counts stay in the store,
+        # which adds to them what this run finds.
+        table.sequences.update(
+            (sensor, SequenceState(v[0])) for sensor, v in store.sequences.items()
+        )
+        store.sequences = {}  # seeded: the table keeps what it can hold, by recency
+        # Stateful formats go on from their state at the last commit (a
+        # Sparkplug node's BIRTH and sequence): a restart is not a rebirth.
+        restore_device_state(table, store.devices)
+        # The last messages committed before: a redelivery among them after
+        # this restart is not read again (formats with tells_redeliveries).
+        committed = [
+            packet
+            for device, position, _ in store.devices.get(PACKETS[0], [])
+            if device == PACKETS[1]
+            for packet in unpack_packets(position)
+        ]
+        store.devices = {}
+        source = MqttSource(s, table, bus, window, upstream=upstream)
+        source.committed_packets = set(committed)
+        processor = Processor(to_processor, bus, s.processor)
+        writer = BatchWriter(
+            store,
+            to_writer,
+            bus,
+            window,
+            source.acknowledge,
+            max_readings=s.batch.max_readings,
+            max_delay=s.batch.max_delay_ms / 1000,
+            retry_min_delay=s.store.retry_min_delay,
+            retry_max_delay=s.store.retry_max_delay,
+        )
+        writer.packets.extend(committed)
+        writer.on_commit = on_commit
+
+        def now() -> dict[str, object]:
+            fields: dict[str, object] = {
+                "in_flight": window.in_flight,
+                "in_flight_peak": window.take_recent_peak(),
+                "window": window.limit,
+                "backlog": sum(sub.depth for sub in bus.subscriptions if sub.policy == "block"),
+            }
+            if role != "member":
+                fields["role"] = role
+            return fields
+
+        logger = EventLogger(to_logger, s.daemon.log_summary_interval, now)
+        maintenance = Maintenance(store, s.store) if maintain else None
+        return cls(role, source, processor, writer, window, bus, logger, maintenance)
+
+    def parts(self) -> list[object]:
+        return [p for p in (self.source, self.processor, self.writer, self.maintenance) if p]
+
+    def reconfigure(self, settings: Settings) -> None:
+        self.source.reconfigure(settings)
+        self.processor.reconfigure(settings)
+        self.writer.reconfigure(settings)
+        if self.maintenance is not None:
+            self.maintenance.reconfigure(settings)
+
+    async def run(
+        self, stop: asyncio.Event, on_ready: Callable[[], None], stop_timeout: Callable[[], float]
+    ) -> None:
+        """Run until `stop`, then drain: commit and acknowledge what was read.
+
+        `stop_timeout()`: seconds left for the drain once stopped; past it,
+        StopTimeout (what is in flight stays unacknowledged: redelivered).
+        """
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(self.source.run(stop, on_ready), name=f"{self.role} source")
+            tg.create_task(self.processor.run(), name=f"{self.role} processor")
+            writer_task = tg.create_task(self.writer.run(), name=f"{self.role} writer")
+            logger_task = tg.create_task(self.logger.run(), name=f"{self.role} logger")
+            if self.maintenance is not None:
+                tg.create_task(self.maintenance.run(stop), name="maintenance")
+            tg.create_task(
+                self._supervise_stop(stop, stop_timeout, writer_task, logger_task),
+                name=f"{self.role} stop",
+            )
+
+    async def _supervise_stop(
+        self,
+        stop: asyncio.Event,
+        stop_timeout: Callable[[], float],
+        writer_task: asyncio.Task[None],
+        logger_task: asyncio.Task[None],
+    ) -> None:
+        """After a stop request: bound the drain by stop_timeout, then end the observers."""
+        await stop.wait()
+        try:
+            async with asyncio.timeout(max(stop_timeout(), 0)):
+                await asyncio.wait({writer_task})
+        except TimeoutError:
+            raise StopTimeout from None
+        logger_task.cancel()
