@@ -37,7 +37,7 @@ import structlog
 
 from ingestd.backoff import Backoff
 from ingestd.config import Settings
-from ingestd.errors import NotPrimary, StopTimeout, StoreUnavailable
+from ingestd.errors import NotPrimary, StopTimeout
 from ingestd.pipeline import Pipeline
 from ingestd.store import open_store
 
@@ -147,32 +147,22 @@ class Primacy:
         while not self.stop.is_set():
             try:
                 await self._candidate()
+                continue
+            except RoleLost:
+                reported = None  # said when it was lost; try again after a pause
                 backoff.reset()
-                reported = None
-            except (OSError, StoreUnavailable, RoleLost, TimeoutError) as exc:
+            except Exception as exc:  # OSError, StoreUnavailable, asyncpg's: the server
                 if str(exc) != reported:
                     log.warning(
                         "cannot try for the primary role; retrying",
                         client_id=self.role,
-                        error=str(exc),
+                        error=str(exc) or repr(exc),
                     )
                     reported = str(exc)
-                await self._drop_connection()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(backoff.next()):
-                        await self.stop.wait()
-            except Exception as exc:  # asyncpg's errors: the connection or the server
-                if str(exc) != reported:
-                    log.warning(
-                        "cannot try for the primary role; retrying",
-                        client_id=self.role,
-                        error=repr(exc),
-                    )
-                    reported = str(exc)
-                await self._drop_connection()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(backoff.next()):
-                        await self.stop.wait()
+            await self._drop_connection()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff.next()):
+                    await self.stop.wait()
         await self._drop_connection()
 
     async def _candidate(self) -> None:

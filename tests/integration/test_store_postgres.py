@@ -11,7 +11,7 @@ import pytest
 from ingestd.bus import EventBus
 from ingestd.config import RouteSettings
 from ingestd.decode import decode_all
-from ingestd.errors import StoreError, StoreUnavailable
+from ingestd.errors import NotPrimary, StoreError, StoreUnavailable
 from ingestd.events import NS, Processed, Reading, Rejected, SensorStatus
 from ingestd.flow import InFlightWindow
 from ingestd.routes import RouteTable
@@ -533,3 +533,41 @@ async def test_instances_adding_gaps_to_one_sensor_at_once_sum_them(pg_url: str)
         await b.close()
     rows = PgReader(pg_url).rows("SELECT seq_gaps, seq_missing FROM sensor_status")
     assert rows == [(50 * 1 + 50 * 3, 50 * 2 + 50 * 5)]
+
+
+async def test_a_deposed_primary_commits_nothing_after_the_next_took_over(pg_url: str) -> None:
+    """The primary role's fence: its batches read the term FOR SHARE; a member
+    taking the role over (a new epoch) waits for a batch in progress, and every
+    later batch of the old term is refused, rolled back whole."""
+    db = PgReader(pg_url)
+    old, new = PostgresStore(pg_url), PostgresStore(pg_url)
+    await old.open()
+    await new.open()
+    db.rows(
+        "INSERT INTO primary_role (grp, epoch, client_id, holder, since) "
+        "VALUES ('role', 1, 'role', 'a', 0)"
+    )
+    old.fence = ("role", 1)
+    t0 = int(NOW) * NS
+    # A batch of the old term in progress: the takeover waits for it.
+    async with old.batch() as tx:
+        await tx.add_readings(_readings("a", 10, t0))
+        bump = asyncio.ensure_future(
+            asyncio.to_thread(db.rows, "UPDATE primary_role SET epoch = 2 WHERE grp = 'role'")
+        )
+        await asyncio.sleep(0.5)
+        assert not bump.done(), "the takeover waits for the old term's batch"
+    await bump
+    assert db.count() == 10
+    new.fence = ("role", 2)
+    with pytest.raises(NotPrimary, match="moved on"):
+        async with old.batch() as tx:
+            await tx.add_readings(_readings("b", 10, t0))
+            await tx.set_status(SensorStatus(devices={("sparkplug", "n"): (b"\x01", b"birth")}))
+    async with new.batch() as tx:
+        await tx.add_readings(_readings("c", 10, t0))
+    assert db.count() == 20
+    assert db.rows("SELECT count(*) FROM readings WHERE sensor = 'b'") == [(0,)]
+    assert db.count("device_state") == 0
+    for s in (old, new):
+        await s.close()
