@@ -132,6 +132,7 @@ class Primacy:
         self.epoch = 0
         self._conn: Any = None
         self._using = asyncio.Lock()  # one query at a time on the lock connection
+        self._unreachable = False  # said once per outage
 
     def reconfigure(self, settings: Settings) -> None:
         """A reload: the primary's routes and settings (`split(new)[1]`)."""
@@ -142,23 +143,21 @@ class Primacy:
     async def run(self) -> None:
         # This task's lines, and those of the pipeline it starts, say whose they are.
         structlog.contextvars.bind_contextvars(role="primary")
-        backoff = Backoff(1.0, 30.0)
-        reported: str | None = None
+        backoff = Backoff(CHECK_INTERVAL, 5.0)  # the role is not left empty for long
         while not self.stop.is_set():
             try:
                 await self._candidate()
                 continue
             except RoleLost:
-                reported = None  # said when it was lost; try again after a pause
-                backoff.reset()
+                backoff.reset()  # said when it was lost; try again after a pause
             except Exception as exc:  # OSError, StoreUnavailable, asyncpg's: the server
-                if str(exc) != reported:
-                    log.warning(
-                        "cannot try for the primary role; retrying",
-                        client_id=self.role,
-                        error=str(exc) or repr(exc),
-                    )
-                    reported = str(exc)
+                # Once per outage (the store's own lines say more); then quiet.
+                (log.debug if self._unreachable else log.warning)(
+                    "cannot try for the primary role; retrying",
+                    client_id=self.role,
+                    error=str(exc) or repr(exc),
+                )
+                self._unreachable = True
             await self._drop_connection()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(backoff.next()):
@@ -169,6 +168,9 @@ class Primacy:
         """Try for the lock every CHECK_INTERVAL; hold a term while it is ours."""
         if self._conn is None or self._conn.is_closed():
             self._conn = await self._connect()
+            if self._unreachable:
+                log.info("trying for the primary role again", client_id=self.role)
+                self._unreachable = False
         while not self.stop.is_set():
             if await self._query(_TRY_LOCK, _lock_key(self.role)):
                 try:
