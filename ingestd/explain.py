@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import time
 
+from ingestd.checks import process
 from ingestd.config import ProcessorSettings, Settings, route_table
 from ingestd.decode import decode_message
 from ingestd.events import NS, Reading, Rejected
 from ingestd.printable import printable
-from ingestd.process import process
 from ingestd.report import iso_ns
 from ingestd.routes import RouteTable
 

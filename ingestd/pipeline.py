@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from ingestd.bus import EventBus
+from ingestd.checks import Processor
 from ingestd.config import Settings, route_table
 from ingestd.errors import StopTimeout
 from ingestd.events import BatchCommitted, Decoded, Processed
@@ -25,7 +26,6 @@ from ingestd.maintenance import Maintenance
 from ingestd.observe.device_log import DeviceLog
 from ingestd.observe.event_log import EventLogger
 from ingestd.observe.upstream import UpstreamWatch
-from ingestd.process import Processor
 from ingestd.routes import SequenceState, restore_device_state
 from ingestd.source import MqttSource
 from ingestd.store import Store

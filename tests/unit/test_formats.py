@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingestd import formats
+from ingestd.checks import apply_clock, apply_scaling
 from ingestd.config import RouteSettings, Scaling, Settings, route_table
 from ingestd.decode import decode_all
 from ingestd.events import NS, Reading, Rejected
 from ingestd.explain import explain
 from ingestd.formats.influx import parse, parse_line
-from ingestd.process import apply_clock, apply_scaling
 from ingestd.routes import InputLimits, RouteTable
 
 NOW = 1_700_000_100.0

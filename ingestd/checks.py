@@ -18,7 +18,7 @@ from ingestd.bus import EventBus, Subscription
 from ingestd.config import Limit, ProcessorSettings, Scaling, Settings
 from ingestd.events import NS, Decoded, Processed, Reading, Rejected, reading_payload
 
-log = structlog.get_logger("ingestd.process")
+log = structlog.get_logger("ingestd.checks")
 _NEVER = 2**63  # beyond any int64 nanosecond time
 
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from ingestd.checks import apply_limits
 from ingestd.config import Limit
 from ingestd.events import NS, Reading, Rejected
-from ingestd.process import apply_limits
 
 RECEIVED = 1_700_000_000.0
 
@@ -64,8 +64,8 @@ def test_bounds_are_inclusive_and_no_limits_pass_everything() -> None:
 
 
 def test_a_scaled_value_that_is_not_finite_is_quarantined() -> None:
+    from ingestd.checks import apply_scaling
     from ingestd.config import Scaling
-    from ingestd.process import apply_scaling
 
     rejected: list[Rejected] = []
     kept = apply_scaling(
@@ -80,7 +80,7 @@ def test_a_scaled_value_that_is_not_finite_is_quarantined() -> None:
 def test_a_reading_whose_processing_raises_is_quarantined_not_fatal(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from ingestd import process as mod
+    from ingestd import checks as mod
     from ingestd.config import ProcessorSettings
 
     real = mod.apply_limits
