@@ -21,7 +21,6 @@ from ingestd.checks import Processor
 from ingestd.config import Settings, route_table
 from ingestd.errors import StopTimeout
 from ingestd.events import BatchCommitted, Decoded, Processed
-from ingestd.flow import InFlightWindow
 from ingestd.maintenance import Maintenance
 from ingestd.observe.device_log import DeviceLog
 from ingestd.observe.event_log import EventLogger
@@ -30,6 +29,7 @@ from ingestd.routes import SequenceState, restore_device_state
 from ingestd.source import MqttSource
 from ingestd.store import Store
 from ingestd.store.base import PACKETS, unpack_packets
+from ingestd.window import InFlightWindow
 from ingestd.writer import BatchWriter
 
 log = structlog.get_logger("ingestd")

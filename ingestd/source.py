@@ -36,10 +36,10 @@ from ingestd.config import MqttSettings, Settings, route_table
 from ingestd.decode import decode_all, too_large
 from ingestd.errors import ConfigError
 from ingestd.events import NS, Decoded, Rejected, control
-from ingestd.flow import InFlightWindow
 from ingestd.mqtt_link import ARRIVAL_CLOCK, MqttLink, OversizedMessage, max_packet_size, raw_topic
 from ingestd.observe.upstream import BROKER_DROPPED, UpstreamWatch
 from ingestd.routes import RouteTable
+from ingestd.window import InFlightWindow
 
 log = structlog.get_logger("ingestd.source")
 

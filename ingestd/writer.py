@@ -32,8 +32,8 @@ from ingestd.bus import EventBus, Subscription
 from ingestd.config import Settings
 from ingestd.errors import StoreUnavailable
 from ingestd.events import BatchCommitted, Processed, Reading, Rejected, SensorStatus
-from ingestd.flow import InFlightWindow
 from ingestd.store import Store
+from ingestd.window import InFlightWindow
 
 log = structlog.get_logger("ingestd.writer")
 

@@ -15,9 +15,9 @@ from ingestd.config import RouteSettings
 from ingestd.decode import decode_all
 from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import NS, Processed, Reading, Rejected, SensorStatus
-from ingestd.flow import InFlightWindow
 from ingestd.routes import RouteTable
 from ingestd.store.sqlite import SCHEMA_VERSION, SqliteStore
+from ingestd.window import InFlightWindow
 from ingestd.writer import BatchWriter
 from tests.helpers import hold_exclusive_lock
 

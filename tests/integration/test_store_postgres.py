@@ -13,11 +13,11 @@ from ingestd.config import RouteSettings
 from ingestd.decode import decode_all
 from ingestd.errors import NotPrimary, StoreError, StoreUnavailable
 from ingestd.events import NS, Processed, Reading, Rejected, SensorStatus
-from ingestd.flow import InFlightWindow
 from ingestd.routes import RouteTable
 from ingestd.store.base import TIMEOUT
 from ingestd.store.postgres import SCHEMA_VERSION, PostgresReader, PostgresStore
 from ingestd.store.postgres.schema import DAY_NS, partitions
+from ingestd.window import InFlightWindow
 from ingestd.writer import BatchWriter
 from tests.helpers import PgReader
 

@@ -166,8 +166,8 @@ def test_a_refused_subscription_is_reported_with_the_routes_it_serves() -> None:
     # real refusal cannot be provoked there; the names come from here.)
     from ingestd.bus import EventBus
     from ingestd.config import Settings, route_table
-    from ingestd.flow import InFlightWindow
     from ingestd.source import MqttSource
+    from ingestd.window import InFlightWindow
 
     settings = Settings(
         routes=[

@@ -7,7 +7,7 @@ import pytest
 
 from ingestd.backoff import Backoff
 from ingestd.bus import EventBus
-from ingestd.flow import InFlightWindow
+from ingestd.window import InFlightWindow
 
 
 class A:
