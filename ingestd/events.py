@@ -82,18 +82,19 @@ class Rejected(msgspec.Struct, frozen=True, gc=False):
     kind: str = "decode"
 
 
-# Why input is quarantined, by kind; the free-text reason says the rest.
-REJECT_KINDS = (
-    "decode",
-    "no_route",
-    "bad_topic",
-    "out_of_range",
-    "too_large",
-    "clock",
-    "rate_limited",
-    "conflict",
-    "internal",
-)
+# Why input is quarantined, by kind (the free-text reason says the rest), and
+# where each is applied: the one list of quarantine reasons.
+REJECT_KINDS: dict[str, str] = {
+    "decode": "the route's format could not read the payload (decode.decode_message, formats/)",
+    "no_route": "no route's filter matches the topic (decode.decode_message)",
+    "bad_topic": "the topic is not UTF-8 (source) or gives an empty sensor id (decode)",
+    "out_of_range": "a value outside [processor.limits], or scaled to NaN/inf (checks)",
+    "too_large": "over input.max_payload_bytes, or the maximum packet size (decode, mqtt_link)",
+    "clock": "a device time too far ahead or too old (checks.apply_clock)",
+    "rate_limited": "over the route's rate_limit, rate_policy = quarantine (decode)",
+    "conflict": "a key already stored with another value (store batches)",
+    "internal": "a decoder or check raised: a bug in ingestd, the message kept (decode, checks)",
+}
 
 
 class Decoded(msgspec.Struct, frozen=True):
