@@ -634,14 +634,8 @@ class MqttSource:
             self._wake.set()
 
     async def _publish_inbox(self) -> None:
-        # In chunks of at most a quarter of the in-flight window. A read can
-        # take the whole window at once (the broker sends it in one burst after
-        # a commit's acknowledgements); as one chunk it would be one batch
-        # however many readings it held, written while nothing else could be.
-        # In quarters, the writer closes a batch at `max_readings` (or half the
-        # window) and the rest goes in the next, which a store that takes
-        # batches side by side (PostgreSQL) writes at the same time.
-        size = max(1, self.window.limit // 4)
+        # In chunks (InFlightWindow.chunk_size: the sizing rule is there).
+        size = self.window.chunk_size
         while self._inbox:
             messages = self._inbox[:size]
             del self._inbox[:size]

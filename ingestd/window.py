@@ -96,6 +96,28 @@ class InFlightWindow:
             return True
         return self.broker_limit > 0 and self.unacked >= self.broker_limit
 
+    # The sizing rule, in one place: the source hands chunks of at most a
+    # quarter of the window to the pipeline, and the writer commits a batch
+    # once it holds half the window (or half of what the broker sends before
+    # it waits for acks). A read can take the whole window at once (the broker
+    # sends it in one burst after a commit's acknowledgements); as one chunk it
+    # would be one batch however many readings it held, written while nothing
+    # else could be. Committing at half, not at full, lets the other half be
+    # read while this half is written, and a store that takes batches side by
+    # side (PostgreSQL) writes the next at the same time.
+
+    @property
+    def chunk_size(self) -> int:
+        """The most messages the source puts in one chunk."""
+        return max(1, self.limit // 4)
+
+    def batch_full(self, deliveries: int, unacked: int) -> bool:
+        """A batch holding `deliveries` messages (`unacked` of them to acknowledge)
+        is to be committed now: more can only arrive as fast as it commits."""
+        if self.saturated or deliveries * 2 >= self.limit:
+            return True
+        return self.broker_limit > 0 and unacked * 2 >= self.broker_limit
+
     async def wait_idle(self) -> None:
         await self._idle.wait()
 

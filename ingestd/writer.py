@@ -160,17 +160,12 @@ class BatchWriter:
     def _full(self) -> bool:
         """Commit now rather than wait for more?
 
-        Besides `max_readings`: once the batch holds half the in-flight window
-        (or half of what the broker sends before it waits for acks), more can
-        only arrive as fast as we commit. Committing at half, not at full,
-        lets the other half be read while this half is written.
+        At `max_readings`, or as the in-flight window's sizing rule says
+        (`InFlightWindow.batch_full`: half the window).
         """
-        if self._size >= self.max_readings or self.window.saturated:
-            return True
-        w = self.window
-        if self._deliveries * 2 >= w.limit:
-            return True
-        return w.broker_limit > 0 and self._unacked * 2 >= w.broker_limit
+        return self._size >= self.max_readings or self.window.batch_full(
+            self._deliveries, self._unacked
+        )
 
     def _add(self, chunk: Processed, now: float) -> None:
         if not (chunk.readings or chunk.rejected or chunk.deliveries or chunk.status):
