@@ -207,6 +207,7 @@ class Processor:
                     flush=chunk.flush,
                     last=chunk.last,
                     status=chunk.status,
+                    gaps=chunk.gaps,
                     rejected_readings=moved,
                 )
             )

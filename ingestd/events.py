@@ -121,6 +121,10 @@ class Decoded(msgspec.Struct, frozen=True):
     # Per-sensor state (device sequence counters, expect_within) to store with
     # this chunk's readings, in the same transaction.
     status: SensorStatus = SensorStatus()
+    # (gaps, messages missing) in devices' counters found decoding this chunk:
+    # counted once it is committed (a chunk a lost primary term never
+    # committed is read, and its gaps found, again by the next primary).
+    gaps: tuple[int, int] = (0, 0)
 
 
 class Processed(Decoded, frozen=True):

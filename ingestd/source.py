@@ -730,9 +730,12 @@ class MqttSource:
                 read_before.add(at)
             deliveries.append((topic, payload, now))
         self._last_received_ns = last
+        counts = table.counts
+        gaps, missing = counts.sequence_gaps, counts.sequence_missing
         readings, rejected = decode_all(
             table, deliveries, retained_at=retained_at, read_before=read_before
         )
+        found = (counts.sequence_gaps - gaps, counts.sequence_missing - missing)
         self.window.readings += len(readings)
         if bad_topics:
             rejected.extend(bad_topics)
@@ -743,5 +746,5 @@ class MqttSource:
         if self.table.commands:
             await self._send_commands()
         await self.bus.publish(
-            Decoded(readings, rejected, len(messages), acks, self._epoch, status=status)
+            Decoded(readings, rejected, len(messages), acks, self._epoch, status=status, gaps=found)
         )

@@ -81,6 +81,9 @@ class BatchWriter:
         # Readings (not messages) quarantined: by the processor, or as conflicts.
         self.quarantined_readings = 0
         self.batches = 0
+        # Gaps (and messages missing) in devices' counters, in committed chunks.
+        self.gaps_committed = 0
+        self.missing_committed = 0
         self.store_available = True
         self._condition: str | None = None  # why the store refused the last attempt
         # For metrics and health (read from the metrics server's thread too).
@@ -288,6 +291,8 @@ class BatchWriter:
         self.quarantined_readings += moved + len(conflicts)
         self.window.readings -= len(readings) + moved
         for c in chunks:
+            self.gaps_committed += c.gaps[0]
+            self.missing_committed += c.gaps[1]
             # Chunks are in arrival order, so acknowledgements are too.
             self.acknowledge(c.epoch, c.acks)
             self.window.settle(c.deliveries, len(c.acks))

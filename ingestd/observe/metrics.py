@@ -152,8 +152,8 @@ class Tally:
             w.batches,
             p.window.pauses,
             p.source.reconnects,
-            c.sequence_gaps,
-            c.sequence_missing,
+            w.gaps_committed,
+            w.missing_committed,
             c.rebirth_requests,
             c.rebirths_suppressed,
             # One log budget per process (shared by its pipelines): counted once.
@@ -525,7 +525,7 @@ class PipelineCollector(Collector):
             yield silent
         yield _counter(
             "ingestd_sequence_gaps",
-            "Jumps in devices' message counters (messages lost upstream)",
+            "Jumps in devices' message counters (messages lost upstream), in messages committed",
             t.sequence_gaps,
         )
         yield _counter(
