@@ -6,7 +6,8 @@ describe themselves in `$` topics; every member subscribes to those outside
 the group, so a value reaching any member is read with its description,
 whether the device described itself before the member joined (retained) or
 after (live). Sparkplug and `sequence_field` cannot be judged on part of a
-device's stream: check-config refuses them in a shared group."""
+device's stream: in a group on PostgreSQL one member at a time, the primary,
+reads them (tests/e2e/test_primary.py); with SQLite check-config refuses them."""
 
 from __future__ import annotations
 
