@@ -14,8 +14,8 @@ import asyncpg
 from ingestd.errors import StoreError
 from ingestd.store import base
 from ingestd.store.base import QuarantineRow, ReadingRow, SensorRow, StoreTotals, unreadable_schema
+from ingestd.store.postgres.faults import classify, redacted
 from ingestd.store.postgres.schema import SCHEMA_VERSION
-from ingestd.store.postgres.store import classify, redacted
 
 _CHUNK = 5000
 

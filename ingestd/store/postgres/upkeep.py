@@ -1,0 +1,104 @@
+"""The PostgreSQL store's upkeep: partitions ahead, retention by whole
+partitions (or chunks), quarantine and device state trimmed, in small
+transactions so the writer never waits long."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import suppress
+from typing import TYPE_CHECKING, Any
+
+from ingestd.events import NS
+from ingestd.store import base
+from ingestd.store.base import Upkeep
+from ingestd.store.postgres.schema import partitions
+
+if TYPE_CHECKING:
+    from ingestd.store.postgres.store import PostgresStore
+
+
+async def upkeep(store: PostgresStore, cutoff: float | None, rows_per_transaction: int) -> Upkeep:
+    """Partitions ahead of need; retention drops whole partitions older than
+    the cutoff and deletes, in small transactions, what is older in the
+    partition that straddles it (and in the default partition)."""
+    conn = await store.connect()
+    try:
+        # Upkeep is not held to the writer's statement timeout: counting a
+        # large partition before dropping it may take a while.
+        await conn.execute("SET statement_timeout = 0")
+        await store.ensure_partitions_ahead(conn)
+        readings = quarantined = dropped = 0
+        if cutoff is not None and store.hypertable:
+            cutoff_ns = int(cutoff * NS)
+            readings = await conn.fetchval(
+                "SELECT count(*) FROM samples WHERE ts_ns < $1", cutoff_ns
+            )
+            dropped = len(
+                await conn.fetch("SELECT drop_chunks('samples', older_than => $1)", cutoff_ns)
+            )
+            # What is left below the cutoff is in the chunk it cuts through.
+            await _delete_older_by_key(conn, cutoff_ns, rows_per_transaction)
+        elif cutoff is not None:
+            cutoff_ns = int(cutoff * NS)
+            for name, lo, hi in await partitions(conn):
+                if hi <= cutoff_ns:
+                    n = await conn.fetchval(f'SELECT count(*) FROM "{name}"')
+                    await conn.execute(f'DROP TABLE "{name}"')
+                    readings += n
+                    dropped += 1
+                elif lo < cutoff_ns:
+                    readings += await _delete_older(conn, name, cutoff_ns, rows_per_transaction)
+            readings += await _delete_older(
+                conn, "samples_default", cutoff_ns, rows_per_transaction
+            )
+        if cutoff is not None:
+            quarantined = await _delete_in_batches(
+                conn,
+                "DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine "
+                "WHERE received_at < $1 ORDER BY received_at LIMIT $2)",
+                cutoff,
+                rows_per_transaction,
+            )
+        await conn.execute(
+            base.DEVICE_STATE_TRIM.format(all="ALL", offset="$1"), base.DEVICE_STATE_KEPT
+        )
+    except Exception as exc:
+        raise store.translate(exc) from exc
+    finally:
+        with suppress(Exception):
+            await conn.close(timeout=2)
+    return Upkeep(readings, quarantined, {"partitions_dropped": dropped})
+
+
+async def _delete_in_batches(conn: Any, sql: str, cutoff: float, batch: int) -> int:
+    """Run a DELETE of at most `batch` rows ($1 the cutoff, $2 the batch) until
+    it deletes fewer: small transactions, so the writer never waits long."""
+    deleted = 0
+    while True:
+        status = await conn.execute(sql, cutoff, batch)
+        n = int(status.rsplit(" ", 1)[1])
+        deleted += n
+        if n < batch:
+            return deleted
+        await asyncio.sleep(0)
+
+
+async def _delete_older(conn: Any, table: str, cutoff_ns: int, batch: int) -> int:
+    return await _delete_in_batches(
+        conn,
+        f'DELETE FROM "{table}" WHERE ctid = ANY(ARRAY('
+        f'SELECT ctid FROM "{table}" WHERE ts_ns < $1 LIMIT $2))',
+        cutoff_ns,
+        batch,
+    )
+
+
+async def _delete_older_by_key(conn: Any, cutoff_ns: int, batch: int) -> int:
+    """By key: a hypertable's ctid is not unique across its chunks."""
+    return await _delete_in_batches(
+        conn,
+        "DELETE FROM samples WHERE (series_id, ts_ns, seq) IN ("
+        "SELECT series_id, ts_ns, seq FROM samples WHERE ts_ns < $1 LIMIT $2)",
+        cutoff_ns,
+        batch,
+    )
