@@ -38,7 +38,7 @@ from ingestd.errors import ConfigError
 from ingestd.events import NS, Decoded, Rejected, control
 from ingestd.flow import InFlightWindow
 from ingestd.mqtt_link import ARRIVAL_CLOCK, MqttLink, OversizedMessage, max_packet_size, raw_topic
-from ingestd.observe.upstream import BROKER_DROPPED, UpstreamWatch
+from ingestd.observe.upstream import WATCHED, UpstreamWatch
 from ingestd.routes import RouteTable
 
 log = structlog.get_logger("ingestd.source")
@@ -393,9 +393,9 @@ class MqttSource:
             # Sparkplug 3.0 host STATE: the will carries the birth's timestamp.
             self._state_ms = int(time.time() * 1000)
             will = aiomqtt.Will(self.state_topic, self._state(False), qos=1, retain=True)
-        side: dict[str, Callable[[bytes], None]] = {}
+        side: dict[str, Callable[[bytes, bool], None]] = {}
         if s.watch_broker_drops and self.upstream is not None:
-            side[BROKER_DROPPED] = self.upstream.broker_dropped
+            side = self.upstream.side_topics()
         return MqttLink(
             on_message=self._on_message,
             manual_ack=self.manual_ack,
@@ -530,7 +530,7 @@ class MqttSource:
 
     async def _watch_broker(self, link: MqttLink) -> None:
         try:
-            await link.subscribe(BROKER_DROPPED, 0, timeout=math.inf)
+            await link.subscribe([(t, 0) for t in WATCHED], timeout=math.inf)
         except aiomqtt.MqttError as exc:
             log.debug("no watch on the broker's drop count", error=str(exc))
 
