@@ -32,6 +32,8 @@ BROKER_DROPPED = "$SYS/broker/publish/messages/dropped"
 BROKER_UPTIME = "$SYS/broker/uptime"
 # In the order to subscribe to them.
 WATCHED = (BROKER_UPTIME, BROKER_DROPPED)
+# Mosquitto's max_inflight_messages when nobody set it.
+STOCK_BROKER_INFLIGHT = 20
 # Repeated warnings (drops, gaps) are summed over this many seconds.
 REPORT_INTERVAL = 60.0
 # Sensors named in one staleness line, at most.
@@ -64,6 +66,37 @@ class UpstreamWatch:
     def reconfigure(self, settings: Settings) -> None:
         """A reload: routes' expect_within from the next check on."""
         self.settings = settings
+
+    # -- what ingestd cannot check about the broker --------------------------------
+
+    def announce(self) -> None:
+        """One start-up line on the broker settings ingestd relies on and cannot
+        read: its in-flight window and its queue limit (no client can read
+        Mosquitto's max_queued_messages, whose default of 1000 drops the rest
+        of a burst that a client falls behind)."""
+        m = self.settings.mqtt
+        watched = "counted from the first after start (ingestd_broker_drops_seen_total)"
+        if not m.watch_broker_drops:
+            watched = "NOT watched (mqtt.watch_broker_drops = false): such loss goes unseen"
+        if m.protocol == "3.1.1" and m.broker_max_inflight == STOCK_BROKER_INFLIGHT:
+            log.warning(
+                "the broker's in-flight window in use is Mosquitto's stock 20 "
+                "(mqtt.broker_max_inflight), and a broker left at its defaults also "
+                "queues at most 1000 messages per client and drops the rest of a burst "
+                "that ingestd falls behind. Give the broker config/mosquitto.conf's "
+                "settings and set mqtt.broker_max_inflight to its max_inflight_messages; "
+                "see README, Broker settings",
+                broker_max_inflight=m.broker_max_inflight,
+                broker_drops=watched,
+            )
+        else:
+            (log.info if m.watch_broker_drops else log.warning)(
+                "the broker cannot be confirmed lossless: no client can read its queue "
+                "limit (Mosquitto's max_queued_messages drops beyond it, 1000 by "
+                "default); config/mosquitto.conf has the settings ingestd needs",
+                window=m.max_inflight if m.protocol == "5" else m.broker_max_inflight,
+                broker_drops=watched,
+            )
 
     # -- the broker's drop counter and uptime ($SYS) -------------------------------
 

@@ -91,6 +91,8 @@ def test_a_stock_broker_dropping_a_burst_is_reported(
     )
     assert "config/mosquitto.conf" in line["msg"]
     assert "Outgoing messages are being dropped" in broker.log.read_text()
+    # Said at start, before any loss: the window is the stock one.
+    assert "in-flight window in use is Mosquitto's stock 20" in daemon.logs()
     print(
         f"\nstock Mosquitto, 5000-message burst: stored {stored}, broker dropped "
         f"{int(seen)}; log: {line['msg'][:60]}..."

@@ -4,6 +4,9 @@ The daemon against a real broker: tests/e2e/test_upstream.py."""
 
 from __future__ import annotations
 
+import pytest
+from structlog.testing import capture_logs
+
 from ingestd.config import load_settings
 from ingestd.observe.upstream import WATCHED, UpstreamWatch
 from tests.helpers import SHIPPED_CONFIG
@@ -77,3 +80,20 @@ def test_what_is_not_a_number_is_ignored() -> None:
     w.broker_uptime(b"soon", RETAINED)
     w.broker_dropped(b"many", LIVE)
     assert (w.state.broker_uptime, w.state.broker_dropped, w.state.drops_seen) == (None, None, 0)
+
+
+def test_the_start_up_line_says_what_cannot_be_confirmed(monkeypatch: pytest.MonkeyPatch) -> None:
+    with capture_logs() as logs:
+        _watch().announce()  # the shipped config: Mosquitto's stock window
+    assert [(e["log_level"], e["broker_max_inflight"]) for e in logs] == [("warning", 20)]
+    assert "stock 20" in logs[0]["event"]
+    monkeypatch.setenv("INGESTD_MQTT__BROKER_MAX_INFLIGHT", "1000")
+    with capture_logs() as logs:
+        _watch().announce()
+    assert [(e["log_level"], e["window"]) for e in logs] == [("info", 1000)]
+    assert "cannot be confirmed lossless" in logs[0]["event"]
+    monkeypatch.setenv("INGESTD_MQTT__WATCH_BROKER_DROPS", "false")
+    with capture_logs() as logs:
+        _watch().announce()
+    assert logs[0]["log_level"] == "warning"
+    assert "NOT watched" in logs[0]["broker_drops"]
