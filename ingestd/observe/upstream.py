@@ -149,12 +149,13 @@ class UpstreamWatch:
             # after the subscription. Counting from 0 may include drops long
             # before ingestd started; taking it as the baseline would miss the
             # first burst ingestd itself fell behind.
-            log.info(
-                "counting the broker's drops from 0: it held no retained count when "
-                "ingestd subscribed (Mosquitto's expires a minute after it last changed)",
-                broker_total=total,
-                topic=BROKER_DROPPED,
-            )
+            if total:
+                log.info(
+                    "counting the broker's drops from 0: it held no retained count when "
+                    "ingestd subscribed (Mosquitto's expires a minute after it last changed)",
+                    broker_total=total,
+                    topic=BROKER_DROPPED,
+                )
             increase = total
         elif new_life or total < s.broker_dropped:  # restarted: the counter began again
             increase = total
