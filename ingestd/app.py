@@ -138,6 +138,7 @@ class Daemon:
             broker=f"{s.mqtt.host}:{s.mqtt.port}",
             routes=len(s.routes),
         )
+        self.upstream.announce()
         server = self._start_metrics_server()
         monitor = asyncio.get_running_loop().create_task(self._monitor(), name="monitor")
         try:

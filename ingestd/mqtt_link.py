@@ -366,16 +366,16 @@ class MqttLink(aiomqtt.Client):
         *,
         on_message: MessageHandler,
         manual_ack: bool,
-        side_topics: Mapping[str, Callable[[bytes], None]] | None = None,
+        side_topics: Mapping[str, Callable[[bytes, bool], None]] | None = None,
         max_packet_size: int = 0,
         **kwargs: Any,
     ) -> None:
-        """`side_topics`: topics whose payloads go to their own callback, outside
-        the pipeline (the broker's $SYS counters): not counted, not acknowledged
-        (they arrive at QoS 0). `max_packet_size` (bytes, 0: no bound): a
-        PUBLISH bigger than this is skipped unread and handed on as an
-        `OversizedMessage`; for MQTT 5 it also belongs in the CONNECT
-        properties (the caller's), so the broker sends none."""
+        """`side_topics`: topics whose payloads (and retain flags) go to their
+        own callback, outside the pipeline (the broker's $SYS counters): not
+        counted, not acknowledged (they arrive at QoS 0). `max_packet_size`
+        (bytes, 0: no bound): a PUBLISH bigger than this is skipped unread and
+        handed on as an `OversizedMessage`; for MQTT 5 it also belongs in the
+        CONNECT properties (the caller's), so the broker sends none."""
         super().__init__(**kwargs)
         self.max_packet_size = max_packet_size
         self._max_remaining = max_remaining_length(max_packet_size) if max_packet_size else 0
@@ -446,7 +446,7 @@ class MqttLink(aiomqtt.Client):
         if self._side:
             side = self._side.get(message._topic)
             if side is not None:
-                side(bytes(message.payload))
+                side(bytes(message.payload), bool(message.retain))
                 return
         self._received += 1
         if self._discarding:

@@ -37,7 +37,7 @@ from ingestd.decode import decode_all, too_large
 from ingestd.errors import ConfigError
 from ingestd.events import NS, Decoded, Rejected, control
 from ingestd.mqtt_link import ARRIVAL_CLOCK, MqttLink, OversizedMessage, max_packet_size, raw_topic
-from ingestd.observe.upstream import BROKER_DROPPED, UpstreamWatch
+from ingestd.observe.upstream import WATCHED, UpstreamWatch
 from ingestd.routes import RouteTable
 from ingestd.window import InFlightWindow
 
@@ -396,9 +396,9 @@ class MqttSource:
             # Sparkplug 3.0 host STATE: the will carries the birth's timestamp.
             self._state_ms = int(time.time() * 1000)
             will = aiomqtt.Will(self.state_topic, self._state(False), qos=1, retain=True)
-        side: dict[str, Callable[[bytes], None]] = {}
+        side: dict[str, Callable[[bytes, bool], None]] = {}
         if s.watch_broker_drops and self.upstream is not None:
-            side[BROKER_DROPPED] = self.upstream.broker_dropped
+            side = self.upstream.side_topics()
         return MqttLink(
             on_message=self._on_message,
             manual_ack=self.manual_ack,
@@ -503,6 +503,7 @@ class MqttSource:
         filters = list(self.subscriptions)
         if not filters:  # every route is the primary's (a shared group's member)
             log.info("subscribed", topics=[])
+            self._watch_drops(link)
             return True
         request = asyncio.ensure_future(link.subscribe(filters, timeout=math.inf))
         waiting: set[asyncio.Future[Any]] = {request, link_lost, pump}
@@ -528,17 +529,20 @@ class MqttSource:
                     username=self.settings.username,
                 )
         log.info("subscribed", topics=[t for t, _ in self.subscriptions])
+        self._watch_drops(link)
+        return True
+
+    def _watch_drops(self, link: MqttLink) -> None:
         if self.settings.watch_broker_drops and self.upstream is not None:
             # In the background: Mosquitto answers a SUBSCRIBE made while a
             # session's backlog flows only after the backlog (measured: 3 s for
             # 100,000 messages), and readiness must not wait for a watch. Never
             # in a shared group: every instance wants the broker's counter.
             self._watch = asyncio.ensure_future(self._watch_broker(link))
-        return True
 
     async def _watch_broker(self, link: MqttLink) -> None:
         try:
-            await link.subscribe(BROKER_DROPPED, 0, timeout=math.inf)
+            await link.subscribe([(t, 0) for t in WATCHED], timeout=math.inf)
         except aiomqtt.MqttError as exc:
             log.debug("no watch on the broker's drop count", error=str(exc))
 

@@ -4,7 +4,8 @@
 # persistence) on 127.0.0.1, port $INGESTD_MQTT__PORT or 1883.
 #   scripts/broker.sh          start it in the background (data in var/mosquitto)
 #   scripts/broker.sh stop     stop it
-# If something already listens on the port, it says so and leaves it alone:
+# If something already listens on the port, it leaves it alone and warns what
+# it cannot check about it (its queue and in-flight limits, persistence):
 # apply config/mosquitto.conf to that broker (see README, "Broker settings").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,8 +35,32 @@ if running; then
   exit 0
 fi
 if listening; then
-  say "something already listens on 127.0.0.1:$port: using it. Give it the settings in"
-  say "config/mosquitto.conf, or pick another port: INGESTD_MQTT__PORT=18830 $0"
+  # Not ours: say loudly what cannot be checked from outside, and what can.
+  say "WARNING: a broker this script did not start already listens on 127.0.0.1:$port."
+  say "It leaves that broker alone and CANNOT CHECK its settings; left at Mosquitto's defaults,"
+  say "it LOSES messages for ingestd:"
+  say "  max_queued_messages    the default 1000 drops, for good, the rest of a burst ingestd"
+  say "                         falls behind (or that arrives while it restarts)"
+  say "  max_inflight_messages  must match ingestd's mqtt.broker_max_inflight (default 20)"
+  say "  persistence            off: a broker restart loses ingestd's session and its queue"
+  if command -v mosquitto_sub >/dev/null 2>&1; then
+    sub() { mosquitto_sub -h 127.0.0.1 -p "$port" -C 1 -W 2 "$@" 2>/dev/null || true; }
+    version=$(sub -t '$SYS/broker/version')
+    if [ -z "$version" ]; then
+      say "It did not answer an anonymous subscribe to \$SYS/broker/version: not even what it is"
+      say "could be read."
+    else
+      say "It says it is: $version."
+      # Retained only while it changed in the last minute (Mosquitto 2.x).
+      dropped=$(sub --retained-only -t '$SYS/broker/publish/messages/dropped')
+      if [ -n "$dropped" ] && [ "$dropped" != 0 ]; then
+        say "It has DROPPED $dropped messages since it started (\$SYS/broker/publish/messages/dropped)."
+      fi
+    fi
+  fi
+  say "Give it the settings in config/mosquitto.conf (README, Broker settings), or run one"
+  say "from this script on another port: INGESTD_MQTT__PORT=18830 $0 (and the same in front"
+  say "of each ingestd command). ingestd logs the broker's drops it sees."
   exit 0
 fi
 bin=$(command -v mosquitto || echo /usr/sbin/mosquitto)

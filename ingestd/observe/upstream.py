@@ -10,7 +10,7 @@ HTTP thread reads the plain values.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -21,9 +21,19 @@ from ingestd.routes import RouteTable
 
 log = structlog.get_logger("ingestd.upstream")
 
-# Mosquitto's running total of messages it dropped (all clients); published
-# when it changes, every sys_interval (10 s by default).
+# Mosquitto's running total of messages it dropped (all clients) since it
+# started. Mosquitto 2.x publishes it every sys_interval (10 s by default) but
+# only when it changed, retained with a 60 s message expiry: a broker that
+# dropped nothing for a minute has no retained value for a new subscriber.
 BROKER_DROPPED = "$SYS/broker/publish/messages/dropped"
+# "<n> seconds": published every sys_interval, so always retained. Subscribed
+# before BROKER_DROPPED (the broker sends retained values in filter order, and
+# each $SYS round publishes uptime first): a restart is known before the count.
+BROKER_UPTIME = "$SYS/broker/uptime"
+# In the order to subscribe to them.
+WATCHED = (BROKER_UPTIME, BROKER_DROPPED)
+# Mosquitto's max_inflight_messages when nobody set it.
+STOCK_BROKER_INFLIGHT = 20
 # Repeated warnings (drops, gaps) are summed over this many seconds.
 REPORT_INTERVAL = 60.0
 # Sensors named in one staleness line, at most.
@@ -34,6 +44,8 @@ NAMED = 10
 class UpstreamState:
     broker_dropped: int | None = None  # the broker's own counter, as last seen
     drops_seen: int = 0  # its increase while ingestd watched
+    broker_uptime: int | None = None  # seconds, as last seen
+    broker_restarts: int = 0  # seen from its uptime going back
     silent_routes: list[str] = field(default_factory=list)
     stale_sensors: int = 0
 
@@ -49,19 +61,79 @@ class UpstreamWatch:
         self._gaps_reported_at = -REPORT_INTERVAL
         self._stale: set[tuple[int, int, str]] = set()
 
+        self._new_broker_life = False  # restarted: its next count starts from 0
+
     def reconfigure(self, settings: Settings) -> None:
         """A reload: routes' expect_within from the next check on."""
         self.settings = settings
 
-    # -- the broker's drop counter ($SYS) -------------------------------------------
+    # -- what ingestd cannot check about the broker --------------------------------
 
-    def broker_dropped(self, payload: bytes) -> None:
+    def announce(self) -> None:
+        """One start-up line on the broker settings ingestd relies on and cannot
+        read: its in-flight window and its queue limit (no client can read
+        Mosquitto's max_queued_messages, whose default of 1000 drops the rest
+        of a burst that a client falls behind)."""
+        m = self.settings.mqtt
+        watched = "counted from the first after start (ingestd_broker_drops_seen_total)"
+        if not m.watch_broker_drops:
+            watched = "NOT watched (mqtt.watch_broker_drops = false): such loss goes unseen"
+        if m.protocol == "3.1.1" and m.broker_max_inflight == STOCK_BROKER_INFLIGHT:
+            log.warning(
+                "the broker's in-flight window in use is Mosquitto's stock 20 "
+                "(mqtt.broker_max_inflight), and a broker left at its defaults also "
+                "queues at most 1000 messages per client and drops the rest of a burst "
+                "that ingestd falls behind. Give the broker config/mosquitto.conf's "
+                "settings and set mqtt.broker_max_inflight to its max_inflight_messages; "
+                "see README, Broker settings",
+                broker_max_inflight=m.broker_max_inflight,
+                broker_drops=watched,
+            )
+        else:
+            (log.info if m.watch_broker_drops else log.warning)(
+                "the broker cannot be confirmed lossless: no client can read its queue "
+                "limit (Mosquitto's max_queued_messages drops beyond it, 1000 by "
+                "default); config/mosquitto.conf has the settings ingestd needs",
+                window=m.max_inflight if m.protocol == "5" else m.broker_max_inflight,
+                broker_drops=watched,
+            )
+
+    # -- the broker's drop counter and uptime ($SYS) -------------------------------
+
+    def side_topics(self) -> dict[str, Callable[[bytes, bool], None]]:
+        """The $SYS topics watched (WATCHED) with their handlers of (payload, retained)."""
+        return {BROKER_UPTIME: self.broker_uptime, BROKER_DROPPED: self.broker_dropped}
+
+    def broker_uptime(self, payload: bytes, retained: bool) -> None:
+        try:
+            uptime = int(payload.split()[0])
+        except (ValueError, IndexError):
+            return
+        s = self.state
+        # Uptime only grows in one broker's life, and samples arrive in order:
+        # less than last seen is a new life, whose drop counter began at 0
+        # (counted whole even when it is higher than the old life's last).
+        if s.broker_uptime is not None and uptime < s.broker_uptime:
+            s.broker_restarts += 1
+            self._new_broker_life = True
+            log.info(
+                "the broker restarted (its uptime went back)",
+                uptime=uptime,
+                last_uptime=s.broker_uptime,
+            )
+        s.broker_uptime = uptime
+
+    def broker_dropped(self, payload: bytes, retained: bool) -> None:
+        """A value of the broker's drop counter. `retained`: sent because ingestd
+        subscribed (the count before it watched); otherwise published live,
+        after the subscription, because the count changed."""
         try:
             total = int(payload.strip())
         except ValueError:
             return
         s = self.state
-        if s.broker_dropped is None:
+        new_life, self._new_broker_life = self._new_broker_life, False
+        if s.broker_dropped is None and retained:
             s.broker_dropped = total
             if total:
                 log.warning(
@@ -71,7 +143,24 @@ class UpstreamWatch:
                     topic=BROKER_DROPPED,
                 )
             return
-        increase = total - s.broker_dropped if total >= s.broker_dropped else total  # restarted
+        if s.broker_dropped is None:
+            # No retained value when ingestd subscribed: the count had not
+            # changed for a minute (Mosquitto expires it), and this change came
+            # after the subscription. Counting from 0 may include drops long
+            # before ingestd started; taking it as the baseline would miss the
+            # first burst ingestd itself fell behind.
+            if total:
+                log.info(
+                    "counting the broker's drops from 0: it held no retained count when "
+                    "ingestd subscribed (Mosquitto's expires a minute after it last changed)",
+                    broker_total=total,
+                    topic=BROKER_DROPPED,
+                )
+            increase = total
+        elif new_life or total < s.broker_dropped:  # restarted: the counter began again
+            increase = total
+        else:
+            increase = total - s.broker_dropped
         s.broker_dropped = total
         if increase <= 0:
             return

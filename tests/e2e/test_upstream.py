@@ -9,6 +9,10 @@ import sys
 import time
 from pathlib import Path
 
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
 from tests.helpers import (
     REPO,
     BrokerFactory,
@@ -87,10 +91,82 @@ def test_a_stock_broker_dropping_a_burst_is_reported(
     )
     assert "config/mosquitto.conf" in line["msg"]
     assert "Outgoing messages are being dropped" in broker.log.read_text()
+    # Said at start, before any loss: the window is the stock one.
+    assert "in-flight window in use is Mosquitto's stock 20" in daemon.logs()
     print(
         f"\nstock Mosquitto, 5000-message burst: stored {stored}, broker dropped "
         f"{int(seen)}; log: {line['msg'][:60]}..."
     )
+
+
+def _retained_sys(port: int) -> set[str]:
+    """The $SYS topics a new subscriber gets a retained value for."""
+    got: set[str] = set()
+    client = paho.Client(CallbackAPIVersion.VERSION2)
+    client.on_message = lambda _c, _u, m: got.add(m.topic) if m.retain else None
+    client.connect("127.0.0.1", port)
+    client.subscribe([("$SYS/broker/publish/messages/dropped", 0), ("$SYS/broker/uptime", 0)])
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        client.loop(0.1)
+    client.disconnect()
+    return got
+
+
+def _stock_broker(tmp_path: Path, brokers: BrokerFactory) -> Mosquitto:
+    """Mosquitto's defaults for what matters here: 20 in flight, 1000 queued,
+    $SYS every 10 s (only a private port, persistence and user are set)."""
+    broker = brokers(tmp_path / "broker", max_inflight=20)
+    broker.conf.write_text(broker.conf.read_text().replace("max_queued_messages 0\n", ""))
+    return broker
+
+
+def _burst_while_behind(port: int, db_path: Path) -> None:
+    lock = hold_exclusive_lock(db_path, 3.0)  # ingestd falls behind
+    publish(
+        port,
+        [
+            (f"sensors/s{i % 10}/telemetry", b'{"ts": %d, "x": %d}' % (1_700_000_000 + i, i))
+            for i in range(5000)
+        ],
+    )
+    lock.join()
+
+
+@pytest.mark.slow  # 60 s for the broker's retained count to expire
+def test_drops_are_counted_on_a_broker_idle_past_its_retained_count(
+    tmp_path: Path, brokers: BrokerFactory, daemons: DaemonFactory
+) -> None:
+    # Mosquitto 2.x publishes its drop count retained with a 60 s expiry, and
+    # only when it changes: after a minute idle a new subscriber gets none,
+    # so the first value it hears must count from 0, not be the baseline.
+    broker = _stock_broker(tmp_path, brokers).start()
+    time.sleep(62)
+    retained = _retained_sys(broker.port)
+    assert retained == {"$SYS/broker/uptime"}, retained  # the precondition: none to start from
+    db = DbReader(tmp_path / "ingestd.db")
+    daemon = daemons(broker.port).start()
+    daemon.wait_ready()
+    base = daemon.metrics_url()
+    _burst_while_behind(broker.port, tmp_path / "ingestd.db")
+    wait_for(
+        lambda: "the broker is dropping messages" in daemon.logs(),
+        30,
+        what="the drop reported in the log",
+    )
+    text = http_get(base + "/metrics")[1]
+    ready = json.loads(http_get(base + "/readyz")[1])
+    seen = int(metric_value(text, "ingestd_broker_drops_seen_total"))
+    wait_for(lambda: db.count() == 5000 - seen, 20, what="the rest stored")
+    assert daemon.stop() == 0
+    daemon.kill()
+    broker.kill()
+    # Every message lost was seen as lost: the broker had dropped nothing before.
+    assert seen > 0
+    assert metric_value(text, "ingestd_broker_dropped_messages") == seen
+    assert ready["upstream"]["broker_drops_seen"] == seen
+    assert "before ingestd watched" not in daemon.logs()
+    print(f"\nstock Mosquitto idle 62 s, 5000-message burst: dropped and seen {seen}")
 
 
 SEQ_ROUTE = """
