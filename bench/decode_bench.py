@@ -16,6 +16,7 @@ import time
 
 from ingestd.config import Settings, route_table
 from ingestd.decode import decode_all
+from ingestd.devices import DeviceState
 from ingestd.events import NS
 
 T0 = 1_700_000_000.0
@@ -94,9 +95,10 @@ def sparkplug_messages() -> tuple[bytes, list[bytes]]:
 
 def main() -> int:
     table = route_table(Settings(routes=ROUTES))
-    decode_all(table, [("homie/5/d1/$description", HOMIE_DESCRIPTION, int(T0 * NS))])
+    state = DeviceState()
+    decode_all(table, state, [("homie/5/d1/$description", HOMIE_DESCRIPTION, int(T0 * NS))])
     birth, sparkplug_data = sparkplug_messages()
-    decode_all(table, [("spBv1.0/g/NBIRTH/n1", birth, int(T0 * NS))])
+    decode_all(table, state, [("spBv1.0/g/NBIRTH/n1", birth, int(T0 * NS))])
     print(f"{'format':<42} {'readings/s':>12} {'us/reading':>11} {'msgs/s':>10}")
     chunks = [(name, [(topic, payload, int(T0 * NS))] * 1000) for name, topic, payload in CASES]
     chunks.append(
@@ -106,7 +108,7 @@ def main() -> int:
         )
     )
     for name, chunk in chunks:
-        readings, rejected = decode_all(table, chunk)
+        readings, rejected = decode_all(table, state, chunk)
         assert readings, name
         assert not rejected, rejected[:1]
         per_message = len(readings) // len(chunk)
@@ -114,7 +116,7 @@ def main() -> int:
         for _ in range(5):
             n, started = 0, time.perf_counter()
             while time.perf_counter() - started < 0.5:
-                n += len(decode_all(table, chunk)[0])
+                n += len(decode_all(table, state, chunk)[0])
             runs.append(n / (time.perf_counter() - started))
         rate = statistics.median(runs)
         print(f"{name:<42} {rate:>12,.0f} {1e6 / rate:>11.2f} {rate / per_message:>10,.0f}")

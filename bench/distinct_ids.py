@@ -24,6 +24,7 @@ import structlog
 
 from ingestd.config import Settings, route_table
 from ingestd.decode import decode_all
+from ingestd.devices import DeviceState
 from ingestd.events import NS
 
 T0_NS = 1_700_000_000 * NS
@@ -51,7 +52,8 @@ def main() -> int:
     # Each new Homie state is logged at info (the daemon's log, not this bench's).
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     table = route_table(Settings(routes=ROUTES))
-    decode_all(table, [("sensors/warmup/telemetry", b'{"seq": 0, "t": 1}', T0_NS)])
+    state = DeviceState()
+    decode_all(table, state, [("sensors/warmup/telemetry", b'{"seq": 0, "t": 1}', T0_NS)])
     print(f"{'ids':>10} {'peak RSS MB':>12} {'topics':>8} {'buckets':>8} {'seqs':>8} "
           f"{'homie states':>13} {'msgs/s':>9}")  # fmt: skip
     print(f"{0:>10,} {peak_rss_mb():>12.1f}")
@@ -66,18 +68,19 @@ def main() -> int:
             chunk.append((topic, b'{"seq": 1, "t": 21.5}', ns))
             chunk.append((topic, b'{"seq": 3, "t": 21.5}', ns + 1))
             chunk.append((f"homie/5/h{i}/$state", b"ready", ns + 2))
-        readings, rejected = decode_all(table, chunk)
+        readings, rejected = decode_all(table, state, chunk)
         assert len(readings) == 2 * len(ids), (len(readings), rejected[:1])
-        status = table.take_status()
+        status = state.take_status(table.stateful)
         gaps += sum(g for _, g, _ in status.sequences.values())
         messages += len(chunk)
         done = ids[-1] + 1
         if any(first < c <= done for c in checkpoints):
             rate = messages / (time.perf_counter() - started)
-            homie = len(table.format_state.get("homie_states", ()))
+            homie = len(state.format_state.get("homie_states", ()))
             print(
                 f"{done:>10,} {peak_rss_mb():>12.1f} {table.cached_topics:>8,} "
-                f"{len(table.buckets):>8,} {len(table.sequences):>8,} {homie:>13,} {rate:>9,.0f}"
+                f"{len(state.rate.buckets):>8,} {len(state.sequences):>8,} {homie:>13,} "
+                f"{rate:>9,.0f}"
             )
     assert gaps == a.ids, gaps  # every id's gap reached the status, none lost to eviction
     return 0

@@ -218,7 +218,7 @@ class Daemon:
             if p is not None:
                 t = self.health.tally
                 self.upstream.check(
-                    [q.source.table for q in self.health.running()],
+                    [(q.source.table, q.source.devices) for q in self.health.running()],
                     (t.sequence_gaps, t.sequence_missing),
                 )
             if now - last_status >= STATUS_INTERVAL:
@@ -298,7 +298,7 @@ class Daemon:
                 self.stop,
                 on_commit=self.metrics.observe_commit,
                 stop_timeout=self._drain_left,
-                device_log=pipeline.source.table.device_log,
+                device_log=pipeline.source.devices.device_log,
             )
         source = pipeline.source
 

@@ -15,15 +15,17 @@ from collections.abc import Collection, Iterable
 
 import structlog
 
+from ingestd.devices import DecodeContext, DeviceState
 from ingestd.errors import DecodeError
 from ingestd.events import NS, Reading, Rejected
-from ingestd.routes import RouteMatch, RouteTable
+from ingestd.routes import RouteTable
 
 log = structlog.get_logger("ingestd.decode")
 
 
 def decode_message(
     table: RouteTable,
+    ctx: DecodeContext,
     topic: str,
     payload: bytes,
     received_ns: int,
@@ -40,8 +42,10 @@ def decode_message(
     published; the route's `retained` option says whether it counts.
     `read_before`: the broker sent it again (DUP) and this process read that
     very message already, or committed it before a restart (the source knows,
-    for formats that ask: `Format.tells_redeliveries`).
+    for formats that ask: `Format.tells_redeliveries`). `ctx`: the device
+    state the format reads and changes (`ingestd.devices`).
     """
+    state = ctx.state
     limit = table.limits.max_payload_bytes
     if len(payload) > limit:
         # Before anything else: no route, bad topic or good, nothing over the
@@ -65,19 +69,19 @@ def decode_message(
     if retained and opts.retained == "ignore":
         # Sent again at every (re)subscribe, stamped "now" it would look like a
         # fresh reading from a sensor that may be long dead.
-        table.counts.retained_ignored += 1
+        state.counts.retained_ignored += 1
         return
     if opts.expect_within and not retained:
-        table.route_seen[match.route] = received_ns
+        state.route_seen[match.route] = received_ns
         seen = (match.route, match.sensor)
-        if seen not in table.sensor_seen:
-            table.expect_changed[match.sensor] = opts.expect_within
-        table.sensor_seen[seen] = received_ns
+        if seen not in state.sensor_seen:
+            state.expect_changed[match.sensor] = opts.expect_within
+        state.sensor_seen[seen] = received_ns
     before = len(readings)
     try:
-        table.retained_now = retained
-        table.read_before_now = read_before
-        match.fmt.decode(table, match, topic, payload, received_ns, readings, rejected)
+        ctx.retained = retained
+        ctx.read_before = read_before
+        match.fmt.decode(ctx, match, topic, payload, received_ns, readings, rejected)
     except DecodeError as exc:
         del readings[before:]
         rejected.append(Rejected(topic, payload, str(exc), received_ns / NS))
@@ -102,15 +106,17 @@ def decode_message(
             )
         )
         return
-    table.counts.decoded += len(readings) - before
+    state.counts.decoded += len(readings) - before
     if retained:
         # Only a device time says when a retained value was measured; the receive
         # time would invent a new reading at every subscribe.
         timed = [r for r in readings[before:] if r.ts_ns != received_ns]
-        table.counts.retained_untimed += len(readings) - before - len(timed)
+        state.counts.retained_untimed += len(readings) - before - len(timed)
         readings[before:] = timed
     if opts.rate_limit and len(readings) > before:
-        _rate_limit(table, match, topic, payload, received_ns / NS, readings, before, rejected)
+        state.rate.apply(
+            state.counts, match, topic, payload, received_ns / NS, readings, before, rejected
+        )
 
 
 def too_large(
@@ -130,60 +136,9 @@ def too_large(
     )
 
 
-def _rate_limit(
-    table: RouteTable,
-    match: RouteMatch,
-    topic: str,
-    payload: bytes,
-    received_at: float,
-    readings: list[Reading],
-    before: int,
-    rejected: list[Rejected],
-) -> None:
-    """Keep what each sensor's token bucket allows; drop or quarantine the rest.
-
-    The bucket runs on the device's clock (the readings' time, which is the
-    receive time only where the device sends none): a backlog delivered at
-    once after an outage was produced at the device's pace and passes.
-    """
-    fresh = readings[before:]
-    counts: dict[str, int] = {}
-    latest: dict[str, int] = {}
-    for r in fresh:
-        counts[r.sensor] = counts.get(r.sensor, 0) + 1
-        if r.ts_ns > latest.get(r.sensor, -1):
-            latest[r.sensor] = r.ts_ns
-    opts = match.options
-    allowed = {s: table.allow(match.route, s, opts, n, latest[s] / NS) for s, n in counts.items()}
-    if all(allowed[s] == n for s, n in counts.items()):
-        return
-    kept: list[Reading] = []
-    for r in fresh:
-        if allowed[r.sensor] > 0:
-            allowed[r.sensor] -= 1
-            kept.append(r)
-    excess = len(fresh) - len(kept)
-    del readings[before:]
-    readings.extend(kept)
-    if opts.rate_policy == "quarantine":
-        table.counts.rate_quarantined += excess
-        over = ", ".join(sorted(s for s in counts if allowed[s] == 0))
-        rejected.append(
-            Rejected(
-                topic,
-                payload,
-                f"rate limit: {excess} reading(s) over {opts.rate_limit:g}/s "
-                f"(burst {opts.rate_burst:g}) from {over}",
-                received_at,
-                "rate_limited",
-            )
-        )
-    else:
-        table.counts.rate_dropped += excess
-
-
 def decode_all(
     table: RouteTable,
+    state: DeviceState,
     deliveries: Iterable[tuple[str, bytes, int]],
     retained: Iterable[tuple[str, bytes, int]] = (),
     retained_at: Collection[int] = (),
@@ -198,10 +153,12 @@ def decode_all(
     arrived after it."""
     readings: list[Reading] = []
     rejected: list[Rejected] = []
+    ctx = DecodeContext(state, table.limits)
     if retained_at or read_before:
         for i, (topic, payload, received_ns) in enumerate(deliveries):
             decode_message(
                 table,
+                ctx,
                 topic,
                 payload,
                 received_ns,
@@ -210,18 +167,19 @@ def decode_all(
                 retained=i in retained_at,
                 read_before=i in read_before,
             )
-        return _retained(table, retained, readings, rejected)
+        return _retained(table, ctx, retained, readings, rejected)
     for topic, payload, received_ns in deliveries:
-        decode_message(table, topic, payload, received_ns, readings, rejected)
-    return _retained(table, retained, readings, rejected)
+        decode_message(table, ctx, topic, payload, received_ns, readings, rejected)
+    return _retained(table, ctx, retained, readings, rejected)
 
 
 def _retained(
     table: RouteTable,
+    ctx: DecodeContext,
     retained: Iterable[tuple[str, bytes, int]],
     readings: list[Reading],
     rejected: list[Rejected],
 ) -> tuple[list[Reading], list[Rejected]]:
     for topic, payload, received_ns in retained:
-        decode_message(table, topic, payload, received_ns, readings, rejected, retained=True)
+        decode_message(table, ctx, topic, payload, received_ns, readings, rejected, retained=True)
     return readings, rejected

@@ -12,6 +12,7 @@ import time
 from ingestd.checks import process
 from ingestd.config import ProcessorSettings, Settings, route_table
 from ingestd.decode import decode_message
+from ingestd.devices import DecodeContext, DeviceState
 from ingestd.events import NS, Reading, Rejected
 from ingestd.printable import printable
 from ingestd.report import iso_ns
@@ -19,13 +20,20 @@ from ingestd.routes import RouteTable
 
 
 def outcome(
-    table: RouteTable, processor: ProcessorSettings, topic: str, payload: bytes, received_ns: int
+    table: RouteTable,
+    devices: DeviceState,
+    processor: ProcessorSettings,
+    topic: str,
+    payload: bytes,
+    received_ns: int,
 ) -> tuple[list[Reading], list[Rejected]]:
-    """What the daemon's decode and processing stages make of one live message:
-    the readings to store and the quarantine records."""
+    """What the daemon's decode and processing stages make of one live message
+    (with what `devices` learned before): the readings to store and the
+    quarantine records."""
     readings: list[Reading] = []
     rejected: list[Rejected] = []
-    decode_message(table, topic, payload, received_ns, readings, rejected)
+    ctx = DecodeContext(devices, table.limits)
+    decode_message(table, ctx, topic, payload, received_ns, readings, rejected)
     return process(readings, processor, received_ns / NS, rejected), rejected
 
 
@@ -40,9 +48,12 @@ def explain(
     (a Sparkplug BIRTH before its DATA, a Homie $description before values)."""
     now = time.time() if now is None else now
     table = route_table(settings)
+    devices = DeviceState()
     lines = [f"topic:   {topic}"]
     for i, (earlier, body) in enumerate(after or []):
-        kept, rejected = outcome(table, settings.processor, earlier, body, int(now * NS) - 1000 + i)
+        kept, rejected = outcome(
+            table, devices, settings.processor, earlier, body, int(now * NS) - 1000 + i
+        )
         told = f"{len(kept)} reading(s)" + (
             f", quarantined: {rejected[0].reason}" if rejected else ""
         )
@@ -66,13 +77,13 @@ def explain(
     else:
         lines.append(f"metric:  template {_quoted(route.effective_metric)}")
     if match.fmt.describe_state is not None:
-        known = match.fmt.describe_state(table, topic)
+        known = match.fmt.describe_state(devices, topic)
         lines.append("state:   " + (known[0] if known else "(none)"))
         lines += [f"         {line}" for line in known[1:]]
     if payload is None:
         return _shown(lines)
     received_ns = int(now * NS)
-    kept, rejected = outcome(table, settings.processor, topic, payload, received_ns)
+    kept, rejected = outcome(table, devices, settings.processor, topic, payload, received_ns)
     lines.append(f"payload: {len(payload)} bytes")
     if kept:
         lines.append(f"readings ({len(kept)}):")
@@ -86,10 +97,10 @@ def explain(
         lines.append("readings: none")
     for rej in rejected:
         lines.append(f"quarantined ({rej.kind}): {rej.reason}")
-    for command_topic, _body in table.commands:
+    for command_topic, _body in devices.commands:
         lines.append(f"would send: {command_topic} (the daemon sends it; explain does not)")
-    if table.counts.rate_dropped:
-        lines.append(f"dropped by the rate limit: {table.counts.rate_dropped}")
+    if devices.counts.rate_dropped:
+        lines.append(f"dropped by the rate limit: {devices.counts.rate_dropped}")
     return _shown(lines)
 
 

@@ -19,13 +19,13 @@ import structlog
 from ingestd.bus import EventBus
 from ingestd.checks import Processor
 from ingestd.config import Settings, route_table
+from ingestd.devices import DeviceState, SequenceState
 from ingestd.errors import StopTimeout
 from ingestd.events import BatchCommitted, Decoded, Processed
 from ingestd.maintenance import Maintenance
 from ingestd.observe.device_log import DeviceLog
 from ingestd.observe.event_log import EventLogger
 from ingestd.observe.upstream import UpstreamWatch
-from ingestd.routes import SequenceState, restore_device_state
 from ingestd.source import MqttSource
 from ingestd.store import Store
 from ingestd.store.base import PACKETS, unpack_packets
@@ -74,18 +74,19 @@ class Pipeline:
             "logger", [Processed, BatchCommitted], policy="drop", maxsize=observer_q
         )
         table = route_table(s)
+        devices = DeviceState()
         if device_log is not None:
-            table.device_log = device_log  # one budget of per-device lines per process
+            devices.device_log = device_log  # one budget of per-device lines per process
         # Device counters go on from what was committed: a gap across a restart
         # counts. Only the last number: the stored gap counts stay in the store,
         # which adds to them what this run finds.
-        table.sequences.update(
+        devices.sequences.update(
             (sensor, SequenceState(v[0])) for sensor, v in store.sequences.items()
         )
-        store.sequences = {}  # seeded: the table keeps what it can hold, by recency
+        store.sequences = {}  # seeded: the state keeps what it can hold, by recency
         # Stateful formats go on from their state at the last commit (a
         # Sparkplug node's BIRTH and sequence): a restart is not a rebirth.
-        restore_device_state(table, store.devices)
+        devices.restore(table.stateful, store.devices)
         # The last messages committed before: a redelivery among them after
         # this restart is not read again (formats with tells_redeliveries).
         committed = [
@@ -95,7 +96,7 @@ class Pipeline:
             for packet in unpack_packets(position)
         ]
         store.devices = {}
-        source = MqttSource(s, table, bus, window, upstream=upstream)
+        source = MqttSource(s, table, bus, window, upstream=upstream, devices=devices)
         source.committed_packets = set(committed)
         processor = Processor(to_processor, bus, s.processor)
         writer = BatchWriter(

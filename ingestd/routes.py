@@ -21,18 +21,14 @@ from typing import Any
 
 from ingestd import formats
 from ingestd.errors import RouteSpecError
-from ingestd.events import SensorStatus, canonical_tags
+from ingestd.events import canonical_tags
 from ingestd.formats import Format, FormatOptions
-from ingestd.observe.device_log import DeviceLog
 from ingestd.recent import RecentCache
 
 _NAME = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 # Topics, sensors and (route, sensor) pairs each cache keeps, the most recently
 # used (see ingestd.recent for what an entry weighs).
 KEPT = 65536
-# A counter that goes back by more than this restarted (a redelivery goes back
-# by at most the broker's in-flight window).
-_RESTART_BACKSTEP = 65535
 
 
 @dataclass(frozen=True, slots=True)
@@ -196,50 +192,11 @@ def _check_template(what: str, template: str, pattern: str, allowed: set[str]) -
     return fields
 
 
-@dataclass(slots=True)
-class DecodeCounts:
-    """What decoding did with readings, for the accounting identity (metrics).
-
-    `decoded`: readings the payloads gave (what `explain` lists). Of those, the
-    rate limit dropped `rate_dropped` and quarantined `rate_quarantined`, and
-    `retained_untimed` came from a retained message without a device time.
-    `retained_ignored` counts retained messages not decoded at all.
-    """
-
-    decoded: int = 0
-    rate_dropped: int = 0
-    rate_quarantined: int = 0
-    retained_untimed: int = 0
-    retained_ignored: int = 0
-    sequence_gaps: int = 0
-    sequence_missing: int = 0
-    non_numeric: int = 0  # values a format knows are not numbers (homie strings, enums)
-    # Values a format read and did not store, by why (sparkplug: "string",
-    # "dataset", "transient", "null", ...).
-    skipped: dict[str, int] = dataclasses.field(default_factory=dict)
-    rebirth_requests: int = 0  # Sparkplug rebirths asked for
-    rebirths_suppressed: int = 0  # not asked: over rebirth_max_per_second in all
-
-
-@dataclass(slots=True)
-class SequenceState:
-    """A device's message counter as ingestd has followed it: the last number
-    seen, and the gaps found since the state was last taken for the store
-    (`RouteTable.take_status`). The store adds those to the counts it holds,
-    so a state forgotten (evicted) and rebuilt, or kept by another instance,
-    never replaces counts already stored; `last` is persisted too, so a gap
-    across an ingestd restart still counts."""
-
-    last: int
-    gaps: int = 0
-    missing: int = 0
-
-
-_NO_STATUS = SensorStatus()
-
-
 class RouteTable:
-    """Routes ordered most specific first; `match` resolves a topic, cached."""
+    """Routes ordered most specific first; `match` resolves a topic, cached.
+
+    Immutable but for that cache: a reload builds a new table and swaps it in;
+    what ingestd learned of devices lives in `ingestd.devices.DeviceState`."""
 
     def __init__(
         self,
@@ -249,113 +206,14 @@ class RouteTable:
     ) -> None:
         self.routes = sorted(routes, key=CompiledRoute.specificity)
         self.limits = limits or InputLimits()
-        # `kept`: entries each per-topic and per-sensor cache holds (tests make it small).
+        # `kept`: topics whose match the cache holds (tests make it small).
         self._cache: RecentCache[str, RouteMatch | None] = RecentCache(kept)
-        # Per-device rate limiting: (route, sensor) -> [tokens, last refill time].
-        # A bucket forgotten starts again full: a burst, not a cliff.
-        self.buckets: RecentCache[tuple[int, str], list[float]] = RecentCache(kept)
-        self.counts = DecodeCounts()
-        # Per sensor: the device's sequence counter; `sequences_changed` holds the
-        # states whose gaps the next chunk carries to the store (by reference: a
-        # state evicted meanwhile still reports what it found).
-        self.sequences: RecentCache[str, SequenceState] = RecentCache(kept)
-        self.sequences_changed: dict[str, SequenceState] = {}
-        # Per route, and per (route, sensor): time of the last message, for
-        # routes with expect_within. Sensors by recency: one forgotten (silent
-        # longest, past the bound) no longer counts in ingestd_sensors_stale;
-        # `ingestd sensors` judges staleness from the store, for all.
-        self.route_seen: dict[int, int] = {}
-        self.sensor_seen: RecentCache[tuple[int, str], int] = RecentCache(kept)
-        # Sensors first heard of (this run) on a route with expect_within, and
-        # that limit: the store keeps it so `ingestd sensors` can flag staleness.
-        self.expect_changed: dict[str, float] = {}
-        # What stateful formats learned from earlier messages, by format name
-        # (homie: device descriptions and states).
-        self.format_state: dict[str, Any] = {}
-        # Whether the message being decoded is one the broker re-sent because
-        # we subscribed (set by decode_message, for formats that care).
-        self.retained_now = False
-        # Whether the broker sent the message being decoded again (DUP) and
-        # this process read it already (or committed it before a restart).
-        self.read_before_now = False
         # Whether the source must tell which redeliveries were read already.
         self.tells_redeliveries = any(r.fmt.tells_redeliveries for r in self.routes)
         # The routes' formats that keep device state across restarts, once each.
         self.stateful = [
             f for f in {r.fmt.name: r.fmt for r in self.routes}.values() if f.save_state
         ]
-        # A stateful format changed what it keeps across restarts (its
-        # `save_state` says what): the next chunk carries it to the store.
-        self.devices_changed = False
-        # Lines about single devices share one budget (ids come from anyone).
-        self.device_log = DeviceLog()
-        # The state devices report of themselves (Homie's $state), changed
-        # since the last chunk: the store keeps it for `ingestd sensors`.
-        self.states_changed: dict[str, str] = {}
-        # MQTT messages a format asks to send (Sparkplug rebirth requests):
-        # (topic, payload), published by the source after the chunk.
-        self.commands: list[tuple[str, bytes]] = []
-
-    def take_status(self) -> SensorStatus:
-        """The per-sensor state changed since the last call, for the store."""
-        if not (
-            self.sequences_changed
-            or self.expect_changed
-            or self.states_changed
-            or self.devices_changed
-        ):
-            return _NO_STATUS  # the common chunk: nothing to store, nothing to allocate
-        devices: dict[tuple[str, str], tuple[bytes, bytes | None]] = {}
-        if self.devices_changed:
-            self.devices_changed = False
-            for fmt in self.stateful:
-                assert fmt.save_state is not None
-                saved = fmt.save_state(self)
-                devices.update(((fmt.name, d), v) for d, v in saved.items())
-        seqs: dict[str, tuple[int, int, int]] = {}
-        for sensor, st in self.sequences_changed.items():
-            # Gaps found since the last call: the store adds them to its counts.
-            seqs[sensor] = (st.last, st.gaps, st.missing)
-            st.gaps = st.missing = 0
-        self.sequences_changed = {}
-        expect, self.expect_changed = self.expect_changed, {}
-        states, self.states_changed = self.states_changed, {}
-        return SensorStatus(seqs, expect, states, devices)
-
-    def carry_state(self, old: RouteTable) -> None:
-        """A reloaded table goes on with the running one's per-device state."""
-        self.buckets, self.counts = old.buckets, old.counts
-        self.sequences, self.sequences_changed = old.sequences, old.sequences_changed
-        self.route_seen, self.sensor_seen = old.route_seen, old.sensor_seen
-        self.expect_changed = old.expect_changed
-        self.format_state = old.format_state
-        self.states_changed = old.states_changed
-        self.commands = old.commands
-        self.device_log = old.device_log
-        self.devices_changed = old.devices_changed
-
-    def sequence(self, sensor: str, seq: int) -> None:
-        """Follow a device's message counter: a jump forward is a gap (messages
-        lost upstream: device, network or broker); a step back is a redelivery
-        or a device restart, not a gap."""
-        state = self.sequences.recent(sensor)
-        if state is None:
-            # First seen (this run), or forgotten: no gap can be judged yet; the
-            # store keeps the counts found before.
-            state = self.sequences[sensor] = SequenceState(seq)
-        elif seq > state.last:
-            if seq > state.last + 1:
-                missed = seq - state.last - 1
-                state.gaps += 1
-                state.missing += missed
-                self.counts.sequence_gaps += 1
-                self.counts.sequence_missing += missed
-            state.last = seq
-        elif seq < state.last and state.last - seq > _RESTART_BACKSTEP:
-            state.last = seq  # the device restarted its counter
-        else:
-            return
-        self.sequences_changed[sensor] = state
 
     @property
     def cached_topics(self) -> int:
@@ -406,28 +264,6 @@ class RouteTable:
                     values,
                 )
         return None
-
-    def allow(self, route: int, sensor: str, options: RouteOptions, n: int, now: float) -> int:
-        """How many of `n` readings from this sensor the route's rate limit lets
-        through now (a token bucket of `rate_burst`, refilled at `rate_limit`/s)."""
-        key = (route, sensor)
-        bucket = self.buckets.recent(key)
-        if bucket is None:
-            bucket = self.buckets[key] = [options.rate_burst, now]
-        tokens = min(options.rate_burst, bucket[0] + max(now - bucket[1], 0.0) * options.rate_limit)
-        allowed = min(n, int(tokens))
-        bucket[0], bucket[1] = tokens - allowed, now
-        return allowed
-
-
-def restore_device_state(
-    table: RouteTable, devices: dict[str, list[tuple[str, bytes, bytes]]]
-) -> None:
-    """Give each of the table's stateful formats what the store kept of it."""
-    for fmt in table.stateful:
-        rows = devices.get(fmt.name)
-        if rows and fmt.load_state is not None:
-            fmt.load_state(table, rows)
 
 
 def filters_meet(a: str, b: str) -> bool:

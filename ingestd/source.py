@@ -34,6 +34,7 @@ from ingestd.backoff import Backoff
 from ingestd.bus import EventBus
 from ingestd.config import MqttSettings, Settings, route_table
 from ingestd.decode import decode_all, too_large
+from ingestd.devices import DeviceState
 from ingestd.errors import ConfigError
 from ingestd.events import NS, Decoded, Rejected, control
 from ingestd.mqtt_link import ARRIVAL_CLOCK, MqttLink, OversizedMessage, max_packet_size, raw_topic
@@ -176,10 +177,13 @@ class MqttSource:
         *,
         clock_ns: Callable[[], int] = time.time_ns,
         upstream: UpstreamWatch | None = None,
+        devices: DeviceState | None = None,
     ) -> None:
         self.settings = settings.mqtt
         self.settings_root = settings
         self.table = table
+        # What the pipeline learned of devices: kept across reloads (the table is swapped).
+        self.devices = devices if devices is not None else DeviceState()
         self.subscriptions = subscriptions(settings, table)
         self.bus = bus
         self.window = window
@@ -262,8 +266,6 @@ class MqttSource:
         wanted = dict(new)
         added = [(t, q) for t, q in new if old.get(t) != q]
         removed = [t for t in old if t not in wanted]
-        # Rate-limit state and counts carry over: a reload must not reset a device's bucket.
-        table.carry_state(self.table)
         self.table, self.subscriptions = table, new
         log.info(
             "routes reloaded",
@@ -620,7 +622,7 @@ class MqttSource:
         """What decoding asked to send (Sparkplug rebirth requests), QoS 0 as
         the specification has commands. Without a connection they are dropped:
         the format asks again when the node's data goes on arriving unresolved."""
-        commands, self.table.commands = self.table.commands, []
+        commands, self.devices.commands = self.devices.commands, []
         link = self._link
         if link is None or not link.connected:
             return
@@ -734,20 +736,21 @@ class MqttSource:
                 read_before.add(at)
             deliveries.append((topic, payload, now))
         self._last_received_ns = last
-        counts = table.counts
+        devices = self.devices
+        counts = devices.counts
         gaps, missing = counts.sequence_gaps, counts.sequence_missing
         readings, rejected = decode_all(
-            table, deliveries, retained_at=retained_at, read_before=read_before
+            table, devices, deliveries, retained_at=retained_at, read_before=read_before
         )
         found = (counts.sequence_gaps - gaps, counts.sequence_missing - missing)
         self.window.readings += len(readings)
         if bad_topics:
             rejected.extend(bad_topics)
         acks = [(m.mid, m.qos) for m in messages if m.qos] if self.manual_ack else []
-        status = table.take_status()
+        status = devices.take_status(table.stateful)
         if packets:
             status = msgspec.structs.replace(status, packets=tuple(packets))
-        if self.table.commands:
+        if devices.commands:
             await self._send_commands()
         await self.bus.publish(
             Decoded(readings, rejected, len(messages), acks, self._epoch, status=status, gaps=found)

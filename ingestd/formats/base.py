@@ -23,7 +23,8 @@ from pydantic import BaseModel, ConfigDict
 from ingestd.events import Reading, Rejected
 
 if TYPE_CHECKING:
-    from ingestd.routes import RouteMatch, RouteTable
+    from ingestd.devices import DecodeContext, DeviceState
+    from ingestd.routes import RouteMatch
 
 
 class FormatOptions(BaseModel):
@@ -33,7 +34,7 @@ class FormatOptions(BaseModel):
 
 
 Decoder = Callable[
-    ["RouteTable", "RouteMatch", str, bytes, int, list[Reading], list[Rejected]], None
+    ["DecodeContext", "RouteMatch", str, bytes, int, list[Reading], list[Rejected]], None
 ]
 # "topic": the metric template over the topic's names is the whole metric name.
 # "field": the template holds {field} once; the name is prefix + field + suffix.
@@ -69,7 +70,7 @@ class Format:
     metric_requires: str = "field"
     # For `explain`: what the format knows from earlier messages that bears on
     # this topic (lines of text), for formats with state; None for the rest.
-    describe_state: Callable[[RouteTable, str], list[str]] | None = None
+    describe_state: Callable[[DeviceState, str], list[str]] | None = None
     # Topic filters for the messages in which devices describe themselves
     # (Homie's `$` topics), given a route's filter; the source keeps those the
     # route's filter covers. In a shared group they are subscribed outside it,
@@ -79,12 +80,12 @@ class Format:
     state_topics: Callable[[str], list[str]] | None = None
     # Device state that must outlive the process (a Sparkplug node's BIRTH and
     # sequence: without it every node is unknown after a restart until it is
-    # born again). `save_state(table)` takes what changed since the last call,
+    # born again). `save_state(state)` takes what changed since the last call,
     # {device: (position, description or None if unchanged)}; the store keeps
-    # it with the chunk, and `load_state(table, rows)` puts it back at start
+    # it with the chunk, and `load_state(state, rows)` puts it back at start
     # (rows of (device, position, description), the most recent first).
-    save_state: Callable[[RouteTable], dict[str, tuple[bytes, bytes | None]]] | None = None
-    load_state: Callable[[RouteTable, list[tuple[str, bytes, bytes]]], None] | None = None
+    save_state: Callable[[DeviceState], dict[str, tuple[bytes, bytes | None]]] | None = None
+    load_state: Callable[[DeviceState, list[tuple[str, bytes, bytes]]], None] | None = None
     # Whether the decoder needs to know which redelivered messages (DUP) this
     # process has read already (the source then remembers what each QoS 1/2
     # packet id carried): a format whose state depends on message order must

@@ -8,8 +8,8 @@ property's datatype and unit. Values arrive one per topic,
 disconnected, sleeping or lost.
 
 Stateful, like the convention: the descriptions and states seen so far are
-kept per route table (and carried across a reload). A value whose device has
-not described itself, or whose property its description lacks, is
+kept in the device state (`ingestd.devices`, kept across a reload). A
+value whose device has not described itself, or whose property its description lacks, is
 quarantined with that reason, never guessed; a later description applies to
 later values. Integer and float properties are stored, booleans as 1/0; other
 datatypes (string, enum, color, datetime, duration, json) are not numbers:
@@ -50,7 +50,8 @@ from ingestd.formats.common import json_type, parse_json
 from ingestd.recent import RecentCache, kept_in
 
 if TYPE_CHECKING:
-    from ingestd.routes import RouteMatch, RouteTable
+    from ingestd.devices import DecodeContext, DeviceState
+    from ingestd.routes import RouteMatch
 
 log = structlog.get_logger("ingestd.formats.homie")
 
@@ -74,34 +75,34 @@ class Device:
     homie4: bool = False  # described by Homie 4 $datatype / $unit topics
 
 
-def _devices(table: RouteTable) -> RecentCache[str, Device]:
+def _devices(state: DeviceState) -> RecentCache[str, Device]:
     """Devices that described themselves, by id."""
-    devices: RecentCache[str, Device] = kept_in(table.format_state, "homie", _DESCRIPTIONS_KEPT)
+    devices: RecentCache[str, Device] = kept_in(state.format_state, "homie", _DESCRIPTIONS_KEPT)
     return devices
 
 
-def _states(table: RouteTable) -> RecentCache[str, str]:
+def _states(state: DeviceState) -> RecentCache[str, str]:
     """The last `$state` of devices that have not described themselves."""
-    states: RecentCache[str, str] = kept_in(table.format_state, "homie_states", _STATES_KEPT)
+    states: RecentCache[str, str] = kept_in(state.format_state, "homie_states", _STATES_KEPT)
     return states
 
 
-def _device(table: RouteTable, device_id: str) -> Device:
+def _device(state: DeviceState, device_id: str) -> Device:
     """The device, given a place among the described (only a description does that)."""
-    devices = _devices(table)
+    devices = _devices(state)
     found = devices.recent(device_id)
     if found is None:
-        found = devices[device_id] = Device(state=_states(table).pop(device_id, ""))
+        found = devices[device_id] = Device(state=_states(state).pop(device_id, ""))
     return found
 
 
-def device_state(table: RouteTable, device_id: str) -> Device | None:
+def device_state(state: DeviceState, device_id: str) -> Device | None:
     """What ingestd knows of a described device (for `explain` and tests)."""
-    return _devices(table).recent(device_id)
+    return _devices(state).recent(device_id)
 
 
 def decode(
-    table: RouteTable,
+    ctx: DecodeContext,
     match: RouteMatch,
     topic: str,
     payload: bytes,
@@ -115,26 +116,26 @@ def decode(
     except StopIteration:
         raise DecodeError("not a Homie topic (expected .../homie/5/<device>/...)") from None
     if parts[at + 1] != "5":
-        _decode_v4(table, match, topic, payload, received_ns, readings, parts[at + 1 :])
+        _decode_v4(ctx, match, topic, payload, received_ns, readings, parts[at + 1 :])
         return
     rest = parts[at + 2 :]
     if len(rest) < 2 or not rest[0]:
         raise DecodeError("not a Homie 5 device topic (expected homie/5/<device>/...)")
     device_id, level = rest[0], rest[1]
     if level == "$description" and len(rest) == 2:
-        _describe(table, device_id, payload)
+        _describe(ctx.state, device_id, payload)
         return
     if level == "$state" and len(rest) == 2:
-        _state(table, match, device_id, payload)
+        _state(ctx.state, match, device_id, payload)
         return
     if level.startswith("$") or len(rest) != 3 or rest[2].startswith("$"):
         return  # other device attributes, /set commands, $target: not readings
     node, prop = rest[1], rest[2]
-    _value_reading(table, match, topic, payload, received_ns, readings, device_id, node, prop)
+    _value_reading(ctx, match, topic, payload, received_ns, readings, device_id, node, prop)
 
 
 def _decode_v4(
-    table: RouteTable,
+    ctx: DecodeContext,
     match: RouteMatch,
     topic: str,
     payload: bytes,
@@ -145,14 +146,15 @@ def _decode_v4(
     """Homie 4: `homie/<device>/...`, each attribute its own retained topic:
     a property's `$datatype` and `$unit` at `<node>/<property>/$datatype` and
     `/$unit`, its value at `<node>/<property>`, the device's `$state`."""
+    state = ctx.state
     if len(rest) < 2 or not rest[0] or rest[0].startswith("$"):
         raise DecodeError("not a Homie device topic (expected homie/<device>/...)")
     device_id = rest[0]
     if rest[1] == "$state" and len(rest) == 2:
-        _state(table, match, device_id, payload, STATES_V4)
+        _state(state, match, device_id, payload, STATES_V4)
         return
     if len(rest) == 4 and rest[3] in ("$datatype", "$unit") and not rest[1].startswith("$"):
-        device = _device(table, device_id)
+        device = _device(state, device_id)
         device.homie4 = True
         key = (rest[1], rest[2])
         text = payload.decode("utf-8", "replace").strip()
@@ -170,22 +172,22 @@ def _decode_v4(
         return
     if len(rest) != 3 or rest[1].startswith("$") or rest[2].startswith("$"):
         return  # $homie, $nodes, $properties, $name, /set: not readings
-    if table.retained_now:
-        table.counts.retained_ignored += 1  # as for Homie 5: no time of its own
+    if ctx.retained:
+        state.counts.retained_ignored += 1  # as for Homie 5: no time of its own
         return
     node, prop = rest[1], rest[2]
-    known = device_state(table, device_id)
+    known = device_state(state, device_id)
     spec = known.properties.get((node, prop)) if known is not None and known.homie4 else None
     if spec is None or not spec[0]:
         raise DecodeError(
             f"property {node}/{prop} of device {device_id!r} has no $datatype (Homie 4): a "
             "value is not stored without it (the route must cover its $datatype topic too)"
         )
-    _store_value(table, match, topic, payload, received_ns, readings, device_id, node, prop, spec)
+    _store_value(state, match, topic, payload, received_ns, readings, device_id, node, prop, spec)
 
 
 def _value_reading(
-    table: RouteTable,
+    ctx: DecodeContext,
     match: RouteMatch,
     topic: str,
     payload: bytes,
@@ -195,14 +197,15 @@ def _value_reading(
     node: str,
     prop: str,
 ) -> None:
-    if table.retained_now:
+    state = ctx.state
+    if ctx.retained:
         # The broker re-sends the last value at every subscribe, in no set order
         # with the description: it has no time of its own and is not a new
         # reading. Counted (as a retained message not decoded), never stored,
         # never quarantined.
-        table.counts.retained_ignored += 1
+        state.counts.retained_ignored += 1
         return
-    device = device_state(table, device_id)
+    device = device_state(state, device_id)
     if device is None or not device.described:
         raise DecodeError(
             f"device {device_id!r} has not sent its $description: a value is not stored "
@@ -214,11 +217,11 @@ def _value_reading(
             f"property {node}/{prop} is not in device {device_id!r}'s $description "
             f"(version {device.version})"
         )
-    _store_value(table, match, topic, payload, received_ns, readings, device_id, node, prop, spec)
+    _store_value(state, match, topic, payload, received_ns, readings, device_id, node, prop, spec)
 
 
 def _store_value(
-    table: RouteTable,
+    state: DeviceState,
     match: RouteMatch,
     topic: str,
     payload: bytes,
@@ -232,20 +235,20 @@ def _store_value(
     """A value read by its property's (datatype, unit)."""
     datatype, unit = spec
     if datatype not in NUMERIC:
-        table.counts.non_numeric += 1
+        state.counts.non_numeric += 1
         return
     value = _value(datatype, payload)
-    names = _names(table, match, topic, device_id, node, prop)
+    names = _names(state, match, topic, device_id, node, prop)
     readings.append(Reading(names[0], names[1], received_ns, value, topic, match.tags, unit))
 
 
 def _names(
-    table: RouteTable, match: RouteMatch, topic: str, device_id: str, node: str, prop: str
+    state: DeviceState, match: RouteMatch, topic: str, device_id: str, node: str, prop: str
 ) -> tuple[str, str]:
     """(sensor, metric) of a value topic, formatted once per topic and templates
     (a reload may change the templates; the cache goes on with the new table)."""
     cache: RecentCache[tuple[str, str, str], tuple[str, str]] = kept_in(
-        table.format_state, "homie_names", _NAMES_KEPT
+        state.format_state, "homie_names", _NAMES_KEPT
     )
     key = (topic, match.sensor, match.metric_template)
     found = cache.recent(key)
@@ -277,11 +280,11 @@ def _value(datatype: str, payload: bytes) -> float:
     return number
 
 
-def _describe(table: RouteTable, device_id: str, payload: bytes) -> None:
+def _describe(state: DeviceState, device_id: str, payload: bytes) -> None:
     if not payload:
         # An empty retained message removes the device (Homie 5: deletion).
-        _devices(table).pop(device_id, None)
-        _states(table).pop(device_id, None)
+        _devices(state).pop(device_id, None)
+        _states(state).pop(device_id, None)
         return
     doc: Any = parse_json(payload)
     if type(doc) is not dict:
@@ -303,7 +306,7 @@ def _describe(table: RouteTable, device_id: str, payload: bytes) -> None:
                 )
             unit = spec.get("unit", "")
             properties[(node_id, prop_id)] = (datatype, unit if type(unit) is str else "")
-    device = _device(table, device_id)
+    device = _device(state, device_id)
     version = doc.get("version")
     device.properties = properties
     device.version = version if type(version) is int else None
@@ -311,7 +314,7 @@ def _describe(table: RouteTable, device_id: str, payload: bytes) -> None:
 
 
 def _state(
-    table: RouteTable,
+    state: DeviceState,
     match: RouteMatch,
     device_id: str,
     payload: bytes,
@@ -325,24 +328,24 @@ def _state(
         )
     # A device not described keeps its state apart: a $state alone must not
     # take (and evict) a description's place.
-    device = device_state(table, device_id)
+    device = device_state(state, device_id)
     if device is not None:
         was = device.state
         device.state = text
     else:
-        undescribed = _states(table)
+        undescribed = _states(state)
         was = undescribed.recent(device_id) or ""
         if was != text:
             undescribed[device_id] = text
     if was != text:
-        table.device_log.info(
+        state.device_log.info(
             log, "homie device state", device=device_id, state=text, was=was or None
         )
         names = collections.defaultdict(str, {**match.values, "device": device_id})
-        table.states_changed[match.sensor.format_map(names)] = text
+        state.states_changed[match.sensor.format_map(names)] = text
 
 
-def describe_state(table: RouteTable, topic: str) -> list[str]:
+def describe_state(state: DeviceState, topic: str) -> list[str]:
     """What ingestd knows of the topic's device, for `explain`."""
     parts = topic.split("/")
     at = next((i for i in range(len(parts) - 1) if parts[i] == "homie"), None)
@@ -352,7 +355,7 @@ def describe_state(table: RouteTable, topic: str) -> list[str]:
     if v5 and len(parts) < at + 3:
         return []
     device_id = parts[at + 2] if v5 else parts[at + 1]
-    device = device_state(table, device_id)
+    device = device_state(state, device_id)
     if not v5:
         if device is None or not device.homie4:
             return [f"device {device_id!r}: no $datatype seen (values would be quarantined)"]

@@ -21,7 +21,8 @@ from ingestd.formats.base import Format, FormatOptions
 from ingestd.formats.common import NS_PER, check_ns, settle
 
 if TYPE_CHECKING:
-    from ingestd.routes import RouteMatch, RouteTable
+    from ingestd.devices import DecodeContext
+    from ingestd.routes import RouteMatch
 
 _TRUE = frozenset(("t", "T", "true", "True", "TRUE"))
 _FALSE = frozenset(("f", "F", "false", "False", "FALSE"))
@@ -170,7 +171,7 @@ class InfluxOptions(FormatOptions):
 
 
 def decode(
-    table: RouteTable,
+    ctx: DecodeContext,
     match: RouteMatch,
     topic: str,
     payload: bytes,

@@ -25,7 +25,8 @@ from ingestd.formats.common import (
 )
 
 if TYPE_CHECKING:
-    from ingestd.routes import RouteMatch, RouteTable
+    from ingestd.devices import DecodeContext
+    from ingestd.routes import RouteMatch
 
 
 class JsonOptions(FormatOptions):
@@ -65,7 +66,7 @@ _MISSING: Any = object()
 
 
 def decode(
-    table: RouteTable,
+    ctx: DecodeContext,
     match: RouteMatch,
     topic: str,
     payload: bytes,
@@ -78,9 +79,9 @@ def decode(
     An array element that is not an object, or whose timestamp is bad, is a
     problem quarantined with its index; the other elements still count. The
     device sequence numbers the message carried (the route's
-    `sequence_field`) are followed in order by the table.
+    `sequence_field`) are followed in order by the device state.
     """
-    max_depth = table.limits.max_json_depth
+    max_depth = ctx.limits.max_json_depth
     doc = parse_json(payload)
     problems: list[str] = []
     before = len(readings)
@@ -115,7 +116,7 @@ def decode(
     if problems:
         rejected.append(Rejected(topic, payload, join(problems), received_ns / NS))
     for seq in sequences:
-        table.sequence(match.sensor, seq)
+        ctx.state.sequence(match.sensor, seq)
 
 
 _NO_SEQUENCES: list[int] = []  # never appended to

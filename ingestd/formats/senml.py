@@ -25,7 +25,8 @@ from ingestd.formats.common import TS_MAX_NS, parse_json, settle, too_large
 from ingestd.recent import RecentCache
 
 if TYPE_CHECKING:
-    from ingestd.routes import RouteMatch, RouteTable
+    from ingestd.devices import DecodeContext
+    from ingestd.routes import RouteMatch
 
 RELATIVE_LIMIT = 2**28  # RFC 8428 4.5.3
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-:./_]*$")
@@ -278,7 +279,7 @@ def _resolve_simple(payload: bytes, now: float) -> list[SenmlRecord] | None:
 
 
 def decode(
-    table: RouteTable,
+    ctx: DecodeContext,
     match: RouteMatch,
     topic: str,
     payload: bytes,

@@ -66,7 +66,8 @@ from ingestd.formats.sparkplug_pb import BY_NAME, DATATYPES, Payload
 from ingestd.recent import RecentCache, kept_in
 
 if TYPE_CHECKING:
-    from ingestd.routes import RouteMatch, RouteTable
+    from ingestd.devices import DecodeContext, DeviceState
+    from ingestd.routes import RouteMatch
 
 log = structlog.get_logger("ingestd.formats.sparkplug")
 
@@ -134,29 +135,29 @@ class Node:
     sensors: dict[str, str] = field(default_factory=dict)  # device ("" node) -> sensor
 
 
-def _nodes(table: RouteTable, kind: str = "sparkplug") -> RecentCache[tuple[str, str], Node]:
+def _nodes(state: DeviceState, kind: str = "sparkplug") -> RecentCache[tuple[str, str], Node]:
     """Nodes whose NBIRTH ingestd read ("sparkplug"), or ids it has only heard
     DATA or a DEATH from ("sparkplug_strangers"): each bounded by recency, so
     junk from new ids never takes a born node's place."""
-    nodes: RecentCache[tuple[str, str], Node] = kept_in(table.format_state, kind, _NODES_KEPT)
+    nodes: RecentCache[tuple[str, str], Node] = kept_in(state.format_state, kind, _NODES_KEPT)
     return nodes
 
 
-def node_state(table: RouteTable, group: str, edge_node: str) -> Node | None:
+def node_state(state: DeviceState, group: str, edge_node: str) -> Node | None:
     """What ingestd knows of an edge node (for `explain` and tests)."""
     key = (group, edge_node)
-    return _nodes(table).get(key) or _nodes(table, "sparkplug_strangers").get(key)
+    return _nodes(state).get(key) or _nodes(state, "sparkplug_strangers").get(key)
 
 
-def _node(table: RouteTable, key: tuple[str, str], birth: bool) -> Node:
+def _node(state: DeviceState, key: tuple[str, str], birth: bool) -> Node:
     """The node; an NBIRTH (`birth`) gives it a place among the born."""
-    found = _nodes(table).recent(key)
+    found = _nodes(state).recent(key)
     if found is not None:
         return found
-    strangers = _nodes(table, "sparkplug_strangers")
+    strangers = _nodes(state, "sparkplug_strangers")
     if birth:
         found = strangers.pop(key, None) or Node()
-        _nodes(table)[key] = found
+        _nodes(state)[key] = found
         return found
     found = strangers.recent(key)
     if found is None:
@@ -187,7 +188,7 @@ def parse_topic(topic: str) -> tuple[str, str, str, str] | None:
 
 
 def decode(
-    table: RouteTable,
+    ctx: DecodeContext,
     match: RouteMatch,
     topic: str,
     payload: bytes,
@@ -211,28 +212,29 @@ def decode(
         raise DecodeError(f"unknown Sparkplug message type {kind!r}")
     if (kind[0] == "D") != bool(device):
         raise DecodeError(f"{kind} topic {'without' if device else 'with'} a device id")
-    if table.read_before_now:
+    state = ctx.state
+    if ctx.read_before:
         # Sent again, read already (or committed before a restart) with the
         # state it had then: its readings are on their way, its effect is in
         # the node's state. Whatever its number, time or kind: not read again.
-        _skipped(table, "redelivered")
+        _skipped(state, "redelivered")
         return
     try:
         message = Payload.FromString(payload)
     except (ProtobufDecodeError, RuntimeError, ValueError) as exc:
         raise DecodeError(f"not a Sparkplug B protobuf payload: {exc}") from None
     key = (group, edge_node)
-    node = _node(table, key, kind == "NBIRTH")
+    node = _node(state, key, kind == "NBIRTH")
     params: SparkplugOptions = match.params
     names = {**match.values, "group": group, "edge_node": edge_node, "device": device}
     names["source"] = f"{edge_node}/{device}" if device else edge_node
     sensor = match.sensor.format_map(names)
     if node.sensors.get(device) != sensor:
         node.sensors[device] = sensor
-        _changed(table, key, described=True)
+        _changed(state, key, described=True)
     if kind == "NDEATH":
-        if _death(table, node, group, edge_node, message):
-            _changed(table, key, described=True)
+        if _death(state, node, group, edge_node, message):
+            _changed(state, key, described=True)
         return
     if kind == "NBIRTH":
         # Unborn until this BIRTH reads whole: a bad one leaves nothing to resolve with.
@@ -244,10 +246,10 @@ def decode(
         for metric in message.metrics:
             if metric.name == "bdSeq":
                 node.bd_seq = _bd_seq(metric)
-        table.states_changed[sensor] = "online"
-        _changed(table, key, described=True)
+        state.states_changed[sensor] = "online"
+        _changed(state, key, described=True)
         try:
-            _values(table, match, topic, message, node.scope, names, sensor, received_ns, readings)
+            _values(state, match, topic, message, node.scope, names, sensor, received_ns, readings)
         except _Unresolved as exc:
             raise DecodeError(f"Sparkplug NBIRTH of {group}/{edge_node}: {exc}") from None
         return
@@ -255,7 +257,7 @@ def decode(
     scope = node.devices.get(device) if device else node.scope
     step = _follow(node, message)
     if step is _NEXT:
-        _changed(table, key)
+        _changed(state, key)
     problem: str | None = step if isinstance(step, str) else None
     known = scope is not None and scope.born
     if problem is None and kind != "DBIRTH" and not known:
@@ -264,25 +266,25 @@ def decode(
     if problem is None and kind == "DDEATH":
         if scope is not None:
             scope.born = False
-            _offline(table, node, device)
-            _changed(table, key, described=True)
+            _offline(state, node, device)
+            _changed(state, key, described=True)
         return
     if problem is None:
         if kind == "DBIRTH" and (step is _NEXT or not known):
             node.devices.pop(device, None)
             scope = node.devices[device] = _birth(message)
-            table.states_changed[sensor] = "online"
-            _changed(table, key, described=True)
+            state.states_changed[sensor] = "online"
+            _changed(state, key, described=True)
         assert scope is not None
         try:
-            _values(table, match, topic, message, scope, names, sensor, received_ns, readings)
+            _values(state, match, topic, message, scope, names, sensor, received_ns, readings)
             return
         except _Unresolved as exc:
             problem = str(exc)
     # The node's state is not known: nothing in this message is guessed.
     node.scope.born = False
-    _changed(table, key)
-    asked = _ask_rebirth(table, node, params, group, edge_node, problem)
+    _changed(state, key)
+    asked = _ask_rebirth(state, node, params, group, edge_node, problem)
     raise DecodeError(
         f"Sparkplug node {group}/{edge_node}: {problem}; "
         + ("rebirth requested" if asked else "waiting for its rebirth")
@@ -328,13 +330,13 @@ def _follow(node: Node, message: Any) -> _Step | str:
     return f"sequence gap: expected {expected}, got {seq} ({missing} message(s) missing)"
 
 
-def _skipped(table: RouteTable, kind: str) -> None:
-    skipped = table.counts.skipped
+def _skipped(state: DeviceState, kind: str) -> None:
+    skipped = state.counts.skipped
     skipped[kind] = skipped.get(kind, 0) + 1
 
 
 def _ask_rebirth(
-    table: RouteTable,
+    state: DeviceState,
     node: Node,
     params: SparkplugOptions,
     group: str,
@@ -348,19 +350,19 @@ def _ask_rebirth(
         return False
     # All nodes together: a token bucket of one second's worth.
     rate = params.rebirth_max_per_second
-    bucket: list[float] = table.format_state.setdefault("sparkplug_rebirths", [rate, now])
+    bucket: list[float] = state.format_state.setdefault("sparkplug_rebirths", [rate, now])
     tokens = min(max(rate, 1.0), bucket[0] + (now - bucket[1]) * rate)
     bucket[1] = now
     if tokens < 1:
         bucket[0] = tokens
-        table.counts.rebirths_suppressed += 1
+        state.counts.rebirths_suppressed += 1
         return False
     bucket[0] = tokens - 1
     node.rebirth_at = now
     node.rebirths += 1
-    table.counts.rebirth_requests += 1
-    table.commands.append(rebirth_request(group, edge_node, int(time.time() * 1000)))
-    table.device_log.info(
+    state.counts.rebirth_requests += 1
+    state.commands.append(rebirth_request(group, edge_node, int(time.time() * 1000)))
+    state.device_log.info(
         log, "sparkplug rebirth requested", node=f"{group}/{edge_node}", reason=why
     )
     return True
@@ -384,7 +386,7 @@ def _birth(message: Any) -> Scope:
 
 
 def _values(
-    table: RouteTable,
+    state: DeviceState,
     match: RouteMatch,
     topic: str,
     message: Any,
@@ -400,7 +402,7 @@ def _values(
     if message.HasField("timestamp"):
         default_ns = _time_ns(message.timestamp)
     out: list[Reading] = []
-    skipped = table.counts.skipped
+    skipped = state.counts.skipped
     template = match.metric_template
     for m in message.metrics:
         if m.name:
@@ -485,7 +487,7 @@ def _bd_seq(m: Any) -> int | None:
     return None if value is None else int(value)
 
 
-def _death(table: RouteTable, node: Node, group: str, edge_node: str, message: Any) -> bool:
+def _death(state: DeviceState, node: Node, group: str, edge_node: str, message: Any) -> bool:
     """An NDEATH; False if it was an earlier session's, ignored."""
     bd_seq = None
     for m in message.metrics:
@@ -493,7 +495,7 @@ def _death(table: RouteTable, node: Node, group: str, edge_node: str, message: A
             bd_seq = _bd_seq(m)
     if node.bd_seq is not None and bd_seq is not None and bd_seq != node.bd_seq:
         # The will of an earlier session, delivered late: this birth still stands.
-        table.device_log.info(
+        state.device_log.info(
             log,
             "sparkplug NDEATH of an earlier session ignored",
             node=f"{group}/{edge_node}",
@@ -504,16 +506,16 @@ def _death(table: RouteTable, node: Node, group: str, edge_node: str, message: A
     node.scope.born = False
     for scope in node.devices.values():
         scope.born = False
-    _offline(table, node, "")
+    _offline(state, node, "")
     for device in node.devices:
-        _offline(table, node, device)
+        _offline(state, node, device)
     return True
 
 
-def _offline(table: RouteTable, node: Node, device: str) -> None:
+def _offline(state: DeviceState, node: Node, device: str) -> None:
     sensor = node.sensors.get(device)
     if sensor:
-        table.states_changed[sensor] = "offline"
+        state.states_changed[sensor] = "offline"
 
 
 # -- across restarts ---------------------------------------------------------------------
@@ -522,12 +524,12 @@ _pack = msgspec.msgpack.encode
 _unpack = msgspec.msgpack.decode
 
 
-def _changed(table: RouteTable, key: tuple[str, str], described: bool = False) -> None:
+def _changed(state: DeviceState, key: tuple[str, str], described: bool = False) -> None:
     """The node's state changed: its position (sequence, born), and with
     `described` what its BIRTHs declared too. The next chunk saves it."""
-    dirty: dict[tuple[str, str], bool] = table.format_state.setdefault("sparkplug_dirty", {})
+    dirty: dict[tuple[str, str], bool] = state.format_state.setdefault("sparkplug_dirty", {})
     dirty[key] = described or dirty.get(key, False)
-    table.devices_changed = True
+    state.devices_changed = True
 
 
 def _dump_scope(scope: Scope) -> list[Any]:
@@ -553,14 +555,14 @@ def _load_scope(dumped: list[Any]) -> Scope:
     return scope
 
 
-def save_state(table: RouteTable) -> dict[str, tuple[bytes, bytes | None]]:
+def save_state(state: DeviceState) -> dict[str, tuple[bytes, bytes | None]]:
     """What changed of born nodes since the last call: position (sequence,
     count, bdSeq, born) and, where a BIRTH or DEATH changed it, the
     description (the node's and its devices' alias tables)."""
-    dirty: dict[tuple[str, str], bool] | None = table.format_state.pop("sparkplug_dirty", None)
+    dirty: dict[tuple[str, str], bool] | None = state.format_state.pop("sparkplug_dirty", None)
     if not dirty:
         return {}
-    born = _nodes(table)
+    born = _nodes(state)
     out: dict[str, tuple[bytes, bytes | None]] = {}
     for key, described in dirty.items():
         node = born.get(key)
@@ -580,10 +582,10 @@ def save_state(table: RouteTable) -> dict[str, tuple[bytes, bytes | None]]:
     return out
 
 
-def load_state(table: RouteTable, rows: list[tuple[str, bytes, bytes]]) -> None:
+def load_state(state: DeviceState, rows: list[tuple[str, bytes, bytes]]) -> None:
     """Born nodes as the store kept them at the last commit (the most recent
     first; as many as the node cache holds)."""
-    born = _nodes(table)
+    born = _nodes(state)
     for device, position, description in reversed(rows[:_NODES_KEPT]):
         group, _, edge_node = device.partition("/")
         try:
@@ -612,13 +614,13 @@ def describe(datatype: int) -> str:
     return DATATYPES.get(datatype, f"datatype {datatype}")
 
 
-def describe_state(table: RouteTable, topic: str) -> list[str]:
+def describe_state(state: DeviceState, topic: str) -> list[str]:
     """What ingestd knows of the topic's edge node (or device), for `explain`."""
     parsed = parse_topic(topic)
     if parsed is None:
         return []
     group, _kind, edge_node, device = parsed
-    node = node_state(table, group, edge_node)
+    node = node_state(state, group, edge_node)
     if node is None:
         return [f"node {group}/{edge_node}: no BIRTH seen (DATA would be quarantined)"]
     scope = node.devices.get(device) if device else node.scope

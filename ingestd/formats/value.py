@@ -12,7 +12,8 @@ from ingestd.events import Reading, Rejected
 from ingestd.formats.base import Format
 
 if TYPE_CHECKING:
-    from ingestd.routes import RouteMatch, RouteTable
+    from ingestd.devices import DecodeContext
+    from ingestd.routes import RouteMatch
 
 _NUMBER = re.compile(rb"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 
@@ -32,7 +33,7 @@ def decode_value(payload: bytes) -> float:
 
 
 def decode(
-    table: RouteTable,
+    ctx: DecodeContext,
     match: RouteMatch,
     topic: str,
     payload: bytes,

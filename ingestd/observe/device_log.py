@@ -22,8 +22,8 @@ log = structlog.get_logger("ingestd.devices")
 
 
 class DeviceLog:
-    """The shared budget of per-device info lines (one per route table, carried
-    across a reload)."""
+    """The shared budget of per-device info lines (one per process, held by the
+    device state and kept across a reload)."""
 
     def __init__(self, per_minute: int = LINES_PER_MINUTE) -> None:
         self.per_minute = per_minute

@@ -81,7 +81,7 @@ class Accounting:
 
     @classmethod
     def of(cls, p: Pipeline) -> Accounting:
-        c, w = p.source.table.counts, p.writer
+        c, w = p.source.devices.counts, p.writer
         return cls(
             decoded=c.decoded,
             committed=w.committed,
@@ -144,7 +144,7 @@ class Tally:
 
     @classmethod
     def of(cls, p: Pipeline, accounting: Accounting) -> Tally:
-        c, w = p.source.table.counts, p.writer
+        c, w = p.source.devices.counts, p.writer
         prefix = "" if p.role == "member" else f"{p.role} "
         return cls(
             accounting,
@@ -157,7 +157,7 @@ class Tally:
             c.rebirth_requests,
             c.rebirths_suppressed,
             # One log budget per process (shared by its pipelines): counted once.
-            p.source.table.device_log.suppressed if p.role == "member" else 0,
+            p.source.devices.device_log.suppressed if p.role == "member" else 0,
             w.last_commit_at,
             Counter(dict(w.quarantined_by_kind)),
             Counter(dict(c.skipped)),

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from ingestd.config import Settings
+from ingestd.devices import DeviceState
 from ingestd.events import NS
 from ingestd.routes import RouteTable
 
@@ -189,7 +190,7 @@ class UpstreamWatch:
 
     def check(
         self,
-        tables: Sequence[RouteTable],
+        tables: Sequence[tuple[RouteTable, DeviceState]],
         gaps: tuple[int, int] = (0, 0),
         now_ns: int | None = None,
     ) -> None:
@@ -200,12 +201,12 @@ class UpstreamWatch:
         self._report_drops()
         self._report_gaps(*gaps)
         silent: list[str] = []
-        for table in tables:
+        for table, devices in tables:
             for r in table.routes:
                 expect = r.options.expect_within
                 if not expect:
                     continue
-                last = table.route_seen.get(r.index, self.started_ns)
+                last = devices.route_seen.get(r.index, self.started_ns)
                 if now_ns - last > expect * NS:
                     silent.append(r.pattern)
         if silent != self.state.silent_routes:
@@ -222,9 +223,9 @@ class UpstreamWatch:
             self.state.silent_routes = silent
         self._check_sensors(tables, now_ns)
 
-    def _check_sensors(self, tables: Sequence[RouteTable], now_ns: int) -> None:
+    def _check_sensors(self, tables: Sequence[tuple[RouteTable, DeviceState]], now_ns: int) -> None:
         stale: set[tuple[int, int, str]] = set()
-        for i, table in enumerate(tables):
+        for i, (table, devices) in enumerate(tables):
             limits = {
                 r.index: r.options.expect_within * NS
                 for r in table.routes
@@ -233,7 +234,7 @@ class UpstreamWatch:
             if limits:
                 stale.update(
                     (i, *key)
-                    for key, seen in table.sensor_seen.items()
+                    for key, seen in devices.sensor_seen.items()
                     if key[0] in limits and now_ns - seen > limits[key[0]]
                 )
         new = stale - self._stale

@@ -214,7 +214,7 @@ class Batch(ABC):
 # The device state `open` loads: the instance's own, most recently updated first,
 # at most what the formats' caches hold.
 DEVICE_STATE_LOADED = 65536
-# Device counters `open` loads (as many as the route table keeps): a sensor not
+# Device counters `open` loads (as many as the device state keeps): a sensor not
 # loaded starts its counter afresh at its next message (its stored counts stay).
 SEQUENCES_LOADED = 65536
 # Series ids a store keeps in memory (the most recent, ~190 bytes each: ~50 MB);

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from ingestd.config import load_settings, route_table
+from ingestd.devices import DeviceState
 from ingestd.explain import outcome
 from tests.harness import InProcess, settings_for, until
 from tests.helpers import (
@@ -316,11 +317,12 @@ def test_fuzz_100000_generated_payloads_through_the_daemon(
     # message has its own sensor, so nothing can be a duplicate of another).
     settings = load_settings(config)
     table = route_table(settings)
+    devices = DeviceState()
     disagree = []
     explained = 0
     silent = set()  # nothing to store and nothing wrong (a Sparkplug NDEATH, say)
     for i, (topic, payload) in enumerate(messages):
-        kept, rejected = outcome(table, settings.processor, topic, payload, time.time_ns())
+        kept, rejected = outcome(table, devices, settings.processor, topic, payload, time.time_ns())
         explained += len(kept)
         if not kept and not rejected:
             silent.add(f"f{i}")

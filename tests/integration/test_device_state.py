@@ -7,19 +7,19 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ingestd.config import RouteSettings
-from ingestd.decode import decode_all
 from ingestd.events import NS, SensorStatus
 from ingestd.formats.sparkplug import node_state
 from ingestd.formats.sparkplug_pb import BY_NAME, Payload
-from ingestd.routes import RouteTable, restore_device_state
+from ingestd.routes import RouteTable
 from ingestd.store.base import Store
+from tests.decoding import Decoding
 
 NODE = "spBv1.0/plant/{kind}/press-1"
 T_MS = 1_799_999_000_000
 
 
-def table() -> RouteTable:
-    return RouteTable([RouteSettings(topic="spBv1.0/#", format="sparkplug").compile(0)])
+def table() -> Decoding:
+    return Decoding(RouteTable([RouteSettings(topic="spBv1.0/#", format="sparkplug").compile(0)]))
 
 
 def birth() -> bytes:
@@ -52,7 +52,7 @@ async def test_a_nodes_state_comes_back_at_open_as_last_committed(
                 (topic, payload, 10**18 + (10 * i + j) * NS)
                 for j, (topic, payload) in enumerate(chunk)
             ]
-            found, rejected = decode_all(t, msgs)
+            found, rejected = t.decode(msgs)
             assert rejected == []
             status = t.take_status()
             _position, description = status.devices[("sparkplug", "plant/press-1")]
@@ -72,12 +72,12 @@ async def test_a_nodes_state_comes_back_at_open_as_last_committed(
         [(device, _pos, _desc)] = again.devices["sparkplug"]
         assert device == "plant/press-1"
         fresh = table()
-        restore_device_state(fresh, again.devices)
-    node = node_state(fresh, "plant", "press-1")
+        fresh.state.restore(fresh.table.stateful, again.devices)
+    node = node_state(fresh.state, "plant", "press-1")
     assert node is not None
     assert (node.seq, node.count, node.bd_seq, node.scope.born) == (4, 5, 3, True)
     # It goes on: the next DATA by alias, no BIRTH needed.
-    found, rejected = decode_all(fresh, [(NODE.format(kind="NDATA"), data(5, 5.0), 10**18)])
+    found, rejected = fresh.decode([(NODE.format(kind="NDATA"), data(5, 5.0), 10**18)])
     assert rejected == []
     assert [(r.metric, r.value) for r in found] == [("Temperature", 5.0)]
 

@@ -12,13 +12,14 @@ import pytest
 
 from ingestd.bus import EventBus
 from ingestd.config import RouteSettings
-from ingestd.decode import decode_all
+from ingestd.devices import DeviceState
 from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import NS, Processed, Reading, Rejected, SensorStatus
 from ingestd.routes import RouteTable
 from ingestd.store.sqlite import SCHEMA_VERSION, SqliteStore
 from ingestd.window import InFlightWindow
 from ingestd.writer import BatchWriter
+from tests.decoding import Decoding
 from tests.helpers import hold_exclusive_lock
 
 
@@ -357,14 +358,14 @@ async def test_version_2_database_migrates_to_exact_times_keeping_its_data(
     ]
 
 
-def _seq_table(kept: int) -> RouteTable:
+def _seq_table(kept: int) -> Decoding:
     spec = {"topic": "s/{sensor}", "format": "json", "sequence_field": "seq"}
-    return RouteTable([RouteSettings(**spec).compile(0)], kept=kept)
+    return Decoding(RouteTable([RouteSettings(**spec).compile(0)]), DeviceState(kept))
 
 
-def _seq_chunk(t: RouteTable, sensor: str, *numbers: int) -> tuple[list[Reading], SensorStatus]:
+def _seq_chunk(t: Decoding, sensor: str, *numbers: int) -> tuple[list[Reading], SensorStatus]:
     msgs = [(f"s/{sensor}", b'{"seq": %d, "v": 1}' % n, 10**18 + n * NS) for n in numbers]
-    found, rejected = decode_all(t, msgs)
+    found, rejected = t.decode(msgs)
     assert rejected == []
     return found, t.take_status()
 

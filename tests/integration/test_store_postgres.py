@@ -10,7 +10,7 @@ import pytest
 
 from ingestd.bus import EventBus
 from ingestd.config import RouteSettings
-from ingestd.decode import decode_all
+from ingestd.devices import DeviceState
 from ingestd.errors import NotPrimary, StoreError, StoreUnavailable
 from ingestd.events import NS, Processed, Reading, Rejected, SensorStatus
 from ingestd.routes import RouteTable
@@ -19,6 +19,7 @@ from ingestd.store.postgres import SCHEMA_VERSION, PostgresReader, PostgresStore
 from ingestd.store.postgres.schema import DAY_NS, partitions
 from ingestd.window import InFlightWindow
 from ingestd.writer import BatchWriter
+from tests.decoding import Decoding
 from tests.helpers import PgReader
 
 NOW = time.time()
@@ -497,11 +498,11 @@ async def test_a_sensor_evicted_from_memory_keeps_its_stored_sequence_counts(pg_
     """As on SQLite: a sensor's state forgotten (a cache of one sensor here) and
     rebuilt from nothing adds what it finds to the stored counts."""
     spec = {"topic": "s/{sensor}", "format": "json", "sequence_field": "seq"}
-    t = RouteTable([RouteSettings(**spec).compile(0)], kept=1)
+    t = Decoding(RouteTable([RouteSettings(**spec).compile(0)]), DeviceState(kept=1))
     async with PostgresStore(pg_url) as store:
         for sensor, numbers in (("a", (1, 5)), ("b", (1,)), ("a", (10, 12))):
             msgs = [(f"s/{sensor}", b'{"seq": %d, "v": 1}' % n, 10**18 + n * NS) for n in numbers]
-            found, rejected = decode_all(t, msgs)
+            found, rejected = t.decode(msgs)
             assert rejected == []
             async with store.batch() as tx:
                 await tx.add_readings(found)

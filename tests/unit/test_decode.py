@@ -7,6 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingestd.decode import decode_all
+from ingestd.devices import DeviceState
 from ingestd.errors import DecodeError
 from ingestd.events import NS, Reading
 from ingestd.formats.common import parse_timestamp
@@ -24,7 +25,7 @@ NOW_NS = 1_700_000_100 * NS
 
 
 def decode(topic: str, payload: bytes) -> tuple[list[Reading], list[str]]:
-    readings, rejected = decode_all(TABLE, [(topic, payload, NOW_NS)])
+    readings, rejected = decode_all(TABLE, DeviceState(), [(topic, payload, NOW_NS)])
     return readings, [r.reason for r in rejected]
 
 
@@ -163,7 +164,7 @@ def test_unrouted_topic_and_empty_levels() -> None:
     payload=st.binary(max_size=256),
 )
 def test_any_bytes_give_readings_or_a_reason_never_an_exception(topic: str, payload: bytes) -> None:
-    readings, rejected = decode_all(TABLE, [(topic, payload, NOW_NS)])
+    readings, rejected = decode_all(TABLE, DeviceState(), [(topic, payload, NOW_NS)])
     assert readings or rejected
     for r in readings:
         assert math.isfinite(r.value)
@@ -188,7 +189,9 @@ def test_any_json_object_decodes_or_is_rejected(doc: dict[str, object]) -> None:
     import json
 
     payload = json.dumps(doc).encode()
-    readings, rejected = decode_all(TABLE, [("sensors/a/telemetry", payload, NOW_NS)])
+    readings, rejected = decode_all(
+        TABLE, DeviceState(), [("sensors/a/telemetry", payload, NOW_NS)]
+    )
     assert readings or rejected
     assert all(math.isfinite(r.value) for r in readings)
 
@@ -300,5 +303,5 @@ def test_a_large_payload_is_cut_before_routing_whatever_its_topic() -> None:
     small = RouteTable(TABLE.routes, InputLimits(max_payload_bytes=100))
     big = b"x" * 5000
     for topic in ("sensors//telemetry", "nowhere/at/all", "sensors/a/telemetry"):
-        _, rejected = decode_all(small, [(topic, big, NOW_NS)])
+        _, rejected = decode_all(small, DeviceState(), [(topic, big, NOW_NS)])
         assert [(r.kind, len(r.payload)) for r in rejected] == [("too_large", 1024)]

@@ -15,11 +15,11 @@ from hypothesis import strategies as st
 from ingestd import formats
 from ingestd.checks import apply_clock, apply_scaling
 from ingestd.config import RouteSettings, Scaling, Settings, route_table
-from ingestd.decode import decode_all
 from ingestd.events import NS, Reading, Rejected
 from ingestd.explain import explain
 from ingestd.formats.influx import parse, parse_line
 from ingestd.routes import InputLimits, RouteTable
+from tests.decoding import Decoding
 
 NOW = 1_700_000_100.0
 
@@ -29,16 +29,16 @@ def ns(seconds: float) -> int:
     return round(seconds * 1_000_000) * 1000
 
 
-def table(*routes: dict[str, object], limits: InputLimits | None = None) -> RouteTable:
+def table(*routes: dict[str, object], limits: InputLimits | None = None) -> Decoding:
     compiled = [RouteSettings(**r).compile(i) for i, r in enumerate(routes)]
-    return RouteTable(compiled, limits)
+    return Decoding(RouteTable(compiled, limits))
 
 
 def run(
-    t: RouteTable, topic: str, payload: bytes | str, now: float = NOW
+    t: Decoding, topic: str, payload: bytes | str, now: float = NOW
 ) -> tuple[list[Reading], list[str]]:
     data = payload.encode() if isinstance(payload, str) else payload
-    readings, rejected = decode_all(t, [(topic, data, ns(now))])
+    readings, rejected = t.decode([(topic, data, ns(now))])
     return readings, [r.reason for r in rejected]
 
 
@@ -327,7 +327,7 @@ def test_token_bucket_per_device() -> None:
     )
     kept = [len(run(t, "s/loud", "1", now=NOW)[0]) for _ in range(8)]
     assert sum(kept) == 5
-    assert t.counts.rate_dropped == 3
+    assert t.state.counts.rate_dropped == 3
     assert len(run(t, "s/quiet", "1", now=NOW)[0]) == 1  # its own bucket
     assert len(run(t, "s/loud", "1", now=NOW + 0.2)[0]) == 1  # 2 tokens back after 0.2 s
     q = table(
@@ -434,7 +434,7 @@ def mutated(draw: st.DrawFn) -> bytes:
 def test_every_decoder_returns_readings_or_a_reason_for_any_bytes(
     prefix: str, payload: bytes
 ) -> None:
-    readings, rejected = decode_all(ALL, [(f"{prefix}/dev", payload, ns(NOW))])
+    readings, rejected = ALL.decode([(f"{prefix}/dev", payload, ns(NOW))])
     assert readings or rejected
     assert len(rejected) <= 1
     assert all(r.reason and r.kind for r in rejected)

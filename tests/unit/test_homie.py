@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingestd.config import RouteSettings
-from ingestd.decode import decode_all
 from ingestd.events import NS, Reading
 from ingestd.formats.homie import device_state
 from ingestd.routes import RouteTable
+from tests.decoding import Decoding
 
 NOW_NS = 1_800_000_000 * NS
 
@@ -33,23 +33,23 @@ DESCRIPTION = {
 }
 
 
-def table(**route: object) -> RouteTable:
+def table(**route: object) -> Decoding:
     spec: dict[str, object] = {"topic": "homie/5/#", "format": "homie", **route}
-    return RouteTable([RouteSettings(**spec).compile(0)])
+    return Decoding(RouteTable([RouteSettings(**spec).compile(0)]))
 
 
 def run(
-    t: RouteTable, *messages: tuple[str, bytes], retained: bool = False
+    t: Decoding, *messages: tuple[str, bytes], retained: bool = False
 ) -> tuple[list[Reading], list[str]]:
     deliveries = [(topic, payload, NOW_NS + i) for i, (topic, payload) in enumerate(messages)]
     if retained:
-        readings, rejected = decode_all(t, [], deliveries)
+        readings, rejected = t.decode([], deliveries)
     else:
-        readings, rejected = decode_all(t, deliveries)
+        readings, rejected = t.decode(deliveries)
     return readings, [r.reason for r in rejected]
 
 
-def describe(t: RouteTable, device: str = "boiler", doc: object = DESCRIPTION) -> None:
+def describe(t: Decoding, device: str = "boiler", doc: object = DESCRIPTION) -> None:
     _, problems = run(t, (f"homie/5/{device}/$description", json.dumps(doc).encode()))
     assert problems == []
 
@@ -70,7 +70,7 @@ def test_values_are_read_by_their_declared_datatype_with_their_unit() -> None:
         ("boiler", "env.humidity", 40.0, "%"),
         ("boiler", "env.alarm", 1.0, ""),
     ]
-    assert t.counts.non_numeric == 1  # the string: counted, not stored
+    assert t.state.counts.non_numeric == 1  # the string: counted, not stored
     assert readings[0].ts_ns == NOW_NS  # values carry no time: the receive time
 
 
@@ -109,7 +109,7 @@ def test_state_is_followed_and_bad_values_name_the_problem() -> None:
     describe(t)
     for state in ("init", "ready", "sleeping", "lost"):
         assert run(t, ("homie/5/boiler/$state", state.encode())) == ([], [])
-        device = device_state(t, "boiler")
+        device = device_state(t.state, "boiler")
         assert device is not None
         assert device.state == state
         assert t.take_status().states == {"boiler": state}  # to the store with the chunk
@@ -151,7 +151,7 @@ def test_retained_values_are_not_stored_again_but_descriptions_are_read() -> Non
         retained=True,
     )
     assert (readings, problems) == ([], [])
-    assert (t.counts.retained_ignored, t.counts.decoded) == (1, 0)
+    assert (t.state.counts.retained_ignored, t.state.counts.decoded) == (1, 0)
     assert run(t, ("homie/5/boiler/env/temperature", b"22"))[0][0].value == 22.0
 
 
@@ -179,7 +179,7 @@ def test_templates_and_a_broken_description() -> None:
 def test_nothing_a_device_sends_raises(topic: str, payload: bytes) -> None:
     t = table()
     describe(t, "d")
-    readings, rejected = decode_all(t, [(topic, payload, NOW_NS)])
+    readings, rejected = t.decode([(topic, payload, NOW_NS)])
     assert all(r.kind != "internal" for r in rejected)
     assert len(readings) <= 1
 
@@ -277,19 +277,19 @@ def test_a_flood_of_junk_states_and_values_keeps_every_description() -> None:
     assert [(r.sensor, r.metric, r.value) for r in readings] == [
         (d, "env.temperature", 21.5) for d in devices
     ]
-    assert len(t.format_state["homie"]) == 10
-    assert len(t.format_state["homie_states"]) == 65536  # bounded, by recency
+    assert len(t.state.format_state["homie"]) == 10
+    assert len(t.state.format_state["homie_states"]) == 65536  # bounded, by recency
 
 
 def test_a_state_sent_before_the_description_stays_with_the_device() -> None:
     t = table()
     assert run(t, ("homie/5/boiler/$state", b"init")) == ([], [])
-    assert device_state(t, "boiler") is None  # a $state alone is no description
+    assert device_state(t.state, "boiler") is None  # a $state alone is no description
     describe(t)
-    device = device_state(t, "boiler")
+    device = device_state(t.state, "boiler")
     assert device is not None
     assert device.state == "init"
-    assert "boiler" not in t.format_state["homie_states"]
+    assert "boiler" not in t.state.format_state["homie_states"]
     assert run(t, ("homie/5/boiler/$state", b"init")) == ([], [])
     assert t.take_status().states == {"boiler": "init"}  # once, not again
 
@@ -303,7 +303,7 @@ def test_a_retained_description_is_read_before_the_values_that_arrived_after_it(
         ("homie/5/boiler/$description", json.dumps(DESCRIPTION).encode(), NOW_NS),
         ("homie/5/boiler/env/temperature", b"21.5", NOW_NS + 1),
     ]
-    readings, rejected = decode_all(t, chunk, retained_at={0})
+    readings, rejected = t.decode(chunk, retained_at={0})
     assert rejected == []
     assert [(r.metric, r.value) for r in readings] == [("env.temperature", 21.5)]
 

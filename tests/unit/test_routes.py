@@ -3,9 +3,11 @@ from __future__ import annotations
 import pytest
 
 from ingestd.config import RouteSettings
-from ingestd.decode import decode_all
+from ingestd.devices import DeviceState
 from ingestd.errors import RouteSpecError
+from ingestd.ratelimit import RateLimiter
 from ingestd.routes import RouteOptions, RouteTable, compile_route
+from tests.decoding import Decoding
 
 
 def table(*specs: tuple[str, str, str, str]) -> RouteTable:
@@ -231,14 +233,14 @@ def test_match_cache_keeps_the_topics_in_use_through_a_flood() -> None:
     assert t.match("d/hot/m") is hot
 
 
-def _seq_table(kept: int) -> RouteTable:
+def _seq_table(kept: int) -> Decoding:
     spec = {"topic": "s/{sensor}", "format": "json", "sequence_field": "seq"}
-    return RouteTable([RouteSettings(**spec).compile(0)], kept=kept)
+    return Decoding(RouteTable([RouteSettings(**spec).compile(0)]), DeviceState(kept))
 
 
-def _seq(t: RouteTable, sensor: str, *numbers: int) -> None:
+def _seq(t: Decoding, sensor: str, *numbers: int) -> None:
     msgs = [(f"s/{sensor}", b'{"seq": %d, "v": 1}' % n, 10**18 + n) for n in numbers]
-    readings, rejected = decode_all(t, msgs)
+    readings, rejected = t.decode(msgs)
     assert rejected == []
     assert len(readings) == len(numbers)
 
@@ -254,7 +256,7 @@ def test_sequence_status_carries_the_gaps_found_since_the_last_one() -> None:
     # no counts to overwrite the stored ones.
     _seq(t, "b", 1)
     _seq(t, "c", 1)
-    assert "a" not in t.sequences
+    assert "a" not in t.state.sequences
     _seq(t, "a", 20)
     assert t.take_status().sequences == {"b": (1, 0, 0), "c": (1, 0, 0), "a": (20, 0, 0)}
 
@@ -267,21 +269,21 @@ def test_a_state_evicted_before_its_status_is_taken_still_reports_its_gaps() -> 
 
 
 def test_rate_limit_buckets_are_forgotten_one_at_a_time() -> None:
-    t = _seq_table(kept=3)
+    rate = RateLimiter(kept=3)
     opts = RouteOptions(rate_limit=1.0, rate_burst=2.0)
-    assert t.allow(0, "hot", opts, 2, 0.0) == 2  # spends its burst
+    assert rate.allow(0, "hot", opts, 2, 0.0) == 2  # spends its burst
     for i in range(100):
-        t.allow(0, f"s{i}", opts, 1, 0.0)
-        assert t.allow(0, "hot", opts, 1, 0.0) == 0  # still empty: never reset
-    assert len(t.buckets) == 3
+        rate.allow(0, f"s{i}", opts, 1, 0.0)
+        assert rate.allow(0, "hot", opts, 1, 0.0) == 0  # still empty: never reset
+    assert len(rate.buckets) == 3
 
 
 def test_sensors_followed_for_expect_within_are_bounded_by_recency() -> None:
     """A flood of new ids on a route with expect_within costs at most the
     bound; the sensors heard most recently are the ones kept."""
     spec = {"topic": "d/{sensor}", "format": "value", "metric": "v", "expect_within": 60}
-    t = RouteTable([RouteSettings(**spec).compile(0)], kept=100)
-    decode_all(t, [(f"d/s{i}", b"1", 10**18 + i) for i in range(10_000)])
-    assert len(t.sensor_seen) == 100
-    assert (0, "s9999") in t.sensor_seen
-    assert (0, "s0") not in t.sensor_seen
+    t = Decoding(RouteTable([RouteSettings(**spec).compile(0)]), DeviceState(kept=100))
+    t.decode([(f"d/s{i}", b"1", 10**18 + i) for i in range(10_000)])
+    assert len(t.state.sensor_seen) == 100
+    assert (0, "s9999") in t.state.sensor_seen
+    assert (0, "s0") not in t.state.sensor_seen

@@ -13,11 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ingestd.config import RouteSettings
-from ingestd.decode import decode_all
 from ingestd.events import NS, Reading
 from ingestd.formats.sparkplug import REBIRTH, load_state, node_state, save_state
 from ingestd.formats.sparkplug_pb import BY_NAME, Payload
 from ingestd.routes import RouteTable
+from tests.decoding import Decoding
 
 NOW_NS = 1_800_000_000 * NS
 T_MS = 1_799_999_000_000
@@ -25,13 +25,14 @@ NODE = "spBv1.0/plant/{kind}/press-1"
 DEV = "spBv1.0/plant/{kind}/press-1/spindle"
 
 
-def table(**route: object) -> RouteTable:
-    return RouteTable([RouteSettings(topic="spBv1.0/#", format="sparkplug", **route).compile(0)])
+def table(**route: object) -> Decoding:
+    route_ = RouteSettings(topic="spBv1.0/#", format="sparkplug", **route)
+    return Decoding(RouteTable([route_.compile(0)]))
 
 
-def run(t: RouteTable, *messages: tuple[str, bytes]) -> tuple[list[Reading], list[str]]:
+def run(t: Decoding, *messages: tuple[str, bytes]) -> tuple[list[Reading], list[str]]:
     deliveries = [(topic, payload, NOW_NS + i) for i, (topic, payload) in enumerate(messages)]
-    readings, rejected = decode_all(t, deliveries)
+    readings, rejected = t.decode(deliveries)
     return readings, [r.reason for r in rejected]
 
 
@@ -75,13 +76,13 @@ def test_birth_then_data_by_alias_with_units_types_and_times() -> None:
         "Count": (-3.0, "", "plant/press-1", ts),
         "Running": (1.0, "", "plant/press-1", ts),
     }  # Label (a string), the control metric and bdSeq: not readings
-    assert t.counts.skipped == {"string": 1}
+    assert t.state.counts.skipped == {"string": 1}
     readings, problems = run(t, (NODE.format(kind="NDATA"), data(1, (1, 21.25))))
     assert problems == []
     assert [(r.metric, r.value, r.unit, r.ts_ns) for r in readings] == [
         ("Temperature", 21.25, "°C", (T_MS + 1000) * 1_000_000)
     ]
-    state = node_state(t, "plant", "press-1")
+    state = node_state(t.state, "plant", "press-1")
     assert state is not None
     assert state.seq == 1
     assert state.bd_seq == 1
@@ -100,8 +101,8 @@ def test_a_sequence_gap_quarantines_and_asks_for_one_rebirth_until_reborn() -> N
     assert problems[0].startswith("Sparkplug node plant/press-1: sequence gap: expected 2, got 3")
     assert problems[0].endswith("rebirth requested")
     assert "waiting for its rebirth" in problems[1]  # asked once, not per message
-    assert t.counts.rebirth_requests == 1
-    [(topic, payload)] = t.commands
+    assert t.state.counts.rebirth_requests == 1
+    [(topic, payload)] = t.state.commands
     assert topic == "spBv1.0/plant/NCMD/press-1"
     [m] = Payload.FromString(payload).metrics
     assert (m.name, m.boolean_value) == (REBIRTH, True)
@@ -120,8 +121,8 @@ def test_data_from_a_node_never_seen_born_is_not_guessed() -> None:
     assert readings == []
     assert "has not seen its birth" in problems[0]
     assert "rebirth requested" in problems[0]
-    assert t.commands
-    assert t.counts.rebirth_requests == 1
+    assert t.state.commands
+    assert t.state.counts.rebirth_requests == 1
 
 
 def test_an_alias_the_birth_did_not_declare_is_quarantined() -> None:
@@ -186,7 +187,7 @@ def test_redelivered_data_is_read_again_not_a_gap() -> None:
     assert problems == []
     assert len(readings) == 2
     assert readings[0] == readings[1]
-    assert t.counts.rebirth_requests == 0
+    assert t.state.counts.rebirth_requests == 0
 
 
 def test_the_sequence_wraps_at_255() -> None:
@@ -209,7 +210,7 @@ def test_historical_stored_transient_and_null_and_nan_counted() -> None:
     readings, problems = run(t, (NODE.format(kind="NDATA"), p.SerializeToString()))
     assert problems == []
     assert [(r.value, r.ts_ns) for r in readings] == [(1.0, (T_MS - 60_000) * 1_000_000)]
-    assert t.counts.skipped == {"string": 1, "transient": 1, "null": 1, "not_finite": 1}
+    assert t.state.counts.skipped == {"string": 1, "transient": 1, "null": 1, "not_finite": 1}
 
 
 def test_commands_and_host_state_are_not_data() -> None:
@@ -302,15 +303,13 @@ def test_a_birth_that_cannot_be_read_leaves_the_node_unborn() -> None:
 
 
 def dup_run(
-    t: RouteTable, *messages: tuple[str, bytes], read: bool = True
+    t: Decoding, *messages: tuple[str, bytes], read: bool = True
 ) -> tuple[list[Reading], list[str]]:
     """`run`, every message flagged DUP by the broker (sent again after a
     reconnect); `read`: messages this process read already (the source tells
     by packet id and content), else ones it never read."""
     deliveries = [(topic, payload, NOW_NS + i) for i, (topic, payload) in enumerate(messages)]
-    readings, rejected = decode_all(
-        t, deliveries, read_before=range(len(deliveries)) if read else ()
-    )
+    readings, rejected = t.decode(deliveries, read_before=range(len(deliveries)) if read else ())
     return readings, [r.reason for r in rejected]
 
 
@@ -327,7 +326,7 @@ def test_any_forward_jump_is_a_gap_however_far(jump: int) -> None:
         f"Sparkplug node plant/press-1: sequence gap: expected 11, got {seq} "
         f"({jump - 1} message(s) missing)"
     )
-    assert t.counts.rebirth_requests == 1
+    assert t.state.counts.rebirth_requests == 1
     # The node is unborn until its rebirth: nothing after the gap is guessed.
     _, problems = run(t, (NODE.format(kind="NDATA"), data((seq + 1) % 256, (1, 3.0))))
     assert "waiting for its rebirth" in problems[0]
@@ -347,11 +346,11 @@ def test_redeliveries_after_a_reconnect_never_unbirth_the_node(unacked: int) -> 
     assert problems == []
     again, problems = dup_run(t, *first[-unacked:])
     assert (again, problems) == ([], [])
-    assert t.counts.skipped["redelivered"] == unacked
+    assert t.state.counts.skipped["redelivered"] == unacked
     after, problems = run(t, (NODE.format(kind="NDATA"), data(1001 % 256, (1, 1001.0))))
     assert problems == []
     assert [r.value for r in after] == [1001.0]
-    assert t.counts.rebirth_requests == 0
+    assert t.state.counts.rebirth_requests == 0
 
 
 def rebirth_swapped(seq: int = 0, ts_ms: int = T_MS + 60_000) -> bytes:
@@ -386,10 +385,10 @@ def test_a_redelivery_from_before_a_rebirth_is_never_read_with_the_new_aliases(
     # The broker sends all four again after a reconnect, in their order.
     again, problems = dup_run(t, *old, *new)
     assert (again, problems) == ([], [])
-    assert t.counts.skipped["redelivered"] == 4
+    assert t.state.counts.skipped["redelivered"] == 4
     assert ("Humidity", 31.0) not in [(r.metric, r.value) for r in first]
-    assert t.counts.rebirth_requests == 0
-    state = node_state(t, "plant", "press-1")
+    assert t.state.counts.rebirth_requests == 0
+    state = node_state(t.state, "plant", "press-1")
     assert state is not None
     assert (state.seq, state.bd_seq) == (1, 2)
     # And the next new DATA is read with the new BIRTH's aliases.
@@ -412,7 +411,7 @@ def test_a_redelivered_old_nbirth_never_replaces_the_current_birth() -> None:
     ]
     run(t, *old, *new)
     dup_run(t, (NODE.format(kind="NBIRTH"), birth()), *old, *new)
-    state = node_state(t, "plant", "press-1")
+    state = node_state(t.state, "plant", "press-1")
     assert state is not None
     assert state.bd_seq == 2
     fresh, _ = run(t, (node, data(4, (1, 44.0), (2, 24.0), ts_ms=back + 4000)))
@@ -435,14 +434,14 @@ def test_a_dup_message_this_process_never_read_follows_on_or_is_a_gap() -> None:
     assert "sequence gap: expected 46, got 49 (3 message(s) missing)" in problems[0]
 
 
-def restarted(t: RouteTable) -> RouteTable:
+def restarted(t: Decoding) -> Decoding:
     """A new table with `t`'s Sparkplug state as the store would give it back
     after a restart (saved chunk by chunk: the last position and description)."""
     saved: dict[str, tuple[bytes, bytes]] = {}
-    for device, (position, description) in save_state(t).items():
+    for device, (position, description) in save_state(t.state).items():
         saved[device] = (position, description or saved[device][1])
     fresh = table()
-    load_state(fresh, [(d, p, desc) for d, (p, desc) in saved.items()])
+    load_state(fresh.state, [(d, p, desc) for d, (p, desc) in saved.items()])
     return fresh
 
 
@@ -464,7 +463,7 @@ def test_after_a_restart_the_node_goes_on_from_its_last_commit() -> None:
     again, problems = dup_run(fresh, *sent[8:], read=False)  # 9-10: never committed
     assert problems == []
     assert [r.value for r in again] == [9.0, 10.0]
-    assert fresh.counts.skipped["redelivered"] == 3
+    assert fresh.state.counts.skipped["redelivered"] == 3
     _, problems = dup_run(
         fresh, (NODE.format(kind="NDATA"), data(15, (1, 15.0), ts_ms=T_MS - 150)), read=False
     )
@@ -476,12 +475,12 @@ def test_a_node_state_row_that_cannot_be_read_waits_for_a_rebirth() -> None:
     start. It is logged and the node waits for its rebirth."""
     t = table()
     run(t, (NODE.format(kind="NBIRTH"), birth()))
-    [(device, (position, description))] = save_state(t).items()
+    [(device, (position, description))] = save_state(t.state).items()
     assert description is not None
     wrong = msgspec.msgpack.encode([[True, True, []], [], {}])  # devices a list
     fresh = table()
-    load_state(fresh, [(device, position, wrong), ("plant/other", b"\xc1", b"\xc1")])
-    assert node_state(fresh, "plant", "press-1") is None
+    load_state(fresh.state, [(device, position, wrong), ("plant/other", b"\xc1", b"\xc1")])
+    assert node_state(fresh.state, "plant", "press-1") is None
     _, problems = run(fresh, (NODE.format(kind="NDATA"), data(1, (1, 1.0))))
     assert "has not seen its birth" in problems[0]
 
@@ -511,7 +510,7 @@ def test_a_device_redelivery_from_before_its_dbirth_is_skipped() -> None:
     ]
     again, problems = dup_run(t, *msgs)
     assert (again, problems) == ([], [])
-    assert t.counts.skipped["redelivered"] == 4
+    assert t.state.counts.skipped["redelivered"] == 4
 
 
 def test_junk_from_many_node_ids_buys_bounded_rebirth_requests_and_log_lines() -> None:
@@ -520,10 +519,10 @@ def test_junk_from_many_node_ids_buys_bounded_rebirth_requests_and_log_lines() -
     _, problems = run(t, *junk)
     assert len(problems) == 2000  # every one quarantined with its reason
     # One second's worth (10) at most, the rest counted; decoding took well under 1 s.
-    assert 10 <= t.counts.rebirth_requests <= 20
-    assert len(t.commands) == t.counts.rebirth_requests
-    assert t.counts.rebirths_suppressed == 2000 - t.counts.rebirth_requests
-    assert t.device_log.suppressed >= t.counts.rebirth_requests - 20
+    assert 10 <= t.state.counts.rebirth_requests <= 20
+    assert len(t.state.commands) == t.state.counts.rebirth_requests
+    assert t.state.counts.rebirths_suppressed == 2000 - t.state.counts.rebirth_requests
+    assert t.state.device_log.suppressed >= t.state.counts.rebirth_requests - 20
 
 
 def test_a_flood_of_junk_node_ids_keeps_every_born_node() -> None:
