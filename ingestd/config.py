@@ -33,14 +33,8 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from ingestd import formats
 from ingestd.errors import ConfigError, RouteSpecError
 from ingestd.formats import FormatOptions
-from ingestd.routes import (
-    CompiledRoute,
-    InputLimits,
-    RouteOptions,
-    RouteTable,
-    compile_route,
-    filters_meet,
-)
+from ingestd.formats.base import InputLimits, RouteOptions
+from ingestd.routes import CompiledRoute, RouteTable, compile_route, filters_meet
 
 ENV_PREFIX = "INGESTD_"
 ENV_CONFIG = "INGESTD_CONFIG"

@@ -15,9 +15,10 @@ from collections.abc import Collection, Iterable
 
 import structlog
 
-from ingestd.devices import DecodeContext, DeviceState
+from ingestd.devices import DeviceState
 from ingestd.errors import DecodeError
 from ingestd.events import NS, Reading, Rejected
+from ingestd.formats.base import DecodeContext, RouteMatch
 from ingestd.routes import RouteTable
 
 log = structlog.get_logger("ingestd.decode")
@@ -114,9 +115,41 @@ def decode_message(
         state.counts.retained_untimed += len(readings) - before - len(timed)
         readings[before:] = timed
     if opts.rate_limit and len(readings) > before:
-        state.rate.apply(
-            state.counts, match, topic, payload, received_ns / NS, readings, before, rejected
+        _rate_limit(state, match, topic, payload, received_ns, readings, before, rejected)
+
+
+def _rate_limit(
+    state: DeviceState,
+    match: RouteMatch,
+    topic: str,
+    payload: bytes,
+    received_ns: int,
+    readings: list[Reading],
+    before: int,
+    rejected: list[Rejected],
+) -> None:
+    """The route's rate limit on one message's readings; the rest dropped or
+    quarantined (`rate_policy`), and counted either way."""
+    opts = match.options
+    n = len(readings)
+    over = state.rate.keep(match.route, opts.rate_limit, opts.rate_burst, readings, before)
+    if not over:
+        return
+    excess = n - len(readings)
+    if opts.rate_policy == "quarantine":
+        state.counts.rate_quarantined += excess
+        rejected.append(
+            Rejected(
+                topic,
+                payload,
+                f"rate limit: {excess} reading(s) over {opts.rate_limit:g}/s "
+                f"(burst {opts.rate_burst:g}) from {', '.join(over)}",
+                received_ns / NS,
+                "rate_limited",
+            )
         )
+    else:
+        state.counts.rate_dropped += excess
 
 
 def too_large(

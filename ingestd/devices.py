@@ -9,26 +9,20 @@ per-device cache is bounded by recency (`ingestd.recent`): never cleared at
 once. What must outlive the process goes to the store with each chunk
 (`take_status`) and comes back at start (`restore`).
 
-`DecodeContext` is what a format's decoder gets: this state, the input
-limits, and whether the message being decoded was re-sent because we
-subscribed (retained) or was read before (a redelivery, DUP).
+A format's decoder gets it in a `DecodeContext` (`ingestd.formats.base`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ingestd.events import SensorStatus
 from ingestd.observe.device_log import DeviceLog
 from ingestd.ratelimit import RateLimiter
 from ingestd.recent import RecentCache
-
-if TYPE_CHECKING:
-    from ingestd.formats import Format
-    from ingestd.routes import InputLimits
 
 # Sensors and (route, sensor) pairs each cache keeps, the most recently used
 # (see ingestd.recent for what an entry weighs).
@@ -80,6 +74,21 @@ class SequenceState:
 _NO_STATUS = SensorStatus()
 
 
+class Stateful(Protocol):
+    """A format that keeps device state across restarts (`ingestd.formats.Format`)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def save_state(
+        self,
+    ) -> Callable[[DeviceState], dict[str, tuple[bytes, bytes | None]]] | None: ...
+    @property
+    def load_state(
+        self,
+    ) -> Callable[[DeviceState, list[tuple[str, bytes, bytes]]], None] | None: ...
+
+
 class DeviceState:
     def __init__(self, kept: int = KEPT) -> None:
         # `kept`: entries each per-sensor cache holds (tests make it small).
@@ -114,7 +123,7 @@ class DeviceState:
         # (topic, payload), published by the source after the chunk.
         self.commands: list[tuple[str, bytes]] = []
 
-    def take_status(self, stateful: Sequence[Format] = ()) -> SensorStatus:
+    def take_status(self, stateful: Sequence[Stateful] = ()) -> SensorStatus:
         """The per-sensor state changed since the last call, for the store
         (`stateful`: the formats whose device state to save, the table's)."""
         if not (
@@ -142,7 +151,7 @@ class DeviceState:
         return SensorStatus(seqs, expect, states, devices)
 
     def restore(
-        self, stateful: Sequence[Format], devices: dict[str, list[tuple[str, bytes, bytes]]]
+        self, stateful: Sequence[Stateful], devices: dict[str, list[tuple[str, bytes, bytes]]]
     ) -> None:
         """Give each stateful format what the store kept of it (at start)."""
         for fmt in stateful:
@@ -172,16 +181,3 @@ class DeviceState:
         else:
             return
         self.sequences_changed[sensor] = state
-
-
-@dataclass(slots=True)
-class DecodeContext:
-    """What a format's decoder may read and change besides its message: the
-    pipeline's device state, the input limits, and, for the message being
-    decoded, whether the broker re-sent it because we subscribed (`retained`)
-    and whether it is a redelivery this process read before (`read_before`)."""
-
-    state: DeviceState
-    limits: InputLimits
-    retained: bool = False
-    read_before: bool = False

@@ -12,8 +12,9 @@ import time
 from ingestd.checks import process
 from ingestd.config import ProcessorSettings, Settings, route_table
 from ingestd.decode import decode_message
-from ingestd.devices import DecodeContext, DeviceState
+from ingestd.devices import DeviceState
 from ingestd.events import NS, Reading, Rejected
+from ingestd.formats.base import DecodeContext
 from ingestd.printable import printable
 from ingestd.report import iso_ns
 from ingestd.routes import RouteTable

@@ -9,14 +9,8 @@ forgotten starts again full (a burst, not a cliff).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from ingestd.events import NS, Reading, Rejected
+from ingestd.events import NS, Reading
 from ingestd.recent import RecentCache
-
-if TYPE_CHECKING:
-    from ingestd.devices import DecodeCounts
-    from ingestd.routes import RouteMatch, RouteOptions
 
 
 class RateLimiter:
@@ -24,31 +18,25 @@ class RateLimiter:
         # (route, sensor) -> [tokens, last refill time]
         self.buckets: RecentCache[tuple[int, str], list[float]] = RecentCache(kept)
 
-    def allow(self, route: int, sensor: str, options: RouteOptions, n: int, now: float) -> int:
+    def allow(self, route: int, sensor: str, rate: float, burst: float, n: int, now: float) -> int:
         """How many of `n` readings from this sensor the route's rate limit lets
-        through now (a token bucket of `rate_burst`, refilled at `rate_limit`/s)."""
+        through now (a token bucket of `burst`, refilled at `rate`/s)."""
         key = (route, sensor)
         bucket = self.buckets.recent(key)
         if bucket is None:
-            bucket = self.buckets[key] = [options.rate_burst, now]
-        tokens = min(options.rate_burst, bucket[0] + max(now - bucket[1], 0.0) * options.rate_limit)
+            bucket = self.buckets[key] = [burst, now]
+        tokens = min(burst, bucket[0] + max(now - bucket[1], 0.0) * rate)
         allowed = min(n, int(tokens))
         bucket[0], bucket[1] = tokens - allowed, now
         return allowed
 
-    def apply(
-        self,
-        counts: DecodeCounts,
-        match: RouteMatch,
-        topic: str,
-        payload: bytes,
-        received_at: float,
-        readings: list[Reading],
-        before: int,
-        rejected: list[Rejected],
-    ) -> None:
+    def keep(
+        self, route: int, rate: float, burst: float, readings: list[Reading], before: int
+    ) -> list[str]:
         """Keep what each sensor's token bucket allows of `readings[before:]`
-        (one message's); drop or quarantine the rest.
+        (one message's), in place; the sensors that had readings over (empty:
+        all kept). What becomes of the rest (dropped or quarantined, by the
+        route's `rate_policy`) is the caller's.
 
         The bucket runs on the device's clock (the readings' time, which is the
         receive time only where the device sends none): a backlog delivered at
@@ -61,32 +49,16 @@ class RateLimiter:
             per_sensor[r.sensor] = per_sensor.get(r.sensor, 0) + 1
             if r.ts_ns > latest.get(r.sensor, -1):
                 latest[r.sensor] = r.ts_ns
-        opts = match.options
         allowed = {
-            s: self.allow(match.route, s, opts, n, latest[s] / NS) for s, n in per_sensor.items()
+            s: self.allow(route, s, rate, burst, n, latest[s] / NS) for s, n in per_sensor.items()
         }
         if all(allowed[s] == n for s, n in per_sensor.items()):
-            return
+            return []
         kept: list[Reading] = []
         for r in fresh:
             if allowed[r.sensor] > 0:
                 allowed[r.sensor] -= 1
                 kept.append(r)
-        excess = len(fresh) - len(kept)
         del readings[before:]
         readings.extend(kept)
-        if opts.rate_policy == "quarantine":
-            counts.rate_quarantined += excess
-            over = ", ".join(sorted(s for s in per_sensor if allowed[s] == 0))
-            rejected.append(
-                Rejected(
-                    topic,
-                    payload,
-                    f"rate limit: {excess} reading(s) over {opts.rate_limit:g}/s "
-                    f"(burst {opts.rate_burst:g}) from {over}",
-                    received_at,
-                    "rate_limited",
-                )
-            )
-        else:
-            counts.rate_dropped += excess
+        return sorted(s for s in per_sensor if allowed[s] == 0)

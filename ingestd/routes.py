@@ -12,40 +12,23 @@ reading with its site).
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import string
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ingestd import formats
 from ingestd.errors import RouteSpecError
 from ingestd.events import canonical_tags
 from ingestd.formats import Format, FormatOptions
+from ingestd.formats.base import InputLimits, RouteMatch, RouteOptions
 from ingestd.recent import RecentCache
 
 _NAME = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
 # Topics, sensors and (route, sensor) pairs each cache keeps, the most recently
 # used (see ingestd.recent for what an entry weighs).
 KEPT = 65536
-
-
-@dataclass(frozen=True, slots=True)
-class RouteOptions:
-    """What any route may say beyond its topic and templates, whatever its format."""
-
-    rate_limit: float = 0.0  # readings/s per sensor (0: no limit)
-    rate_burst: float = 1.0
-    rate_policy: str = "drop"  # drop | quarantine
-    retained: str = "ignore"  # ignore | store: messages the broker re-sends on subscribe
-    expect_within: float = 0.0  # seconds a route or sensor may stay silent (0: no limit)
-
-
-@dataclass(frozen=True, slots=True)
-class InputLimits:
-    max_payload_bytes: int = 262144
-    max_json_depth: int = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +43,7 @@ class CompiledRoute:
     metric_template: str
     fmt: Format
     params: Any  # the format's prepared options (Format.prepare)
-    options: RouteOptions = RouteOptions()
+    options: RouteOptions = field(default_factory=RouteOptions)
     tag_names: tuple[tuple[int, str], ...] = ()  # captured levels that become tags
 
     def specificity(self) -> tuple[int, ...]:
@@ -69,26 +52,6 @@ class CompiledRoute:
         if self.multi:
             key.append(2)
         return tuple(key)
-
-
-@dataclass(frozen=True, slots=True)
-class RouteMatch:
-    """What a topic resolves to: the route and the names derived from the topic."""
-
-    route: int
-    fmt: Format
-    params: Any  # the format's prepared options
-    sensor: str
-    # By the format's `metric_from`: "field", the metric is `metric_prefix +
-    # field + metric_suffix`; "topic", `metric_prefix` is the whole metric
-    # name; "payload", the decoder formats `metric_template` with `values`.
-    metric_prefix: str
-    metric_suffix: str
-    options: RouteOptions = RouteOptions()
-    tags: str = ""  # canonical JSON of the topic's tag levels
-    topic_tags: tuple[tuple[str, str], ...] = ()
-    metric_template: str = ""
-    values: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def compile_route(
@@ -175,18 +138,18 @@ def _check_template(what: str, template: str, pattern: str, allowed: set[str]) -
     except ValueError as exc:
         raise RouteSpecError(f"{what} template {template!r}: {exc}") from None
     fields: list[str] = []
-    for _literal, field, spec, conv in parsed:
-        if field is None:
+    for _literal, name, spec, conv in parsed:
+        if name is None:
             continue
         if spec or conv:
             raise RouteSpecError(f"{what} template {template!r}: no format specs or conversions")
-        if field not in allowed:
+        if name not in allowed:
             known = ", ".join(sorted("{" + a + "}" for a in allowed)) or "none"
             raise RouteSpecError(
-                f"{what} template {template!r} uses {{{field}}}, which topic {pattern!r} "
+                f"{what} template {template!r} uses {{{name}}}, which topic {pattern!r} "
                 f"does not name (available: {known})"
             )
-        fields.append(field)
+        fields.append(name)
     if not template:
         raise RouteSpecError(f"{what} template is empty")
     return fields

@@ -14,6 +14,7 @@ A `Format` declares
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -23,8 +24,7 @@ from pydantic import BaseModel, ConfigDict
 from ingestd.events import Reading, Rejected
 
 if TYPE_CHECKING:
-    from ingestd.devices import DecodeContext, DeviceState
-    from ingestd.routes import RouteMatch
+    from ingestd.devices import DeviceState
 
 
 class FormatOptions(BaseModel):
@@ -119,3 +119,53 @@ def get(name: str) -> Format:
 
 def names() -> list[str]:
     return list(_REGISTRY)
+
+
+@dataclass(frozen=True, slots=True)
+class RouteOptions:
+    """What any route may say beyond its topic and templates, whatever its format."""
+
+    rate_limit: float = 0.0  # readings/s per sensor (0: no limit)
+    rate_burst: float = 1.0
+    rate_policy: str = "drop"  # drop | quarantine
+    retained: str = "ignore"  # ignore | store: messages the broker re-sends on subscribe
+    expect_within: float = 0.0  # seconds a route or sensor may stay silent (0: no limit)
+
+
+@dataclass(frozen=True, slots=True)
+class InputLimits:
+    max_payload_bytes: int = 262144
+    max_json_depth: int = 16
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """What a topic resolves to: the route and the names derived from the topic."""
+
+    route: int
+    fmt: Format
+    params: Any  # the format's prepared options
+    sensor: str
+    # By the format's `metric_from`: "field", the metric is `metric_prefix +
+    # field + metric_suffix`; "topic", `metric_prefix` is the whole metric
+    # name; "payload", the decoder formats `metric_template` with `values`.
+    metric_prefix: str
+    metric_suffix: str
+    options: RouteOptions = RouteOptions()
+    tags: str = ""  # canonical JSON of the topic's tag levels
+    topic_tags: tuple[tuple[str, str], ...] = ()
+    metric_template: str = ""
+    values: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class DecodeContext:
+    """What a format's decoder may read and change besides its message: the
+    pipeline's device state, the input limits, and, for the message being
+    decoded, whether the broker re-sent it because we subscribed (`retained`)
+    and whether it is a redelivery this process read before (`read_before`)."""
+
+    state: DeviceState
+    limits: InputLimits
+    retained: bool = False
+    read_before: bool = False

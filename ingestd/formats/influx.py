@@ -21,8 +21,7 @@ from ingestd.formats.base import Format, FormatOptions
 from ingestd.formats.common import NS_PER, check_ns, settle
 
 if TYPE_CHECKING:
-    from ingestd.devices import DecodeContext
-    from ingestd.routes import RouteMatch
+    from ingestd.formats.base import DecodeContext, RouteMatch
 
 _TRUE = frozenset(("t", "T", "true", "True", "TRUE"))
 _FALSE = frozenset(("f", "F", "false", "False", "FALSE"))

@@ -25,8 +25,7 @@ from ingestd.formats.common import (
 )
 
 if TYPE_CHECKING:
-    from ingestd.devices import DecodeContext
-    from ingestd.routes import RouteMatch
+    from ingestd.formats.base import DecodeContext, RouteMatch
 
 
 class JsonOptions(FormatOptions):

@@ -25,8 +25,7 @@ from ingestd.formats.common import TS_MAX_NS, parse_json, settle, too_large
 from ingestd.recent import RecentCache
 
 if TYPE_CHECKING:
-    from ingestd.devices import DecodeContext
-    from ingestd.routes import RouteMatch
+    from ingestd.formats.base import DecodeContext, RouteMatch
 
 RELATIVE_LIMIT = 2**28  # RFC 8428 4.5.3
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-:./_]*$")

@@ -66,8 +66,8 @@ from ingestd.formats.sparkplug_pb import BY_NAME, DATATYPES, Payload
 from ingestd.recent import RecentCache, kept_in
 
 if TYPE_CHECKING:
-    from ingestd.devices import DecodeContext, DeviceState
-    from ingestd.routes import RouteMatch
+    from ingestd.devices import DeviceState
+    from ingestd.formats.base import DecodeContext, RouteMatch
 
 log = structlog.get_logger("ingestd.formats.sparkplug")
 

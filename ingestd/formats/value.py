@@ -12,8 +12,7 @@ from ingestd.events import Reading, Rejected
 from ingestd.formats.base import Format
 
 if TYPE_CHECKING:
-    from ingestd.devices import DecodeContext
-    from ingestd.routes import RouteMatch
+    from ingestd.formats.base import DecodeContext, RouteMatch
 
 _NUMBER = re.compile(rb"^\s*[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?\s*$")
 

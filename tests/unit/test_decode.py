@@ -10,9 +10,10 @@ from ingestd.decode import decode_all
 from ingestd.devices import DeviceState
 from ingestd.errors import DecodeError
 from ingestd.events import NS, Reading
+from ingestd.formats.base import InputLimits
 from ingestd.formats.common import parse_timestamp
 from ingestd.formats.value import decode_value
-from ingestd.routes import InputLimits, RouteTable, compile_route
+from ingestd.routes import RouteTable, compile_route
 
 TABLE = RouteTable(
     [

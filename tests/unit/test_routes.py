@@ -6,7 +6,7 @@ from ingestd.config import RouteSettings
 from ingestd.devices import DeviceState
 from ingestd.errors import RouteSpecError
 from ingestd.ratelimit import RateLimiter
-from ingestd.routes import RouteOptions, RouteTable, compile_route
+from ingestd.routes import RouteTable, compile_route
 from tests.decoding import Decoding
 
 
@@ -270,11 +270,10 @@ def test_a_state_evicted_before_its_status_is_taken_still_reports_its_gaps() -> 
 
 def test_rate_limit_buckets_are_forgotten_one_at_a_time() -> None:
     rate = RateLimiter(kept=3)
-    opts = RouteOptions(rate_limit=1.0, rate_burst=2.0)
-    assert rate.allow(0, "hot", opts, 2, 0.0) == 2  # spends its burst
+    assert rate.allow(0, "hot", 1.0, 2.0, 2, 0.0) == 2  # spends its burst
     for i in range(100):
-        rate.allow(0, f"s{i}", opts, 1, 0.0)
-        assert rate.allow(0, "hot", opts, 1, 0.0) == 0  # still empty: never reset
+        rate.allow(0, f"s{i}", 1.0, 2.0, 1, 0.0)
+        assert rate.allow(0, "hot", 1.0, 2.0, 1, 0.0) == 0  # still empty: never reset
     assert len(rate.buckets) == 3
 
 

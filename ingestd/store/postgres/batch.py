@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from operator import itemgetter
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import asyncpg
 
@@ -13,8 +13,21 @@ from ingestd.errors import NotPrimary, StoreError
 from ingestd.events import Reading, Rejected
 from ingestd.store import base
 
-if TYPE_CHECKING:
-    from ingestd.store.postgres.store import PostgresStore
+
+class Partitions(Protocol):
+    """What a batch asks of its store (`PostgresStore`): known series ids, and
+    the partitions that hold its readings."""
+
+    deferred_periods: set[int]
+
+    @property
+    def series_ids(self) -> Mapping[tuple[str, str, str, str], int]: ...
+
+    def partition_for(self, lo_ns: int, hi_ns: int) -> str: ...
+    def missing_periods(self, stamps: Sequence[int]) -> list[int]: ...
+    async def cover(self, conn: Any, periods: list[int]) -> None: ...
+    def forget_partitions(self) -> None: ...
+
 
 _PLACEHOLDER = re.compile(r"\?")
 _SAMPLE_COLUMNS = ("series_id", "ts_ns", "seq", "value")
@@ -45,7 +58,7 @@ class Batch(base.Batch):
     round trips behind the event loop's other work.
     """
 
-    def __init__(self, store: PostgresStore, conn: Any, now: float) -> None:
+    def __init__(self, store: Partitions, conn: Any, now: float) -> None:
         super().__init__(now)
         self._store = store
         self._conn = conn

@@ -6,18 +6,25 @@ from __future__ import annotations
 
 import asyncio
 from contextlib import suppress
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ingestd.events import NS
 from ingestd.store import base
 from ingestd.store.base import Upkeep
 from ingestd.store.postgres.schema import partitions
 
-if TYPE_CHECKING:
-    from ingestd.store.postgres.store import PostgresStore
+
+class Upkept(Protocol):
+    """What upkeep asks of its store (`PostgresStore`)."""
+
+    hypertable: bool
+
+    async def connect(self) -> Any: ...
+    async def ensure_partitions_ahead(self, conn: Any) -> None: ...
+    def translate(self, exc: BaseException) -> Exception: ...
 
 
-async def upkeep(store: PostgresStore, cutoff: float | None, rows_per_transaction: int) -> Upkeep:
+async def upkeep(store: Upkept, cutoff: float | None, rows_per_transaction: int) -> Upkeep:
     """Partitions ahead of need; retention drops whole partitions older than
     the cutoff and deletes, in small transactions, what is older in the
     partition that straddles it (and in the default partition)."""
