@@ -211,3 +211,131 @@ def test_a_route_that_changes_sides_across_a_restart_is_read_once(
     for m in fleet:
         assert m.daemon.stop() == 0
     assert (stored, len(quarantined)) == (want, 0), quarantined[:3]
+
+
+LOCK_HOLDER_PID = """
+SELECT a.pid FROM pg_stat_activity a JOIN pg_locks l ON l.pid = a.pid
+WHERE l.locktype = 'advisory' AND l.granted AND a.datname = current_database()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cut_lock", [False, True], ids=["frozen", "frozen-and-cut"])
+def test_a_frozen_primary(
+    tmp_path: Path,
+    brokers: BrokerFactory,
+    daemons: DaemonFactory,
+    pg_url: str,
+    cut_lock: bool,
+) -> None:
+    """The primary SIGSTOPped for 20 s (its TCP connections alive) while a node
+    streams, then SIGCONTed. With cut_lock, its lock's backend is terminated 3 s
+    into the freeze (as a DBA, or a server-side timeout, would): another member
+    takes over and the frozen one, woken, must commit nothing and come back as
+    a standby. Every value stored once, 0 quarantined, 0 gaps."""
+    broker = brokers(tmp_path / "broker", max_inflight=1000).start()
+    db = PgReader(pg_url)
+    env = {
+        **FAST,
+        "INGESTD_STORE__URL": pg_url,
+        "INGESTD_MQTT__SPARKPLUG_HOST_ID": HOST,
+    }
+    fleet = fleet_of(daemons, broker.port, SPARKPLUG, tmp_path, 3, **env)
+    first = first_primary(fleet)
+    node = EdgeNode(broker.port).connect()
+    total = 6000
+
+    def stream() -> None:
+        node.birth(0)
+        for i in range(1, total + 1):
+            node.data(i)
+            if i % 25 == 0:
+                time.sleep(0.1)
+
+    notes: dict[str, object] = {}
+    with ThreadPoolExecutor(1) as pool:
+        sending = pool.submit(stream)
+        wait_for(lambda: db.count() >= 4 * 500, 60, what="500 DATA stored")
+        assert first.daemon.proc is not None
+        first.daemon.proc.send_signal(signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            if cut_lock:
+                time.sleep(3)
+                notes["terminated"] = db.rows(
+                    "SELECT pg_terminate_backend(pid) FROM (" + LOCK_HOLDER_PID + ") x"
+                )
+                rest = [m for m in fleet if m is not first]
+                second = the_primary(rest, timeout=15)
+                notes["takeover_s"] = round(time.monotonic() - t0, 1)
+                notes["second"] = second.name
+            else:
+                time.sleep(8)
+                others = [m for m in fleet if m is not first]
+                notes["others_primary_during_freeze"] = [
+                    m.metric("ingestd_primary") for m in others
+                ]
+                notes["stored_during_freeze"] = db.count()
+            while time.monotonic() - t0 < 20:
+                time.sleep(0.2)
+            notes["stored_before_cont"] = db.count()
+        finally:
+            first.daemon.proc.send_signal(signal.SIGCONT)
+        sending.result(180)
+    expected_n = 4 * (total + 1)
+    wait_for(
+        lambda: db.count() + db.count("quarantine") >= expected_n,
+        90,
+        what=f"{expected_n} values handled",
+    )
+    time.sleep(3)
+    n_rows, n_expected, missing, wrong = check_stored(db, node)
+    quarantined = db.rows("SELECT topic, reason FROM quarantine LIMIT 5")
+    final = {m.name: scrape(m) for m in fleet}
+    node.close()
+    codes = {m.name: m.daemon.stop() for m in fleet}
+    print("\n", json.dumps(notes), "\n", json.dumps(final, indent=1))
+    assert codes == {m.name: 0 for m in fleet}, codes
+    assert quarantined == [], quarantined
+    assert (n_rows, missing, wrong) == (n_expected, [], []), (n_rows, n_expected, missing, wrong)
+    assert node.rebirth_requests == 0
+    for name, f in final.items():
+        assert f["ingestd_readings_unexplained"] == 0, (name, f)
+    assert sum(f["ingestd_primary"] for f in final.values()) == 1, final
+    assert sum(f["ingestd_sequence_gaps_total"] for f in final.values()) == 0, final
+
+
+@pytest.mark.slow
+def test_a_lost_term_closes_the_roles_mqtt_connection(
+    tmp_path: Path,
+    brokers: BrokerFactory,
+    daemons: DaemonFactory,
+    pg_url: str,
+) -> None:
+    """One member; its lock's backend terminated: the term is lost and (after
+    a pause) taken again by the same member. The lost term's MQTT connection
+    under the role's client id should be closed by the member when the term
+    ends: the broker should not have to close it as "old connection" when the
+    next term connects, and no asyncio "Task exception was never retrieved"
+    error should be logged."""
+    broker = brokers(tmp_path / "broker", max_inflight=1000).start()
+    db = PgReader(pg_url)
+    env = {**FAST, "INGESTD_STORE__URL": pg_url}
+    fleet = fleet_of(daemons, broker.port, COUNTED + PLAIN, tmp_path, 1, **env)
+    only = first_primary(fleet)
+    publish(broker.port, counted(range(1, 11)))
+    wait_for(lambda: db.count() == 10, 30, what="1..10 stored")
+    assert db.rows("SELECT pg_terminate_backend(pid) FROM (" + LOCK_HOLDER_PID + ") x") == [(True,)]
+    wait_for(lambda: only.log_count("primary role taken") == 2, 20, what="the role taken again")
+    publish(broker.port, counted(range(11, 21)))
+    wait_for(lambda: db.count() == 20, 30, what="11..20 stored")
+    time.sleep(1)
+    assert only.daemon.stop() == 0
+    role = f"ingestd-primary-{GROUP}"
+    kicked = [
+        line
+        for line in broker.log.read_text().splitlines()
+        if f"Client {role} already connected, closing old connection" in line
+    ]
+    never_retrieved = only.log_count("Task exception was never retrieved")
+    assert (kicked, never_retrieved) == ([], 0)
