@@ -339,3 +339,45 @@ def test_a_lost_term_closes_the_roles_mqtt_connection(
     ]
     never_retrieved = only.log_count("Task exception was never retrieved")
     assert (kicked, never_retrieved) == ([], 0)
+
+
+@pytest.mark.slow
+def test_a_flood_of_junk_node_ids_at_the_primary(
+    tmp_path: Path,
+    brokers: BrokerFactory,
+    daemons: DaemonFactory,
+    pg_url: str,
+) -> None:
+    """2,000 NDATA from node ids that never sent a BIRTH: each quarantined once,
+    rebirth requests bounded, log lines bounded, accounting exact on both."""
+    from ingestd.formats.sparkplug_pb import Payload
+
+    broker = brokers(tmp_path / "broker", max_inflight=1000).start()
+    db = PgReader(pg_url)
+    env = {**FAST, "INGESTD_STORE__URL": pg_url, "INGESTD_MQTT__SPARKPLUG_HOST_ID": HOST}
+    fleet = fleet_of(daemons, broker.port, SPARKPLUG + PLAIN, tmp_path, 2, **env)
+    primary = first_primary(fleet)
+    p = Payload(timestamp=int(time.time() * 1000), seq=1)
+    p.metrics.add(alias=1, double_value=1.0)
+    junk = [(f"spBv1.0/junk/NDATA/n{i}", p.SerializeToString()) for i in range(2000)]
+    t0 = time.monotonic()
+    publish(broker.port, junk + plain(200))
+    wait_for(lambda: db.count("quarantine") >= 2000 and db.count() >= 200, 60, what="all handled")
+    time.sleep(2)
+    figures = {m.name: scrape(m) for m in fleet}
+    text = http_get(primary.url + "/metrics")[1]
+    suppressed = metric_value(text, "ingestd_sparkplug_rebirths_suppressed_total")
+    lines = {m.name: len(m.daemon.logs().splitlines()) for m in fleet}
+    ready = {m.name: http_get(m.url + "/readyz") for m in fleet}
+    elapsed = time.monotonic() - t0
+    for m in fleet:
+        assert m.daemon.stop() == 0
+    print("\n", json.dumps(figures), suppressed, lines, ready, round(elapsed, 1))
+    assert db.count("quarantine") == 2000
+    assert db.count() == 200
+    assert all(f["ingestd_readings_unexplained"] == 0 for f in figures.values())
+    requests = figures[primary.name]["ingestd_sparkplug_rebirth_requests_total"]
+    assert requests + suppressed == 2000, (requests, suppressed)
+    assert requests <= 10 * (elapsed + 1) + 10, requests
+    assert max(lines.values()) < 200, lines
+    assert all(code == 200 for code, _ in ready.values()), ready
