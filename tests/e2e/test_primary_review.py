@@ -37,7 +37,7 @@ from tests.helpers import (
     publish,
     wait_for,
 )
-from tests.sparkplug_node import METRICS, EdgeNode
+from tests.sparkplug_node import EdgeNode
 
 
 def scrape(m: Member) -> dict[str, float]:
@@ -95,7 +95,7 @@ def test_rolling_restart_of_every_member_while_a_node_streams(
         "INGESTD_MQTT__SPARKPLUG_HOST_ID": HOST,
     }
     fleet = fleet_of(daemons, broker.port, SPARKPLUG, tmp_path, 3, **env)
-    first = first_primary(fleet)
+    first_primary(fleet)
     node = EdgeNode(broker.port).connect()
     done = threading.Event()
     total = 8000
@@ -149,7 +149,8 @@ def test_rolling_restart_of_every_member_while_a_node_streams(
     assert (n_rows, missing, wrong) == (n_expected, [], []), (n_rows, n_expected, missing, wrong)
     assert node.rebirth_requests == 0
     assert len(primaries) == 1, primaries
-    assert state is not None and state["online"] is True, state
+    assert state is not None, state
+    assert state["online"] is True, state
     print("\nsnapshots at stops", json.dumps(snapshots), "\nfinal", json.dumps(final))
 
 
