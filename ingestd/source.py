@@ -302,6 +302,7 @@ class MqttSource:
         down_since = time.monotonic()
         short_lived = 0
         stop_waiter = asyncio.ensure_future(stop.wait())
+        session: asyncio.Future[None] | None = None
         try:
             while not stop.is_set():
                 session = asyncio.ensure_future(self._session(stop, on_ready))
@@ -371,6 +372,11 @@ class MqttSource:
                 await asyncio.wait({stop_waiter}, timeout=delay)
         finally:
             stop_waiter.cancel()
+            if session is not None and not session.done():
+                # Cancelled from outside (a primary's lost term): the connection
+                # goes with the task, not left to the broker to find dead.
+                session.cancel()
+                await asyncio.gather(session, return_exceptions=True)
             self.connected = False
             for task in list(self._resubscribing):
                 task.cancel()
