@@ -10,6 +10,7 @@ over is, for that pipeline, what a restart is for a lone ingestd.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from ingestd.observe.event_log import EventLogger
 from ingestd.observe.upstream import UpstreamWatch
 from ingestd.source import MqttSource
 from ingestd.store import Store
-from ingestd.store.base import PACKETS, unpack_packets
+from ingestd.store.base import PACKETS, SUBSCRIPTIONS, unpack_packets
 from ingestd.window import InFlightWindow
 from ingestd.writer import BatchWriter
 
@@ -89,15 +90,20 @@ class Pipeline:
         devices.restore(table.stateful, store.devices)
         # The last messages committed before: a redelivery among them after
         # this restart is not read again (formats with tells_redeliveries).
+        own = store.devices.get(PACKETS[0], [])
         committed = [
             packet
-            for device, position, _ in store.devices.get(PACKETS[0], [])
+            for device, position, _ in own
             if device == PACKETS[1]
             for packet in unpack_packets(position)
         ]
+        # The filters this client id's session was last subscribed to.
+        held = [position for device, position, _ in own if device == SUBSCRIPTIONS[1]]
         store.devices = {}
         source = MqttSource(s, table, bus, window, upstream=upstream, devices=devices)
         source.committed_packets = set(committed)
+        if held:
+            source.session_filters = set(json.loads(held[0]))
         processor = Processor(to_processor, bus, s.processor)
         writer = BatchWriter(
             store,

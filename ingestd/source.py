@@ -40,6 +40,7 @@ from ingestd.events import NS, Decoded, Rejected, control
 from ingestd.mqtt_link import ARRIVAL_CLOCK, MqttLink, OversizedMessage, max_packet_size, raw_topic
 from ingestd.observe.upstream import WATCHED, UpstreamWatch
 from ingestd.routes import RouteTable
+from ingestd.store.base import SUBSCRIPTIONS
 from ingestd.window import InFlightWindow
 
 log = structlog.get_logger("ingestd.source")
@@ -193,6 +194,12 @@ class MqttSource:
         # Awaited before each connection; raises to stop (the primary role's
         # pipeline: the role is still this member's).
         self.before_connect: Callable[[], Awaitable[None]] | None = None
+        # The filters the broker's persistent session may hold for this client
+        # id (kept in the store): those no route wants are unsubscribed at the
+        # next connection, or a restart with a route removed or moved would
+        # go on receiving (and quarantining) its messages.
+        self.session_filters: set[str] = set()
+        self._filters_to_store: bytes | None = None
         self.manual_ack = self.settings.ack == "after_commit"
         self.broker = f"{self.settings.host}:{self.settings.port}"
         self._tls = tls_context(self.settings)
@@ -293,6 +300,8 @@ class MqttSource:
             log.warning("subscription change interrupted by a disconnect", error=str(exc))
             return
         log.info("subscriptions updated", topics=[t for t, _ in self.subscriptions])
+        if self.settings.persistent_session:
+            self._session_holds({t for t, _ in self.subscriptions})
 
     # -- the connection loop ------------------------------------------------------
 
@@ -512,6 +521,7 @@ class MqttSource:
         if not filters:  # every route is the primary's (a shared group's member)
             log.info("subscribed", topics=[])
             self._watch_drops(link)
+            self._forget_stale(link)
             return True
         request = asyncio.ensure_future(link.subscribe(filters, timeout=math.inf))
         waiting: set[asyncio.Future[Any]] = {request, link_lost, pump}
@@ -538,7 +548,38 @@ class MqttSource:
                 )
         log.info("subscribed", topics=[t for t, _ in self.subscriptions])
         self._watch_drops(link)
+        self._forget_stale(link)
         return True
+
+    def _forget_stale(self, link: MqttLink) -> None:
+        """Unsubscribe what the session still holds and no route wants, in the
+        background (Mosquitto answers after a backlog, as for SUBSCRIBE), and
+        keep the new list with the next chunk."""
+        current = {t for t, _ in self.subscriptions}
+        if not self.settings.persistent_session or current == self.session_filters:
+            return
+        stale = sorted(self.session_filters - current)
+        task = asyncio.ensure_future(self._unsubscribe_stale(link, stale, current))
+        self._resubscribing.add(task)
+        task.add_done_callback(self._resubscribing.discard)
+
+    async def _unsubscribe_stale(self, link: MqttLink, stale: list[str], current: set[str]) -> None:
+        try:
+            for topic in stale:
+                await link.unsubscribe(topic, timeout=math.inf)
+        except aiomqtt.MqttError as exc:
+            log.warning("unsubscribing old filters interrupted by a disconnect", error=str(exc))
+            return
+        if stale:
+            log.info(
+                "unsubscribed filters the session held and no route uses any more",
+                topics=stale,
+            )
+        self._session_holds(current)
+
+    def _session_holds(self, current: set[str]) -> None:
+        self.session_filters = set(current)
+        self._filters_to_store = json.dumps(sorted(current)).encode()
 
     def _watch_drops(self, link: MqttLink) -> None:
         if self.settings.watch_broker_drops and self.upstream is not None:
@@ -754,6 +795,10 @@ class MqttSource:
             rejected.extend(bad_topics)
         acks = [(m.mid, m.qos) for m in messages if m.qos] if self.manual_ack else []
         status = devices.take_status(table.stateful)
+        if self._filters_to_store is not None:
+            held = {SUBSCRIPTIONS: (self._filters_to_store, b"")}
+            status = msgspec.structs.replace(status, devices={**status.devices, **held})
+            self._filters_to_store = None
         if packets:
             status = msgspec.structs.replace(status, packets=tuple(packets))
         if devices.commands:

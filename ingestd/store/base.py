@@ -244,6 +244,10 @@ DEVICE_STATE_TRIM = (
 # The row that holds the (packet id, CRC) of the last messages committed (see
 # SensorStatus.packets), as (format, device) in device_state.
 PACKETS = ("ingestd", "committed packets")
+# The row that holds the topic filters the broker's persistent session was
+# last subscribed to (JSON), so filters no route uses any more are
+# unsubscribed at the next connection, even after a restart.
+SUBSCRIPTIONS = ("ingestd", "subscriptions")
 
 
 def pack_packets(packets: Sequence[tuple[int, int]]) -> bytes:

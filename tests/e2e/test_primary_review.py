@@ -9,6 +9,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,7 +62,7 @@ def scrape(m: Member) -> dict[str, float]:
     return out
 
 
-def check_stored(db: PgReader, node: EdgeNode) -> tuple[int, int, list[object], list[object]]:
+def check_stored(db: PgReader, node: EdgeNode) -> tuple[int, int, list[Any], list[Any]]:
     rows = db.rows("SELECT sensor, metric, ts_ns, value FROM readings")
     expected = {(name, ts, v) for ts, values in node.sent.items() for name, v in values.items()}
     stored = {(m, ts // 1_000_000, v) for _s, m, ts, v in rows}

@@ -49,6 +49,35 @@ def test_messages_published_while_it_is_down_are_ingested_on_restart(
     assert f'"protocol": "{protocol}"' in second.logs()
 
 
+def test_a_route_removed_across_a_restart_is_unsubscribed_from_the_session(
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
+) -> None:
+    """The broker keeps a persistent session's subscriptions: a route taken
+    out of the config while ingestd was down must not go on delivering (each
+    message then quarantined as 'no route'). The filters the session holds are
+    kept with the data and the ones no route wants are unsubscribed."""
+    both = '[[routes]]\ntopic = "a/{sensor}"\nmetric = "v"\nformat = "value"\n'
+    both += '[[routes]]\ntopic = "b/{sensor}"\nmetric = "v"\nformat = "value"\n'
+    only_a = both.split("[[routes]]")[1]
+    db = DbReader(tmp_path / "ingestd.db")
+    first = daemons(mosquitto.port, "[[routes]]" + both.split("[[routes]]", 1)[1]).start()
+    first.wait_ready()
+    publish(mosquitto.port, [("a/s1", b"1"), ("b/s1", b"2")])
+    wait_for(lambda: db.count() == 2, 10, what="both routes stored")
+    assert first.stop() == 0, first.logs()
+    second = daemons(mosquitto.port, "[[routes]]" + only_a).start()
+    second.wait_ready()
+    wait_for(
+        lambda: "no route uses any more" in second.logs(), 10, what="the old filter unsubscribed"
+    )
+    publish(mosquitto.port, [("a/s2", b"3"), ("b/s2", b"4")])
+    wait_for(lambda: db.count() == 3, 10, what="route a stored")
+    time.sleep(1)
+    assert second.stop() == 0, second.logs()
+    assert db.count() == 3
+    assert db.count("quarantine") == 0, db.rows("SELECT topic, reason FROM quarantine")
+
+
 def _make_certs(d: Path) -> tuple[Path, Path, Path]:
     d.mkdir()
     ca_key, ca, key, csr, crt = (
