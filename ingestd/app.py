@@ -24,8 +24,9 @@ from ingestd import __version__
 from ingestd.backoff import Backoff
 from ingestd.config import Settings, load_settings
 from ingestd.errors import ConfigError, StopTimeout, StoreError, StoreUnavailable
+from ingestd.observe.endpoints import MetricsServer
 from ingestd.observe.log import configure_logging
-from ingestd.observe.metrics import Health, Metrics, MetricsServer
+from ingestd.observe.metrics import Health, Metrics
 from ingestd.observe.systemd import SystemdNotifier, monotonic_usec, watchdog_interval
 from ingestd.observe.upstream import UpstreamWatch
 from ingestd.pipeline import Pipeline
