@@ -25,8 +25,9 @@ from ingestd.backoff import Backoff
 from ingestd.config import Settings, load_settings
 from ingestd.errors import ConfigError, StopTimeout, StoreError, StoreUnavailable
 from ingestd.observe.endpoints import MetricsServer
+from ingestd.observe.health import Health
 from ingestd.observe.log import configure_logging
-from ingestd.observe.metrics import Health, Metrics
+from ingestd.observe.metrics import Metrics
 from ingestd.observe.systemd import SystemdNotifier, monotonic_usec, watchdog_interval
 from ingestd.observe.upstream import UpstreamWatch
 from ingestd.pipeline import Pipeline

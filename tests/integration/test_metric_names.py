@@ -10,7 +10,8 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from ingestd.observe.metrics import Health, Metrics
+from ingestd.observe.health import Health
+from ingestd.observe.metrics import Metrics
 from tests.harness import InProcess, settings_for, until
 from tests.helpers import Mosquitto, publish
 
