@@ -1,6 +1,7 @@
 """Health: where every reading went (Accounting), the counters of the running
 pipelines read at one moment (Tally), and liveness, readiness and stalls
 (Health): what /healthz, /readyz, the metrics, WATCHDOG=1 and STATUS= report.
+The HealthMonitor keeps them current and tells systemd.
 """
 
 from __future__ import annotations
@@ -13,13 +14,20 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import structlog
+
+from ingestd.observe.systemd import SystemdNotifier, watchdog_interval
+
 if TYPE_CHECKING:
     from ingestd.observe.upstream import UpstreamWatch
     from ingestd.pipeline import Pipeline
 
+log = structlog.get_logger("ingestd")
+
 # The event loop ticks the health clock every second; this long without a
 # tick means it is blocked (/healthz fails).
 LOOP_STALL = 10.0
+STATUS_INTERVAL = 5.0
 
 
 @dataclass(frozen=True)
@@ -277,3 +285,88 @@ class Health:
         if self.upstream is not None:
             checks["upstream"] = self.upstream.detail()
         return ok, checks
+
+
+class HealthMonitor:
+    """Alongside the daemon from start to exit, on its event loop: ticks the
+    liveness clock, pings the systemd watchdog while the pipelines make
+    progress, sends STATUS=, runs the upstream check and logs a stall or a
+    break in the accounting identity once, when it starts."""
+
+    def __init__(
+        self,
+        health: Health,
+        notifier: SystemdNotifier,
+        upstream: UpstreamWatch,
+        ready: asyncio.Event,
+        stop: asyncio.Event,
+    ) -> None:
+        """STATUS= goes out once `ready` is set and no more after `stop`."""
+        self.health = health
+        self.notifier = notifier
+        self.upstream = upstream
+        self.ready = ready
+        self.stop = stop
+
+    async def run(self) -> None:
+        """Ticks the liveness clock; WATCHDOG=1 while the pipeline makes progress; STATUS=."""
+        interval = watchdog_interval()
+        tick = min(1.0, interval / 4) if interval else 1.0
+        last_ping = last_status = 0.0
+        reported_stall: str | None = None
+        unexplained = 0
+        last_committed, last_at = 0, time.monotonic()
+        while True:
+            self.health.tick()
+            gap = self.health.accounting.unexplained
+            if gap != unexplained:
+                if gap:
+                    log.error(
+                        "readings unaccounted for: a bug in ingestd, please report it",
+                        **dataclasses.asdict(self.health.accounting),
+                        unexplained=gap,
+                    )
+                unexplained = gap
+            now = time.monotonic()
+            stall = self.health.stall()
+            if stall is not None and reported_stall is None:
+                log.error(
+                    "pipeline stalled; withholding the systemd watchdog ping",
+                    reason=stall,
+                    stall_timeout=self.health.stall_timeout,
+                )
+            elif stall is None and reported_stall is not None:
+                log.warning("pipeline moving again")
+            reported_stall = stall
+            if interval and stall is None and now - last_ping >= interval / 2:
+                self.notifier.notify("WATCHDOG=1")
+                last_ping = now
+            p = self.health.pipeline
+            if p is not None:
+                t = self.health.tally
+                self.upstream.check(
+                    [(q.source.table, q.source.devices) for q in self.health.running()],
+                    (t.sequence_gaps, t.sequence_missing),
+                )
+            if now - last_status >= STATUS_INTERVAL:
+                if p is not None and self.ready.is_set() and not self.stop.is_set():
+                    committed = self.health.accounting.committed
+                    rate = (committed - last_committed) / max(now - last_at, 1e-9)
+                    last_committed, last_at = committed, now
+                    self.notifier.notify("STATUS=" + self._status(p, rate, stall))
+                last_status = now
+            await asyncio.sleep(tick)
+
+    @staticmethod
+    def _status(p: Pipeline, rate: float, stall: str | None) -> str:
+        if stall is not None:
+            return f"stalled: {stall}"
+        if not p.writer.store_available:
+            return "store unavailable; holding data and retrying"
+        if not p.source.connected:
+            return f"waiting for the broker {p.source.broker}"
+        queued = sum(s.depth for s in p.bus.subscriptions if s.policy == "block")
+        return (
+            f"ingesting: {rate:,.0f} readings/s, in flight {p.window.in_flight}/"
+            f"{p.window.limit}, queued {queued}, committed {p.writer.committed:,}"
+        )
