@@ -5,7 +5,8 @@ main loop (TaskGroup supervising source, processor, writer, logger and store
 maintenance), shutdown (stop intake, drain the bus, commit, acknowledge,
 disconnect), with a forced exit on a second signal or when
 `daemon.stop_timeout` runs out. Alongside, from start to exit: the health
-monitor (systemd watchdog and STATUS=) and the metrics HTTP server.
+monitor (`observe.health`: systemd watchdog and STATUS=) and the HTTP
+endpoints (`observe.endpoints`).
 SIGHUP reloads the configuration (see `_reload`).
 """
 
@@ -24,9 +25,11 @@ from ingestd import __version__
 from ingestd.backoff import Backoff
 from ingestd.config import Settings, load_settings
 from ingestd.errors import ConfigError, StopTimeout, StoreError, StoreUnavailable
+from ingestd.observe.endpoints import MetricsServer
+from ingestd.observe.health import Health, HealthMonitor
 from ingestd.observe.log import configure_logging
-from ingestd.observe.metrics import Health, Metrics, MetricsServer
-from ingestd.observe.systemd import SystemdNotifier, monotonic_usec, watchdog_interval
+from ingestd.observe.metrics import Metrics
+from ingestd.observe.systemd import SystemdNotifier, monotonic_usec
 from ingestd.observe.upstream import UpstreamWatch
 from ingestd.pipeline import Pipeline
 from ingestd.primary import Primacy, split
@@ -36,7 +39,6 @@ log = structlog.get_logger("ingestd")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
-STATUS_INTERVAL = 5.0
 
 # Settings a reload applies to the running daemon; any other change is logged
 # as needing a restart.
@@ -140,7 +142,10 @@ class Daemon:
         )
         self.upstream.announce()
         server = self._start_metrics_server()
-        monitor = asyncio.get_running_loop().create_task(self._monitor(), name="monitor")
+        monitor = asyncio.get_running_loop().create_task(
+            HealthMonitor(self.health, self.notifier, self.upstream, self.ready, self.stop).run(),
+            name="monitor",
+        )
         try:
             if not await self._open_store(store):
                 return EXIT_OK
@@ -180,68 +185,6 @@ class Daemon:
             port=server.port,
         )
         return server
-
-    async def _monitor(self) -> None:
-        """Ticks the liveness clock; WATCHDOG=1 while the pipeline makes progress; STATUS=."""
-        interval = watchdog_interval()
-        tick = min(1.0, interval / 4) if interval else 1.0
-        last_ping = last_status = 0.0
-        reported_stall: str | None = None
-        unexplained = 0
-        last_committed, last_at = 0, time.monotonic()
-        while True:
-            self.health.tick()
-            gap = self.health.accounting.unexplained
-            if gap != unexplained:
-                if gap:
-                    log.error(
-                        "readings unaccounted for: a bug in ingestd, please report it",
-                        **dataclasses.asdict(self.health.accounting),
-                        unexplained=gap,
-                    )
-                unexplained = gap
-            now = time.monotonic()
-            stall = self.health.stall()
-            if stall is not None and reported_stall is None:
-                log.error(
-                    "pipeline stalled; withholding the systemd watchdog ping",
-                    reason=stall,
-                    stall_timeout=self.health.stall_timeout,
-                )
-            elif stall is None and reported_stall is not None:
-                log.warning("pipeline moving again")
-            reported_stall = stall
-            if interval and stall is None and now - last_ping >= interval / 2:
-                self.notifier.notify("WATCHDOG=1")
-                last_ping = now
-            p = self.health.pipeline
-            if p is not None:
-                t = self.health.tally
-                self.upstream.check(
-                    [(q.source.table, q.source.devices) for q in self.health.running()],
-                    (t.sequence_gaps, t.sequence_missing),
-                )
-            if now - last_status >= STATUS_INTERVAL:
-                if p is not None and self.ready.is_set() and not self.stop.is_set():
-                    committed = self.health.accounting.committed
-                    rate = (committed - last_committed) / max(now - last_at, 1e-9)
-                    last_committed, last_at = committed, now
-                    self.notifier.notify("STATUS=" + self._status(p, rate, stall))
-                last_status = now
-            await asyncio.sleep(tick)
-
-    def _status(self, p: Pipeline, rate: float, stall: str | None) -> str:
-        if stall is not None:
-            return f"stalled: {stall}"
-        if not p.writer.store_available:
-            return "store unavailable; holding data and retrying"
-        if not p.source.connected:
-            return f"waiting for the broker {p.source.broker}"
-        queued = sum(s.depth for s in p.bus.subscriptions if s.policy == "block")
-        return (
-            f"ingesting: {rate:,.0f} readings/s, in flight {p.window.in_flight}/"
-            f"{p.window.limit}, queued {queued}, committed {p.writer.committed:,}"
-        )
 
     async def _open_store(self, store: Store) -> bool:
         """Open the store, waiting out what keeps it closed; False if stopped first.

@@ -44,7 +44,7 @@ from ingestd.store import open_store
 if TYPE_CHECKING:
     from ingestd.events import BatchCommitted
     from ingestd.observe.device_log import DeviceLog
-    from ingestd.observe.metrics import Health
+    from ingestd.observe.health import Health
 
 log = structlog.get_logger("ingestd")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from ingestd.app import Daemon
 from ingestd.config import Settings
-from ingestd.observe.metrics import Accounting
+from ingestd.observe.health import Accounting
 from tests.helpers import DEFAULT_ROUTES
 
 
