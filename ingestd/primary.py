@@ -50,6 +50,9 @@ log = structlog.get_logger("ingestd")
 
 CHECK_INTERVAL = 1.0  # a standby tries for the role, the primary checks it holds it
 CHECK_TIMEOUT = 5.0  # a check that takes longer: the role is taken as lost
+# A primary that has not renewed its term for this long (frozen: SIGSTOP, a
+# VM paused, the event loop blocked) is deposed by a standby.
+LEASE = 10.0
 
 
 def split(s: Settings) -> tuple[Settings, Settings | None]:
@@ -93,14 +96,31 @@ def _lock_key(group: str) -> str:
 
 
 _TRY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended($1, 0))"
-_NEW_TERM = """
-INSERT INTO primary_role (grp, epoch, client_id, holder, since) VALUES ($1, 1, $2, $3, $4)
+_NOW = "extract(epoch from clock_timestamp())"
+_NEW_TERM = f"""
+INSERT INTO primary_role (grp, epoch, client_id, holder, since, renewed)
+VALUES ($1, 1, $2, $3, $4, {_NOW})
 ON CONFLICT (grp) DO UPDATE SET epoch = primary_role.epoch + 1, client_id = excluded.client_id,
-    holder = excluded.holder, since = excluded.since
+    holder = excluded.holder, since = excluded.since, renewed = excluded.renewed
 RETURNING epoch
 """
 _UNLOCK = "SELECT pg_advisory_unlock(hashtextextended($1, 0))"
+# The holder renews its term every CHECK_INTERVAL; the epoch it finds says
+# whether the term is still its own.
+_RENEW = f"""
+UPDATE primary_role SET renewed = {_NOW} WHERE grp = $1 AND epoch = $2 RETURNING epoch
+"""
 _EPOCH = "SELECT epoch FROM primary_role WHERE grp = $1"
+# A holder that has not renewed its term for $2 seconds (a frozen process:
+# its connections alive, nothing answering) loses its lock: the standby that
+# sees it terminates the lock's backend (the one holding that advisory lock).
+_DEPOSE = f"""
+SELECT pg_terminate_backend(l.pid), r.holder, {_NOW} - r.renewed
+FROM pg_locks l, primary_role r
+WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+  AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended($3, 0)
+  AND r.grp = $1 AND r.renewed < {_NOW} - $2
+"""
 
 
 class RoleLost(Exception):
@@ -133,6 +153,7 @@ class Primacy:
         self._conn: Any = None
         self._using = asyncio.Lock()  # one query at a time on the lock connection
         self._unreachable = False  # said once per outage
+        self._cannot_depose = False  # said once
 
     def reconfigure(self, settings: Settings) -> None:
         """A reload: the primary's routes and settings (`split(new)[1]`)."""
@@ -178,9 +199,41 @@ class Primacy:
                 finally:
                     await self._release()
                 continue
+            await self._depose_if_frozen()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(CHECK_INTERVAL):
                     await self.stop.wait()
+
+    async def _depose_if_frozen(self) -> None:
+        """Another member holds the lock: if it has stopped renewing its term
+        (LEASE), terminate its lock's connection so the role passes on. Its
+        fence then refuses its commits, and its MQTT connection is taken over
+        by the next primary's."""
+        try:
+            async with self._using, asyncio.timeout(CHECK_TIMEOUT):
+                rows = await self._conn.fetch(_DEPOSE, self.role, LEASE, _lock_key(self.role))
+        except Exception as exc:
+            if getattr(exc, "sqlstate", "") != "42501":
+                raise  # the connection or the server: tried again from the start
+            if not self._cannot_depose:
+                log.warning(
+                    "cannot depose a frozen primary: its database role may not "
+                    "terminate the lock holder's connection (grant pg_signal_backend, "
+                    "or run every member as the same role)",
+                    client_id=self.role,
+                    error=str(exc),
+                )
+                self._cannot_depose = True
+            return
+        for terminated, holder, silent in rows:
+            log.warning(
+                "the primary stopped renewing its term; its lock's connection "
+                "terminated so another member takes the role",
+                client_id=self.role,
+                holder=holder,
+                silent_seconds=round(float(silent), 1),
+                terminated=terminated,
+            )
 
     async def _connect(self) -> Any:
         import asyncpg  # noqa: PLC0415 - the PostgreSQL extra
@@ -287,11 +340,12 @@ class Primacy:
     async def _check(self) -> None:
         """The role is still ours (the source asks before each connection)."""
         try:
-            epoch = await self._query(_EPOCH, self.role)
+            epoch = await self._query(_RENEW, self.role, self.epoch)
         except Exception as exc:
             raise RoleLost(f"the lock's connection failed: {exc!r}") from exc
         if epoch != self.epoch:
-            raise RoleLost(f"another member holds the role now (term {epoch})")
+            now = await self._query(_EPOCH, self.role)
+            raise RoleLost(f"another member holds the role now (term {now})")
 
     async def _release(self) -> None:
         if self._conn is None or self._conn.is_closed():

@@ -89,14 +89,16 @@ MIGRATIONS: tuple[str, ...] = (
     );
     """,
     # 4: who reads a shared group's ordered routes (ingestd.primary): the
-    # term's epoch fences a deposed primary's late commits out.
+    # term's epoch fences a deposed primary's late commits out; `renewed`
+    # tells a primary that stopped answering (frozen) from a live one.
     """
     CREATE TABLE primary_role (
         grp       text PRIMARY KEY,
         epoch     bigint NOT NULL,
         client_id text NOT NULL,
         holder    text NOT NULL,
-        since     double precision NOT NULL
+        since     double precision NOT NULL,
+        renewed   double precision NOT NULL  -- the server's clock, every second
     );
     """,
 )
