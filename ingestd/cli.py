@@ -267,9 +267,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _data_command(command: str, args: argparse.Namespace, settings: Settings) -> int:
-    from ingestd import report  # noqa: PLC0415
     from ingestd.errors import InspectError, StoreError  # noqa: PLC0415
     from ingestd.store import open_reader  # noqa: PLC0415
+    from ingestd.tools import report  # noqa: PLC0415
 
     db: Path | None = args.db
     try:

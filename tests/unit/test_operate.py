@@ -9,7 +9,7 @@ from ingestd.app import LIVE_KEYS, _changed_keys
 from ingestd.config import Settings
 from ingestd.errors import InspectError
 from ingestd.observe.systemd import watchdog_interval
-from ingestd.report import parse_time
+from ingestd.tools.report import parse_time
 
 ROUTE = {"topic": "sensors/{sensor}/telemetry"}
 
