@@ -203,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
 
     if command == "explain" or (command == "check-config" and args.topic):
-        from ingestd.explain import explain  # noqa: PLC0415
+        from ingestd.tools.explain import explain  # noqa: PLC0415
 
         if args.payload_file is not None:
             payload = args.payload_file.read_bytes()
