@@ -235,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ingestd.observe.log import configure_logging  # noqa: PLC0415
 
     if command == "simulate":
-        from ingestd.simulate import simulate, simulate_sparkplug  # noqa: PLC0415
+        from ingestd.tools.simulate import simulate, simulate_sparkplug  # noqa: PLC0415
 
         configure_logging("warning", "console", sys.stderr)
         try:
