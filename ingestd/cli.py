@@ -267,7 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _data_command(command: str, args: argparse.Namespace, settings: Settings) -> int:
-    from ingestd.errors import InspectError, StoreError  # noqa: PLC0415
+    from ingestd.errors import DataCommandError, StoreError  # noqa: PLC0415
     from ingestd.store import open_reader  # noqa: PLC0415
     from ingestd.tools import report  # noqa: PLC0415
 
@@ -294,7 +294,7 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
                 now = time.time()
                 since = report.parse_time(args.since, now)
                 if since >= now and not args.until:
-                    raise InspectError(
+                    raise DataCommandError(
                         f"--since {args.since!r} is in the future: nothing has been stored "
                         "after now (give --until too for a range ahead)"
                     )
@@ -310,7 +310,7 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
                 since = report.parse_time(args.since)
                 table = report.quarantine(reader, since, args.limit)
             report.write_table(sys.stdout, table, args.format, progress=progress)
-    except (InspectError, StoreError) as exc:
+    except (DataCommandError, StoreError) as exc:
         print(f"ingestd: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `ingestd query ... | head`
