@@ -10,7 +10,7 @@ import sys
 import time
 from collections.abc import Coroutine, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ingestd import __version__
 from ingestd.config import ENV_CONFIG, Settings, effective_settings_json, load_settings
@@ -24,12 +24,49 @@ T = TypeVar("T")
 DATA_COMMANDS = ("sensors", "query", "quarantine", "stats", "backup")
 
 
+_TOPIC_HELP = "show which route this topic matches and what it yields"
+
+
+class _Commands(Protocol):
+    """What the command builders use of `ArgumentParser.add_subparsers()`."""
+
+    def add_parser(
+        self, name: str, *, parents: Sequence[argparse.ArgumentParser], help: str
+    ) -> argparse.ArgumentParser: ...
+
+
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     p = argparse.ArgumentParser(
         prog="ingestd",
         description="Sensor telemetry ingestion daemon: MQTT in, SQLite batches out.",
     )
     p.add_argument("--version", action="version", version=f"ingestd {__version__}")
+    common = _config_option()
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.add_parser("run", parents=[common], help="run the daemon (the default command)")
+    sample = _sample_message_options()
+    _check_config_command(sub, common, sample)
+    _explain_command(sub, common, sample)
+    _simulate_command(sub, common)
+    data = _database_option(common)
+    output = _output_format_option()
+    _sensors_command(sub, data, output)
+    _query_command(sub, data, output)
+    _quarantine_command(sub, data, output)
+    _stats_command(sub, data)
+    _backup_command(sub, data)
+
+    # `ingestd -c FILE [COMMAND]`: the config given before the command (or with none).
+    p.add_argument(
+        "--config", "-c", type=Path, default=None, dest="top_config", help=argparse.SUPPRESS
+    )
+    return p, dict(sub.choices)
+
+
+# Options shared by several commands (argparse parents).
+
+
+def _config_option() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "--config",
@@ -38,8 +75,10 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         default=None,
         help=f"TOML config file (default: ${ENV_CONFIG}, else built-in defaults)",
     )
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    sub.add_parser("run", parents=[common], help="run the daemon (the default command)")
+    return common
+
+
+def _sample_message_options() -> argparse.ArgumentParser:
     payload = argparse.ArgumentParser(add_help=False)
     payload.add_argument(
         "--payload",
@@ -61,20 +100,56 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="decode this message first (repeatable), for formats whose meaning "
         "depends on earlier messages: a Sparkplug BIRTH, a Homie $description",
     )
-    topic_help = "show which route this topic matches and what it yields"
+    return payload
+
+
+def _database_option(common: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    data = argparse.ArgumentParser(add_help=False, parents=[common])
+    data.add_argument(
+        "--db", type=Path, default=None, help="the database (default: store.path from the config)"
+    )
+    return data
+
+
+def _output_format_option() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentParser(add_help=False)
+    fmt.add_argument(
+        "--format",
+        "-f",
+        choices=("table", "csv", "json"),
+        default="table",
+        help="output: an aligned table (default), CSV, or a JSON array",
+    )
+    return fmt
+
+
+# One builder per command: its name, its help line and its own options.
+
+
+def _check_config_command(
+    sub: _Commands, common: argparse.ArgumentParser, sample: argparse.ArgumentParser
+) -> None:
     check = sub.add_parser(
         "check-config",
-        parents=[common, payload],
+        parents=[common, sample],
         help="validate the config and print the effective settings "
         "(with --topic: explain a sample message instead)",
     )
-    check.add_argument("--topic", "-t", default=None, help=topic_help)
+    check.add_argument("--topic", "-t", default=None, help=_TOPIC_HELP)
+
+
+def _explain_command(
+    sub: _Commands, common: argparse.ArgumentParser, sample: argparse.ArgumentParser
+) -> None:
     ex = sub.add_parser(
         "explain",
-        parents=[common, payload],
+        parents=[common, sample],
         help="which route a topic matches, and the readings a payload yields",
     )
-    ex.add_argument("--topic", "-t", required=True, help=topic_help)
+    ex.add_argument("--topic", "-t", required=True, help=_TOPIC_HELP)
+
+
+def _simulate_command(sub: _Commands, common: argparse.ArgumentParser) -> None:
     sim = sub.add_parser(
         "simulate", parents=[common], help="publish sample sensor data to the configured broker"
     )
@@ -105,24 +180,23 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         default=1,
         help="QoS of the published messages (default 1)",
     )
-    data = argparse.ArgumentParser(add_help=False, parents=[common])
-    data.add_argument(
-        "--db", type=Path, default=None, help="the database (default: store.path from the config)"
-    )
-    fmt = argparse.ArgumentParser(add_help=False)
-    fmt.add_argument(
-        "--format",
-        "-f",
-        choices=("table", "csv", "json"),
-        default="table",
-        help="output: an aligned table (default), CSV, or a JSON array",
-    )
 
+
+def _sensors_command(
+    sub: _Commands, data: argparse.ArgumentParser, output: argparse.ArgumentParser
+) -> None:
     sens = sub.add_parser(
-        "sensors", parents=[data, fmt], help="sensors and metrics, with their last value and time"
+        "sensors",
+        parents=[data, output],
+        help="sensors and metrics, with their last value and time",
     )
     sens.add_argument("--sensor", default=None, help="only sensors matching this glob")
-    q = sub.add_parser("query", parents=[data, fmt], help="readings of one sensor over time")
+
+
+def _query_command(
+    sub: _Commands, data: argparse.ArgumentParser, output: argparse.ArgumentParser
+) -> None:
+    q = sub.add_parser("query", parents=[data, output], help="readings of one sensor over time")
     q.add_argument("--sensor", "-s", required=True, help="the sensor id (exact)")
     q.add_argument("--metric", "-m", default=None, help="one metric (default: all)")
     q.add_argument(
@@ -146,11 +220,19 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="report export progress on stderr (default: when stderr is a "
         "terminal and stdout is not)",
     )
+
+
+def _quarantine_command(
+    sub: _Commands, data: argparse.ArgumentParser, output: argparse.ArgumentParser
+) -> None:
     qu = sub.add_parser(
-        "quarantine", parents=[data, fmt], help="recent rejected payloads with the reasons"
+        "quarantine", parents=[data, output], help="recent rejected payloads with the reasons"
     )
     qu.add_argument("--since", default="1d", help="how far back (default 1d)")
     qu.add_argument("--limit", type=int, default=50, help="at most this many (default 50; 0: all)")
+
+
+def _stats_command(sub: _Commands, data: argparse.ArgumentParser) -> None:
     st = sub.add_parser(
         "stats",
         parents=[data],
@@ -160,6 +242,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     st.add_argument(
         "--url", default=None, help="the daemon's metrics address (default: from [metrics])"
     )
+    # Not the shared --format: stats has no CSV, and says name and value per line.
     st.add_argument(
         "--format",
         "-f",
@@ -168,13 +251,11 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
         help="output: name and value per line (default), or a JSON object",
     )
     st.add_argument("--json", action="store_true", help="the same as --format json")
+
+
+def _backup_command(sub: _Commands, data: argparse.ArgumentParser) -> None:
     bk = sub.add_parser("backup", parents=[data], help="an online, consistent copy of the database")
     bk.add_argument("dest", type=Path, help="the copy's path (must not exist)")
-
-    p.add_argument(
-        "--config", "-c", type=Path, default=None, dest="top_config", help=argparse.SUPPRESS
-    )
-    return p, dict(sub.choices)
 
 
 def _run_async(coro: Coroutine[Any, Any, T]) -> T:
@@ -203,7 +284,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
 
     if command == "explain" or (command == "check-config" and args.topic):
-        from ingestd.explain import explain  # noqa: PLC0415
+        from ingestd.tools.explain import explain  # noqa: PLC0415
 
         if args.payload_file is not None:
             payload = args.payload_file.read_bytes()
@@ -235,7 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from ingestd.observe.log import configure_logging  # noqa: PLC0415
 
     if command == "simulate":
-        from ingestd.simulate import simulate, simulate_sparkplug  # noqa: PLC0415
+        from ingestd.tools.simulate import simulate, simulate_sparkplug  # noqa: PLC0415
 
         configure_logging("warning", "console", sys.stderr)
         try:
@@ -267,9 +348,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _data_command(command: str, args: argparse.Namespace, settings: Settings) -> int:
-    from ingestd import report  # noqa: PLC0415
-    from ingestd.errors import InspectError, StoreError  # noqa: PLC0415
+    from ingestd.errors import DataCommandError, StoreError  # noqa: PLC0415
     from ingestd.store import open_reader  # noqa: PLC0415
+    from ingestd.tools import report  # noqa: PLC0415
 
     db: Path | None = args.db
     try:
@@ -294,7 +375,7 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
                 now = time.time()
                 since = report.parse_time(args.since, now)
                 if since >= now and not args.until:
-                    raise InspectError(
+                    raise DataCommandError(
                         f"--since {args.since!r} is in the future: nothing has been stored "
                         "after now (give --until too for a range ahead)"
                     )
@@ -310,7 +391,7 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
                 since = report.parse_time(args.since)
                 table = report.quarantine(reader, since, args.limit)
             report.write_table(sys.stdout, table, args.format, progress=progress)
-    except (InspectError, StoreError) as exc:
+    except (DataCommandError, StoreError) as exc:
         print(f"ingestd: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `ingestd query ... | head`

@@ -52,9 +52,10 @@ class NotPrimary(StoreError):
     what the new one wrote. Nothing of the batch is acknowledged."""
 
 
-class InspectError(IngestdError):
-    """A bad argument to a data command, or an unreadable database; the CLI
-    prints it and exits 1."""
+class DataCommandError(IngestdError):
+    """A bad argument to a data command (`sensors`, `query`, `quarantine`,
+    `stats`, `backup`), such as a time it cannot read; the CLI prints it and
+    exits 1, as it does for a `StoreError` while reading."""
 
 
 class StopTimeout(IngestdError):

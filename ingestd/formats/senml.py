@@ -99,6 +99,16 @@ def _string(record: dict[str, Any], key: str, i: int) -> str | None:
     return raw
 
 
+class _Base:
+    """The base fields in force (RFC 8428 4.1): each applies to its record and
+    every later one until a record replaces it."""
+
+    __slots__ = ("name", "sum", "time", "unit", "value")
+
+    def __init__(self) -> None:
+        self.name, self.time, self.unit, self.value, self.sum = "", 0.0, "", 0.0, 0.0
+
+
 def resolve(pack: Any, now: float, problems: list[str]) -> list[SenmlRecord]:
     """Resolve a decoded SenML pack. Raises DecodeError for a pack that must be
     rejected whole; appends per-record problems to `problems`."""
@@ -106,107 +116,130 @@ def resolve(pack: Any, now: float, problems: list[str]) -> list[SenmlRecord]:
         raise DecodeError("SenML pack must be a JSON array of records")
     if not pack:
         raise DecodeError("SenML pack is empty")
-    bn, bt, bu, bv, bs = "", 0.0, "", 0.0, 0.0
+    base = _Base()
     out: list[SenmlRecord] = []
     for i, record in enumerate(pack):
         if not isinstance(record, dict):
             raise DecodeError(f"record {i} is not an object")
-        keys = record.keys()
-        if keys <= _SIMPLE:
-            # The common record (n, t, v, u at most; base fields from before):
-            # the same checks in the same order as below, without the rest.
-            try:
-                n = record.get("n")
-                if n is None:
-                    name = bn
-                elif type(n) is str:
-                    name = bn + n
-                else:
-                    raise DecodeError(f"record {i}: 'n' must be a string")
-                if name not in _NAMES_SEEN:
-                    _check_name(name, i)
-                elif _NAMES_SEEN.warm:
-                    _NAMES_SEEN.move_to_end(name)
-                raw = record.get("t")
-                t = bt if raw is None else bt + _finite(raw, "t", i)
-                time = now + t if t < RELATIVE_LIMIT else t
-                u = record.get("u")
-                if u is None:
-                    simple_unit = bu
-                elif type(u) is str:
-                    simple_unit = u
-                else:
-                    raise DecodeError(f"record {i}: 'u' must be a string")
-                raw = record.get("v")
-                if raw is None:
-                    if not keys:
-                        continue  # {}: nothing, as a record of base fields only
-                    raise DecodeError(f"record {i} ({name}) has no value")
-                simple_value = bv + _finite(raw, "v", i)
-                if time < 0 or not math.isfinite(time):
-                    raise DecodeError(f"record {i}: time {time!r} is out of range")
-            except DecodeError as exc:
-                problems.append(str(exc))
-                continue
-            out.append(SenmlRecord(name, time, simple_unit, simple_value, None))
-            continue
-        for key in record:
-            if key not in _KNOWN and key.endswith("_"):
-                raise DecodeError(
-                    f"record {i}: must-understand field {key!r} is not supported (RFC 8428 4.4)"
-                )
+        common = record.keys() <= _SIMPLE
+        if not common:
+            _refuse_must_understand(record, i)
         try:
-            if "bver" in record:
-                ver = _number(record, "bver", i)
-                if ver is None or ver != int(ver) or ver > SENML_VERSION:
-                    raise DecodeError(f"record {i}: unsupported SenML version {record['bver']!r}")
-            if "bn" in record:
-                bn = _string(record, "bn", i) or ""
-            if "bt" in record:
-                bt = _number(record, "bt", i) or 0.0
-            if "bu" in record:
-                bu = _string(record, "bu", i) or ""
-            if "bv" in record:
-                bv = _number(record, "bv", i) or 0.0
-            if "bs" in record:
-                bs = _number(record, "bs", i) or 0.0
-            name = bn + (_string(record, "n", i) or "")
-            if name not in _NAMES_SEEN:
-                _check_name(name, i)
-            elif _NAMES_SEEN.warm:
-                _NAMES_SEEN.move_to_end(name)
-            t = bt + (_number(record, "t", i) or 0.0)
-            time = now + t if t < RELATIVE_LIMIT else t
-            unit = _string(record, "u", i)
-            unit = bu if unit is None else unit
-            v = _number(record, "v", i)
-            value = bv + v if v is not None else None
-            vb = record.get("vb")
-            if vb is not None:
-                if type(vb) is not bool:
-                    raise DecodeError(f"record {i}: 'vb' must be true or false")
-                if value is not None:
-                    raise DecodeError(f"record {i} has more than one value field")
-                value = 1.0 if vb else 0.0
-            s = _number(record, "s", i)
-            total = bs + s if s is not None else None
-            if "vs" in record or "vd" in record:
-                if value is not None:
-                    raise DecodeError(f"record {i} has more than one value field")
-                if total is None:
-                    kind = "string" if "vs" in record else "data"
-                    raise DecodeError(f"record {i} ({name}): a {kind} value is not a number")
-            if value is None and total is None:
-                if set(record) <= _BASE:
-                    continue  # a record that only sets base fields
-                raise DecodeError(f"record {i} ({name}) has no value")
-            if time < 0 or not math.isfinite(time):
-                raise DecodeError(f"record {i}: time {time!r} is out of range")
+            if common:
+                resolved = _common_record(record, i, base, now)
+            else:
+                _apply_base_fields(record, i, base)
+                resolved = _record(record, i, base, now)
         except DecodeError as exc:
             problems.append(str(exc))
             continue
-        out.append(SenmlRecord(name, time, unit, value, total))
+        if resolved is not None:
+            out.append(resolved)
     return out
+
+
+def _common_record(record: dict[str, Any], i: int, base: _Base, now: float) -> SenmlRecord | None:
+    """The common record (n, t, v, u at most; base fields from before): the
+    same checks in the same order as `_record`, without the rest. None for
+    `{}`, which yields nothing, as a record of base fields only."""
+    n = record.get("n")
+    if n is None:
+        name = base.name
+    elif type(n) is str:
+        name = base.name + n
+    else:
+        raise DecodeError(f"record {i}: 'n' must be a string")
+    if name not in _NAMES_SEEN:
+        _check_name(name, i)
+    elif _NAMES_SEEN.warm:
+        _NAMES_SEEN.move_to_end(name)
+    raw = record.get("t")
+    t = base.time if raw is None else base.time + _finite(raw, "t", i)
+    time = now + t if t < RELATIVE_LIMIT else t
+    u = record.get("u")
+    if u is None:
+        unit = base.unit
+    elif type(u) is str:
+        unit = u
+    else:
+        raise DecodeError(f"record {i}: 'u' must be a string")
+    raw = record.get("v")
+    if raw is None:
+        if not record:
+            return None
+        raise DecodeError(f"record {i} ({name}) has no value")
+    value = base.value + _finite(raw, "v", i)
+    if time < 0 or not math.isfinite(time):
+        raise DecodeError(f"record {i}: time {time!r} is out of range")
+    return SenmlRecord(name, time, unit, value, None)
+
+
+def _refuse_must_understand(record: dict[str, Any], i: int) -> None:
+    """Reject the whole pack for a field ending in `_` this decoder does not
+    know (RFC 8428 4.4: such a field must not be ignored)."""
+    for key in record:
+        if key not in _KNOWN and key.endswith("_"):
+            raise DecodeError(
+                f"record {i}: must-understand field {key!r} is not supported (RFC 8428 4.4)"
+            )
+
+
+def _apply_base_fields(record: dict[str, Any], i: int, base: _Base) -> None:
+    """Replace the base fields this record sets, in order: one that fails
+    leaves those before it replaced."""
+    if "bver" in record:
+        ver = _number(record, "bver", i)
+        if ver is None or ver != int(ver) or ver > SENML_VERSION:
+            raise DecodeError(f"record {i}: unsupported SenML version {record['bver']!r}")
+    if "bn" in record:
+        base.name = _string(record, "bn", i) or ""
+    if "bt" in record:
+        base.time = _number(record, "bt", i) or 0.0
+    if "bu" in record:
+        base.unit = _string(record, "bu", i) or ""
+    if "bv" in record:
+        base.value = _number(record, "bv", i) or 0.0
+    if "bs" in record:
+        base.sum = _number(record, "bs", i) or 0.0
+
+
+def _record(record: dict[str, Any], i: int, base: _Base, now: float) -> SenmlRecord | None:
+    """Any record, resolved against the base fields in force: its name, time,
+    unit, value (v, or vb as 1/0) and sum. None for a record that only sets
+    base fields."""
+    name = base.name + (_string(record, "n", i) or "")
+    if name not in _NAMES_SEEN:
+        _check_name(name, i)
+    elif _NAMES_SEEN.warm:
+        _NAMES_SEEN.move_to_end(name)
+    t = base.time + (_number(record, "t", i) or 0.0)
+    time = now + t if t < RELATIVE_LIMIT else t
+    unit = _string(record, "u", i)
+    unit = base.unit if unit is None else unit
+    v = _number(record, "v", i)
+    value = base.value + v if v is not None else None
+    vb = record.get("vb")
+    if vb is not None:
+        if type(vb) is not bool:
+            raise DecodeError(f"record {i}: 'vb' must be true or false")
+        if value is not None:
+            raise DecodeError(f"record {i} has more than one value field")
+        value = 1.0 if vb else 0.0
+    s = _number(record, "s", i)
+    total = base.sum + s if s is not None else None
+    if "vs" in record or "vd" in record:
+        if value is not None:
+            raise DecodeError(f"record {i} has more than one value field")
+        if total is None:
+            kind = "string" if "vs" in record else "data"
+            raise DecodeError(f"record {i} ({name}): a {kind} value is not a number")
+    if value is None and total is None:
+        if set(record) <= _BASE:
+            return None
+        raise DecodeError(f"record {i} ({name}) has no value")
+    if time < 0 or not math.isfinite(time):
+        raise DecodeError(f"record {i}: time {time!r} is out of range")
+    return SenmlRecord(name, time, unit, value, total)
 
 
 class _Simple(msgspec.Struct, forbid_unknown_fields=True):

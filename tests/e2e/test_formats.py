@@ -15,7 +15,7 @@ import pytest
 
 from ingestd.config import load_settings, route_table
 from ingestd.devices import DeviceState
-from ingestd.explain import outcome
+from ingestd.tools.explain import outcome
 from tests.harness import InProcess, settings_for, until
 from tests.helpers import (
     DaemonFactory,

@@ -16,10 +16,10 @@ from ingestd import formats
 from ingestd.checks import apply_clock, apply_scaling
 from ingestd.config import RouteSettings, Scaling, Settings, route_table
 from ingestd.events import NS, Reading, Rejected
-from ingestd.explain import explain
 from ingestd.formats.base import InputLimits
 from ingestd.formats.influx import parse, parse_line
 from ingestd.routes import RouteTable
+from ingestd.tools.explain import explain
 from tests.decoding import Decoding
 
 NOW = 1_700_000_100.0

@@ -239,7 +239,7 @@ def test_homie4_rejects_an_unknown_datatype_and_a_v5_only_state() -> None:
 
 def test_explain_shows_what_it_knows_of_a_homie4_device() -> None:
     from ingestd.config import Settings
-    from ingestd.explain import explain
+    from ingestd.tools.explain import explain
 
     settings = Settings(routes=[RouteSettings(topic="homie/#", format="homie")])
     topic = "homie/boiler/env/temperature"

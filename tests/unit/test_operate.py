@@ -7,9 +7,9 @@ import pytest
 
 from ingestd.app import LIVE_KEYS, _changed_keys
 from ingestd.config import Settings
-from ingestd.errors import InspectError
+from ingestd.errors import DataCommandError
 from ingestd.observe.systemd import watchdog_interval
-from ingestd.report import parse_time
+from ingestd.tools.report import parse_time
 
 ROUTE = {"topic": "sensors/{sensor}/telemetry"}
 
@@ -55,9 +55,9 @@ def test_parse_time_forms() -> None:
     assert parse_time("1700000000.5", now) == 1700000000.5
     assert parse_time("2023-11-14T22:13:20Z", now) == 1700000000.0
     assert parse_time("2023-11-14T22:13:20", now) == 1700000000.0  # naive is UTC
-    with pytest.raises(InspectError, match="cannot read time"):
+    with pytest.raises(DataCommandError, match="cannot read time"):
         parse_time("yesterday", now)
-    with pytest.raises(InspectError):
+    with pytest.raises(DataCommandError):
         parse_time("nan", now)
 
 

@@ -267,7 +267,7 @@ def test_integers_are_read_by_their_declared_type(kind: str, value: int) -> None
 
 def test_explain_shows_the_alias_state_it_resolves_data_with() -> None:
     from ingestd.config import Settings
-    from ingestd.explain import explain
+    from ingestd.tools.explain import explain
 
     settings = Settings(routes=[RouteSettings(topic="spBv1.0/#", format="sparkplug")])
     topic = NODE.format(kind="NDATA")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-from ingestd.errors import InspectError
+from ingestd.errors import DataCommandError
 from ingestd.events import NS
 from ingestd.printable import printable
 from ingestd.store.base import Reader
@@ -53,7 +53,7 @@ def parse_time(text: str, now: float | None = None) -> float:
     try:
         dt = datetime.fromisoformat(t)
     except ValueError:
-        raise InspectError(
+        raise DataCommandError(
             f"cannot read time {text!r}: use a duration (90s, 30m, 1h, 2d, 1w), "
             "an ISO 8601 time or Unix seconds"
         ) from None
@@ -209,12 +209,12 @@ def query(
     as a number; a float would round it), `ts_ns` the same as an integer.
     """
     if until <= since:
-        raise InspectError("--until must be later than --since")
+        raise DataCommandError("--until must be later than --since")
     pairs: list[tuple[str, str]] = []
     for tag in tags:
         key, eq, value = tag.partition("=")
         if not eq or not key:
-            raise InspectError(f"--tag {tag!r}: expected KEY=VALUE")
+            raise DataCommandError(f"--tag {tag!r}: expected KEY=VALUE")
         pairs.append((key, value))
     rows = reader.readings(sensor, metric, _to_ns(since), _to_ns(until), limit, pairs)
     return Table(

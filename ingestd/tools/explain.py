@@ -16,8 +16,8 @@ from ingestd.devices import DeviceState
 from ingestd.events import NS, Reading, Rejected
 from ingestd.formats.base import DecodeContext
 from ingestd.printable import printable
-from ingestd.report import iso_ns
 from ingestd.routes import RouteTable
+from ingestd.tools.report import iso_ns
 
 
 def outcome(

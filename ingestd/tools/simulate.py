@@ -26,7 +26,7 @@ import aiomqtt
 import msgspec
 
 from ingestd.backoff import Backoff
-from ingestd.config import Settings
+from ingestd.config import MqttSettings, Settings
 from ingestd.formats.sparkplug import REBIRTH
 from ingestd.formats.sparkplug_pb import BY_NAME, Payload
 
@@ -253,52 +253,61 @@ async def simulate_sparkplug(
 ) -> int:
     """Each sensor as a Sparkplug B edge node of group `ingestd-sim`, on its own
     connection (its NDEATH is its will). Returns the DATA messages sent."""
-    stop = _stop_on_signals()
-    m = settings.mqtt
-    password = m.password.get_secret_value() if m.password else None
+    fleet = _Fleet(settings.mqtt, _stop_on_signals(), interval=interval, rounds=rounds, qos=qos)
     nodes = [EdgeNode(s, int(time.time()) + i) for i, s in enumerate(make_sensors(sensors, seed))]
-    sent = [0]
     started = time.monotonic()
+    m = settings.mqtt
+    print(
+        f"simulator: {sensors} Sparkplug B edge nodes (group {SPARKPLUG_GROUP}) publishing "
+        f"every {interval}s to {m.host}:{m.port}",
+        file=sys.stderr,
+    )
+    await asyncio.gather(*(fleet.run(n) for n in nodes))
+    print(
+        f"simulator: sent {fleet.sent:,} NDATA messages, answered "
+        f"{sum(n.rebirths for n in nodes)} rebirth request(s), in "
+        f"{time.monotonic() - started:.1f} s",
+        file=sys.stderr,
+    )
+    return fleet.sent
 
-    async def run_node(node: EdgeNode) -> None:
+
+class _Fleet:
+    """What the edge nodes of one run share: the broker, the pace, the stop,
+    and the count of NDATA messages they sent."""
+
+    def __init__(
+        self, mqtt: MqttSettings, stop: asyncio.Event, *, interval: float, rounds: int, qos: int
+    ) -> None:
+        self.mqtt, self.stop = mqtt, stop
+        self.password = mqtt.password.get_secret_value() if mqtt.password else None
+        self.interval, self.rounds, self.qos = interval, rounds, qos
+        self.sent = 0
+
+    async def run(self, node: EdgeNode) -> None:
+        """One node, connected until its rounds are done or the stop: BIRTH on
+        each connection, DEATH at the end (also its will), a reconnect with
+        backoff while the broker is away."""
+        m = self.mqtt
         backoff = Backoff(0.5, 10.0)
-        while not stop.is_set():
+        while not self.stop.is_set():
             try:
                 async with aiomqtt.Client(
                     m.host,
                     m.port,
                     username=m.username,
-                    password=password,
+                    password=self.password,
                     identifier=f"ingestd-sim-{node.sensor.name}",
                     will=aiomqtt.Will(node.topic("NDEATH"), node.death(), qos=1),
                 ) as client:
                     await client.subscribe(node.topic("NCMD"), qos=0)
                     listener = asyncio.ensure_future(_commands(client, node))
                     try:
-                        await client.publish(node.topic("NBIRTH"), node.birth(time.time()), qos=qos)
+                        await client.publish(
+                            node.topic("NBIRTH"), node.birth(time.time()), qos=self.qos
+                        )
                         backoff.reset()
-                        done = 0
-                        next_round = time.monotonic() + interval
-                        while (rounds == 0 or done < rounds) and not stop.is_set():
-                            with contextlib.suppress(TimeoutError):
-                                async with asyncio.timeout(max(0.0, next_round - time.monotonic())):
-                                    await stop.wait()
-                            if stop.is_set():
-                                break
-                            if node.rebirth.is_set():
-                                # This round's values go in the BIRTH (one sample,
-                                # one time: never two values at one timestamp).
-                                node.rebirth.clear()
-                                await client.publish(
-                                    node.topic("NBIRTH"), node.birth(time.time()), qos=qos
-                                )
-                            else:
-                                await client.publish(
-                                    node.topic("NDATA"), node.data(time.time()), qos=qos
-                                )
-                                sent[0] += 1
-                            done += 1
-                            next_round += interval
+                        await self._rounds(client, node)
                         with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
                             async with asyncio.timeout(2):
                                 await client.publish(node.topic("NDEATH"), node.death(), qos=1)
@@ -307,7 +316,7 @@ async def simulate_sparkplug(
                         listener.cancel()
                         await asyncio.gather(listener, return_exceptions=True)
             except aiomqtt.MqttError as exc:
-                if stop.is_set():
+                if self.stop.is_set():
                     return  # stopping: the broker may be gone first (quickstart's Ctrl-C)
                 print(
                     f"simulator: {node.sensor.name}: broker {m.host}:{m.port} unavailable "
@@ -316,21 +325,29 @@ async def simulate_sparkplug(
                 )
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(backoff.next()):
-                        await stop.wait()
+                        await self.stop.wait()
 
-    print(
-        f"simulator: {sensors} Sparkplug B edge nodes (group {SPARKPLUG_GROUP}) publishing "
-        f"every {interval}s to {m.host}:{m.port}",
-        file=sys.stderr,
-    )
-    await asyncio.gather(*(run_node(n) for n in nodes))
-    print(
-        f"simulator: sent {sent[0]:,} NDATA messages, answered "
-        f"{sum(n.rebirths for n in nodes)} rebirth request(s), in "
-        f"{time.monotonic() - started:.1f} s",
-        file=sys.stderr,
-    )
-    return sent[0]
+    async def _rounds(self, client: aiomqtt.Client, node: EdgeNode) -> None:
+        """A message every interval until the rounds are done or the stop: DATA,
+        or a new BIRTH when a rebirth was asked for."""
+        done = 0
+        next_round = time.monotonic() + self.interval
+        while (self.rounds == 0 or done < self.rounds) and not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, next_round - time.monotonic())):
+                    await self.stop.wait()
+            if self.stop.is_set():
+                break
+            if node.rebirth.is_set():
+                # This round's values go in the BIRTH (one sample, one time:
+                # never two values at one timestamp).
+                node.rebirth.clear()
+                await client.publish(node.topic("NBIRTH"), node.birth(time.time()), qos=self.qos)
+            else:
+                await client.publish(node.topic("NDATA"), node.data(time.time()), qos=self.qos)
+                self.sent += 1
+            done += 1
+            next_round += self.interval
 
 
 async def _commands(client: aiomqtt.Client, node: EdgeNode) -> None:
