@@ -54,17 +54,13 @@ def decode_message(
         rejected.append(too_large(topic, payload, len(payload), limit, received_ns))
         return
     match = table.match(topic)
-    if match is None:
-        rejected.append(
-            Rejected(topic, payload, "no route matches this topic", received_ns / NS, "no_route")
+    if match is None or not match.sensor:
+        why, kind = (
+            ("no route matches this topic", "no_route")
+            if match is None
+            else ("topic gives an empty sensor id", "bad_topic")
         )
-        return
-    if not match.sensor:
-        rejected.append(
-            Rejected(
-                topic, payload, "topic gives an empty sensor id", received_ns / NS, "bad_topic"
-            )
-        )
+        rejected.append(Rejected(topic, payload, why, received_ns / NS, kind))
         return
     opts = match.options
     if retained and opts.retained == "ignore":
@@ -73,39 +69,15 @@ def decode_message(
         state.counts.retained_ignored += 1
         return
     if opts.expect_within and not retained:
-        state.route_seen[match.route] = received_ns
-        seen = (match.route, match.sensor)
-        if seen not in state.sensor_seen:
-            state.expect_changed[match.sensor] = opts.expect_within
-        state.sensor_seen[seen] = received_ns
+        _heard(state, match, received_ns)
     before = len(readings)
     try:
         ctx.retained = retained
         ctx.read_before = read_before
         match.fmt.decode(ctx, match, topic, payload, received_ns, readings, rejected)
-    except DecodeError as exc:
-        del readings[before:]
-        rejected.append(Rejected(topic, payload, str(exc), received_ns / NS))
-        return
     except Exception as exc:
-        # A bug of ours, not the device's: quarantine the message rather than
-        # let it stop the daemon (and stop it again at every redelivery).
         del readings[before:]
-        log.error(
-            "decoder error; message quarantined (please report this as a bug)",
-            topic=topic,
-            format=match.fmt.name,
-            error=repr(exc),
-        )
-        rejected.append(
-            Rejected(
-                topic,
-                payload,
-                f"internal error: decoder failed (a bug in ingestd): {exc!r}",
-                received_ns / NS,
-                "internal",
-            )
-        )
+        rejected.append(_failed(match, topic, payload, received_ns, exc))
         return
     state.counts.decoded += len(readings) - before
     if retained:
@@ -116,6 +88,38 @@ def decode_message(
         readings[before:] = timed
     if opts.rate_limit and len(readings) > before:
         _rate_limit(state, match, topic, payload, received_ns, readings, before, rejected)
+
+
+def _heard(state: DeviceState, match: RouteMatch, received_ns: int) -> None:
+    """A message on a route with expect_within: when its route and sensor were heard."""
+    state.route_seen[match.route] = received_ns
+    seen = (match.route, match.sensor)
+    if seen not in state.sensor_seen:
+        state.expect_changed[match.sensor] = match.options.expect_within
+    state.sensor_seen[seen] = received_ns
+
+
+def _failed(
+    match: RouteMatch, topic: str, payload: bytes, received_ns: int, exc: Exception
+) -> Rejected:
+    """The quarantine record of a message its format could not read: the
+    device's fault (DecodeError, its reason), or a bug of ours, quarantined
+    rather than let it stop the daemon (and stop it again at every redelivery)."""
+    if isinstance(exc, DecodeError):
+        return Rejected(topic, payload, str(exc), received_ns / NS)
+    log.error(
+        "decoder error; message quarantined (please report this as a bug)",
+        topic=topic,
+        format=match.fmt.name,
+        error=repr(exc),
+    )
+    return Rejected(
+        topic,
+        payload,
+        f"internal error: decoder failed (a bug in ingestd): {exc!r}",
+        received_ns / NS,
+        "internal",
+    )
 
 
 def _rate_limit(

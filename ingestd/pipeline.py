@@ -27,6 +27,7 @@ from ingestd.maintenance import Maintenance
 from ingestd.observe.device_log import DeviceLog
 from ingestd.observe.event_log import EventLogger
 from ingestd.observe.upstream import UpstreamWatch
+from ingestd.routes import RouteTable
 from ingestd.source import MqttSource
 from ingestd.store import Store
 from ingestd.store.base import PACKETS, SUBSCRIPTIONS, unpack_packets
@@ -75,35 +76,10 @@ class Pipeline:
             "logger", [Processed, BatchCommitted], policy="drop", maxsize=observer_q
         )
         table = route_table(s)
-        devices = DeviceState()
-        if device_log is not None:
-            devices.device_log = device_log  # one budget of per-device lines per process
-        # Device counters go on from what was committed: a gap across a restart
-        # counts. Only the last number: the stored gap counts stay in the store,
-        # which adds to them what this run finds.
-        devices.sequences.update(
-            (sensor, SequenceState(v[0])) for sensor, v in store.sequences.items()
-        )
-        store.sequences = {}  # seeded: the state keeps what it can hold, by recency
-        # Stateful formats go on from their state at the last commit (a
-        # Sparkplug node's BIRTH and sequence): a restart is not a rebirth.
-        devices.restore(table.stateful, store.devices)
-        # The last messages committed before: a redelivery among them after
-        # this restart is not read again (formats with tells_redeliveries).
-        own = store.devices.get(PACKETS[0], [])
-        committed = [
-            packet
-            for device, position, _ in own
-            if device == PACKETS[1]
-            for packet in unpack_packets(position)
-        ]
-        # The filters this client id's session was last subscribed to.
-        held = [position for device, position, _ in own if device == SUBSCRIPTIONS[1]]
-        store.devices = {}
+        devices, committed, held = _as_committed(store, table, device_log)
         source = MqttSource(s, table, bus, window, upstream=upstream, devices=devices)
         source.committed_packets = set(committed)
-        if held:
-            source.session_filters = set(json.loads(held[0]))
+        source.session_filters = held
         processor = Processor(to_processor, bus, s.processor)
         writer = BatchWriter(
             store,
@@ -119,18 +95,9 @@ class Pipeline:
         writer.packets.extend(committed)
         writer.on_commit = on_commit
 
-        def now() -> dict[str, object]:
-            fields: dict[str, object] = {
-                "in_flight": window.in_flight,
-                "in_flight_peak": window.take_recent_peak(),
-                "window": window.limit,
-                "backlog": sum(sub.depth for sub in bus.subscriptions if sub.policy == "block"),
-            }
-            if role != "member":
-                fields["role"] = role
-            return fields
-
-        logger = EventLogger(to_logger, s.daemon.log_summary_interval, now)
+        logger = EventLogger(
+            to_logger, s.daemon.log_summary_interval, _summary_fields(role, window, bus)
+        )
         maintenance = Maintenance(store, s.store) if maintain else None
         return cls(role, source, processor, writer, window, bus, logger, maintenance)
 
@@ -179,3 +146,53 @@ class Pipeline:
         except TimeoutError:
             raise StopTimeout from None
         logger_task.cancel()
+
+
+def _as_committed(
+    store: Store, table: RouteTable, device_log: DeviceLog | None
+) -> tuple[DeviceState, list[tuple[int, int]], set[str]]:
+    """The device state, the last committed packets and the filters the
+    session holds, as the store kept them (taken from it: it keeps no copy)."""
+    devices = DeviceState()
+    if device_log is not None:
+        devices.device_log = device_log  # one budget of per-device lines per process
+    # Device counters go on from what was committed: a gap across a restart
+    # counts. Only the last number: the stored gap counts stay in the store,
+    # which adds to them what this run finds.
+    devices.sequences.update((sensor, SequenceState(v[0])) for sensor, v in store.sequences.items())
+    store.sequences = {}  # seeded: the state keeps what it can hold, by recency
+    # Stateful formats go on from their state at the last commit (a Sparkplug
+    # node's BIRTH and sequence): a restart is not a rebirth.
+    devices.restore(table.stateful, store.devices)
+    # The last messages committed before: a redelivery among them after this
+    # restart is not read again (formats with tells_redeliveries).
+    own = store.devices.get(PACKETS[0], [])
+    committed = [
+        packet
+        for device, position, _ in own
+        if device == PACKETS[1]
+        for packet in unpack_packets(position)
+    ]
+    # The filters this client id's session was last subscribed to.
+    held = [position for device, position, _ in own if device == SUBSCRIPTIONS[1]]
+    store.devices = {}
+    return devices, committed, set(json.loads(held[0])) if held else set()
+
+
+def _summary_fields(
+    role: str, window: InFlightWindow, bus: EventBus
+) -> Callable[[], dict[str, object]]:
+    """What the logger's summary line says of the pipeline, read when it is written."""
+
+    def now() -> dict[str, object]:
+        fields: dict[str, object] = {
+            "in_flight": window.in_flight,
+            "in_flight_peak": window.take_recent_peak(),
+            "window": window.limit,
+            "backlog": sum(sub.depth for sub in bus.subscriptions if sub.policy == "block"),
+        }
+        if role != "member":
+            fields["role"] = role
+        return fields
+
+    return now
