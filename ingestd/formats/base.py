@@ -91,8 +91,9 @@ class Format:
     # packet id carried): a format whose state depends on message order must
     # not read a message twice, nor skip one it never read.
     tells_redeliveries: bool = False
-    # Why the format cannot be read in a shared group (None: it can): check-config
-    # refuses the combination with this reason.
+    # Why the format cannot be read in parts (None: it can): in a shared group
+    # its routes are read by the group's primary (`ingestd.primary`), and
+    # check-config gives this reason where that cannot be (SQLite).
     unshareable: str | None = None
 
     def option_names(self) -> list[str]:

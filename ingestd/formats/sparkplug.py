@@ -655,7 +655,6 @@ FORMAT = Format(
     unshareable=(
         "a shared subscription hands each message to one member, and a Sparkplug "
         "node's DATA can only be read in order with its BIRTH and sequence, which the "
-        "other members would not see; run the sparkplug routes on one ingestd "
-        "outside the group (as Sparkplug's primary host) and the others in it"
+        "other members would not see"
     ),
 )
