@@ -49,12 +49,9 @@ store: counted per kind (`DecodeCounts.skipped`) and not stored.
 
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import msgspec
 import structlog
 from google.protobuf.message import DecodeError as ProtobufDecodeError
 from pydantic import Field
@@ -62,8 +59,17 @@ from pydantic import Field
 from ingestd.errors import DecodeError
 from ingestd.events import Reading, Rejected
 from ingestd.formats.base import Format, FormatOptions
+from ingestd.formats.sparkplug_metrics import Unresolved, bd_seq, birth, values
+from ingestd.formats.sparkplug_nodes import (
+    Node,
+    Scope,
+    changed,
+    load_state,
+    node_for,
+    node_state,
+    save_state,
+)
 from ingestd.formats.sparkplug_pb import BY_NAME, DATATYPES, Payload
-from ingestd.recent import RecentCache, kept_in
 
 if TYPE_CHECKING:
     from ingestd.devices import DeviceState
@@ -73,25 +79,6 @@ log = structlog.get_logger("ingestd.formats.sparkplug")
 
 NAMESPACE = "spBv1.0"
 REBIRTH = "Node Control/Rebirth"
-_NODES_KEPT = 65536
-_SIGNED_ANY = {BY_NAME["Int8"], BY_NAME["Int16"], BY_NAME["Int32"], BY_NAME["Int64"]}
-_UINT64 = BY_NAME["UInt64"]
-_FLOAT, _DOUBLE, _BOOLEAN = BY_NAME["Float"], BY_NAME["Double"], BY_NAME["Boolean"]
-# Not numbers to store, by what they are (the key counted in DecodeCounts.skipped).
-_SKIPPED = {
-    BY_NAME["String"]: "string",
-    BY_NAME["Text"]: "string",
-    BY_NAME["UUID"]: "string",
-    BY_NAME["DateTime"]: "datetime",
-    BY_NAME["Bytes"]: "bytes",
-    BY_NAME["File"]: "bytes",
-    BY_NAME["DataSet"]: "dataset",
-    BY_NAME["Template"]: "template",
-    BY_NAME["PropertySet"]: "propertyset",
-    BY_NAME["PropertySetList"]: "propertyset",
-}
-_NS_PER_MS = 1_000_000
-_MAX_MS = (1 << 63) // _NS_PER_MS
 
 
 class SparkplugOptions(FormatOptions):
@@ -105,70 +92,12 @@ class SparkplugOptions(FormatOptions):
     rebirth_max_per_second: float = Field(10.0, gt=0)
 
 
-@dataclass(slots=True)
-class Metric:
-    name: str
-    datatype: int
-    unit: str
-
-
-@dataclass(slots=True)
-class Scope:
-    """A node or one of its devices: what its BIRTH declared."""
-
-    born: bool = False
-    by_alias: dict[int, Metric] = field(default_factory=dict)
-    by_name: dict[str, Metric] = field(default_factory=dict)
-    online: bool = False
-
-
-@dataclass(slots=True)
-class Node:
-    scope: Scope = field(default_factory=Scope)
-    devices: dict[str, Scope] = field(default_factory=dict)
-    seq: int = -1  # last sequence number followed
-    count: int = 0  # messages followed since the NBIRTH, the NBIRTH included (0: never born)
-    bd_seq: int | None = None
-    rebirth_at: float = -math.inf  # monotonic time of the last rebirth request
-    rebirths: int = 0
-    # Sensor names used for the node and its devices (to mark them offline).
-    sensors: dict[str, str] = field(default_factory=dict)  # device ("" node) -> sensor
-
-
-def _nodes(state: DeviceState, kind: str = "sparkplug") -> RecentCache[tuple[str, str], Node]:
-    """Nodes whose NBIRTH ingestd read ("sparkplug"), or ids it has only heard
-    DATA or a DEATH from ("sparkplug_strangers"): each bounded by recency, so
-    junk from new ids never takes a born node's place."""
-    nodes: RecentCache[tuple[str, str], Node] = kept_in(state.format_state, kind, _NODES_KEPT)
-    return nodes
-
-
-def node_state(state: DeviceState, group: str, edge_node: str) -> Node | None:
-    """What ingestd knows of an edge node (for `explain` and tests)."""
-    key = (group, edge_node)
-    return _nodes(state).get(key) or _nodes(state, "sparkplug_strangers").get(key)
-
-
-def _node(state: DeviceState, key: tuple[str, str], birth: bool) -> Node:
-    """The node; an NBIRTH (`birth`) gives it a place among the born."""
-    found = _nodes(state).recent(key)
-    if found is not None:
-        return found
-    strangers = _nodes(state, "sparkplug_strangers")
-    if birth:
-        found = strangers.pop(key, None) or Node()
-        _nodes(state)[key] = found
-        return found
-    found = strangers.recent(key)
-    if found is None:
-        found = strangers[key] = Node()
-    return found
-
-
 def rebirth_request(group: str, edge_node: str, now_ms: int) -> tuple[str, bytes]:
     """The NCMD that asks an edge node to publish its BIRTHs again."""
     payload = Payload(timestamp=now_ms)
-    payload.metrics.add(name=REBIRTH, datatype=_BOOLEAN, timestamp=now_ms, boolean_value=True)
+    payload.metrics.add(
+        name=REBIRTH, datatype=BY_NAME["Boolean"], timestamp=now_ms, boolean_value=True
+    )
     return f"{NAMESPACE}/{group}/NCMD/{edge_node}", payload.SerializeToString()
 
 
@@ -196,22 +125,10 @@ def decode(
     readings: list[Reading],
     rejected: list[Rejected],
 ) -> None:
-    parsed = parse_topic(topic)
+    parsed = _data_topic(topic)
     if parsed is None:
-        if "/STATE/" in f"/{topic}/" or topic.endswith("/STATE"):
-            return  # a host application's STATE (ours or another's): not data
-        raise DecodeError(
-            "not a Sparkplug B topic (expected spBv1.0/<group>/<type>/<edge_node>[/<device>])"
-        )
+        return  # a host's STATE, or a command: not data
     group, kind, edge_node, device = parsed
-    if group == "STATE":
-        return
-    if kind in ("NCMD", "DCMD"):
-        return  # commands, ours or another host's: not data
-    if kind not in ("NBIRTH", "NDEATH", "NDATA", "DBIRTH", "DDEATH", "DDATA"):
-        raise DecodeError(f"unknown Sparkplug message type {kind!r}")
-    if (kind[0] == "D") != bool(device):
-        raise DecodeError(f"{kind} topic {'without' if device else 'with'} a device id")
     state = ctx.state
     if ctx.read_before:
         # Sent again, read already (or committed before a restart) with the
@@ -224,75 +141,121 @@ def decode(
     except (ProtobufDecodeError, RuntimeError, ValueError) as exc:
         raise DecodeError(f"not a Sparkplug B protobuf payload: {exc}") from None
     key = (group, edge_node)
-    node = _node(state, key, kind == "NBIRTH")
-    params: SparkplugOptions = match.params
+    node = node_for(state, key, kind == "NBIRTH")
     names = {**match.values, "group": group, "edge_node": edge_node, "device": device}
     names["source"] = f"{edge_node}/{device}" if device else edge_node
     sensor = match.sensor.format_map(names)
     if node.sensors.get(device) != sensor:
         node.sensors[device] = sensor
-        _changed(state, key, described=True)
+        changed(state, key, described=True)
     if kind == "NDEATH":
         if _death(state, node, group, edge_node, message):
-            _changed(state, key, described=True)
+            changed(state, key, described=True)
         return
     if kind == "NBIRTH":
-        # Unborn until this BIRTH reads whole: a bad one leaves nothing to resolve with.
-        node.devices.clear()
-        node.scope = Scope()
-        node.scope = _birth(message)
-        node.seq = message.seq if message.HasField("seq") else 0
-        node.count = 1
-        for metric in message.metrics:
-            if metric.name == "bdSeq":
-                node.bd_seq = _bd_seq(metric)
-        state.states_changed[sensor] = "online"
-        _changed(state, key, described=True)
+        _node_birth(state, node, key, message, sensor)
         try:
-            _values(state, match, topic, message, node.scope, names, sensor, received_ns, readings)
-        except _Unresolved as exc:
+            values(state, match, topic, message, node.scope, names, sensor, received_ns, readings)
+        except Unresolved as exc:
             raise DecodeError(f"Sparkplug NBIRTH of {group}/{edge_node}: {exc}") from None
         return
     # Every other message follows the node's sequence.
-    scope = node.devices.get(device) if device else node.scope
-    step = _follow(node, message)
-    if step is _NEXT:
-        _changed(state, key)
-    problem: str | None = step if isinstance(step, str) else None
-    known = scope is not None and scope.born
-    if problem is None and kind != "DBIRTH" and not known:
-        what = f"device {device!r} of node {group}/{edge_node}" if device else "node"
-        problem = f"DATA from {what} whose BIRTH ingestd has not seen"
-    if problem is None and kind == "DDEATH":
-        if scope is not None:
-            scope.born = False
-            _offline(state, node, device)
-            _changed(state, key, described=True)
-        return
+    problem = _in_sequence(
+        state, match, topic, message, node, key, kind, device, names, sensor, received_ns, readings
+    )
     if problem is None:
-        if kind == "DBIRTH" and (step is _NEXT or not known):
-            node.devices.pop(device, None)
-            scope = node.devices[device] = _birth(message)
-            state.states_changed[sensor] = "online"
-            _changed(state, key, described=True)
-        assert scope is not None
-        try:
-            _values(state, match, topic, message, scope, names, sensor, received_ns, readings)
-            return
-        except _Unresolved as exc:
-            problem = str(exc)
+        return
     # The node's state is not known: nothing in this message is guessed.
     node.scope.born = False
-    _changed(state, key)
-    asked = _ask_rebirth(state, node, params, group, edge_node, problem)
+    changed(state, key)
+    asked = _ask_rebirth(state, node, match.params, group, edge_node, problem)
     raise DecodeError(
         f"Sparkplug node {group}/{edge_node}: {problem}; "
         + ("rebirth requested" if asked else "waiting for its rebirth")
     )
 
 
-class _Unresolved(Exception):
-    pass
+def _data_topic(topic: str) -> tuple[str, str, str, str] | None:
+    """(group, kind, edge node, device) of a message that carries data or
+    state; None for a host's STATE or a command; DecodeError for anything
+    else."""
+    parsed = parse_topic(topic)
+    if parsed is None:
+        if "/STATE/" in f"/{topic}/" or topic.endswith("/STATE"):
+            return None  # a host application's STATE (ours or another's): not data
+        raise DecodeError(
+            "not a Sparkplug B topic (expected spBv1.0/<group>/<type>/<edge_node>[/<device>])"
+        )
+    group, kind, _edge_node, device = parsed
+    if group == "STATE" or kind in ("NCMD", "DCMD"):
+        return None  # commands, ours or another host's: not data
+    if kind not in ("NBIRTH", "NDEATH", "NDATA", "DBIRTH", "DDEATH", "DDATA"):
+        raise DecodeError(f"unknown Sparkplug message type {kind!r}")
+    if (kind[0] == "D") != bool(device):
+        raise DecodeError(f"{kind} topic {'without' if device else 'with'} a device id")
+    return parsed
+
+
+def _node_birth(
+    state: DeviceState, node: Node, key: tuple[str, str], message: Any, sensor: str
+) -> None:
+    """An NBIRTH: the node's aliases, sequence and bdSeq start again from it.
+    Unborn until it reads whole: a bad one leaves nothing to resolve with."""
+    node.devices.clear()
+    node.scope = Scope()
+    node.scope = birth(message)
+    node.seq = message.seq if message.HasField("seq") else 0
+    node.count = 1
+    for metric in message.metrics:
+        if metric.name == "bdSeq":
+            node.bd_seq = bd_seq(metric)
+    state.states_changed[sensor] = "online"
+    changed(state, key, described=True)
+
+
+def _in_sequence(
+    state: DeviceState,
+    match: RouteMatch,
+    topic: str,
+    message: Any,
+    node: Node,
+    key: tuple[str, str],
+    kind: str,
+    device: str,
+    names: dict[str, str],
+    sensor: str,
+    received_ns: int,
+    readings: list[Reading],
+) -> str | None:
+    """A DATA, DBIRTH or DDEATH, which follows the node's sequence: read with
+    the aliases of its BIRTH, or the problem that keeps it from being read."""
+    scope = node.devices.get(device) if device else node.scope
+    step = _follow(node, message)
+    if step is _NEXT:
+        changed(state, key)
+    if isinstance(step, str):
+        return step
+    known = scope is not None and scope.born
+    if kind != "DBIRTH" and not known:
+        what = f"device {device!r} of node {key[0]}/{key[1]}" if device else "node"
+        return f"DATA from {what} whose BIRTH ingestd has not seen"
+    if kind == "DDEATH":
+        if scope is not None:
+            scope.born = False
+            _offline(state, node, device)
+            changed(state, key, described=True)
+        return None
+    if kind == "DBIRTH" and (step is _NEXT or not known):
+        node.devices.pop(device, None)
+        scope = node.devices[device] = birth(message)
+        state.states_changed[sensor] = "online"
+        changed(state, key, described=True)
+    assert scope is not None
+    try:
+        values(state, match, topic, message, scope, names, sensor, received_ns, readings)
+    except Unresolved as exc:
+        return str(exc)
+    return None
 
 
 class _Step:
@@ -368,138 +331,19 @@ def _ask_rebirth(
     return True
 
 
-def _birth(message: Any) -> Scope:
-    scope = Scope(born=True, online=True)
-    for m in message.metrics:
-        unit = ""
-        if m.HasField("properties"):
-            props = m.properties
-            for key, value in zip(props.keys, props.values, strict=False):
-                if key == "engUnit" and value.WhichOneof("value") == "string_value":
-                    unit = _text(value.string_value, "an engUnit")
-        metric = Metric(_text(m.name, "a metric name"), m.datatype, unit)
-        if m.name:
-            scope.by_name[m.name] = metric
-        if m.HasField("alias"):
-            scope.by_alias[m.alias] = metric
-    return scope
-
-
-def _values(
-    state: DeviceState,
-    match: RouteMatch,
-    topic: str,
-    message: Any,
-    scope: Scope,
-    names: dict[str, str],
-    sensor: str,
-    received_ns: int,
-    readings: list[Reading],
-) -> None:
-    """The message's numeric metrics as readings; raises _Unresolved (before
-    appending anything) if a metric cannot be named."""
-    default_ns = received_ns
-    if message.HasField("timestamp"):
-        default_ns = _time_ns(message.timestamp)
-    out: list[Reading] = []
-    skipped = state.counts.skipped
-    template = match.metric_template
-    for m in message.metrics:
-        if m.name:
-            declared = scope.by_name.get(m.name)
-        elif m.HasField("alias"):
-            declared = scope.by_alias.get(m.alias)
-            if declared is None:
-                raise _Unresolved(f"alias {m.alias} was not declared by the BIRTH")
-        else:
-            raise _Unresolved("a metric has neither a name nor an alias")
-        name = _text(m.name, "a metric name") or (declared.name if declared else "")
-        datatype = m.datatype or (declared.datatype if declared else 0)
-        unit = declared.unit if declared else ""
-        if m.is_transient:
-            skipped["transient"] = skipped.get("transient", 0) + 1
-            continue
-        if m.is_null or m.WhichOneof("value") is None:
-            skipped["null"] = skipped.get("null", 0) + 1
-            continue
-        if name == "bdSeq" or name.startswith(("Node Control/", "Device Control/")):
-            continue  # the protocol's own metrics, not measurements
-        value = _number(m, datatype)
-        if value is None:
-            which = m.WhichOneof("value")
-            kind = _SKIPPED.get(datatype, "array" if datatype >= 22 else "unknown")
-            if which in ("float_value", "double_value") and datatype not in _SKIPPED:
-                kind = "not_finite"
-            skipped[kind] = skipped.get(kind, 0) + 1
-            continue
-        ts_ns = _time_ns(m.timestamp) if m.HasField("timestamp") else default_ns
-        metric = template.format_map({**names, "name": name}) if template != "{name}" else name
-        out.append(Reading(sensor, metric, ts_ns, value, topic, match.tags, unit))
-    readings.extend(out)
-
-
-def _text(value: str | bytes, what: str) -> str:
-    """A protobuf string field: proto2 does not check UTF-8, and upb hands
-    back bytes where it is not."""
-    if type(value) is not str:
-        raise DecodeError(f"{what} is not valid UTF-8")
-    return value
-
-
-def _time_ns(ms: int) -> int:
-    """Unix ms (uint64 on the wire) as ns; one past what a store can hold is bad input."""
-    if ms >= _MAX_MS:
-        raise DecodeError(f"timestamp {ms} ms is out of range (after the year 2262)")
-    return ms * _NS_PER_MS
-
-
-def _number(m: Any, datatype: int) -> float | None:
-    """The metric's value as a number, None if it is not one to store.
-
-    The datatype (the metric's, else its BIRTH's) says whether the value is a
-    measurement and how to sign an integer; the value is read from the field
-    the payload actually carries (a protobuf default is never taken for a
-    value that was not sent)."""
-    if datatype in _SKIPPED or datatype >= 22:
-        return None
-    which = m.WhichOneof("value")
-    if which == "int_value":
-        v = m.int_value
-        return float(v - (1 << 32) if v >= 1 << 31 and datatype in _SIGNED_ANY else v)
-    if which == "long_value":
-        v = m.long_value
-        return float(v - (1 << 64) if v >= 1 << 63 and datatype in _SIGNED_ANY else v)
-    if which == "boolean_value":
-        return 1.0 if m.boolean_value else 0.0
-    if which == "double_value":
-        f = m.double_value
-    elif which == "float_value":
-        f = m.float_value
-    else:
-        return None
-    if not math.isfinite(f):
-        return None  # NaN is how Sparkplug devices often say "no value"
-    return float(f)
-
-
-def _bd_seq(m: Any) -> int | None:
-    value = _number(m, m.datatype or _UINT64)
-    return None if value is None else int(value)
-
-
 def _death(state: DeviceState, node: Node, group: str, edge_node: str, message: Any) -> bool:
     """An NDEATH; False if it was an earlier session's, ignored."""
-    bd_seq = None
+    ended = None  # the bdSeq of the session this DEATH ends
     for m in message.metrics:
         if m.name == "bdSeq":
-            bd_seq = _bd_seq(m)
-    if node.bd_seq is not None and bd_seq is not None and bd_seq != node.bd_seq:
+            ended = bd_seq(m)
+    if node.bd_seq is not None and ended is not None and ended != node.bd_seq:
         # The will of an earlier session, delivered late: this birth still stands.
         state.device_log.info(
             log,
             "sparkplug NDEATH of an earlier session ignored",
             node=f"{group}/{edge_node}",
-            bd_seq=bd_seq,
+            bd_seq=ended,
             current=node.bd_seq,
         )
         return False
@@ -519,95 +363,6 @@ def _offline(state: DeviceState, node: Node, device: str) -> None:
 
 
 # -- across restarts ---------------------------------------------------------------------
-
-_pack = msgspec.msgpack.encode
-_unpack = msgspec.msgpack.decode
-
-
-def _changed(state: DeviceState, key: tuple[str, str], described: bool = False) -> None:
-    """The node's state changed: its position (sequence, born), and with
-    `described` what its BIRTHs declared too. The next chunk saves it."""
-    dirty: dict[tuple[str, str], bool] = state.format_state.setdefault("sparkplug_dirty", {})
-    dirty[key] = described or dirty.get(key, False)
-    state.devices_changed = True
-
-
-def _dump_scope(scope: Scope) -> list[Any]:
-    aliased = {id(m) for m in scope.by_alias.values()}
-    metrics: list[list[Any]] = [
-        [m.name, m.datatype, m.unit, alias] for alias, m in scope.by_alias.items()
-    ]
-    metrics += [
-        [m.name, m.datatype, m.unit, None] for m in scope.by_name.values() if id(m) not in aliased
-    ]
-    return [scope.born, scope.online, metrics]
-
-
-def _load_scope(dumped: list[Any]) -> Scope:
-    born, online, metrics = dumped
-    scope = Scope(born=born, online=online)
-    for name, datatype, unit, alias in metrics:
-        metric = Metric(name, datatype, unit)
-        if name:
-            scope.by_name.setdefault(name, metric)
-        if alias is not None:
-            scope.by_alias[alias] = metric
-    return scope
-
-
-def save_state(state: DeviceState) -> dict[str, tuple[bytes, bytes | None]]:
-    """What changed of born nodes since the last call: position (sequence,
-    count, bdSeq, born) and, where a BIRTH or DEATH changed it, the
-    description (the node's and its devices' alias tables)."""
-    dirty: dict[tuple[str, str], bool] | None = state.format_state.pop("sparkplug_dirty", None)
-    if not dirty:
-        return {}
-    born = _nodes(state)
-    out: dict[str, tuple[bytes, bytes | None]] = {}
-    for key, described in dirty.items():
-        node = born.get(key)
-        if node is None or not node.count:
-            continue  # never born (junk ids are not kept), or forgotten since
-        position = _pack([node.seq, node.count, node.bd_seq, node.scope.born])
-        description = None
-        if described:
-            description = _pack(
-                [
-                    _dump_scope(node.scope),
-                    {d: _dump_scope(sc) for d, sc in node.devices.items()},
-                    node.sensors,
-                ]
-            )
-        out[f"{key[0]}/{key[1]}"] = (position, description)
-    return out
-
-
-def load_state(state: DeviceState, rows: list[tuple[str, bytes, bytes]]) -> None:
-    """Born nodes as the store kept them at the last commit (the most recent
-    first; as many as the node cache holds)."""
-    born = _nodes(state)
-    for device, position, description in reversed(rows[:_NODES_KEPT]):
-        group, _, edge_node = device.partition("/")
-        try:
-            seq, count, bd_seq, node_born = _unpack(position)
-            scope, devices, sensors = _unpack(description)
-            node = Node(
-                scope=_load_scope(scope),
-                devices={d: _load_scope(sc) for d, sc in devices.items()},
-                seq=seq,
-                count=count,
-                bd_seq=bd_seq,
-                sensors=dict(sensors),
-            )
-        except Exception as exc:
-            log.warning(
-                "sparkplug node state not readable; it waits for a rebirth",
-                node=device,
-                error=str(exc),
-            )
-            continue
-        node.scope.born = bool(node_born)
-        born[(group, edge_node)] = node
 
 
 def describe(datatype: int) -> str:

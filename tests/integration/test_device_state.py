@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from ingestd.config import RouteSettings
 from ingestd.events import NS, SensorStatus
-from ingestd.formats.sparkplug import node_state
+from ingestd.formats.sparkplug_nodes import node_state
 from ingestd.formats.sparkplug_pb import BY_NAME, Payload
 from ingestd.routes import RouteTable
 from ingestd.store.base import Store

@@ -545,8 +545,8 @@ async def test_a_deposed_primary_commits_nothing_after_the_next_took_over(pg_url
     await old.open()
     await new.open()
     db.rows(
-        "INSERT INTO primary_role (grp, epoch, client_id, holder, since) "
-        "VALUES ('role', 1, 'role', 'a', 0)"
+        "INSERT INTO primary_role (grp, epoch, client_id, holder, since, renewed) "
+        "VALUES ('role', 1, 'role', 'a', 0, 0)"
     )
     old.fence = ("role", 1)
     t0 = int(NOW) * NS

@@ -14,7 +14,8 @@ from hypothesis import strategies as st
 
 from ingestd.config import RouteSettings
 from ingestd.events import NS, Reading
-from ingestd.formats.sparkplug import REBIRTH, load_state, node_state, save_state
+from ingestd.formats.sparkplug import REBIRTH
+from ingestd.formats.sparkplug_nodes import load_state, node_state, save_state
 from ingestd.formats.sparkplug_pb import BY_NAME, Payload
 from ingestd.routes import RouteTable
 from tests.decoding import Decoding
