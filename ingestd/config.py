@@ -269,7 +269,7 @@ class ProcessorSettings(Section):
 
 
 class InputSettings(Section):
-    # Also bounds one packet: ingestd.mqtt_link.max_packet_size.
+    # Also bounds one packet: ingestd.mqtt.link.max_packet_size.
     max_payload_bytes: int = Field(262144, ge=1)
     max_json_depth: int = Field(16, ge=1, le=256)
 

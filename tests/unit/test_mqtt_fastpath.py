@@ -19,7 +19,7 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from ingestd.mqtt_link import MqttLink, _BufferedSocket, parse_publishes
+from ingestd.mqtt.link import MqttLink, _BufferedSocket, parse_publishes
 
 
 def varint(n: int) -> bytes:

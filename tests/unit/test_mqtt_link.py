@@ -12,13 +12,13 @@ import aiomqtt
 import paho.mqtt.client as paho
 import pytest
 
-from ingestd import mqtt_link
+from ingestd.mqtt import link as mqtt_link
 
 
 def test_private_attributes_the_adapter_relies_on_still_exist() -> None:
     for owner, name in mqtt_link.REQUIRED_INTERNALS:
         assert hasattr(owner, name), (
-            f"{owner.__module__}.{owner.__name__}.{name} is gone: ingestd/mqtt_link.py must be "
+            f"{owner.__module__}.{owner.__name__}.{name} is gone: ingestd/mqtt/link.py must be "
             "updated for this aiomqtt/paho-mqtt version"
         )
 

@@ -671,7 +671,7 @@ class MqttLink(aiomqtt.Client):
             "pos": 0,
         }
         if command & 0xF0 != 0x30:
-            log = self._paho_logger or logging.getLogger("ingestd.mqtt_link")
+            log = self._paho_logger or logging.getLogger(__name__)
             log.error(
                 "the broker sent a packet of type %d and %d bytes, over the maximum packet "
                 "size of %d: closing the connection",

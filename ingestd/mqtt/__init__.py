@@ -1,0 +1,4 @@
+"""Speaking MQTT, and nothing of readings: the one adapter over aiomqtt and
+paho (`link`), the sans-IO packet code it uses (`wire`), topic filters and the
+subscription plan (`topics`), and what a connection needs around it
+(`connect`: TLS, what a refusal means)."""
