@@ -37,7 +37,8 @@ from ingestd.decode import decode_all, too_large
 from ingestd.devices import DeviceState
 from ingestd.errors import ConfigError
 from ingestd.events import NS, Decoded, Rejected, control
-from ingestd.mqtt.link import ARRIVAL_CLOCK, MqttLink, OversizedMessage, max_packet_size, raw_topic
+from ingestd.mqtt.link import ARRIVAL_CLOCK, MqttLink, raw_topic
+from ingestd.mqtt.wire import OversizedMessage, max_packet_size
 from ingestd.observe.upstream import WATCHED, UpstreamWatch
 from ingestd.routes import RouteTable
 from ingestd.store.base import SUBSCRIPTIONS

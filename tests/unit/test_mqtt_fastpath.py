@@ -19,7 +19,8 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from ingestd.mqtt.link import MqttLink, _BufferedSocket, parse_publishes
+from ingestd.mqtt.link import MqttLink, _BufferedSocket
+from ingestd.mqtt.wire import parse_publishes
 
 
 def varint(n: int) -> bytes:
