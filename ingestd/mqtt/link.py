@@ -13,8 +13,8 @@ beyond them is added here, each piece by reaching into one or the other:
 3. cheap delivery: paho's message straight from its `on_message` callback, in
    the event-loop thread, without aiomqtt's `Message` object and task each;
 4. cheap reading (issue 16, measured in bench/): paho's three or more `recv()`
-   calls per packet are served from one large read (`_BufferedSocket`), the
-   complete QoS 0/1 PUBLISH packets in it are parsed by `ingestd.mqtt.wire`
+   calls per packet are served from one large read (`ingestd.mqtt.buffered`),
+   the complete QoS 0/1 PUBLISH packets in it are parsed by `ingestd.mqtt.wire`
    instead of paho, and of paho's per-packet log calls only warnings and
    errors are formatted. paho keeps everything else: CONNECT, SUBSCRIBE,
    keepalive, PUBREL, QoS 2, MQTT 5 properties, partial packets, TLS;
@@ -56,6 +56,7 @@ import aiomqtt
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 
+from ingestd.mqtt.buffered import BufferedSocket, PacketTooLarge
 from ingestd.mqtt.wire import (
     PACKET_HEADROOM,
     FastMessage,
@@ -112,18 +113,11 @@ MessageHandler = Callable[[paho.MQTTMessage], None]
 
 # Packets read per socket wake-up before yielding to the event loop.
 _READS_PER_WAKEUP = 256
-# Bytes asked of the kernel per read: a few hundred typical PUBLISH packets.
-_READ_SIZE = 64 * 1024
 
 # Of a skipped packet we keep at most this much of its start (topic, packet id,
 # properties and the first KiB of payload), in reads of at most _SKIP_READ.
 _SKIP_KEEP = PACKET_HEADROOM
 _SKIP_READ = 64 * 1024
-
-
-class _PacketTooLarge(Exception):
-    """Raised through paho when it asks for a packet body over the bound: paho
-    has read the fixed header (its `_in_packet`) and none of the body."""
 
 
 def raw_topic(message: paho.MQTTMessage) -> bytes:
@@ -142,47 +136,6 @@ class _Skip:
         self.length = length  # Remaining Length
         self.left = length
         self.head = bytearray()
-
-
-class _BufferedSocket:
-    """A socket whose `recv(n)` is served from one large read of the real socket.
-
-    Everything else (send, fileno, close, TLS attributes) goes to the real
-    socket. `pending()` counts the buffered bytes too, so the reader knows to
-    go on reading although the kernel has nothing more to report readable.
-    """
-
-    __slots__ = ("_buf", "_pos", "_sock", "limit")
-
-    def __init__(self, sock: Any, limit: int = 0) -> None:
-        self._sock = sock
-        self._buf = b""
-        self._pos = 0
-        # paho asks for a packet's whole body at once (then for what is left):
-        # a request over `limit` (0: none) means a packet over the bound.
-        self.limit = limit
-
-    def recv(self, n: int) -> bytes:
-        if self.limit and n > self.limit:
-            raise _PacketTooLarge(n)
-        buf, pos = self._buf, self._pos
-        if pos < len(buf):
-            end = pos + n
-            self._pos = end
-            return buf[pos:end]
-        data: bytes = self._sock.recv(max(n, _READ_SIZE))  # may raise BlockingIOError
-        if len(data) <= n:
-            return data
-        self._buf, self._pos = data, n
-        return data[:n]
-
-    def pending(self) -> int:
-        buffered = len(self._buf) - self._pos
-        inner = getattr(self._sock, "pending", None)
-        return max(buffered, 0) + (inner() if inner is not None else 0)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
 
 
 class MqttLink(aiomqtt.Client):
@@ -404,7 +357,7 @@ class MqttLink(aiomqtt.Client):
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho calls this from the executor thread that runs connect(), after
         # creating the socket and before sending CONNECT on it.
-        client._sock = _BufferedSocket(sock, self._max_remaining)
+        client._sock = BufferedSocket(sock, self._max_remaining)
         fd = sock.fileno()
 
         def register() -> None:
@@ -423,11 +376,11 @@ class MqttLink(aiomqtt.Client):
         """Deliver the complete QoS 0/1 PUBLISH packets at the head of the read
         buffer (paho between packets); the number delivered."""
         sock = client._sock
-        if not self.fast_path or type(sock) is not _BufferedSocket:
+        if not self.fast_path or type(sock) is not BufferedSocket:
             return 0
         if client._in_packet["command"] != 0:
             return 0  # paho is in the middle of a packet
-        buf, pos = sock._buf, sock._pos
+        buf, pos = sock.buf, sock.pos
         if pos >= len(buf):
             return 0
         parsed: list[Parsed] = []
@@ -441,7 +394,7 @@ class MqttLink(aiomqtt.Client):
         deliver = self._deliver
         taken = 0
         for topic, payload, qos, retain, dup, mid, end in parsed:
-            sock._pos = end  # taken: the rest stays buffered for paho or for later
+            sock.pos = end  # taken: the rest stays buffered for paho or for later
             deliver(client, None, FastMessage(topic, payload, qos, retain, dup, mid, now))  # type: ignore[arg-type]
             taken += 1
             if qos and auto_ack:
@@ -466,7 +419,7 @@ class MqttLink(aiomqtt.Client):
                     return
                 try:
                     rc = client.loop_read()
-                except _PacketTooLarge:
+                except PacketTooLarge:
                     if not self._start_skip(client):
                         return
                     continue

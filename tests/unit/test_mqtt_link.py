@@ -14,6 +14,7 @@ import pytest
 
 from ingestd.mqtt import link as mqtt_link
 from ingestd.mqtt import wire
+from ingestd.mqtt.buffered import BufferedSocket, PacketTooLarge
 
 
 def test_private_attributes_the_adapter_relies_on_still_exist() -> None:
@@ -52,7 +53,7 @@ def test_buffered_socket_serves_small_reads_from_one_large_read() -> None:
     a, b = socket.socketpair()
     try:
         b.setblocking(False)
-        buffered = mqtt_link._BufferedSocket(b)
+        buffered = BufferedSocket(b)
         with pytest.raises(BlockingIOError):
             buffered.recv(1)  # nothing sent yet: the caller's non-blocking contract holds
         a.sendall(b"\x30\x05hello\x30\x03abc")
@@ -103,8 +104,8 @@ def test_max_remaining_length_fits_the_whole_packet_in_the_bound() -> None:
 def test_buffered_socket_refuses_a_read_over_its_limit() -> None:
     a, b = socket.socketpair()
     try:
-        buffered = mqtt_link._BufferedSocket(b, limit=1000)
-        with pytest.raises(mqtt_link._PacketTooLarge):
+        buffered = BufferedSocket(b, limit=1000)
+        with pytest.raises(PacketTooLarge):
             buffered.recv(1001)
         a.sendall(b"x" * 10)
         assert wait_readable(b)
