@@ -58,13 +58,11 @@ from paho.mqtt.enums import MQTTErrorCode
 
 from ingestd.mqtt.buffered import BufferedSocket, PacketTooLarge
 from ingestd.mqtt.wire import (
-    PACKET_HEADROOM,
     FastMessage,
-    OversizedMessage,
     Parsed,
+    SkippedPublish,
     max_remaining_length,
     parse_publishes,
-    parse_skipped,
     pubacks,
 )
 
@@ -114,9 +112,7 @@ MessageHandler = Callable[[paho.MQTTMessage], None]
 # Packets read per socket wake-up before yielding to the event loop.
 _READS_PER_WAKEUP = 256
 
-# Of a skipped packet we keep at most this much of its start (topic, packet id,
-# properties and the first KiB of payload), in reads of at most _SKIP_READ.
-_SKIP_KEEP = PACKET_HEADROOM
+# A packet over the bound is read past in reads of at most this much.
 _SKIP_READ = 64 * 1024
 
 
@@ -124,18 +120,6 @@ def raw_topic(message: paho.MQTTMessage) -> bytes:
     """A message's topic as the broker sent it (paho's `topic` property raises on
     invalid UTF-8)."""
     return bytes(message._topic)
-
-
-class _Skip:
-    """A PUBLISH being read past: its fixed header, the start of it kept, what is left."""
-
-    __slots__ = ("command", "head", "left", "length")
-
-    def __init__(self, command: int, length: int) -> None:
-        self.command = command
-        self.length = length  # Remaining Length
-        self.left = length
-        self.head = bytearray()
 
 
 class MqttLink(aiomqtt.Client):
@@ -163,7 +147,7 @@ class MqttLink(aiomqtt.Client):
         super().__init__(**kwargs)
         self.max_packet_size = max_packet_size
         self._max_remaining = max_remaining_length(max_packet_size) if max_packet_size else 0
-        self._skip: _Skip | None = None
+        self._skip: SkippedPublish | None = None
         self.oversized = 0  # PUBLISH packets skipped on this connection
         self._handler = on_message
         self._side = {t.encode(): cb for t, cb in (side_topics or {}).items()}
@@ -465,7 +449,7 @@ class MqttLink(aiomqtt.Client):
             )
             client._loop_rc_handle(paho.MQTT_ERR_PROTOCOL)
             return False
-        self._skip = _Skip(command, length)
+        self._skip = SkippedPublish(command, length)
         return True
 
     def _skip_some(self, client: paho.Client) -> bool:
@@ -484,25 +468,16 @@ class MqttLink(aiomqtt.Client):
             self._skip = None
             client._loop_rc_handle(paho.MQTT_ERR_CONN_LOST)
             return False
-        skip.left -= len(data)
-        room = _SKIP_KEEP - len(skip.head)
-        if room > 0:
-            skip.head += data[:room]
+        skip.feed(data)
         now = ARRIVAL_CLOCK()
         with client._msgtime_mutex:
             client._last_bytes_received = now
         if skip.left:
             return True
         self._skip = None
-        command = skip.command
-        qos = (command >> 1) & 3
-        topic, mid, size, preview = parse_skipped(
-            command, skip.head, skip.length, client._protocol == paho.MQTTv5
-        )
+        message = skip.message(client._protocol == paho.MQTTv5, now)
+        qos, mid = message.qos, message.mid
         self.oversized += 1
-        message = OversizedMessage(
-            topic, preview, size, qos, bool(command & 1), bool(command & 8), mid, now
-        )
         # With manual acknowledgement it is acknowledged once quarantined, as any
         # message; without, as paho would (it completes the PUBREL of a mid it
         # does not hold).

@@ -38,6 +38,9 @@ PACKET_HEADROOM = 128 * 1024
 MQTT_MAX_PACKET = 268_435_455 + 5
 # Of a skipped PUBLISH, the start of its payload that is handed on.
 PREVIEW_BYTES = 1024
+# Of a skipped packet at most this much of its start is kept: its topic, packet
+# id, properties and the first PREVIEW_BYTES of its payload.
+_SKIP_KEEP = PACKET_HEADROOM
 
 
 def max_packet_size(max_payload_bytes: int) -> int:
@@ -147,6 +150,32 @@ def parse_skipped(
         j += props
     j = min(j, length)
     return topic, mid, length - j, bytes(head[j : j + PREVIEW_BYTES])
+
+
+class SkippedPublish:
+    """A PUBLISH over the bound being read past: fed what is read of it, it
+    keeps its start and counts what is left (`left`) of its Remaining Length."""
+
+    __slots__ = ("command", "head", "left", "length")
+
+    def __init__(self, command: int, length: int) -> None:
+        self.command = command
+        self.length = length  # Remaining Length
+        self.left = length
+        self.head = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self.left -= len(data)
+        room = _SKIP_KEEP - len(self.head)
+        if room > 0:
+            self.head += data[:room]
+
+    def message(self, v5: bool, timestamp: float) -> OversizedMessage:
+        """What was read past, once `left` is 0."""
+        command = self.command
+        topic, mid, size, preview = parse_skipped(command, self.head, self.length, v5)
+        qos, retain, dup = (command >> 1) & 3, bool(command & 1), bool(command & 8)
+        return OversizedMessage(topic, preview, size, qos, retain, dup, mid, timestamp)
 
 
 Parsed = tuple[bytes, bytes, int, bool, bool, int, int]
