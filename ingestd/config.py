@@ -34,7 +34,8 @@ from ingestd import formats
 from ingestd.errors import ConfigError, RouteSpecError
 from ingestd.formats import FormatOptions
 from ingestd.formats.base import InputLimits, RouteOptions
-from ingestd.routes import CompiledRoute, RouteTable, compile_route, filters_meet
+from ingestd.mqtt.topics import filters_meet
+from ingestd.routes import CompiledRoute, RouteTable, compile_route
 
 ENV_PREFIX = "INGESTD_"
 ENV_CONFIG = "INGESTD_CONFIG"

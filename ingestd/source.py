@@ -19,7 +19,7 @@ import math
 import ssl
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import aiomqtt
@@ -38,6 +38,7 @@ from ingestd.devices import DeviceState
 from ingestd.errors import ConfigError
 from ingestd.events import NS, Decoded, Rejected, control
 from ingestd.mqtt.link import ARRIVAL_CLOCK, MqttLink, raw_topic
+from ingestd.mqtt.topics import filter_covers, subscription_plan
 from ingestd.mqtt.wire import OversizedMessage, max_packet_size
 from ingestd.observe.upstream import WATCHED, UpstreamWatch
 from ingestd.routes import RouteTable
@@ -60,28 +61,18 @@ STABLE_CONNECTION = 10.0
 
 
 def subscriptions(settings: Settings, table: RouteTable) -> list[tuple[str, int]]:
-    """(filter, QoS) pairs, without overlap.
-
-    A broker delivers a message once per matching subscription (Mosquitto 2
-    does, for 3.1.1 and 5 alike), so a filter covered by another route's
-    filter is not subscribed: `sensors/+/telemetry` is left out next to
-    `sensors/+/+`. The covering filter gets the highest QoS of those it covers;
-    routing to the most specific route happens on our side.
+    """(filter, QoS) pairs for the routes, without overlap (routing to the most
+    specific route happens on our side): `ingestd.mqtt.topics.subscription_plan`.
 
     In a shared group, the topics in which devices describe themselves (a
     format's `state_topics`, Homie's `$` topics) are subscribed outside the
-    group as well: every member needs every description, and through the
-    group a live one reaches one member. Retained ones are not sent to a
-    shared subscription at all by the MQTT 5 rule (4.8.2; Mosquitto 2.0.11,
-    measured, does send them to each member at its subscribe). A member may
-    then get such a message twice (measured: over MQTT 5, not 3.1.1):
-    reading a description again changes nothing.
+    group as well, those the route's own filter covers: every member needs
+    every description, and reading one again changes nothing.
     """
     wanted = [(r.subscription, settings.routes[r.index].qos) for r in table.routes]
     group = settings.mqtt.shared_group
     if not group:
-        return _without_overlap(wanted)
-    shared = [(f"$share/{group}/{t}", q) for t, q in _without_overlap(wanted)]
+        return subscription_plan(wanted)
     own = [
         (topic, settings.routes[r.index].qos)
         for r in table.routes
@@ -89,41 +80,7 @@ def subscriptions(settings: Settings, table: RouteTable) -> list[tuple[str, int]
         for topic in r.fmt.state_topics(r.subscription)
         if filter_covers(r.subscription, topic)
     ]
-    return shared + _without_overlap(own)
-
-
-def _without_overlap(wanted: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
-    kept: dict[str, int] = {}
-    for topic, _ in wanted:
-        if any(other != topic and filter_covers(other, topic) for other, _ in wanted):
-            continue
-        kept.setdefault(topic, 0)
-    for topic, qos in wanted:
-        for keeper, current in kept.items():
-            if filter_covers(keeper, topic):
-                kept[keeper] = max(current, qos)
-    return list(kept.items())
-
-
-def filter_covers(outer: str, inner: str) -> bool:
-    """True if every topic matching filter `inner` also matches filter `outer`.
-
-    A wildcard at the first level never matches a topic that starts with `$`
-    (MQTT 4.7.2), so `#` does not cover `$SYS/#`.
-    """
-    a, b = outer.split("/"), inner.split("/")
-    if b[0].startswith("$") and a[0] in ("+", "#"):
-        return False
-    for i, level in enumerate(a):
-        if level == "#":
-            return True
-        if i >= len(b):
-            return False
-        if b[i] == "#":
-            return False
-        if level != "+" and level != b[i]:
-            return False
-    return len(a) == len(b)
+    return subscription_plan(wanted, group, own)
 
 
 # CONNACK refusals worth a hint (MQTT 5 reason codes; paho maps 3.1.1's 1..5 onto them).
