@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import json
 import math
-import ssl
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -26,17 +25,16 @@ import aiomqtt
 import msgspec
 import paho.mqtt.client as paho
 import structlog
-from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ingestd.backoff import Backoff
 from ingestd.bus import EventBus
-from ingestd.config import MqttSettings, Settings, route_table
+from ingestd.config import Settings, route_table
 from ingestd.decode import decode_all, too_large
 from ingestd.devices import DeviceState
-from ingestd.errors import ConfigError
 from ingestd.events import NS, Decoded, Rejected, control
+from ingestd.mqtt.connect import connect_problem, tls_context
 from ingestd.mqtt.link import ARRIVAL_CLOCK, MqttLink, raw_topic
 from ingestd.mqtt.topics import filter_covers, subscription_plan
 from ingestd.mqtt.wire import OversizedMessage, max_packet_size
@@ -83,49 +81,6 @@ def subscriptions(settings: Settings, table: RouteTable) -> list[tuple[str, int]
     return subscription_plan(wanted, group, own)
 
 
-# CONNACK refusals worth a hint (MQTT 5 reason codes; paho maps 3.1.1's 1..5 onto them).
-_REFUSALS = {
-    132: "the broker does not speak this protocol version (check mqtt.protocol)",
-    133: "the broker rejected the client id (check mqtt.client_id)",
-    134: "not authorized: bad user name or password (check mqtt.username / "
-    "mqtt.password or mqtt.password_file)",
-    135: "not authorized (check mqtt.username / mqtt.password or mqtt.password_file, "
-    "and the broker's ACLs)",
-    136: "the broker is unavailable",
-    138: "the client id is banned by the broker",
-    140: "the broker wants another authentication method",
-}
-
-
-def connect_problem(error: BaseException) -> str | None:
-    """What a refused connection means for the operator, or None if it was not refused."""
-    if not isinstance(error, MqttConnectError):
-        return None
-    rc = error.rc
-    code = rc if isinstance(rc, int) or rc is None else int(rc.value)
-    if code is None:
-        return None
-    return _REFUSALS.get(code, f"the broker refused the connection ({error})")
-
-
-def tls_context(mqtt: MqttSettings) -> ssl.SSLContext | None:
-    tls = mqtt.tls
-    if not tls.enabled:
-        return None
-    try:
-        ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"mqtt.tls.ca_file: cannot load {tls.ca_file}: {exc}") from None
-    if tls.cert_file is not None:
-        try:
-            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"mqtt.tls.cert_file: cannot load {tls.cert_file}: {exc}") from None
-    if tls.insecure:
-        ctx.check_hostname = False
-    return ctx
-
-
 class MqttSource:
     def __init__(
         self,
@@ -160,7 +115,12 @@ class MqttSource:
         self._filters_to_store: bytes | None = None
         self.manual_ack = self.settings.ack == "after_commit"
         self.broker = f"{self.settings.host}:{self.settings.port}"
-        self._tls = tls_context(self.settings)
+        tls = self.settings.tls
+        self._tls = (
+            tls_context(tls.ca_file, tls.cert_file, tls.key_file, tls.insecure)
+            if tls.enabled
+            else None
+        )
         self._inbox: list[paho.MQTTMessage] = []
         self._wake = asyncio.Event()
         self._link: MqttLink | None = None
