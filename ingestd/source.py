@@ -34,6 +34,7 @@ from ingestd.config import Settings, route_table
 from ingestd.decode import decode_all, too_large
 from ingestd.devices import DeviceState
 from ingestd.events import NS, Decoded, Rejected, control
+from ingestd.formats.sparkplug_host import HostState
 from ingestd.mqtt.connect import connect_problem, tls_context
 from ingestd.mqtt.link import ARRIVAL_CLOCK, MqttLink, raw_topic
 from ingestd.mqtt.topics import filter_covers, subscription_plan
@@ -124,7 +125,8 @@ class MqttSource:
         self._inbox: list[paho.MQTTMessage] = []
         self._wake = asyncio.Event()
         self._link: MqttLink | None = None
-        self._state_ms = 0  # the Sparkplug host STATE's timestamp (this connection's)
+        host_id = self.settings.sparkplug_host_id
+        self._host = HostState(host_id) if host_id else None  # Sparkplug host STATE
         self._epoch = 0
         self._connected_at = 0.0
         self._paused_at = 0.0
@@ -326,11 +328,7 @@ class MqttSource:
             if s.persistent_session and s.session_expiry:
                 properties.SessionExpiryInterval = s.session_expiry
         password = s.password.get_secret_value() if s.password is not None else None
-        will = None
-        if s.sparkplug_host_id:
-            # Sparkplug 3.0 host STATE: the will carries the birth's timestamp.
-            self._state_ms = int(time.time() * 1000)
-            will = aiomqtt.Will(self.state_topic, self._state(False), qos=1, retain=True)
+        will = self._host.will() if self._host is not None else None
         side: dict[str, Callable[[bytes, bool], None]] = {}
         if s.watch_broker_drops and self.upstream is not None:
             side = self.upstream.side_topics()
@@ -354,26 +352,6 @@ class MqttSource:
             timeout=10,
             will=will,
         )
-
-    @property
-    def state_topic(self) -> str:
-        return f"spBv1.0/STATE/{self.settings.sparkplug_host_id}"
-
-    def _state(self, online: bool) -> bytes:
-        return json.dumps({"online": online, "timestamp": self._state_ms}).encode()
-
-    async def _host_state(self, link: MqttLink, online: bool) -> None:
-        """Sparkplug host application STATE (retained, QoS 1)."""
-        if not self.settings.sparkplug_host_id:
-            return
-        try:
-            await asyncio.wait_for(
-                link.publish(self.state_topic, self._state(online), qos=1, retain=True), 5
-            )
-        except (aiomqtt.MqttError, TimeoutError) as exc:
-            log.warning("could not publish the Sparkplug host STATE", error=str(exc))
-            return
-        log.info("sparkplug host state", topic=self.state_topic, online=online)
 
     async def _session(self, stop: asyncio.Event, on_ready: Callable[[], None]) -> None:
         # Never connect while the pipeline is full: a persistent session's
@@ -407,13 +385,14 @@ class MqttSource:
             pump = asyncio.ensure_future(self._pump(link, stop, link_lost))
             try:
                 if await self._subscribe(link, link_lost, pump):
-                    await self._host_state(link, True)
+                    if self._host is not None:
+                        await self._host.publish(link, True)
                     on_ready()
                 await pump
             finally:
                 stop_cb.cancel()
-                if stop.is_set() and link.connected:
-                    await self._host_state(link, False)
+                if stop.is_set() and link.connected and self._host is not None:
+                    await self._host.publish(link, False)
                 if self._watch is not None:  # belongs to this connection
                     self._watch.cancel()
                     await asyncio.gather(self._watch, return_exceptions=True)
