@@ -251,46 +251,11 @@ class MqttSource:
                     self.connected = False
                     down_since = time.monotonic()
                     lived = down_since - self._connected_at
-                    log.warning(
-                        "broker connection lost",
-                        broker=self.broker,
-                        error=str(error),
-                        connected_seconds=round(lived, 1),
-                    )
-                    if lived >= max(STABLE_CONNECTION, self.settings.reconnect_max_delay):
-                        backoff.reset()
-                        short_lived = 0
-                    else:
-                        short_lived += 1
-                        if short_lived >= 2 or "taken over" in str(error).lower():
-                            log.warning(
-                                "the broker keeps closing the connection soon after accepting "
-                                "it: most likely another client is connected with the same "
-                                "mqtt.client_id, and each connection takes the session over "
-                                "from the other. Give every ingestd its own client_id; "
-                                "reconnecting with backoff meanwhile",
-                                client_id=self.settings.client_id,
-                                times=short_lived,
-                                connected_seconds=round(lived, 1),
-                            )
+                    short_lived = self._connection_lost(error, lived, backoff, short_lived)
                     last_error = str(error)
                 elif str(error) != last_error:
                     last_error = str(error)
-                    refused = connect_problem(error)
-                    if refused is not None:
-                        log.error(
-                            f"broker refused the connection: {refused}; retrying with backoff",
-                            broker=self.broker,
-                            error=last_error,
-                            client_id=self.settings.client_id,
-                            username=self.settings.username,
-                        )
-                    else:
-                        log.warning(
-                            "broker unreachable; retrying with backoff",
-                            broker=self.broker,
-                            error=last_error,
-                        )
+                    self._connection_failed(error)
                 delay = backoff.next()
                 log.debug(
                     "reconnecting",
@@ -312,6 +277,53 @@ class MqttSource:
         # Whatever was received is handed on; then every stage finishes and returns.
         await self._publish_inbox()
         await self.bus.publish(control(last=True, epoch=self._epoch))
+
+    def _connection_lost(
+        self, error: BaseException, lived: float, backoff: Backoff, short_lived: int
+    ) -> int:
+        """Report a connection that ended after `lived` seconds; the backoff
+        starts over after a stable one. Returns the count of short-lived
+        connections in a row, this one included (0 after a stable one)."""
+        log.warning(
+            "broker connection lost",
+            broker=self.broker,
+            error=str(error),
+            connected_seconds=round(lived, 1),
+        )
+        if lived >= max(STABLE_CONNECTION, self.settings.reconnect_max_delay):
+            backoff.reset()
+            return 0
+        short_lived += 1
+        if short_lived >= 2 or "taken over" in str(error).lower():
+            log.warning(
+                "the broker keeps closing the connection soon after accepting "
+                "it: most likely another client is connected with the same "
+                "mqtt.client_id, and each connection takes the session over "
+                "from the other. Give every ingestd its own client_id; "
+                "reconnecting with backoff meanwhile",
+                client_id=self.settings.client_id,
+                times=short_lived,
+                connected_seconds=round(lived, 1),
+            )
+        return short_lived
+
+    def _connection_failed(self, error: BaseException) -> None:
+        """Report a connection attempt that failed (refused, or no broker)."""
+        refused = connect_problem(error)
+        if refused is not None:
+            log.error(
+                f"broker refused the connection: {refused}; retrying with backoff",
+                broker=self.broker,
+                error=str(error),
+                client_id=self.settings.client_id,
+                username=self.settings.username,
+            )
+        else:
+            log.warning(
+                "broker unreachable; retrying with backoff",
+                broker=self.broker,
+                error=str(error),
+            )
 
     def _make_link(self) -> MqttLink:
         s = self.settings
