@@ -34,7 +34,8 @@ from ingestd import formats
 from ingestd.errors import ConfigError, RouteSpecError
 from ingestd.formats import FormatOptions
 from ingestd.formats.base import InputLimits, RouteOptions
-from ingestd.routes import CompiledRoute, RouteTable, compile_route, filters_meet
+from ingestd.mqtt.topics import filters_meet
+from ingestd.routes import CompiledRoute, RouteTable, compile_route
 
 ENV_PREFIX = "INGESTD_"
 ENV_CONFIG = "INGESTD_CONFIG"
@@ -269,7 +270,7 @@ class ProcessorSettings(Section):
 
 
 class InputSettings(Section):
-    # Also bounds one packet: ingestd.mqtt_link.max_packet_size.
+    # Also bounds one packet: ingestd.mqtt.link.max_packet_size.
     max_payload_bytes: int = Field(262144, ge=1)
     max_json_depth: int = Field(16, ge=1, le=256)
 

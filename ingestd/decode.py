@@ -161,7 +161,7 @@ def too_large(
 ) -> Rejected:
     """The quarantine record of a payload of `size` bytes over `limit`: its first
     1 KiB (`payload` may be just that). `skipped`: the packet was over the
-    maximum packet size and read past without being buffered (`ingestd.mqtt_link`)."""
+    maximum packet size and read past without being buffered (`ingestd.mqtt.link`)."""
     how = "; skipped while reading, never held whole" if skipped else ""
     return Rejected(
         topic,

@@ -89,7 +89,7 @@ REJECT_KINDS: dict[str, str] = {
     "no_route": "no route's filter matches the topic (decode.decode_message)",
     "bad_topic": "the topic is not UTF-8 (source) or gives an empty sensor id (decode)",
     "out_of_range": "a value outside [processor.limits], or scaled to NaN/inf (checks)",
-    "too_large": "over input.max_payload_bytes, or the maximum packet size (decode, mqtt_link)",
+    "too_large": "over input.max_payload_bytes, or the maximum packet size (decode, mqtt.link)",
     "clock": "a device time too far ahead or too old (checks.apply_clock)",
     "rate_limited": "over the route's rate_limit, rate_policy = quarantine (decode)",
     "conflict": "a key already stored with another value (store batches)",

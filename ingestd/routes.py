@@ -23,6 +23,7 @@ from ingestd.errors import RouteSpecError
 from ingestd.events import canonical_tags
 from ingestd.formats import Format, FormatOptions
 from ingestd.formats.base import InputLimits, RouteMatch, RouteOptions
+from ingestd.mqtt.topics import levels_match
 from ingestd.recent import RecentCache
 
 _NAME = re.compile(r"^\{([A-Za-z_][A-Za-z0-9_]*)\}$")
@@ -197,7 +198,7 @@ class RouteTable:
     def _resolve(self, topic: str) -> RouteMatch | None:
         parts = topic.split("/")
         for route in self.routes:
-            if _matches(route, parts):
+            if levels_match(route.levels, route.multi, parts):
                 values = {name: parts[pos] for pos, name in route.captures}
                 # A format that names sensors from the payload gets the template.
                 sensor = (
@@ -227,39 +228,3 @@ class RouteTable:
                     values,
                 )
         return None
-
-
-def filters_meet(a: str, b: str) -> bool:
-    """True if some topic matches both MQTT filters (`a/+/c` and `a/b/#` do).
-
-    A wildcard at the first level never matches a topic that starts with `$`
-    (MQTT 4.7.2)."""
-    x, y = a.split("/"), b.split("/")
-    for i in range(max(len(x), len(y))):
-        here = [f[i] for f in (x, y) if i < len(f)]
-        if i == 0 and any(level.startswith("$") for level in here) and x[0] != y[0]:
-            return False
-        if "#" in here:
-            return True
-        if len(here) < 2:
-            return False
-        if "+" not in here and here[0] != here[1]:
-            return False
-    return True
-
-
-def _matches(route: CompiledRoute, parts: list[str]) -> bool:
-    n = len(route.levels)
-    if route.multi:
-        # 'a/#' matches 'a' itself and everything below it.
-        if len(parts) < n:
-            return False
-    elif len(parts) != n:
-        return False
-    # Wildcards at the first level do not match topics starting with '$' (MQTT 4.7.2).
-    if parts and parts[0].startswith("$") and (n == 0 or route.levels[0] is None):
-        return False
-    for want, got in zip(route.levels, parts, strict=False):
-        if want is not None and want != got:
-            return False
-    return True

@@ -16,28 +16,29 @@ import asyncio
 import contextlib
 import json
 import math
-import ssl
 import time
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 import aiomqtt
 import msgspec
 import paho.mqtt.client as paho
 import structlog
-from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from ingestd.backoff import Backoff
 from ingestd.bus import EventBus
-from ingestd.config import MqttSettings, Settings, route_table
+from ingestd.config import Settings, route_table
 from ingestd.decode import decode_all, too_large
 from ingestd.devices import DeviceState
-from ingestd.errors import ConfigError
 from ingestd.events import NS, Decoded, Rejected, control
-from ingestd.mqtt_link import ARRIVAL_CLOCK, MqttLink, OversizedMessage, max_packet_size, raw_topic
+from ingestd.formats.sparkplug_host import HostState
+from ingestd.mqtt.connect import connect_problem, tls_context
+from ingestd.mqtt.link import ARRIVAL_CLOCK, MqttLink, raw_topic
+from ingestd.mqtt.topics import filter_covers, subscription_plan
+from ingestd.mqtt.wire import OversizedMessage, max_packet_size
 from ingestd.observe.upstream import WATCHED, UpstreamWatch
 from ingestd.routes import RouteTable
 from ingestd.store.base import SUBSCRIPTIONS
@@ -59,28 +60,18 @@ STABLE_CONNECTION = 10.0
 
 
 def subscriptions(settings: Settings, table: RouteTable) -> list[tuple[str, int]]:
-    """(filter, QoS) pairs, without overlap.
-
-    A broker delivers a message once per matching subscription (Mosquitto 2
-    does, for 3.1.1 and 5 alike), so a filter covered by another route's
-    filter is not subscribed: `sensors/+/telemetry` is left out next to
-    `sensors/+/+`. The covering filter gets the highest QoS of those it covers;
-    routing to the most specific route happens on our side.
+    """(filter, QoS) pairs for the routes, without overlap (routing to the most
+    specific route happens on our side): `ingestd.mqtt.topics.subscription_plan`.
 
     In a shared group, the topics in which devices describe themselves (a
     format's `state_topics`, Homie's `$` topics) are subscribed outside the
-    group as well: every member needs every description, and through the
-    group a live one reaches one member. Retained ones are not sent to a
-    shared subscription at all by the MQTT 5 rule (4.8.2; Mosquitto 2.0.11,
-    measured, does send them to each member at its subscribe). A member may
-    then get such a message twice (measured: over MQTT 5, not 3.1.1):
-    reading a description again changes nothing.
+    group as well, those the route's own filter covers: every member needs
+    every description, and reading one again changes nothing.
     """
     wanted = [(r.subscription, settings.routes[r.index].qos) for r in table.routes]
     group = settings.mqtt.shared_group
     if not group:
-        return _without_overlap(wanted)
-    shared = [(f"$share/{group}/{t}", q) for t, q in _without_overlap(wanted)]
+        return subscription_plan(wanted)
     own = [
         (topic, settings.routes[r.index].qos)
         for r in table.routes
@@ -88,84 +79,7 @@ def subscriptions(settings: Settings, table: RouteTable) -> list[tuple[str, int]
         for topic in r.fmt.state_topics(r.subscription)
         if filter_covers(r.subscription, topic)
     ]
-    return shared + _without_overlap(own)
-
-
-def _without_overlap(wanted: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
-    kept: dict[str, int] = {}
-    for topic, _ in wanted:
-        if any(other != topic and filter_covers(other, topic) for other, _ in wanted):
-            continue
-        kept.setdefault(topic, 0)
-    for topic, qos in wanted:
-        for keeper, current in kept.items():
-            if filter_covers(keeper, topic):
-                kept[keeper] = max(current, qos)
-    return list(kept.items())
-
-
-def filter_covers(outer: str, inner: str) -> bool:
-    """True if every topic matching filter `inner` also matches filter `outer`.
-
-    A wildcard at the first level never matches a topic that starts with `$`
-    (MQTT 4.7.2), so `#` does not cover `$SYS/#`.
-    """
-    a, b = outer.split("/"), inner.split("/")
-    if b[0].startswith("$") and a[0] in ("+", "#"):
-        return False
-    for i, level in enumerate(a):
-        if level == "#":
-            return True
-        if i >= len(b):
-            return False
-        if b[i] == "#":
-            return False
-        if level != "+" and level != b[i]:
-            return False
-    return len(a) == len(b)
-
-
-# CONNACK refusals worth a hint (MQTT 5 reason codes; paho maps 3.1.1's 1..5 onto them).
-_REFUSALS = {
-    132: "the broker does not speak this protocol version (check mqtt.protocol)",
-    133: "the broker rejected the client id (check mqtt.client_id)",
-    134: "not authorized: bad user name or password (check mqtt.username / "
-    "mqtt.password or mqtt.password_file)",
-    135: "not authorized (check mqtt.username / mqtt.password or mqtt.password_file, "
-    "and the broker's ACLs)",
-    136: "the broker is unavailable",
-    138: "the client id is banned by the broker",
-    140: "the broker wants another authentication method",
-}
-
-
-def connect_problem(error: BaseException) -> str | None:
-    """What a refused connection means for the operator, or None if it was not refused."""
-    if not isinstance(error, MqttConnectError):
-        return None
-    rc = error.rc
-    code = rc if isinstance(rc, int) or rc is None else int(rc.value)
-    if code is None:
-        return None
-    return _REFUSALS.get(code, f"the broker refused the connection ({error})")
-
-
-def tls_context(mqtt: MqttSettings) -> ssl.SSLContext | None:
-    tls = mqtt.tls
-    if not tls.enabled:
-        return None
-    try:
-        ctx = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-    except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"mqtt.tls.ca_file: cannot load {tls.ca_file}: {exc}") from None
-    if tls.cert_file is not None:
-        try:
-            ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file) if tls.key_file else None)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"mqtt.tls.cert_file: cannot load {tls.cert_file}: {exc}") from None
-    if tls.insecure:
-        ctx.check_hostname = False
-    return ctx
+    return subscription_plan(wanted, group, own)
 
 
 class MqttSource:
@@ -202,11 +116,17 @@ class MqttSource:
         self._filters_to_store: bytes | None = None
         self.manual_ack = self.settings.ack == "after_commit"
         self.broker = f"{self.settings.host}:{self.settings.port}"
-        self._tls = tls_context(self.settings)
+        tls = self.settings.tls
+        self._tls = (
+            tls_context(tls.ca_file, tls.cert_file, tls.key_file, tls.insecure)
+            if tls.enabled
+            else None
+        )
         self._inbox: list[paho.MQTTMessage] = []
         self._wake = asyncio.Event()
         self._link: MqttLink | None = None
-        self._state_ms = 0  # the Sparkplug host STATE's timestamp (this connection's)
+        host_id = self.settings.sparkplug_host_id
+        self._host = HostState(host_id) if host_id else None  # Sparkplug host STATE
         self._epoch = 0
         self._connected_at = 0.0
         self._paused_at = 0.0
@@ -331,46 +251,11 @@ class MqttSource:
                     self.connected = False
                     down_since = time.monotonic()
                     lived = down_since - self._connected_at
-                    log.warning(
-                        "broker connection lost",
-                        broker=self.broker,
-                        error=str(error),
-                        connected_seconds=round(lived, 1),
-                    )
-                    if lived >= max(STABLE_CONNECTION, self.settings.reconnect_max_delay):
-                        backoff.reset()
-                        short_lived = 0
-                    else:
-                        short_lived += 1
-                        if short_lived >= 2 or "taken over" in str(error).lower():
-                            log.warning(
-                                "the broker keeps closing the connection soon after accepting "
-                                "it: most likely another client is connected with the same "
-                                "mqtt.client_id, and each connection takes the session over "
-                                "from the other. Give every ingestd its own client_id; "
-                                "reconnecting with backoff meanwhile",
-                                client_id=self.settings.client_id,
-                                times=short_lived,
-                                connected_seconds=round(lived, 1),
-                            )
+                    short_lived = self._connection_lost(error, lived, backoff, short_lived)
                     last_error = str(error)
                 elif str(error) != last_error:
                     last_error = str(error)
-                    refused = connect_problem(error)
-                    if refused is not None:
-                        log.error(
-                            f"broker refused the connection: {refused}; retrying with backoff",
-                            broker=self.broker,
-                            error=last_error,
-                            client_id=self.settings.client_id,
-                            username=self.settings.username,
-                        )
-                    else:
-                        log.warning(
-                            "broker unreachable; retrying with backoff",
-                            broker=self.broker,
-                            error=last_error,
-                        )
+                    self._connection_failed(error)
                 delay = backoff.next()
                 log.debug(
                     "reconnecting",
@@ -393,6 +278,53 @@ class MqttSource:
         await self._publish_inbox()
         await self.bus.publish(control(last=True, epoch=self._epoch))
 
+    def _connection_lost(
+        self, error: BaseException, lived: float, backoff: Backoff, short_lived: int
+    ) -> int:
+        """Report a connection that ended after `lived` seconds; the backoff
+        starts over after a stable one. Returns the count of short-lived
+        connections in a row, this one included (0 after a stable one)."""
+        log.warning(
+            "broker connection lost",
+            broker=self.broker,
+            error=str(error),
+            connected_seconds=round(lived, 1),
+        )
+        if lived >= max(STABLE_CONNECTION, self.settings.reconnect_max_delay):
+            backoff.reset()
+            return 0
+        short_lived += 1
+        if short_lived >= 2 or "taken over" in str(error).lower():
+            log.warning(
+                "the broker keeps closing the connection soon after accepting "
+                "it: most likely another client is connected with the same "
+                "mqtt.client_id, and each connection takes the session over "
+                "from the other. Give every ingestd its own client_id; "
+                "reconnecting with backoff meanwhile",
+                client_id=self.settings.client_id,
+                times=short_lived,
+                connected_seconds=round(lived, 1),
+            )
+        return short_lived
+
+    def _connection_failed(self, error: BaseException) -> None:
+        """Report a connection attempt that failed (refused, or no broker)."""
+        refused = connect_problem(error)
+        if refused is not None:
+            log.error(
+                f"broker refused the connection: {refused}; retrying with backoff",
+                broker=self.broker,
+                error=str(error),
+                client_id=self.settings.client_id,
+                username=self.settings.username,
+            )
+        else:
+            log.warning(
+                "broker unreachable; retrying with backoff",
+                broker=self.broker,
+                error=str(error),
+            )
+
     def _make_link(self) -> MqttLink:
         s = self.settings
         v5 = s.protocol == "5"
@@ -408,11 +340,7 @@ class MqttSource:
             if s.persistent_session and s.session_expiry:
                 properties.SessionExpiryInterval = s.session_expiry
         password = s.password.get_secret_value() if s.password is not None else None
-        will = None
-        if s.sparkplug_host_id:
-            # Sparkplug 3.0 host STATE: the will carries the birth's timestamp.
-            self._state_ms = int(time.time() * 1000)
-            will = aiomqtt.Will(self.state_topic, self._state(False), qos=1, retain=True)
+        will = self._host.will() if self._host is not None else None
         side: dict[str, Callable[[bytes, bool], None]] = {}
         if s.watch_broker_drops and self.upstream is not None:
             side = self.upstream.side_topics()
@@ -436,26 +364,6 @@ class MqttSource:
             timeout=10,
             will=will,
         )
-
-    @property
-    def state_topic(self) -> str:
-        return f"spBv1.0/STATE/{self.settings.sparkplug_host_id}"
-
-    def _state(self, online: bool) -> bytes:
-        return json.dumps({"online": online, "timestamp": self._state_ms}).encode()
-
-    async def _host_state(self, link: MqttLink, online: bool) -> None:
-        """Sparkplug host application STATE (retained, QoS 1)."""
-        if not self.settings.sparkplug_host_id:
-            return
-        try:
-            await asyncio.wait_for(
-                link.publish(self.state_topic, self._state(online), qos=1, retain=True), 5
-            )
-        except (aiomqtt.MqttError, TimeoutError) as exc:
-            log.warning("could not publish the Sparkplug host STATE", error=str(exc))
-            return
-        log.info("sparkplug host state", topic=self.state_topic, online=online)
 
     async def _session(self, stop: asyncio.Event, on_ready: Callable[[], None]) -> None:
         # Never connect while the pipeline is full: a persistent session's
@@ -489,13 +397,14 @@ class MqttSource:
             pump = asyncio.ensure_future(self._pump(link, stop, link_lost))
             try:
                 if await self._subscribe(link, link_lost, pump):
-                    await self._host_state(link, True)
+                    if self._host is not None:
+                        await self._host.publish(link, True)
                     on_ready()
                 await pump
             finally:
                 stop_cb.cancel()
-                if stop.is_set() and link.connected:
-                    await self._host_state(link, False)
+                if stop.is_set() and link.connected and self._host is not None:
+                    await self._host.publish(link, False)
                 if self._watch is not None:  # belongs to this connection
                     self._watch.cancel()
                     await asyncio.gather(self._watch, return_exceptions=True)

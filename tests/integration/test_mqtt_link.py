@@ -12,7 +12,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from ingestd.mqtt_link import MqttLink, OversizedMessage
+from ingestd.mqtt.link import MqttLink
+from ingestd.mqtt.wire import OversizedMessage
 from tests.helpers import Mosquitto, publish, wait_for
 
 

@@ -19,7 +19,9 @@ from typing import Any
 import paho.mqtt.client as paho
 import pytest
 
-from ingestd.mqtt_link import MqttLink, _BufferedSocket, parse_publishes
+from ingestd.mqtt.buffered import BufferedSocket
+from ingestd.mqtt.link import MqttLink
+from ingestd.mqtt.wire import parse_publishes
 
 
 def varint(n: int) -> bytes:
@@ -106,7 +108,7 @@ class Reader:
         self.ours, self.theirs = socket.socketpair()
         self.ours.setblocking(False)
         client: paho.Client = self.link._client
-        client._sock = _BufferedSocket(self.ours)
+        client._sock = BufferedSocket(self.ours)
         # No event loop watches this socket: paho writes what it queues at once.
         client.on_socket_register_write = None
         client.on_socket_unregister_write = None

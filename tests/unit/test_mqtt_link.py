@@ -12,13 +12,15 @@ import aiomqtt
 import paho.mqtt.client as paho
 import pytest
 
-from ingestd import mqtt_link
+from ingestd.mqtt import link as mqtt_link
+from ingestd.mqtt import wire
+from ingestd.mqtt.buffered import BufferedSocket, PacketTooLarge
 
 
 def test_private_attributes_the_adapter_relies_on_still_exist() -> None:
     for owner, name in mqtt_link.REQUIRED_INTERNALS:
         assert hasattr(owner, name), (
-            f"{owner.__module__}.{owner.__name__}.{name} is gone: ingestd/mqtt_link.py must be "
+            f"{owner.__module__}.{owner.__name__}.{name} is gone: ingestd/mqtt/link.py must be "
             "updated for this aiomqtt/paho-mqtt version"
         )
 
@@ -51,7 +53,7 @@ def test_buffered_socket_serves_small_reads_from_one_large_read() -> None:
     a, b = socket.socketpair()
     try:
         b.setblocking(False)
-        buffered = mqtt_link._BufferedSocket(b)
+        buffered = BufferedSocket(b)
         with pytest.raises(BlockingIOError):
             buffered.recv(1)  # nothing sent yet: the caller's non-blocking contract holds
         a.sendall(b"\x30\x05hello\x30\x03abc")
@@ -90,20 +92,20 @@ def wait_readable(sock: socket.socket) -> bool:
 
 
 def test_max_remaining_length_fits_the_whole_packet_in_the_bound() -> None:
-    for size in (10, 129, 130, 131, 16_386, 16_387, 300_000, mqtt_link.MQTT_MAX_PACKET):
-        r = mqtt_link.max_remaining_length(size)
-        assert 1 + mqtt_link._varint_size(r) + r <= size
-        assert 1 + mqtt_link._varint_size(r + 1) + r + 1 > size
-    assert mqtt_link.max_remaining_length(mqtt_link.MQTT_MAX_PACKET) == 268_435_455
-    assert mqtt_link.max_packet_size(262_144) == 262_144 + mqtt_link.PACKET_HEADROOM
-    assert mqtt_link.max_packet_size(10**9) == mqtt_link.MQTT_MAX_PACKET
+    for size in (10, 129, 130, 131, 16_386, 16_387, 300_000, wire.MQTT_MAX_PACKET):
+        r = wire.max_remaining_length(size)
+        assert 1 + wire._varint_size(r) + r <= size
+        assert 1 + wire._varint_size(r + 1) + r + 1 > size
+    assert wire.max_remaining_length(wire.MQTT_MAX_PACKET) == 268_435_455
+    assert wire.max_packet_size(262_144) == 262_144 + wire.PACKET_HEADROOM
+    assert wire.max_packet_size(10**9) == wire.MQTT_MAX_PACKET
 
 
 def test_buffered_socket_refuses_a_read_over_its_limit() -> None:
     a, b = socket.socketpair()
     try:
-        buffered = mqtt_link._BufferedSocket(b, limit=1000)
-        with pytest.raises(mqtt_link._PacketTooLarge):
+        buffered = BufferedSocket(b, limit=1000)
+        with pytest.raises(PacketTooLarge):
             buffered.recv(1001)
         a.sendall(b"x" * 10)
         assert wait_readable(b)
@@ -126,11 +128,11 @@ def test_parse_skipped_reads_the_variable_header_and_keeps_a_preview(v5: bool, q
     packet = head + payload
     command = 0x30 | (qos << 1)
     for kept in (len(packet), len(head) + 10, 3):
-        got = mqtt_link.parse_skipped(command, bytearray(packet[:kept]), len(packet), v5)
+        got = wire.parse_skipped(command, bytearray(packet[:kept]), len(packet), v5)
         t, mid, size, preview = got
         if kept >= len(head):
             assert (t, mid, size) == (topic, 4242 if qos else 0, len(payload))
-            assert preview == payload[: min(mqtt_link.PREVIEW_BYTES, kept - len(head))]
+            assert preview == payload[: min(wire.PREVIEW_BYTES, kept - len(head))]
         else:  # what was not kept is left out, not guessed
             assert preview == b""
             assert t == topic[:1]

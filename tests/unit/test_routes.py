@@ -133,7 +133,7 @@ def test_match_cache_is_bounded() -> None:
     ],
 )
 def test_filter_covers(outer: str, inner: str, covers: bool) -> None:
-    from ingestd.source import filter_covers
+    from ingestd.mqtt.topics import filter_covers
 
     assert filter_covers(outer, inner) is covers
 

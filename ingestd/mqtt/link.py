@@ -1,19 +1,23 @@
-"""The one adapter over aiomqtt and paho-mqtt internals.
+"""MqttLink: the one adapter over aiomqtt and paho-mqtt internals.
 
 aiomqtt 2.5 gives us connection management, TLS and the asyncio socket
-plumbing, but not three things an at-least-once ingester needs:
+plumbing, over paho-mqtt's protocol code. What an at-least-once ingester needs
+beyond them is added here, each piece by reaching into one or the other:
 
-1. manual acknowledgement (upstream issue #345): paho-mqtt 2.x has
-   `manual_ack_set(True)` and `ack(mid, qos)` on the wrapped paho client;
+1. manual acknowledgement (open upstream, empicano/aiomqtt#345): paho-mqtt 2.x
+   has `manual_ack_set(True)` and `ack(mid, qos)` on the wrapped client. The
+   PUBACKs of a committed batch go out as one write (`ack_many`);
 2. flow control: aiomqtt's `max_queued_incoming_messages` *discards* messages
    when full. We pause reading from the socket instead (remove the reader),
    so TCP and the broker hold what we cannot take yet;
-3. cheap delivery: aiomqtt wraps each message in `Message`/`Topic` objects and
-   its iterator creates a task per message. We take paho's message straight
-   from its `on_message` callback, in the event-loop thread, and batch it;
-4. cheap reading: paho reads each packet with three or more `recv()` calls
-   (the command byte, each remaining-length byte, the rest), a system call
-   each. `_BufferedSocket` serves them from one large read;
+3. cheap delivery: paho's message straight from its `on_message` callback, in
+   the event-loop thread, without aiomqtt's `Message` object and task each;
+4. cheap reading (issue 16, measured in bench/): paho's three or more `recv()`
+   calls per packet are served from one large read (`ingestd.mqtt.buffered`),
+   the complete QoS 0/1 PUBLISH packets in it are parsed by `ingestd.mqtt.wire`
+   instead of paho, and of paho's per-packet log calls only warnings and
+   errors are formatted. paho keeps everything else: CONNECT, SUBSCRIBE,
+   keepalive, PUBREL, QoS 2, MQTT 5 properties, partial packets, TLS;
 5. QoS 2 that survives a crash: paho answers a QoS 2 PUBLISH with PUBREC on
    arrival, and PUBREC hands ownership of the message to the receiver (MQTT
    4.3.3): a message not yet committed when the connection ends is never sent
@@ -21,39 +25,23 @@ plumbing, but not three things an at-least-once ingester needs:
    wedges one of the broker's in-flight slots for good. With manual
    acknowledgement we hold PUBREC back until the commit (the message is handed
    over at once, like QoS 1), and answer every PUBREL with PUBCOMP;
-6. a keepalive that outlives a pause: while reading is paused (the window is
-   full, the store is away) the broker's PINGRESP sits unread behind the
-   messages we are not taking, and paho would drop a healthy connection after
-   one keepalive. While paused, a PINGREQ that was written counts as the sign
-   of life: a broker that is gone shows as a failed write.
-
-7. speed (issue 16, each measured in bench/): paho formats a debug log call
-   for every packet (aiomqtt hands it a logger): only its warnings and errors
-   are passed on. The acknowledgements of a committed batch go out as one
-   write (PUBACKs concatenated), not one queued packet each. And complete
-   QoS 0/1 PUBLISH packets already in our read buffer are parsed here, into a
-   light message with the fields paho's has, without paho's per-packet Python
-   (an MQTTMessage with a threading.Condition, a log call, callback
-   matching). paho keeps everything else: CONNECT, SUBSCRIBE, keepalive,
-   PUBREL, QoS 2, PUBLISH with MQTT 5 properties, partial packets at the end
-   of the buffer, TLS, reconnects. `tests/unit/test_mqtt_fastpath.py` feeds
-   the same byte streams (fuzzed, split at every byte, QoS 0/1/2, MQTT 3.1.1
-   and 5 with properties) to both and compares the messages.
-
-8. a bound on what one packet can cost (issue 22): paho accumulates a packet
-   whole before handling it, and Mosquitto sends PUBLISH packets up to 256 MB.
-   A packet over `max_packet_size` is refused before it is buffered: MQTT 5
-   asks the broker for no bigger packets (Maximum Packet Size in CONNECT; the
-   broker discards them, MQTT 5 3.1.2.11.4); for MQTT 3.1.1, and for a broker
-   that sends one anyway, paho asking our socket for more than the bound is
-   the sign: its bytes are read and discarded in small reads, keeping only
-   the topic and the first KiB of payload, and the message is handed on as an
+6. a keepalive that outlives a pause: while reading is paused the broker's
+   PINGRESP sits unread behind the messages we are not taking, and paho would
+   drop a healthy connection after one keepalive. While paused, a PINGREQ that
+   was written counts as the sign of life: a broker that is gone shows as a
+   failed write;
+7. a bound on what one packet can cost (issue 22): paho accumulates a packet
+   whole, and Mosquitto sends PUBLISH packets up to 256 MB. Over MQTT 5 the
+   caller asks the broker for none over `max_packet_size` (CONNECT's Maximum
+   Packet Size, MQTT 5 3.1.2.11.4); for 3.1.1, or a broker that sends one
+   anyway, paho asking our socket for more than the bound is the sign: the
+   packet is read past in small reads, keeping its start, and handed on as an
    `OversizedMessage` (acknowledged like any other once it is quarantined, so
    the broker does not redeliver it forever).
 
-Everything here that reaches into a private attribute is listed in
-`REQUIRED_INTERNALS`; `tests/unit/test_mqtt_link.py` fails loudly if an
-upgrade of either library removes one.
+Every private attribute touched here is listed in `REQUIRED_INTERNALS` and the
+two tuples after it; `tests/unit/test_mqtt_link.py` fails loudly if an upgrade
+of either library removes one.
 """
 
 from __future__ import annotations
@@ -67,6 +55,16 @@ from typing import Any
 import aiomqtt
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
+
+from ingestd.mqtt.buffered import BufferedSocket, PacketTooLarge
+from ingestd.mqtt.wire import (
+    FastMessage,
+    Parsed,
+    SkippedPublish,
+    max_remaining_length,
+    parse_publishes,
+    pubacks,
+)
 
 # (object, attribute) pairs this module depends on beyond the public API.
 REQUIRED_INTERNALS: tuple[tuple[type[Any], str], ...] = (
@@ -111,247 +109,17 @@ ARRIVAL_CLOCK: Callable[[], float] = paho.time_func
 
 MessageHandler = Callable[[paho.MQTTMessage], None]
 
-_PUBACK = struct.Struct("!BBH")
 # Packets read per socket wake-up before yielding to the event loop.
 _READS_PER_WAKEUP = 256
-# Bytes asked of the kernel per read: a few hundred typical PUBLISH packets.
-_READ_SIZE = 64 * 1024
 
-# What a packet may hold beyond its payload before it is refused unread: the
-# longest topic MQTT allows (65,535 bytes and its length), a packet id, the
-# fixed header, and ~64 KiB of MQTT 5 properties. A payload over
-# input.max_payload_bytes that fits in this headroom still arrives whole and
-# is quarantined by decode (too_large); only bigger packets are skipped.
-PACKET_HEADROOM = 128 * 1024
-# MQTT's largest packet: a Remaining Length of 268,435,455 in four bytes, the
-# command byte and those four.
-MQTT_MAX_PACKET = 268_435_455 + 5
-# Of a skipped packet we keep at most this much of its start (topic, packet id,
-# properties and the first KiB of payload), in reads of at most _SKIP_READ.
-_SKIP_KEEP = PACKET_HEADROOM
+# A packet over the bound is read past in reads of at most this much.
 _SKIP_READ = 64 * 1024
-PREVIEW_BYTES = 1024
-
-
-def max_packet_size(max_payload_bytes: int) -> int:
-    """The largest packet (fixed header included) ingestd takes from the broker:
-    the payload limit plus `PACKET_HEADROOM`, at most what MQTT allows. Sent as
-    MQTT 5's Maximum Packet Size and enforced by the adapter on 3.1.1 alike."""
-    return min(max_payload_bytes + PACKET_HEADROOM, MQTT_MAX_PACKET)
-
-
-def _varint_size(n: int) -> int:
-    return 1 if n < 0x80 else 2 if n < 0x4000 else 3 if n < 0x20_0000 else 4
-
-
-def max_remaining_length(packet_size: int) -> int:
-    """The largest Remaining Length a packet of at most `packet_size` bytes in
-    all (command byte, the Remaining Length's own bytes, the rest) can have."""
-    remaining = packet_size - 2
-    while remaining > 0 and 1 + _varint_size(remaining) + remaining > packet_size:
-        remaining -= 1
-    return remaining
-
-
-class _PacketTooLarge(Exception):
-    """Raised through paho when it asks for a packet body over the bound: paho
-    has read the fixed header (its `_in_packet`) and none of the body."""
 
 
 def raw_topic(message: paho.MQTTMessage) -> bytes:
     """A message's topic as the broker sent it (paho's `topic` property raises on
     invalid UTF-8)."""
     return bytes(message._topic)
-
-
-class FastMessage:
-    """A received PUBLISH as the fast path gives it: the attributes of paho's
-    `MQTTMessage` that ingestd reads, and nothing that costs per message."""
-
-    __slots__ = ("_topic", "dup", "mid", "payload", "properties", "qos", "retain", "timestamp")
-
-    def __init__(
-        self,
-        topic: bytes,
-        payload: bytes,
-        qos: int,
-        retain: bool,
-        dup: bool,
-        mid: int,
-        timestamp: float,
-    ) -> None:
-        self._topic = topic
-        self.payload = payload
-        self.qos = qos
-        self.retain = retain
-        self.dup = dup
-        self.mid = mid
-        self.timestamp = timestamp
-        self.properties = None
-
-    @property
-    def topic(self) -> str:
-        """As paho's: raises UnicodeDecodeError for a topic that is not UTF-8."""
-        return self._topic.decode("utf-8")
-
-
-class OversizedMessage(FastMessage):
-    """A PUBLISH over the maximum packet size, skipped while reading: its topic,
-    qos and packet id as sent, `payload` the first `PREVIEW_BYTES` of it only,
-    and `size` the size of the payload it had."""
-
-    __slots__ = ("size",)
-
-    def __init__(
-        self,
-        topic: bytes,
-        preview: bytes,
-        size: int,
-        qos: int,
-        retain: bool,
-        dup: bool,
-        mid: int,
-        timestamp: float,
-    ) -> None:
-        super().__init__(topic, preview, qos, retain, dup, mid, timestamp)
-        self.size = size
-
-
-class _Skip:
-    """A PUBLISH being read past: its fixed header, the start of it kept, what is left."""
-
-    __slots__ = ("command", "head", "left", "length")
-
-    def __init__(self, command: int, length: int) -> None:
-        self.command = command
-        self.length = length  # Remaining Length
-        self.left = length
-        self.head = bytearray()
-
-
-def parse_skipped(
-    command: int, head: bytes | bytearray, length: int, v5: bool
-) -> tuple[bytes, int, int, bytes]:
-    """(topic, packet id, payload size, payload preview) of a PUBLISH whose
-    variable header starts `head` and whose Remaining Length is `length`. What
-    `head` does not hold is left out (an empty topic or preview), never guessed."""
-    qos = (command >> 1) & 3
-    if len(head) < 2:
-        return b"", 0, length, b""
-    tlen = (head[0] << 8) | head[1]
-    topic = bytes(head[2 : 2 + tlen])
-    j = 2 + tlen
-    mid = 0
-    if qos:
-        mid = (head[j] << 8) | head[j + 1] if j + 2 <= len(head) else 0
-        j += 2
-    if v5:
-        props = shift = 0
-        while j < len(head) and shift <= 21:
-            byte = head[j]
-            j += 1
-            props |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        j += props
-    j = min(j, length)
-    return topic, mid, length - j, bytes(head[j : j + PREVIEW_BYTES])
-
-
-Parsed = tuple[bytes, bytes, int, bool, bool, int, int]
-
-
-def parse_publishes(buf: bytes, pos: int, v5: bool, out: list[Parsed]) -> int:
-    """Parse the complete QoS 0/1 PUBLISH packets at `buf[pos:]` into `out`
-    (topic, payload, qos, retain, dup, mid, end position); return the position of the first
-    packet left for paho: another type, QoS 2, MQTT 5 properties present, a
-    malformed one (paho reports it), or one not wholly in the buffer."""
-    end = len(buf)
-    while pos < end:
-        first = buf[pos]
-        if first & 0xF0 != 0x30:
-            return pos
-        qos = (first >> 1) & 3
-        if qos > 1:
-            return pos
-        # Remaining length: 1-4 bytes, 7 bits each.
-        length = 0
-        shift = 0
-        i = pos + 1
-        while True:
-            if i >= end or i - pos > 4:
-                return pos
-            byte = buf[i]
-            length |= (byte & 0x7F) << shift
-            i += 1
-            if not byte & 0x80:
-                break
-            shift += 7
-        stop = i + length
-        if stop > end or length < 2:
-            return pos
-        tlen = (buf[i] << 8) | buf[i + 1]
-        if not tlen:
-            return pos  # MQTT 3.1.1 refuses an empty topic, MQTT 5 needs an alias
-        j = i + 2 + tlen
-        mid = 0
-        if qos:
-            if j + 2 > stop:
-                return pos
-            mid = (buf[j] << 8) | buf[j + 1]
-            j += 2
-        elif j > stop:
-            return pos
-        if v5:
-            if j >= stop or buf[j] != 0:
-                return pos  # properties (or a malformed length): paho decodes them
-            j += 1
-        topic = buf[i + 2 : i + 2 + tlen]
-        out.append((topic, buf[j:stop], qos, bool(first & 1), bool(first & 8), mid, stop))
-        pos = stop
-    return pos
-
-
-class _BufferedSocket:
-    """A socket whose `recv(n)` is served from one large read of the real socket.
-
-    Everything else (send, fileno, close, TLS attributes) goes to the real
-    socket. `pending()` counts the buffered bytes too, so the reader knows to
-    go on reading although the kernel has nothing more to report readable.
-    """
-
-    __slots__ = ("_buf", "_pos", "_sock", "limit")
-
-    def __init__(self, sock: Any, limit: int = 0) -> None:
-        self._sock = sock
-        self._buf = b""
-        self._pos = 0
-        # paho asks for a packet's whole body at once (then for what is left):
-        # a request over `limit` (0: none) means a packet over the bound.
-        self.limit = limit
-
-    def recv(self, n: int) -> bytes:
-        if self.limit and n > self.limit:
-            raise _PacketTooLarge(n)
-        buf, pos = self._buf, self._pos
-        if pos < len(buf):
-            end = pos + n
-            self._pos = end
-            return buf[pos:end]
-        data: bytes = self._sock.recv(max(n, _READ_SIZE))  # may raise BlockingIOError
-        if len(data) <= n:
-            return data
-        self._buf, self._pos = data, n
-        return data[:n]
-
-    def pending(self) -> int:
-        buffered = len(self._buf) - self._pos
-        inner = getattr(self._sock, "pending", None)
-        return max(buffered, 0) + (inner() if inner is not None else 0)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._sock, name)
 
 
 class MqttLink(aiomqtt.Client):
@@ -379,7 +147,7 @@ class MqttLink(aiomqtt.Client):
         super().__init__(**kwargs)
         self.max_packet_size = max_packet_size
         self._max_remaining = max_remaining_length(max_packet_size) if max_packet_size else 0
-        self._skip: _Skip | None = None
+        self._skip: SkippedPublish | None = None
         self.oversized = 0  # PUBLISH packets skipped on this connection
         self._handler = on_message
         self._side = {t.encode(): cb for t, cb in (side_topics or {}).items()}
@@ -465,23 +233,23 @@ class MqttLink(aiomqtt.Client):
         queued packet of them all), QoS 2's PUBRECs as `ack` sends them. False
         if the connection is gone."""
         client: paho.Client = self._client
-        pubacks: list[bytes] = []
+        mids: list[int] = []
         ok = True
         for mid, qos in acks:
             if qos == 1:
-                pubacks.append(_PUBACK.pack(0x40, 2, mid))
+                mids.append(mid)
                 continue
-            if pubacks:
-                ok = self._queue_pubacks(client, pubacks) and ok
-                pubacks = []
+            if mids:
+                ok = self._queue_pubacks(client, mids) and ok
+                mids = []
             ok = self.ack(mid, qos) and ok
-        if pubacks:
-            ok = self._queue_pubacks(client, pubacks) and ok
+        if mids:
+            ok = self._queue_pubacks(client, mids) and ok
         return ok
 
     @staticmethod
-    def _queue_pubacks(client: paho.Client, pubacks: list[bytes]) -> bool:
-        rc = client._packet_queue(0x40, b"".join(pubacks), 0, 0)
+    def _queue_pubacks(client: paho.Client, mids: list[int]) -> bool:
+        rc = client._packet_queue(0x40, pubacks(mids), 0, 0)
         return bool(rc == paho.MQTT_ERR_SUCCESS)
 
     def ack(self, mid: int, qos: int) -> bool:
@@ -573,7 +341,7 @@ class MqttLink(aiomqtt.Client):
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         # paho calls this from the executor thread that runs connect(), after
         # creating the socket and before sending CONNECT on it.
-        client._sock = _BufferedSocket(sock, self._max_remaining)
+        client._sock = BufferedSocket(sock, self._max_remaining)
         fd = sock.fileno()
 
         def register() -> None:
@@ -592,11 +360,11 @@ class MqttLink(aiomqtt.Client):
         """Deliver the complete QoS 0/1 PUBLISH packets at the head of the read
         buffer (paho between packets); the number delivered."""
         sock = client._sock
-        if not self.fast_path or type(sock) is not _BufferedSocket:
+        if not self.fast_path or type(sock) is not BufferedSocket:
             return 0
         if client._in_packet["command"] != 0:
             return 0  # paho is in the middle of a packet
-        buf, pos = sock._buf, sock._pos
+        buf, pos = sock.buf, sock.pos
         if pos >= len(buf):
             return 0
         parsed: list[Parsed] = []
@@ -610,7 +378,7 @@ class MqttLink(aiomqtt.Client):
         deliver = self._deliver
         taken = 0
         for topic, payload, qos, retain, dup, mid, end in parsed:
-            sock._pos = end  # taken: the rest stays buffered for paho or for later
+            sock.pos = end  # taken: the rest stays buffered for paho or for later
             deliver(client, None, FastMessage(topic, payload, qos, retain, dup, mid, now))  # type: ignore[arg-type]
             taken += 1
             if qos and auto_ack:
@@ -635,7 +403,7 @@ class MqttLink(aiomqtt.Client):
                     return
                 try:
                     rc = client.loop_read()
-                except _PacketTooLarge:
+                except PacketTooLarge:
                     if not self._start_skip(client):
                         return
                     continue
@@ -653,7 +421,7 @@ class MqttLink(aiomqtt.Client):
             if not fut.done():
                 fut.set_exception(exc)
 
-    # -- packets over the bound (see the module docstring, 8) ---------------------
+    # -- packets over the bound (see the module docstring, 7) ---------------------
 
     def _start_skip(self, client: paho.Client) -> bool:
         """Take over the packet paho has the fixed header of; False if the
@@ -671,7 +439,7 @@ class MqttLink(aiomqtt.Client):
             "pos": 0,
         }
         if command & 0xF0 != 0x30:
-            log = self._paho_logger or logging.getLogger("ingestd.mqtt_link")
+            log = self._paho_logger or logging.getLogger(__name__)
             log.error(
                 "the broker sent a packet of type %d and %d bytes, over the maximum packet "
                 "size of %d: closing the connection",
@@ -681,7 +449,7 @@ class MqttLink(aiomqtt.Client):
             )
             client._loop_rc_handle(paho.MQTT_ERR_PROTOCOL)
             return False
-        self._skip = _Skip(command, length)
+        self._skip = SkippedPublish(command, length)
         return True
 
     def _skip_some(self, client: paho.Client) -> bool:
@@ -700,25 +468,16 @@ class MqttLink(aiomqtt.Client):
             self._skip = None
             client._loop_rc_handle(paho.MQTT_ERR_CONN_LOST)
             return False
-        skip.left -= len(data)
-        room = _SKIP_KEEP - len(skip.head)
-        if room > 0:
-            skip.head += data[:room]
+        skip.feed(data)
         now = ARRIVAL_CLOCK()
         with client._msgtime_mutex:
             client._last_bytes_received = now
         if skip.left:
             return True
         self._skip = None
-        command = skip.command
-        qos = (command >> 1) & 3
-        topic, mid, size, preview = parse_skipped(
-            command, skip.head, skip.length, client._protocol == paho.MQTTv5
-        )
+        message = skip.message(client._protocol == paho.MQTTv5, now)
+        qos, mid = message.qos, message.mid
         self.oversized += 1
-        message = OversizedMessage(
-            topic, preview, size, qos, bool(command & 1), bool(command & 8), mid, now
-        )
         # With manual acknowledgement it is acknowledged once quarantined, as any
         # message; without, as paho would (it completes the PUBREL of a mid it
         # does not hold).
