@@ -78,8 +78,8 @@ class Pipeline:
         table = route_table(s)
         devices, committed, held = _as_committed(store, table, device_log)
         source = MqttSource(s, table, bus, window, upstream=upstream, devices=devices)
-        source.committed_packets = set(committed)
-        source.session_filters = held
+        source.chunks.committed_packets = set(committed)
+        source.subscriber.session_filters = held
         processor = Processor(to_processor, bus, s.processor)
         writer = BatchWriter(
             store,

@@ -74,7 +74,7 @@ def test_subscriptions_are_unique() -> None:
     # (RouteTable.subscriptions(), which only this test called, is gone: the
     # daemon subscribes with source.subscriptions, so that is what is checked.)
     from ingestd.config import Settings, route_table
-    from ingestd.source import subscriptions
+    from ingestd.subscribing import subscriptions
 
     settings = Settings(
         routes=[
@@ -140,7 +140,7 @@ def test_filter_covers(outer: str, inner: str, covers: bool) -> None:
 
 def test_overlapping_route_filters_are_subscribed_once() -> None:
     from ingestd.config import load_settings, route_table
-    from ingestd.source import subscriptions
+    from ingestd.subscribing import subscriptions
     from tests.helpers import SHIPPED_CONFIG
 
     settings = load_settings(SHIPPED_CONFIG)
@@ -149,7 +149,7 @@ def test_overlapping_route_filters_are_subscribed_once() -> None:
 
 def test_a_dollar_route_is_subscribed_next_to_a_catch_all() -> None:
     from ingestd.config import Settings, route_table
-    from ingestd.source import subscriptions
+    from ingestd.subscribing import subscriptions
 
     settings = Settings(
         routes=[
@@ -180,18 +180,18 @@ def test_a_refused_subscription_is_reported_with_the_routes_it_serves() -> None:
         mqtt={"shared_group": "g"},
     )
     source = MqttSource(settings, route_table(settings), EventBus(), InFlightWindow(10))
-    assert sorted(source.routes_under("$share/g/sensors/+/+")) == [
+    assert sorted(source.subscriber.routes_under("$share/g/sensors/+/+")) == [
         "sensors/{sensor}/telemetry",
         "sensors/{sensor}/{metric}",
     ]
-    assert source.routes_under("$share/g/plant/+/x") == ["plant/{sensor}/x"]
+    assert source.subscriber.routes_under("$share/g/plant/+/x") == ["plant/{sensor}/x"]
 
 
 def test_in_a_shared_group_homie_descriptions_are_subscribed_outside_it() -> None:
     """Every member needs every description: the `$` topics a homie route
     covers are subscribed outside the group too, the values only in it."""
     from ingestd.config import Settings, route_table
-    from ingestd.source import subscriptions
+    from ingestd.subscribing import subscriptions
 
     def plan(topic: str, group: str = "g") -> list[tuple[str, int]]:
         settings = Settings(
