@@ -59,7 +59,7 @@ def compile_route(
     pattern: str,
     sensor: str,
     metric: str,
-    fmt: str = "json",
+    format_name: str = "json",
     index: int = 0,
     options: RouteOptions | None = None,
     format_options: FormatOptions | None = None,
@@ -67,7 +67,7 @@ def compile_route(
     """A route from its topic pattern, templates, format name and options
     (`format_options`: the format's own, validated; default: its defaults)."""
     try:
-        codec = formats.get(fmt)
+        fmt = formats.get(format_name)
     except KeyError as exc:
         raise RouteSpecError(str(exc.args[0])) from None
     parts = pattern.split("/")
@@ -103,18 +103,18 @@ def compile_route(
         levels.append(part)
         sub.append(part)
     names = {n for _, n in captures}
-    used = set(_check_template("sensor", sensor, pattern, names | codec.sensor_fields))
-    fields = _check_template("metric", metric, pattern, names | codec.template_fields)
+    used = set(_check_template("sensor", sensor, pattern, names | fmt.sensor_fields))
+    fields = _check_template("metric", metric, pattern, names | fmt.template_fields)
     used.update(fields)
-    need = codec.metric_requires
-    if codec.metric_from != "topic" and need not in fields:
+    need = fmt.metric_requires
+    if fmt.metric_from != "topic" and need not in fields:
         # Without it every field of a payload would get the same metric name.
         raise RouteSpecError(
-            f"metric template {metric!r} must contain {{{need}}}: a {codec.name} "
+            f"metric template {metric!r} must contain {{{need}}}: a {fmt.name} "
             f"route carries several values, each its own metric "
             f'(e.g. metric = "{{site}}.{{{need}}}")'
         )
-    if codec.metric_from == "field" and fields.count("field") > 1:
+    if fmt.metric_from == "field" and fields.count("field") > 1:
         raise RouteSpecError(f"metric template {metric!r}: {{field}} may appear only once")
     tag_names = tuple((pos, n) for pos, n in captures if n not in used)
     return CompiledRoute(
@@ -126,8 +126,8 @@ def compile_route(
         multi=multi,
         sensor_template=sensor,
         metric_template=metric,
-        fmt=codec,
-        params=codec.prepare(format_options or codec.options()),
+        fmt=fmt,
+        params=fmt.prepare(format_options or fmt.options()),
         options=options or RouteOptions(),
         tag_names=tag_names,
     )

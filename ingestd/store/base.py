@@ -175,8 +175,8 @@ class Batch(ABC):
         if status.devices:
             items = sorted(status.devices.items())
             described = [
-                (self.owner, fmt, device, position, description, self._now)
-                for (fmt, device), (position, description) in items
+                (self.owner, name, device, position, description, self._now)
+                for (name, device), (position, description) in items
                 if description is not None
             ]
             if described:
@@ -192,8 +192,8 @@ class Batch(ABC):
             # be no use: nothing is written, and after a restart the device
             # is unknown until it describes itself again.
             moved = [
-                (position, self._now, self.owner, fmt, device)
-                for (fmt, device), (position, description) in items
+                (position, self._now, self.owner, name, device)
+                for (name, device), (position, description) in items
                 if description is None
             ]
             if moved:
@@ -265,8 +265,8 @@ def unpack_packets(data: bytes) -> list[tuple[int, int]]:
 def device_states(rows: Iterable[Sequence[Any]]) -> dict[str, list[tuple[str, bytes, bytes]]]:
     """(format, device, position, description) rows by format, in their order."""
     out: dict[str, list[tuple[str, bytes, bytes]]] = {}
-    for fmt, device, position, description in rows:
-        out.setdefault(fmt, []).append((device, bytes(position), bytes(description)))
+    for name, device, position, description in rows:
+        out.setdefault(name, []).append((device, bytes(position), bytes(description)))
     return out
 
 

@@ -86,19 +86,19 @@ class Table:
     rows: Iterable[Sequence[Any]]
 
 
-def write_table(out: TextIO, table: Table, fmt: str, *, progress: TextIO | None = None) -> int:
+def write_table(out: TextIO, table: Table, output: str, *, progress: TextIO | None = None) -> int:
     """Write rows as an aligned text table, CSV or a JSON array; return the count."""
     rows: Iterable[Sequence[Any]] = table.rows
     if progress is not None:
         rows = _with_progress(rows, progress)
     n = 0
-    if fmt == "csv":
+    if output == "csv":
         w = csv.writer(out, lineterminator="\n")
         w.writerow(table.columns)
         for row in rows:
             w.writerow(row)
             n += 1
-    elif fmt == "json":
+    elif output == "json":
         cols = list(table.columns)
         out.write("[")
         for row in rows:
