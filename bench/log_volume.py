@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.helpers import SHIPPED_CONFIG, Mosquitto, wait_for
+from tests.support.daemon import SHIPPED_CONFIG, Mosquitto, wait_for
 
 PY = sys.executable
 

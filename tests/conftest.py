@@ -12,7 +12,7 @@ import pytest
 from ingestd.store.base import Store
 from ingestd.store.postgres import PostgresStore
 from ingestd.store.sqlite import SqliteStore
-from tests.helpers import (
+from tests.support.daemon import (
     BrokerFactory,
     Daemon,
     DaemonFactory,
@@ -41,7 +41,7 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 
 @pytest.fixture
 def daemons(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DaemonFactory]:
-    """Makes `python -m ingestd` subprocesses (`tests.helpers.daemon_for`, in
+    """Makes `python -m ingestd` subprocesses (`tests.support.daemon.daemon_for`, in
     `tmp_path` unless `workdir` says otherwise), not yet started; every daemon
     it made is killed at teardown, whatever the test did or failed to do. In a
     test that takes the `store` fixture, they write to that store."""
@@ -70,7 +70,7 @@ def daemons(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DaemonFa
 
 @pytest.fixture
 def brokers() -> Iterator[BrokerFactory]:
-    """Makes extra Mosquittos (same arguments as `tests.helpers.Mosquitto`), not
+    """Makes extra Mosquittos (same arguments as `tests.support.daemon.Mosquitto`), not
     yet started; every one it made is killed at teardown."""
     made: list[Mosquitto] = []
 

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.helpers import (
+from tests.support.daemon import (
     Daemon,
     DaemonFactory,
     DbReader,

@@ -11,7 +11,7 @@ import json
 import time
 from pathlib import Path
 
-from tests.helpers import (
+from tests.support.daemon import (
     BrokerFactory,
     Daemon,
     DaemonFactory,

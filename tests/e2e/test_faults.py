@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (
+from tests.support.daemon import (
     SHIPPED_CONFIG,
     BrokerFactory,
     Daemon,

@@ -11,14 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (
-    Daemon,
-    DaemonFactory,
-    Mosquitto,
-    http_get,
-    metric_value,
-    wait_for,
-)
+from tests.support.daemon import Daemon, DaemonFactory, Mosquitto, http_get, metric_value, wait_for
 
 SECRET = "s3cret-Pa55-word"
 AS_USER = {"INGESTD_MQTT__USERNAME": "ingestd"}

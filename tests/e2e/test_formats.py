@@ -17,7 +17,7 @@ from ingestd.config import load_settings, route_table
 from ingestd.devices import DeviceState
 from ingestd.tools.explain import outcome
 from tests.harness import InProcess, settings_for, until
-from tests.helpers import (
+from tests.support.daemon import (
     DaemonFactory,
     DbReader,
     Mosquitto,

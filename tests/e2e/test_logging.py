@@ -14,7 +14,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tests.helpers import (
+from tests.support.daemon import (
     DaemonFactory,
     DbReader,
     Mosquitto,

@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.helpers import (
+from tests.support.daemon import (
     REPO,
     DaemonFactory,
     DbReader,

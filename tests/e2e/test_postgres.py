@@ -23,7 +23,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.helpers import (
+from tests.support.daemon import (
     BrokerFactory,
     DaemonFactory,
     Mosquitto,

@@ -32,7 +32,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.helpers import (
+from tests.sparkplug_node import METRICS, EdgeNode
+from tests.support.daemon import (
     REPO,
     BrokerFactory,
     Daemon,
@@ -44,7 +45,6 @@ from tests.helpers import (
     wait_for,
     write_config,
 )
-from tests.sparkplug_node import METRICS, EdgeNode
 
 GROUP = "ingest"
 HOST = "scada"

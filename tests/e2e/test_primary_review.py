@@ -29,7 +29,8 @@ from tests.e2e.test_primary import (
     plain,
     the_primary,
 )
-from tests.helpers import (
+from tests.sparkplug_node import EdgeNode
+from tests.support.daemon import (
     BrokerFactory,
     DaemonFactory,
     PgReader,
@@ -38,7 +39,6 @@ from tests.helpers import (
     publish,
     wait_for,
 )
-from tests.sparkplug_node import EdgeNode
 
 
 def scrape(m: Member) -> dict[str, float]:

@@ -14,10 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (
-    REPO,
-    free_port,
-)
+from tests.support.daemon import REPO, free_port
 
 USER = "ingestd-readme"
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (
+from tests.support.daemon import (
     REPO,
     BrokerFactory,
     Daemon,

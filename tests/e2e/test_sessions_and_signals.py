@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (
+from tests.support.daemon import (
     REPO,
     SHIPPED_CONFIG,
     BrokerFactory,
@@ -144,7 +144,7 @@ def test_tls_with_a_ca_file(
     tmp_path: Path, mosquitto: Mosquitto, brokers: BrokerFactory, daemons: DaemonFactory
 ) -> None:
     ca, crt, key = _make_certs(tmp_path / "pki")
-    from tests.helpers import free_port
+    from tests.support.daemon import free_port
 
     tls_port = free_port()
     broker = brokers(

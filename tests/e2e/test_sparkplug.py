@@ -20,7 +20,8 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.helpers import (
+from tests.sparkplug_node import METRICS, EdgeNode
+from tests.support.daemon import (
     REPO,
     SHIPPED_CONFIG,
     BrokerFactory,
@@ -34,7 +35,6 @@ from tests.helpers import (
     publish,
     wait_for,
 )
-from tests.sparkplug_node import METRICS, EdgeNode
 
 ROUTE = """
 [[routes]]

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from ingestd.formats.sparkplug_pb import BY_NAME, Payload
-from tests.helpers import (
+from tests.support.daemon import (
     BrokerFactory,
     Daemon,
     DaemonFactory,

@@ -13,7 +13,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.helpers import (
+from tests.support.daemon import (
     REPO,
     BrokerFactory,
     DaemonFactory,

@@ -13,7 +13,7 @@ from prometheus_client import CollectorRegistry
 from ingestd.observe.health import Health
 from ingestd.observe.metrics import Metrics
 from tests.harness import InProcess, settings_for, until
-from tests.helpers import Mosquitto, publish
+from tests.support.daemon import Mosquitto, publish
 
 # name, type, label names (those of its samples; "le": a histogram's buckets).
 RUNNING = [

@@ -20,7 +20,7 @@ from ingestd.store.postgres.schema import DAY_NS, partitions
 from ingestd.window import InFlightWindow
 from ingestd.writer import BatchWriter
 from tests.decoding import Decoding
-from tests.helpers import PgReader
+from tests.support.daemon import PgReader
 
 NOW = time.time()
 
