@@ -50,7 +50,8 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tests.support.daemon import Daemon, Mosquitto, daemon_for, publish, wait_for
+from tests.support.daemon import Daemon, Mosquitto, daemon_for, publish
+from tests.support.waiting import wait_for
 
 # Device times: the top of the hour an hour ago, plus up to a second (recent,
 # never in the future; every id is its own series, so the times may repeat).

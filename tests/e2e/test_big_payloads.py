@@ -21,8 +21,8 @@ from tests.support.daemon import (
     http_get,
     metric_value,
     publish,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 
 BIG = 64 * 1024 * 1024
 SMALL = 20

@@ -21,9 +21,9 @@ from tests.support.daemon import (
     StoreUnderTest,
     free_port,
     publish,
-    wait_for,
     write_config,
 )
+from tests.support.waiting import wait_for
 
 SENSORS = 200
 PER_SENSOR = 100  # 200 x 100 = 20,000 messages, two metrics each

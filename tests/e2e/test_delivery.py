@@ -22,8 +22,8 @@ from tests.support.daemon import (
     http_get,
     metric_value,
     publish,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 
 T0 = 1_700_000_000
 

@@ -30,8 +30,8 @@ from tests.support.daemon import (
     StoreUnderTest,
     hold_exclusive_lock,
     publish,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 
 T0 = 1_600_000_000.0
 FAST = {

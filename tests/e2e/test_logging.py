@@ -22,8 +22,8 @@ from tests.support.daemon import (
     http_get,
     metric_value,
     publish,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 
 SUMMARY_EVERY = 2.0
 # Lines at info and above that are not summaries, whatever the message rate:

@@ -20,9 +20,9 @@ from tests.support.daemon import (
     http_get,
     metric_value,
     publish,
-    wait_for,
     write_config,
 )
+from tests.support.waiting import wait_for
 
 T0 = 1_700_000_000.0
 

@@ -31,8 +31,8 @@ from tests.support.daemon import (
     Postgres,
     http_get,
     publish,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 
 NOW = time.time()
 FAST = {

@@ -42,9 +42,9 @@ from tests.support.daemon import (
     http_get,
     metric_value,
     publish,
-    wait_for,
     write_config,
 )
+from tests.support.waiting import wait_for
 
 GROUP = "ingest"
 HOST = "scada"

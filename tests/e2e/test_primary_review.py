@@ -37,8 +37,8 @@ from tests.support.daemon import (
     http_get,
     metric_value,
     publish,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 
 
 def scrape(m: Member) -> dict[str, float]:

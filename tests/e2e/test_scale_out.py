@@ -27,9 +27,9 @@ from tests.support.daemon import (
     http_get,
     metric_value,
     publish,
-    wait_for,
     write_config,
 )
+from tests.support.waiting import wait_for
 
 HOMIE = """
 [[routes]]

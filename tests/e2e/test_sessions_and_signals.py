@@ -19,8 +19,8 @@ from tests.support.daemon import (
     Mosquitto,
     hold_exclusive_lock,
     publish,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])

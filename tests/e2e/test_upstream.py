@@ -23,8 +23,8 @@ from tests.support.daemon import (
     http_get,
     metric_value,
     publish,
-    wait_for,
 )
+from tests.support.waiting import wait_for
 
 
 def _sensors(tmp_path: Path) -> list[dict[str, object]]:
