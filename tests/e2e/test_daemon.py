@@ -19,10 +19,10 @@ from tests.support.daemon import (
     DbReader,
     Mosquitto,
     StoreUnderTest,
-    free_port,
     publish,
     write_config,
 )
+from tests.support.ports import free_port
 from tests.support.waiting import wait_for
 
 SENSORS = 200

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import REPO, free_port
+from tests.support.daemon import REPO
+from tests.support.ports import free_port
 
 USER = "ingestd-readme"
 

@@ -144,7 +144,7 @@ def test_tls_with_a_ca_file(
     tmp_path: Path, mosquitto: Mosquitto, brokers: BrokerFactory, daemons: DaemonFactory
 ) -> None:
     ca, crt, key = _make_certs(tmp_path / "pki")
-    from tests.support.daemon import free_port
+    from tests.support.ports import free_port
 
     tls_port = free_port()
     broker = brokers(
