@@ -43,7 +43,8 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.pyspy import Profiler, summarize
-from tests.support.daemon import SHIPPED_CONFIG, Mosquitto, Postgres, _children
+from tests.support.brokers import Mosquitto
+from tests.support.daemon import SHIPPED_CONFIG, Postgres, _children
 from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent

@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.support.daemon import SHIPPED_CONFIG, Mosquitto
+from tests.support.brokers import Mosquitto
+from tests.support.daemon import SHIPPED_CONFIG
 from tests.support.waiting import wait_for
 
 PY = sys.executable

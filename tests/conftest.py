@@ -12,12 +12,11 @@ import pytest
 from ingestd.store.base import Store
 from ingestd.store.postgres import PostgresStore
 from ingestd.store.sqlite import SqliteStore
+from tests.support.brokers import BrokerFactory, Mosquitto
 from tests.support.daemon import (
-    BrokerFactory,
     Daemon,
     DaemonFactory,
     DbReader,
-    Mosquitto,
     PgReader,
     Postgres,
     StoreUnderTest,

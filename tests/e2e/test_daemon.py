@@ -12,12 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.brokers import BrokerFactory, Mosquitto
 from tests.support.daemon import (
     SHIPPED_CONFIG,
-    BrokerFactory,
     DaemonFactory,
     DbReader,
-    Mosquitto,
     StoreUnderTest,
     publish,
     write_config,

@@ -11,12 +11,11 @@ import json
 import time
 from pathlib import Path
 
+from tests.support.brokers import BrokerFactory, Mosquitto
 from tests.support.daemon import (
-    BrokerFactory,
     Daemon,
     DaemonFactory,
     DbReader,
-    Mosquitto,
     StoreUnderTest,
     hold_exclusive_lock,
     http_get,

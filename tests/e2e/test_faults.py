@@ -19,13 +19,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.brokers import BrokerFactory, Mosquitto
 from tests.support.daemon import (
     SHIPPED_CONFIG,
-    BrokerFactory,
     Daemon,
     DaemonFactory,
     DbReader,
-    Mosquitto,
     PgReader,
     StoreUnderTest,
     hold_exclusive_lock,

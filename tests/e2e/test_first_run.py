@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import Daemon, DaemonFactory, Mosquitto, http_get, metric_value
+from tests.support.brokers import Mosquitto
+from tests.support.daemon import Daemon, DaemonFactory, http_get, metric_value
 from tests.support.waiting import wait_for
 
 SECRET = "s3cret-Pa55-word"

@@ -17,10 +17,10 @@ from ingestd.config import load_settings, route_table
 from ingestd.devices import DeviceState
 from ingestd.tools.explain import outcome
 from tests.harness import InProcess, settings_for, until
+from tests.support.brokers import Mosquitto
 from tests.support.daemon import (
     DaemonFactory,
     DbReader,
-    Mosquitto,
     http_get,
     metric_value,
     publish,

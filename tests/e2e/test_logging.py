@@ -14,10 +14,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from tests.support.brokers import Mosquitto
 from tests.support.daemon import (
     DaemonFactory,
     DbReader,
-    Mosquitto,
     hold_exclusive_lock,
     http_get,
     metric_value,

@@ -11,11 +11,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from tests.support.brokers import Mosquitto
 from tests.support.daemon import (
     REPO,
     DaemonFactory,
     DbReader,
-    Mosquitto,
     hold_exclusive_lock,
     http_get,
     metric_value,

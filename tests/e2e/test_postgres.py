@@ -23,15 +23,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.support.daemon import (
-    BrokerFactory,
-    DaemonFactory,
-    Mosquitto,
-    PgReader,
-    Postgres,
-    http_get,
-    publish,
-)
+from tests.support.brokers import BrokerFactory, Mosquitto
+from tests.support.daemon import DaemonFactory, PgReader, Postgres, http_get, publish
 from tests.support.waiting import wait_for
 
 NOW = time.time()

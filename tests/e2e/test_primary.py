@@ -33,9 +33,9 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.sparkplug_node import METRICS, EdgeNode
+from tests.support.brokers import BrokerFactory
 from tests.support.daemon import (
     REPO,
-    BrokerFactory,
     Daemon,
     DaemonFactory,
     PgReader,

@@ -30,14 +30,8 @@ from tests.e2e.test_primary import (
     the_primary,
 )
 from tests.sparkplug_node import EdgeNode
-from tests.support.daemon import (
-    BrokerFactory,
-    DaemonFactory,
-    PgReader,
-    http_get,
-    metric_value,
-    publish,
-)
+from tests.support.brokers import BrokerFactory
+from tests.support.daemon import DaemonFactory, PgReader, http_get, metric_value, publish
 from tests.support.waiting import wait_for
 
 

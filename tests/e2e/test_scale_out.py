@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.brokers import BrokerFactory
 from tests.support.daemon import (
     REPO,
-    BrokerFactory,
     Daemon,
     DaemonFactory,
     PgReader,

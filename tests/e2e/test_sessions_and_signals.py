@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.brokers import BrokerFactory, Mosquitto
 from tests.support.daemon import (
     REPO,
     SHIPPED_CONFIG,
-    BrokerFactory,
     DaemonFactory,
     DbReader,
-    Mosquitto,
     hold_exclusive_lock,
     publish,
 )

@@ -21,14 +21,13 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.sparkplug_node import METRICS, EdgeNode
+from tests.support.brokers import BrokerFactory, Mosquitto
 from tests.support.daemon import (
     REPO,
     SHIPPED_CONFIG,
-    BrokerFactory,
     Daemon,
     DaemonFactory,
     DbReader,
-    Mosquitto,
     hold_exclusive_lock,
     http_get,
     metric_value,

@@ -18,12 +18,11 @@ import time
 from pathlib import Path
 
 from ingestd.formats.sparkplug_pb import BY_NAME, Payload
+from tests.support.brokers import BrokerFactory, Mosquitto
 from tests.support.daemon import (
-    BrokerFactory,
     Daemon,
     DaemonFactory,
     DbReader,
-    Mosquitto,
     StoreUnderTest,
     hold_exclusive_lock,
     http_get,

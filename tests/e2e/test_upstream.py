@@ -13,12 +13,11 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
+from tests.support.brokers import BrokerFactory, Mosquitto
 from tests.support.daemon import (
     REPO,
-    BrokerFactory,
     DaemonFactory,
     DbReader,
-    Mosquitto,
     hold_exclusive_lock,
     http_get,
     metric_value,
