@@ -25,11 +25,11 @@ from tests.support.daemon import (
     Daemon,
     DaemonFactory,
     DbReader,
-    PgReader,
     StoreUnderTest,
     hold_exclusive_lock,
     publish,
 )
+from tests.support.postgres import PgReader
 from tests.support.waiting import wait_for
 
 T0 = 1_600_000_000.0

@@ -38,12 +38,12 @@ from tests.support.daemon import (
     REPO,
     Daemon,
     DaemonFactory,
-    PgReader,
     http_get,
     metric_value,
     publish,
     write_config,
 )
+from tests.support.postgres import PgReader
 from tests.support.waiting import wait_for
 
 GROUP = "ingest"

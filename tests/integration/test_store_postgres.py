@@ -20,7 +20,7 @@ from ingestd.store.postgres.schema import DAY_NS, partitions
 from ingestd.window import InFlightWindow
 from ingestd.writer import BatchWriter
 from tests.decoding import Decoding
-from tests.support.daemon import PgReader
+from tests.support.postgres import PgReader
 
 NOW = time.time()
 
