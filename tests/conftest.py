@@ -13,7 +13,8 @@ from ingestd.store.base import Store
 from ingestd.store.postgres import PostgresStore
 from ingestd.store.sqlite import SqliteStore
 from tests.support.brokers import BrokerFactory, Mosquitto
-from tests.support.daemon import Daemon, DaemonFactory, DbReader, StoreUnderTest, daemon_for
+from tests.support.daemon import Daemon, DaemonFactory, daemon_for
+from tests.support.db import DbReader, StoreUnderTest
 from tests.support.postgres import PgReader, Postgres
 
 _db_numbers = itertools.count()

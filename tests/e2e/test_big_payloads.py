@@ -14,7 +14,8 @@ import time
 import pytest
 
 from tests.support.brokers import Mosquitto
-from tests.support.daemon import Daemon, DaemonFactory, DbReader, http_get, metric_value, publish
+from tests.support.daemon import Daemon, DaemonFactory, http_get, metric_value, publish
+from tests.support.db import DbReader
 from tests.support.waiting import wait_for
 
 BIG = 64 * 1024 * 1024

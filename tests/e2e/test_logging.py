@@ -15,14 +15,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.support.brokers import Mosquitto
-from tests.support.daemon import (
-    DaemonFactory,
-    DbReader,
-    hold_exclusive_lock,
-    http_get,
-    metric_value,
-    publish,
-)
+from tests.support.daemon import DaemonFactory, http_get, metric_value, publish
+from tests.support.db import DbReader, hold_exclusive_lock
 from tests.support.waiting import wait_for
 
 SUMMARY_EVERY = 2.0

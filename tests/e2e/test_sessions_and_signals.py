@@ -11,14 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.brokers import BrokerFactory, Mosquitto
-from tests.support.daemon import (
-    REPO,
-    SHIPPED_CONFIG,
-    DaemonFactory,
-    DbReader,
-    hold_exclusive_lock,
-    publish,
-)
+from tests.support.daemon import REPO, SHIPPED_CONFIG, DaemonFactory, publish
+from tests.support.db import DbReader, hold_exclusive_lock
 from tests.support.waiting import wait_for
 
 

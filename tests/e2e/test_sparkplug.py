@@ -27,12 +27,11 @@ from tests.support.daemon import (
     SHIPPED_CONFIG,
     Daemon,
     DaemonFactory,
-    DbReader,
-    hold_exclusive_lock,
     http_get,
     metric_value,
     publish,
 )
+from tests.support.db import DbReader, hold_exclusive_lock
 from tests.support.waiting import wait_for
 
 ROUTE = """

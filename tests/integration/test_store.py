@@ -20,7 +20,7 @@ from ingestd.store.sqlite import SCHEMA_VERSION, SqliteStore
 from ingestd.window import InFlightWindow
 from ingestd.writer import BatchWriter
 from tests.decoding import Decoding
-from tests.support.daemon import hold_exclusive_lock
+from tests.support.db import hold_exclusive_lock
 
 
 def readings(n: int, sensor: str = "s", t0: int = 10**9) -> list[Reading]:

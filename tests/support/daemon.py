@@ -12,22 +12,20 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.support.postgres import PgReader
 from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
@@ -291,65 +289,3 @@ def publish(
     finally:
         client.disconnect()
         client.loop_stop()
-
-
-class DbReader:
-    """Read-only looks into the daemon's SQLite file (a separate connection)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    @contextlib.contextmanager
-    def connect(self) -> Iterator[sqlite3.Connection]:
-        conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
-        try:
-            yield conn
-        finally:
-            conn.close()
-
-    def count(self, table: str = "readings") -> int:
-        if not self.path.exists():
-            return 0
-        try:
-            with self.connect() as c:
-                return int(c.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
-        except sqlite3.OperationalError:
-            return 0
-
-    def rows(self, sql: str, *args: object) -> list[tuple[Any, ...]]:
-        with self.connect() as c:
-            return list(c.execute(sql, args).fetchall())
-
-
-def hold_exclusive_lock(path: Path, seconds: float) -> threading.Thread:
-    """Another writer holding an exclusive lock on the database for `seconds`."""
-    locked = threading.Event()
-
-    def run() -> None:
-        conn = sqlite3.connect(path, isolation_level=None)
-        conn.execute("BEGIN EXCLUSIVE")
-        locked.set()
-        time.sleep(seconds)
-        conn.execute("ROLLBACK")
-        conn.close()
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    locked.wait(5)
-    return t
-
-
-@dataclass
-class StoreUnderTest:
-    """The engine a parametrized test runs against: what the daemon is told
-    (`env`), and a reader of what it stored."""
-
-    name: str
-    env: dict[str, str]
-    reader: DbReader | PgReader
-
-    def hold_lock(self, seconds: float) -> threading.Thread:
-        """Nothing commits for `seconds`: another writer holds the lock."""
-        if isinstance(self.reader, PgReader):
-            return self.reader.hold_lock(seconds)
-        return hold_exclusive_lock(self.reader.path, seconds)
