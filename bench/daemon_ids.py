@@ -51,7 +51,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.support.brokers import Mosquitto
-from tests.support.daemon import Daemon, daemon_for, publish
+from tests.support.daemon import Daemon, daemon_for
+from tests.support.mqtt import publish
 from tests.support.waiting import wait_for
 
 # Device times: the top of the hour an hour ago, plus up to a second (recent,

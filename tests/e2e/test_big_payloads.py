@@ -14,8 +14,9 @@ import time
 import pytest
 
 from tests.support.brokers import Mosquitto
-from tests.support.daemon import Daemon, DaemonFactory, http_get, metric_value, publish
+from tests.support.daemon import Daemon, DaemonFactory, http_get, metric_value
 from tests.support.db import DbReader
+from tests.support.mqtt import publish
 from tests.support.waiting import wait_for
 
 BIG = 64 * 1024 * 1024

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.brokers import BrokerFactory, Mosquitto
-from tests.support.daemon import SHIPPED_CONFIG, DaemonFactory, publish, write_config
+from tests.support.daemon import SHIPPED_CONFIG, DaemonFactory, write_config
 from tests.support.db import DbReader, StoreUnderTest
+from tests.support.mqtt import publish
 from tests.support.ports import free_port
 from tests.support.waiting import wait_for
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.brokers import BrokerFactory, Mosquitto
-from tests.support.daemon import SHIPPED_CONFIG, Daemon, DaemonFactory, publish
+from tests.support.daemon import SHIPPED_CONFIG, Daemon, DaemonFactory
 from tests.support.db import DbReader, StoreUnderTest, hold_exclusive_lock
+from tests.support.mqtt import publish
 from tests.support.postgres import PgReader
 from tests.support.waiting import wait_for
 

@@ -19,15 +19,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.brokers import BrokerFactory
-from tests.support.daemon import (
-    REPO,
-    Daemon,
-    DaemonFactory,
-    http_get,
-    metric_value,
-    publish,
-    write_config,
-)
+from tests.support.daemon import REPO, Daemon, DaemonFactory, http_get, metric_value, write_config
+from tests.support.mqtt import publish
 from tests.support.postgres import PgReader
 from tests.support.waiting import wait_for
 

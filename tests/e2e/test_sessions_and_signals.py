@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from tests.support.brokers import BrokerFactory, Mosquitto
-from tests.support.daemon import REPO, SHIPPED_CONFIG, DaemonFactory, publish
+from tests.support.daemon import REPO, SHIPPED_CONFIG, DaemonFactory
 from tests.support.db import DbReader, hold_exclusive_lock
+from tests.support.mqtt import publish
 from tests.support.waiting import wait_for
 
 

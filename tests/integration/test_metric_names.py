@@ -14,7 +14,7 @@ from ingestd.observe.health import Health
 from ingestd.observe.metrics import Metrics
 from tests.harness import InProcess, settings_for, until
 from tests.support.brokers import Mosquitto
-from tests.support.daemon import publish
+from tests.support.mqtt import publish
 
 # name, type, label names (those of its samples; "le": a histogram's buckets).
 RUNNING = [

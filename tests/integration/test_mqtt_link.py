@@ -15,7 +15,7 @@ from paho.mqtt.properties import Properties
 from ingestd.mqtt.link import MqttLink
 from ingestd.mqtt.wire import OversizedMessage
 from tests.support.brokers import Mosquitto
-from tests.support.daemon import publish
+from tests.support.mqtt import publish
 from tests.support.waiting import wait_for
 
 
