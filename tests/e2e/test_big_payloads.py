@@ -14,8 +14,9 @@ import time
 import pytest
 
 from tests.support.brokers import Mosquitto
-from tests.support.daemon import Daemon, DaemonFactory, http_get, metric_value
+from tests.support.daemon import Daemon, DaemonFactory
 from tests.support.db import DbReader
+from tests.support.metrics import http_get, metric_value
 from tests.support.mqtt import publish
 from tests.support.waiting import wait_for
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.brokers import Mosquitto
-from tests.support.daemon import Daemon, DaemonFactory, http_get, metric_value
+from tests.support.daemon import Daemon, DaemonFactory
+from tests.support.metrics import http_get, metric_value
 from tests.support.waiting import wait_for
 
 SECRET = "s3cret-Pa55-word"

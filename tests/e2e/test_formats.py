@@ -18,8 +18,9 @@ from ingestd.devices import DeviceState
 from ingestd.tools.explain import outcome
 from tests.harness import InProcess, settings_for, until
 from tests.support.brokers import Mosquitto
-from tests.support.daemon import DaemonFactory, http_get, metric_value, write_config
+from tests.support.daemon import DaemonFactory, write_config
 from tests.support.db import DbReader
+from tests.support.metrics import http_get, metric_value
 from tests.support.mqtt import publish
 from tests.support.waiting import wait_for
 

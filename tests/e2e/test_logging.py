@@ -15,8 +15,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.support.brokers import Mosquitto
-from tests.support.daemon import DaemonFactory, http_get, metric_value
+from tests.support.daemon import DaemonFactory
 from tests.support.db import DbReader, hold_exclusive_lock
+from tests.support.metrics import http_get, metric_value
 from tests.support.mqtt import publish
 from tests.support.waiting import wait_for
 

@@ -24,7 +24,8 @@ import asyncpg
 import pytest
 
 from tests.support.brokers import BrokerFactory, Mosquitto
-from tests.support.daemon import DaemonFactory, http_get
+from tests.support.daemon import DaemonFactory
+from tests.support.metrics import http_get
 from tests.support.mqtt import publish
 from tests.support.postgres import PgReader, Postgres
 from tests.support.waiting import wait_for

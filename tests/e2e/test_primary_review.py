@@ -31,7 +31,8 @@ from tests.e2e.test_primary import (
 )
 from tests.sparkplug_node import EdgeNode
 from tests.support.brokers import BrokerFactory
-from tests.support.daemon import DaemonFactory, http_get, metric_value
+from tests.support.daemon import DaemonFactory
+from tests.support.metrics import http_get, metric_value
 from tests.support.mqtt import publish
 from tests.support.postgres import PgReader
 from tests.support.waiting import wait_for

@@ -22,8 +22,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.sparkplug_node import METRICS, EdgeNode
 from tests.support.brokers import BrokerFactory, Mosquitto
-from tests.support.daemon import REPO, SHIPPED_CONFIG, Daemon, DaemonFactory, http_get, metric_value
+from tests.support.daemon import REPO, SHIPPED_CONFIG, Daemon, DaemonFactory
 from tests.support.db import DbReader, hold_exclusive_lock
+from tests.support.metrics import http_get, metric_value
 from tests.support.mqtt import publish
 from tests.support.waiting import wait_for
 

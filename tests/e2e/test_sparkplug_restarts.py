@@ -19,8 +19,9 @@ from pathlib import Path
 
 from ingestd.formats.sparkplug_pb import BY_NAME, Payload
 from tests.support.brokers import BrokerFactory, Mosquitto
-from tests.support.daemon import Daemon, DaemonFactory, http_get, metric_value
+from tests.support.daemon import Daemon, DaemonFactory
 from tests.support.db import DbReader, StoreUnderTest, hold_exclusive_lock
+from tests.support.metrics import http_get, metric_value
 from tests.support.mqtt import publish
 from tests.support.waiting import wait_for
 
