@@ -44,7 +44,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.pyspy import Profiler, summarize
 from tests.support.brokers import Mosquitto
-from tests.support.daemon import SHIPPED_CONFIG
+from tests.support.config import SHIPPED_CONFIG
 from tests.support.postgres import Postgres, _children
 from tests.support.waiting import wait_for
 

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from tests.support.brokers import Mosquitto
-from tests.support.daemon import SHIPPED_CONFIG
+from tests.support.config import SHIPPED_CONFIG
 from tests.support.waiting import wait_for
 
 PY = sys.executable

@@ -16,7 +16,8 @@ import pytest
 from ingestd.events import NS, Reading, Rejected
 from ingestd.store.sqlite import SqliteStore
 from tests.support.brokers import Mosquitto
-from tests.support.daemon import SHIPPED_CONFIG, DaemonFactory
+from tests.support.config import SHIPPED_CONFIG
+from tests.support.daemon import DaemonFactory
 from tests.support.mqtt import publish
 from tests.support.waiting import wait_for
 

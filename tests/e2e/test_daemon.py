@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.brokers import BrokerFactory, Mosquitto
-from tests.support.daemon import SHIPPED_CONFIG, DaemonFactory, write_config
+from tests.support.config import SHIPPED_CONFIG, write_config
+from tests.support.daemon import DaemonFactory
 from tests.support.db import DbReader, StoreUnderTest
 from tests.support.mqtt import publish
 from tests.support.ports import free_port

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.brokers import BrokerFactory, Mosquitto
-from tests.support.daemon import SHIPPED_CONFIG, Daemon, DaemonFactory
+from tests.support.config import SHIPPED_CONFIG
+from tests.support.daemon import Daemon, DaemonFactory
 from tests.support.db import DbReader, StoreUnderTest, hold_exclusive_lock
 from tests.support.mqtt import publish
 from tests.support.postgres import PgReader

@@ -18,7 +18,8 @@ from ingestd.devices import DeviceState
 from ingestd.tools.explain import outcome
 from tests.harness import InProcess, settings_for, until
 from tests.support.brokers import Mosquitto
-from tests.support.daemon import DaemonFactory, write_config
+from tests.support.config import write_config
+from tests.support.daemon import DaemonFactory
 from tests.support.db import DbReader
 from tests.support.metrics import http_get, metric_value
 from tests.support.mqtt import publish

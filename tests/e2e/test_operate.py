@@ -12,7 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from tests.support.brokers import Mosquitto
-from tests.support.daemon import REPO, DaemonFactory, write_config
+from tests.support.config import REPO, write_config
+from tests.support.daemon import DaemonFactory
 from tests.support.db import DbReader, hold_exclusive_lock
 from tests.support.metrics import http_get, metric_value
 from tests.support.mqtt import publish

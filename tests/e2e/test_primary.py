@@ -34,7 +34,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.sparkplug_node import METRICS, EdgeNode
 from tests.support.brokers import BrokerFactory
-from tests.support.daemon import REPO, Daemon, DaemonFactory, write_config
+from tests.support.config import REPO, write_config
+from tests.support.daemon import Daemon, DaemonFactory
 from tests.support.metrics import http_get, metric_value
 from tests.support.mqtt import publish
 from tests.support.postgres import PgReader

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.daemon import REPO
+from tests.support.config import REPO
 from tests.support.ports import free_port
 
 USER = "ingestd-readme"

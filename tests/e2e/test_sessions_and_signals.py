@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.brokers import BrokerFactory, Mosquitto
-from tests.support.daemon import REPO, SHIPPED_CONFIG, DaemonFactory
+from tests.support.config import REPO, SHIPPED_CONFIG
+from tests.support.daemon import DaemonFactory
 from tests.support.db import DbReader, hold_exclusive_lock
 from tests.support.mqtt import publish
 from tests.support.waiting import wait_for

@@ -22,7 +22,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.sparkplug_node import METRICS, EdgeNode
 from tests.support.brokers import BrokerFactory, Mosquitto
-from tests.support.daemon import REPO, SHIPPED_CONFIG, Daemon, DaemonFactory
+from tests.support.config import REPO, SHIPPED_CONFIG
+from tests.support.daemon import Daemon, DaemonFactory
 from tests.support.db import DbReader, hold_exclusive_lock
 from tests.support.metrics import http_get, metric_value
 from tests.support.mqtt import publish

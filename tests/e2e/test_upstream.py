@@ -14,7 +14,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from tests.support.brokers import BrokerFactory, Mosquitto
-from tests.support.daemon import REPO, DaemonFactory
+from tests.support.config import REPO
+from tests.support.daemon import DaemonFactory
 from tests.support.db import DbReader, hold_exclusive_lock
 from tests.support.metrics import http_get, metric_value
 from tests.support.mqtt import publish

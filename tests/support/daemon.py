@@ -1,8 +1,7 @@
-"""Real processes for the tests: a Mosquitto broker, the daemon, a publisher.
-
-Nothing here is a mock: the broker is the mosquitto binary on a free loopback
-port, the daemon is `python -m ingestd` in a subprocess, and readiness comes
-over a real NOTIFY_SOCKET.
+"""The daemon as the e2e tests run it: `python -m ingestd` in a subprocess of its
+own directory, its readiness heard over a real NOTIFY_SOCKET, its log and peak
+RSS at hand; `daemon_for` configures one, `DaemonFactory` is the `daemons`
+fixture's type. Nothing here is a mock.
 """
 
 from __future__ import annotations
@@ -20,10 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from tests.support.config import write_config
 from tests.support.waiting import wait_for
-
-REPO = Path(__file__).resolve().parents[2]
-SHIPPED_CONFIG = REPO / "config" / "ingestd.toml"
 
 
 @dataclass
@@ -156,19 +153,6 @@ class Daemon:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
 
-def write_config(path: Path, routes: str | None = None, **sections: dict[str, object]) -> Path:
-    """A TOML config: the given sections (plain key = value tables) and routes."""
-    lines: list[str] = []
-    for name, values in sections.items():
-        lines.append(f"[{name.replace('__', '.')}]")
-        for key, value in values.items():
-            lines.append(f"{key} = {_toml(value)}")
-        lines.append("")
-    lines.append(routes if routes is not None else DEFAULT_ROUTES)
-    path.write_text("\n".join(lines))
-    return path
-
-
 class DaemonFactory(Protocol):
     def __call__(
         self,
@@ -205,24 +189,3 @@ def daemon_for(
         **env,
     }
     return Daemon(config, base, workdir)
-
-
-def _toml(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str | Path):
-        return '"' + str(value).replace("\\", "\\\\").replace('"', '\\"') + '"'
-    return str(value)
-
-
-DEFAULT_ROUTES = """
-[[routes]]
-topic = "sensors/{sensor}/telemetry"
-format = "json"
-qos = 1
-
-[[routes]]
-topic = "sensors/{sensor}/{metric}"
-format = "value"
-qos = 1
-"""

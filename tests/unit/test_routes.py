@@ -141,7 +141,7 @@ def test_filter_covers(outer: str, inner: str, covers: bool) -> None:
 def test_overlapping_route_filters_are_subscribed_once() -> None:
     from ingestd.config import load_settings, route_table
     from ingestd.source import subscriptions
-    from tests.support.daemon import SHIPPED_CONFIG
+    from tests.support.config import SHIPPED_CONFIG
 
     settings = load_settings(SHIPPED_CONFIG)
     assert subscriptions(settings, route_table(settings)) == [("sensors/+/+", 1), ("spBv1.0/#", 1)]

@@ -9,7 +9,7 @@ from structlog.testing import capture_logs
 
 from ingestd.config import load_settings
 from ingestd.observe.upstream import WATCHED, UpstreamWatch
-from tests.support.daemon import SHIPPED_CONFIG
+from tests.support.config import SHIPPED_CONFIG
 
 RETAINED, LIVE = True, False
 
