@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.support.brokers import Mosquitto
-from tests.support.daemon import Daemon, daemon_for
+from tests.support.daemon import DaemonProcess, daemon_for
 from tests.support.mqtt import publish
 from tests.support.waiting import wait_for
 
@@ -134,7 +134,7 @@ def measure(a: argparse.Namespace) -> int:
         max_inflight=1000,
         extra="max_queued_bytes 0\nautosave_interval 3600\n",
     ).start()
-    daemon: Daemon | None = None
+    daemon: DaemonProcess | None = None
     try:
         daemon = daemon_for(
             work / "daemon",

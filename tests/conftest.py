@@ -13,7 +13,7 @@ from ingestd.store.base import Store
 from ingestd.store.postgres import PostgresStore
 from ingestd.store.sqlite import SqliteStore
 from tests.support.brokers import BrokerFactory, Mosquitto
-from tests.support.daemon import Daemon, DaemonFactory, daemon_for
+from tests.support.daemon import DaemonFactory, DaemonProcess, daemon_for
 from tests.support.db import DbReader, StoreUnderTest
 from tests.support.postgres import PgReader, Postgres
 
@@ -38,7 +38,7 @@ def daemons(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DaemonFa
     `tmp_path` unless `workdir` says otherwise), not yet started; every daemon
     it made is killed at teardown, whatever the test did or failed to do. In a
     test that takes the `store` fixture, they write to that store."""
-    made: list[Daemon] = []
+    made: list[DaemonProcess] = []
     engine: dict[str, str] = {}
     if "store" in request.fixturenames:
         engine = request.getfixturevalue("store").env
@@ -50,7 +50,7 @@ def daemons(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DaemonFa
         workdir: Path | str | None = None,
         config: Path | str | None = None,
         **env: str,
-    ) -> Daemon:
+    ) -> DaemonProcess:
         where = Path(workdir) if workdir else tmp_path
         daemon = daemon_for(where, port, routes, config=config, **{**engine, **env})
         made.append(daemon)

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from tests.support.brokers import BrokerFactory, Mosquitto
-from tests.support.daemon import Daemon, DaemonFactory
+from tests.support.daemon import DaemonFactory, DaemonProcess
 from tests.support.db import DbReader, StoreUnderTest, hold_exclusive_lock
 from tests.support.metrics import http_get, metric_value
 from tests.support.mqtt import publish
@@ -21,7 +21,7 @@ from tests.support.waiting import wait_for
 T0 = 1_700_000_000
 
 
-def _stopped(daemon: Daemon) -> dict[str, object]:
+def _stopped(daemon: DaemonProcess) -> dict[str, object]:
     for line in reversed(daemon.logs().splitlines()):
         if '"msg": "stopped"' in line:
             return dict(json.loads(line))

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.brokers import Mosquitto
-from tests.support.daemon import Daemon, DaemonFactory
+from tests.support.daemon import DaemonFactory, DaemonProcess
 from tests.support.metrics import http_get, metric_value
 from tests.support.waiting import wait_for
 
@@ -38,7 +38,7 @@ def auth_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     broker.kill()
 
 
-def _no_secret_anywhere(daemon: Daemon) -> None:
+def _no_secret_anywhere(daemon: DaemonProcess) -> None:
     assert daemon.proc is not None
     for what in ("cmdline", "environ"):
         raw = Path(f"/proc/{daemon.proc.pid}/{what}").read_bytes()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ingestd.formats.sparkplug_pb import BY_NAME, Payload
 from tests.support.brokers import BrokerFactory, Mosquitto
-from tests.support.daemon import Daemon, DaemonFactory
+from tests.support.daemon import DaemonFactory, DaemonProcess
 from tests.support.db import DbReader, StoreUnderTest, hold_exclusive_lock
 from tests.support.metrics import http_get, metric_value
 from tests.support.mqtt import publish
@@ -101,7 +101,7 @@ class AckHoldingProxy:
                 s.close()
 
 
-def metric(daemon: Daemon, name: str, labels: str = "") -> float:
+def metric(daemon: DaemonProcess, name: str, labels: str = "") -> float:
     try:
         return metric_value(http_get(daemon.metrics_url() + "/metrics")[1], name, labels)
     except AssertionError:
@@ -143,7 +143,7 @@ NEW = {"D": 1, "B": 2, "C": 3}  # the node reconfigured: alias 1 is now metric D
 
 def committed_window_then_kill(
     broker: Mosquitto, daemons: DaemonFactory, reader: object, sent: Sent, window: Sent
-) -> Daemon:
+) -> DaemonProcess:
     """Commit `window` without its PUBACKs reaching the broker, kill -9 ingestd,
     start it again: the broker redelivers the window, DUP. The new daemon."""
     proxy = AckHoldingProxy(broker.port)

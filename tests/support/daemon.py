@@ -24,8 +24,9 @@ from tests.support.waiting import wait_for
 
 
 @dataclass
-class Daemon:
-    """`python -m ingestd` as a subprocess, with a NOTIFY_SOCKET to hear READY=1."""
+class DaemonProcess:
+    """`python -m ingestd` as a subprocess (the process around `ingestd.app.Daemon`),
+    with a NOTIFY_SOCKET to hear READY=1."""
 
     config: Path
     env: dict[str, str]
@@ -43,7 +44,7 @@ class Daemon:
     def __post_init__(self) -> None:
         self.log_path = self.workdir / "daemon.log"
 
-    def start(self) -> Daemon:
+    def start(self) -> DaemonProcess:
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         sock_path = self.workdir / f"notify-{time.monotonic_ns()}.sock"
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -163,7 +164,7 @@ class DaemonFactory(Protocol):
         workdir: Path | str | None = None,
         config: Path | str | None = None,
         **env: str,
-    ) -> Daemon: ...
+    ) -> DaemonProcess: ...
 
 
 def daemon_for(
@@ -173,7 +174,7 @@ def daemon_for(
     *,
     config: Path | str | None = None,
     **env: str,
-) -> Daemon:
+) -> DaemonProcess:
     """A daemon, not yet started, run in `workdir`: `config`, or a config
     written there with `routes` (the default two if None); its database
     `workdir/ingestd.db`, a client id of its own and JSON logs; `env` adds or
@@ -188,4 +189,4 @@ def daemon_for(
         "INGESTD_DAEMON__LOG_FORMAT": "json",
         **env,
     }
-    return Daemon(config, base, workdir)
+    return DaemonProcess(config, base, workdir)
