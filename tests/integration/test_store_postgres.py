@@ -19,7 +19,7 @@ from ingestd.store.postgres import SCHEMA_VERSION, PostgresReader, PostgresStore
 from ingestd.store.postgres.schema import DAY_NS, partitions
 from ingestd.window import InFlightWindow
 from ingestd.writer import BatchWriter
-from tests.decoding import Decoding
+from tests.support.decoding import Decoding
 from tests.support.postgres import PgReader
 
 NOW = time.time()

@@ -7,7 +7,7 @@ from ingestd.devices import DeviceState
 from ingestd.errors import RouteSpecError
 from ingestd.ratelimit import RateLimiter
 from ingestd.routes import RouteTable, compile_route
-from tests.decoding import Decoding
+from tests.support.decoding import Decoding
 
 
 def table(*specs: tuple[str, str, str, str]) -> RouteTable:
