@@ -20,13 +20,13 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.sparkplug_node import METRICS, EdgeNode
 from tests.support.brokers import BrokerFactory, Mosquitto
 from tests.support.config import REPO, SHIPPED_CONFIG
 from tests.support.daemon import DaemonFactory, DaemonProcess
 from tests.support.db import DbReader, hold_exclusive_lock
 from tests.support.metrics import http_get, metric_value
 from tests.support.mqtt import publish
+from tests.support.sparkplug_node import METRICS, EdgeNode
 from tests.support.waiting import wait_for
 
 ROUTE = """
