@@ -1,6 +1,6 @@
 """How the broker's $SYS drop counter becomes drops seen: the samples as
 Mosquitto sends them (retained at subscribe, or live after it), in order.
-The daemon against a real broker: tests/e2e/test_upstream.py."""
+The daemon against a real broker: tests/e2e/test_upstream_loss.py."""
 
 from __future__ import annotations
 
