@@ -43,7 +43,10 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.pyspy import Profiler, summarize
-from tests.helpers import SHIPPED_CONFIG, Mosquitto, Postgres, _children, wait_for
+from tests.support.brokers import Mosquitto
+from tests.support.config import SHIPPED_CONFIG
+from tests.support.postgres import Postgres, _children
+from tests.support.waiting import wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable

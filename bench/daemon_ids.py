@@ -50,7 +50,10 @@ import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tests.helpers import Daemon, Mosquitto, daemon_for, publish, wait_for
+from tests.support.brokers import Mosquitto
+from tests.support.daemon import DaemonProcess, daemon_for
+from tests.support.mqtt import publish
+from tests.support.waiting import wait_for
 
 # Device times: the top of the hour an hour ago, plus up to a second (recent,
 # never in the future; every id is its own series, so the times may repeat).
@@ -131,7 +134,7 @@ def measure(a: argparse.Namespace) -> int:
         max_inflight=1000,
         extra="max_queued_bytes 0\nautosave_interval 3600\n",
     ).start()
-    daemon: Daemon | None = None
+    daemon: DaemonProcess | None = None
     try:
         daemon = daemon_for(
             work / "daemon",

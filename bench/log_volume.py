@@ -22,7 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.helpers import SHIPPED_CONFIG, Mosquitto, wait_for
+from tests.support.brokers import Mosquitto
+from tests.support.config import SHIPPED_CONFIG
+from tests.support.waiting import wait_for
 
 PY = sys.executable
 

@@ -12,17 +12,10 @@ import pytest
 from ingestd.store.base import Store
 from ingestd.store.postgres import PostgresStore
 from ingestd.store.sqlite import SqliteStore
-from tests.helpers import (
-    BrokerFactory,
-    Daemon,
-    DaemonFactory,
-    DbReader,
-    Mosquitto,
-    PgReader,
-    Postgres,
-    StoreUnderTest,
-    daemon_for,
-)
+from tests.support.brokers import BrokerFactory, Mosquitto
+from tests.support.daemon import DaemonFactory, DaemonProcess, daemon_for
+from tests.support.db import DbReader, StoreUnderTest
+from tests.support.postgres import PgReader, Postgres
 
 _db_numbers = itertools.count()
 
@@ -41,11 +34,11 @@ def mosquitto(tmp_path: Path) -> Iterator[Mosquitto]:
 
 @pytest.fixture
 def daemons(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DaemonFactory]:
-    """Makes `python -m ingestd` subprocesses (`tests.helpers.daemon_for`, in
+    """Makes `python -m ingestd` subprocesses (`tests.support.daemon.daemon_for`, in
     `tmp_path` unless `workdir` says otherwise), not yet started; every daemon
     it made is killed at teardown, whatever the test did or failed to do. In a
     test that takes the `store` fixture, they write to that store."""
-    made: list[Daemon] = []
+    made: list[DaemonProcess] = []
     engine: dict[str, str] = {}
     if "store" in request.fixturenames:
         engine = request.getfixturevalue("store").env
@@ -57,7 +50,7 @@ def daemons(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DaemonFa
         workdir: Path | str | None = None,
         config: Path | str | None = None,
         **env: str,
-    ) -> Daemon:
+    ) -> DaemonProcess:
         where = Path(workdir) if workdir else tmp_path
         daemon = daemon_for(where, port, routes, config=config, **{**engine, **env})
         made.append(daemon)
@@ -70,7 +63,7 @@ def daemons(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[DaemonFa
 
 @pytest.fixture
 def brokers() -> Iterator[BrokerFactory]:
-    """Makes extra Mosquittos (same arguments as `tests.helpers.Mosquitto`), not
+    """Makes extra Mosquittos (same arguments as `tests.support.daemon.Mosquitto`), not
     yet started; every one it made is killed at teardown."""
     made: list[Mosquitto] = []
 

@@ -40,7 +40,7 @@ beyond them is added here, each piece by reaching into one or the other:
    the broker does not redeliver it forever).
 
 Every private attribute touched here is listed in `REQUIRED_INTERNALS` and the
-two tuples after it; `tests/unit/test_mqtt_link.py` fails loudly if an upgrade
+two tuples after it; `tests/unit/test_mqtt_internals.py` fails loudly if an upgrade
 of either library removes one.
 """
 

@@ -13,22 +13,18 @@ import time
 
 import pytest
 
-from tests.helpers import (
-    Daemon,
-    DaemonFactory,
-    DbReader,
-    Mosquitto,
-    http_get,
-    metric_value,
-    publish,
-    wait_for,
-)
+from tests.support.brokers import Mosquitto
+from tests.support.daemon import DaemonFactory, DaemonProcess
+from tests.support.db import DbReader
+from tests.support.metrics import http_get, metric_value
+from tests.support.mqtt import publish
+from tests.support.waiting import wait_for
 
 BIG = 64 * 1024 * 1024
 SMALL = 20
 
 
-def _vmhwm_kb(daemon: Daemon) -> int:
+def _vmhwm_kb(daemon: DaemonProcess) -> int:
     assert daemon.proc is not None
     with open(f"/proc/{daemon.proc.pid}/status") as fh:
         for line in fh:

@@ -15,13 +15,11 @@ import pytest
 
 from ingestd.events import NS, Reading, Rejected
 from ingestd.store.sqlite import SqliteStore
-from tests.helpers import (
-    SHIPPED_CONFIG,
-    DaemonFactory,
-    Mosquitto,
-    publish,
-    wait_for,
-)
+from tests.support.brokers import Mosquitto
+from tests.support.config import SHIPPED_CONFIG
+from tests.support.daemon import DaemonFactory
+from tests.support.mqtt import publish
+from tests.support.waiting import wait_for
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 T0_NS = 1_700_000_000 * NS

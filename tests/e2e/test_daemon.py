@@ -12,18 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (
-    SHIPPED_CONFIG,
-    BrokerFactory,
-    DaemonFactory,
-    DbReader,
-    Mosquitto,
-    StoreUnderTest,
-    free_port,
-    publish,
-    wait_for,
-    write_config,
-)
+from tests.support.brokers import BrokerFactory, Mosquitto
+from tests.support.config import SHIPPED_CONFIG, write_config
+from tests.support.daemon import DaemonFactory
+from tests.support.db import DbReader, StoreUnderTest
+from tests.support.mqtt import publish
+from tests.support.ports import free_port
+from tests.support.waiting import wait_for
 
 SENSORS = 200
 PER_SENSOR = 100  # 200 x 100 = 20,000 messages, two metrics each

@@ -11,24 +11,17 @@ import json
 import time
 from pathlib import Path
 
-from tests.helpers import (
-    BrokerFactory,
-    Daemon,
-    DaemonFactory,
-    DbReader,
-    Mosquitto,
-    StoreUnderTest,
-    hold_exclusive_lock,
-    http_get,
-    metric_value,
-    publish,
-    wait_for,
-)
+from tests.support.brokers import BrokerFactory, Mosquitto
+from tests.support.daemon import DaemonFactory, DaemonProcess
+from tests.support.db import DbReader, StoreUnderTest, hold_exclusive_lock
+from tests.support.metrics import http_get, metric_value
+from tests.support.mqtt import publish
+from tests.support.waiting import wait_for
 
 T0 = 1_700_000_000
 
 
-def _stopped(daemon: Daemon) -> dict[str, object]:
+def _stopped(daemon: DaemonProcess) -> dict[str, object]:
     for line in reversed(daemon.logs().splitlines()):
         if '"msg": "stopped"' in line:
             return dict(json.loads(line))

@@ -19,19 +19,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (
-    SHIPPED_CONFIG,
-    BrokerFactory,
-    Daemon,
-    DaemonFactory,
-    DbReader,
-    Mosquitto,
-    PgReader,
-    StoreUnderTest,
-    hold_exclusive_lock,
-    publish,
-    wait_for,
-)
+from tests.support.brokers import BrokerFactory, Mosquitto
+from tests.support.config import SHIPPED_CONFIG
+from tests.support.daemon import DaemonFactory, DaemonProcess
+from tests.support.db import DbReader, StoreUnderTest, hold_exclusive_lock
+from tests.support.mqtt import publish
+from tests.support.postgres import PgReader
+from tests.support.waiting import wait_for
 
 T0 = 1_600_000_000.0
 FAST = {
@@ -72,7 +66,7 @@ def broker(brokers: BrokerFactory, tmp_path: Path) -> Mosquitto:
     return brokers(tmp_path / "broker", max_inflight=1000).start()
 
 
-def stopped_line(daemon: Daemon) -> dict[str, object]:
+def stopped_line(daemon: DaemonProcess) -> dict[str, object]:
     for line in reversed(daemon.logs().splitlines()):
         if '"msg": "stopped"' in line:
             return dict(json.loads(line))

@@ -11,14 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (
-    Daemon,
-    DaemonFactory,
-    Mosquitto,
-    http_get,
-    metric_value,
-    wait_for,
-)
+from tests.support.brokers import Mosquitto
+from tests.support.daemon import DaemonFactory, DaemonProcess
+from tests.support.metrics import http_get, metric_value
+from tests.support.waiting import wait_for
 
 SECRET = "s3cret-Pa55-word"
 AS_USER = {"INGESTD_MQTT__USERNAME": "ingestd"}
@@ -42,7 +38,7 @@ def auth_broker(tmp_path: Path) -> Iterator[Mosquitto]:
     broker.kill()
 
 
-def _no_secret_anywhere(daemon: Daemon) -> None:
+def _no_secret_anywhere(daemon: DaemonProcess) -> None:
     assert daemon.proc is not None
     for what in ("cmdline", "environ"):
         raw = Path(f"/proc/{daemon.proc.pid}/{what}").read_bytes()

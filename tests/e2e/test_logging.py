@@ -14,16 +14,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from tests.helpers import (
-    DaemonFactory,
-    DbReader,
-    Mosquitto,
-    hold_exclusive_lock,
-    http_get,
-    metric_value,
-    publish,
-    wait_for,
-)
+from tests.support.brokers import Mosquitto
+from tests.support.daemon import DaemonFactory
+from tests.support.db import DbReader, hold_exclusive_lock
+from tests.support.metrics import http_get, metric_value
+from tests.support.mqtt import publish
+from tests.support.waiting import wait_for
 
 SUMMARY_EVERY = 2.0
 # Lines at info and above that are not summaries, whatever the message rate:

@@ -23,16 +23,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tests.helpers import (
-    BrokerFactory,
-    DaemonFactory,
-    Mosquitto,
-    PgReader,
-    Postgres,
-    http_get,
-    publish,
-    wait_for,
-)
+from tests.support.brokers import BrokerFactory, Mosquitto
+from tests.support.daemon import DaemonFactory
+from tests.support.metrics import http_get
+from tests.support.mqtt import publish
+from tests.support.postgres import PgReader, Postgres
+from tests.support.waiting import wait_for
 
 NOW = time.time()
 FAST = {

@@ -32,19 +32,14 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.helpers import (
-    REPO,
-    BrokerFactory,
-    Daemon,
-    DaemonFactory,
-    PgReader,
-    http_get,
-    metric_value,
-    publish,
-    wait_for,
-    write_config,
-)
-from tests.sparkplug_node import METRICS, EdgeNode
+from tests.support.brokers import BrokerFactory
+from tests.support.config import REPO, write_config
+from tests.support.daemon import DaemonFactory, DaemonProcess
+from tests.support.metrics import http_get, metric_value
+from tests.support.mqtt import publish
+from tests.support.postgres import PgReader
+from tests.support.sparkplug_node import METRICS, EdgeNode
+from tests.support.waiting import wait_for
 
 GROUP = "ingest"
 HOST = "scada"
@@ -101,7 +96,7 @@ TAKEOVER_S = 10  # "within ~1-3 s": generous, for a loaded CI machine
 class Member:
     """One ingestd of the group and its metrics endpoint."""
 
-    daemon: Daemon
+    daemon: DaemonProcess
     url: str
     name: str
 
@@ -144,7 +139,7 @@ class Member:
 
 def join(
     daemons: DaemonFactory, port: int, routes: str, tmp_path: Path, name: str, **env: str
-) -> Daemon:
+) -> DaemonProcess:
     """A member in a directory of its own (so its own log and client id ingestd-<name>)."""
     return daemons(port, routes, workdir=tmp_path / name, **env).start()
 

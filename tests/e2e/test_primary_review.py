@@ -29,16 +29,13 @@ from tests.e2e.test_primary import (
     plain,
     the_primary,
 )
-from tests.helpers import (
-    BrokerFactory,
-    DaemonFactory,
-    PgReader,
-    http_get,
-    metric_value,
-    publish,
-    wait_for,
-)
-from tests.sparkplug_node import EdgeNode
+from tests.support.brokers import BrokerFactory
+from tests.support.daemon import DaemonFactory
+from tests.support.metrics import http_get, metric_value
+from tests.support.mqtt import publish
+from tests.support.postgres import PgReader
+from tests.support.sparkplug_node import EdgeNode
+from tests.support.waiting import wait_for
 
 
 def scrape(m: Member) -> dict[str, float]:

@@ -14,10 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (
-    REPO,
-    free_port,
-)
+from tests.support.config import REPO
+from tests.support.ports import free_port
 
 USER = "ingestd-readme"
 

@@ -18,18 +18,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (
-    REPO,
-    BrokerFactory,
-    Daemon,
-    DaemonFactory,
-    PgReader,
-    http_get,
-    metric_value,
-    publish,
-    wait_for,
-    write_config,
-)
+from tests.support.brokers import BrokerFactory
+from tests.support.config import REPO, write_config
+from tests.support.daemon import DaemonFactory, DaemonProcess
+from tests.support.metrics import http_get, metric_value
+from tests.support.mqtt import publish
+from tests.support.postgres import PgReader
+from tests.support.waiting import wait_for
 
 HOMIE = """
 [[routes]]
@@ -81,7 +76,7 @@ def test_homie_devices_described_before_and_after_members_join(
         "INGESTD_MQTT__BROKER_MAX_INFLIGHT": "1000",
     }
 
-    fleet: list[Daemon] = []
+    fleet: list[DaemonProcess] = []
 
     def member(i: int) -> None:
         fleet.append(daemons(b.port, HOMIE, workdir=tmp_path / f"m{i}", **env).start())

@@ -10,17 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import (
-    REPO,
-    SHIPPED_CONFIG,
-    BrokerFactory,
-    DaemonFactory,
-    DbReader,
-    Mosquitto,
-    hold_exclusive_lock,
-    publish,
-    wait_for,
-)
+from tests.support.brokers import BrokerFactory, Mosquitto
+from tests.support.config import REPO, SHIPPED_CONFIG
+from tests.support.daemon import DaemonFactory
+from tests.support.db import DbReader, hold_exclusive_lock
+from tests.support.mqtt import publish
+from tests.support.waiting import wait_for
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
@@ -144,7 +139,7 @@ def test_tls_with_a_ca_file(
     tmp_path: Path, mosquitto: Mosquitto, brokers: BrokerFactory, daemons: DaemonFactory
 ) -> None:
     ca, crt, key = _make_certs(tmp_path / "pki")
-    from tests.helpers import free_port
+    from tests.support.ports import free_port
 
     tls_port = free_port()
     broker = brokers(

@@ -18,19 +18,12 @@ import time
 from pathlib import Path
 
 from ingestd.formats.sparkplug_pb import BY_NAME, Payload
-from tests.helpers import (
-    BrokerFactory,
-    Daemon,
-    DaemonFactory,
-    DbReader,
-    Mosquitto,
-    StoreUnderTest,
-    hold_exclusive_lock,
-    http_get,
-    metric_value,
-    publish,
-    wait_for,
-)
+from tests.support.brokers import BrokerFactory, Mosquitto
+from tests.support.daemon import DaemonFactory, DaemonProcess
+from tests.support.db import DbReader, StoreUnderTest, hold_exclusive_lock
+from tests.support.metrics import http_get, metric_value
+from tests.support.mqtt import publish
+from tests.support.waiting import wait_for
 
 ROUTE = """
 [[routes]]
@@ -108,7 +101,7 @@ class AckHoldingProxy:
                 s.close()
 
 
-def metric(daemon: Daemon, name: str, labels: str = "") -> float:
+def metric(daemon: DaemonProcess, name: str, labels: str = "") -> float:
     try:
         return metric_value(http_get(daemon.metrics_url() + "/metrics")[1], name, labels)
     except AssertionError:
@@ -150,7 +143,7 @@ NEW = {"D": 1, "B": 2, "C": 3}  # the node reconfigured: alias 1 is now metric D
 
 def committed_window_then_kill(
     broker: Mosquitto, daemons: DaemonFactory, reader: object, sent: Sent, window: Sent
-) -> Daemon:
+) -> DaemonProcess:
     """Commit `window` without its PUBACKs reaching the broker, kill -9 ingestd,
     start it again: the broker redelivers the window, DUP. The new daemon."""
     proxy = AckHoldingProxy(broker.port)

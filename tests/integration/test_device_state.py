@@ -12,7 +12,7 @@ from ingestd.formats.sparkplug_nodes import node_state
 from ingestd.formats.sparkplug_pb import BY_NAME, Payload
 from ingestd.routes import RouteTable
 from ingestd.store.base import Store
-from tests.decoding import Decoding
+from tests.support.decoding import Decoding
 
 NODE = "spBv1.0/plant/{kind}/press-1"
 T_MS = 1_799_999_000_000

@@ -12,8 +12,9 @@ from prometheus_client import CollectorRegistry
 
 from ingestd.observe.health import Health
 from ingestd.observe.metrics import Metrics
-from tests.harness import InProcess, settings_for, until
-from tests.helpers import Mosquitto, publish
+from tests.support.brokers import Mosquitto
+from tests.support.harness import InProcess, settings_for, until
+from tests.support.mqtt import publish
 
 # name, type, label names (those of its samples; "le": a histogram's buckets).
 RUNNING = [

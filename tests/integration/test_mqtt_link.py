@@ -14,7 +14,9 @@ from paho.mqtt.properties import Properties
 
 from ingestd.mqtt.link import MqttLink
 from ingestd.mqtt.wire import OversizedMessage
-from tests.helpers import Mosquitto, publish, wait_for
+from tests.support.brokers import Mosquitto
+from tests.support.mqtt import publish
+from tests.support.waiting import wait_for
 
 
 async def _collect(

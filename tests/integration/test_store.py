@@ -19,8 +19,8 @@ from ingestd.routes import RouteTable
 from ingestd.store.sqlite import SCHEMA_VERSION, SqliteStore
 from ingestd.window import InFlightWindow
 from ingestd.writer import BatchWriter
-from tests.decoding import Decoding
-from tests.helpers import hold_exclusive_lock
+from tests.support.db import hold_exclusive_lock
+from tests.support.decoding import Decoding
 
 
 def readings(n: int, sensor: str = "s", t0: int = 10**9) -> list[Reading]:

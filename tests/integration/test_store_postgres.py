@@ -19,8 +19,8 @@ from ingestd.store.postgres import SCHEMA_VERSION, PostgresReader, PostgresStore
 from ingestd.store.postgres.schema import DAY_NS, partitions
 from ingestd.window import InFlightWindow
 from ingestd.writer import BatchWriter
-from tests.decoding import Decoding
-from tests.helpers import PgReader
+from tests.support.decoding import Decoding
+from tests.support.postgres import PgReader
 
 NOW = time.time()
 

@@ -6,7 +6,7 @@ import pytest
 
 from ingestd.config import effective_settings_json, load_settings, route_table
 from ingestd.errors import ConfigError
-from tests.helpers import SHIPPED_CONFIG
+from tests.support.config import SHIPPED_CONFIG
 
 ROUTE = '\n[[routes]]\ntopic = "s/{sensor}/{metric}"\nformat = "value"\n'
 

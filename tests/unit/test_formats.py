@@ -20,7 +20,7 @@ from ingestd.formats.base import InputLimits
 from ingestd.formats.influx import parse, parse_line
 from ingestd.routes import RouteTable
 from ingestd.tools.explain import explain
-from tests.decoding import Decoding
+from tests.support.decoding import Decoding
 
 NOW = 1_700_000_100.0
 

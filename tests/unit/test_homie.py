@@ -12,7 +12,7 @@ from ingestd.config import RouteSettings
 from ingestd.events import NS, Reading
 from ingestd.formats.homie import device_state
 from ingestd.routes import RouteTable
-from tests.decoding import Decoding
+from tests.support.decoding import Decoding
 
 NOW_NS = 1_800_000_000 * NS
 

@@ -151,7 +151,7 @@ def test_default_client_id_is_per_host_and_stable() -> None:
 def test_the_dashboard_uses_the_data_source_chosen_at_import() -> None:
     import json
 
-    from tests.helpers import REPO
+    from tests.support.config import REPO
 
     board = json.loads((REPO / "config" / "grafana" / "ingestd-dashboard.json").read_text())
     (needed,) = board["__inputs"]

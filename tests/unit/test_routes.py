@@ -7,7 +7,7 @@ from ingestd.devices import DeviceState
 from ingestd.errors import RouteSpecError
 from ingestd.ratelimit import RateLimiter
 from ingestd.routes import RouteTable, compile_route
-from tests.decoding import Decoding
+from tests.support.decoding import Decoding
 
 
 def table(*specs: tuple[str, str, str, str]) -> RouteTable:
@@ -141,7 +141,7 @@ def test_filter_covers(outer: str, inner: str, covers: bool) -> None:
 def test_overlapping_route_filters_are_subscribed_once() -> None:
     from ingestd.config import load_settings, route_table
     from ingestd.subscribing import subscriptions
-    from tests.helpers import SHIPPED_CONFIG
+    from tests.support.config import SHIPPED_CONFIG
 
     settings = load_settings(SHIPPED_CONFIG)
     assert subscriptions(settings, route_table(settings)) == [("sensors/+/+", 1), ("spBv1.0/#", 1)]

@@ -18,7 +18,7 @@ from ingestd.formats.sparkplug import REBIRTH
 from ingestd.formats.sparkplug_nodes import load_state, node_state, save_state
 from ingestd.formats.sparkplug_pb import BY_NAME, Payload
 from ingestd.routes import RouteTable
-from tests.decoding import Decoding
+from tests.support.decoding import Decoding
 
 NOW_NS = 1_800_000_000 * NS
 T_MS = 1_799_999_000_000

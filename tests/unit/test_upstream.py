@@ -1,6 +1,6 @@
 """How the broker's $SYS drop counter becomes drops seen: the samples as
 Mosquitto sends them (retained at subscribe, or live after it), in order.
-The daemon against a real broker: tests/e2e/test_upstream.py."""
+The daemon against a real broker: tests/e2e/test_upstream_loss.py."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from structlog.testing import capture_logs
 
 from ingestd.config import load_settings
 from ingestd.observe.upstream import WATCHED, UpstreamWatch
-from tests.helpers import SHIPPED_CONFIG
+from tests.support.config import SHIPPED_CONFIG
 
 RETAINED, LIVE = True, False
 

@@ -11,18 +11,13 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.helpers import (
-    REPO,
-    DaemonFactory,
-    DbReader,
-    Mosquitto,
-    hold_exclusive_lock,
-    http_get,
-    metric_value,
-    publish,
-    wait_for,
-    write_config,
-)
+from tests.support.brokers import Mosquitto
+from tests.support.config import REPO, write_config
+from tests.support.daemon import DaemonFactory
+from tests.support.db import DbReader, hold_exclusive_lock
+from tests.support.metrics import http_get, metric_value
+from tests.support.mqtt import publish
+from tests.support.waiting import wait_for
 
 T0 = 1_700_000_000.0
 

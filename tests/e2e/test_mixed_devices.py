@@ -16,17 +16,14 @@ import pytest
 from ingestd.config import load_settings, route_table
 from ingestd.devices import DeviceState
 from ingestd.tools.explain import outcome
-from tests.harness import InProcess, settings_for, until
-from tests.helpers import (
-    DaemonFactory,
-    DbReader,
-    Mosquitto,
-    http_get,
-    metric_value,
-    publish,
-    wait_for,
-    write_config,
-)
+from tests.support.brokers import Mosquitto
+from tests.support.config import write_config
+from tests.support.daemon import DaemonFactory
+from tests.support.db import DbReader
+from tests.support.harness import InProcess, settings_for, until
+from tests.support.metrics import http_get, metric_value
+from tests.support.mqtt import publish
+from tests.support.waiting import wait_for
 
 T0 = 1_700_000_000.0
 

@@ -20,7 +20,7 @@ from typing import Any
 from ingestd.app import Daemon
 from ingestd.config import Settings
 from ingestd.observe.health import Accounting
-from tests.helpers import DEFAULT_ROUTES
+from tests.support.config import DEFAULT_ROUTES
 
 
 def settings_for(

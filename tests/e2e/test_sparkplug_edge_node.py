@@ -20,21 +20,14 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.helpers import (
-    REPO,
-    SHIPPED_CONFIG,
-    BrokerFactory,
-    Daemon,
-    DaemonFactory,
-    DbReader,
-    Mosquitto,
-    hold_exclusive_lock,
-    http_get,
-    metric_value,
-    publish,
-    wait_for,
-)
-from tests.sparkplug_node import METRICS, EdgeNode
+from tests.support.brokers import BrokerFactory, Mosquitto
+from tests.support.config import REPO, SHIPPED_CONFIG
+from tests.support.daemon import DaemonFactory, DaemonProcess
+from tests.support.db import DbReader, hold_exclusive_lock
+from tests.support.metrics import http_get, metric_value
+from tests.support.mqtt import publish
+from tests.support.sparkplug_node import METRICS, EdgeNode
+from tests.support.waiting import wait_for
 
 ROUTE = """
 [[routes]]
@@ -259,12 +252,12 @@ REDELIVERY_ENV = {
 }
 
 
-def metrics_of(daemon: Daemon, name: str, labels: str = "") -> float:
+def metrics_of(daemon: DaemonProcess, name: str, labels: str = "") -> float:
     return metric_value(http_get(daemon.metrics_url() + "/metrics")[1], name, labels)
 
 
 def unacked_across_a_broker_restart(
-    broker: Mosquitto, daemon: Daemon, node: EdgeNode, db: Path, send: Callable[[], int]
+    broker: Mosquitto, daemon: DaemonProcess, node: EdgeNode, db: Path, send: Callable[[], int]
 ) -> None:
     """`send` publishes messages (returning how many) while another writer holds
     the database, so ingestd reads them but can neither commit nor acknowledge
@@ -302,7 +295,7 @@ def stored_as_sent(db: DbReader, node: EdgeNode) -> int:
 @pytest.fixture
 def redelivery(
     tmp_path: Path, brokers: BrokerFactory, daemons: DaemonFactory
-) -> Iterator[tuple[Mosquitto, Daemon, EdgeNode, DbReader]]:
+) -> Iterator[tuple[Mosquitto, DaemonProcess, EdgeNode, DbReader]]:
     broker = brokers(tmp_path / "broker", max_inflight=1000).start()
     daemon = daemons(broker.port, ROUTE, **REDELIVERY_ENV).start()
     daemon.wait_ready()
@@ -317,7 +310,7 @@ def redelivery(
 
 
 def test_redeliveries_of_200_unacknowledged_data_are_not_a_gap(
-    tmp_path: Path, redelivery: tuple[Mosquitto, Daemon, EdgeNode, DbReader]
+    tmp_path: Path, redelivery: tuple[Mosquitto, DaemonProcess, EdgeNode, DbReader]
 ) -> None:
     """Case (c): more than 128 of a node's messages unacknowledged at a
     reconnect (200: their numbers wrap past the current one), sent again, are
@@ -349,7 +342,7 @@ def test_redeliveries_of_200_unacknowledged_data_are_not_a_gap(
 
 
 def test_a_redelivery_from_before_a_rebirth_keeps_its_own_aliases(
-    tmp_path: Path, redelivery: tuple[Mosquitto, Daemon, EdgeNode, DbReader]
+    tmp_path: Path, redelivery: tuple[Mosquitto, DaemonProcess, EdgeNode, DbReader]
 ) -> None:
     """Case (b): DATA read before a rebirth that changed the aliases, sent
     again after a reconnect, is never read with the new BIRTH's aliases (a
@@ -381,7 +374,7 @@ def test_a_redelivery_from_before_a_rebirth_keeps_its_own_aliases(
 
 
 def test_a_gap_of_150_after_a_reconnect_is_a_gap(
-    tmp_path: Path, redelivery: tuple[Mosquitto, Daemon, EdgeNode, DbReader]
+    tmp_path: Path, redelivery: tuple[Mosquitto, DaemonProcess, EdgeNode, DbReader]
 ) -> None:
     """Case (a): a jump of 128-255 is a gap like any other (quarantined, one
     rebirth asked), while the reconnect's redeliveries before it are not."""
@@ -468,7 +461,7 @@ def node_data_payload(i: int) -> bytes:
 
 
 def test_a_redelivery_from_before_a_rebirth_whose_clock_went_back_keeps_its_aliases(
-    tmp_path: Path, redelivery: tuple[Mosquitto, Daemon, EdgeNode, DbReader]
+    tmp_path: Path, redelivery: tuple[Mosquitto, DaemonProcess, EdgeNode, DbReader]
 ) -> None:
     """Case (b) again, the node's clock an hour back after its reboot (found
     by review: payload times cannot tell which BIRTH a redelivery belongs to;

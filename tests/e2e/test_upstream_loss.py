@@ -13,18 +13,13 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from tests.helpers import (
-    REPO,
-    BrokerFactory,
-    DaemonFactory,
-    DbReader,
-    Mosquitto,
-    hold_exclusive_lock,
-    http_get,
-    metric_value,
-    publish,
-    wait_for,
-)
+from tests.support.brokers import BrokerFactory, Mosquitto
+from tests.support.config import REPO
+from tests.support.daemon import DaemonFactory
+from tests.support.db import DbReader, hold_exclusive_lock
+from tests.support.metrics import http_get, metric_value
+from tests.support.mqtt import publish
+from tests.support.waiting import wait_for
 
 
 def _sensors(tmp_path: Path) -> list[dict[str, object]]:
