@@ -64,8 +64,8 @@ class MqttSource:
         upstream: UpstreamWatch | None = None,
         devices: DeviceState | None = None,
     ) -> None:
-        self.settings = settings.mqtt
-        self.settings_root = settings
+        self.mqtt = settings.mqtt
+        self.settings = settings
         # Received messages into chunks, decoded with what the pipeline learned
         # of devices (kept across reloads: only the route table is swapped).
         self.chunks = Chunker(
@@ -78,9 +78,9 @@ class MqttSource:
         # Awaited before each connection; raises to stop (the primary role's
         # pipeline: the role is still this member's).
         self.before_connect: Callable[[], Awaitable[None]] | None = None
-        self.manual_ack = self.settings.ack == "after_commit"
-        self.broker = f"{self.settings.host}:{self.settings.port}"
-        tls = self.settings.tls
+        self.manual_ack = self.mqtt.ack == "after_commit"
+        self.broker = f"{self.mqtt.host}:{self.mqtt.port}"
+        tls = self.mqtt.tls
         self._tls = (
             tls_context(tls.ca_file, tls.cert_file, tls.key_file, tls.insecure)
             if tls.enabled
@@ -89,7 +89,7 @@ class MqttSource:
         self._inbox: list[paho.MQTTMessage] = []
         self._wake = asyncio.Event()
         self._link: MqttLink | None = None
-        host_id = self.settings.sparkplug_host_id
+        host_id = self.mqtt.sparkplug_host_id
         self._host = HostState(host_id) if host_id else None  # Sparkplug host STATE
         self._epoch = 0
         self._connected_at = 0.0
@@ -147,16 +147,16 @@ class MqttSource:
 
     def reconfigure(self, settings: Settings) -> None:
         """A reload: new routes (and subscriptions) if they changed."""
-        if settings.routes != self.settings_root.routes:
+        if settings.routes != self.settings.routes:
             self.update_routes(settings)
-        self.settings_root = settings
+        self.settings = settings
 
     def update_routes(self, settings: Settings) -> None:
         """Apply a reloaded config's routes: decode with the new table from the
         next chunk on, and change the live subscriptions to match
         (`Subscriber.replan`)."""
         table = route_table(settings)
-        self.settings_root = settings
+        self.settings = settings
         self.chunks.table = table
         link = self._link
         self.subscriber.replan(settings, table, link if self.connected else None)
@@ -164,7 +164,7 @@ class MqttSource:
     # -- the connection loop ------------------------------------------------------
 
     async def run(self, stop: asyncio.Event, on_ready: Callable[[], None]) -> None:
-        backoff = Backoff(self.settings.reconnect_min_delay, self.settings.reconnect_max_delay)
+        backoff = Backoff(self.mqtt.reconnect_min_delay, self.mqtt.reconnect_max_delay)
         last_error: str | None = None
         down_since = time.monotonic()
         short_lived = 0
@@ -227,7 +227,7 @@ class MqttSource:
             error=str(error),
             connected_seconds=round(lived, 1),
         )
-        if lived >= max(STABLE_CONNECTION, self.settings.reconnect_max_delay):
+        if lived >= max(STABLE_CONNECTION, self.mqtt.reconnect_max_delay):
             backoff.reset()
             return 0
         short_lived += 1
@@ -238,7 +238,7 @@ class MqttSource:
                 "mqtt.client_id, and each connection takes the session over "
                 "from the other. Give every ingestd its own client_id; "
                 "reconnecting with backoff meanwhile",
-                client_id=self.settings.client_id,
+                client_id=self.mqtt.client_id,
                 times=short_lived,
                 connected_seconds=round(lived, 1),
             )
@@ -252,8 +252,8 @@ class MqttSource:
                 f"broker refused the connection: {refused}; retrying with backoff",
                 broker=self.broker,
                 error=str(error),
-                client_id=self.settings.client_id,
-                username=self.settings.username,
+                client_id=self.mqtt.client_id,
+                username=self.mqtt.username,
             )
         else:
             log.warning(
@@ -263,11 +263,11 @@ class MqttSource:
             )
 
     def _make_link(self) -> MqttLink:
-        s = self.settings
+        s = self.mqtt
         v5 = s.protocol == "5"
         # Bigger packets are refused before they are read whole: by the broker
         # (MQTT 5), or skipped unread by the link (3.1.1) and quarantined.
-        packet_limit = max_packet_size(self.settings_root.input.max_payload_bytes)
+        packet_limit = max_packet_size(self.settings.input.max_payload_bytes)
         self.chunks.max_packet_size = packet_limit
         properties = None
         if v5:
@@ -322,7 +322,7 @@ class MqttSource:
                 "connected to broker",
                 broker=self.broker,
                 epoch=self._epoch,
-                protocol=self.settings.protocol,
+                protocol=self.mqtt.protocol,
                 max_packet_size=link.max_packet_size,
             )
             link_lost = asyncio.ensure_future(link.wait_disconnected())
