@@ -279,41 +279,49 @@ class Primacy:
         pipeline: Pipeline | None = None
         term_stop = asyncio.Event()
         lost: RoleLost | None = None
+        # Renewed from the start: opening the store (series and device state
+        # read back) may take a while, and a standby deposes a silent holder.
+        watch = asyncio.create_task(self._watch(), name="primary watch")
+        stopping = asyncio.create_task(self.stop.wait())
+        run: asyncio.Task[None] | None = None
         try:
-            await store.open()
-            pipeline = Pipeline.build(
-                ps,
-                store,
-                role="primary",
-                on_commit=self.on_commit,
-                maintain=False,
-                device_log=self.device_log,
-            )
-            pipeline.source.before_connect = self._check
-            self.pipeline = pipeline
-            self.health.primary = pipeline
-            run = asyncio.create_task(
-                pipeline.run(term_stop, lambda: None, self.stop_timeout), name="primary"
-            )
-            watch = asyncio.create_task(self._watch(), name="primary watch")
-            stopping = asyncio.create_task(self.stop.wait())
-            try:
+            opening = asyncio.ensure_future(store.open())
+            await asyncio.wait({opening, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if not opening.done():
+                opening.cancel()
+                await asyncio.gather(opening, return_exceptions=True)
+                lost = _ended(watch)
+            else:
+                opening.result()  # StoreUnavailable: the term ends, tried again
+                pipeline = Pipeline.build(
+                    ps,
+                    store,
+                    role="primary",
+                    on_commit=self.on_commit,
+                    maintain=False,
+                    device_log=self.device_log,
+                )
+                pipeline.source.before_connect = self._check
+                self.pipeline = pipeline
+                self.health.primary = pipeline
+                run = asyncio.create_task(
+                    pipeline.run(term_stop, lambda: None, self.stop_timeout), name="primary"
+                )
                 await asyncio.wait({run, watch, stopping}, return_when=asyncio.FIRST_COMPLETED)
                 if stopping.done() and not run.done():
                     term_stop.set()  # drain: commit and acknowledge what was read
                     await asyncio.wait({run, watch}, return_when=asyncio.FIRST_COMPLETED)
                 if watch.done() and not run.done():
-                    err = watch.exception()
-                    lost = err if isinstance(err, RoleLost) else RoleLost(f"its check: {err!r}")
+                    lost = _ended(watch)
                     run.cancel()
                 await asyncio.gather(run, return_exceptions=True)
                 if not run.cancelled() and run.exception() is not None:
                     lost = lost or _why(run.exception())
-            finally:
-                for task in (run, watch, stopping):
-                    task.cancel()
-                await asyncio.gather(run, watch, stopping, return_exceptions=True)
         finally:
+            tasks = [t for t in (run, watch, stopping) if t is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self.pipeline = None
             self.health.primary = None
             if pipeline is not None:
@@ -359,6 +367,12 @@ class Primacy:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.terminate()
+
+
+def _ended(watch: asyncio.Task[None]) -> RoleLost:
+    """Why the watch over the role ended (it only ends when the role is lost)."""
+    err = watch.exception()
+    return err if isinstance(err, RoleLost) else RoleLost(f"its check: {err!r}")
 
 
 def _why(exc: BaseException | None) -> RoleLost | None:
