@@ -96,7 +96,7 @@ def write_table(out: TextIO, table: Table, output: str, *, progress: TextIO | No
         w = csv.writer(out, lineterminator="\n")
         w.writerow(table.columns)
         for row in rows:
-            w.writerow(row)
+            w.writerow([v.text() if isinstance(v, _Payload) else v for v in row])
             n += 1
     elif output == "json":
         cols = list(table.columns)
@@ -123,7 +123,13 @@ def write_table(out: TextIO, table: Table, output: str, *, progress: TextIO | No
 def _json_object(cols: list[str], row: Sequence[Any]) -> str:
     parts = []
     for c, v in zip(cols, row, strict=True):
-        text = v if isinstance(v, _Exact) else json.dumps(v, default=str)
+        text: str
+        if isinstance(v, _Exact):
+            text = v
+        elif isinstance(v, _Payload):
+            text = json.dumps(v.text())
+        else:
+            text = json.dumps(v, default=str)
         parts.append(f"{json.dumps(c)}: {text}")
     return "{" + ", ".join(parts) + "}"
 
@@ -131,8 +137,8 @@ def _json_object(cols: list[str], row: Sequence[Any]) -> str:
 def _cell(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.15g}"
-    if isinstance(v, _Shown):
-        return v
+    if isinstance(v, _Payload):
+        return v.preview()
     return "" if v is None else printable(str(v))
 
 
@@ -229,11 +235,22 @@ class _Exact(str):
     __slots__ = ()
 
 
-class _Shown(str):
-    """Text already escaped for display (a payload preview): the table shows
-    it as it is instead of escaping its backslashes again."""
+class _Payload(bytes):
+    """A stored payload: the table shows a one-line preview of its start;
+    CSV and JSON, which are data, write all of it (see `text`)."""
 
     __slots__ = ()
+
+    def text(self) -> str:
+        """The whole payload as text: exact for UTF-8 (every JSON, CSV or
+        SenML payload), bytes that are not UTF-8 as `\\xNN`."""
+        return self.decode("utf-8", "backslashreplace")
+
+    def preview(self, size: int = 120) -> str:
+        text = self[:size].decode("utf-8", "backslashreplace")
+        # Devices send anything: keep one line, control characters escaped.
+        text = text.encode("unicode_escape").decode("ascii")
+        return text + ("..." if len(self) > size else "")
 
 
 def _to_ns(seconds: float) -> int:
@@ -246,17 +263,10 @@ def quarantine(reader: Reader, since: float, limit: int | None) -> Table:
     return Table(
         ("received", "topic", "reason", "payload"),
         (
-            (iso(t), topic, reason, _preview(p))
+            (iso(t), topic, reason, _Payload(p))
             for t, topic, reason, p in reader.quarantined(since, limit)
         ),
     )
-
-
-def _preview(payload: bytes, size: int = 120) -> _Shown:
-    text = payload[:size].decode("utf-8", "backslashreplace")
-    # Devices send anything: keep one line, control characters escaped.
-    text = text.encode("unicode_escape").decode("ascii")
-    return _Shown(text + ("..." if len(payload) > size else ""))
 
 
 def db_stats(reader: Reader) -> dict[str, Any]:

@@ -172,10 +172,37 @@ def test_quarantine_shows_reasons_with_device_bytes_escaped(db: Path) -> None:
         "t=999 is above the limit max=100",
         "payload is not valid JSON",
     ]
-    shown = rows[1]["payload"]
-    assert "\x1b" not in shown
-    assert "\\x1b" in shown
-    assert "\\x00" in shown
+    # JSON is data: the payload exactly, its control characters as \\u escapes
+    # in the ASCII output (no raw escape reaches a terminal); the table escapes.
+    assert rows[1]["payload"] == "{oops\x00\x1b[31m"
+    assert "\x1b" not in out
+    table = ingestd(*cli(db, "quarantine", "--since", str(T0))).stdout
+    assert "\x1b" not in table
+    assert "{oops\\x00\\x1b[31m" in table
+
+
+async def test_quarantine_json_and_csv_hold_the_whole_payload_that_parses(tmp_path: Path) -> None:
+    # A JSON payload past the table's 120-byte preview, with non-ASCII text,
+    # escaped quotes and backslashes: JSON and CSV output give it back whole,
+    # so both the document and the payload in it parse.
+    doc = {"sensor": "k", "note": "\u00e9t\u00e9 " * 40 + 'a "quote" and a \\ \u202e', "v": 1}
+    payloads = [json.dumps(doc, ensure_ascii=False).encode(), b"\xff\xfe not utf-8"]
+    path = tmp_path / "data.db"
+    async with SqliteStore(path) as store, store.batch() as tx:
+        await tx.add_rejected([Rejected("s/k", p, "bad", T0 + i) for i, p in enumerate(payloads)])
+    out = ingestd(*cli(path, "quarantine", "--since", str(T0), "-f", "json")).stdout
+    rows = json.loads(out)
+    assert json.loads(rows[1]["payload"]) == doc
+    assert rows[0]["payload"] == "\\xff\\xfe not utf-8"
+    for line in out.splitlines()[1:-1]:  # one object a line, each one parses
+        json.loads(line.rstrip(","))
+    text = ingestd(*cli(path, "quarantine", "--since", str(T0), "-f", "csv")).stdout
+    got = list(csv.DictReader(io.StringIO(text)))
+    assert json.loads(got[1]["payload"]) == doc
+    # The table still shows a one-line preview of the start.
+    table = ingestd(*cli(path, "quarantine", "--since", str(T0))).stdout
+    assert len(table.splitlines()) == 3
+    assert "..." in table.splitlines()[2]
 
 
 async def test_a_format_character_in_a_sensor_id_cannot_reorder_the_table(
