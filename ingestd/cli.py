@@ -106,7 +106,11 @@ def _sample_message_options() -> argparse.ArgumentParser:
 def _database_option(common: argparse.ArgumentParser) -> argparse.ArgumentParser:
     data = argparse.ArgumentParser(add_help=False, parents=[common])
     data.add_argument(
-        "--db", type=Path, default=None, help="the database (default: store.path from the config)"
+        "--db",
+        default=None,
+        metavar="PATH|URL",
+        help="the database: a SQLite file or a postgresql:// URL "
+        "(default: store.url or store.path from the config)",
     )
     return data
 
@@ -348,16 +352,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _data_command(command: str, args: argparse.Namespace, settings: Settings) -> int:
+    from pydantic import ValidationError  # noqa: PLC0415
+
     from ingestd.errors import DataCommandError, StoreError  # noqa: PLC0415
     from ingestd.store import open_reader  # noqa: PLC0415
     from ingestd.tools import report  # noqa: PLC0415
 
-    db: Path | None = args.db
+    db: str | None = args.db
     try:
         if command == "stats":
             m = settings.metrics
             url = args.url or f"http://{m.host}:{m.port}"
-            # --db names a file: its totals, not whatever daemon answers on the port.
+            # --db names a database: its totals, not whatever daemon answers on the port.
             ask_daemon = args.url is not None or (m.enabled and args.db is None)
             stats = report.live_stats(url) if ask_daemon else None
             if stats is None:
@@ -394,6 +400,10 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
     except (DataCommandError, StoreError) as exc:
         print(f"ingestd: {exc}", file=sys.stderr)
         return 1
+    except ValidationError as exc:  # --db URL, checked as store.url is
+        reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
+        print(f"ingestd: --db: {reasons}", file=sys.stderr)
+        return EX_USAGE
     except BrokenPipeError:  # `ingestd query ... | head`
         sys.stderr.close()
         return 0

@@ -33,15 +33,23 @@ def open_store(settings: StoreSettings) -> Store:
     )
 
 
-def open_reader(settings: StoreSettings, path: Path | None = None) -> Reader:
-    """Read-only access for the CLI; `path` (a SQLite file) overrides the settings."""
-    if settings.postgres and path is None:
+def open_reader(settings: StoreSettings, db: str | None = None) -> Reader:
+    """Read-only access for the CLI; `db` (`--db`: a SQLite file's path or a
+    PostgreSQL URL) overrides the settings' engine and place."""
+    if db is not None:
+        if "://" in db:
+            # Checked as store.url is (postgresql:// only, no password in it);
+            # store.password_file still applies.
+            settings = StoreSettings.model_validate({**settings.model_dump(), "url": db})
+        else:
+            settings = settings.model_copy(update={"url": "", "path": Path(db)})
+    if settings.postgres:
         from ingestd.store.postgres import PostgresReader  # noqa: PLC0415
 
         return PostgresReader(settings.url, settings.password())
     from ingestd.store.sqlite import SqliteReader  # noqa: PLC0415
 
-    return SqliteReader(path or settings.path)
+    return SqliteReader(settings.path)
 
 
 __all__ = ["CONDITIONS", "Batch", "Reader", "Store", "Upkeep", "open_reader", "open_store"]

@@ -205,6 +205,21 @@ async def test_quarantine_json_and_csv_hold_the_whole_payload_that_parses(tmp_pa
     assert "..." in table.splitlines()[2]
 
 
+def test_db_takes_a_sqlite_path_or_a_postgresql_url_checked_as_store_url(db: Path) -> None:
+    # A relative path is a file, as before; a URL is checked as store.url is.
+    rel = ingestd("stats", "--json", "--config", str(SHIPPED_CONFIG), "--db", str(db))
+    assert json.loads(rel.stdout)["readings"] > 0
+    for url, says in (
+        ("mysql://h/db", "expected postgresql://"),
+        ("postgresql://u:secret@h/db", "the URL carries a password"),
+    ):
+        bad = ingestd("sensors", "--config", str(SHIPPED_CONFIG), "--db", url, check=False)
+        assert bad.returncode == 64, bad.stderr
+        assert bad.stderr.startswith("ingestd: --db: "), bad.stderr
+        assert says in bad.stderr
+        assert "secret" not in bad.stderr
+
+
 async def test_a_format_character_in_a_sensor_id_cannot_reorder_the_table(
     tmp_path: Path,
 ) -> None:

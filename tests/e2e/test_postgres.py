@@ -314,6 +314,40 @@ def test_the_data_commands_read_postgresql(
     assert refused.returncode == 1
     assert "pg_dump" in refused.stderr
 
+    # --db takes the URL too, for every data command, over a config that says SQLite.
+    sqlite_config = tmp_path / "sqlite.toml"
+    sqlite_config.write_text(f'[store]\npath = "{tmp_path / "none.db"}"\n')
+
+    def run_db(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "ingestd",
+                *args,
+                "--config",
+                str(sqlite_config),
+                "--db",
+                pg_url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={"PATH": "/usr/bin:/bin"},
+        )
+
+    assert json.loads(run_db("sensors", "-f", "json").stdout) == sensors
+    got = run_db("query", "-s", "s1", "--since", "2h", "-m", "x", "-f", "json")
+    assert json.loads(got.stdout) == rows, got.stderr
+    stats_db = json.loads(run_db("stats", "--json").stdout)
+    assert stats_db["source"] == "database"
+    assert (stats_db["readings"], stats_db["quarantined"], stats_db["series"]) == (200, 1, 4)
+    assert stats_db["path"] == stats["path"]
+    assert "{bad" in run_db("quarantine", "--since", "1h").stdout
+    refused = run_db("backup", str(tmp_path / "x.db"))
+    assert (refused.returncode, "pg_dump" in refused.stderr) == (1, True), refused.stderr
+    assert not (tmp_path / "none.db").exists()
+
 
 @pytest.mark.slow
 def test_a_full_disk_under_postgresql_is_waited_out(
