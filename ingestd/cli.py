@@ -1,5 +1,6 @@
 """The command line: `ingestd [run]`, `check-config`, `simulate`, and the
-operator's tools: `sensors`, `query`, `quarantine`, `stats`, `backup`."""
+operator's tools: `sensors`, `query`, `quarantine`, `stats`, `backup`,
+`forget-session`."""
 
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 # Commands that read the database and need no [[routes]].
 DATA_COMMANDS = ("sensors", "query", "quarantine", "stats", "backup")
+# Commands that need no [[routes]] either.
+NO_ROUTES = (*DATA_COMMANDS, "forget-session")
 
 
 _TOPIC_HELP = "show which route this topic matches and what it yields"
@@ -55,6 +58,12 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     _quarantine_command(sub, data, output)
     _stats_command(sub, data)
     _backup_command(sub, data)
+    sub.add_parser(
+        "forget-session",
+        parents=[common],
+        help="remove the broker's persistent session of mqtt.client_id (after a trial, "
+        "or for an instance that is gone; stop the daemon first)",
+    )
 
     # `ingestd -c FILE [COMMAND]`: the config given before the command (or with none).
     p.add_argument(
@@ -282,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config_path is None and os.environ.get(ENV_CONFIG):
         config_path = Path(os.environ[ENV_CONFIG])
     try:
-        settings = load_settings(config_path, need_routes=command not in DATA_COMMANDS)
+        settings = load_settings(config_path, need_routes=command not in NO_ROUTES)
     except ConfigError as exc:
         print(f"ingestd: {exc}", file=sys.stderr)
         return EX_CONFIG
@@ -316,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if command in DATA_COMMANDS:
         return _data_command(command, args, settings)
+
+    if command == "forget-session":
+        return _forget_session(settings)
 
     from ingestd.observe.log import configure_logging  # noqa: PLC0415
 
@@ -407,6 +419,19 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
     except BrokenPipeError:  # `ingestd query ... | head`
         sys.stderr.close()
         return 0
+    return 0
+
+
+def _forget_session(settings: Settings) -> int:
+    from ingestd.errors import DataCommandError  # noqa: PLC0415
+    from ingestd.tools.session import forget_session  # noqa: PLC0415
+
+    try:
+        done = _run_async(forget_session(settings.mqtt))
+    except (DataCommandError, ConfigError) as exc:
+        print(f"ingestd: {exc}", file=sys.stderr)
+        return EX_CONFIG if isinstance(exc, ConfigError) else 1
+    print(f"ingestd: {done}")
     return 0
 
 

@@ -9,6 +9,7 @@ import json
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from tests.support.brokers import Mosquitto
 from tests.support.config import SHIPPED_CONFIG
 from tests.support.daemon import DaemonFactory
 from tests.support.mqtt import publish
+from tests.support.ports import free_port
 from tests.support.waiting import wait_for
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
@@ -507,7 +509,15 @@ def test_cli_details_a_new_user_trips_over(db: Path) -> None:
     assert future.returncode == 1
     assert "--since '2999-01-01' is in the future" in future.stderr
     # Every option says what it is for.
-    for command in ("query", "sensors", "quarantine", "stats", "simulate", "explain"):
+    for command in (
+        "query",
+        "sensors",
+        "quarantine",
+        "stats",
+        "simulate",
+        "explain",
+        "forget-session",
+    ):
         lines = [*ingestd(command, "--help").stdout.splitlines(), ""]
         bare = []
         for line, after in itertools.pairwise(lines):
@@ -530,3 +540,82 @@ def test_check_config_names_the_file_from_the_environment() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert f"configuration OK ({SHIPPED_CONFIG})" in proc.stderr
+
+
+def _session(port: int, client_id: str, v5: bool) -> tuple[bool, list[bytes]]:
+    """Connect as `client_id` asking to resume its session (subscribing to
+    trial/# at QoS 1), take what the broker delivers within a second, leave
+    the session (one hour) behind: whether a session was present, and what
+    it held."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    got: list[bytes] = []
+    present: list[bool] = []
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+        clean_session=None if v5 else False,
+    )
+
+    def on_connect(
+        c: paho.Client, _u: object, flags: paho.ConnectFlags, _rc: object, _p: object
+    ) -> None:
+        present.append(flags.session_present)
+        c.subscribe("trial/#", qos=1)
+
+    client.on_connect = on_connect
+    client.on_message = lambda c, u, m: got.append(bytes(m.payload))
+    props = None
+    if v5:
+        props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        props.SessionExpiryInterval = 3600
+    if v5:
+        client.connect("127.0.0.1", port, clean_start=False, properties=props)
+    else:
+        client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        wait_for(lambda: bool(present), 10, what="CONNACK")
+        end = time.monotonic() + 1.0
+        while time.monotonic() < end:
+            time.sleep(0.05)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return present[0], got
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_forget_session_removes_the_client_ids_persistent_session(
+    tmp_path: Path, mosquitto: Mosquitto, protocol: str
+) -> None:
+    # Two trial sessions; messages queue for both while they are away.
+    v5 = protocol == "5"
+    for client_id in ("trial-kept", "trial-gone"):
+        assert _session(mosquitto.port, client_id, v5) == (False, [])
+    publish(mosquitto.port, [("trial/a", b"1"), ("trial/a", b"2")])
+
+    config = tmp_path / "forget.toml"
+    config.write_text(
+        f'[mqtt]\nport = {mosquitto.port}\nclient_id = "trial-gone"\nprotocol = "{protocol}"\n'
+    )
+    done = ingestd("forget-session", "--config", str(config))
+    assert "removed the broker's session of client id 'trial-gone'" in done.stdout
+    assert f"127.0.0.1:{mosquitto.port}" in done.stdout
+    publish(mosquitto.port, [("trial/a", b"3")])
+
+    # Nothing was queued for the forgotten id, before or after; the other kept all.
+    assert _session(mosquitto.port, "trial-gone", v5) == (False, [])
+    assert _session(mosquitto.port, "trial-kept", v5) == (True, [b"1", b"2", b"3"])
+
+
+def test_forget_session_says_when_the_broker_cannot_be_reached(tmp_path: Path) -> None:
+    config = tmp_path / "forget.toml"
+    config.write_text(f'[mqtt]\nport = {free_port()}\nclient_id = "trial"\n')
+    failed = ingestd("forget-session", "--config", str(config), check=False)
+    assert failed.returncode == 1
+    assert "cannot remove the session of client id 'trial'" in failed.stderr
