@@ -107,7 +107,7 @@ def main() -> int:
             ],
         ),
         ("sensors (last value of 200 series)", ["sensors"]),
-        ("stats from the database", ["stats", "--url", "http://127.0.0.1:9"]),
+        ("stats from the database", ["stats"]),
     ]:
         seconds, lines = timed([*args[:1], *base, *args[1:]])
         print(f"{label}: {seconds * 1000:.0f} ms median of 5 ({lines:,} lines out)")

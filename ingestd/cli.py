@@ -249,11 +249,19 @@ def _stats_command(sub: _Commands, data: argparse.ArgumentParser) -> None:
     st = sub.add_parser(
         "stats",
         parents=[data],
-        help="live figures from the running daemon, else the database's totals "
-        "(with --db: that database's totals)",
+        help="the database's totals, every instance's readings (--instance: this "
+        "instance's live figures from its /metrics)",
     )
     st.add_argument(
-        "--url", default=None, help="the daemon's metrics address (default: from [metrics])"
+        "--instance",
+        action="store_true",
+        help="this instance's live figures from the running daemon's /metrics "
+        "instead (an error if it does not answer)",
+    )
+    st.add_argument(
+        "--url",
+        default=None,
+        help="the daemon's metrics address, for --instance (implies it; default: from [metrics])",
     )
     # Not the shared --format: stats has no CSV, and says name and value per line.
     st.add_argument(
@@ -373,12 +381,10 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
     db: str | None = args.db
     try:
         if command == "stats":
-            m = settings.metrics
-            url = args.url or f"http://{m.host}:{m.port}"
-            # --db names a database: its totals, not whatever daemon answers on the port.
-            ask_daemon = args.url is not None or (m.enabled and args.db is None)
-            stats = report.live_stats(url) if ask_daemon else None
-            if stats is None:
+            if args.instance or args.url is not None:
+                stats = _instance_stats(args.url, settings)
+            else:
+                # The whole database: every instance that writes to it.
                 with open_reader(settings.store, db) as reader:
                     stats = report.db_stats(reader)
             report.print_stats(stats, as_json=args.json or args.format == "json")
@@ -420,6 +426,27 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
         sys.stderr.close()
         return 0
     return 0
+
+
+def _instance_stats(url: str | None, settings: Settings) -> dict[str, Any]:
+    """One instance's live figures, never silently the database's instead."""
+    from ingestd.errors import DataCommandError  # noqa: PLC0415
+    from ingestd.tools import report  # noqa: PLC0415
+
+    m = settings.metrics
+    if url is None and not m.enabled:
+        raise DataCommandError(
+            "stats --instance: the config disables [metrics]: give the daemon's address with --url"
+        )
+    url = url or f"http://{m.host}:{m.port}"
+    stats = report.live_stats(url)
+    if stats is None:
+        raise DataCommandError(
+            f"stats --instance: no daemon answers at {url}/metrics (is it running, with this "
+            "[metrics] host and port? --url gives another address; without --instance: "
+            "the database's totals)"
+        )
+    return stats
 
 
 def _forget_session(settings: Settings) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import itertools
@@ -263,8 +264,8 @@ def test_bad_arguments_and_missing_database_are_clear_errors(db: Path, tmp_path:
 
 
 def test_stats_and_backup_from_the_database(db: Path, tmp_path: Path) -> None:
-    # No daemon answers on this URL: the database's totals.
-    out = ingestd(*cli(db, "stats", "--json", "--url", "http://127.0.0.1:9")).stdout
+    # By default, the database's totals.
+    out = ingestd(*cli(db, "stats", "--json")).stdout
     stats = json.loads(out)
     assert stats["source"] == "database"
     assert stats["readings"] == 1440 * 2 + 144 + 20
@@ -274,15 +275,23 @@ def test_stats_and_backup_from_the_database(db: Path, tmp_path: Path) -> None:
     result = ingestd(*cli(db, "backup", str(copy)))
     assert "backed up" in result.stderr
     assert "backup 100%" in result.stderr
-    again = ingestd(*cli(copy, "stats", "--json", "--url", "http://127.0.0.1:9")).stdout
+    again = ingestd(*cli(copy, "stats", "--json")).stdout
     assert json.loads(again)["readings"] == stats["readings"]
 
 
 def test_stats_from_the_running_daemon(
     tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
 ) -> None:
+    # 100 readings another instance stored before this one started.
+    live_db = tmp_path / "live.db"
+
+    async def other_instance() -> None:
+        async with SqliteStore(live_db) as store, store.batch() as tx:
+            await tx.add_readings([Reading("b", "x", T0_NS + i * NS, 1.0) for i in range(100)])
+
+    asyncio.run(other_instance())
     daemon = daemons(
-        mosquitto.port, config=SHIPPED_CONFIG, INGESTD_STORE__PATH=str(tmp_path / "live.db")
+        mosquitto.port, config=SHIPPED_CONFIG, INGESTD_STORE__PATH=str(live_db)
     ).start()
     daemon.wait_ready()
     publish(
@@ -291,17 +300,32 @@ def test_stats_from_the_running_daemon(
     )
     url = daemon.metrics_url()
 
-    def live() -> dict[str, object]:
-        out = ingestd(*cli(tmp_path / "live.db", "stats", "--json", "--url", url)).stdout
-        return dict(json.loads(out))
+    def stats(*args: str) -> dict[str, object]:
+        return dict(json.loads(ingestd(*cli(live_db, "stats", "--json", *args)).stdout))
 
-    wait_for(lambda: live().get("readings_committed") == 20, 20, what="live stats")
-    stats = live()
-    assert stats["source"] == "daemon"
-    assert stats["messages_received"] == 10
-    assert stats["broker_connected"] == 1
-    assert stats["ready"] == 1
+    # --url implies --instance: this instance's live figures.
+    wait_for(lambda: stats("--url", url).get("readings_committed") == 20, 20, what="live stats")
+    live = stats("--instance", "--url", url)
+    assert live["source"] == "daemon"
+    assert live["messages_received"] == 10
+    assert live["broker_connected"] == 1
+    assert live["ready"] == 1
+    # By default the whole database: this instance's 20 and the other's 100.
+    whole = stats()
+    assert (whole["source"], whole["readings"], whole["sensors"]) == ("database", 120, 2)
     assert daemon.stop() == 0
+    # No daemon there: said, not replaced by the database's totals.
+    gone = ingestd(*cli(live_db, "stats", "--instance", "--url", url), check=False)
+    assert gone.returncode == 1
+    assert f"no daemon answers at {url}/metrics" in gone.stderr
+    assert gone.stdout == ""
+    off = tmp_path / "off.toml"
+    off.write_text("[metrics]\nenabled = false\n")
+    disabled = ingestd(
+        "stats", "--instance", "--config", str(off), "--db", str(live_db), check=False
+    )
+    assert disabled.returncode == 1
+    assert "disables [metrics]: give the daemon's address with --url" in disabled.stderr
 
 
 def test_query_by_tag(db: Path) -> None:
@@ -419,11 +443,11 @@ def test_paths_with_uri_characters_work_for_every_command(
     odd = tmp_path / "dir #?%" / name
     odd.parent.mkdir()
     odd.write_bytes(db.read_bytes())
-    stats = json.loads(ingestd(*cli(odd, "stats", "--json", "--url", "http://127.0.0.1:9")).stdout)
+    stats = json.loads(ingestd(*cli(odd, "stats", "--json")).stdout)
     assert stats["readings"] == 1440 * 2 + 144 + 20
     copy = tmp_path / "dir #?%" / f"copy {name}"
     ingestd(*cli(odd, "backup", str(copy)))
-    again = json.loads(ingestd(*cli(copy, "stats", "--json", "--url", "http://127.0.0.1:9")).stdout)
+    again = json.loads(ingestd(*cli(copy, "stats", "--json")).stdout)
     assert again["readings"] == stats["readings"]
     # No stray file cut at the '#' or '?' (SQLite's own -wal/-shm aside).
     files = {p.name for p in odd.parent.iterdir() if not p.name.endswith(("-wal", "-shm"))}
@@ -490,9 +514,7 @@ async def test_query_shows_times_a_microsecond_apart_as_different(tmp_path: Path
 
 
 def test_cli_details_a_new_user_trips_over(db: Path) -> None:
-    stats = json.loads(
-        ingestd(*cli(db, "stats", "--format", "json", "--url", "http://127.0.0.1:9")).stdout
-    )
+    stats = json.loads(ingestd(*cli(db, "stats", "--format", "json")).stdout)
     assert stats["source"] == "database"
     # A wrong option shows the command's own usage.
     bad = ingestd(*cli(db, "stats", "--nope"), check=False)
