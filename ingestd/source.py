@@ -382,11 +382,19 @@ class MqttSource:
                 confirmed = await link.confirm_processed()
         if confirmed:
             log.debug("acknowledgements confirmed by the broker", discarded=link.discarded)
+        elif not link.acks_unconfirmed:
+            # The broker went away during the stop (stopped with ingestd, as the
+            # quick start's Ctrl-C does), but it had confirmed every acknowledgement.
+            log.info(
+                "broker gone during the stop; every acknowledgement was already confirmed",
+                broker=self.broker,
+            )
         else:
             log.warning(
                 "the broker did not confirm the last acknowledgements; it may "
                 "redeliver some messages",
                 broker=self.broker,
+                unconfirmed_ack_writes=link.acks_unconfirmed,
             )
 
     def _pause(self, link: MqttLink) -> None:
