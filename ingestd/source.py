@@ -31,7 +31,7 @@ from ingestd.config import Settings, route_table
 from ingestd.devices import DeviceState
 from ingestd.events import control
 from ingestd.formats.sparkplug_host import HostState
-from ingestd.mqtt.connect import connect_problem, tls_context
+from ingestd.mqtt.connect import connect_problem, tls_context, tls_problem
 from ingestd.mqtt.link import MqttLink
 from ingestd.mqtt.wire import max_packet_size
 from ingestd.observe.upstream import UpstreamWatch
@@ -245,9 +245,18 @@ class MqttSource:
         return short_lived
 
     def _connection_failed(self, error: BaseException) -> None:
-        """Report a connection attempt that failed (refused, or no broker)."""
+        """Report a connection attempt that failed (a broker certificate that
+        failed verification, refused, or no broker)."""
         refused = connect_problem(error)
-        if refused is not None:
+        untrusted = tls_problem(error, self.mqtt.tls.ca_file) if self._tls is not None else None
+        if untrusted is not None:
+            log.error(
+                f"configuration problem: {untrusted}; retrying with backoff",
+                broker=self.broker,
+                error=str(error),
+                ca_file=str(self.mqtt.tls.ca_file) if self.mqtt.tls.ca_file else None,
+            )
+        elif refused is not None:
             log.error(
                 f"broker refused the connection: {refused}; retrying with backoff",
                 broker=self.broker,
@@ -382,11 +391,19 @@ class MqttSource:
                 confirmed = await link.confirm_processed()
         if confirmed:
             log.debug("acknowledgements confirmed by the broker", discarded=link.discarded)
+        elif not link.acks_unconfirmed:
+            # The broker went away during the stop (stopped with ingestd, as the
+            # quick start's Ctrl-C does), but it had confirmed every acknowledgement.
+            log.info(
+                "broker gone during the stop; every acknowledgement was already confirmed",
+                broker=self.broker,
+            )
         else:
             log.warning(
                 "the broker did not confirm the last acknowledgements; it may "
                 "redeliver some messages",
                 broker=self.broker,
+                unconfirmed_ack_writes=link.acks_unconfirmed,
             )
 
     def _pause(self, link: MqttLink) -> None:

@@ -24,12 +24,13 @@ CONF
 pids=()
 cleanup() {
   trap - EXIT INT TERM
-  # On Ctrl-C the terminal has already sent SIGINT to every process: give
-  # them a moment to stop cleanly (a second signal would force the daemon).
+  # On Ctrl-C the terminal has already sent SIGINT to the daemon and the
+  # simulator (not the broker, in a session of its own): give them a moment to
+  # stop cleanly (a second signal would force the daemon).
   if [ "${1:-}" = INT ]; then
     for _ in $(seq 50); do
       alive=0
-      for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
+      for pid in "${pids[@]:1}"; do kill -0 "$pid" 2>/dev/null && alive=1; done
       [ "$alive" = 0 ] && break
       sleep 0.2
     done
@@ -57,7 +58,9 @@ trap 'cleanup INT' INT
 trap 'cleanup TERM' TERM
 trap cleanup EXIT
 
-"$mosquitto_bin" -c var/mosquitto/mosquitto.conf >var/mosquitto/mosquitto.log 2>&1 &
+# The broker in a session of its own: a terminal's Ctrl-C does not reach it, and
+# cleanup stops it after the daemon has drained and had its acks confirmed.
+setsid "$mosquitto_bin" -c var/mosquitto/mosquitto.conf >var/mosquitto/mosquitto.log 2>&1 &
 pids+=($!)
 export INGESTD_MQTT__PORT=$port INGESTD_MQTT__BROKER_MAX_INFLIGHT=1000
 export INGESTD_STORE__PATH=$PWD/var/ingestd.db

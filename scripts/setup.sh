@@ -55,4 +55,8 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   rm -f "$log"
   echo "$want" > "$stamp"
 fi
-say "ready: $(.venv/bin/ingestd --version), $(mosquitto -h 2>/dev/null | head -1 || /usr/sbin/mosquitto -h | head -1)"
+# `mosquitto -h` exits 3 after printing its version: under pipefail an `||`
+# fallback would run too and print it twice. Pick the binary, then ask once.
+mosquitto_bin=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+mosquitto_version=$({ "$mosquitto_bin" -h 2>/dev/null || true; } | head -1)
+say "ready: $(.venv/bin/ingestd --version), ${mosquitto_version:-mosquitto (version unknown)}"

@@ -1,5 +1,6 @@
 """What a broker connection needs around the adapter: the TLS context it is
-made with, and what a refused CONNECT means for the operator.
+made with, and what a refused CONNECT or a broker certificate that fails
+verification means for the operator.
 
 Both speak in the settings' names (`mqtt.tls.ca_file`, `mqtt.client_id`):
 the TLS context's errors are `ConfigError`s naming the key to change, and a
@@ -40,6 +41,35 @@ def connect_problem(error: BaseException) -> str | None:
     if code is None:
         return None
     return _REFUSALS.get(code, f"the broker refused the connection ({error})")
+
+
+def tls_problem(error: BaseException, ca_file: Path | None) -> str | None:
+    """What a broker certificate that failed verification means for the
+    operator (a configuration problem, not an unreachable broker), or None if
+    `error` is something else. aiomqtt raises MqttError(str(ssl error)) with
+    the SSL error as its context."""
+    seen: BaseException | None = error
+    verify: ssl.SSLCertVerificationError | None = None
+    for _ in range(5):
+        if seen is None or isinstance(seen, ssl.SSLCertVerificationError):
+            verify = seen
+            break
+        seen = seen.__cause__ or seen.__context__
+    text = str(error)
+    if verify is None and "CERTIFICATE_VERIFY_FAILED" not in text:
+        return None
+    reason = (verify.verify_message if verify is not None else None) or text
+    trusted = f"the CA in {ca_file}" if ca_file else "the system's CA certificates"
+    if "hostname" in reason.lower() or "ip address mismatch" in reason.lower():
+        return (
+            f"the broker's TLS certificate does not name this host ({reason}): "
+            "connect with mqtt.host as the certificate names it, or set "
+            "mqtt.tls.insecure = true to skip the name check"
+        )
+    return (
+        f"the broker's TLS certificate failed verification ({reason}) against "
+        f"{trusted}: set mqtt.tls.ca_file to the CA that signed the broker's certificate"
+    )
 
 
 def tls_context(

@@ -49,6 +49,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -106,6 +107,10 @@ REQUIRED_INSTANCE_ATTRS = ("_client", "_disconnected", "_loop", "_misc_task")
 
 # The clock paho stamps `MQTTMessage.timestamp` with on arrival (monotonic).
 ARRIVAL_CLOCK: Callable[[], float] = paho.time_func
+# Seconds without a new acknowledgement before the link has the broker confirm
+# the last ones (a PINGREQ), so a stop finds them confirmed even if the broker
+# is stopped at the same moment (a terminal's Ctrl-C reaches both).
+QUIET_BEFORE_CONFIRM = 0.2
 
 MessageHandler = Callable[[paho.MQTTMessage], None]
 
@@ -154,6 +159,13 @@ class MqttLink(aiomqtt.Client):
         self._received = 0
         self._discarding = False
         self.discarded = 0
+        # Acknowledgement packets written, and how many of them the broker is known
+        # to have processed (a PINGRESP answered after them: it handles a
+        # connection's packets in order). A quiet link confirms its last ones.
+        self.acks_sent = 0
+        self.acks_confirmed = 0
+        self._ping_covers: int | None = None
+        self._acked_at = 0.0
         self._paused = False
         self._fd: int | None = None
         # QoS 2 under manual acknowledgement (see the module docstring, 5).
@@ -223,6 +235,12 @@ class MqttLink(aiomqtt.Client):
         self._handler(message)
 
     def _paho_log(self, level: int, fmt: str, *args: Any) -> None:
+        if self._discarding and not self.acks_unconfirmed:
+            # Stopping with every acknowledgement confirmed: the broker going away
+            # now (it was stopped too) loses nothing.
+            if self._paho_logger is not None:
+                self._paho_logger.debug(fmt, *args)
+            return
         if level in (paho.MQTT_LOG_WARNING, paho.MQTT_LOG_ERR) and self._paho_logger is not None:
             self._paho_logger.log(
                 logging.WARNING if level == paho.MQTT_LOG_WARNING else logging.ERROR, fmt, *args
@@ -245,7 +263,36 @@ class MqttLink(aiomqtt.Client):
             ok = self.ack(mid, qos) and ok
         if mids:
             ok = self._queue_pubacks(client, mids) and ok
+        self._acks_written()
         return ok
+
+    def _acks_written(self) -> None:
+        self.acks_sent += 1
+        self._acked_at = time.monotonic()
+
+    @property
+    def acks_unconfirmed(self) -> int:
+        """Acknowledgement writes the broker is not yet known to have processed."""
+        return self.acks_sent - self.acks_confirmed
+
+    def _confirm_quiet_acks(self) -> None:
+        """Ask the broker (a PINGREQ) to confirm acknowledgements once the link has
+        been quiet a moment (at most one PINGREQ a second); note what an answered
+        ping confirmed."""
+        client: paho.Client = self._client
+        if self._ping_covers is not None and client._ping_t == 0:
+            self.acks_confirmed = max(self.acks_confirmed, self._ping_covers)
+            self._ping_covers = None
+        if (
+            self._ping_covers is None
+            and self.acks_unconfirmed
+            and not self._paused
+            and client._ping_t == 0
+            and time.monotonic() - self._acked_at >= QUIET_BEFORE_CONFIRM
+        ):
+            covers = self.acks_sent
+            if client._send_pingreq() == paho.MQTT_ERR_SUCCESS:
+                self._ping_covers = covers
 
     @staticmethod
     def _queue_pubacks(client: paho.Client, mids: list[int]) -> bool:
@@ -256,6 +303,7 @@ class MqttLink(aiomqtt.Client):
         """Send PUBACK (QoS 1) or PUBREC (QoS 2: the broker answers PUBREL, and
         we PUBCOMP); False if the connection is gone."""
         rc = self._paho_send_pubrec(mid) if qos == 2 else self._client.ack(mid, qos)
+        self._acks_written()
         return bool(rc == paho.MQTT_ERR_SUCCESS)
 
     def pause_reading(self) -> None:
@@ -309,9 +357,13 @@ class MqttLink(aiomqtt.Client):
         # A keepalive ping already in flight would be answered first: let it.
         if not await until_no_ping_outstanding():
             return False
+        covers = self.acks_sent
         if client._send_pingreq() != paho.MQTT_ERR_SUCCESS:
             return False
-        return await until_no_ping_outstanding()
+        confirmed = await until_no_ping_outstanding()
+        if confirmed:
+            self.acks_confirmed = max(self.acks_confirmed, covers)
+        return confirmed
 
     @property
     def connected(self) -> bool:
@@ -334,6 +386,7 @@ class MqttLink(aiomqtt.Client):
                     client._last_bytes_received = ARRIVAL_CLOCK()
             if client.loop_misc() != paho.MQTT_ERR_SUCCESS:
                 return
+            self._confirm_quiet_acks()
             await asyncio.sleep(1)
 
     # -- socket plumbing (replaces aiomqtt.Client._on_socket_open) --------------

@@ -30,6 +30,9 @@ _VARYING = re.compile(r"'[^']*'|\"[^\"]*\"|-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 _REASONS_KEPT = 1024  # distinct reason shapes remembered (then forgotten, and logged anew)
 _NEW_REASONS_PER_INTERVAL = 10  # first-occurrence lines at most per summary interval
 _LATENCIES_KEPT = 4096
+# The first summary comes this soon after the first commit (not a whole interval
+# after "ready"): a new user sees the daemon working within seconds.
+FIRST_SUMMARY_DELAY = 5.0
 
 
 class _Interval:
@@ -56,7 +59,8 @@ class EventLogger:
     """Pipeline events as log lines, quiet at steady state.
 
     At info level a steady stream is one summary line every `summary_interval`
-    seconds (messages, readings, duplicates, quarantine by kind, batches,
+    seconds (the first one `first_summary_delay` seconds after the first commit,
+    if that is sooner) (messages, readings, duplicates, quarantine by kind, batches,
     commit latency p50/p99, in-flight peak, backlog). Per-batch and per-reading
     lines are debug. A quarantine reason not seen before is logged at once
     (at most `_NEW_REASONS_PER_INTERVAL` per interval); repeats are counted into
@@ -68,19 +72,23 @@ class EventLogger:
         inbox: Subscription,
         summary_interval: float = 60.0,
         pipeline: Callable[[], dict[str, Any]] | None = None,
+        first_summary_delay: float = FIRST_SUMMARY_DELAY,
     ) -> None:
         self.inbox = inbox
         self.summary_interval = summary_interval
+        self.first_summary_delay = first_summary_delay
+        self._first_commit_seen = False
         self.pipeline = pipeline
         self._reported_drops = 0
         self._interval = _Interval()
         self._since = time.monotonic()
+        self._due = self._since + summary_interval
         self._reasons: set[tuple[str, str]] = set()
 
     async def run(self) -> None:
         try:
             while True:
-                wait = self._since + self.summary_interval - time.monotonic()
+                wait = self._due - time.monotonic()
                 if self.summary_interval > 0 and wait <= 0:
                     self.summarize()
                     continue
@@ -119,6 +127,9 @@ class EventLogger:
                         value=r.value,
                     )
         elif kind is BatchCommitted:
+            if not self._first_commit_seen:
+                self._first_commit_seen = True
+                self._due = min(self._due, time.monotonic() + self.first_summary_delay)
             self._quarantined(event.conflicts)
             ms = round(event.seconds * 1000, 2)
             now = self._interval
@@ -169,6 +180,7 @@ class EventLogger:
         now, self._interval = self._interval, _Interval()
         seconds = time.monotonic() - self._since
         self._since = time.monotonic()
+        self._due = self._since + self.summary_interval
         fields: dict[str, Any] = {
             "seconds": round(seconds, 1),
             "messages": now.messages,

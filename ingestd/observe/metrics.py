@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import TYPE_CHECKING, Literal
 
-from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
@@ -417,6 +423,11 @@ class Metrics:
         self.health = health
         self.registry = CollectorRegistry()
         self.registry.register(PipelineCollector(health))
+        # prometheus_client's own: process_* (CPU, memory, open files, start
+        # time; Linux only, from /proc) and python_* (version, GC).
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        GCCollector(registry=self.registry)
         self.batch_size = Histogram(
             "ingestd_batch_rows",
             "Rows (readings and quarantined) per committed batch",

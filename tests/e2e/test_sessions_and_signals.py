@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import subprocess
@@ -162,15 +163,33 @@ def test_tls_with_a_ca_file(
     broker.kill()
     assert db.rows("SELECT sensor, value FROM readings LIMIT 1") == [("tls", 7.5)]
 
-    # Without the CA the broker's certificate is refused: retried, never accepted.
-    untrusting = daemons(
-        tls_port, workdir=tmp_path / "x", config=SHIPPED_CONFIG, INGESTD_MQTT__TLS__ENABLED="true"
-    )
+    # With a CA the broker's certificate does not chain to (another one), and
+    # without a CA (the system's): a configuration problem naming
+    # mqtt.tls.ca_file, not "broker unreachable"; retried, never accepted.
+    other_ca, _, _ = _make_certs(tmp_path / "other-pki")
     broker.start()
-    untrusting.start()
-    wait_for(lambda: "broker unreachable" in untrusting.logs(), 15, what="TLS refusal")
-    assert "CERTIFICATE_VERIFY_FAILED" in untrusting.logs()
-    assert untrusting.stop() == 0
+    for name, ca_env in (("other", {"INGESTD_MQTT__TLS__CA_FILE": str(other_ca)}), ("none", {})):
+        untrusting = daemons(
+            tls_port,
+            workdir=tmp_path / name,
+            config=SHIPPED_CONFIG,
+            INGESTD_MQTT__TLS__ENABLED="true",
+            **ca_env,
+        ).start()
+        wait_for(
+            lambda: "failed verification" in untrusting.logs(),  # noqa: B023
+            15,
+            what="the TLS verification failure",
+        )
+        lines = [json.loads(x) for x in untrusting.logs().splitlines() if x.startswith("{")]
+        failed = [e for e in lines if "failed verification" in str(e["msg"])]
+        assert failed[0]["level"] == "error", failed
+        assert str(failed[0]["msg"]).startswith("configuration problem:"), failed
+        assert "mqtt.tls.ca_file" in str(failed[0]["msg"]), failed
+        assert "CERTIFICATE_VERIFY_FAILED" in str(failed[0]["error"]), failed
+        assert failed[0]["ca_file"] == ca_env.get("INGESTD_MQTT__TLS__CA_FILE"), failed
+        assert not any(e["msg"] == "broker unreachable; retrying with backoff" for e in lines)
+        assert untrusting.stop() == 0
 
 
 def test_stop_timeout_and_second_signal(

@@ -6,6 +6,7 @@ renamed or dropped. Change the lists here only together with the README and
 from __future__ import annotations
 
 import asyncio
+import sys
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -81,6 +82,24 @@ STARTING = [
     "ingestd_up gauge",
 ]
 
+# prometheus_client's own collectors, in every state: python_* everywhere,
+# process_* where /proc is (Linux only).
+RUNTIME = [
+    "python_gc_collections counter generation",
+    "python_gc_objects_collected counter generation",
+    "python_gc_objects_uncollectable counter generation",
+    "python_info gauge implementation,major,minor,patchlevel,version",
+]
+if sys.platform == "linux":
+    RUNTIME += [
+        "process_cpu_seconds counter",
+        "process_max_fds gauge",
+        "process_open_fds gauge",
+        "process_resident_memory_bytes gauge",
+        "process_start_time_seconds gauge",
+        "process_virtual_memory_bytes gauge",
+    ]
+
 ROUTES = """
 [[routes]]
 topic = "sensors/{sensor}/telemetry"
@@ -103,7 +122,7 @@ def exposed(registry: CollectorRegistry) -> list[str]:
 
 
 def test_names_before_the_store_is_open() -> None:
-    assert exposed(Metrics(Health(30.0)).registry) == STARTING
+    assert exposed(Metrics(Health(30.0)).registry) == sorted(STARTING + RUNTIME)
 
 
 async def test_names_of_a_running_pipeline(tmp_path: Path, mosquitto: Mosquitto) -> None:
@@ -123,4 +142,4 @@ async def test_names_of_a_running_pipeline(tmp_path: Path, mosquitto: Mosquitto)
             15,
             "a commit and the broker's drop count",
         )
-        assert exposed(daemon.daemon.metrics.registry) == RUNNING
+        assert exposed(daemon.daemon.metrics.registry) == sorted(RUNNING + RUNTIME)
