@@ -305,26 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EX_CONFIG
 
     if command == "explain" or (command == "check-config" and args.topic):
-        from ingestd.tools.explain import explain  # noqa: PLC0415
-
-        if args.payload_file is not None:
-            payload = args.payload_file.read_bytes()
-        else:
-            payload = (args.payload or "").replace("\\n", "\n").encode()
-        before: list[tuple[str, bytes]] = []
-        for item in args.after:
-            topic, eq, path = item.partition("=")
-            if not eq or not topic:
-                print(f"ingestd: --after {item!r}: expected TOPIC=FILE", file=sys.stderr)
-                return EX_USAGE
-            try:
-                before.append((topic, Path(path).read_bytes()))
-            except OSError as exc:
-                print(f"ingestd: --after {item!r}: {exc}", file=sys.stderr)
-                return EX_USAGE
-        sample = payload if (args.payload or args.payload_file) else None
-        print(explain(settings, args.topic, sample, after=before))
-        return 0
+        return _explain(args, settings)
 
     if command == "check-config":
         print(effective_settings_json(settings))
@@ -369,6 +350,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"ingestd: {exc}", file=sys.stderr)
         return EX_CONFIG
+
+
+def _explain(args: argparse.Namespace, settings: Settings) -> int:
+    """`explain` (and `check-config --topic`): what the daemon would do with one message."""
+    from ingestd.tools.explain import explain  # noqa: PLC0415
+
+    if args.payload_file is not None:
+        payload = args.payload_file.read_bytes()
+    else:
+        payload = (args.payload or "").replace("\\n", "\n").encode()
+    before: list[tuple[str, bytes]] = []
+    for item in args.after:
+        topic, eq, path = item.partition("=")
+        if not eq or not topic:
+            print(f"ingestd: --after {item!r}: expected TOPIC=FILE", file=sys.stderr)
+            return EX_USAGE
+        try:
+            before.append((topic, Path(path).read_bytes()))
+        except OSError as exc:
+            print(f"ingestd: --after {item!r}: {exc}", file=sys.stderr)
+            return EX_USAGE
+    sample = payload if (args.payload or args.payload_file) else None
+    print(explain(settings, args.topic, sample, after=before))
+    return 0
 
 
 def _data_command(command: str, args: argparse.Namespace, settings: Settings) -> int:

@@ -391,7 +391,7 @@ class MqttSource:
                 confirmed = await link.confirm_processed()
         if confirmed:
             log.debug("acknowledgements confirmed by the broker", discarded=link.discarded)
-        elif not link.acks_unconfirmed:
+        elif not link.acks.unconfirmed:
             # The broker went away during the stop (stopped with ingestd, as the
             # quick start's Ctrl-C does), but it had confirmed every acknowledgement.
             log.info(
@@ -403,7 +403,7 @@ class MqttSource:
                 "the broker did not confirm the last acknowledgements; it may "
                 "redeliver some messages",
                 broker=self.broker,
-                unconfirmed_ack_writes=link.acks_unconfirmed,
+                unconfirmed_ack_writes=link.acks.unconfirmed,
             )
 
     def _pause(self, link: MqttLink) -> None:

@@ -39,9 +39,9 @@ beyond them is added here, each piece by reaching into one or the other:
    `OversizedMessage` (acknowledged like any other once it is quarantined, so
    the broker does not redeliver it forever).
 
-Every private attribute touched here is listed in `REQUIRED_INTERNALS` and the
-two tuples after it; `tests/unit/test_mqtt_internals.py` fails loudly if an upgrade
-of either library removes one.
+Every private attribute touched here is listed in `ingestd.mqtt.internals`;
+`tests/unit/test_mqtt_internals.py` fails loudly if an upgrade of either
+library removes one.
 """
 
 from __future__ import annotations
@@ -49,7 +49,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -57,6 +56,7 @@ import aiomqtt
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
 
+from ingestd.mqtt.acks import AckConfirmations
 from ingestd.mqtt.buffered import BufferedSocket, PacketTooLarge
 from ingestd.mqtt.wire import (
     FastMessage,
@@ -67,50 +67,8 @@ from ingestd.mqtt.wire import (
     pubacks,
 )
 
-# (object, attribute) pairs this module depends on beyond the public API.
-REQUIRED_INTERNALS: tuple[tuple[type[Any], str], ...] = (
-    (aiomqtt.Client, "_on_socket_open"),
-    (aiomqtt.Client, "_on_socket_close"),
-    (aiomqtt.Client, "_misc_loop"),
-    (paho.Client, "manual_ack_set"),
-    (paho.Client, "ack"),
-    (paho.Client, "loop_read"),
-    (paho.Client, "_send_pingreq"),
-    (paho.Client, "_sock_recv"),
-    (paho.Client, "_handle_publish"),
-    (paho.Client, "_handle_pubrel"),
-    (paho.Client, "_send_pubrec"),
-    (paho.Client, "_send_pubcomp"),
-    (paho.Client, "_packet_handle"),
-    (paho.Client, "_packet_queue"),
-    (paho.Client, "_send_puback"),
-    (paho.Client, "_easy_log"),
-    (paho.Client, "_loop_rc_handle"),
-)
-# paho.Client instance attributes: `_ping_t` is non-zero while a PINGREQ is unanswered;
-# `_sock` is the socket paho reads from (we put a buffer in front of it); `_in_packet`
-# is the packet being handled ({"command": first byte, "packet": the rest});
-# `_in_messages` holds QoS 2 messages waiting for PUBREL; `_last_bytes_received`
-# and `_msgtime_mutex` are what its keepalive check reads.
-REQUIRED_PAHO_ATTRS = (
-    "_protocol",
-    "_manual_ack",
-    "_ping_t",
-    "_sock",
-    "_in_packet",
-    "_in_messages",
-    "_last_bytes_received",
-    "_msgtime_mutex",
-)
-# Instance attributes of aiomqtt.Client (set in __init__) we rely on.
-REQUIRED_INSTANCE_ATTRS = ("_client", "_disconnected", "_loop", "_misc_task")
-
 # The clock paho stamps `MQTTMessage.timestamp` with on arrival (monotonic).
 ARRIVAL_CLOCK: Callable[[], float] = paho.time_func
-# Seconds without a new acknowledgement before the link has the broker confirm
-# the last ones (a PINGREQ), so a stop finds them confirmed even if the broker
-# is stopped at the same moment (a terminal's Ctrl-C reaches both).
-QUIET_BEFORE_CONFIRM = 0.2
 
 MessageHandler = Callable[[paho.MQTTMessage], None]
 
@@ -159,13 +117,8 @@ class MqttLink(aiomqtt.Client):
         self._received = 0
         self._discarding = False
         self.discarded = 0
-        # Acknowledgement packets written, and how many of them the broker is known
-        # to have processed (a PINGRESP answered after them: it handles a
-        # connection's packets in order). A quiet link confirms its last ones.
-        self.acks_sent = 0
-        self.acks_confirmed = 0
-        self._ping_covers: int | None = None
-        self._acked_at = 0.0
+        # Acknowledgement writes, and which the broker is known to have processed.
+        self.acks = AckConfirmations()
         self._paused = False
         self._fd: int | None = None
         # QoS 2 under manual acknowledgement (see the module docstring, 5).
@@ -235,7 +188,7 @@ class MqttLink(aiomqtt.Client):
         self._handler(message)
 
     def _paho_log(self, level: int, fmt: str, *args: Any) -> None:
-        if self._discarding and not self.acks_unconfirmed:
+        if self._discarding and not self.acks.unconfirmed:
             # Stopping with every acknowledgement confirmed: the broker going away
             # now (it was stopped too) loses nothing.
             if self._paho_logger is not None:
@@ -263,36 +216,8 @@ class MqttLink(aiomqtt.Client):
             ok = self.ack(mid, qos) and ok
         if mids:
             ok = self._queue_pubacks(client, mids) and ok
-        self._acks_written()
+        self.acks.written()
         return ok
-
-    def _acks_written(self) -> None:
-        self.acks_sent += 1
-        self._acked_at = time.monotonic()
-
-    @property
-    def acks_unconfirmed(self) -> int:
-        """Acknowledgement writes the broker is not yet known to have processed."""
-        return self.acks_sent - self.acks_confirmed
-
-    def _confirm_quiet_acks(self) -> None:
-        """Ask the broker (a PINGREQ) to confirm acknowledgements once the link has
-        been quiet a moment (at most one PINGREQ a second); note what an answered
-        ping confirmed."""
-        client: paho.Client = self._client
-        if self._ping_covers is not None and client._ping_t == 0:
-            self.acks_confirmed = max(self.acks_confirmed, self._ping_covers)
-            self._ping_covers = None
-        if (
-            self._ping_covers is None
-            and self.acks_unconfirmed
-            and not self._paused
-            and client._ping_t == 0
-            and time.monotonic() - self._acked_at >= QUIET_BEFORE_CONFIRM
-        ):
-            covers = self.acks_sent
-            if client._send_pingreq() == paho.MQTT_ERR_SUCCESS:
-                self._ping_covers = covers
 
     @staticmethod
     def _queue_pubacks(client: paho.Client, mids: list[int]) -> bool:
@@ -303,7 +228,7 @@ class MqttLink(aiomqtt.Client):
         """Send PUBACK (QoS 1) or PUBREC (QoS 2: the broker answers PUBREL, and
         we PUBCOMP); False if the connection is gone."""
         rc = self._paho_send_pubrec(mid) if qos == 2 else self._client.ack(mid, qos)
-        self._acks_written()
+        self.acks.written()
         return bool(rc == paho.MQTT_ERR_SUCCESS)
 
     def pause_reading(self) -> None:
@@ -357,12 +282,12 @@ class MqttLink(aiomqtt.Client):
         # A keepalive ping already in flight would be answered first: let it.
         if not await until_no_ping_outstanding():
             return False
-        covers = self.acks_sent
+        covers = self.acks.sent
         if client._send_pingreq() != paho.MQTT_ERR_SUCCESS:
             return False
         confirmed = await until_no_ping_outstanding()
         if confirmed:
-            self.acks_confirmed = max(self.acks_confirmed, covers)
+            self.acks.confirmed_up_to(covers)
         return confirmed
 
     @property
@@ -386,7 +311,10 @@ class MqttLink(aiomqtt.Client):
                     client._last_bytes_received = ARRIVAL_CLOCK()
             if client.loop_misc() != paho.MQTT_ERR_SUCCESS:
                 return
-            self._confirm_quiet_acks()
+            outstanding = client._ping_t != 0
+            self.acks.answered(outstanding)
+            if self.acks.wants_ping(outstanding, self._paused) and client._send_pingreq() == 0:
+                self.acks.ping_sent()
             await asyncio.sleep(1)
 
     # -- socket plumbing (replaces aiomqtt.Client._on_socket_open) --------------

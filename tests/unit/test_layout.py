@@ -1,6 +1,7 @@
 """The package's shape, kept: no import cycle between ingestd's modules, not
 even one only the type checker sees (a cycle is two modules that cannot be
-understood, changed or tested apart)."""
+understood, changed or tested apart); no function over 80 lines; no module
+over 500 lines but the settings model; no test-support module over 400."""
 
 from __future__ import annotations
 
@@ -79,3 +80,25 @@ def test_no_import_cycle_between_modules() -> None:
 
 def test_the_cycle_finder_finds_one() -> None:
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_functions_and_modules_stay_readable() -> None:
+    long_functions = []
+    long_modules = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        source = path.read_text()
+        lines = source.count("\n")
+        if lines > 500 and path.name != "config.py":
+            long_modules.append(f"{path.relative_to(PACKAGE.parent)}: {lines}")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = (node.end_lineno or node.lineno) - node.lineno + 1
+                if length > 80:
+                    long_functions.append(f"{path.name}:{node.name}: {length}")
+    support = PACKAGE.parent / "tests" / "support"
+    long_support = [
+        f"{p.name}: {n}"
+        for p in sorted(support.glob("*.py"))
+        if (n := p.read_text().count("\n")) > 400
+    ]
+    assert (long_functions, long_modules, long_support) == ([], [], [])

@@ -12,13 +12,13 @@ import aiomqtt
 import paho.mqtt.client as paho
 import pytest
 
+from ingestd.mqtt import internals, wire
 from ingestd.mqtt import link as mqtt_link
-from ingestd.mqtt import wire
 from ingestd.mqtt.buffered import BufferedSocket, PacketTooLarge
 
 
 def test_private_attributes_the_adapter_relies_on_still_exist() -> None:
-    for owner, name in mqtt_link.REQUIRED_INTERNALS:
+    for owner, name in internals.REQUIRED_INTERNALS:
         assert hasattr(owner, name), (
             f"{owner.__module__}.{owner.__name__}.{name} is gone: ingestd/mqtt/link.py must be "
             "updated for this aiomqtt/paho-mqtt version"
@@ -27,7 +27,7 @@ def test_private_attributes_the_adapter_relies_on_still_exist() -> None:
 
 async def test_instance_attributes_and_callback_wiring() -> None:
     client = aiomqtt.Client("127.0.0.1", 1)
-    for name in mqtt_link.REQUIRED_INSTANCE_ATTRS:
+    for name in internals.REQUIRED_INSTANCE_ATTRS:
         assert hasattr(client, name), f"aiomqtt.Client().{name} is gone"
     assert isinstance(client._client, paho.Client)
     assert isinstance(client._disconnected, asyncio.Future)
@@ -37,7 +37,7 @@ async def test_instance_attributes_and_callback_wiring() -> None:
     assert getattr(opened, "__func__", None) is mqtt_link.MqttLink._on_socket_open
     assert getattr(closed, "__func__", None) is mqtt_link.MqttLink._on_socket_close
     assert link._client._manual_ack is True
-    for name in mqtt_link.REQUIRED_PAHO_ATTRS:
+    for name in internals.REQUIRED_PAHO_ATTRS:
         assert hasattr(link._client, name), f"paho.Client().{name} is gone"
 
 
