@@ -222,6 +222,11 @@ async def _create_one(conn: Any, name: str, lo: int, hi: int) -> bool:
     partition, put them back (into it); False if a table of that name exists."""
     if await conn.fetchval("SELECT to_regclass($1) IS NOT NULL", f'"{name}"'):
         return False
+    # Before the rows are moved: a batch in flight writing rows of this range
+    # into the default partition after the move would make the new partition
+    # refused ("would be violated by some row"). Writers wait for the lock
+    # (or, past lock_timeout, this creation is tried again later).
+    await conn.execute("LOCK TABLE samples_default IN ACCESS EXCLUSIVE MODE")
     await conn.execute(
         "CREATE TEMP TABLE ingestd_moving ON COMMIT DROP AS "
         "WITH m AS (DELETE FROM samples_default WHERE ts_ns >= $1 AND ts_ns < $2 "

@@ -260,7 +260,10 @@ class PostgresStore(base.Store):
                 )
                 self._ranges = await partitions(conn)
             except asyncpg.PostgresError as exc:
-                if not kept(exc):
+                # 23514: rows of the range written to the default partition
+                # meanwhile. Either way the readings are stored (in the default
+                # partition) and creation is tried again later.
+                if not kept(exc) and getattr(exc, "sqlstate", "") != "23514":
                     raise
                 self._cover_after = time.monotonic() + _PARTITION_RETRY_AFTER
                 log.warning(
