@@ -33,6 +33,7 @@ from ingestd.observe.systemd import SystemdNotifier, monotonic_usec
 from ingestd.observe.upstream import UpstreamWatch
 from ingestd.pipeline import Pipeline
 from ingestd.primary import Primacy, split
+from ingestd.spool import Spool
 from ingestd.store import Store, open_store
 
 log = structlog.get_logger("ingestd")
@@ -146,14 +147,20 @@ class Daemon:
             HealthMonitor(self.health, self.notifier, self.upstream, self.ready, self.stop).run(),
             name="monitor",
         )
+        spool_path = s.store.spool_path
+        spool = Spool(spool_path, s.store.spool.max_bytes) if spool_path else None
         try:
+            if spool is not None and not await self._open_spool(spool):
+                return EXIT_OK
             if not await self._open_store(store):
                 return EXIT_OK
-            return await self._main(store)
+            return await self._main(store, spool)
         except StoreError as exc:
             log.error("store failed; exiting", path=store.where, error=str(exc))
             return EXIT_FAILURE
         finally:
+            if spool is not None:
+                await spool.close()
             monitor.cancel()
             if self._reloading is not None:
                 self._reloading.cancel()
@@ -227,10 +234,39 @@ class Daemon:
             except TimeoutError:
                 continue
 
-    async def _main(self, store: Store) -> int:
+    async def _open_spool(self, spool: Spool) -> bool:
+        """Open the local spool (before the store: it may hold batches an
+        earlier run acknowledged); False if stopped first."""
+        backoff = Backoff(self.settings.store.retry_min_delay, self.settings.store.retry_max_delay)
+        while True:
+            try:
+                await spool.open()
+            except StoreUnavailable as exc:
+                log.error("cannot open the spool; retrying", spool=str(spool.path), error=str(exc))
+                try:
+                    async with asyncio.timeout(backoff.next()):
+                        await self.stop.wait()
+                    return False
+                except TimeoutError:
+                    continue
+            state = spool.state()
+            if state.batches:
+                log.warning(
+                    "the spool holds batches an earlier run acknowledged; forwarding them",
+                    spool=str(spool.path),
+                    readings=state.readings,
+                    bytes=state.bytes,
+                )
+            return True
+
+    async def _main(self, store: Store, spool: Spool | None = None) -> int:
         member, primary = split(self.settings)
         pipeline = Pipeline.build(
-            member, store, upstream=self.upstream, on_commit=self.metrics.observe_commit
+            member,
+            store,
+            upstream=self.upstream,
+            on_commit=self.metrics.observe_commit,
+            spool=spool,
         )
         self.health.loop = asyncio.get_running_loop()
         self.health.pipeline = self._pipeline = pipeline

@@ -389,9 +389,16 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
             if args.instance or args.url is not None:
                 stats = _instance_stats(args.url, settings)
             else:
-                # The whole database: every instance that writes to it.
-                with open_reader(settings.store, db) as reader:
-                    stats = report.db_stats(reader)
+                # The whole database: every instance that writes to it; and
+                # this instance's spool, if it has one (even with the database away).
+                spool = report.spool_stats(settings.store.spool_path) if db is None else {}
+                try:
+                    with open_reader(settings.store, db) as reader:
+                        stats = report.db_stats(reader) | spool
+                except StoreError:
+                    if spool:
+                        report.print_stats(spool, as_json=args.json or args.format == "json")
+                    raise
             report.print_stats(stats, as_json=args.json or args.format == "json")
             return 0
         with open_reader(settings.store, db) as reader:

@@ -285,6 +285,17 @@ class BatchSettings(Section):
     max_delay_ms: int = Field(200, ge=0)
 
 
+class SpoolSettings(Section):
+    # With store.url: batches the store cannot take (unreachable, failing, or
+    # slower than after_ms) go to a local SQLite file, are acknowledged, and
+    # are forwarded when the store is back (see ingestd.spool).
+    enabled: bool = True
+    # Unset: next to store.path, as <store.path's name>-spool.db.
+    path: Path | None = None
+    max_bytes: int = Field(1 << 30, ge=1 << 20)
+    after_ms: int = Field(5000, ge=100)
+
+
 class StoreSettings(Section):
     # "" (SQLite at `path`) or postgresql://user@host:port/db (PG* environment
     # variables fill in what the URL leaves out; the password from
@@ -304,6 +315,7 @@ class StoreSettings(Section):
     partition_days: int = Field(1, ge=1, le=366)
     partitions_ahead: int = Field(3, ge=1, le=366)
     partitions_behind: int = Field(30, ge=0, le=3660)
+    spool: SpoolSettings = SpoolSettings()
 
     @property
     def postgres(self) -> bool:
@@ -333,6 +345,22 @@ class StoreSettings(Section):
                 "a PostgreSQL URL, but asyncpg is not installed: pip install 'ingestd[postgres]'"
             )
         return url
+
+    @property
+    def spool_path(self) -> Path | None:
+        """The local spool's file, or None: no spool (SQLite, or disabled)."""
+        if not self.postgres or not self.spool.enabled:
+            return None
+        return self.spool.path or self.path.with_name(f"{self.path.stem}-spool.db")
+
+    @model_validator(mode="after")
+    def _spool_needs_url(self) -> StoreSettings:
+        if not self.url and self.spool.model_fields_set:
+            raise ValueError(
+                "[store.spool] is for store.url (PostgreSQL): SQLite at store.path is "
+                "on this machine already and needs no spool; remove the spool keys"
+            )
+        return self
 
     @model_validator(mode="after")
     def _password_file(self) -> StoreSettings:

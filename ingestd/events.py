@@ -6,6 +6,8 @@ one event per reading: each hop and each await is paid per chunk.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import msgspec
 
 NS = 1_000_000_000  # nanoseconds per second
@@ -45,6 +47,29 @@ class SensorStatus(msgspec.Struct, frozen=True):
         return bool(
             self.sequences or self.expect_within or self.states or self.devices or self.packets
         )
+
+
+def merge_statuses(statuses: Iterable[SensorStatus]) -> SensorStatus:
+    """The state of several chunks (or batches) in order, as one write: the
+    later state wins, sequence gaps add up (they are deltas), a device keeps
+    the latest description any of them had. Packets are the caller's."""
+    sequences: dict[str, tuple[int, int, int]] = {}
+    expect: dict[str, float] = {}
+    states: dict[str, str] = {}
+    devices: dict[tuple[str, str], tuple[bytes, bytes | None]] = {}
+    for status in statuses:
+        for sensor, seq in status.sequences.items():
+            before = sequences.get(sensor)
+            if before is not None:
+                seq = (seq[0], before[1] + seq[1], before[2] + seq[2])  # noqa: PLW2901
+            sequences[sensor] = seq
+        expect.update(status.expect_within)
+        states.update(status.states)
+        for device, (position, description) in status.devices.items():
+            if description is None and device in devices:
+                description = devices[device][1]  # noqa: PLW2901
+            devices[device] = (position, description)
+    return SensorStatus(sequences, expect, states, devices)
 
 
 class Reading(msgspec.Struct, frozen=True, gc=False):
@@ -147,6 +172,10 @@ class BatchCommitted(msgspec.Struct, frozen=True):
     # Readings not stored because their series and time hold another value;
     # quarantined in the same transaction (and counted in `quarantined`).
     conflicts: list[Rejected] = []
+    # Readings committed to the local spool instead (acknowledged, not yet in
+    # the store), or forwarded from it by this commit.
+    spooled: int = 0
+    forwarded: int = 0
 
 
 def reading_payload(r: Reading, **extra: object) -> bytes:

@@ -23,12 +23,14 @@ from ingestd.config import Settings, route_table
 from ingestd.devices import DeviceState, SequenceState
 from ingestd.errors import StopTimeout
 from ingestd.events import BatchCommitted, Decoded, Processed
+from ingestd.forward import Forwarder
 from ingestd.maintenance import Maintenance
 from ingestd.observe.device_log import DeviceLog
 from ingestd.observe.event_log import EventLogger
 from ingestd.observe.upstream import UpstreamWatch
 from ingestd.routes import RouteTable
 from ingestd.source import MqttSource
+from ingestd.spool import Spool
 from ingestd.store import Store
 from ingestd.store.base import PACKETS, SUBSCRIPTIONS, unpack_packets
 from ingestd.window import InFlightWindow
@@ -49,6 +51,7 @@ class Pipeline:
     bus: EventBus
     logger: EventLogger
     maintenance: Maintenance | None
+    forwarder: Forwarder | None = None  # with a local spool
     started_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -62,6 +65,7 @@ class Pipeline:
         on_commit: Callable[[BatchCommitted], None] | None = None,
         maintain: bool = True,
         device_log: DeviceLog | None = None,
+        spool: Spool | None = None,
     ) -> Pipeline:
         """Wire a pipeline on an open store, its device state as last committed."""
         bus = EventBus()
@@ -96,10 +100,20 @@ class Pipeline:
         writer.on_commit = on_commit
 
         logger = EventLogger(
-            to_logger, s.daemon.log_summary_interval, _summary_fields(role, window, bus)
+            to_logger, s.daemon.log_summary_interval, _summary_fields(role, window, bus, writer)
         )
         maintenance = Maintenance(store, s.store) if maintain else None
-        return cls(role, source, processor, writer, window, bus, logger, maintenance)
+        forwarder = None
+        if spool is not None:
+            writer.spool, writer.spool_after = spool, s.store.spool.after_ms / 1000
+            forwarder = Forwarder(
+                store,
+                spool,
+                writer,
+                retry_min_delay=s.store.retry_min_delay,
+                retry_max_delay=s.store.retry_max_delay,
+            )
+        return cls(role, source, processor, writer, window, bus, logger, maintenance, forwarder)
 
     def parts(self) -> list[object]:
         return [p for p in (self.source, self.processor, self.writer, self.maintenance) if p]
@@ -126,8 +140,11 @@ class Pipeline:
             logger_task = tg.create_task(self.logger.run(), name=f"{self.role} logger")
             if self.maintenance is not None:
                 tg.create_task(self.maintenance.run(stop), name="maintenance")
+            observers = [logger_task]
+            if self.forwarder is not None:
+                observers.append(tg.create_task(self.forwarder.run(), name="forwarder"))
             tg.create_task(
-                self._supervise_stop(stop, stop_timeout, writer_task, logger_task),
+                self._supervise_stop(stop, stop_timeout, writer_task, observers),
                 name=f"{self.role} stop",
             )
 
@@ -136,16 +153,18 @@ class Pipeline:
         stop: asyncio.Event,
         stop_timeout: Callable[[], float],
         writer_task: asyncio.Task[None],
-        logger_task: asyncio.Task[None],
+        others: list[asyncio.Task[None]],
     ) -> None:
-        """After a stop request: bound the drain by stop_timeout, then end the observers."""
+        """After a stop request: bound the drain by stop_timeout, then end the
+        logger and the forwarder (what it has not forwarded stays spooled)."""
         await stop.wait()
         try:
             async with asyncio.timeout(max(stop_timeout(), 0)):
                 await asyncio.wait({writer_task})
         except TimeoutError:
             raise StopTimeout from None
-        logger_task.cancel()
+        for task in others:
+            task.cancel()
 
 
 def _as_committed(
@@ -180,7 +199,7 @@ def _as_committed(
 
 
 def _summary_fields(
-    role: str, window: InFlightWindow, bus: EventBus
+    role: str, window: InFlightWindow, bus: EventBus, writer: BatchWriter
 ) -> Callable[[], dict[str, object]]:
     """What the logger's summary line says of the pipeline, read when it is written."""
 
@@ -193,6 +212,11 @@ def _summary_fields(
         }
         if role != "member":
             fields["role"] = role
+        if writer.spool is not None and len(writer.spool):
+            state = writer.spool.state()
+            fields["spool_readings"] = state.readings
+            fields["spool_bytes"] = state.bytes
+            fields["spool_oldest_age_s"] = round(time.time() - (state.oldest or time.time()), 1)
         return fields
 
     return now

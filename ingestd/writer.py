@@ -31,13 +31,25 @@ from ingestd.backoff import Backoff
 from ingestd.bus import EventBus, Subscription
 from ingestd.config import Settings
 from ingestd.errors import StoreUnavailable
-from ingestd.events import BatchCommitted, Processed, Reading, Rejected, SensorStatus
+from ingestd.events import (
+    BatchCommitted,
+    Processed,
+    Reading,
+    Rejected,
+    SensorStatus,
+    merge_statuses,
+)
+from ingestd.spool import Spool, SpooledBatch
 from ingestd.store import Store
 from ingestd.window import InFlightWindow
 
 log = structlog.get_logger("ingestd.writer")
 
 Acknowledge = Callable[[int, list[tuple[int, int]]], None]
+# A commit's outcome: inserted, duplicates, conflicts; None: spooled instead.
+Outcome = tuple[int, int, list[Rejected]] | None
+# StoreUnavailable's condition for a commit slower than store.spool.after_ms.
+SLOW = "slower than store.spool.after_ms"
 
 
 class BatchWriter:
@@ -101,6 +113,20 @@ class BatchWriter:
         # Sensors whose state a batch in flight writes, per batch.
         self._stating: dict[int, frozenset[str]] = {}
         self._formed = 0
+        # The local spool (a remote store's, `ingestd.spool`), and how long a
+        # commit may take before its batch goes there instead.
+        self.spool: Spool | None = None
+        self.spool_after: float | None = None
+        self.spool_available = True  # False while the spool cannot take batches
+        self._spool_problem: str | None = None
+        # Readings (to store, or quarantined by the processor) this run
+        # committed to the spool and not yet forwarded: a term of the identity.
+        self.spooled = 0
+        self.spooled_batches = 0
+        self.forwarded = 0  # readings forwarded from the spool, this run's or an earlier's
+        # Readings an earlier run spooled, forwarded by this one (outside the
+        # identity: this run did not decode them).
+        self.recovered = 0
 
     @property
     def busy_since(self) -> float | None:
@@ -108,6 +134,11 @@ class BatchWriter:
         (read from the metrics server's thread too)."""
         starts = list(self._busy.values())
         return min(starts) if starts else None
+
+    @property
+    def spooling(self) -> bool:
+        """Batches go to the spool, and it takes them."""
+        return self.spool is not None and self.spool.active and self.spool_available
 
     def reconfigure(self, settings: Settings) -> None:
         """A reload: batch size and age, and the store's retry delays, from the
@@ -187,37 +218,27 @@ class BatchWriter:
         self._chunks, self._size, self._deliveries, self._unacked = [], 0, 0, 0
         readings: list[Reading] = []
         rejected: list[Rejected] = []
-        sequences: dict[str, tuple[int, int, int]] = {}
-        expect: dict[str, float] = {}
-        states: dict[str, str] = {}
-        devices: dict[tuple[str, str], tuple[bytes, bytes | None]] = {}
         packets = False
         for c in chunks:
             readings.extend(c.readings)
             rejected.extend(c.rejected)
-            if c.status:  # later chunks hold the later state
-                for sensor, seq in c.status.sequences.items():
-                    # Gaps are deltas since the previous chunk's: summed, not replaced.
-                    before = sequences.get(sensor)
-                    if before is not None:
-                        seq = (seq[0], before[1] + seq[1], before[2] + seq[2])  # noqa: PLW2901
-                    sequences[sensor] = seq
-                expect.update(c.status.expect_within)
-                states.update(c.status.states)
-                for device, (position, description) in c.status.devices.items():
-                    # The latest position; the latest description any chunk had.
-                    if description is None and device in devices:
-                        description = devices[device][1]  # noqa: PLW2901
-                    devices[device] = (position, description)
-                if c.status.packets:
-                    self.packets.extend(c.status.packets)
-                    packets = True
+            if c.status.packets:
+                self.packets.extend(c.status.packets)
+                packets = True
+        merged = merge_statuses(c.status for c in chunks if c.status)
+        sequences, expect, states, devices = (
+            merged.sequences,
+            merged.expect_within,
+            merged.states,
+            merged.devices,
+        )
         status = SensorStatus(
             sequences, expect, states, devices, tuple(self.packets) if packets else ()
         )
+        moved = sum(c.rejected_readings for c in chunks)
         if self._jobs is None:
             started = time.perf_counter()
-            result = await self._commit(readings, rejected, status)
+            result = await self._commit(readings, rejected, status, moved=moved)
             self._settle(chunks, readings, rejected, result, time.perf_counter() - started)
             return
         self._formed += 1
@@ -255,7 +276,8 @@ class BatchWriter:
         """One batch in flight: commit it, then settle it after the batch before."""
         try:
             started = time.perf_counter()
-            result = await self._commit(readings, rejected, status, number)
+            moved = sum(c.rejected_readings for c in chunks)
+            result = await self._commit(readings, rejected, status, number, moved)
             seconds = time.perf_counter() - started
         finally:
             self._stating.pop(number, None)
@@ -269,10 +291,13 @@ class BatchWriter:
         chunks: list[Processed],
         readings: list[Reading],
         rejected: list[Rejected],
-        result: tuple[int, int, list[Rejected]],
+        result: Outcome,
         seconds: float,
     ) -> None:
         """A committed batch: counters, acknowledgements, the window, the event."""
+        if result is None:
+            self._settle_spooled(chunks, readings, seconds)
+            return
         inserted, duplicates, conflicts = result
         if conflicts:
             rejected = rejected + conflicts
@@ -310,36 +335,83 @@ class BatchWriter:
             self.on_commit(event)
         self.bus.publish_nowait(event)
 
+    def _settle_spooled(
+        self, chunks: list[Processed], readings: list[Reading], seconds: float
+    ) -> None:
+        """A batch committed to the spool: acknowledged, its readings `spooled`
+        until forwarded (`settle_forwarded`)."""
+        moved = sum(c.rejected_readings for c in chunks)
+        self.spooled += len(readings) + moved
+        self.spooled_batches += 1
+        self.window.readings -= len(readings) + moved
+        deliveries = 0
+        for c in chunks:
+            self.gaps_committed += c.gaps[0]
+            self.missing_committed += c.gaps[1]
+            self.acknowledge(c.epoch, c.acks)
+            self.window.settle(c.deliveries, len(c.acks))
+            deliveries += c.deliveries
+        self.bus.publish_nowait(
+            BatchCommitted(0, 0, 0, deliveries, seconds, spooled=len(readings) + moved)
+        )
+
+    def store_back(self) -> None:
+        """The store took a batch (the forwarder's): available again."""
+        if self._condition is not None:
+            self.store_available = True
+            log.warning("store available again; forwarding the spool", after=self._condition)
+            self._condition = None
+
     async def _commit(
         self,
         readings: list[Reading],
         rejected: list[Rejected],
         status: SensorStatus | None = None,
         number: int = 0,
-    ) -> tuple[int, int, list[Rejected]]:
+        moved: int = 0,
+    ) -> Outcome:
+        """Commit a batch to the store, or to the spool (None) while the spool
+        is in use or when the store cannot take it; hold it (retrying) while
+        neither can."""
         backoff = Backoff(self.retry_min_delay, self.retry_max_delay)
+        spool = self.spool
         while True:
+            if spool is not None and spool.active:
+                # Spooling: every batch goes there, in order, until it is forwarded.
+                if await self._spool(readings, rejected, status, moved):
+                    return None
+                await asyncio.sleep(backoff.next())
+                continue
             self._busy[number] = time.monotonic()
             try:
-                async with self.store.batch() as tx:
-                    await tx.add_readings(readings)
-                    await tx.add_rejected(rejected)
-                    if status:
-                        await tx.set_status(status)
-            except StoreUnavailable as exc:
+                async with asyncio.timeout(self.spool_after if spool is not None else None):
+                    async with self.store.batch() as tx:
+                        await tx.add_readings(readings)
+                        await tx.add_rejected(rejected)
+                        if status:
+                            await tx.set_status(status)
+            except (StoreUnavailable, TimeoutError) as exc:
                 self._busy.pop(number, None)
-                self.store_errors[exc.condition] = self.store_errors.get(exc.condition, 0) + 1
+                condition = exc.condition if isinstance(exc, StoreUnavailable) else SLOW
+                self.store_errors[condition] = self.store_errors.get(condition, 0) + 1
                 # Once per change of condition, whichever batch in flight meets it.
-                if exc.condition != self._condition:
-                    self._condition = exc.condition
+                if condition != self._condition:
+                    self._condition = condition
                     self.store_available = False
                     log.error(
-                        "store unavailable; holding the batch and retrying",
-                        condition=exc.condition,
-                        error=str(exc),
+                        "store unavailable; "
+                        + (
+                            "spooling batches to local disk"
+                            if spool is not None
+                            else "holding the batch and retrying"
+                        ),
+                        condition=condition,
+                        error=str(exc) or condition,
                         readings=len(readings),
                         path=self.store.where,
                     )
+                if spool is not None and await self._spool(readings, rejected, status, moved):
+                    return None
                 await asyncio.sleep(backoff.next())
                 continue
             finally:
@@ -348,4 +420,58 @@ class BatchWriter:
                 self.store_available = True
                 log.warning("store available again; batch committed", after=self._condition)
                 self._condition = None
+            self._taken_again("store")
             return tx.inserted, tx.duplicates, tx.conflicts
+
+    def _taken_again(self, by: str) -> None:
+        """A batch was taken: if the spool had refused batches, that is over."""
+        if self._spool_problem is not None:
+            log.warning("batches are taken again", by=by, after=self._spool_problem)
+            self._spool_problem = None
+        self.spool_available = True
+
+    async def _spool(
+        self,
+        readings: list[Reading],
+        rejected: list[Rejected],
+        status: SensorStatus | None,
+        moved: int,
+    ) -> bool:
+        """Commit the batch to the spool; False if it cannot take it (full, or
+        its disk refuses), logged once each time that starts and ends."""
+        spool = self.spool
+        assert spool is not None
+        started = not spool.active and not len(spool)
+        spool.active = True  # from now on batches go to the spool, in order
+        spool.wake.set()
+        try:
+            taken = await spool.put(
+                SpooledBatch(readings, rejected, status or SensorStatus(), moved)
+            )
+            problem = None if taken else "full"
+        except StoreUnavailable as exc:
+            taken, problem = False, f"{exc.condition}: {exc}"
+        if not taken:
+            if self._spool_problem is None:
+                state = spool.state()
+                log.error(
+                    "spool cannot take batches; holding them unacknowledged (the broker "
+                    "queues meanwhile) until the store takes the spool's",
+                    problem=problem,
+                    spool=str(spool.path),
+                    spooled_readings=state.readings,
+                    spooled_bytes=state.bytes,
+                    max_bytes=spool.max_bytes,
+                )
+            self._spool_problem = problem
+            self.spool_available = False
+            return False
+        self._taken_again("spool")
+        if started:
+            log.warning(
+                "spooling: batches are committed to local disk and acknowledged, and "
+                "forwarded to the store when it takes them",
+                spool=str(spool.path),
+                store=self.store.where,
+            )
+        return True

@@ -43,6 +43,8 @@ class _Interval:
         self.readings = 0
         self.duplicates = 0
         self.batches = 0
+        self.spooled = 0  # readings committed to the local spool instead
+        self.forwarded = 0  # readings forwarded from it to the store
         self.commit_ms: list[float] = []
         self.quarantined: dict[str, int] = {}
         self.examples: dict[str, str] = {}
@@ -136,6 +138,8 @@ class EventLogger:
             now.messages += event.deliveries
             now.readings += event.readings
             now.duplicates += event.duplicates
+            now.spooled += event.spooled
+            now.forwarded += event.forwarded
             now.batches += 1
             now.latency(ms)
             log.debug(
@@ -189,6 +193,9 @@ class EventLogger:
             "quarantined": sum(now.quarantined.values()),
             "batches": now.batches,
         }
+        if now.spooled or now.forwarded:
+            fields["spooled"] = now.spooled
+            fields["forwarded"] = now.forwarded
         if now.commit_ms:
             ordered = sorted(now.commit_ms)
             fields["commit_ms_p50"] = ordered[len(ordered) // 2]

@@ -21,6 +21,7 @@ from ingestd.observe.systemd import SystemdNotifier, watchdog_interval
 if TYPE_CHECKING:
     from ingestd.observe.upstream import UpstreamWatch
     from ingestd.pipeline import Pipeline
+    from ingestd.writer import BatchWriter
 
 log = structlog.get_logger("ingestd")
 
@@ -37,7 +38,7 @@ class Accounting:
     Each transition (decode, commit) updates all of its terms without an await
     in between, so on the loop the identity always holds:
     decoded = committed + duplicate + quarantined + rate_limited
-              + retained_untimed + handed_over + in_flight.
+              + retained_untimed + handed_over + spooled + in_flight.
     A scrape from the HTTP thread has the loop take a snapshot for it, so it
     never reads a torn state.
     """
@@ -52,7 +53,13 @@ class Accounting:
     # Read by this member while it was the primary, not committed when it lost
     # the role: unacknowledged, the broker redelivers them to the next primary.
     handed_over: int = 0
+    # In the local spool (acknowledged, on this machine's disk), not yet
+    # forwarded to the store: when forwarded, their outcome moves them.
+    spooled: int = 0
     in_flight: int = 0
+    # Readings an earlier run spooled and this one forwarded, outside the
+    # identity (this run did not decode them).
+    recovered: int = 0
     # Messages, outside the identity (read at the same moment).
     retained_ignored: int = 0
     messages_received: int = 0
@@ -68,7 +75,9 @@ class Accounting:
             rate_dropped=c.rate_dropped,
             rate_quarantined=c.rate_quarantined,
             retained_untimed=c.retained_untimed,
+            spooled=w.spooled,
             in_flight=p.window.readings,
+            recovered=w.recovered,
             retained_ignored=c.retained_ignored,
             messages_received=p.source.received,
         )
@@ -93,6 +102,7 @@ class Accounting:
             + self.rate_quarantined
             + self.retained_untimed
             + self.handed_over
+            + self.spooled
             + self.in_flight
         )
 
@@ -268,23 +278,54 @@ class Health:
             return False, checks
         checks["broker"] = all(p.source.connected for p in ps)
         checks["store"] = all(p.writer.store_available for p in ps)
+        spooling = [p.writer for p in ps if p.writer.spool is not None]
+        for w in spooling:
+            checks["spool"] = spool_detail(w)
+        # While the spool takes batches, the store's absence stops nothing.
+        settling = all(p.writer.store_available or p.writer.spooling for p in ps)
         stall = self.stall()
         checks["pipeline"] = stall is None
         if stall is not None:
             checks["detail"] = f"pipeline stalled: {stall}"
+        elif not checks["store"] and settling:
+            checks["detail"] = (
+                "store unavailable; spooling to local disk and forwarding when it is back"
+            )
         elif not checks["store"]:
-            checks["detail"] = "store unavailable; holding data and retrying"
+            checks["detail"] = "store unavailable; holding data and retrying" + (
+                " (the spool cannot take more)" if spooling else ""
+            )
         elif not checks["broker"]:
             down = next(p for p in ps if not p.source.connected)
             checks["detail"] = f"not connected to the broker {down.source.broker}" + (
                 "" if down.role == "member" else f" ({down.role} role)"
             )
-        ok = all(v is True for k, v in checks.items() if k != "detail")
+        ok = all(
+            v is True
+            for k, v in checks.items()
+            if k not in ("detail", "spool") and (k != "store" or not settling)
+        )
         if self.primary is not None:
             checks["role"] = "primary"
         if self.upstream is not None:
             checks["upstream"] = self.upstream.detail()
         return ok, checks
+
+
+def spool_detail(w: BatchWriter) -> dict[str, Any]:
+    """The spool's part of /readyz."""
+    assert w.spool is not None
+    state = w.spool.state()
+    return {
+        "path": str(w.spool.path),
+        "active": w.spool.active,
+        "batches": state.batches,
+        "readings": state.readings,
+        "bytes": state.bytes,
+        "max_bytes": w.spool.max_bytes,
+        "oldest_age_s": round(time.time() - state.oldest, 1) if state.oldest else 0,
+        "taking_batches": w.spool_available,
+    }
 
 
 class HealthMonitor:
@@ -362,6 +403,10 @@ class HealthMonitor:
         if stall is not None:
             return f"stalled: {stall}"
         if not p.writer.store_available:
+            if p.writer.spooling:
+                state = p.writer.spool.state() if p.writer.spool else None
+                held = f"{state.readings:,} readings" if state else ""
+                return f"store unavailable; spooling to local disk ({held} held)"
             return "store unavailable; holding data and retrying"
         if not p.source.connected:
             return f"waiting for the broker {p.source.broker}"

@@ -10,6 +10,7 @@ happen, once per batch.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from ingestd.observe.health import Accounting, Tally
     from ingestd.observe.upstream import UpstreamWatch
     from ingestd.pipeline import Pipeline
+    from ingestd.writer import BatchWriter
 
 # A family's samples: (label values, value) each.
 Samples = Iterable[tuple[Sequence[str], float]]
@@ -116,6 +118,11 @@ def _prefix(p: Pipeline) -> str:
 def _quarantined(s: Scrape) -> Samples:
     by_kind = s.tally.quarantined
     return [([kind], by_kind.get(kind, 0)) for kind in sorted({*REJECT_KINDS, *by_kind})]
+
+
+def _spooling(s: Scrape) -> list[BatchWriter]:
+    """The writers with a spool (a member's, with a remote store)."""
+    return [p.writer for p in s.pipelines if p.writer.spool is not None]
 
 
 def _queues(read: Callable[[Subscription], int]) -> Callable[[Scrape], Samples]:
@@ -219,6 +226,51 @@ RUNNING = (
         lambda s: s.accounting.handed_over,
     ),
     gauge(
+        "ingestd_readings_spooled",
+        "Readings this run committed to the local spool (store.spool) and "
+        "acknowledged, not yet forwarded to the store",
+        lambda s: s.accounting.spooled,
+    ),
+    counter(
+        "ingestd_readings_recovered",
+        "Readings an earlier run left in the spool, forwarded by this one",
+        lambda s: s.accounting.recovered,
+    ),
+    gauge(
+        "ingestd_spool_readings",
+        "Readings in the local spool now (this run's and an earlier one's)",
+        lambda s: sum(w.spool.readings for w in _spooling(s) if w.spool),
+    ),
+    gauge(
+        "ingestd_spool_bytes",
+        "Bytes of batches in the local spool (bounded by store.spool.max_bytes)",
+        lambda s: sum(w.spool.bytes for w in _spooling(s) if w.spool),
+    ),
+    gauge(
+        "ingestd_spool_oldest_age_seconds",
+        "Age of the oldest batch in the local spool (0: empty)",
+        lambda s: max(
+            (time.time() - t for w in _spooling(s) if w.spool and (t := w.spool.state().oldest)),
+            default=0,
+        ),
+    ),
+    counter(
+        "ingestd_spool_batches",
+        "Batches committed to the local spool instead of the store",
+        lambda s: sum(w.spooled_batches for w in _spooling(s)),
+    ),
+    counter(
+        "ingestd_spool_forwarded_readings",
+        "Readings forwarded from the local spool to the store (rate: the drain rate)",
+        lambda s: sum(w.forwarded for w in _spooling(s)),
+    ),
+    gauge(
+        "ingestd_spool_full",
+        "1 while the spool cannot take batches (full, or its disk refuses): "
+        "batches are held unacknowledged",
+        lambda s: _flag(any(not w.spool_available for w in _spooling(s))),
+    ),
+    gauge(
         "ingestd_readings_in_flight",
         "Readings decoded and not yet committed or quarantined",
         lambda s: s.accounting.in_flight,
@@ -226,7 +278,7 @@ RUNNING = (
     gauge(
         "ingestd_readings_unexplained",
         "decoded - (committed + duplicate + quarantined + rate limited + "
-        "retained untimed + handed over + in flight): always 0, else a bug",
+        "retained untimed + handed over + spooled + in flight): always 0, else a bug",
         lambda s: s.accounting.unexplained,
     ),
     counter(

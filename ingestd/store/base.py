@@ -314,6 +314,12 @@ class Store(ABC):
         quarantine records received before it, in small transactions; then the
         engine's housekeeping. Raises StoreError (or StoreUnavailable)."""
 
+    async def spool_forwarded(self, spool: str) -> int:
+        """The last row of local spool `spool` (its id) that a batch committed
+        to this store (see `ingestd.forward`); 0 if none. Engines that spool
+        (a remote store) implement it."""
+        raise StoreError(f"{self.where}: this store takes no spooled batches")
+
     @abstractmethod
     def advice(self, exc: Exception) -> str:
         """What an operator should do about `exc` (raised by `open`), in words."""

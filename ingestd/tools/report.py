@@ -24,11 +24,13 @@ import urllib.request
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, TextIO
 
 from ingestd.errors import DataCommandError
 from ingestd.events import NS
 from ingestd.printable import printable
+from ingestd.spool import read_state
 from ingestd.store.base import Reader
 
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d|w)$")
@@ -284,7 +286,27 @@ def db_stats(reader: Reader) -> dict[str, Any]:
     }
 
 
+def spool_stats(path: Path | None) -> dict[str, Any]:
+    """The local spool's figures (store.spool), {} without one."""
+    if path is None:
+        return {}
+    state = read_state(path)
+    if state is None:
+        return {"spool": str(path), "spool_readings": 0}
+    return {
+        "spool": str(path),
+        "spool_readings": state.readings,
+        "spool_batches": state.batches,
+        "spool_mb": round(state.bytes / 1e6, 1),
+        "spool_oldest": iso_ns(int(state.oldest * 1e9)) if state.oldest else None,
+    }
+
+
 _LIVE = {
+    "ingestd_readings_spooled": "readings_spooled",
+    "ingestd_spool_readings": "spool_readings",
+    "ingestd_spool_bytes": "spool_bytes",
+    "ingestd_spool_oldest_age_seconds": "spool_oldest_age_s",
     "ingestd_messages_received_total": "messages_received",
     "ingestd_readings_committed_total": "readings_committed",
     "ingestd_readings_duplicate_total": "readings_duplicate",

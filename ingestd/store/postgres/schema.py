@@ -101,6 +101,15 @@ MIGRATIONS: tuple[str, ...] = (
         renewed   double precision NOT NULL  -- the server's clock, every second
     );
     """,
+    # 5: the last row of each local spool (ingestd.spool) committed here, in
+    # the same transaction as its batches: forwarded once, whatever fails.
+    """
+    CREATE TABLE spool_forwarded (
+        spool   text PRIMARY KEY,
+        upto    bigint NOT NULL,
+        updated double precision NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

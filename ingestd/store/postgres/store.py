@@ -312,6 +312,19 @@ class PostgresStore(base.Store):
         self._idle.append(conn)
         self.series_ids.update(tx.new_series)
 
+    async def spool_forwarded(self, spool: str) -> int:
+        await self.open()
+        conn = await self._take()
+        try:
+            upto = await conn.fetchval("SELECT upto FROM spool_forwarded WHERE spool = $1", spool)
+        except BaseException as exc:
+            self._reset(conn)
+            if isinstance(exc, Exception):
+                raise self.translate(exc) from exc
+            raise
+        self._idle.append(conn)
+        return int(upto or 0)
+
     async def _abandon(self, conn: Any, exc: BaseException, begun: bool) -> None:
         """Roll back; keep the connection if it is still good, else start afresh."""
         if not begun:

@@ -1,0 +1,222 @@
+"""The forwarder: drains the local spool into the store once it takes batches
+again, in arrival order, in large transactions, while live batches keep
+going to the spool behind it; when the spool is empty, the writer commits to
+the store again.
+
+A spooled batch leaves the spool only after the store committed it, and the
+store records, in that same transaction, the last spool row it holds
+(`spool_forwarded`): after a kill -9 between the commit and the removal, or a
+commit whose outcome was lost with the connection, what the store already
+holds is removed from the spool without being written twice. Everything else
+is what a live batch gets: the same keys, duplicates and conflicts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import msgspec
+import structlog
+
+from ingestd.backoff import Backoff
+from ingestd.errors import StoreUnavailable
+from ingestd.events import BatchCommitted, Reading, Rejected, merge_statuses
+from ingestd.spool import Entry, Spool, SpooledBatch
+from ingestd.store import Store
+from ingestd.writer import BatchWriter
+
+log = structlog.get_logger("ingestd.forward")
+
+# Readings per forwarding transaction: large, as the store takes them fastest.
+FORWARD_READINGS = 50_000
+_MARK = (
+    "INSERT INTO spool_forwarded (spool, upto, updated) VALUES (?, ?, ?) "
+    "ON CONFLICT (spool) DO UPDATE SET upto = excluded.upto, updated = excluded.updated"
+)
+
+
+class Forwarder:
+    def __init__(
+        self,
+        store: Store,
+        spool: Spool,
+        writer: BatchWriter,
+        *,
+        retry_min_delay: float,
+        retry_max_delay: float,
+        max_readings: int = FORWARD_READINGS,
+    ) -> None:
+        self.store = store
+        self.spool = spool
+        self.writer = writer
+        self.retry_min_delay = retry_min_delay
+        self.retry_max_delay = retry_max_delay
+        self.max_readings = max_readings
+        self._checked = False  # the store's mark of this spool read since the last doubt
+        self._drain_started = 0.0
+        self._drain_readings = 0
+
+    async def run(self) -> None:
+        spool = self.spool
+        backoff = Backoff(self.retry_min_delay, self.retry_max_delay)
+        while True:
+            if not spool.active:
+                spool.wake.clear()
+                await spool.wake.wait()
+                continue
+            try:
+                moved = await self._step()
+            except StoreUnavailable:
+                # Down still (or again): the writer says so; try later, and
+                # read the mark again first (a commit may have been lost).
+                self._checked = False
+                await asyncio.sleep(backoff.next())
+                continue
+            if moved:
+                backoff = Backoff(self.retry_min_delay, self.retry_max_delay)
+                continue
+            if spool.pending or len(spool):
+                await asyncio.sleep(0.01)  # a batch on its way into the spool
+                continue
+            # Empty, and nothing on its way: the writer commits to the store again.
+            spool.active = False
+            if self._drain_readings:
+                log.warning(
+                    "spool drained; batches go to the store again",
+                    forwarded=self._drain_readings,
+                    seconds=round(time.monotonic() - self._drain_started, 1),
+                )
+            self._drain_readings = 0
+
+    async def _step(self) -> int:
+        """Forward the oldest spooled batches; the readings that left the spool."""
+        spool = self.spool
+        if not self._checked:
+            done = await self.store.spool_forwarded(spool.id)
+            self._checked = True
+            if done and len(spool):
+                already = await spool.remove(done)
+                if already:
+                    log.info("spooled batches the store already held removed", readings=already)
+                    settle_held(self.writer, already, own=done >= spool.first_own)
+                return already
+        taken = await spool.take(self.max_readings)
+        if not taken:
+            return 0
+        if not self._drain_readings:
+            self._drain_started = time.monotonic()
+            log.info("forwarding the spool to the store", **_depth(spool))
+        readings, rejected, moved = _contents(taken)
+        started = time.perf_counter()
+        result = await self._commit(taken, readings, rejected)
+        seconds = time.perf_counter() - started
+        self.writer.store_back()
+        await spool.remove(taken[-1][0].id)
+        settle_forwarded(
+            self.writer,
+            len(readings),
+            moved,
+            result,
+            rejected,
+            seconds,
+            own=taken[0][0].id >= spool.first_own,
+        )
+        self._drain_readings += len(readings) + moved
+        return len(readings) + moved
+
+    async def _commit(
+        self,
+        taken: list[tuple[Entry, SpooledBatch]],
+        readings: list[Reading],
+        rejected: list[Rejected],
+    ) -> tuple[int, int, list[Rejected]]:
+        merged = merge_statuses(b.status for _, b in taken if b.status)
+        packets = next((b.status.packets for _, b in reversed(taken) if b.status.packets), ())
+        status = msgspec.structs.replace(merged, packets=packets)
+        async with self.store.batch() as tx:
+            await tx.add_readings(readings)
+            await tx.add_rejected(rejected)
+            if status:
+                await tx.set_status(status)
+            await tx.execute_many(_MARK, [(self.spool.id, taken[-1][0].id, time.time())])
+        return tx.inserted, tx.duplicates, tx.conflicts
+
+
+def settle_forwarded(
+    w: BatchWriter,
+    readings: int,
+    moved: int,
+    result: tuple[int, int, list[Rejected]],
+    rejected: list[Rejected],
+    seconds: float,
+    *,
+    own: bool,
+) -> None:
+    """Spooled batches the store has taken: `readings` to store and `moved`
+    already quarantined by the processor, their outcome `result`. The
+    outcome of this run's own batches joins the counters (they leave
+    `spooled`); an earlier run's is `recovered`."""
+    inserted, duplicates, conflicts = result
+    if own:
+        w.spooled -= readings + moved
+        w.committed += inserted
+        w.duplicates += duplicates
+        w.quarantined_readings += moved + len(conflicts)
+    else:
+        w.recovered += readings + moved
+    w.forwarded += readings + moved
+    rejected = rejected + conflicts
+    w.quarantined += len(rejected)
+    for r in rejected:
+        w.quarantined_by_kind[r.kind] = w.quarantined_by_kind.get(r.kind, 0) + 1
+    w.batches += 1
+    w.last_commit_at = time.time()
+    event = BatchCommitted(
+        inserted,
+        duplicates,
+        len(rejected),
+        0,
+        seconds,
+        readings + len(rejected) - len(conflicts),
+        conflicts,
+        forwarded=readings + moved,
+    )
+    if w.on_commit is not None:
+        w.on_commit(event)
+    w.bus.publish_nowait(event)
+
+
+def settle_held(w: BatchWriter, readings: int, *, own: bool) -> None:
+    """Spooled readings the store turned out to hold already (a forwarding
+    commit whose outcome was lost, or a kill -9 before the spool let them
+    go), removed from the spool: counted as committed (their duplicates
+    and conflicts were counted by no one), or `recovered` if an earlier
+    run's."""
+    if own:
+        w.spooled -= readings
+        w.committed += readings
+    else:
+        w.recovered += readings
+    w.forwarded += readings
+
+
+def _contents(taken: list[tuple[Entry, SpooledBatch]]) -> tuple[list[Reading], list[Rejected], int]:
+    readings: list[Reading] = []
+    rejected: list[Rejected] = []
+    moved = 0
+    for _, b in taken:
+        readings.extend(b.readings)
+        rejected.extend(b.rejected)
+        moved += b.moved
+    return readings, rejected, moved
+
+
+def _depth(spool: Spool) -> dict[str, object]:
+    state = spool.state()
+    return {
+        "batches": state.batches,
+        "readings": state.readings,
+        "bytes": state.bytes,
+        "oldest_age_s": round(time.time() - state.oldest, 1) if state.oldest else 0,
+    }

@@ -1,0 +1,281 @@
+"""The local spool: batches the remote store (PostgreSQL) cannot take now are
+committed to a SQLite file on this machine, then acknowledged, and forwarded
+later (`ingestd.forward`).
+
+"Acknowledged" keeps meaning "durable on this machine's disk": a batch is
+acknowledged to the broker only after its spool transaction committed
+(synchronous = FULL). One row per batch, the batch as MessagePack, in arrival
+order (the row id). A spool belongs to one process at a time: the file is
+held with an exclusive lock, so a second ingestd given the same file is
+refused rather than mixing two instances' batches (a lock on `<path>.lock`;
+the file itself stays readable, by `ingestd stats`).
+
+Each spool file has an id (made when the file is): the remote store records,
+in the same transaction as a forwarded batch, the last row id forwarded from
+that spool, so a batch forwarded but not yet removed from the file (kill -9
+between the two) is not forwarded twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import fcntl
+import os
+import sqlite3
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+import msgspec
+
+from ingestd.errors import StoreError, StoreUnavailable
+from ingestd.events import Reading, Rejected, SensorStatus
+from ingestd.store.base import CANNOT_OPEN
+from ingestd.store.sqlite.store import classify, ro_uri
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS batches (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    spooled_at REAL NOT NULL,
+    readings INTEGER NOT NULL,
+    moved INTEGER NOT NULL,
+    data BLOB NOT NULL
+);
+"""
+
+
+class SpooledBatch(msgspec.Struct, array_like=True):
+    """A batch as the writer would have committed it."""
+
+    readings: list[Reading]
+    rejected: list[Rejected]
+    status: SensorStatus
+    # Readings the processor moved into `rejected` (limits, clocks): with
+    # `readings`, every reading the batch accounts for.
+    moved: int = 0
+
+
+_ENCODE = msgspec.msgpack.Encoder().encode
+_DECODE = msgspec.msgpack.Decoder(SpooledBatch).decode
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One spooled batch, as the file's index keeps it."""
+
+    id: int
+    spooled_at: float
+    readings: int  # to store, and moved to quarantine: the batch's whole account
+    size: int  # bytes of its data
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolState:
+    """What the spool holds (for metrics, /readyz, the summary line)."""
+
+    batches: int
+    readings: int
+    bytes: int
+    oldest: float | None  # when the oldest batch was spooled (Unix seconds)
+    full: bool
+
+
+class Spool:
+    def __init__(self, path: Path, max_bytes: int) -> None:
+        self.path = Path(path)
+        self.max_bytes = max_bytes
+        self.id = ""
+        self._conn: aiosqlite.Connection | None = None
+        self._lock: int | None = None  # the lock file's descriptor, held while open
+        self._index: collections.deque[Entry] = collections.deque()
+        self.bytes = 0
+        self.readings = 0
+        # The first row id this process spooled: rows before it were left by
+        # an earlier run (counted apart: this run did not decode them).
+        self.first_own = 1
+        # True while batches go to the spool rather than to the store: from
+        # the first batch the store could not take until the spool is empty.
+        self.active = False
+        self.pending = 0  # spool writes under way
+        self.wake = asyncio.Event()  # set when batches are spooled: the forwarder drains
+        self.full = False  # the last batch offered did not fit
+        self.forwarded_readings = 0  # forwarded to the store by this process
+
+    async def open(self) -> None:
+        """Open (or make) the file and take it for this process; StoreError if
+        another process holds it, StoreUnavailable if the disk refuses now."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock = _take_lock(self.path)
+            conn = await aiosqlite.connect(self.path, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            self._release()
+            if isinstance(exc, sqlite3.Error):
+                raise self._translate(exc) from exc
+            raise StoreUnavailable(CANNOT_OPEN, f"spool {self.path}: {exc}") from exc
+        try:
+            await conn.execute("PRAGMA journal_mode = WAL")
+            await conn.execute("PRAGMA synchronous = FULL")
+            await conn.executescript(_SCHEMA)
+            cur = await conn.execute("SELECT value FROM meta WHERE key = 'id'")
+            row = await cur.fetchone()
+            if row is None:
+                self.id = str(uuid.uuid4())
+                await conn.execute("INSERT INTO meta (key, value) VALUES ('id', ?)", (self.id,))
+            else:
+                self.id = str(row[0])
+            cur = await conn.execute(
+                "SELECT id, spooled_at, readings + moved, length(data) FROM batches ORDER BY id"
+            )
+            self._index = collections.deque(Entry(*r) for r in await cur.fetchall())
+            cur = await conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'batches'")
+            last = await cur.fetchone()
+        except sqlite3.Error as exc:
+            await conn.close()
+            self._release()
+            raise self._translate(exc) from exc
+        self._conn = conn
+        self.first_own = (last[0] if last else 0) + 1
+        self.bytes = sum(e.size for e in self._index)
+        self.readings = sum(e.readings for e in self._index)
+        self.active = bool(self._index)
+
+    async def close(self) -> None:
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    def _translate(self, exc: sqlite3.Error) -> StoreError:
+        return classify(exc) or StoreError(f"spool {self.path}: {exc}")
+
+    def state(self) -> SpoolState:
+        oldest = self._index[0].spooled_at if self._index else None
+        return SpoolState(len(self._index), self.readings, self.bytes, oldest, self.full)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    async def put(self, batch: SpooledBatch) -> bool:
+        """Commit a batch to the file; False if it does not fit in max_bytes.
+        StoreUnavailable if the disk refuses it (full, I/O error)."""
+        assert self._conn is not None
+        data = _ENCODE(batch)
+        if self._index and self.bytes + len(data) > self.max_bytes:
+            self.full = True
+            return False
+        # An empty spool takes a batch larger than max_bytes: a batch must be
+        # able to go somewhere, and it is bounded by batch.max_readings.
+        now = time.time()
+        count = len(batch.readings) + batch.moved
+        self.pending += 1
+        self.bytes += len(data)  # taken now: another batch's put may run meanwhile
+        try:
+            cur = await self._conn.execute(
+                "INSERT INTO batches (spooled_at, readings, moved, data) VALUES (?, ?, ?, ?)",
+                (now, len(batch.readings), batch.moved, data),
+            )
+        except sqlite3.Error as exc:
+            self.bytes -= len(data)
+            raise self._translate(exc) from exc
+        finally:
+            self.pending -= 1
+        assert cur.lastrowid is not None
+        self._index.append(Entry(cur.lastrowid, now, count, len(data)))
+        self.readings += count
+        self.full = False
+        return True
+
+    async def take(self, max_readings: int) -> list[tuple[Entry, SpooledBatch]]:
+        """The oldest batches, up to about `max_readings` (at least one), all
+        of this run's or all of an earlier run's."""
+        assert self._conn is not None
+        chosen: list[Entry] = []
+        total = 0
+        for e in self._index:
+            if chosen and (
+                total + e.readings > max_readings
+                or (e.id >= self.first_own) != (chosen[0].id >= self.first_own)
+            ):
+                break
+            chosen.append(e)
+            total += e.readings
+        if not chosen:
+            return []
+        try:
+            cur = await self._conn.execute(
+                "SELECT id, data FROM batches WHERE id BETWEEN ? AND ? ORDER BY id",
+                (chosen[0].id, chosen[-1].id),
+            )
+            rows = await cur.fetchall()
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from exc
+        data = {r[0]: r[1] for r in rows}
+        return [(e, _DECODE(data[e.id])) for e in chosen]
+
+    async def remove(self, upto: int) -> int:
+        """Remove the batches up to row `upto` (forwarded); the readings removed."""
+        assert self._conn is not None
+        try:
+            await self._conn.execute("DELETE FROM batches WHERE id <= ?", (upto,))
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from exc
+        removed = 0
+        while self._index and self._index[0].id <= upto:
+            e = self._index.popleft()
+            self.bytes -= e.size
+            self.readings -= e.readings
+            removed += e.readings
+        return removed
+
+
+def _take_lock(path: Path) -> int:
+    """The spool's lock file, locked for this process (StoreError if another holds it)."""
+    fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(
+            f"the spool {path} is in use by another ingestd: give each instance its own "
+            "(store.spool.path, or its own store.path)"
+        ) from None
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+    return fd
+
+
+def read_state(path: Path) -> SpoolState | None:
+    """The spool at `path` as the CLI sees it (read-only, beside a running
+    daemon); None if there is no such file."""
+    if not path.exists():
+        return None
+    try:
+        conn = sqlite3.connect(ro_uri(path), uri=True, timeout=1)
+    except sqlite3.Error:
+        return None
+    try:
+        row = conn.execute(
+            "SELECT count(*), coalesce(sum(readings + moved), 0), "
+            "coalesce(sum(length(data)), 0), min(spooled_at) FROM batches"
+        ).fetchone()
+    except sqlite3.Error:
+        return None
+    finally:
+        conn.close()
+    return SpoolState(row[0], row[1], row[2], row[3], False)
+
+
+__all__ = ["Entry", "Spool", "SpoolState", "SpooledBatch", "read_state"]
