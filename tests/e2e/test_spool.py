@@ -263,7 +263,12 @@ def test_two_instances_in_a_group_each_spool_their_own(
     n = 10_000
     url = own_pg.create_db("ingest")
     db = PgReader(url)
-    group = {"INGESTD_MQTT__SHARED_GROUP": "g", "INGESTD_STORE__URL": url, **FAST}
+    group = {
+        "INGESTD_MQTT__SHARED_GROUP": "g",
+        "INGESTD_STORE__URL": url,
+        "INGESTD_DAEMON__LOG_SUMMARY_INTERVAL": "1",
+        **FAST,
+    }
     a = daemons(mosquitto.port, workdir=tmp_path / "a", **group).start()
     b = daemons(mosquitto.port, workdir=tmp_path / "b", **group).start()
     a.wait_ready()
@@ -273,6 +278,13 @@ def test_two_instances_in_a_group_each_spool_their_own(
     readings, _ = expected(n)
     wait_for(lambda: spooled(a) + spooled(b) == readings, 60, what="all spooled")
     shares = (spooled(a), spooled(b))
+
+    # The summary line says what is spooled while the spool is not empty.
+    def summarized() -> list[int]:
+        lines = [json.loads(x) for x in a.logs().splitlines() if '"msg": "summary"' in x]
+        return [e["spool_readings"] for e in lines if "spool_readings" in e]
+
+    wait_for(lambda: shares[0] in summarized(), 10, what="the spool in the summary")
     own_pg.start()
     wait_for(lambda: db.count() == readings, 60, what="every reading stored")
     wait_for(lambda: spooled(a) == spooled(b) == 0, 30, what="both spools drained")
@@ -280,6 +292,13 @@ def test_two_instances_in_a_group_each_spool_their_own(
     assert b.stop() == 0
     sent, stored, distinct = stored_once(db, n)
     assert min(shares) > 0, shares
+    forwarded = sum(
+        json.loads(x).get("forwarded", 0)
+        for d in (a, b)
+        for x in d.logs().splitlines()
+        if '"msg": "summary"' in x
+    )
+    assert forwarded == readings, forwarded
     print(f"\ntwo members spooled {shares}: sent {sent:,} stored {stored:,} distinct {distinct:,}")
 
 
