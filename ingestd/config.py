@@ -16,6 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -24,6 +25,7 @@ from pydantic import (
     SecretStr,
     SerializerFunctionWrapHandler,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
@@ -297,9 +299,10 @@ class SpoolSettings(Section):
 
 
 class StoreSettings(Section):
-    # "" (SQLite at `path`) or postgresql://user@host:port/db (PG* environment
-    # variables fill in what the URL leaves out; the password from
-    # `password_file` or PGPASSWORD/PGPASSFILE, never in the URL).
+    # "" (SQLite at `path`) or postgresql://user@host:port/db, or several
+    # hosts (host1:port,host2:port: the one that takes writes is written to;
+    # PG* environment variables fill in what the URL leaves out; the password
+    # from `password_file` or PGPASSWORD/PGPASSFILE, never in the URL).
     url: str = ""
     password_file: Path | None = None
     path: Path = Path("var/ingestd.db")
@@ -323,14 +326,22 @@ class StoreSettings(Section):
 
     @field_validator("url")
     @classmethod
-    def _engine_url(cls, url: str) -> str:
+    def _engine_url(cls, url: str, info: ValidationInfo) -> str:
+        """`info.context` {"reading": True}: a URL the CLI only reads from
+        (`--db`), which may name a standby."""
         if not url:
             return url
         if not url.startswith(("postgresql://", "postgres://")):
             raise ValueError(
                 f"{url.rpartition('@')[2]!r}: expected postgresql://[user@]host[:port]/db "
+                "or postgresql://[user@]host1[:port],host2[:port]/db "
                 "(or leave it empty for SQLite at store.path)"
             )
+        problem = _url_hosts_problem(url)
+        if not (info.context or {}).get("reading"):
+            problem = problem or _url_attrs_problem(url)
+        if problem:
+            raise ValueError(problem)
         if _url_password(url):
             raise ValueError(
                 "the URL carries a password: it would show in logs and process lists; "
@@ -381,6 +392,35 @@ def _url_password(url: str) -> bool:
     rest = url.split("://", 1)[1]
     userinfo = rest.split("/", 1)[0].rpartition("@")[0]
     return ":" in userinfo
+
+
+_HOSTSPEC = re.compile(r"(\[[^\]]+\]|[^\[\]:,]+)(:[0-9]+)?")
+
+
+def _url_hosts_problem(url: str) -> str | None:
+    """What is wrong with the URL's host list (host[:port],host[:port]...)."""
+    hosts = urlsplit(url).netloc.rpartition("@")[2]
+    if not hosts:
+        return None  # libpq's defaults (PGHOST, a local socket)
+    for spec in hosts.split(","):
+        if not _HOSTSPEC.fullmatch(spec):
+            return (
+                f"host {spec!r} in {hosts!r}: expected host[:port] (an IPv6 address in "
+                "[brackets]), several separated by commas"
+            )
+    return None
+
+
+def _url_attrs_problem(url: str) -> str | None:
+    """ingestd writes: a target_session_attrs that admits a standby cannot work."""
+    for value in parse_qs(urlsplit(url).query).get("target_session_attrs", []):
+        if value not in ("read-write", "primary"):
+            return (
+                f"target_session_attrs={value}: ingestd writes, so it needs a host that "
+                "takes writes; use read-write (what ingestd asks for when the URL does "
+                "not say) or primary"
+            )
+    return None
 
 
 class MetricsSettings(Section):

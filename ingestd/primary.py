@@ -236,13 +236,14 @@ class Primacy:
             )
 
     async def _connect(self) -> Any:
-        import asyncpg  # noqa: PLC0415 - the PostgreSQL extra
+        # The PostgreSQL extra. Of store.url's hosts, the one that takes writes
+        # (a promoted standby after a failover): the role's term is written there.
+        from ingestd.store.postgres.connect import connect_writable  # noqa: PLC0415
 
         s = self.settings.store
-        return await asyncpg.connect(
+        return await connect_writable(
             s.url,
             password=s.password(),
-            timeout=10,
             server_settings={
                 "application_name": "ingestd primary lock",
                 # The server notices a member that vanished with its host

@@ -38,9 +38,12 @@ def open_reader(settings: StoreSettings, db: str | None = None) -> Reader:
     PostgreSQL URL) overrides the settings' engine and place."""
     if db is not None:
         if "://" in db:
-            # Checked as store.url is (postgresql:// only, no password in it);
+            # Checked as store.url is (postgresql:// only, no password in it)
+            # but for reading: any target_session_attrs, a standby's too;
             # store.password_file still applies.
-            settings = StoreSettings.model_validate({**settings.model_dump(), "url": db})
+            settings = StoreSettings.model_validate(
+                {**settings.model_dump(), "url": db}, context={"reading": True}
+            )
         else:
             settings = settings.model_copy(update={"url": "", "path": Path(db)})
     if settings.postgres:

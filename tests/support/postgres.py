@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.support.ports import free_port
+from tests.support.waiting import wait_for
 
 
 def _pg_bin(name: str) -> str:
@@ -34,9 +35,13 @@ class Postgres:
     a free loopback port, trust authentication on loopback. PostgreSQL refuses
     to run as root: as root its binaries run as the `postgres` user."""
 
-    def __init__(self, port: int | None = None, *, durable: bool = False) -> None:
+    def __init__(
+        self, port: int | None = None, *, durable: bool = False, primary: Postgres | None = None
+    ) -> None:
         """`durable`: fsync as a production server does (the benchmark's);
-        otherwise not, as tests need no crash safety from the disk."""
+        otherwise not, as tests need no crash safety from the disk. `primary`:
+        a copy of that running cluster (`standby()` makes one) instead of a
+        new one."""
         self.port = port or free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="ingestd-pg-"))
         self.data = self.dir / "data"
@@ -45,6 +50,9 @@ class Postgres:
         if os.geteuid() == 0:
             self._as = ["runuser", "-u", "postgres", "--"]
             shutil.chown(self.dir, "postgres", "postgres")
+        if primary is not None:
+            self._copy(primary)
+            return
         self._run(
             _pg_bin("initdb"), "-D", str(self.data), "-U", "postgres", "-A", "trust",
             "--no-sync", "-E", "UTF8", "--locale=C",
@@ -56,6 +64,55 @@ class Postgres:
             )
             if not durable:
                 conf.write("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n")
+
+    def _copy(self, primary: Postgres) -> None:
+        """A base backup of `primary` that streams from it once started (-R:
+        standby.signal and primary_conninfo). Replication needs nothing more
+        of a test cluster: initdb's pg_hba trusts replication on 127.0.0.1,
+        and PostgreSQL 15's defaults are wal_level = replica, max_wal_senders = 10."""
+        self._run(
+            _pg_bin("pg_basebackup"), "-D", str(self.data), "-h", "127.0.0.1",
+            "-p", str(primary.port), "-U", "postgres", "-X", "stream", "-R", "-c", "fast",
+            "--no-sync",
+        )  # fmt: skip
+        with (self.data / "postgresql.conf").open("a") as conf:
+            # The primary's port and socket directory came with the copy.
+            conf.write(f"port = {self.port}\nunix_socket_directories = '{self.dir}'\n")
+
+    def standby(self, *, synchronous: bool = True) -> Postgres:
+        """A streaming standby of this running cluster, started and caught up.
+
+        `synchronous`: this cluster's commits made with synchronous_commit = on
+        (ingestd's sessions set it) return only once the standby has flushed
+        them (synchronous_standby_names, set by ALTER SYSTEM here: the
+        standby's copy does not carry it, so once promoted it waits for no one).
+        """
+        replica = Postgres(primary=self).start()
+        try:
+            wait_for(
+                lambda: (
+                    self.sql("SELECT count(*) FROM pg_stat_replication WHERE state = 'streaming'")
+                    == [("1",)]
+                ),
+                30,
+                what="the standby streaming",
+            )
+            if synchronous:
+                self.sql("ALTER SYSTEM SET synchronous_standby_names = '*'")
+                self.sql("SELECT pg_reload_conf()")
+                wait_for(
+                    lambda: self.sql("SELECT sync_state FROM pg_stat_replication") == [("sync",)],
+                    30,
+                    what="the standby synchronous",
+                )
+        except BaseException:
+            replica.cleanup()
+            raise
+        return replica
+
+    def promote(self) -> None:
+        """A standby becomes a primary (pg_ctl promote; returns once it takes writes)."""
+        self._run(_pg_bin("pg_ctl"), "-D", str(self.data), "-w", "promote")
 
     def _run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run([*self._as, *args], capture_output=True, check=check)

@@ -3,8 +3,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
-from ingestd.config import effective_settings_json, load_settings, route_table
+from ingestd.config import StoreSettings, effective_settings_json, load_settings, route_table
 from ingestd.errors import ConfigError
 from tests.support.config import SHIPPED_CONFIG
 
@@ -220,12 +221,48 @@ def test_route_table_from_settings(tmp_path: Path) -> None:
     [
         ("mysql://db/x", "store.url: 'mysql://db/x': expected postgresql://"),
         ("postgresql://ingest:s3cret@db/x", "store.url: the URL carries a password"),
+        ("postgresql://ingest:s3cret@db1,db2:5433/x", "store.url: the URL carries a password"),
+        (
+            "postgresql://ingest@db1,,db2/x",
+            "store.url: host '' in 'db1,,db2': expected host[:port]",
+        ),
+        ("postgresql://ingest@db1:54x/x", "store.url: host 'db1:54x' in 'db1:54x': expected"),
+        (
+            "postgresql://ingest@db1,db2/x?target_session_attrs=standby",
+            "store.url: target_session_attrs=standby: ingestd writes",
+        ),
+        (
+            "postgresql://ingest@db1,db2/x?target_session_attrs=any",
+            "use read-write (what ingestd asks for when the URL does not say) or primary",
+        ),
     ],
 )
 def test_store_url_errors_name_the_key(tmp_path: Path, url: str, expected: str) -> None:
     message = _error(tmp_path, f'[store]\nurl = "{url}"\n' + ROUTE)
     assert expected in message
     assert "s3cret" not in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://ingest@127.0.0.1:5432,127.0.0.1:5433/x?target_session_attrs=read-write",
+        "postgresql://ingest@db1,db2:5433,[::1]:5434/x",
+        "postgres://db1:5432,db2:5432/x?target_session_attrs=primary&sslmode=prefer",
+        "postgresql:///x",
+    ],
+)
+def test_a_url_of_several_hosts_is_a_store_url(tmp_path: Path, url: str) -> None:
+    settings = _load(tmp_path, f'[store]\nurl = "{url}"\n' + ROUTE)
+    assert settings.store.url == url  # type: ignore[attr-defined]
+
+
+def test_a_url_to_read_from_may_name_a_standby() -> None:
+    """`--db` only reads: a standby will do; store.url is written to."""
+    url = "postgresql://ingest@db1,db2/x?target_session_attrs=prefer-standby"
+    assert StoreSettings.model_validate({"url": url}, context={"reading": True}).url == url
+    with pytest.raises(ValidationError, match="ingestd writes"):
+        StoreSettings.model_validate({"url": url})
 
 
 def test_a_postgresql_url_without_asyncpg_is_a_config_error(

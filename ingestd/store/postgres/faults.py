@@ -53,6 +53,10 @@ def classify(exc: BaseException) -> StoreUnavailable | None:
         for sign in ("closed", "another operation is in progress")
     ):
         return StoreUnavailable(base.CONNECTION_LOST, str(exc))
+    if isinstance(exc, asyncpg.exceptions.TargetServerAttributeNotMatched):
+        # Every host of store.url answered and none takes writes: a standby
+        # not yet promoted, or default_transaction_read_only.
+        return StoreUnavailable(base.READ_ONLY, str(exc))
     if isinstance(exc, asyncpg.exceptions.InternalClientError):
         # The protocol state after the server dropped the connection mid-query
         # ("cannot switch to state ..."): a new connection cures it.

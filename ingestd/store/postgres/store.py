@@ -16,6 +16,12 @@ A connection that dies during a batch's commit (COMMIT, or the lone COPY)
 leaves the outcome unknown: the batch is held and written again; its
 readings are then stored or counted as already stored (duplicates), and its
 quarantine rows are written once (a unique index).
+
+store.url may name several hosts (`connect`): connections go to the one that
+takes writes. A new connection on another server than the one the store was
+opened on (a promoted standby, or the same server restarted) opens the store
+afresh: the series ids and counters it keeps in memory are read again from
+that server, which may lack what the old one had (asynchronous replication).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from ingestd.events import NS
 from ingestd.store import base
 from ingestd.store.base import Upkeep
 from ingestd.store.postgres.batch import Batch
+from ingestd.store.postgres.connect import connect_writable, server_of
 from ingestd.store.postgres.faults import classify, kept, redacted
 from ingestd.store.postgres.schema import (
     DAY_NS,
@@ -104,13 +111,14 @@ class PostgresStore(base.Store):
         # (group, epoch) of the primary role this store writes for (None: a
         # member's store): every batch checks the term is still its own.
         self.fence: tuple[str, int] | None = None
+        # (host:port, postmaster start) of the server the store was opened on.
+        self.server: tuple[str, object] | None = None
 
     async def connect(self) -> Any:
         try:
-            return await asyncpg.connect(
+            return await connect_writable(
                 self.url,
                 password=self._password,
-                timeout=10,
                 server_settings={
                     "application_name": "ingestd",
                     "statement_timeout": str(self.statement_timeout_ms),
@@ -131,6 +139,16 @@ class PostgresStore(base.Store):
     async def _open(self) -> None:
         conn = await self.connect()
         try:
+            server = await server_of(conn)
+            if self.server is not None and server[0] != self.server[0]:
+                log.warning(
+                    "the store is on another server now: a failover, or another host "
+                    "of store.url took over; its state is read afresh",
+                    store=self.where,
+                    server=server[0],
+                    was=self.server[0],
+                )
+            self.server = server
             await migrate(conn, self.where, self.partition_days)
             self.hypertable = await is_hypertable(conn)
             await self.ensure_partitions_ahead(conn)
@@ -164,13 +182,17 @@ class PostgresStore(base.Store):
         # first burst (a connection and its staging table: tens of ms).
         for _ in range(self.concurrent_batches - 1):
             try:
-                self._idle.append(await self._fresh())
+                fresh = await self._fresh()
             except StoreUnavailable:
                 break  # the batch that needs it opens it (or waits out why it cannot)
+            if fresh is None:
+                return  # another server already: the next batch opens the store on it
+            self._idle.append(fresh)
         self._opened = True
 
     async def _take(self) -> Any:
-        """An idle connection, or a new one."""
+        """An idle connection, or a new one (None: a new one is on another
+        server than the store was opened on, which is now closed)."""
         while self._idle:
             conn = self._idle.pop()
             if not conn.is_closed():
@@ -181,9 +203,13 @@ class PostgresStore(base.Store):
         return await self._fresh()
 
     async def _fresh(self) -> Any:
-        """A new connection, ready for batches."""
+        """A new connection, ready for batches (None: it is on another server
+        than the store was opened on; the store is closed, to open afresh)."""
         conn = await self.connect()
         try:
+            if await server_of(conn) != self.server:
+                self._reset(conn)
+                return None
             await conn.execute(_STAGE)
         except BaseException as exc:
             conn.terminate()
@@ -293,10 +319,20 @@ class PostgresStore(base.Store):
             return unavailable
         return StoreError(f"{self.where}: {exc}")
 
-    @asynccontextmanager
-    async def batch(self, now: float | None = None) -> AsyncIterator[Batch]:
+    async def _connection(self) -> Any:
+        """A connection on the store's server, the store opened there first."""
         await self.open()
         conn = await self._take()
+        if conn is None:  # the server changed: open the store on the new one
+            await self.open()
+            conn = await self._take()
+            if conn is None:
+                raise StoreUnavailable(base.CONNECTION_LOST, "the server changed again")
+        return conn
+
+    @asynccontextmanager
+    async def batch(self, now: float | None = None) -> AsyncIterator[Batch]:
+        conn = await self._connection()
         tx = Batch(self, conn, time.time() if now is None else now)
         tx.owner = self.owner
         try:
@@ -313,8 +349,7 @@ class PostgresStore(base.Store):
         self.series_ids.update(tx.new_series)
 
     async def spool_forwarded(self, spool: str) -> int:
-        await self.open()
-        conn = await self._take()
+        conn = await self._connection()
         try:
             upto = await conn.fetchval("SELECT upto FROM spool_forwarded WHERE spool = $1", spool)
         except BaseException as exc:
@@ -375,6 +410,11 @@ class PostgresStore(base.Store):
             return (
                 f"PostgreSQL at {self.where} refused the password - set store.password_file "
                 f"(or PGPASSWORD / ~/.pgpass) ({text})"
+            )
+        if getattr(exc, "condition", None) == base.READ_ONLY:
+            return (
+                f"PostgreSQL at {self.where} takes no writes - a standby not yet promoted, "
+                f"or default_transaction_read_only; waiting for a host that does ({text})"
             )
         if "does not exist" in lowered and "database" in lowered:
             return f"{text} - create it (createdb) or fix store.url"
