@@ -131,7 +131,7 @@ class Daemon:
         if self.handle_signals:
             self._install_signals()
         s = self.settings
-        store = open_store(s.store)
+        store = open_store(s.store, s.rollup_plan())
         store.owner = s.mqtt.client_id  # whose device state it loads and writes
         log.info(
             "starting",

@@ -13,7 +13,7 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
@@ -37,6 +37,7 @@ from ingestd.errors import ConfigError, RouteSpecError
 from ingestd.formats import FormatOptions
 from ingestd.formats.base import InputLimits, RouteOptions
 from ingestd.mqtt.topics import filters_meet
+from ingestd.rollups import RollupPlan, parse_interval
 from ingestd.routes import CompiledRoute, RouteTable, compile_route
 
 ENV_PREFIX = "INGESTD_"
@@ -267,6 +268,9 @@ class Scaling(Section):
 class ProcessorSettings(Section):
     limits: dict[str, Limit] = Field(default_factory=dict)
     scaling: dict[str, Scaling] = Field(default_factory=dict)
+    # metric -> "gauge" (the default) or "counter" (a monotonic total: its
+    # rollups carry the increase, resets and glitches taken into account).
+    kinds: dict[str, Literal["gauge", "counter"]] = Field(default_factory=dict)
     max_future_seconds: float = Field(300.0, ge=0)
     max_age_days: float = Field(3650.0, ge=0)
 
@@ -285,6 +289,40 @@ class BusSettings(Section):
 class BatchSettings(Section):
     max_readings: int = Field(5000, ge=1)
     max_delay_ms: int = Field(200, ge=0)
+
+
+class RollupSettings(Section):
+    # Per series and bucket of each interval, kept in the same transaction as
+    # the readings (ingestd.store.rollups); views rollup_<interval>.
+    enabled: bool = True
+    intervals: list[str] = Field(default_factory=lambda: ["1m", "1h"])
+    # Days each interval's rollups are kept (0: forever); an interval not
+    # named here is kept forever.
+    keep_days: dict[str, float] = Field(default_factory=lambda: {"1m": 90.0})
+
+    @field_validator("intervals")
+    @classmethod
+    def _intervals(cls, intervals: list[str]) -> list[str]:
+        widths = [parse_interval(i) for i in intervals]
+        if len(set(widths)) != len(widths):
+            raise ValueError("an interval is named twice")
+        return intervals
+
+    @field_validator("keep_days")
+    @classmethod
+    def _keep(cls, keep: dict[str, float]) -> dict[str, float]:
+        for name, days in keep.items():
+            parse_interval(name)
+            if days < 0:
+                raise ValueError(f"{name}: days must be 0 (forever) or more")
+        return keep
+
+    def plan(self, counters: Iterable[str]) -> RollupPlan:
+        if not self.enabled or not self.intervals:
+            return RollupPlan()
+        widths = tuple(sorted(parse_interval(i) for i in self.intervals))
+        keep = {parse_interval(k): v for k, v in self.keep_days.items()}
+        return RollupPlan(widths, {w: keep.get(w, 0.0) for w in widths}, frozenset(counters))
 
 
 class SpoolSettings(Section):
@@ -446,7 +484,13 @@ class Settings(BaseSettings):
     bus: BusSettings = BusSettings()
     batch: BatchSettings = BatchSettings()
     store: StoreSettings = StoreSettings()
+    rollups: RollupSettings = RollupSettings()
     metrics: MetricsSettings = MetricsSettings()
+
+    def rollup_plan(self) -> RollupPlan:
+        """What the store keeps of rollups: the intervals and the counters."""
+        kinds = self.processor.kinds
+        return self.rollups.plan(m for m, kind in kinds.items() if kind == "counter")
 
     @model_validator(mode="after")
     def _shareable(self) -> Settings:

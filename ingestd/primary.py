@@ -267,7 +267,7 @@ class Primacy:
         self.epoch = await self._query(
             _NEW_TERM, self.role, ps.mqtt.client_id, self.holder, time.time()
         )
-        store = open_store(ps.store)
+        store = open_store(ps.store, ps.rollup_plan())
         store.owner = ps.mqtt.client_id
         store.fence = (self.role, self.epoch)  # type: ignore[attr-defined]
         log.info(

@@ -9,11 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from ingestd.config import StoreSettings
+from ingestd.rollups import RollupPlan
 from ingestd.store.base import CONDITIONS, Batch, Reader, Store, Upkeep
 
 
-def open_store(settings: StoreSettings) -> Store:
-    """The daemon's store (not yet opened: `await store.open()`)."""
+def open_store(settings: StoreSettings, rollups: RollupPlan | None = None) -> Store:
+    """The daemon's store (not yet opened: `await store.open()`); `rollups`:
+    what it keeps of them (Settings.rollup_plan())."""
     if settings.postgres:
         from ingestd.store.postgres import PostgresStore  # noqa: PLC0415 - optional
 
@@ -25,11 +27,15 @@ def open_store(settings: StoreSettings) -> Store:
             partitions_ahead=settings.partitions_ahead,
             partitions_behind=settings.partitions_behind,
             retention_days=settings.retention_days,
+            rollups=rollups,
         )
     from ingestd.store.sqlite import SqliteStore  # noqa: PLC0415 - the engine chosen
 
     return SqliteStore(
-        settings.path, synchronous=settings.synchronous, busy_timeout_ms=settings.busy_timeout_ms
+        settings.path,
+        synchronous=settings.synchronous,
+        busy_timeout_ms=settings.busy_timeout_ms,
+        rollups=rollups,
     )
 
 

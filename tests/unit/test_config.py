@@ -48,10 +48,20 @@ def test_shipped_config_is_valid_and_matches_the_model_defaults() -> None:
 def test_every_model_key_is_documented_in_the_shipped_config() -> None:
     text = SHIPPED_CONFIG.read_text()
     settings = load_settings(SHIPPED_CONFIG)
-    for section in ("daemon", "mqtt", "batch", "store", "bus", "metrics", "input", "processor"):
+    for section in (
+        "daemon",
+        "mqtt",
+        "batch",
+        "store",
+        "bus",
+        "metrics",
+        "input",
+        "processor",
+        "rollups",
+    ):
         model = getattr(settings, section)
         for key in type(model).model_fields:
-            if key in ("tls", "limits", "scaling", "spool"):
+            if key in ("tls", "limits", "scaling", "spool", "kinds"):
                 assert f"[{section}.{key}]" in text, f"{section}.{key}"
                 continue
             assert f"\n{key} = " in text or f"\n# {key} = " in text, f"{section}.{key}"

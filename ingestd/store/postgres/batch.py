@@ -11,7 +11,9 @@ import asyncpg
 
 from ingestd.errors import NotPrimary, StoreError
 from ingestd.events import Reading, Rejected
+from ingestd.rollups import RollupPlan
 from ingestd.store import base
+from ingestd.store.postgres.rolling import roll
 
 
 class Partitions(Protocol):
@@ -19,6 +21,7 @@ class Partitions(Protocol):
     the partitions that hold its readings."""
 
     deferred_periods: set[int]
+    rollups: RollupPlan
 
     @property
     def series_ids(self) -> Mapping[tuple[str, str, str, str], int]: ...
@@ -33,6 +36,7 @@ _PLACEHOLDER = re.compile(r"\?")
 _SAMPLE_COLUMNS = ("series_id", "ts_ns", "seq", "value")
 _TS = itemgetter(1)
 _SAVEPOINT = "ingestd_direct"
+_RETURNING = " RETURNING series_id, ts_ns, seq, value"
 _TERM = "SELECT epoch FROM primary_role WHERE grp = $1 FOR SHARE"
 _MOVE = (
     "INSERT INTO samples (series_id, ts_ns, seq, value) "
@@ -124,22 +128,38 @@ class Batch(base.Batch):
         # a key already stored fails that COPY, which is then undone (a
         # savepoint, or its own transaction) and the batch goes the careful
         # way, through the staging table, to tell duplicates from conflicts.
+        plan = self._store.rollups
+        new: Sequence[tuple[int, int, int, float]] = records
         if await self._copy_direct(records):
             self.inserted += len(records)
-            return
-        await self._careful(records, readings)
+        else:
+            new = await self._careful(records, readings)
+        if plan:
+            counters = plan.counters
+            sids = (
+                {rec[0] for rec, r in zip(records, readings, strict=True) if r.metric in counters}
+                if counters
+                else set()
+            )
+            await roll(self._conn, plan, new, sids)
 
     async def _careful(
         self, records: list[tuple[int, int, int, float]], readings: Sequence[Reading]
-    ) -> None:
+    ) -> list[tuple[int, int, int, float]]:
+        """Through the staging table; the rows inserted (with rollups, else [])."""
         await self._begin()
         self.at_savepoint = False
         conn = self._conn
         await conn.copy_records_to_table(
             "ingestd_stage", records=[(i, *r) for i, r in enumerate(records)]
         )
-        status = await conn.execute(_MOVE)
-        inserted = int(status.rsplit(" ", 1)[1])
+        new: list[tuple[int, int, int, float]] = []
+        if self._store.rollups:
+            new = [(r[0], r[1], r[2], r[3]) for r in await conn.fetch(_MOVE + _RETURNING)]
+            inserted = len(new)
+        else:
+            status = await conn.execute(_MOVE)
+            inserted = int(status.rsplit(" ", 1)[1])
         self.inserted += inserted
         if inserted < len(records):
             conflicts = await self._conflicts(readings)
@@ -148,6 +168,7 @@ class Batch(base.Batch):
                 await self.add_rejected(conflicts)
                 self.conflicts += conflicts
         await conn.execute("TRUNCATE ingestd_stage")
+        return new
 
     async def _copy_direct(self, records: list[tuple[int, int, int, float]]) -> bool:
         """COPY the rows into samples; False if a key is already stored.
@@ -174,6 +195,8 @@ class Batch(base.Batch):
                 await store.cover(self._conn, missing)
                 target = store.partition_for(lo_ns, hi_ns)
         conn = self._conn
+        if self._store.rollups and not self.begun:
+            await self._begin()  # the rollups commit with the rows
         if self.begun and not self.at_savepoint:
             await conn.execute(f"SAVEPOINT {_SAVEPOINT}")
         self.at_savepoint = False

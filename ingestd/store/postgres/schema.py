@@ -110,6 +110,25 @@ MIGRATIONS: tuple[str, ...] = (
         updated double precision NOT NULL
     );
     """,
+    # 6: rollups (ingestd.rollups): per interval (width, seconds), series and
+    # bucket (its start, Unix seconds), kept with the readings.
+    """
+    CREATE TABLE rollups (
+        width       integer NOT NULL,
+        series_id   bigint NOT NULL,
+        bucket      bigint NOT NULL,
+        n           bigint NOT NULL,
+        min         double precision NOT NULL,
+        max         double precision NOT NULL,
+        sum         double precision NOT NULL,
+        first_ns    bigint NOT NULL,
+        first_value double precision NOT NULL,
+        last_ns     bigint NOT NULL,
+        last_value  double precision NOT NULL,
+        increase    double precision,
+        PRIMARY KEY (width, series_id, bucket)
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -37,11 +37,13 @@ import structlog
 
 from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import NS
+from ingestd.rollups import RollupPlan
 from ingestd.store import base
 from ingestd.store.base import Upkeep
 from ingestd.store.postgres.batch import Batch
 from ingestd.store.postgres.connect import connect_writable, server_of
 from ingestd.store.postgres.faults import classify, kept, redacted
+from ingestd.store.postgres.rolling import create_views
 from ingestd.store.postgres.schema import (
     DAY_NS,
     create_partitions,
@@ -79,8 +81,10 @@ class PostgresStore(base.Store):
         partitions_behind: int = 30,
         retention_days: float = 0.0,
         clock: Any = time.time,
+        rollups: RollupPlan | None = None,
     ) -> None:
         self.url = url
+        self.rollups = rollups or RollupPlan()
         self.where = redacted(url)
         self._password = password
         self.statement_timeout_ms = statement_timeout_ms
@@ -150,6 +154,7 @@ class PostgresStore(base.Store):
                 )
             self.server = server
             await migrate(conn, self.where, self.partition_days)
+            await create_views(conn, self.rollups.widths)
             self.hypertable = await is_hypertable(conn)
             await self.ensure_partitions_ahead(conn)
             await conn.execute(_STAGE)

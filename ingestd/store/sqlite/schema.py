@@ -123,6 +123,25 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (owner, format, device)
     ) WITHOUT ROWID;
     """,
+    # 7: rollups (ingestd.store.rollups): per interval (width, seconds),
+    # series and bucket (its start, Unix seconds), kept with the readings.
+    """
+    CREATE TABLE rollups (
+        width       INTEGER NOT NULL,
+        series_id   INTEGER NOT NULL,
+        bucket      INTEGER NOT NULL,
+        n           INTEGER NOT NULL,
+        min         REAL NOT NULL,
+        max         REAL NOT NULL,
+        sum         REAL NOT NULL,
+        first_ns    INTEGER NOT NULL,
+        first_value REAL NOT NULL,
+        last_ns     INTEGER NOT NULL,
+        last_value  REAL NOT NULL,
+        increase    REAL,
+        PRIMARY KEY (width, series_id, bucket)
+    ) WITHOUT ROWID;
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -1,0 +1,200 @@
+"""Rollups: per series and time bucket, what the raw readings add up to
+(count, min, max, sum, first, last and, for counters, the increase), kept in
+the same transaction as the readings, so a commit is raw + rollups or nothing.
+
+One table, `rollups (width, series_id, bucket, ...)`, `width` the interval in
+seconds and `bucket` its start in Unix seconds, aligned from the epoch; a view
+per configured interval (`rollup_1m`, `rollup_1h`) joins the series.
+
+How a batch keeps them (`Batch` of each engine):
+
+- **Every reading offered was inserted** (the common case): the batch's own
+  aggregates are merged into the stored rows (counts and sums added, min and
+  max compared, first and last by time): commutative, so instances writing
+  one bucket at once give what one would.
+- **Some were not** (a redelivery, a conflict): the buckets the batch touched
+  are computed again from the raw readings, which hold each key once (rows
+  locked first, so a concurrent merge is not lost). A duplicate is never
+  counted twice; a conflict, not stored, is not counted at all.
+- **Counters** (`[processor.kinds]`): the increase is the sum of the deltas
+  between consecutive readings of the series in time order (`deltas`), each
+  credited to the later reading's bucket. A batch reads its readings'
+  neighbourhood (a few readings either side), and credits each bucket the
+  difference its arrival made: late readings re-derive the deltas they sit
+  between.
+
+`rebuild` computes every bucket from the raw readings (`ingestd rollups rebuild`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+NS = 1_000_000_000
+# Readings either side of a batch's own that a counter's deltas are computed
+# over: a reading's delta depends on the one before it and, through the
+# glitch rule, the one after; these many leave a margin.
+CONTEXT = 3
+
+_INTERVAL = re.compile(r"^([1-9][0-9]*)([smhd])$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_interval(text: str) -> int:
+    """'1m' -> 60, '1h' -> 3600 (seconds); ValueError if not N[smhd]."""
+    m = _INTERVAL.match(text.strip())
+    if not m:
+        raise ValueError(f"{text!r}: expected a number and s, m, h or d (1m, 15m, 1h, 1d)")
+    return int(m.group(1)) * _UNIT[m.group(2)]
+
+
+def interval_name(width: int) -> str:
+    """60 -> '1m': the largest unit that divides it (a view's suffix)."""
+    for unit in ("d", "h", "m"):
+        if width % _UNIT[unit] == 0:
+            return f"{width // _UNIT[unit]}{unit}"
+    return f"{width}s"
+
+
+@dataclass(frozen=True)
+class RollupPlan:
+    """What a store keeps: the intervals (seconds, finest first), how long
+    each is kept (days, 0: forever), and which metrics are counters."""
+
+    widths: tuple[int, ...] = ()
+    keep_days: dict[int, float] = field(default_factory=dict)
+    counters: frozenset[str] = frozenset()
+
+    def __bool__(self) -> bool:
+        return bool(self.widths)
+
+
+# One row: count, min, max, sum, first_ns, first, last_ns, last, increase.
+Row = list[float]
+Key = tuple[int, int, int]  # width, series_id, bucket
+
+
+def bucket_of(ts_ns: int, width: int) -> int:
+    return ts_ns // (width * NS) * width
+
+
+def aggregate(
+    records: Iterable[tuple[int, int, int, float]], widths: Sequence[int]
+) -> dict[Key, Row]:
+    """Rows for (series_id, ts_ns, seq, value) records, per width and bucket."""
+    out: dict[Key, Row] = {}
+    for sid, ts, _, v in records:
+        for width in widths:
+            key = (width, sid, ts // (width * NS) * width)
+            row = out.get(key)
+            if row is None:
+                out[key] = [1, v, v, v, ts, v, ts, v, 0.0]
+                continue
+            row[0] += 1
+            row[1] = min(row[1], v)
+            row[2] = max(row[2], v)
+            row[3] += v
+            if ts < row[4]:
+                row[4], row[5] = ts, v
+            if ts >= row[6]:
+                row[6], row[7] = ts, v
+    return out
+
+
+def deltas(values: Sequence[float]) -> list[float]:
+    """The increase each reading of a counter adds, in time order (the first's
+    is 0: it has nothing before it here).
+
+    A reading at or above the level (the last reading that was not a glitch)
+    adds the difference. A drop is a reset (the counter restarted from 0: the
+    reading adds its whole value), unless the next reading is back at or
+    above the level: then it was a glitch, adds 0 and does not move the level
+    (a meter that reads 0 once between 1000 and 1001 added 1, not 1001). A
+    drop with no reading after it yet counts as a reset until one comes.
+    """
+    out = [0.0] * len(values)
+    if not values:
+        return out
+    level = values[0]
+    last = len(values) - 1
+    for i in range(1, len(values)):
+        v = values[i]
+        if v >= level:
+            out[i] = v - level
+            level = v
+        elif i < last and values[i + 1] >= level:
+            out[i] = 0.0  # a glitch
+        else:
+            out[i] = v  # a reset
+            level = v
+    return out
+
+
+# A counter's reading in a window: (ts_ns, seq, value), in time order.
+Point = tuple[int, int, float]
+
+
+def increases(window: Sequence[Point], widths: Sequence[int], sid: int) -> dict[Key, float]:
+    """Per bucket, the increase the readings of `window` add, the first
+    reading being context only."""
+    out: dict[Key, float] = {}
+    for (ts, _, _), d in zip(window, deltas([v for _, _, v in window]), strict=True):
+        if d:
+            for width in widths:
+                key = (width, sid, ts // (width * NS) * width)
+                out[key] = out.get(key, 0.0) + d
+    return out
+
+
+def increase_changes(
+    window: Sequence[Point], new: set[tuple[int, int]], widths: Sequence[int], sid: int
+) -> dict[Key, float]:
+    """What a batch's arrival changed in each bucket's increase: `window` the
+    series' readings around the batch's (its own included, in time order),
+    `new` the (ts_ns, seq) of the batch's own. The difference between the
+    deltas with and without them, computed from the same first reading."""
+    after = increases(window, widths, sid)
+    before = increases([p for p in window if (p[0], p[1]) not in new], widths, sid)
+    changes = {k: v - before.get(k, 0.0) for k, v in after.items()}
+    for k, v in before.items():
+        if k not in after:
+            changes[k] = -v
+    return {k: v for k, v in changes.items() if v}
+
+
+def rebuild(
+    rows: Iterable[tuple[int, int, int, float]], widths: Sequence[int], counter: set[int]
+) -> Iterator[tuple[Key, Row]]:
+    """Every bucket's row from raw (series_id, ts_ns, seq, value) rows in
+    (series_id, ts_ns, seq) order; `counter`: the series that are counters."""
+    sid: int | None = None
+    series: list[Point] = []
+    for s, ts, seq, v in rows:
+        if s != sid:
+            if sid is not None:
+                yield from _series_rows(sid, series, widths, sid in counter)
+            sid, series = s, []
+        series.append((ts, seq, v))
+    if sid is not None:
+        yield from _series_rows(sid, series, widths, sid in counter)
+
+
+def _series_rows(
+    sid: int, series: list[Point], widths: Sequence[int], counter: bool
+) -> Iterator[tuple[Key, Row]]:
+    rows = aggregate(((sid, ts, seq, v) for ts, seq, v in series), widths)
+    if counter:
+        for key, inc in increases(series, widths, sid).items():
+            rows[key][8] = inc
+    yield from sorted(rows.items())
+
+
+def view(width: int) -> str:
+    """The query of view `rollup_<interval>` (the same on every engine)."""
+    return (
+        "SELECT s.sensor, s.metric, s.tags, s.unit, r.bucket, r.n AS count, r.min, r.max, "
+        "r.sum / r.n AS mean, r.sum, r.first_value AS first, r.last_value AS last, r.increase "
+        f"FROM rollups AS r JOIN series AS s ON s.id = r.series_id WHERE r.width = {int(width)}"
+    )

@@ -1,0 +1,120 @@
+"""The PostgreSQL side of rollups (`ingestd.rollups`): the merge of a batch's
+aggregates in one statement, counters' increases under a per-series lock,
+the views."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ingestd import rollups
+from ingestd.rollups import CONTEXT, Key, RollupPlan
+
+Record = tuple[int, int, int, float]  # series_id, ts_ns, seq, value
+
+# In key order (sorted before): instances merging into the same buckets lock
+# the rows in the same order, so one waits for the other, never a deadlock.
+_MERGE = (
+    "INSERT INTO rollups AS r (width, series_id, bucket, n, min, max, sum, first_ns, "
+    "first_value, last_ns, last_value, increase) "
+    "SELECT * FROM unnest($1::int[], $2::bigint[], $3::bigint[], $4::bigint[], "
+    "$5::float8[], $6::float8[], $7::float8[], $8::bigint[], $9::float8[], $10::bigint[], "
+    "$11::float8[], $12::float8[]) "
+    "ON CONFLICT (width, series_id, bucket) DO UPDATE SET n = r.n + excluded.n, "
+    "min = least(r.min, excluded.min), max = greatest(r.max, excluded.max), "
+    "sum = r.sum + excluded.sum, "
+    "first_value = CASE WHEN excluded.first_ns < r.first_ns THEN excluded.first_value "
+    "ELSE r.first_value END, first_ns = least(r.first_ns, excluded.first_ns), "
+    "last_value = CASE WHEN excluded.last_ns >= r.last_ns THEN excluded.last_value "
+    "ELSE r.last_value END, last_ns = greatest(r.last_ns, excluded.last_ns), "
+    "increase = CASE WHEN excluded.increase IS NULL THEN r.increase "
+    "ELSE coalesce(r.increase, 0) + excluded.increase END"
+)
+_ADD_INCREASE = (
+    "UPDATE rollups AS r SET increase = coalesce(r.increase, 0) + u.d "
+    "FROM unnest($1::int[], $2::bigint[], $3::bigint[], $4::float8[]) AS u(w, s, b, d) "
+    "WHERE r.width = u.w AND r.series_id = u.s AND r.bucket = u.b"
+)
+# A counter series' increases are derived from its neighbouring readings:
+# one transaction at a time per series (what it reads after the lock includes
+# what the one before committed). The key's high bits keep it apart from
+# other advisory locks (the primary role's).
+_LOCK = "SELECT pg_advisory_xact_lock(x) FROM unnest($1::bigint[]) AS x ORDER BY x"
+_LOCK_SPACE = 0x526F6C6C << 32  # "Roll"
+_WINDOW = (
+    "SELECT w.sid, s.ts_ns, s.seq, s.value "
+    "FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS w(sid, lo, hi) "
+    "CROSS JOIN LATERAL ("
+    f"(SELECT ts_ns, seq, value FROM samples WHERE series_id = w.sid AND ts_ns < w.lo "
+    f"ORDER BY ts_ns DESC, seq DESC LIMIT {CONTEXT}) "
+    "UNION ALL (SELECT ts_ns, seq, value FROM samples "
+    "WHERE series_id = w.sid AND ts_ns BETWEEN w.lo AND w.hi) "
+    f"UNION ALL (SELECT ts_ns, seq, value FROM samples WHERE series_id = w.sid "
+    f"AND ts_ns > w.hi ORDER BY ts_ns, seq LIMIT {CONTEXT})) AS s"
+)
+
+
+async def roll(conn: Any, plan: RollupPlan, new: Sequence[Record], counters: set[int]) -> None:
+    """Fold a batch's new readings into the rollups, in its transaction."""
+    if not new:
+        return
+    rows = sorted(rollups.aggregate(new, plan.widths).items())
+    columns: list[list[Any]] = [[] for _ in range(12)]
+    for key, row in rows:
+        values = (*key, *row[:8], row[8] if key[1] in counters else None)
+        for column, v in zip(columns, values, strict=True):
+            column.append(v)
+    await conn.execute(_MERGE, *columns)
+    if counters:
+        changes = await _increase_changes(conn, plan, new, counters)
+        if changes:
+            items = sorted(changes.items())
+            await conn.execute(
+                _ADD_INCREASE,
+                [k[0] for k, _ in items],
+                [k[1] for k, _ in items],
+                [k[2] for k, _ in items],
+                [d for _, d in items],
+            )
+
+
+async def _increase_changes(
+    conn: Any, plan: RollupPlan, new: Sequence[Record], counters: set[int]
+) -> dict[Key, float]:
+    own: dict[int, list[Record]] = {}
+    for r in new:
+        if r[0] in counters:
+            own.setdefault(r[0], []).append(r)
+    if not own:
+        return {}
+    sids = sorted(own)
+    await conn.execute(_LOCK, [_LOCK_SPACE | s for s in sids])
+    found = await conn.fetch(
+        _WINDOW,
+        sids,
+        [min(r[1] for r in own[s]) for s in sids],
+        [max(r[1] for r in own[s]) for s in sids],
+    )
+    windows: dict[int, list[tuple[int, int, float]]] = {s: [] for s in sids}
+    for sid, ts, seq, value in found:
+        windows[sid].append((ts, seq, value))
+    changes: dict[Key, float] = {}
+    for sid in sids:
+        mine = {(r[1], r[2]) for r in own[sid]}
+        window = sorted(windows[sid])
+        for k, d in rollups.increase_changes(window, mine, plan.widths, sid).items():
+            changes[k] = changes.get(k, 0.0) + d
+    return changes
+
+
+async def create_views(conn: Any, widths: Sequence[int]) -> None:
+    """`rollup_<interval>` for each configured interval, one instance at a time."""
+    if not widths:
+        return
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _LOCK_SPACE)
+        for width in widths:
+            await conn.execute(
+                f"CREATE OR REPLACE VIEW rollup_{rollups.interval_name(width)} AS "
+                + rollups.view(width)
+            )
