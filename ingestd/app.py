@@ -151,7 +151,7 @@ class Daemon:
         spool = Spool(spool_path, s.store.spool.max_bytes) if spool_path else None
         try:
             if spool is not None and not await self._open_spool(spool):
-                return EXIT_OK
+                spool = None
             if not await self._open_store(store):
                 return EXIT_OK
             return await self._main(store, spool)
@@ -236,28 +236,28 @@ class Daemon:
 
     async def _open_spool(self, spool: Spool) -> bool:
         """Open the local spool (before the store: it may hold batches an
-        earlier run acknowledged); False if stopped first."""
-        backoff = Backoff(self.settings.store.retry_min_delay, self.settings.store.retry_max_delay)
-        while True:
-            try:
-                await spool.open()
-            except StoreUnavailable as exc:
-                log.error("cannot open the spool; retrying", spool=str(spool.path), error=str(exc))
-                try:
-                    async with asyncio.timeout(backoff.next()):
-                        await self.stop.wait()
-                    return False
-                except TimeoutError:
-                    continue
-            state = spool.state()
-            if state.batches:
-                log.warning(
-                    "the spool holds batches an earlier run acknowledged; forwarding them",
-                    spool=str(spool.path),
-                    readings=state.readings,
-                    bytes=state.bytes,
-                )
-            return True
+        earlier run acknowledged); False if it cannot be opened (ingestd goes
+        on without it, as with store.spool.enabled = false)."""
+        try:
+            await spool.open()
+        except StoreUnavailable as exc:
+            log.error(
+                "cannot open the spool; running without it: while the store is away, "
+                "batches are held unacknowledged (the broker keeps the rest), and what "
+                "an earlier run spooled there is forwarded at the next start that opens it",
+                spool=str(spool.path),
+                error=str(exc),
+            )
+            return False
+        state = spool.state()
+        if state.batches:
+            log.warning(
+                "the spool holds batches an earlier run acknowledged; forwarding them",
+                spool=str(spool.path),
+                readings=state.readings,
+                bytes=state.bytes,
+            )
+        return True
 
     async def _main(self, store: Store, spool: Spool | None = None) -> int:
         member, primary = split(self.settings)

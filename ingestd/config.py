@@ -404,7 +404,8 @@ class StoreSettings(Section):
 
     @model_validator(mode="after")
     def _spool_needs_url(self) -> StoreSettings:
-        if not self.url and self.spool.model_fields_set:
+        given = self.spool.model_fields_set - ({"enabled"} if not self.spool.enabled else set())
+        if not self.url and given:
             raise ValueError(
                 "[store.spool] is for store.url (PostgreSQL): SQLite at store.path is "
                 "on this machine already and needs no spool; remove the spool keys"

@@ -56,6 +56,7 @@ class Forwarder:
         self._checked = False  # the store's mark of this spool read since the last doubt
         self._drain_started = 0.0
         self._drain_readings = 0
+        self._failing: str | None = None  # why forwarding failed last, until it works
 
     async def run(self) -> None:
         spool = self.spool
@@ -67,12 +68,23 @@ class Forwarder:
                 continue
             try:
                 moved = await self._step()
-            except StoreUnavailable:
-                # Down still (or again): the writer says so; try later, and
-                # read the mark again first (a commit may have been lost).
+            except StoreUnavailable as exc:
+                # Down still (or again); try later, and read the mark again
+                # first (a commit may have been lost). Said once per condition.
                 self._checked = False
+                if exc.condition != self._failing:
+                    self._failing = exc.condition
+                    log.warning(
+                        "forwarding the spool failed; retrying",
+                        error=str(exc),
+                        spool=str(spool.path),
+                        **_depth(spool),
+                    )
                 await asyncio.sleep(backoff.next())
                 continue
+            if self._failing is not None:
+                log.warning("forwarding the spool again", after=self._failing)
+                self._failing = None
             if moved:
                 backoff = Backoff(self.retry_min_delay, self.retry_max_delay)
                 continue

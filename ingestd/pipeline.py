@@ -22,7 +22,7 @@ from ingestd.checks import Processor
 from ingestd.config import Settings, route_table
 from ingestd.devices import DeviceState, SequenceState
 from ingestd.errors import StopTimeout
-from ingestd.events import BatchCommitted, Decoded, Processed
+from ingestd.events import BatchCommitted, Decoded, Processed, SensorStatus
 from ingestd.forward import Forwarder
 from ingestd.maintenance import Maintenance
 from ingestd.observe.device_log import DeviceLog
@@ -32,7 +32,7 @@ from ingestd.routes import RouteTable
 from ingestd.source import MqttSource
 from ingestd.spool import Spool
 from ingestd.store import Store
-from ingestd.store.base import PACKETS, SUBSCRIPTIONS, unpack_packets
+from ingestd.store.base import PACKETS, SUBSCRIPTIONS, pack_packets, unpack_packets
 from ingestd.window import InFlightWindow
 from ingestd.writer import BatchWriter
 
@@ -80,6 +80,9 @@ class Pipeline:
             "logger", [Processed, BatchCommitted], policy="drop", maxsize=observer_q
         )
         table = route_table(s)
+        if spool is not None and spool.held is not None:
+            # The spool's batches are newer than the store: their state first.
+            _overlay(store, spool.held)
         devices, committed, held = _as_committed(store, table, device_log)
         source = MqttSource(s, table, bus, window, upstream=upstream, devices=devices)
         source.chunks.committed_packets = set(committed)
@@ -165,6 +168,26 @@ class Pipeline:
             raise StopTimeout from None
         for task in others:
             task.cancel()
+
+
+def _overlay(store: Store, status: SensorStatus) -> None:
+    """Lay spooled batches' device state (`Spool.held`) over the store's: a
+    restart goes on from the last batch acknowledged, not the last forwarded."""
+    for sensor, (last, _, _) in status.sequences.items():
+        store.sequences[sensor] = (last, 0, 0)  # only the last number is read
+    for (name, device), (position, description) in status.devices.items():
+        rows = store.devices.setdefault(name, [])
+        before = next((r for r in rows if r[0] == device), None)
+        if before is not None:
+            rows.remove(before)
+        if description is None and before is None:
+            continue  # no description to go with it: unknown, as in the store
+        kept = description if description is not None else before[2]  # type: ignore[index]
+        rows.insert(0, (device, position, kept))
+    if status.packets:
+        rows = store.devices.setdefault(PACKETS[0], [])
+        rows[:] = [r for r in rows if r[0] != PACKETS[1]]
+        rows.insert(0, (PACKETS[1], pack_packets(status.packets), b""))
 
 
 def _as_committed(

@@ -26,6 +26,7 @@ import os
 import sqlite3
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ import aiosqlite
 import msgspec
 
 from ingestd.errors import StoreError, StoreUnavailable
-from ingestd.events import Reading, Rejected, SensorStatus
+from ingestd.events import Reading, Rejected, SensorStatus, merge_statuses
 from ingestd.store.base import CANNOT_OPEN
 from ingestd.store.sqlite.store import classify, ro_uri
 
@@ -44,7 +45,8 @@ CREATE TABLE IF NOT EXISTS batches (
     spooled_at REAL NOT NULL,
     readings INTEGER NOT NULL,
     moved INTEGER NOT NULL,
-    data BLOB NOT NULL
+    data BLOB NOT NULL,
+    status BLOB NOT NULL  -- the batch's SensorStatus, read alone at start
 );
 """
 
@@ -62,6 +64,7 @@ class SpooledBatch(msgspec.Struct, array_like=True):
 
 _ENCODE = msgspec.msgpack.Encoder().encode
 _DECODE = msgspec.msgpack.Decoder(SpooledBatch).decode
+_DECODE_STATUS = msgspec.msgpack.Decoder(SensorStatus).decode
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +108,14 @@ class Spool:
         self.wake = asyncio.Event()  # set when batches are spooled: the forwarder drains
         self.full = False  # the last batch offered did not fit
         self.forwarded_readings = 0  # forwarded to the store by this process
+        # The device state the spooled batches carry, merged (read at open):
+        # newer than the store's, which a restart must go on from.
+        self.held: SensorStatus | None = None
+        # Batches up to this row are in the store (forwarded) but still in the
+        # file: its disk refused the removal. They are not forwarded again,
+        # and once every batch is, the file is started afresh.
+        self.forwarded_upto = 0
+        self._busy = asyncio.Lock()  # one file operation at a time (a fresh start)
 
     async def open(self) -> None:
         """Open (or make) the file and take it for this process; StoreError if
@@ -133,6 +144,8 @@ class Spool:
                 "SELECT id, spooled_at, readings + moved, length(data) FROM batches ORDER BY id"
             )
             self._index = collections.deque(Entry(*r) for r in await cur.fetchall())
+            cur = await conn.execute("SELECT status FROM batches ORDER BY id")
+            self.held = held(_DECODE_STATUS(r[0]) for r in await cur.fetchall())
             cur = await conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'batches'")
             last = await cur.fetchone()
         except sqlite3.Error as exc:
@@ -144,12 +157,26 @@ class Spool:
         self.bytes = sum(e.size for e in self._index)
         self.readings = sum(e.readings for e in self._index)
         self.active = bool(self._index)
+        self.forwarded_upto = 0
 
     async def close(self) -> None:
         if self._conn is not None:
             await self._conn.close()
             self._conn = None
         self._release()
+
+    async def _start_afresh(self) -> None:
+        """Every batch in the file is forwarded, but the file cannot shrink
+        (its disk is full): a new, empty file in its place (a new id)."""
+        async with self._busy:
+            assert self._conn is not None
+            await self._conn.close()
+            self._conn = None
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(f"{self.path}{suffix}")
+            self._release()
+        await self.open()
 
     def _release(self) -> None:
         if self._lock is not None:
@@ -181,10 +208,12 @@ class Spool:
         self.pending += 1
         self.bytes += len(data)  # taken now: another batch's put may run meanwhile
         try:
-            cur = await self._conn.execute(
-                "INSERT INTO batches (spooled_at, readings, moved, data) VALUES (?, ?, ?, ?)",
-                (now, len(batch.readings), batch.moved, data),
-            )
+            async with self._busy:
+                cur = await self._conn.execute(
+                    "INSERT INTO batches (spooled_at, readings, moved, data, status) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (now, len(batch.readings), batch.moved, data, _ENCODE(batch.status)),
+                )
         except sqlite3.Error as exc:
             self.bytes -= len(data)
             raise self._translate(exc) from exc
@@ -203,6 +232,8 @@ class Spool:
         chosen: list[Entry] = []
         total = 0
         for e in self._index:
+            if e.id <= self.forwarded_upto:
+                continue
             if chosen and (
                 total + e.readings > max_readings
                 or (e.id >= self.first_own) != (chosen[0].id >= self.first_own)
@@ -213,23 +244,33 @@ class Spool:
         if not chosen:
             return []
         try:
-            cur = await self._conn.execute(
-                "SELECT id, data FROM batches WHERE id BETWEEN ? AND ? ORDER BY id",
-                (chosen[0].id, chosen[-1].id),
-            )
-            rows = await cur.fetchall()
+            async with self._busy:
+                cur = await self._conn.execute(
+                    "SELECT id, data FROM batches WHERE id BETWEEN ? AND ? ORDER BY id",
+                    (chosen[0].id, chosen[-1].id),
+                )
+                rows = await cur.fetchall()
         except sqlite3.Error as exc:
             raise self._translate(exc) from exc
         data = {r[0]: r[1] for r in rows}
         return [(e, _DECODE(data[e.id])) for e in chosen]
 
     async def remove(self, upto: int) -> int:
-        """Remove the batches up to row `upto` (forwarded); the readings removed."""
+        """Remove the batches up to row `upto` (forwarded); the readings removed.
+
+        A deletion needs room on the disk (SQLite's log). Without it the rows
+        stay, marked forwarded (not taken again), and StoreUnavailable is
+        raised; once every batch in the file is forwarded, the file is
+        started afresh instead, which frees the space."""
         assert self._conn is not None
+        self.forwarded_upto = max(self.forwarded_upto, upto)
         try:
-            await self._conn.execute("DELETE FROM batches WHERE id <= ?", (upto,))
+            async with self._busy:
+                await self._conn.execute("DELETE FROM batches WHERE id <= ?", (upto,))
         except sqlite3.Error as exc:
-            raise self._translate(exc) from exc
+            if not self._index or self._index[-1].id > upto or self.pending:
+                raise self._translate(exc) from exc
+            await self._start_afresh()
         removed = 0
         while self._index and self._index[0].id <= upto:
             e = self._index.popleft()
@@ -237,6 +278,15 @@ class Spool:
             self.readings -= e.readings
             removed += e.readings
         return removed
+
+
+def held(statuses: Iterable[SensorStatus]) -> SensorStatus | None:
+    """Spooled batches' device state, merged in order (None if there is none)."""
+    merged: list[SensorStatus] = list(statuses)
+    if not merged:
+        return None
+    packets = next((st.packets for st in reversed(merged) if st.packets), ())
+    return msgspec.structs.replace(merge_statuses(merged), packets=packets)
 
 
 def _take_lock(path: Path) -> int:

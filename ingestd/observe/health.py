@@ -281,8 +281,11 @@ class Health:
         spooling = [p.writer for p in ps if p.writer.spool is not None]
         for w in spooling:
             checks["spool"] = spool_detail(w)
-        # While the spool takes batches, the store's absence stops nothing.
-        settling = all(p.writer.store_available or p.writer.spooling for p in ps)
+        # While the spool takes batches, the store's absence stops nothing;
+        # a spool that refuses them holds the writer, whatever the store does.
+        settling = all(
+            p.writer.spool_available and (p.writer.store_available or p.writer.spooling) for p in ps
+        )
         stall = self.stall()
         checks["pipeline"] = stall is None
         if stall is not None:
@@ -290,6 +293,11 @@ class Health:
         elif not checks["store"] and settling:
             checks["detail"] = (
                 "store unavailable; spooling to local disk and forwarding when it is back"
+            )
+        elif not all(p.writer.spool_available for p in ps):
+            checks["detail"] = (
+                "the spool cannot take batches (full, or its disk refuses); holding them "
+                "unacknowledged until it is forwarded"
             )
         elif not checks["store"]:
             checks["detail"] = "store unavailable; holding data and retrying" + (
@@ -300,10 +308,8 @@ class Health:
             checks["detail"] = f"not connected to the broker {down.source.broker}" + (
                 "" if down.role == "member" else f" ({down.role} role)"
             )
-        ok = all(
-            v is True
-            for k, v in checks.items()
-            if k not in ("detail", "spool") and (k != "store" or not settling)
+        ok = settling and all(
+            v is True for k, v in checks.items() if k not in ("detail", "spool", "store")
         )
         if self.primary is not None:
             checks["role"] = "primary"

@@ -238,7 +238,7 @@ def test_a_full_spool_pauses_and_drains_when_the_database_is_back(
     text = metrics(daemon)
     size = read_state(spool_of(daemon))
     assert status == 503, body
-    assert "spool cannot take more" in json.loads(body)["detail"]
+    assert "the spool cannot take batches" in json.loads(body)["detail"]
     assert metric_value(text, "ingestd_spool_full") == 1
     assert size is not None
     assert size.bytes <= 1 << 20
