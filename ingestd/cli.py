@@ -209,8 +209,15 @@ def _sensors_command(
 def _query_command(
     sub: _Commands, data: argparse.ArgumentParser, output: argparse.ArgumentParser
 ) -> None:
-    q = sub.add_parser("query", parents=[data, output], help="readings of one sensor over time")
-    q.add_argument("--sensor", "-s", required=True, help="the sensor id (exact)")
+    q = sub.add_parser(
+        "query", parents=[data, output], help="readings over time, by sensor (glob) and/or tag"
+    )
+    q.add_argument(
+        "--sensor",
+        "-s",
+        default=None,
+        help="the sensor id, or a glob ('kitchen-*'; * and ? are wildcards); optional with --tag",
+    )
     q.add_argument("--metric", "-m", default=None, help="one metric (default: all)")
     q.add_argument(
         "--since",
