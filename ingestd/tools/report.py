@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ingestd.errors import DataCommandError
-from ingestd.events import NS
+from ingestd.events import DUPLICATES_ARE, NS
 from ingestd.printable import printable
 from ingestd.spool import read_state
 from ingestd.store.base import Reader
@@ -365,4 +365,6 @@ def print_stats(stats: dict[str, Any], out: TextIO = sys.stdout, as_json: bool =
     width = max(len(k) for k in stats)
     for k, v in stats.items():
         shown = f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else printable(str(v))
+        if k == "readings_duplicate" and v:
+            shown += f" ({DUPLICATES_ARE})"
         out.write(f"{k.ljust(width)}  {shown}\n")
