@@ -13,7 +13,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from ingestd import __version__
+from ingestd import DESCRIPTION, __version__
 from ingestd.config import ENV_CONFIG, Settings, effective_settings_json, load_settings
 from ingestd.errors import EX_CONFIG, EX_USAGE, ConfigError
 
@@ -41,7 +41,7 @@ class _Commands(Protocol):
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     p = argparse.ArgumentParser(
         prog="ingestd",
-        description="Sensor telemetry ingestion daemon: MQTT in, SQLite batches out.",
+        description=DESCRIPTION,
     )
     p.add_argument("--version", action="version", version=f"ingestd {__version__}")
     common = _config_option()
