@@ -25,6 +25,7 @@ from ingestd import __version__
 from ingestd.backoff import Backoff
 from ingestd.config import Settings, load_settings
 from ingestd.errors import ConfigError, StopTimeout, StoreError, StoreUnavailable
+from ingestd.events import DUPLICATES_ARE
 from ingestd.observe.endpoints import MetricsServer
 from ingestd.observe.health import Health, HealthMonitor
 from ingestd.observe.log import configure_logging
@@ -313,6 +314,7 @@ class Daemon:
             "stopped",
             committed=tally.accounting.committed,
             duplicates=tally.accounting.duplicate,
+            **({"duplicates_are": DUPLICATES_ARE} if tally.accounting.duplicate else {}),
             quarantined=writer.quarantined,
             batches=tally.batches,
             received=tally.accounting.messages_received,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 
 import structlog
 
@@ -113,8 +114,42 @@ def apply_clock(
                 f"timestamp {ts:.3f} is {(now - ts) / 86400:,.1f} days old "
                 f"(processor.max_age_days = {max_age / 86400:g})"
             )
-        rejected.append(Rejected(r.topic, reading_payload(r), why, now, "clock"))
+        hint = _unit_hint(r.ts_ns, earliest, latest)
+        rejected.append(Rejected(r.topic, reading_payload(r), why + hint, now, "clock"))
     return kept
+
+
+# A device time in another unit than the route reads is off by a power of 1000.
+_UNIT_STEPS = (
+    (1000, "milliseconds"),
+    (1_000_000, "microseconds"),
+    (1_000_000_000, "nanoseconds"),
+)
+
+
+def _unit_hint(ts_ns: int, earliest: int, latest: int) -> str:
+    """Why a time out of range may be a unit mix-up: the factor of 1000 that
+    would make it plausible, and what that time would be; else ''."""
+    for factor, finer in _UNIT_STEPS:
+        for plausible, unit in (
+            (ts_ns // factor, f"{factor:,} times finer than the route reads ({finer} as seconds?)"),
+            (
+                ts_ns * factor,
+                f"{factor:,} times coarser than the route reads (seconds as {finer}?)",
+            ),
+        ):
+            if earliest <= plausible <= latest:
+                return (
+                    f"; it would be {_iso(plausible)} in a unit {unit}: "
+                    "check the route's timestamp_unit"
+                )
+    return ""
+
+
+def _iso(ts_ns: int) -> str:
+    return (
+        datetime.fromtimestamp(ts_ns / NS, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    )
 
 
 def process(

@@ -13,7 +13,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from ingestd import __version__
+from ingestd import DESCRIPTION, __version__
 from ingestd.config import ENV_CONFIG, Settings, effective_settings_json, load_settings
 from ingestd.errors import EX_CONFIG, EX_USAGE, ConfigError
 
@@ -41,7 +41,7 @@ class _Commands(Protocol):
 def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     p = argparse.ArgumentParser(
         prog="ingestd",
-        description="Sensor telemetry ingestion daemon: MQTT in, SQLite batches out.",
+        description=DESCRIPTION,
     )
     p.add_argument("--version", action="version", version=f"ingestd {__version__}")
     common = _config_option()
@@ -209,8 +209,15 @@ def _sensors_command(
 def _query_command(
     sub: _Commands, data: argparse.ArgumentParser, output: argparse.ArgumentParser
 ) -> None:
-    q = sub.add_parser("query", parents=[data, output], help="readings of one sensor over time")
-    q.add_argument("--sensor", "-s", required=True, help="the sensor id (exact)")
+    q = sub.add_parser(
+        "query", parents=[data, output], help="readings over time, by sensor (glob) and/or tag"
+    )
+    q.add_argument(
+        "--sensor",
+        "-s",
+        default=None,
+        help="the sensor id, or a glob ('kitchen-*'; * and ? are wildcards); optional with --tag",
+    )
     q.add_argument("--metric", "-m", default=None, help="one metric (default: all)")
     q.add_argument(
         "--since",

@@ -162,6 +162,15 @@ class Processed(Decoded, frozen=True):
     rejected_readings: int = 0
 
 
+# What `duplicates` counts, said where the count shows (the summary and
+# stopped lines, stats): a second quick start shows some, unexplained.
+DUPLICATES_ARE = (
+    "readings already stored with the same values, delivered again (redelivered "
+    "after a restart or reconnect, a retained message, a device repeating "
+    "itself): not stored twice"
+)
+
+
 class BatchCommitted(msgspec.Struct, frozen=True):
     readings: int
     duplicates: int

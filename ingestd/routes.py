@@ -106,11 +106,12 @@ def compile_route(
     used = set(_check_template("sensor", sensor, pattern, names | fmt.sensor_fields))
     fields = _check_template("metric", metric, pattern, names | fmt.template_fields)
     used.update(fields)
-    need = fmt.metric_requires
-    if fmt.metric_from != "topic" and need not in fields:
+    need, *others = fmt.metric_requires
+    if fmt.metric_from != "topic" and not set(fmt.metric_requires) & set(fields):
         # Without it every field of a payload would get the same metric name.
+        alternatives = "".join(f" (or {{{n}}})" for n in others)
         raise RouteSpecError(
-            f"metric template {metric!r} must contain {{{need}}}: a {fmt.name} "
+            f"metric template {metric!r} must contain {{{need}}}{alternatives}: a {fmt.name} "
             f"route carries several values, each its own metric "
             f'(e.g. metric = "{{site}}.{{{need}}}")'
         )
@@ -209,7 +210,10 @@ class RouteTable:
                 prefix = suffix = ""
                 if route.fmt.metric_from == "field":
                     marker = "\x00"
-                    metric = route.metric_template.format_map({**values, "field": marker})
+                    # Other payload names the format offers (SenML's {record})
+                    # are formatted by its decoder.
+                    names = dict.fromkeys(route.fmt.template_fields, marker)
+                    metric = route.metric_template.format_map({**values, **names})
                     prefix, _, suffix = metric.partition(marker)
                 elif route.fmt.metric_from == "topic":
                     prefix = route.metric_template.format_map(values)

@@ -4,7 +4,7 @@
 # PostgreSQL tests start clusters of their own from them).
 #   scripts/test.sh          the quick run (skips tests marked slow)
 #   scripts/test.sh --all    everything, fault injection included (what CI runs)
-# Other arguments go to pytest, e.g. scripts/test.sh tests/unit -x
+# Other arguments go to pytest, e.g. scripts/test.sh tests/unit -x -q
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -18,7 +18,9 @@ if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || ! command -v psql >/
   $sudo apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends postgresql
 fi
-args=()
+# A line per test, named as it starts (a fault test runs for minutes: the
+# run is never silent), and the slowest ten at the end; -q after it quietens.
+args=(-v --durations=10)
 if [ "${1:-}" = "--all" ]; then
   shift
   args+=(-m "slow or not slow")

@@ -67,7 +67,7 @@ class Format:
     default_retained: str = "ignore"
     # The name a metric template must contain when a payload carries several
     # values (else they would all get one metric name).
-    metric_requires: str = "field"
+    metric_requires: tuple[str, ...] = ("field",)  # one of these
     # For `explain`: what the format knows from earlier messages that bears on
     # this topic (lines of text), for formats with state; None for the rest.
     describe_state: Callable[[DeviceState, str], list[str]] | None = None

@@ -400,7 +400,7 @@ FORMAT = Format(
     sensor_fields=frozenset({"device", "node", "property"}),
     default_sensor="{device}",
     default_retained="store",
-    metric_requires="property",
+    metric_requires=("property",),
     describe_state=describe_state,
     state_topics=state_topics,
 )

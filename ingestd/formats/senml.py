@@ -42,12 +42,21 @@ SENML_VERSION = 10
 
 
 class SenmlRecord:
-    __slots__ = ("name", "sum", "time", "unit", "value")
+    """`name`: the resolved name (bn + n); `record`: the record's own n."""
+
+    __slots__ = ("name", "record", "sum", "time", "unit", "value")
 
     def __init__(
-        self, name: str, time: float, unit: str, value: float | None, sum_: float | None
+        self,
+        name: str,
+        time: float,
+        unit: str,
+        value: float | None,
+        sum_: float | None,
+        record: str = "",
     ) -> None:
         self.name, self.time, self.unit, self.value, self.sum = name, time, unit, value, sum_
+        self.record = record
 
 
 def _number(record: dict[str, Any], key: str, i: int) -> float | None:
@@ -144,7 +153,7 @@ def _common_record(record: dict[str, Any], i: int, base: _Base, now: float) -> S
     `{}`, which yields nothing, as a record of base fields only."""
     n = record.get("n")
     if n is None:
-        name = base.name
+        n, name = "", base.name
     elif type(n) is str:
         name = base.name + n
     else:
@@ -171,7 +180,7 @@ def _common_record(record: dict[str, Any], i: int, base: _Base, now: float) -> S
     value = base.value + _finite(raw, "v", i)
     if time < 0 or not math.isfinite(time):
         raise DecodeError(f"record {i}: time {time!r} is out of range")
-    return SenmlRecord(name, time, unit, value, None)
+    return SenmlRecord(name, time, unit, value, None, n)
 
 
 def _refuse_must_understand(record: dict[str, Any], i: int) -> None:
@@ -207,7 +216,8 @@ def _record(record: dict[str, Any], i: int, base: _Base, now: float) -> SenmlRec
     """Any record, resolved against the base fields in force: its name, time,
     unit, value (v, or vb as 1/0) and sum. None for a record that only sets
     base fields."""
-    name = base.name + (_string(record, "n", i) or "")
+    n = _string(record, "n", i) or ""
+    name = base.name + n
     if name not in _NAMES_SEEN:
         _check_name(name, i)
     elif _NAMES_SEEN.warm:
@@ -239,7 +249,7 @@ def _record(record: dict[str, Any], i: int, base: _Base, now: float) -> SenmlRec
         raise DecodeError(f"record {i} ({name}) has no value")
     if time < 0 or not math.isfinite(time):
         raise DecodeError(f"record {i}: time {time!r} is out of range")
-    return SenmlRecord(name, time, unit, value, total)
+    return SenmlRecord(name, time, unit, value, total, n)
 
 
 class _Simple(msgspec.Struct, forbid_unknown_fields=True):
@@ -302,7 +312,7 @@ def _resolve_simple(payload: bytes, now: float) -> list[SenmlRecord] | None:
         if not isfinite(r.v) or not isfinite(t) or time < 0:
             return None
         fields += 1 + (r.n is not None) + (r.t is not None) + (r.u is not None)
-        out.append(SenmlRecord(name, time, bu if r.u is None else r.u, r.v, None))
+        out.append(SenmlRecord(name, time, bu if r.u is None else r.u, r.v, None, r.n or ""))
     # Each key once (what parse_json checks): a JSON null or a repeated key
     # makes the count differ, and the general path decides.
     if payload.count(b'":') != fields:
@@ -330,13 +340,21 @@ def decode(
         match.sensor,
         match.tags,
     )
+    # A template with {record} (the record's name without the base name) is
+    # formatted per record; else the metric is prefix + resolved name + suffix.
+    by_record = "{record}" in match.metric_template
     for rec in records:
         # resolve() checked the time is finite and >= 0; to the microsecond.
         when = round(rec.time * 1e6) * 1000
         if when >= TS_MAX_NS:
             problems.append(f"{rec.name}: {too_large(rec.time, unit_hint=False)}")
             continue
-        metric = prefix + rec.name + suffix
+        if by_record:
+            metric = match.metric_template.format_map(
+                {**match.values, "field": rec.name, "record": rec.record}
+            )
+        else:
+            metric = prefix + rec.name + suffix
         if rec.value is not None:
             readings.append(Reading(sensor, metric, when, rec.value, topic, tags, rec.unit))
         if rec.sum is not None:
@@ -358,7 +376,8 @@ FORMAT = Format(
     name="senml",
     summary="SenML JSON (RFC 8428) packs, base fields resolved",
     decode=decode,
-    template_fields=frozenset({"field"}),
+    template_fields=frozenset({"field", "record"}),
     metric_from="field",
     default_metric="{field}",
+    metric_requires=("field", "record"),
 )

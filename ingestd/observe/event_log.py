@@ -17,7 +17,7 @@ from typing import Any
 import structlog
 
 from ingestd.bus import Subscription
-from ingestd.events import BatchCommitted, Processed, Rejected
+from ingestd.events import DUPLICATES_ARE, BatchCommitted, Processed, Rejected
 
 log = structlog.get_logger("ingestd.events")
 
@@ -80,6 +80,7 @@ class EventLogger:
         self.summary_interval = summary_interval
         self.first_summary_delay = first_summary_delay
         self._first_commit_seen = False
+        self._duplicates_explained = False
         self.pipeline = pipeline
         self._reported_drops = 0
         self._interval = _Interval()
@@ -190,6 +191,11 @@ class EventLogger:
             "messages": now.messages,
             "readings": now.readings,
             "duplicates": now.duplicates,
+        }
+        if now.duplicates and not self._duplicates_explained:
+            self._duplicates_explained = True
+            fields["duplicates_are"] = DUPLICATES_ARE
+        fields |= {
             "quarantined": sum(now.quarantined.values()),
             "batches": now.batches,
         }

@@ -379,20 +379,23 @@ class Reader(ABC):
 
     @abstractmethod
     def sensors(self, like: str | None = None) -> Iterable[SensorRow]:
-        """Each series with its last reading; `like`: a glob on the sensor id."""
+        """Each series with its last reading; `like`: a glob on the sensor id
+        (as `readings` takes it)."""
 
     @abstractmethod
     def readings(
         self,
-        sensor: str,
+        sensor: str | None,
         metric: str | None,
         since_ns: int,
         until_ns: int,
         limit: int | None,
         tags: Sequence[tuple[str, str]] = (),
     ) -> Iterable[ReadingRow]:
-        """One sensor's readings in [since_ns, until_ns), by time; `tags`: each
-        (key, value) must match; `limit` 0 or None: all."""
+        """Readings in [since_ns, until_ns), by time then sensor; `sensor`: a
+        glob on the sensor id (`*` any run, `?` one character, nothing else
+        special; None: every sensor), `tags`: each (key, value) must match;
+        `limit` 0 or None: all."""
 
     @abstractmethod
     def quarantined(self, since: float, limit: int | None) -> Iterable[QuarantineRow]:

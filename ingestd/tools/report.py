@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ingestd.errors import DataCommandError
-from ingestd.events import NS
+from ingestd.events import DUPLICATES_ARE, NS
 from ingestd.printable import printable
 from ingestd.spool import read_state
 from ingestd.store.base import Reader
@@ -204,14 +204,16 @@ def sensors(reader: Reader, like: str | None = None, now: float | None = None) -
 
 def query(
     reader: Reader,
-    sensor: str,
+    sensor: str | None,
     metric: str | None,
     since: float,
     until: float,
     limit: int | None = None,
     tags: Sequence[str] = (),
 ) -> Table:
-    """Readings of one sensor in [since, until); `limit` 0 or None: all of them.
+    """Readings in [since, until) of the sensors `sensor` (a glob) matches,
+    and/or of the series with every tag in `tags` (KEY=VALUE); `limit` 0 or
+    None: all of them.
 
     `ts` is exact decimal text of Unix seconds (JSON and CSV readers parse it
     as a number; a float would round it), `ts_ns` the same as an integer.
@@ -224,6 +226,11 @@ def query(
         if not eq or not key:
             raise DataCommandError(f"--tag {tag!r}: expected KEY=VALUE")
         pairs.append((key, value))
+    if sensor is None and not pairs:
+        raise DataCommandError(
+            "give --sensor (an id or a glob, 'kitchen-*'; '*' for every sensor) "
+            "or --tag KEY=VALUE, or both"
+        )
     rows = reader.readings(sensor, metric, _to_ns(since), _to_ns(until), limit, pairs)
     return Table(
         ("sensor", "metric", "time", "ts", "value", "tags", "unit", "ts_ns"),
@@ -358,4 +365,6 @@ def print_stats(stats: dict[str, Any], out: TextIO = sys.stdout, as_json: bool =
     width = max(len(k) for k in stats)
     for k, v in stats.items():
         shown = f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else printable(str(v))
+        if k == "readings_duplicate" and v:
+            shown += f" ({DUPLICATES_ARE})"
         out.write(f"{k.ljust(width)}  {shown}\n")

@@ -107,3 +107,49 @@ def test_a_broker_gone_during_the_stop_warns_only_of_unconfirmed_acknowledgement
             assert any(
                 "every acknowledgement was already confirmed" in str(e["msg"]) for e in lines
             )
+
+
+def test_duplicates_are_explained_where_they_first_show(
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
+) -> None:
+    """A second quick start shows `duplicates=16`: the first summary line with
+    duplicates, and the stopped line, say what they are."""
+    daemon = daemons(mosquitto.port, INGESTD_DAEMON__LOG_SUMMARY_INTERVAL="1").start()
+    daemon.wait_ready()
+    db = DbReader(tmp_path / "ingestd.db")
+    burst = [(f"sensors/d{i}/telemetry", b'{"ts": %d, "t": 21.5}' % (1.7e9 + i)) for i in range(16)]
+    publish(mosquitto.port, burst)
+    wait_for(lambda: db.count() == 16, 20, what="the readings")
+
+    def summaries() -> list[dict[str, object]]:
+        return [e for e in _lines(daemon) if e["msg"] == "summary"]
+
+    for round_ in (1, 2):  # the same messages again: a device repeating itself
+        publish(mosquitto.port, burst)
+        wait_for(
+            lambda: sum(e["duplicates"] for e in summaries()) == 16 * round_,  # type: ignore[misc]  # noqa: B023
+            20,
+            what=f"duplicates counted, round {round_}",
+        )
+    with_duplicates = [e for e in summaries() if e["duplicates"]]
+    explained = [e for e in with_duplicates if "duplicates_are" in e]
+    assert explained == with_duplicates[:1], with_duplicates  # once, the first time
+    assert str(explained[0]["duplicates_are"]).startswith(
+        "readings already stored with the same values, delivered again"
+    )
+    assert db.count() == 16
+    assert daemon.stop() == 0
+    stopped = next(e for e in _lines(daemon) if e["msg"] == "stopped")
+    assert stopped["duplicates"] == 32
+    assert stopped["duplicates_are"] == explained[0]["duplicates_are"]
+
+
+def test_a_clean_start_has_no_duplicates_note(
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory
+) -> None:
+    daemon = daemons(mosquitto.port).start()
+    daemon.wait_ready()
+    assert daemon.stop() == 0
+    stopped = next(e for e in _lines(daemon) if e["msg"] == "stopped")
+    assert stopped["duplicates"] == 0
+    assert "duplicates_are" not in stopped

@@ -273,7 +273,7 @@ def test_systemd_unit_verifies_and_stays_hardened(tmp_path: Path, unit_file: str
         assert f"\n{key}\n" in unit, key
     # Point ExecStart at this checkout's interpreter so verify can check it.
     exe = shutil.which("ingestd") or str(REPO / ".venv" / "bin" / "ingestd")
-    (tmp_path / unit_file).write_text(unit.replace("/opt/ingestd/.venv/bin/ingestd", exe))
+    (tmp_path / unit_file).write_text(unit.replace("/opt/ingestd/bin/ingestd", exe))
     if name != unit_file:
         (tmp_path / name).symlink_to(unit_file)
     local = str(tmp_path / name)

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from ingestd.checks import apply_limits
-from ingestd.config import Limit
+from ingestd.checks import apply_clock, apply_limits
+from ingestd.config import Limit, Settings
 from ingestd.events import NS, Reading, Rejected
+from ingestd.tools.explain import explain
 
 RECEIVED = 1_700_000_000.0
 
@@ -101,3 +102,40 @@ def test_a_reading_whose_processing_raises_is_quarantined_not_fatal(
             "internal error: processing failed (a bug in ingestd): ZeroDivisionError('a bug')",
         )
     ]
+
+
+@pytest.mark.parametrize(
+    ("sent_ns", "hint"),
+    [
+        # milliseconds read as seconds (a JSON route's "auto" reads numbers as s)
+        (1_700_000_000_000 * NS, "in a unit 1,000 times finer than the route reads "
+         "(milliseconds as seconds?)"),
+        (1_700_000_000_000_000 * NS, "in a unit 1,000,000 times finer than the route reads "
+         "(microseconds as seconds?)"),
+        # seconds read as milliseconds: 1970, too old
+        (1_700_000 * NS, "in a unit 1,000 times coarser than the route reads "
+         "(seconds as milliseconds?)"),
+    ],
+)  # fmt: skip
+def test_a_time_off_by_a_unit_says_so(sent_ns: int, hint: str) -> None:
+    rejected: list[Rejected] = []
+    reading = Reading("s1", "t", sent_ns, 1.0, "sensors/s1/telemetry")
+    assert apply_clock([reading], RECEIVED, 300, 3650 * 86400, rejected) == []
+    [why] = [r.reason for r in rejected]
+    assert f"; it would be 2023-11-14T22:13:20Z {hint}: check the route's timestamp_unit" in why
+
+
+def test_a_time_no_unit_explains_gets_no_hint() -> None:
+    rejected: list[Rejected] = []
+    for ns in (5 * NS, 10**18 * NS, (RECEIVED + 3600) * NS):
+        apply_clock([Reading("s1", "t", int(ns), 1.0, "x")], RECEIVED, 300, 3650 * 86400, rejected)
+    assert len(rejected) == 3
+    assert not any("would be" in r.reason for r in rejected), rejected
+
+
+def test_explain_shows_the_unit_hint() -> None:
+    # Seconds sent to a route that reads milliseconds: 1970-01-20, too old.
+    route = {"topic": "sensors/{sensor}/telemetry", "format": "json", "timestamp_unit": "ms"}
+    s = Settings(routes=[route])
+    text = explain(s, "sensors/k/telemetry", b'{"ts": 1700000000, "t": 21.5}', now=RECEIVED)
+    assert "(seconds as milliseconds?): check the route's timestamp_unit" in text, text

@@ -76,6 +76,30 @@ def test_senml_multiple_datapoints_with_base_name() -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    "pack",
+    [
+        # the common kind (the typed fast path) and the general one (a vb record)
+        '[{"bn":"dev7:","bt":1700000000,"n":"temp","u":"Cel","v":23.1},{"n":"rh","v":40}]',
+        '[{"bn":"dev7:","bt":1700000000,"n":"temp","u":"Cel","v":23.1},{"n":"rh","v":40},'
+        '{"n":"door","vb":true}]',
+    ],
+)
+def test_senml_record_names_without_the_base_name(pack: str) -> None:
+    """`{record}`: the record's own name (n), without the base name (bn)."""
+    t = table({"topic": "senml/{site}/{sensor}", "format": "senml", "metric": "{site}.{record}"})
+    readings, problems = run(t, "senml/lyon/dev7", pack)
+    assert problems == []
+    assert [r.metric for r in readings][:2] == ["lyon.temp", "lyon.rh"]
+    assert {r.sensor for r in readings} == {"dev7"}
+    both = table({"topic": "senml/{sensor}", "format": "senml", "metric": "{record}@{field}"})
+    readings, _ = run(both, "senml/dev7", pack)
+    assert readings[0].metric == "temp@dev7:temp"
+    # Either name keeps a pack's values apart; a template with neither is refused.
+    with pytest.raises(ValueError, match=r"must contain \{field\} \(or \{record\}\)"):
+        table({"topic": "senml/{sensor}", "format": "senml", "metric": "{sensor}"})
+
+
 def test_senml_multiple_measurements_with_base_time_and_unit() -> None:
     pack = (
         '[{"bn":"urn:dev:ow:10e2073a0108006:","bt":1.276020076001e+09,"bu":"A","bver":5,'

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import io
+import json
 import os
 from pathlib import Path
 
@@ -8,8 +10,9 @@ import pytest
 from ingestd.app import LIVE_KEYS, _changed_keys
 from ingestd.config import Settings
 from ingestd.errors import DataCommandError
+from ingestd.events import DUPLICATES_ARE
 from ingestd.observe.systemd import watchdog_interval
-from ingestd.tools.report import parse_time
+from ingestd.tools.report import parse_time, print_stats
 
 ROUTE = {"topic": "sensors/{sensor}/telemetry"}
 
@@ -161,3 +164,15 @@ def test_the_dashboard_uses_the_data_source_chosen_at_import() -> None:
     assert uids == {"${datasource}"}
     titles = [p["title"] for p in board["panels"]]
     assert not [t for t in titles if "unacknowledged" in t]
+
+
+def test_stats_says_what_duplicates_are_when_there_are_some() -> None:
+    out = io.StringIO()
+    print_stats({"readings_committed": 100, "readings_duplicate": 16}, out)
+    assert f"readings_duplicate  16 ({DUPLICATES_ARE})\n" in out.getvalue()
+    out = io.StringIO()
+    print_stats({"readings_committed": 100, "readings_duplicate": 0}, out)
+    assert out.getvalue().endswith("readings_duplicate  0\n")
+    out = io.StringIO()  # JSON is data: the count alone
+    print_stats({"readings_duplicate": 16}, out, as_json=True)
+    assert json.loads(out.getvalue()) == {"readings_duplicate": 16}

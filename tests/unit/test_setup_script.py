@@ -1,6 +1,6 @@
 """scripts/setup.sh's last line names ingestd's and Mosquitto's versions, once
 each (`mosquitto -h` exits 3 after printing its version, which under pipefail
-ran an `||` fallback that printed it again)."""
+ran an `||` fallback that printed it again); scripts/test.sh shows progress."""
 
 from __future__ import annotations
 
@@ -38,3 +38,37 @@ def test_setup_prints_mosquittos_version_once(tmp_path: Path) -> None:
     assert done.stderr.count("mosquitto version") == 1, done.stderr
     ready = done.stderr.strip().splitlines()[-1]
     assert ready.startswith("setup: ready: ingestd 0.0.test, mosquitto version "), ready
+
+
+@pytest.mark.skipif(
+    not list(Path("/usr/lib/postgresql").glob("*/bin/initdb")) or shutil.which("psql") is None,
+    reason="needs PostgreSQL's binaries installed (else test.sh runs apt-get)",
+)
+@pytest.mark.parametrize(
+    ("args", "extra"), [((), ()), (("--all", "-x"), ("-m", "slow or not slow", "-x"))]
+)
+def test_the_test_run_shows_progress(
+    tmp_path: Path, args: tuple[str, ...], extra: tuple[str, ...]
+) -> None:
+    """scripts/test.sh (and so .ci/run) names each test as it starts: a fault
+    test runs for minutes, and a run of dots sat silent through them."""
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "test.sh", tmp_path / "scripts" / "test.sh")
+    venv_bin = tmp_path / ".venv" / "bin"
+    venv_bin.mkdir(parents=True)
+    for path, body in (
+        (tmp_path / "scripts" / "setup.sh", "exit 0"),
+        (venv_bin / "python", 'printf "%s\\n" "$@"'),  # the arguments pytest would get
+    ):
+        path.write_text(f"#!/bin/sh\n{body}\n")
+        path.chmod(0o755)
+    done = subprocess.run(
+        ["bash", str(tmp_path / "scripts" / "test.sh"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == ["-m", "pytest", "-v", "--durations=10", *extra]
+    ci = (REPO / ".ci" / "run").read_text()
+    assert "\nscripts/test.sh --all " in ci  # CI runs it, so CI shows progress too

@@ -71,9 +71,7 @@ class PostgresReader(base.Reader):
     def sensors(self, like: str | None = None) -> Iterable[SensorRow]:
         where, args = "", []
         if like:
-            # A glob, as with SQLite: * and ? (LIKE's own wildcards escaped).
-            pattern = like.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            where, args = "WHERE s.sensor LIKE $1", [pattern.replace("*", "%").replace("?", "_")]
+            where, args = "WHERE s.sensor LIKE $1", [_like(like)]
         sql = f"""SELECT s.sensor, s.metric, s.tags, s.unit, r.value, r.ts_ns,
                          st.expect_within, coalesce(st.seq_gaps, 0), coalesce(st.seq_missing, 0),
                          coalesce(st.state, '')
@@ -87,7 +85,7 @@ class PostgresReader(base.Reader):
 
     def readings(
         self,
-        sensor: str,
+        sensor: str | None,
         metric: str | None,
         since_ns: int,
         until_ns: int,
@@ -97,16 +95,20 @@ class PostgresReader(base.Reader):
         sql = (
             "SELECT s.sensor, s.metric, r.ts_ns, r.value, s.tags, s.unit FROM series AS s "
             "JOIN samples AS r ON r.series_id = s.id "
-            "WHERE s.sensor = $1 AND r.ts_ns >= $2 AND r.ts_ns < $3"
+            "WHERE r.ts_ns >= $1 AND r.ts_ns < $2"
         )
-        args: list[Any] = [sensor, since_ns, until_ns]
+        args: list[Any] = [since_ns, until_ns]
+        if sensor is not None:
+            glob = "*" in sensor or "?" in sensor
+            args.append(_like(sensor) if glob else sensor)
+            sql += f" AND s.sensor {'LIKE' if glob else '='} ${len(args)}"
         if metric:
             args.append(metric)
             sql += f" AND s.metric = ${len(args)}"
         for key, value in tags:
             args += [key, value]
             sql += f" AND (nullif(s.tags, '')::jsonb ->> ${len(args) - 1}) = ${len(args)}"
-        sql += " ORDER BY r.ts_ns, s.metric, r.seq"
+        sql += " ORDER BY r.ts_ns, s.sensor, s.metric, s.tags, r.seq"
         if limit:
             args.append(limit)
             sql += f" LIMIT ${len(args)}"
@@ -144,3 +146,9 @@ class PostgresReader(base.Reader):
             f"tools, e.g. pg_dump --format=custom --file {dest} "
             "(consistent while ingestd writes), or continuous archiving"
         )
+
+
+def _like(glob: str) -> str:
+    """A glob as with SQLite (`*` and `?`), LIKE's own wildcards escaped."""
+    pattern = glob.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return pattern.replace("*", "%").replace("?", "_")

@@ -40,7 +40,7 @@ class SqliteReader(base.Reader):
         args: tuple[str, ...]
         where, args = "", ()
         if like:
-            where, args = "WHERE s.sensor GLOB ?", (like,)
+            where, args = "WHERE s.sensor GLOB ?", (_glob(like),)
         cur = self.conn.execute(
             f"""SELECT s.sensor, s.metric, s.tags, s.unit, r.value, r.ts_ns,
                        st.expect_within, coalesce(st.seq_gaps, 0), coalesce(st.seq_missing, 0),
@@ -58,7 +58,7 @@ class SqliteReader(base.Reader):
 
     def readings(
         self,
-        sensor: str,
+        sensor: str | None,
         metric: str | None,
         since_ns: int,
         until_ns: int,
@@ -68,9 +68,13 @@ class SqliteReader(base.Reader):
         sql = (
             "SELECT s.sensor, s.metric, r.ts_ns, r.value, s.tags, s.unit FROM series AS s "
             "JOIN samples AS r ON r.series_id = s.id "
-            "WHERE s.sensor = ? AND r.ts_ns >= ? AND r.ts_ns < ?"
+            "WHERE r.ts_ns >= ? AND r.ts_ns < ?"
         )
-        args: list[Any] = [sensor, since_ns, until_ns]
+        args: list[Any] = [since_ns, until_ns]
+        if sensor is not None:
+            glob = _is_glob(sensor)
+            sql += " AND s.sensor GLOB ?" if glob else " AND s.sensor = ?"
+            args.append(_glob(sensor) if glob else sensor)
         if metric:
             sql += " AND s.metric = ?"
             args.append(metric)
@@ -78,7 +82,7 @@ class SqliteReader(base.Reader):
             # A bound JSON path: the key never becomes SQL text.
             sql += " AND json_extract(nullif(s.tags, ''), ?) = ?"
             args += ["$." + json.dumps(key), value]
-        sql += " ORDER BY r.ts_ns, s.metric, r.seq"
+        sql += " ORDER BY r.ts_ns, s.sensor, s.metric, s.tags, r.seq"
         if limit:
             sql += " LIMIT ?"
             args.append(limit)
@@ -119,3 +123,12 @@ class SqliteReader(base.Reader):
         target = Path(dest)
         backup_file(self.path, target, progress)
         return f"backed up {self.path} to {target} ({target.stat().st_size / 1e6:,.1f} MB)"
+
+
+def _is_glob(pattern: str) -> bool:
+    return "*" in pattern or "?" in pattern
+
+
+def _glob(pattern: str) -> str:
+    """The CLI's glob as SQLite's GLOB reads it: `*` and `?` only, `[` literal."""
+    return pattern.replace("[", "[[]")
