@@ -1,6 +1,6 @@
 """The command line: `ingestd [run]`, `check-config`, `simulate`, and the
-operator's tools: `sensors`, `query`, `quarantine`, `stats`, `backup`,
-`forget-session`."""
+operator's tools: `sensors`, `query`, `quarantine` (and `quarantine replay`),
+`stats`, `backup`, `import`, `forget-session`."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from ingestd import DESCRIPTION, __version__
 from ingestd.config import ENV_CONFIG, Settings, effective_settings_json, load_settings
 from ingestd.errors import EX_CONFIG, EX_USAGE, ConfigError
+from ingestd.tools import recover
 
 if TYPE_CHECKING:
     from ingestd.store import Reader
@@ -24,7 +25,7 @@ T = TypeVar("T")
 # Commands that read the database and need no [[routes]].
 DATA_COMMANDS = ("sensors", "query", "quarantine", "stats", "backup")
 # Commands that need no [[routes]] either.
-NO_ROUTES = (*DATA_COMMANDS, "forget-session")
+NO_ROUTES = (*DATA_COMMANDS, "forget-session", "import")
 
 
 _TOPIC_HELP = "show which route this topic matches and what it yields"
@@ -55,7 +56,7 @@ def _parser() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParse
     output = _output_format_option()
     _sensors_command(sub, data, output)
     _query_command(sub, data, output)
-    _quarantine_command(sub, data, output)
+    recover.add_commands(sub, data, _quarantine_command(sub, data, output))
     _stats_command(sub, data)
     _backup_command(sub, data)
     sub.add_parser(
@@ -244,12 +245,13 @@ def _query_command(
 
 def _quarantine_command(
     sub: _Commands, data: argparse.ArgumentParser, output: argparse.ArgumentParser
-) -> None:
+) -> argparse.ArgumentParser:
     qu = sub.add_parser(
         "quarantine", parents=[data, output], help="recent rejected payloads with the reasons"
     )
     qu.add_argument("--since", default="1d", help="how far back (default 1d)")
     qu.add_argument("--limit", type=int, default=50, help="at most this many (default 50; 0: all)")
+    return qu
 
 
 def _stats_command(sub: _Commands, data: argparse.ArgumentParser) -> None:
@@ -319,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"ingestd: configuration OK ({config_path or 'defaults'})", file=sys.stderr)
         return 0
 
+    if recover.wanted(command, args):
+        return recover.run(command, args, settings)
     if command in DATA_COMMANDS:
         return _data_command(command, args, settings)
 

@@ -189,17 +189,24 @@ class BatchCommitted(msgspec.Struct, frozen=True):
 
 def reading_payload(r: Reading, **extra: object) -> bytes:
     """A reading as the payload of its quarantine record (JSON), with `extra`
-    fields (a conflict adds the value stored in its place)."""
-    return _encode(
-        {
-            "sensor": r.sensor,
-            "metric": r.metric,
-            "ts": r.ts_ns / NS,
-            "ts_ns": r.ts_ns,
-            "value": r.value,
-            **extra,
-        }
-    )
+    fields (a conflict adds the value stored in its place). Its tags, unit and
+    seq when it has them: `ingestd quarantine replay` rebuilds the reading
+    from this, whole (`ingestd.tools.replay`)."""
+    doc: dict[str, object] = {
+        "sensor": r.sensor,
+        "metric": r.metric,
+        "ts": r.ts_ns / NS,
+        "ts_ns": r.ts_ns,
+        "value": r.value,
+    }
+    if r.tags:
+        doc["tags"] = r.tags
+    if r.unit:
+        doc["unit"] = r.unit
+    if r.seq:
+        doc["seq"] = r.seq
+    doc.update(extra)
+    return _encode(doc)
 
 
 _encode = msgspec.json.encode

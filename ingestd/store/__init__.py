@@ -39,19 +39,25 @@ def open_store(settings: StoreSettings, rollups: RollupPlan | None = None) -> St
     )
 
 
+def with_db(settings: StoreSettings, db: str | None, *, reading: bool = True) -> StoreSettings:
+    """The settings with `db` (`--db`: a SQLite file's path or a PostgreSQL
+    URL) as the engine and place; unchanged for None."""
+    if db is None:
+        return settings
+    if "://" in db:
+        # Checked as store.url is (postgresql:// only, no password in it),
+        # but for reading any target_session_attrs, a standby's too;
+        # store.password_file still applies.
+        return StoreSettings.model_validate(
+            {**settings.model_dump(), "url": db}, context={"reading": reading}
+        )
+    return settings.model_copy(update={"url": "", "path": Path(db)})
+
+
 def open_reader(settings: StoreSettings, db: str | None = None) -> Reader:
     """Read-only access for the CLI; `db` (`--db`: a SQLite file's path or a
     PostgreSQL URL) overrides the settings' engine and place."""
-    if db is not None:
-        if "://" in db:
-            # Checked as store.url is (postgresql:// only, no password in it)
-            # but for reading: any target_session_attrs, a standby's too;
-            # store.password_file still applies.
-            settings = StoreSettings.model_validate(
-                {**settings.model_dump(), "url": db}, context={"reading": True}
-            )
-        else:
-            settings = settings.model_copy(update={"url": "", "path": Path(db)})
+    settings = with_db(settings, db)
     if settings.postgres:
         from ingestd.store.postgres import PostgresReader  # noqa: PLC0415
 
@@ -61,4 +67,13 @@ def open_reader(settings: StoreSettings, db: str | None = None) -> Reader:
     return SqliteReader(settings.path)
 
 
-__all__ = ["CONDITIONS", "Batch", "Reader", "Store", "Upkeep", "open_reader", "open_store"]
+__all__ = [
+    "CONDITIONS",
+    "Batch",
+    "Reader",
+    "Store",
+    "Upkeep",
+    "open_reader",
+    "open_store",
+    "with_db",
+]

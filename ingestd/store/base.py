@@ -361,6 +361,16 @@ class QuarantineRow(NamedTuple):
     payload: bytes
 
 
+class QuarantineRecord(NamedTuple):
+    """A quarantine row with its id, for `ingestd quarantine replay`."""
+
+    id: int
+    received_at: float
+    topic: str
+    reason: str
+    payload: bytes
+
+
 @dataclass(frozen=True, slots=True)
 class StoreTotals:
     where: str
@@ -400,6 +410,18 @@ class Reader(ABC):
     @abstractmethod
     def quarantined(self, since: float, limit: int | None) -> Iterable[QuarantineRow]:
         """Quarantine records received since `since` (Unix seconds), newest first."""
+
+    @abstractmethod
+    def quarantine_page(
+        self, since: float, until: float, reason: str, after_id: int, upto_id: int, limit: int
+    ) -> list[QuarantineRecord]:
+        """Quarantine records received in [since, until) whose reason contains
+        `reason` ("": any), with after_id < id <= upto_id, by id (arrival order)."""
+
+    @abstractmethod
+    def quarantine_last_id(self) -> int:
+        """The id of the newest quarantine record (0: none): a replay goes no
+        further, so records it writes itself are not read again."""
 
     @abstractmethod
     def totals(self) -> StoreTotals: ...

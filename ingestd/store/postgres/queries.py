@@ -13,7 +13,14 @@ import asyncpg
 
 from ingestd.errors import StoreError
 from ingestd.store import base
-from ingestd.store.base import QuarantineRow, ReadingRow, SensorRow, StoreTotals, unreadable_schema
+from ingestd.store.base import (
+    QuarantineRecord,
+    QuarantineRow,
+    ReadingRow,
+    SensorRow,
+    StoreTotals,
+    unreadable_schema,
+)
 from ingestd.store.postgres.faults import classify, redacted
 from ingestd.store.postgres.schema import SCHEMA_VERSION
 
@@ -124,6 +131,27 @@ class PostgresReader(base.Reader):
             sql += " LIMIT $2"
             args.append(limit)
         return (QuarantineRow(t, topic, r, bytes(p)) for t, topic, r, p in self._stream(sql, *args))
+
+    def quarantine_page(
+        self, since: float, until: float, reason: str, after_id: int, upto_id: int, limit: int
+    ) -> list[QuarantineRecord]:
+        rows = self._run(
+            self.conn.fetch(
+                "SELECT id, received_at, topic, reason, payload FROM quarantine "
+                "WHERE id > $1 AND id <= $2 AND received_at >= $3 AND received_at < $4 "
+                "AND strpos(reason, $5) > 0 ORDER BY id LIMIT $6",
+                after_id,
+                upto_id,
+                since,
+                until,
+                reason,
+                limit,
+            )
+        )
+        return [QuarantineRecord(i, t, topic, r, bytes(p)) for i, t, topic, r, p in rows]
+
+    def quarantine_last_id(self) -> int:
+        return int(self._run(self.conn.fetchval("SELECT coalesce(max(id), 0) FROM quarantine")))
 
     def totals(self) -> StoreTotals:
         row = self._run(

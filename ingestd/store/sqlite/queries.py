@@ -12,7 +12,14 @@ from typing import Any
 
 from ingestd.errors import StoreError
 from ingestd.store import base
-from ingestd.store.base import QuarantineRow, ReadingRow, SensorRow, StoreTotals, unreadable_schema
+from ingestd.store.base import (
+    QuarantineRecord,
+    QuarantineRow,
+    ReadingRow,
+    SensorRow,
+    StoreTotals,
+    unreadable_schema,
+)
 from ingestd.store.sqlite.schema import SCHEMA_VERSION
 from ingestd.store.sqlite.store import backup_file, ro_uri
 
@@ -100,6 +107,20 @@ class SqliteReader(base.Reader):
         return (
             QuarantineRow(t, topic, r, bytes(p)) for t, topic, r, p in self.conn.execute(sql, args)
         )
+
+    def quarantine_page(
+        self, since: float, until: float, reason: str, after_id: int, upto_id: int, limit: int
+    ) -> list[QuarantineRecord]:
+        cur = self.conn.execute(
+            "SELECT id, received_at, topic, reason, payload FROM quarantine "
+            "WHERE id > ? AND id <= ? AND received_at >= ? AND received_at < ? "
+            "AND instr(reason, ?) > 0 ORDER BY id LIMIT ?",
+            (after_id, upto_id, since, until, reason, limit),
+        )
+        return [QuarantineRecord(i, t, topic, r, bytes(p)) for i, t, topic, r, p in cur]
+
+    def quarantine_last_id(self) -> int:
+        return int(self.conn.execute("SELECT coalesce(max(id), 0) FROM quarantine").fetchone()[0])
 
     def totals(self) -> StoreTotals:
         one = self.conn.execute
