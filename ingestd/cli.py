@@ -398,7 +398,7 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
     try:
         if command == "stats":
             if args.instance or args.url is not None:
-                stats = _instance_stats(args.url, settings)
+                stats = report.instance_stats(args.url, settings.metrics)
             else:
                 # The whole database: every instance that writes to it; and
                 # this instance's spool, if it has one (even with the database away).
@@ -449,27 +449,6 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
         sys.stderr.close()
         return 0
     return 0
-
-
-def _instance_stats(url: str | None, settings: Settings) -> dict[str, Any]:
-    """One instance's live figures, never silently the database's instead."""
-    from ingestd.errors import DataCommandError  # noqa: PLC0415
-    from ingestd.tools import report  # noqa: PLC0415
-
-    m = settings.metrics
-    if url is None and not m.enabled:
-        raise DataCommandError(
-            "stats --instance: the config disables [metrics]: give the daemon's address with --url"
-        )
-    url = url or f"http://{m.host}:{m.port}"
-    stats = report.live_stats(url)
-    if stats is None:
-        raise DataCommandError(
-            f"stats --instance: no daemon answers at {url}/metrics (is it running, with this "
-            "[metrics] host and port? --url gives another address; without --instance: "
-            "the database's totals)"
-        )
-    return stats
 
 
 def _forget_session(settings: Settings) -> int:

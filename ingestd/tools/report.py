@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from ingestd.config import MetricsSettings
 from ingestd.errors import DataCommandError
 from ingestd.events import DUPLICATES_ARE, NS
 from ingestd.printable import printable
@@ -368,3 +369,21 @@ def print_stats(stats: dict[str, Any], out: TextIO = sys.stdout, as_json: bool =
         if k == "readings_duplicate" and v:
             shown += f" ({DUPLICATES_ARE})"
         out.write(f"{k.ljust(width)}  {shown}\n")
+
+
+def instance_stats(url: str | None, metrics: MetricsSettings) -> dict[str, Any]:
+    """One instance's live figures (`stats --instance`), never silently the
+    database's instead."""
+    if url is None and not metrics.enabled:
+        raise DataCommandError(
+            "stats --instance: the config disables [metrics]: give the daemon's address with --url"
+        )
+    url = url or f"http://{metrics.host}:{metrics.port}"
+    stats = live_stats(url)
+    if stats is None:
+        raise DataCommandError(
+            f"stats --instance: no daemon answers at {url}/metrics (is it running, with this "
+            "[metrics] host and port? --url gives another address; without --instance: "
+            "the database's totals)"
+        )
+    return stats
