@@ -1,6 +1,6 @@
 """The command line: `ingestd [run]`, `check-config`, `simulate`, and the
 operator's tools: `sensors`, `query`, `quarantine` (and `quarantine replay`),
-`stats`, `backup`, `import`, `forget-session`."""
+`stats`, `backup`, `import`, `rollups rebuild`, `forget-session`."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ T = TypeVar("T")
 # Commands that read the database and need no [[routes]].
 DATA_COMMANDS = ("sensors", "query", "quarantine", "stats", "backup")
 # Commands that need no [[routes]] either.
-NO_ROUTES = (*DATA_COMMANDS, "forget-session", "import")
+NO_ROUTES = (*DATA_COMMANDS, "forget-session", "import", "rollups")
 
 
 _TOPIC_HELP = "show which route this topic matches and what it yields"
@@ -228,6 +228,13 @@ def _query_command(
     q.add_argument("--until", default=None, help="end, exclusive (default: now)")
     q.add_argument("--limit", type=int, default=0, help="at most this many rows (default 0: all)")
     q.add_argument(
+        "--every",
+        default=None,
+        metavar="INTERVAL",
+        help="one row per series and interval (1m, 1h, 1d...): count, min, max, mean, sum, "
+        "first, last, increase, read from the rollups",
+    )
+    q.add_argument(
         "--tag",
         action="append",
         default=[],
@@ -393,6 +400,7 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
     from ingestd.errors import DataCommandError, StoreError  # noqa: PLC0415
     from ingestd.store import open_reader  # noqa: PLC0415
     from ingestd.tools import report  # noqa: PLC0415
+    from ingestd.tools.history import from_args as history  # noqa: PLC0415
 
     db: str | None = args.db
     try:
@@ -427,9 +435,12 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
                         "after now (give --until too for a range ahead)"
                     )
                 until = report.parse_time(args.until, now) if args.until else now
-                table = report.query(
-                    reader, args.sensor, args.metric, since, until, args.limit, args.tag
-                )
+                if args.every:
+                    table = history(reader, args, settings.rollup_plan().widths, since, until)
+                else:
+                    table = report.query(
+                        reader, args.sensor, args.metric, since, until, args.limit, args.tag
+                    )
                 show = args.progress
                 if show is None:
                     show = sys.stderr.isatty() and not sys.stdout.isatty()

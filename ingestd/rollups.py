@@ -29,8 +29,9 @@ How a batch keeps them (`Batch` of each engine):
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 NS = 1_000_000_000
 # Readings either side of a batch's own that a counter's deltas are computed
@@ -69,6 +70,14 @@ class RollupPlan:
 
     def __bool__(self) -> bool:
         return bool(self.widths)
+
+    def cutoffs(self, now: float) -> dict[int, int]:
+        """Per width kept for a limited time, the first bucket start to keep."""
+        return {
+            w: int(now - days * 86400) // w * w
+            for w, days in self.keep_days.items()
+            if days > 0 and w in self.widths
+        }
 
 
 # One row: count, min, max, sum, first_ns, first, last_ns, last, increase.
@@ -164,31 +173,93 @@ def increase_changes(
     return {k: v for k, v in changes.items() if v}
 
 
-def rebuild(
-    rows: Iterable[tuple[int, int, int, float]], widths: Sequence[int], counter: set[int]
-) -> Iterator[tuple[Key, Row]]:
-    """Every bucket's row from raw (series_id, ts_ns, seq, value) rows in
-    (series_id, ts_ns, seq) order; `counter`: the series that are counters."""
-    sid: int | None = None
-    series: list[Point] = []
-    for s, ts, seq, v in rows:
-        if s != sid:
-            if sid is not None:
-                yield from _series_rows(sid, series, widths, sid in counter)
-            sid, series = s, []
-        series.append((ts, seq, v))
-    if sid is not None:
-        yield from _series_rows(sid, series, widths, sid in counter)
+class Rebuild:
+    """Every bucket's row from raw (series_id, ts_ns, value) rows fed in
+    (series_id, ts_ns, seq) order, a chunk at a time: a bucket is given back
+    once the rows have moved past it. `counters`: the series that are
+    counters; `levels`: a counter's last value before its first row (else
+    its first row adds nothing). The rule of `deltas`, a reading at a time."""
 
+    def __init__(
+        self, widths: Sequence[int], counters: set[int], levels: dict[int, float] | None = None
+    ) -> None:
+        self.widths = widths
+        self.per = [w * NS for w in widths]
+        self.counters = counters
+        self.levels = levels or {}
+        self.sid: int | None = None
+        self.open: list[tuple[int, Row] | None] = [None] * len(widths)
+        self.level: float | None = None
+        self.pending: tuple[int, float] | None = None  # a drop: a glitch or a reset
+        self.counter = False
+        self.out: list[tuple[Key, Row]] = []
 
-def _series_rows(
-    sid: int, series: list[Point], widths: Sequence[int], counter: bool
-) -> Iterator[tuple[Key, Row]]:
-    rows = aggregate(((sid, ts, seq, v) for ts, seq, v in series), widths)
-    if counter:
-        for key, inc in increases(series, widths, sid).items():
-            rows[key][8] = inc
-    yield from sorted(rows.items())
+    def _credit(self, ts: int, d: float) -> None:
+        for k, w in enumerate(self.widths):
+            current = self.open[k]
+            if current is not None and current[0] == ts // self.per[k] * w:
+                current[1][8] += d
+
+    def _flush(self, k: int) -> None:
+        current = self.open[k]
+        if current is not None and self.sid is not None:
+            row: list[Any] = current[1]
+            if not self.counter:
+                row[8] = None
+            self.out.append(((self.widths[k], self.sid, current[0]), row))
+        self.open[k] = None
+
+    def _end_series(self) -> None:
+        if self.pending is not None:
+            self._credit(*self.pending)  # a drop with nothing after it: a reset
+            self.pending = None
+        for k in range(len(self.widths)):
+            self._flush(k)
+
+    def feed(self, rows: Iterable[tuple[int, int, float]]) -> list[tuple[Key, Row]]:
+        for s, ts, v in rows:
+            if s != self.sid:
+                self._end_series()
+                self.sid, self.counter = s, s in self.counters
+                self.level = self.levels.get(s)
+            if self.pending is not None:  # decided by this reading
+                assert self.level is not None
+                if v < self.level:
+                    self._credit(*self.pending)  # a reset
+                    self.level = self.pending[1]
+                self.pending = None
+            self._add(ts, v)
+            if not self.counter:
+                continue
+            if self.level is None:
+                self.level = v
+            elif v >= self.level:
+                self._credit(ts, v - self.level)
+                self.level = v
+            else:
+                self.pending = (ts, v)
+        out, self.out = self.out, []
+        return out
+
+    def _add(self, ts: int, v: float) -> None:
+        for k, w in enumerate(self.widths):
+            bucket = ts // self.per[k] * w
+            current = self.open[k]
+            if current is None or current[0] != bucket:
+                self._flush(k)
+                self.open[k] = (bucket, [1, v, v, v, ts, v, ts, v, 0.0])
+                continue
+            row = current[1]
+            row[0] += 1
+            row[1] = min(row[1], v)
+            row[2] = max(row[2], v)
+            row[3] += v
+            row[6], row[7] = ts, v  # in time order: the last so far
+
+    def finish(self) -> list[tuple[Key, Row]]:
+        self._end_series()
+        out, self.out = self.out, []
+        return out
 
 
 def view(width: int) -> str:

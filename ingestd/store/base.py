@@ -354,6 +354,32 @@ class ReadingRow(NamedTuple):
     unit: str
 
 
+class RollupRow(NamedTuple):
+    sensor: str
+    metric: str
+    tags: str
+    unit: str
+    bucket: int  # its start, Unix seconds
+    n: int  # readings in it (shown as "count")
+    min: float
+    max: float
+    sum: float
+    first: float
+    last: float
+    increase: float | None  # counters only
+    first_ns: int
+    last_ns: int
+
+
+# What the readers select of rollups (the same columns on every engine).
+ROLLUP_COLUMNS = (
+    "s.sensor, s.metric, s.tags, s.unit, r.bucket, r.n, r.min, r.max, r.sum, r.first_value, "
+    "r.last_value, r.increase, r.first_ns, r.last_ns"
+)
+ROLLUP_FROM = "FROM rollups AS r JOIN series AS s ON s.id = r.series_id"
+ROLLUP_ORDER = "r.bucket, s.sensor, s.metric, s.tags, s.unit"
+
+
 class QuarantineRow(NamedTuple):
     received_at: float
     topic: str
@@ -406,6 +432,20 @@ class Reader(ABC):
         glob on the sensor id (`*` any run, `?` one character, nothing else
         special; None: every sensor), `tags`: each (key, value) must match;
         `limit` 0 or None: all."""
+
+    @abstractmethod
+    def rollup_rows(
+        self,
+        sensor: str | None,
+        metric: str | None,
+        width: int,
+        since: int,
+        until: int,
+        limit: int | None,
+        tags: Sequence[tuple[str, str]] = (),
+    ) -> Iterable[RollupRow]:
+        """Rollups of interval `width` (seconds) with buckets starting in
+        [since, until) (Unix seconds), by bucket, then series."""
 
     @abstractmethod
     def quarantined(self, since: float, limit: int | None) -> Iterable[QuarantineRow]:

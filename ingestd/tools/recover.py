@@ -60,9 +60,27 @@ def add_commands(
         help="a progress line on stderr (default: when stderr is a terminal)",
     )
 
+    ro = sub.add_parser(
+        "rollups",
+        parents=[],
+        help="the history kept per interval: 'rollups rebuild' computes it from the raw readings",
+    )
+    ro_actions = ro.add_subparsers(dest="action", metavar="ACTION", required=True)
+    rb = ro_actions.add_parser(
+        "rebuild",
+        parents=[data],
+        help="compute every rollup bucket again from the raw readings still kept (idempotent)",
+    )
+    rb.add_argument(
+        "--since",
+        default=None,
+        help="from the bucket holding this time on (a duration ago, ISO 8601 or Unix seconds; "
+        "default: all)",
+    )
+
 
 def wanted(command: str, args: argparse.Namespace) -> bool:
-    return command == "import" or (
+    return command in ("import", "rollups") or (
         command == "quarantine" and getattr(args, "action", None) == "replay"
     )
 
@@ -73,6 +91,8 @@ def run(command: str, args: argparse.Namespace, settings: Settings) -> int:
     try:
         if command == "import":
             return _import(args, settings)
+        if command == "rollups":
+            return _rollups(args, settings)
         return _replay(args, settings)
     except (DataCommandError, StoreError, OSError) as exc:
         print(f"ingestd: {exc}", file=sys.stderr)
@@ -139,4 +159,18 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
         )
 
     print(f"ingestd: {asyncio.run(go())}", file=sys.stderr)
+    return 0
+
+
+def _rollups(args: argparse.Namespace, settings: Settings) -> int:
+    from ingestd.store import with_db  # noqa: PLC0415
+    from ingestd.tools.report import parse_time  # noqa: PLC0415
+    from ingestd.tools.rollups import rebuild  # noqa: PLC0415
+
+    if args.db is not None:
+        settings = settings.model_copy(
+            update={"store": with_db(settings.store, args.db, reading=False)}
+        )
+    since = parse_time(args.since) if args.since else None
+    print(f"ingestd: {asyncio.run(rebuild(settings, since))}", file=sys.stderr)
     return 0

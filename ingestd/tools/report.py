@@ -203,6 +203,22 @@ def sensors(reader: Reader, like: str | None = None, now: float | None = None) -
     )
 
 
+def tag_pairs(sensor: str | None, tags: Sequence[str]) -> list[tuple[str, str]]:
+    """--tag KEY=VALUE as pairs; one of --sensor and --tag is needed."""
+    pairs: list[tuple[str, str]] = []
+    for tag in tags:
+        key, eq, value = tag.partition("=")
+        if not eq or not key:
+            raise DataCommandError(f"--tag {tag!r}: expected KEY=VALUE")
+        pairs.append((key, value))
+    if sensor is None and not pairs:
+        raise DataCommandError(
+            "give --sensor (an id or a glob, 'kitchen-*'; '*' for every sensor) "
+            "or --tag KEY=VALUE, or both"
+        )
+    return pairs
+
+
 def query(
     reader: Reader,
     sensor: str | None,
@@ -221,17 +237,7 @@ def query(
     """
     if until <= since:
         raise DataCommandError("--until must be later than --since")
-    pairs: list[tuple[str, str]] = []
-    for tag in tags:
-        key, eq, value = tag.partition("=")
-        if not eq or not key:
-            raise DataCommandError(f"--tag {tag!r}: expected KEY=VALUE")
-        pairs.append((key, value))
-    if sensor is None and not pairs:
-        raise DataCommandError(
-            "give --sensor (an id or a glob, 'kitchen-*'; '*' for every sensor) "
-            "or --tag KEY=VALUE, or both"
-        )
+    pairs = tag_pairs(sensor, tags)
     rows = reader.readings(sensor, metric, _to_ns(since), _to_ns(until), limit, pairs)
     return Table(
         ("sensor", "metric", "time", "ts", "value", "tags", "unit", "ts_ns"),

@@ -14,9 +14,13 @@ import asyncpg
 from ingestd.errors import StoreError
 from ingestd.store import base
 from ingestd.store.base import (
+    ROLLUP_COLUMNS,
+    ROLLUP_FROM,
+    ROLLUP_ORDER,
     QuarantineRecord,
     QuarantineRow,
     ReadingRow,
+    RollupRow,
     SensorRow,
     StoreTotals,
     unreadable_schema,
@@ -105,21 +109,34 @@ class PostgresReader(base.Reader):
             "WHERE r.ts_ns >= $1 AND r.ts_ns < $2"
         )
         args: list[Any] = [since_ns, until_ns]
-        if sensor is not None:
-            glob = "*" in sensor or "?" in sensor
-            args.append(_like(sensor) if glob else sensor)
-            sql += f" AND s.sensor {'LIKE' if glob else '='} ${len(args)}"
-        if metric:
-            args.append(metric)
-            sql += f" AND s.metric = ${len(args)}"
-        for key, value in tags:
-            args += [key, value]
-            sql += f" AND (nullif(s.tags, '')::jsonb ->> ${len(args) - 1}) = ${len(args)}"
+        sql += _series_filter(sensor, metric, tags, args)
         sql += " ORDER BY r.ts_ns, s.sensor, s.metric, s.tags, r.seq"
         if limit:
             args.append(limit)
             sql += f" LIMIT ${len(args)}"
         return (ReadingRow(*row) for row in self._stream(sql, *args))
+
+    def rollup_rows(
+        self,
+        sensor: str | None,
+        metric: str | None,
+        width: int,
+        since: int,
+        until: int,
+        limit: int | None,
+        tags: Sequence[tuple[str, str]] = (),
+    ) -> Iterable[RollupRow]:
+        sql = (
+            f"SELECT {ROLLUP_COLUMNS} {ROLLUP_FROM} "
+            "WHERE r.width = $1 AND r.bucket >= $2 AND r.bucket < $3"
+        )
+        args: list[Any] = [width, since, until]
+        sql += _series_filter(sensor, metric, tags, args)
+        sql += f" ORDER BY {ROLLUP_ORDER}"
+        if limit:
+            args.append(limit)
+            sql += f" LIMIT ${len(args)}"
+        return (RollupRow(*row) for row in self._stream(sql, *args))
 
     def quarantined(self, since: float, limit: int | None) -> Iterable[QuarantineRow]:
         sql = (
@@ -174,6 +191,25 @@ class PostgresReader(base.Reader):
             f"tools, e.g. pg_dump --format=custom --file {dest} "
             "(consistent while ingestd writes), or continuous archiving"
         )
+
+
+def _series_filter(
+    sensor: str | None, metric: str | None, tags: Sequence[tuple[str, str]], args: list[Any]
+) -> str:
+    """The conditions on series `s` (a sensor id or glob, a metric, tags),
+    their values appended to `args` ($n numbered after those already there)."""
+    sql = ""
+    if sensor is not None:
+        glob = "*" in sensor or "?" in sensor
+        args.append(_like(sensor) if glob else sensor)
+        sql += f" AND s.sensor {'LIKE' if glob else '='} ${len(args)}"
+    if metric:
+        args.append(metric)
+        sql += f" AND s.metric = ${len(args)}"
+    for key, value in tags:
+        args += [key, value]
+        sql += f" AND (nullif(s.tags, '')::jsonb ->> ${len(args) - 1}) = ${len(args)}"
+    return sql
 
 
 def _like(glob: str) -> str:

@@ -5,10 +5,12 @@ transactions so the writer never waits long."""
 from __future__ import annotations
 
 import asyncio
+import time
 from contextlib import suppress
 from typing import Any, Protocol
 
 from ingestd.events import NS
+from ingestd.rollups import RollupPlan
 from ingestd.store import base
 from ingestd.store.base import Upkeep
 from ingestd.store.postgres.schema import partitions
@@ -22,6 +24,8 @@ class Upkept(Protocol):
     async def connect(self) -> Any: ...
     async def ensure_partitions_ahead(self, conn: Any) -> None: ...
     def translate(self, exc: BaseException) -> Exception: ...
+
+    rollups: RollupPlan
 
 
 async def upkeep(store: Upkept, cutoff: float | None, rows_per_transaction: int) -> Upkeep:
@@ -66,6 +70,16 @@ async def upkeep(store: Upkept, cutoff: float | None, rows_per_transaction: int)
                 cutoff,
                 rows_per_transaction,
             )
+        rolled = 0
+        for width, keep in sorted(store.rollups.cutoffs(time.time()).items()):
+            rolled += await _delete_in_batches(
+                conn,
+                "DELETE FROM rollups WHERE (width, series_id, bucket) IN (SELECT width, "
+                f"series_id, bucket FROM rollups WHERE width = {int(width)} AND bucket < $1 "
+                "LIMIT $2)",
+                keep,
+                rows_per_transaction,
+            )
         await conn.execute(
             base.DEVICE_STATE_TRIM.format(all="ALL", offset="$1"), base.DEVICE_STATE_KEPT
         )
@@ -74,7 +88,7 @@ async def upkeep(store: Upkept, cutoff: float | None, rows_per_transaction: int)
     finally:
         with suppress(Exception):
             await conn.close(timeout=2)
-    return Upkeep(readings, quarantined, {"partitions_dropped": dropped})
+    return Upkeep(readings, quarantined, {"partitions_dropped": dropped, "rollups_deleted": rolled})
 
 
 async def _delete_in_batches(conn: Any, sql: str, cutoff: float, batch: int) -> int:

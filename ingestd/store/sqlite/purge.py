@@ -61,3 +61,23 @@ async def checkpoint(conn: aiosqlite.Connection) -> dict[str, Any]:
     async with conn.execute("PRAGMA wal_checkpoint(PASSIVE)") as cur:
         busy, wal_pages, moved = await cur.fetchone() or (0, 0, 0)
     return {"wal_pages": wal_pages, "checkpointed": moved, "busy": busy}
+
+
+async def delete_rollups(conn: aiosqlite.Connection, cutoffs: dict[int, int], batch: int) -> int:
+    """Delete rollups of each width (seconds) whose bucket starts before its
+    cutoff (Unix seconds), `batch` rows per transaction."""
+    deleted = 0
+    for width, cutoff in sorted(cutoffs.items()):
+        while True:
+            cur = await conn.execute(
+                "DELETE FROM rollups WHERE (width, series_id, bucket) IN (SELECT width, "
+                "series_id, bucket FROM rollups WHERE width = ? AND bucket < ? LIMIT ?)",
+                (width, cutoff, batch),
+            )
+            n = cur.rowcount
+            await cur.close()
+            deleted += n
+            if n < batch:
+                break
+            await asyncio.sleep(0)
+    return deleted

@@ -13,9 +13,13 @@ from typing import Any
 from ingestd.errors import StoreError
 from ingestd.store import base
 from ingestd.store.base import (
+    ROLLUP_COLUMNS,
+    ROLLUP_FROM,
+    ROLLUP_ORDER,
     QuarantineRecord,
     QuarantineRow,
     ReadingRow,
+    RollupRow,
     SensorRow,
     StoreTotals,
     unreadable_schema,
@@ -78,22 +82,34 @@ class SqliteReader(base.Reader):
             "WHERE r.ts_ns >= ? AND r.ts_ns < ?"
         )
         args: list[Any] = [since_ns, until_ns]
-        if sensor is not None:
-            glob = _is_glob(sensor)
-            sql += " AND s.sensor GLOB ?" if glob else " AND s.sensor = ?"
-            args.append(_glob(sensor) if glob else sensor)
-        if metric:
-            sql += " AND s.metric = ?"
-            args.append(metric)
-        for key, value in tags:
-            # A bound JSON path: the key never becomes SQL text.
-            sql += " AND json_extract(nullif(s.tags, ''), ?) = ?"
-            args += ["$." + json.dumps(key), value]
+        sql += _series_filter(sensor, metric, tags, args)
         sql += " ORDER BY r.ts_ns, s.sensor, s.metric, s.tags, r.seq"
         if limit:
             sql += " LIMIT ?"
             args.append(limit)
         return map(ReadingRow._make, self.conn.execute(sql, args))
+
+    def rollup_rows(
+        self,
+        sensor: str | None,
+        metric: str | None,
+        width: int,
+        since: int,
+        until: int,
+        limit: int | None,
+        tags: Sequence[tuple[str, str]] = (),
+    ) -> Iterable[RollupRow]:
+        sql = (
+            f"SELECT {ROLLUP_COLUMNS} {ROLLUP_FROM} "
+            "WHERE r.width = ? AND r.bucket >= ? AND r.bucket < ?"
+        )
+        args: list[Any] = [width, since, until]
+        sql += _series_filter(sensor, metric, tags, args)
+        sql += f" ORDER BY {ROLLUP_ORDER}"
+        if limit:
+            sql += " LIMIT ?"
+            args.append(limit)
+        return map(RollupRow._make, self.conn.execute(sql, args))
 
     def quarantined(self, since: float, limit: int | None) -> Iterable[QuarantineRow]:
         sql = (
@@ -144,6 +160,26 @@ class SqliteReader(base.Reader):
         target = Path(dest)
         backup_file(self.path, target, progress)
         return f"backed up {self.path} to {target} ({target.stat().st_size / 1e6:,.1f} MB)"
+
+
+def _series_filter(
+    sensor: str | None, metric: str | None, tags: Sequence[tuple[str, str]], args: list[Any]
+) -> str:
+    """The conditions on series `s` (a sensor id or glob, a metric, tags),
+    their values appended to `args`."""
+    sql = ""
+    if sensor is not None:
+        glob = _is_glob(sensor)
+        sql += " AND s.sensor GLOB ?" if glob else " AND s.sensor = ?"
+        args.append(_glob(sensor) if glob else sensor)
+    if metric:
+        sql += " AND s.metric = ?"
+        args.append(metric)
+    for key, value in tags:
+        # A bound JSON path: the key never becomes SQL text.
+        sql += " AND json_extract(nullif(s.tags, ''), ?) = ?"
+        args += ["$." + json.dumps(key), value]
+    return sql
 
 
 def _is_glob(pattern: str) -> bool:

@@ -26,7 +26,12 @@ from ingestd.events import NS, Reading, Rejected
 from ingestd.rollups import RollupPlan
 from ingestd.store import base
 from ingestd.store.base import REPLACED, Upkeep
-from ingestd.store.sqlite.purge import checkpoint, delete_quarantine, delete_samples
+from ingestd.store.sqlite.purge import (
+    checkpoint,
+    delete_quarantine,
+    delete_rollups,
+    delete_samples,
+)
 from ingestd.store.sqlite.rolling import create_views, insert_returning, roll
 from ingestd.store.sqlite.schema import migrate
 
@@ -335,11 +340,15 @@ class SqliteStore(base.Store):
                 if cutoff is not None:
                     readings = await delete_samples(conn, int(cutoff * NS), rows_per_transaction)
                     quarantined = await delete_quarantine(conn, cutoff, rows_per_transaction)
+                # Each interval's own retention, whatever the raw readings' is.
+                rolled = await delete_rollups(
+                    conn, self.rollups.cutoffs(time.time()), rows_per_transaction
+                )
                 await conn.execute(
                     base.DEVICE_STATE_TRIM.format(all="-1", offset="?"),
                     (base.DEVICE_STATE_KEPT,),
                 )
-                detail = await checkpoint(conn)
+                detail = await checkpoint(conn) | {"rollups_deleted": rolled}
         except sqlite3.Error as exc:
             raise self._translate(exc) from exc
         return Upkeep(readings, quarantined, detail)
