@@ -213,6 +213,12 @@ class Daemon:
                     log.warning("store open after all", path=store.where, attempts=attempts)
                 else:
                     log.info("store open", path=store.where)
+                if store.needs_rebuild:
+                    log.warning(
+                        "the store holds readings but no rollups (a database from before "
+                        "them): run 'ingestd rollups rebuild' to compute their history",
+                        path=store.where,
+                    )
                 return True
             except StoreUnavailable as exc:
                 attempts += 1

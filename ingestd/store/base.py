@@ -279,8 +279,15 @@ class Upkeep:
     detail: dict[str, Any] | None = None  # engine-specific, logged at debug
 
 
+# Readings stored and no rollup at all: a database from before rollups.
+NEEDS_REBUILD = "SELECT EXISTS (SELECT 1 FROM samples) AND NOT EXISTS (SELECT 1 FROM rollups)"
+
+
 class Store(ABC):
     """The daemon's handle on its database."""
+
+    # Set by `open`: readings stored but no rollups (`ingestd rollups rebuild`).
+    needs_rebuild: bool = False
 
     # Where the data goes, for logs: a path, or a URL without its password.
     where: str

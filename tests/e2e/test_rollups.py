@@ -20,7 +20,7 @@ import pytest
 from ingestd.rollups import deltas
 from tests.support.brokers import BrokerFactory
 from tests.support.daemon import DaemonFactory, DaemonProcess
-from tests.support.db import StoreUnderTest
+from tests.support.db import DbReader, StoreUnderTest
 from tests.support.mqtt import publish
 from tests.support.postgres import PgReader
 from tests.support.waiting import wait_for
@@ -194,3 +194,26 @@ def test_retention_removes_raw_readings_and_keeps_their_rollups(
         (old + 3600, 60, 60.0, 119.0),
     ]
     assert db.count("rollup_1m") == 120
+
+
+def test_readings_from_before_rollups_are_rolled_up_by_rebuild(
+    tmp_path: Path, brokers: BrokerFactory, daemons: DaemonFactory
+) -> None:
+    b = brokers(tmp_path / "broker", max_inflight=1000).start()
+    d = daemons(b.port, INGESTD_ROLLUPS__ENABLED="false").start()
+    d.wait_ready()
+    publish(b.port, list(stream(2000)))
+    db = DbReader(tmp_path / "ingestd.db")
+    wait_for(lambda: db.count() == 4000, 30, what="every reading stored")
+    assert d.stop() == 0
+    assert db.count("rollups") == 0
+    d.env.pop("INGESTD_ROLLUPS__ENABLED")
+    d.env.update(KINDS)
+    d.start()
+    d.wait_ready()
+    assert d.stop() == 0
+    assert "run 'ingestd rollups rebuild'" in d.logs()
+    done = cli(d, "rollups", "rebuild")
+    assert done.returncode == 0, done.stderr
+    assert stored(db) == expected(db)
+    assert db.count("rollup_1h") == 3 * DEVICES * 2

@@ -155,6 +155,8 @@ class PostgresStore(base.Store):
             self.server = server
             await migrate(conn, self.where, self.partition_days)
             await create_views(conn, self.rollups.widths)
+            if self.rollups:
+                self.needs_rebuild = bool(await conn.fetchval(base.NEEDS_REBUILD))
             self.hypertable = await is_hypertable(conn)
             await self.ensure_partitions_ahead(conn)
             await conn.execute(_STAGE)

@@ -88,7 +88,10 @@ async def upkeep(store: Upkept, cutoff: float | None, rows_per_transaction: int)
     finally:
         with suppress(Exception):
             await conn.close(timeout=2)
-    return Upkeep(readings, quarantined, {"partitions_dropped": dropped, "rollups_deleted": rolled})
+    detail: dict[str, Any] = {"partitions_dropped": dropped}
+    if rolled:
+        detail["rollups_deleted"] = rolled
+    return Upkeep(readings, quarantined, detail)
 
 
 async def _delete_in_batches(conn: Any, sql: str, cutoff: float, batch: int) -> int:

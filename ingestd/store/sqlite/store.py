@@ -272,6 +272,9 @@ class SqliteStore(base.Store):
             await conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
             await migrate(conn, str(self.path))
             await create_views(conn, self.rollups.widths)
+            if self.rollups:
+                async with conn.execute(base.NEEDS_REBUILD) as cur:
+                    self.needs_rebuild = bool((await cur.fetchone() or (0,))[0])
             async with conn.execute(
                 "SELECT sensor, metric, tags, unit, id FROM series ORDER BY id DESC LIMIT ?",
                 (base.SERIES_KEPT,),
@@ -348,7 +351,9 @@ class SqliteStore(base.Store):
                     base.DEVICE_STATE_TRIM.format(all="-1", offset="?"),
                     (base.DEVICE_STATE_KEPT,),
                 )
-                detail = await checkpoint(conn) | {"rollups_deleted": rolled}
+                detail = await checkpoint(conn)
+                if rolled:
+                    detail["rollups_deleted"] = rolled
         except sqlite3.Error as exc:
             raise self._translate(exc) from exc
         return Upkeep(readings, quarantined, detail)
