@@ -376,6 +376,12 @@ RUNNING = (
         _store_errors,
         labels=("condition",),
     ),
+    counter(
+        "ingestd_store_corrupt_files",
+        "SQLite database files found corrupt (at start or while running), set aside "
+        "as <name>.corrupt-<time> and replaced by a fresh database",
+        lambda s: sum(p.writer.store.corrupt_files for p in s.pipelines),
+    ),
 )
 
 

@@ -24,7 +24,8 @@ from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import NS, Reading, Rejected
 from ingestd.rollups import RollupPlan
 from ingestd.store import base
-from ingestd.store.base import REPLACED, Upkeep
+from ingestd.store.base import CORRUPT, REPLACED, Upkeep
+from ingestd.store.sqlite import corrupt
 from ingestd.store.sqlite.purge import checkpoint, delete_quarantine, delete_samples
 from ingestd.store.sqlite.rolling import create_views, insert_returning, roll
 from ingestd.store.sqlite.schema import migrate
@@ -227,8 +228,15 @@ class SqliteStore(base.Store):
         synchronous: Literal["full", "normal"] = "full",
         busy_timeout_ms: int = 1000,
         rollups: RollupPlan | None = None,
+        check_seconds: float = 5.0,
+        set_aside_corrupt: bool = True,
     ) -> None:
         self.path = Path(path)
+        # The check at the first open (seconds; 0: the header only); a corrupt
+        # file set aside (the daemon's) or only reported (a command's).
+        self.check_seconds = check_seconds
+        self.set_aside_corrupt = set_aside_corrupt
+        self._checked = not set_aside_corrupt
         self.rollups = rollups or RollupPlan()
         self.where = str(path)
         self.synchronous = synchronous
@@ -246,13 +254,38 @@ class SqliteStore(base.Store):
         self._side_files: dict[str, tuple[int, int] | None] = {}
 
     async def open(self) -> None:
-        """Open (creating and migrating the schema). Raises StoreUnavailable if it can't."""
+        """Open (creating and migrating the schema). Raises StoreUnavailable if it can't.
+
+        The first open checks the file (`corrupt.check`); a corrupt one, found
+        then or by the open itself, is set aside and a fresh one opened."""
         if self._conn is not None:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreUnavailable(base.CANNOT_OPEN, f"{self.path.parent}: {exc}") from None
+        if not self._checked:
+            self._checked = True
+            found = await corrupt.check_at_open(self.path, self.check_seconds, self.busy_timeout_ms)
+            if found is not None:
+                self._set_aside_corrupt(found, "at start (checked before opening)")
+        try:
+            await self._connect()
+        except corrupt.CorruptDatabase as exc:
+            if not self.set_aside_corrupt:
+                raise
+            self._set_aside_corrupt(exc.found, "while opening")
+            await self._connect()
+
+    def _set_aside_corrupt(self, found: str, when: str) -> str:
+        """Set the corrupt database aside (its connection closed); what the
+        StoreUnavailable raised for it says."""
+        said = corrupt.set_aside_reported(self.path, found, when)
+        self.corrupt_files += 1
+        self._side_files = {}
+        return said
+
+    async def _connect(self) -> None:
         try:
             conn = await aiosqlite.connect(self.path, isolation_level=None)
         except sqlite3.Error as exc:
@@ -362,6 +395,8 @@ class SqliteStore(base.Store):
         return text
 
     def _translate(self, exc: sqlite3.Error) -> Exception:
+        if corrupt.is_corrupt(exc):
+            return corrupt.CorruptDatabase(self.path, str(exc))
         unavailable = classify(exc)
         if unavailable is not None:
             return unavailable
@@ -390,7 +425,10 @@ class SqliteStore(base.Store):
         except BaseException as exc:
             await self._abandon(conn, exc)
             if isinstance(exc, sqlite3.Error):
-                raise self._translate(exc) from exc
+                error = self._translate(exc)
+                if isinstance(error, corrupt.CorruptDatabase) and self.set_aside_corrupt:
+                    error = await self._corrupt_while_writing(error.found)
+                raise error from exc
             raise
         if _identity(self.path) != self._identity:
             await self._reset()
@@ -403,6 +441,16 @@ class SqliteStore(base.Store):
                 f"the path (readings acknowledged before this went with the old file){aside}",
             )
         self.series_ids.update(tx.new_series)
+
+    async def _corrupt_while_writing(self, found: str) -> StoreUnavailable:
+        """The batch met a corrupt page: with the connection closed, the file
+        is set aside and the batch (held by the writer) written again to a
+        fresh one. A file no longer at the path is not ours to move."""
+        await self._reset()
+        if _identity(self.path) != self._identity:
+            self._set_aside_side_files()
+            return StoreUnavailable(REPLACED, f"{self.path} was replaced; {found}")
+        return StoreUnavailable(CORRUPT, self._set_aside_corrupt(found, "while writing a batch"))
 
     async def _abandon(self, conn: aiosqlite.Connection, exc: BaseException) -> None:
         try:
