@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ingestd.config import StoreSettings
+from ingestd.diskguard import DiskGuard
 from ingestd.rollups import RollupPlan
 from ingestd.store.base import CONDITIONS, Batch, Reader, Store, Upkeep
 
@@ -41,6 +42,7 @@ def open_store(
         rollups=rollups,
         check_seconds=settings.check_seconds,
         set_aside_corrupt=not tool,
+        disk=DiskGuard(settings.path, settings.min_free_bytes),
     )
 
 

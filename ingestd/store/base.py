@@ -49,6 +49,8 @@ CONNECTION_LOST = "connection lost"  # dropped mid-transaction: the commit outco
 TIMEOUT = "statement timeout"
 # The file was corrupt and is set aside (the batch goes to a fresh one).
 CORRUPT = "database corrupt"
+# Free space on the store's (or the spool's) filesystem below store.min_free_bytes.
+DISK_LOW = "disk space low"
 CONDITIONS = tuple(
     sorted(
         {
@@ -64,6 +66,7 @@ CONDITIONS = tuple(
             CONNECTION_LOST,
             TIMEOUT,
             CORRUPT,
+            DISK_LOW,
         }
     )
 )

@@ -20,11 +20,12 @@ from typing import Any, Literal
 
 import aiosqlite
 
+from ingestd.diskguard import DiskGuard
 from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import NS, Reading, Rejected
 from ingestd.rollups import RollupPlan
 from ingestd.store import base
-from ingestd.store.base import CORRUPT, REPLACED, Upkeep
+from ingestd.store.base import CORRUPT, DISK_LOW, REPLACED, Upkeep
 from ingestd.store.sqlite import corrupt
 from ingestd.store.sqlite.purge import checkpoint, delete_quarantine, delete_samples
 from ingestd.store.sqlite.rolling import create_views, insert_returning, roll
@@ -230,12 +231,14 @@ class SqliteStore(base.Store):
         rollups: RollupPlan | None = None,
         check_seconds: float = 5.0,
         set_aside_corrupt: bool = True,
+        disk: DiskGuard | None = None,
     ) -> None:
         self.path = Path(path)
         # The check at the first open (seconds; 0: the header only); a corrupt
         # file set aside (the daemon's) or only reported (a command's).
         self.check_seconds = check_seconds
         self.set_aside_corrupt = set_aside_corrupt
+        self.disk = disk
         self._checked = not set_aside_corrupt
         self.rollups = rollups or RollupPlan()
         self.where = str(path)
@@ -413,6 +416,9 @@ class SqliteStore(base.Store):
         the batch to whatever is at `store.path` now (a new database if nothing).
         `now` stamps quarantine records the batch adds (conflicts).
         """
+        low = self.disk.problem() if self.disk is not None else None
+        if low is not None:
+            raise StoreUnavailable(DISK_LOW, low)
         await self.open()
         conn = self._conn
         assert conn is not None
