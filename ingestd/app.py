@@ -149,7 +149,11 @@ class Daemon:
             name="monitor",
         )
         spool_path = s.store.spool_path
-        spool = Spool(spool_path, s.store.spool.max_bytes) if spool_path else None
+        spool = (
+            Spool(spool_path, s.store.spool.max_bytes, s.store.min_free_bytes)
+            if spool_path
+            else None
+        )
         try:
             if spool is not None and not await self._open_spool(spool):
                 spool = None

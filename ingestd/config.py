@@ -351,6 +351,11 @@ class StoreSettings(Section):
     retention_days: float = Field(0.0, ge=0)
     maintenance_interval: float = Field(300.0, gt=0)
     retention_batch: int = Field(5000, ge=1)
+    # Batches wait while the filesystem of `path` (or of the spool) has less
+    # free; None: 5% of it, at most 100 MiB (ingestd.diskguard); 0: no guard.
+    min_free_bytes: int | None = Field(None, ge=0)
+    # The first open checks the SQLite file for at most this long (quick_check).
+    check_seconds: float = Field(5.0, ge=0)
     # PostgreSQL only.
     statement_timeout_ms: int = Field(30000, ge=0)
     partition_days: int = Field(1, ge=1, le=366)

@@ -33,9 +33,10 @@ from pathlib import Path
 import aiosqlite
 import msgspec
 
+from ingestd.diskguard import DiskGuard
 from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import Reading, Rejected, SensorStatus, merge_statuses
-from ingestd.store.base import CANNOT_OPEN
+from ingestd.store.base import CANNOT_OPEN, DISK_LOW
 from ingestd.store.sqlite.store import classify, ro_uri
 
 _SCHEMA = """
@@ -89,9 +90,11 @@ class SpoolState:
 
 
 class Spool:
-    def __init__(self, path: Path, max_bytes: int) -> None:
+    def __init__(self, path: Path, max_bytes: int, min_free_bytes: int | None = 0) -> None:
         self.path = Path(path)
         self.max_bytes = max_bytes
+        # Batches wait while the spool's filesystem has less free (0: no guard).
+        self.disk = DiskGuard(self.path, min_free_bytes)
         self.id = ""
         self._conn: aiosqlite.Connection | None = None
         self._lock: int | None = None  # the lock file's descriptor, held while open
@@ -195,8 +198,12 @@ class Spool:
 
     async def put(self, batch: SpooledBatch) -> bool:
         """Commit a batch to the file; False if it does not fit in max_bytes.
-        StoreUnavailable if the disk refuses it (full, I/O error)."""
+        StoreUnavailable if the disk refuses it (full, I/O error) or its free
+        space is below store.min_free_bytes."""
         assert self._conn is not None
+        low = self.disk.problem()
+        if low is not None:
+            raise StoreUnavailable(DISK_LOW, low)
         data = _ENCODE(batch)
         if self._index and self.bytes + len(data) > self.max_bytes:
             self.full = True

@@ -136,6 +136,11 @@ class BatchWriter:
         return min(starts) if starts else None
 
     @property
+    def store_condition(self) -> str | None:
+        """Why the store refused the last attempt, while it does (for /readyz)."""
+        return self._condition
+
+    @property
     def spooling(self) -> bool:
         """Batches go to the spool, and it takes them."""
         return self.spool is not None and self.spool.active and self.spool_available

@@ -296,12 +296,16 @@ class Health:
             )
         elif not all(p.writer.spool_available for p in ps):
             checks["detail"] = (
-                "the spool cannot take batches (full, or its disk refuses); holding them "
-                "unacknowledged until it is forwarded"
+                "the spool cannot take batches (full, its disk low on space, or refusing); "
+                "holding them unacknowledged until it is forwarded"
             )
         elif not checks["store"]:
-            checks["detail"] = "store unavailable; holding data and retrying" + (
-                " (the spool cannot take more)" if spooling else ""
+            why = next((p.writer.store_condition for p in ps if p.writer.store_condition), None)
+            checks["detail"] = (
+                "store unavailable"
+                + (f" ({why})" if why else "")
+                + "; holding data and retrying"
+                + (" (the spool cannot take more)" if spooling else "")
             )
         elif not checks["broker"]:
             down = next(p for p in ps if not p.source.connected)

@@ -9,13 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from ingestd.config import StoreSettings
+from ingestd.diskguard import DiskGuard
 from ingestd.rollups import RollupPlan
 from ingestd.store.base import CONDITIONS, Batch, Reader, Store, Upkeep
 
 
-def open_store(settings: StoreSettings, rollups: RollupPlan | None = None) -> Store:
+def open_store(
+    settings: StoreSettings, rollups: RollupPlan | None = None, *, tool: bool = False
+) -> Store:
     """The daemon's store (not yet opened: `await store.open()`); `rollups`:
-    what it keeps of them (Settings.rollup_plan())."""
+    what it keeps of them (Settings.rollup_plan()). `tool`: a command's, which
+    reports a corrupt SQLite file rather than setting it aside (the daemon's)."""
     if settings.postgres:
         from ingestd.store.postgres import PostgresStore  # noqa: PLC0415 - optional
 
@@ -36,6 +40,9 @@ def open_store(settings: StoreSettings, rollups: RollupPlan | None = None) -> St
         synchronous=settings.synchronous,
         busy_timeout_ms=settings.busy_timeout_ms,
         rollups=rollups,
+        check_seconds=settings.check_seconds,
+        set_aside_corrupt=not tool,
+        disk=DiskGuard(settings.path, settings.min_free_bytes),
     )
 
 

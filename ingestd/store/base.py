@@ -47,6 +47,10 @@ REPLACED = "database replaced"  # the file at store.path is no longer the one wr
 UNREACHABLE = "database unreachable"  # a server that does not answer or refuses for now
 CONNECTION_LOST = "connection lost"  # dropped mid-transaction: the commit outcome is unknown
 TIMEOUT = "statement timeout"
+# The file was corrupt and is set aside (the batch goes to a fresh one).
+CORRUPT = "database corrupt"
+# Free space on the store's (or the spool's) filesystem below store.min_free_bytes.
+DISK_LOW = "disk space low"
 CONDITIONS = tuple(
     sorted(
         {
@@ -61,6 +65,8 @@ CONDITIONS = tuple(
             UNREACHABLE,
             CONNECTION_LOST,
             TIMEOUT,
+            CORRUPT,
+            DISK_LOW,
         }
     )
 )
@@ -302,6 +308,8 @@ class Store(ABC):
     # format -> [(device, position, description)], the most recently updated first.
     owner: str = ""
     devices: dict[str, list[tuple[str, bytes, bytes]]]
+    # Database files found corrupt and set aside this run (a fresh one started).
+    corrupt_files: int = 0
 
     @abstractmethod
     async def open(self) -> None:

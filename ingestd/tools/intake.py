@@ -56,7 +56,7 @@ class Intake:
         store_settings = store_settings.model_copy(
             update={"busy_timeout_ms": max(store_settings.busy_timeout_ms, TOOL_BUSY_TIMEOUT_MS)}
         )
-        self.store: Store = open_store(store_settings, settings.rollup_plan())
+        self.store: Store = open_store(store_settings, settings.rollup_plan(), tool=True)
         # Its device state (a Sparkplug node's BIRTH): what replayed DATA needs.
         self.store.owner = settings.mqtt.client_id
         self.wait = wait

@@ -138,7 +138,7 @@ async def rebuild(settings: Settings, since: float | None) -> str:
         raise DataCommandError("rollups are off ([rollups] enabled = false, or no intervals)")
     from ingestd.store import open_store  # noqa: PLC0415
 
-    store = open_store(settings.store, plan)
+    store = open_store(settings.store, plan, tool=True)
     await store.open()  # the schema migrated and the views made, as the daemon would
     await store.close()
     start = start_of(plan, since)

@@ -72,6 +72,7 @@ RUNNING = [
     "ingestd_spool_oldest_age_seconds gauge",
     "ingestd_spool_readings gauge",
     "ingestd_store_available gauge",
+    "ingestd_store_corrupt_files counter",
     "ingestd_store_errors counter condition",
     "ingestd_up gauge",
     "ingestd_values_skipped counter",  # label kind: once a Sparkplug value is skipped

@@ -24,8 +24,9 @@ from ingestd.store.base import (
     StoreTotals,
     unreadable_schema,
 )
+from ingestd.store.sqlite.backup import backup_file
 from ingestd.store.sqlite.schema import SCHEMA_VERSION
-from ingestd.store.sqlite.store import backup_file, ro_uri
+from ingestd.store.sqlite.store import ro_uri
 
 
 class SqliteReader(base.Reader):

@@ -9,6 +9,7 @@ from itertools import chain
 import aiosqlite
 
 from ingestd import rollups
+from ingestd.events import Reading
 from ingestd.rollups import CONTEXT, Key, RollupPlan, Row
 
 Record = tuple[int, int, int, float]  # series_id, ts_ns, seq, value
@@ -54,6 +55,15 @@ async def insert_returning(conn: aiosqlite.Connection, rows: Sequence[Record]) -
         async with conn.execute(sql, list(chain.from_iterable(part))) as cur:
             new += [(int(a), int(b), int(c), float(d)) for a, b, c, d in await cur.fetchall()]
     return new
+
+
+def counter_series(
+    rows: Sequence[Record], readings: Sequence[Reading], counters: frozenset[str]
+) -> set[int]:
+    """The series among `rows` (aligned with `readings`) whose metric is a counter."""
+    if not counters:
+        return set()
+    return {row[0] for row, r in zip(rows, readings, strict=True) if r.metric in counters}
 
 
 def params(key: Key, row: Row, counter: bool) -> tuple[object, ...]:

@@ -9,11 +9,10 @@ transaction that commits on exit and rolls back on any error or cancellation.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager, suppress
 from itertools import chain
 from pathlib import Path
@@ -21,18 +20,20 @@ from typing import Any, Literal
 
 import aiosqlite
 
+from ingestd.diskguard import DiskGuard
 from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import NS, Reading, Rejected
 from ingestd.rollups import RollupPlan
 from ingestd.store import base
-from ingestd.store.base import REPLACED, Upkeep
+from ingestd.store.base import CORRUPT, DISK_LOW, REPLACED, Upkeep
+from ingestd.store.sqlite import corrupt
 from ingestd.store.sqlite.purge import (
     checkpoint,
     delete_quarantine,
     delete_rollups,
     delete_samples,
 )
-from ingestd.store.sqlite.rolling import create_views, insert_returning, roll
+from ingestd.store.sqlite.rolling import counter_series, create_views, insert_returning, roll
 from ingestd.store.sqlite.schema import migrate
 
 ROWS_PER_INSERT = 256  # 1,024 parameters, well under SQLite's limit of 32,766
@@ -135,7 +136,12 @@ class Batch(base.Batch):
         if inserted == len(rows):
             if plan:
                 await self._conn.execute("RELEASE ingestd_rows")
-                await roll(self._conn, plan, rows, self._counters(rows, readings))
+                await roll(
+                    self._conn,
+                    plan,
+                    rows,
+                    counter_series(rows, readings, plan.counters),
+                )
             return
         if plan:
             # Which rows are new: the insert again, undone, returning them.
@@ -148,16 +154,7 @@ class Batch(base.Batch):
             await self.add_rejected(conflicts)
             self.conflicts += conflicts
         if plan:
-            await roll(self._conn, plan, new, self._counters(rows, readings))
-
-    def _counters(
-        self, rows: list[tuple[int, int, int, float]], readings: Sequence[Reading]
-    ) -> set[int]:
-        """The series among `rows` whose metric is a counter."""
-        counters = self._store.rollups.counters
-        if not counters:
-            return set()
-        return {row[0] for row, r in zip(rows, readings, strict=True) if r.metric in counters}
+            await roll(self._conn, plan, new, counter_series(rows, readings, plan.counters))
 
     async def _conflicts(
         self, rows: list[tuple[int, int, int, float]], readings: Sequence[Reading]
@@ -233,8 +230,17 @@ class SqliteStore(base.Store):
         synchronous: Literal["full", "normal"] = "full",
         busy_timeout_ms: int = 1000,
         rollups: RollupPlan | None = None,
+        check_seconds: float = 5.0,
+        set_aside_corrupt: bool = True,
+        disk: DiskGuard | None = None,
     ) -> None:
         self.path = Path(path)
+        # The check at the first open (seconds; 0: the header only); a corrupt
+        # file set aside (the daemon's) or only reported (a command's).
+        self.check_seconds = check_seconds
+        self.set_aside_corrupt = set_aside_corrupt
+        self.disk = disk
+        self._checked = not set_aside_corrupt
         self.rollups = rollups or RollupPlan()
         self.where = str(path)
         self.synchronous = synchronous
@@ -252,13 +258,38 @@ class SqliteStore(base.Store):
         self._side_files: dict[str, tuple[int, int] | None] = {}
 
     async def open(self) -> None:
-        """Open (creating and migrating the schema). Raises StoreUnavailable if it can't."""
+        """Open (creating and migrating the schema). Raises StoreUnavailable if it can't.
+
+        The first open checks the file (`corrupt.check`); a corrupt one, found
+        then or by the open itself, is set aside and a fresh one opened."""
         if self._conn is not None:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise StoreUnavailable(base.CANNOT_OPEN, f"{self.path.parent}: {exc}") from None
+        if not self._checked:
+            self._checked = True
+            found = await corrupt.check_at_open(self.path, self.check_seconds, self.busy_timeout_ms)
+            if found is not None:
+                self._set_aside_corrupt(found, "at start (checked before opening)")
+        try:
+            await self._connect()
+        except corrupt.CorruptDatabase as exc:
+            if not self.set_aside_corrupt:
+                raise
+            self._set_aside_corrupt(exc.found, "while opening")
+            await self._connect()
+
+    def _set_aside_corrupt(self, found: str, when: str) -> str:
+        """Set the corrupt database aside (its connection closed); what the
+        StoreUnavailable raised for it says."""
+        said = corrupt.set_aside_reported(self.path, found, when)
+        self.corrupt_files += 1
+        self._side_files = {}
+        return said
+
+    async def _connect(self) -> None:
         try:
             conn = await aiosqlite.connect(self.path, isolation_level=None)
         except sqlite3.Error as exc:
@@ -377,6 +408,8 @@ class SqliteStore(base.Store):
         return text
 
     def _translate(self, exc: sqlite3.Error) -> Exception:
+        if corrupt.is_corrupt(exc):
+            return corrupt.CorruptDatabase(self.path, str(exc))
         unavailable = classify(exc)
         if unavailable is not None:
             return unavailable
@@ -393,6 +426,9 @@ class SqliteStore(base.Store):
         the batch to whatever is at `store.path` now (a new database if nothing).
         `now` stamps quarantine records the batch adds (conflicts).
         """
+        low = self.disk.problem() if self.disk is not None else None
+        if low is not None:
+            raise StoreUnavailable(DISK_LOW, low)
         await self.open()
         conn = self._conn
         assert conn is not None
@@ -405,7 +441,10 @@ class SqliteStore(base.Store):
         except BaseException as exc:
             await self._abandon(conn, exc)
             if isinstance(exc, sqlite3.Error):
-                raise self._translate(exc) from exc
+                error = self._translate(exc)
+                if isinstance(error, corrupt.CorruptDatabase) and self.set_aside_corrupt:
+                    error = await self._corrupt_while_writing(error.found)
+                raise error from exc
             raise
         if _identity(self.path) != self._identity:
             await self._reset()
@@ -418,6 +457,16 @@ class SqliteStore(base.Store):
                 f"the path (readings acknowledged before this went with the old file){aside}",
             )
         self.series_ids.update(tx.new_series)
+
+    async def _corrupt_while_writing(self, found: str) -> StoreUnavailable:
+        """The batch met a corrupt page: with the connection closed, the file
+        is set aside and the batch (held by the writer) written again to a
+        fresh one. A file no longer at the path is not ours to move."""
+        await self._reset()
+        if _identity(self.path) != self._identity:
+            self._set_aside_side_files()
+            return StoreUnavailable(REPLACED, f"{self.path} was replaced; {found}")
+        return StoreUnavailable(CORRUPT, self._set_aside_corrupt(found, "while writing a batch"))
 
     async def _abandon(self, conn: aiosqlite.Connection, exc: BaseException) -> None:
         try:
@@ -439,55 +488,6 @@ class SqliteStore(base.Store):
         if conn is not None:
             with suppress(Exception):
                 await conn.close()
-
-
-def backup_file(
-    source: Path,
-    dest: Path,
-    progress: Callable[[int, int], None] | None = None,
-    pages_per_step: int = 4096,
-) -> None:
-    """An online copy of the database with SQLite's backup API.
-
-    Safe while the daemon writes: the backup restarts a step when the source
-    changes under it, and the copy is a consistent snapshot. `progress` gets
-    (pages remaining, total pages) after each step. Only a complete copy takes
-    the name `dest`; an existing `dest` is never overwritten.
-    """
-    if not source.exists():
-        raise StoreError(f"{source}: no database to back up")
-    if dest.exists():
-        raise StoreError(f"{dest}: already exists; not overwriting it")
-    src = sqlite3.connect(ro_uri(source), uri=True, timeout=30)
-    partial = dest.with_name(dest.name + ".partial")
-    try:
-        out = sqlite3.connect(partial)
-        try:
-            src.backup(
-                out,
-                pages=pages_per_step,
-                progress=(lambda _s, rem, total: progress(rem, total)) if progress else None,
-            )
-        finally:
-            out.close()
-        partial.rename(dest)
-    except sqlite3.Error as exc:
-        partial.unlink(missing_ok=True)
-        raise StoreError(f"backup of {source} to {dest} failed: {exc}") from None
-    finally:
-        src.close()
-
-
-async def backup(
-    source: Path,
-    dest: Path,
-    progress: Callable[[int, int], None] | None = None,
-    pages_per_step: int = 4096,
-) -> None:
-    """`backup_file` in an executor."""
-    await asyncio.get_running_loop().run_in_executor(
-        None, backup_file, source, dest, progress, pages_per_step
-    )
 
 
 def _user() -> str:
