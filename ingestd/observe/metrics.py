@@ -11,10 +11,8 @@ happen, once per batch.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from functools import cached_property
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -23,11 +21,12 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import InfoMetricFamily
 from prometheus_client.registry import Collector
 
 from ingestd import __version__
 from ingestd.events import REJECT_KINDS, BatchCommitted
+from ingestd.observe.families import Definition, Samples, Scrape, counter, flag, gauge, watched
 from ingestd.observe.health import Health
 from ingestd.store.base import CONDITIONS
 
@@ -35,79 +34,8 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from ingestd.bus import Subscription
-    from ingestd.observe.health import Accounting, Tally
-    from ingestd.observe.upstream import UpstreamWatch
     from ingestd.pipeline import Pipeline
     from ingestd.writer import BatchWriter
-
-# A family's samples: (label values, value) each.
-Samples = Iterable[tuple[Sequence[str], float]]
-
-
-class Scrape:
-    """What one scrape reads: each part once, and only when a family asks
-    (the tally is a snapshot taken on the event loop)."""
-
-    def __init__(self, health: Health) -> None:
-        self.health = health
-        self.pipelines = health.running()
-
-    @cached_property
-    def tally(self) -> Tally:
-        return self.health.fresh_tally()
-
-    @property
-    def accounting(self) -> Accounting:
-        return self.tally.accounting
-
-    @property
-    def upstream(self) -> UpstreamWatch:
-        assert self.health.upstream is not None, "read only where `_watched`"
-        return self.health.upstream
-
-
-def _always(s: Scrape) -> bool:
-    return True
-
-
-def _watched(s: Scrape) -> bool:
-    return s.health.upstream is not None
-
-
-@dataclass(frozen=True)
-class Definition:
-    """One metric family: what it is called and means, how a scrape reads it,
-    and whether it is shown at all."""
-
-    name: str
-    help: str
-    type: Literal["counter", "gauge"]
-    read: Callable[[Scrape], Samples]
-    labels: tuple[str, ...] = ()
-    shown: Callable[[Scrape], bool] = _always
-
-    def family(self, s: Scrape) -> Metric:
-        make = CounterMetricFamily if self.type == "counter" else GaugeMetricFamily
-        family = make(self.name, self.help, labels=self.labels)
-        for labels, value in self.read(s):
-            family.add_metric(labels, value)
-        return family
-
-
-def counter(
-    name: str, help: str, read: Callable[[Scrape], float], shown: Callable[[Scrape], bool] = _always
-) -> Definition:
-    return Definition(name, help, "counter", lambda s: [((), read(s))], shown=shown)
-
-
-def gauge(
-    name: str, help: str, read: Callable[[Scrape], float], shown: Callable[[Scrape], bool] = _always
-) -> Definition:
-    return Definition(name, help, "gauge", lambda s: [((), read(s))], shown=shown)
-
-
-def _flag(on: bool) -> int:
-    return 1 if on else 0
 
 
 def _prefix(p: Pipeline) -> str:
@@ -136,7 +64,15 @@ def _queues(read: Callable[[Subscription], int]) -> Callable[[Scrape], Samples]:
 def _route_silent(s: Scrape) -> Samples:
     up = s.upstream
     quiet = set(up.state.silent_routes)
-    return [([r.topic], _flag(r.topic in quiet)) for r in up.settings.routes if r.expect_within]
+    return [([r.topic], flag(r.topic in quiet)) for r in up.settings.routes if r.expect_within]
+
+
+def _unmatched(s: Scrape) -> list[str]:
+    """Keys reported unmatched, and matched by no pipeline that has them (a
+    shared group's member and primary each judge what they read)."""
+    usages = [p.processor.rules.usage for p in s.pipelines]
+    reported = sorted({k for u in usages for k in u.unmatched_reported})
+    return [k for k in reported if all(k in u.unmatched for u in usages if k in u.keys)]
 
 
 def _store_errors(s: Scrape) -> Samples:
@@ -145,11 +81,11 @@ def _store_errors(s: Scrape) -> Samples:
 
 
 ALWAYS = (
-    gauge("ingestd_up", "1 while the event loop is turning", lambda s: _flag(s.health.live())),
+    gauge("ingestd_up", "1 while the event loop is turning", lambda s: flag(s.health.live())),
     gauge(
         "ingestd_ready",
         "1 when /readyz would answer 200",
-        lambda s: _flag(s.health.readiness()[0]),
+        lambda s: flag(s.health.readiness()[0]),
     ),
     counter("ingestd_reloads", "Configuration reloads applied", lambda s: s.health.reloads),
     counter(
@@ -170,7 +106,7 @@ RUNNING = (
         "ingestd_primary",
         "1 while this member holds its shared group's primary role (it reads the "
         "routes only one reader can follow)",
-        lambda s: _flag(s.health.primary is not None),
+        lambda s: flag(s.health.primary is not None),
     ),
     counter(
         "ingestd_primary_terms",
@@ -268,7 +204,7 @@ RUNNING = (
         "ingestd_spool_full",
         "1 while the spool cannot take batches (full, or its disk refuses): "
         "batches are held unacknowledged",
-        lambda s: _flag(any(not w.spool_available for w in _spooling(s))),
+        lambda s: flag(any(not w.spool_available for w in _spooling(s))),
     ),
     gauge(
         "ingestd_readings_in_flight",
@@ -362,7 +298,7 @@ RUNNING = (
         "ingestd_broker_connected",
         "1 while connected to the broker (each connection: the member's, and the "
         "primary role's while held)",
-        lambda s: _flag(all(p.source.connected for p in s.pipelines)),
+        lambda s: flag(all(p.source.connected for p in s.pipelines)),
     ),
     counter(
         "ingestd_broker_reconnects", "Connections after the first", lambda s: s.tally.reconnects
@@ -370,32 +306,32 @@ RUNNING = (
     gauge(
         "ingestd_store_available",
         "0 while the store refuses writes",
-        lambda s: _flag(all(p.writer.store_available for p in s.pipelines)),
+        lambda s: flag(all(p.writer.store_available for p in s.pipelines)),
     ),
     gauge(
         "ingestd_broker_dropped_messages",
         "The broker's own count of messages it dropped, all clients "
         "($SYS/broker/publish/messages/dropped)",
         lambda s: s.upstream.state.broker_dropped or 0,
-        shown=lambda s: _watched(s) and s.upstream.state.broker_dropped is not None,
+        shown=lambda s: watched(s) and s.upstream.state.broker_dropped is not None,
     ),
     counter(
         "ingestd_broker_drops_seen",
         "Increase of the broker's drop count while ingestd watched",
         lambda s: s.upstream.state.drops_seen,
-        shown=_watched,
+        shown=watched,
     ),
     gauge(
         "ingestd_routes_silent",
         "Routes with expect_within that hear nothing",
         lambda s: len(s.upstream.state.silent_routes),
-        shown=_watched,
+        shown=watched,
     ),
     gauge(
         "ingestd_sensors_stale",
         "Sensors silent longer than their route's expect_within",
         lambda s: s.upstream.state.stale_sensors,
-        shown=_watched,
+        shown=watched,
     ),
     Definition(
         "ingestd_route_silent",
@@ -403,7 +339,7 @@ RUNNING = (
         "gauge",
         _route_silent,
         labels=("route",),
-        shown=_watched,
+        shown=watched,
     ),
     counter(
         "ingestd_sequence_gaps",
@@ -440,6 +376,14 @@ RUNNING = (
         "counter",
         lambda s: [([kind], n) for kind, n in sorted(s.tally.skipped.items())],
         labels=("kind",),
+    ),
+    Definition(
+        "ingestd_processor_key_unmatched",
+        "1 for each limit or scaling key that matched no reading in the first "
+        "processor.report_unmatched_after seconds of traffic (a typo?), while it matches none",
+        "gauge",
+        lambda s: [([key], 1) for key in _unmatched(s)],
+        labels=("key",),
     ),
     Definition(
         "ingestd_store_errors",
