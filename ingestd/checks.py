@@ -1,9 +1,10 @@
 """The processor stage: units, clocks and limits, between decoding and storage.
 
-In order: per-metric scaling (`value * scale + offset`, and the unit label),
-the device clock check (a timestamp too far in the future or implausibly old
-is quarantined), then per-metric limits on the scaled value. The functions
-are pure; `Processor` is the bus stage around them.
+In order: the device clock check (a timestamp too far in the future or
+implausibly old is quarantined), then per series the scaling (`value * scale
++ offset`, and the unit label) and the limits on the scaled value, as
+`ingestd.metric_rules` resolves them (a sensor rule, the route's, the
+global). The functions are pure; `Processor` is the bus stage around them.
 """
 
 from __future__ import annotations
@@ -18,75 +19,76 @@ import structlog
 from ingestd.bus import EventBus, Subscription
 from ingestd.config import Limit, ProcessorSettings, Scaling, Settings
 from ingestd.events import NS, Decoded, Processed, Reading, Rejected, reading_payload
+from ingestd.metric_rules import Applied, MetricRules
 
 log = structlog.get_logger("ingestd.checks")
 _NEVER = 2**63  # beyond any int64 nanosecond time
 
 
-def apply_limits(
-    readings: list[Reading], limits: Mapping[str, Limit], rejected: list[Rejected], now: float
+def apply_rules(
+    readings: list[Reading], rules: MetricRules, now: float, rejected: list[Rejected]
 ) -> list[Reading]:
-    """Readings within their metric's [min, max]; the rest are appended to `rejected`
-    (stamped with `now`, the time they were judged, like every quarantine record)."""
-    if not limits:
+    """Readings scaled (`value * scale + offset`, and the unit) and within
+    their limit [min, max], as `rules` resolve them per series; the rest are
+    appended to `rejected`, stamped with `now`, the time they were judged.
+
+    A scaled result that is not a finite number (a huge value times a large
+    scale) is quarantined: a double cannot hold it, and JSON cannot show it.
+    """
+    if not rules.active:
         return readings
-    bounds = {
-        metric: (
-            -math.inf if lim.min is None else lim.min,
-            math.inf if lim.max is None else lim.max,
-        )
-        for metric, lim in limits.items()
-    }
-    get = bounds.get
+    cache, resolve, scoped = rules.cache, rules.resolve, rules.scoped
     kept: list[Reading] = []
     keep = kept.append
     for r in readings:
-        b = get(r.metric)
-        if b is None or b[0] <= r.value <= b[1]:
+        # RecentCache.recent, inlined: this runs per reading.
+        key = (r.topic, r.sensor, r.metric) if scoped else r.metric
+        a = cache.get(key)
+        if a is None:
+            a = cache[key] = resolve(r.topic, r.sensor, r.metric)
+        elif cache.warm:
+            cache.move_to_end(key)
+        s = a.scaling
+        if s is not None:
+            value = r.value * s.scale + s.offset
+            if not math.isfinite(value):
+                why = f"{r.metric}={r.value:g} scaled by {s.scale:g} + {s.offset:g}"
+                rejected.append(
+                    Rejected(
+                        r.topic,
+                        reading_payload(r),
+                        f"{why} is not a finite number{_where(a.scaling_key)}",
+                        now,
+                        "out_of_range",
+                    )
+                )
+                continue
+            r = Reading(  # noqa: PLW2901
+                r.sensor, r.metric, r.ts_ns, value, r.topic, r.tags, s.unit or r.unit, r.seq
+            )
+        if a.lo <= r.value <= a.hi:
             keep(r)
             continue
         rejected.append(
-            Rejected(
-                r.topic, reading_payload(r), _violation(r, limits[r.metric]), now, "out_of_range"
-            )
+            Rejected(r.topic, reading_payload(r), _violation(r, a), now, "out_of_range")
         )
     return kept
+
+
+def apply_limits(
+    readings: list[Reading], limits: Mapping[str, Limit], rejected: list[Rejected], now: float
+) -> list[Reading]:
+    """Readings within their metric's [min, max] of `limits` alone (no scaling)."""
+    rules = MetricRules(ProcessorSettings(limits=dict(limits), report_unmatched_after=0))
+    return apply_rules(readings, rules, now, rejected)
 
 
 def apply_scaling(
     readings: list[Reading], scaling: Mapping[str, Scaling], now: float, rejected: list[Rejected]
 ) -> list[Reading]:
-    """Readings of a scaled metric as `value * scale + offset`, with its unit.
-
-    A result that is not a finite number (a huge value times a large scale)
-    is quarantined: a double cannot hold it, and JSON cannot show it.
-    """
-    if not scaling:
-        return readings
-    get = scaling.get
-    out: list[Reading] = []
-    for r in readings:
-        s = get(r.metric)
-        if s is None:
-            out.append(r)
-            continue
-        value = r.value * s.scale + s.offset
-        if not math.isfinite(value):
-            rejected.append(
-                Rejected(
-                    r.topic,
-                    reading_payload(r),
-                    f"{r.metric}={r.value:g} scaled by {s.scale:g} "
-                    f"+ {s.offset:g} is not a finite number",
-                    now,
-                    "out_of_range",
-                )
-            )
-            continue
-        out.append(
-            Reading(r.sensor, r.metric, r.ts_ns, value, r.topic, r.tags, s.unit or r.unit, r.seq)
-        )
-    return out
+    """Readings scaled by `scaling` alone (no limits)."""
+    rules = MetricRules(ProcessorSettings(scaling=dict(scaling), report_unmatched_after=0))
+    return apply_rules(readings, rules, now, rejected)
 
 
 def apply_clock(
@@ -153,32 +155,40 @@ def _iso(ts_ns: int) -> str:
 
 
 def process(
-    readings: list[Reading], settings: ProcessorSettings, now: float, rejected: list[Rejected]
+    readings: list[Reading],
+    settings: ProcessorSettings,
+    now: float,
+    rejected: list[Rejected],
+    rules: MetricRules | None = None,
 ) -> list[Reading]:
-    """Scaling, then the clock check, then limits."""
-    out = apply_scaling(readings, settings.scaling, now, rejected)
+    """The clock check, then scaling and limits (`rules`: as resolved for the
+    daemon's routes; default: `settings`' alone, no route's)."""
     out = apply_clock(
-        out, now, settings.max_future_seconds, settings.max_age_days * 86400.0, rejected
+        readings, now, settings.max_future_seconds, settings.max_age_days * 86400.0, rejected
     )
-    return apply_limits(out, settings.limits, rejected, now)
+    return apply_rules(out, rules if rules is not None else MetricRules(settings), now, rejected)
 
 
 def process_guarded(
-    readings: list[Reading], settings: ProcessorSettings, now: float, rejected: list[Rejected]
+    readings: list[Reading],
+    settings: ProcessorSettings,
+    now: float,
+    rejected: list[Rejected],
+    rules: MetricRules | None = None,
 ) -> list[Reading]:
     """`process`, but a reading whose processing raises (a bug of ours) is
     quarantined with the error instead of stopping the daemon, which would stop
     again on every redelivery of the same message."""
     mark = len(rejected)
     try:
-        return process(readings, settings, now, rejected)
+        return process(readings, settings, now, rejected, rules)
     except Exception:
         del rejected[mark:]
     kept: list[Reading] = []
     for r in readings:
         mark = len(rejected)
         try:
-            kept.extend(process([r], settings, now, rejected))
+            kept.extend(process([r], settings, now, rejected, rules))
         except Exception as exc:
             del rejected[mark:]
             log.error(
@@ -199,29 +209,41 @@ def process_guarded(
     return kept
 
 
-def _violation(r: Reading, limit: Limit) -> str:
-    if limit.min is not None and r.value < limit.min:
-        return f"{r.metric}={r.value:g} is below the limit min={limit.min:g}"
-    return f"{r.metric}={r.value:g} is above the limit max={limit.max:g}"
+def _violation(r: Reading, a: Applied) -> str:
+    if r.value < a.lo:
+        return f"{r.metric}={r.value:g} is below the limit min={a.lo:g}{_where(a.limit_key)}"
+    return f"{r.metric}={r.value:g} is above the limit max={a.hi:g}{_where(a.limit_key)}"
+
+
+def _where(key: str) -> str:
+    """Which key a reason comes from, where it is scoped (a global key's
+    reasons read as they always did: replay compares them)."""
+    return (
+        ""
+        if key.startswith("processor.limits.") or key.startswith("processor.scaling.")
+        else (f" ({key})")
+    )
 
 
 class Processor:
     """Validates each decoded chunk and passes it on, in order."""
 
     def reconfigure(self, settings: Settings) -> None:
-        """A reload: new limits, scaling and clock checks from the next chunk on."""
+        """A reload: new limits, scaling and clock checks from the next chunk
+        on, and the report of keys that match nothing started over."""
         self.settings = settings.processor
+        self.rules = MetricRules(settings.processor, settings.routes)
 
     def __init__(
         self,
         inbox: Subscription,
         bus: EventBus,
-        settings: ProcessorSettings,
+        settings: Settings,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.inbox = inbox
         self.bus = bus
-        self.settings = settings  # replaced whole by a reload
+        self.reconfigure(settings)  # settings and rules are replaced whole by a reload
         self.clock = clock
         self.rejected = 0
 
@@ -229,7 +251,10 @@ class Processor:
         while True:
             chunk: Decoded = await self.inbox.get()
             rejected = list(chunk.rejected)
-            kept = process_guarded(chunk.readings, self.settings, self.clock(), rejected)
+            now, rules = self.clock(), self.rules
+            kept = process_guarded(chunk.readings, self.settings, now, rejected, rules)
+            if rules.usage.watching:
+                rules.usage.watch(now, len(chunk.readings))
             moved = len(rejected) - len(chunk.rejected)
             self.rejected += moved
             await self.bus.publish(

@@ -147,6 +147,10 @@ class RouteSettings(Section):
     rate_policy: Literal["drop", "quarantine"] = "drop"
     retained: Literal["ignore", "store"] | None = None
     expect_within: float = Field(0.0, ge=0)
+    # This route's own, by metric: they win over [processor.limits] and
+    # [processor.scaling] for its readings (ingestd.metric_rules).
+    limits: dict[str, Limit] = Field(default_factory=dict)
+    scaling: dict[str, Scaling] = Field(default_factory=dict)
 
     @field_validator("format")
     @classmethod
@@ -265,9 +269,49 @@ class Scaling(Section):
     unit: str = ""
 
 
+class ProcessorRule(Section):
+    """`[[processor.rules]]`: a limit, a scaling or both for one metric of the
+    sensors a glob names; it wins over the route's and the global ones."""
+
+    sensor: str = Field(min_length=1)
+    metric: str = Field(min_length=1)
+    min: float | None = None
+    max: float | None = None
+    scale: float | None = None
+    offset: float | None = None
+    unit: str | None = None
+
+    @model_validator(mode="after")
+    def _says_something(self) -> ProcessorRule:
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"min ({self.min}) is above max ({self.max})")
+        if self.limit() is None and self.scaling() is None:
+            raise ValueError("a rule sets min/max (a limit), scale/offset/unit (a scaling) or both")
+        return self
+
+    def limit(self) -> Limit | None:
+        """Its limit (whole: a bound it leaves out is open), or None: it sets none."""
+        if self.min is None and self.max is None:
+            return None
+        return Limit(min=self.min, max=self.max)
+
+    def scaling(self) -> Scaling | None:
+        if self.scale is None and self.offset is None and self.unit is None:
+            return None
+        return Scaling(
+            scale=1.0 if self.scale is None else self.scale,
+            offset=self.offset or 0.0,
+            unit=self.unit or "",
+        )
+
+
 class ProcessorSettings(Section):
     limits: dict[str, Limit] = Field(default_factory=dict)
     scaling: dict[str, Scaling] = Field(default_factory=dict)
+    rules: list[ProcessorRule] = Field(default_factory=list)
+    # Seconds of traffic after which a limit or scaling key that applied to no
+    # reading is reported (0: never).
+    report_unmatched_after: float = Field(600.0, ge=0)
     # metric -> "gauge" (the default) or "counter" (a monotonic total: its
     # rollups carry the increase, resets and glitches taken into account).
     kinds: dict[str, Literal["gauge", "counter"]] = Field(default_factory=dict)

@@ -87,7 +87,7 @@ class Pipeline:
         source = MqttSource(s, table, bus, window, upstream=upstream, devices=devices)
         source.chunks.committed_packets = set(committed)
         source.subscriber.session_filters = held
-        processor = Processor(to_processor, bus, s.processor)
+        processor = Processor(to_processor, bus, s)
         writer = BatchWriter(
             store,
             to_writer,

@@ -67,6 +67,14 @@ def _route_silent(s: Scrape) -> Samples:
     return [([r.topic], flag(r.topic in quiet)) for r in up.settings.routes if r.expect_within]
 
 
+def _unmatched(s: Scrape) -> list[str]:
+    """Keys reported unmatched, and matched by no pipeline that has them (a
+    shared group's member and primary each judge what they read)."""
+    usages = [p.processor.rules.usage for p in s.pipelines]
+    reported = sorted({k for u in usages for k in u.unmatched_reported})
+    return [k for k in reported if all(k in u.unmatched for u in usages if k in u.keys)]
+
+
 def _store_errors(s: Scrape) -> Samples:
     counts = s.tally.store_errors
     return [([c], counts.get(c, 0)) for c in sorted({*CONDITIONS, *counts})]
@@ -368,6 +376,14 @@ RUNNING = (
         "counter",
         lambda s: [([kind], n) for kind, n in sorted(s.tally.skipped.items())],
         labels=("kind",),
+    ),
+    Definition(
+        "ingestd_processor_key_unmatched",
+        "1 for each limit or scaling key that matched no reading in the first "
+        "processor.report_unmatched_after seconds of traffic (a typo?), while it matches none",
+        "gauge",
+        lambda s: [([key], 1) for key in _unmatched(s)],
+        labels=("key",),
     ),
     Definition(
         "ingestd_store_errors",

@@ -15,6 +15,7 @@ from ingestd.decode import decode_message
 from ingestd.devices import DeviceState
 from ingestd.events import NS, Reading, Rejected
 from ingestd.formats.base import DecodeContext
+from ingestd.metric_rules import MetricRules
 from ingestd.printable import printable
 from ingestd.routes import RouteTable
 from ingestd.tools.report import iso_ns
@@ -27,15 +28,17 @@ def outcome(
     topic: str,
     payload: bytes,
     received_ns: int,
+    rules: MetricRules | None = None,
 ) -> tuple[list[Reading], list[Rejected]]:
     """What the daemon's decode and processing stages make of one live message
     (with what `devices` learned before): the readings to store and the
-    quarantine records."""
+    quarantine records. `rules`: the limits and scaling as for the daemon's
+    routes (default: `processor`'s alone)."""
     readings: list[Reading] = []
     rejected: list[Rejected] = []
     ctx = DecodeContext(devices, table.limits)
     decode_message(table, ctx, topic, payload, received_ns, readings, rejected)
-    return process(readings, processor, received_ns / NS, rejected), rejected
+    return process(readings, processor, received_ns / NS, rejected, rules), rejected
 
 
 def explain(
@@ -49,11 +52,12 @@ def explain(
     (a Sparkplug BIRTH before its DATA, a Homie $description before values)."""
     now = time.time() if now is None else now
     table = route_table(settings)
+    rules = MetricRules(settings.processor, settings.routes)
     devices = DeviceState()
     lines = [f"topic:   {topic}"]
     for i, (earlier, body) in enumerate(after or []):
         kept, rejected = outcome(
-            table, devices, settings.processor, earlier, body, int(now * NS) - 1000 + i
+            table, devices, settings.processor, earlier, body, int(now * NS) - 1000 + i, rules
         )
         told = f"{len(kept)} reading(s)" + (
             f", quarantined: {rejected[0].reason}" if rejected else ""
@@ -84,7 +88,7 @@ def explain(
     if payload is None:
         return _shown(lines)
     received_ns = int(now * NS)
-    kept, rejected = outcome(table, devices, settings.processor, topic, payload, received_ns)
+    kept, rejected = outcome(table, devices, settings.processor, topic, payload, received_ns, rules)
     lines.append(f"payload: {len(payload)} bytes")
     if kept:
         lines.append(f"readings ({len(kept)}):")
@@ -94,6 +98,8 @@ def explain(
             tags = f"  tags {r.tags}" if r.tags and r.tags != match.tags else ""
             seq = f"  (seq {r.seq}: another reading of this series at this time)" if r.seq else ""
             lines.append(f"  {r.sensor} {r.metric} = {r.value:g}{unit} at {when}{tags}{seq}")
+            if rules.active:
+                lines.append(f"    {rules.applied(r).describe()}")
     else:
         lines.append("readings: none")
     for rej in rejected:

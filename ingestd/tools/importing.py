@@ -32,7 +32,7 @@ import csv
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -40,11 +40,12 @@ from typing import TextIO
 import msgspec
 
 from ingestd.checks import process
-from ingestd.config import ProcessorSettings, Settings, route_table
+from ingestd.config import ProcessorSettings, RouteSettings, Settings, route_table
 from ingestd.decode import decode_all
 from ingestd.devices import DeviceState
 from ingestd.errors import DataCommandError
 from ingestd.events import NS, Reading, Rejected
+from ingestd.metric_rules import MetricRules
 from ingestd.routes import RouteTable
 from ingestd.tools.intake import Intake
 from ingestd.tools.report import parse_time
@@ -99,9 +100,12 @@ class FileReader:
     now: float
     done_bytes: int = 0
     readings: int = 0  # read from the file so far
+    routes: Sequence[RouteSettings] = ()  # their limits and scaling apply too
 
     def __post_init__(self) -> None:
         self.devices = DeviceState()
+        # Stored readings (csv) were scaled when first stored.
+        self.rules = MetricRules(self.processor, self.routes, scaled=self.fmt != "csv")
         self.origin = self.topic or f"import:{self.path}"
         if self.fmt in _PAYLOAD_FORMATS:
             if not self.topic:
@@ -125,13 +129,9 @@ class FileReader:
             "senml": self._senml,
             "influx": self._influx,
         }[self.fmt]()
-        checks = self.processor
-        if self.fmt == "csv":
-            # Stored readings, scaled when first stored.
-            checks = checks.model_copy(update={"scaling": {}})
         for readings, rejected in parts:
             self.readings += len(readings)
-            yield process(readings, checks, self.now, rejected), rejected
+            yield process(readings, self.processor, self.now, rejected, self.rules), rejected
 
     def refused(self, line: int, text: str, why: str) -> Rejected:
         return Rejected(
@@ -340,7 +340,13 @@ async def import_files(
         # against, and the time of a reading the file gives none, so that
         # importing the same file again gives the same keys.
         reader = FileReader(
-            path, file_format(path, fmt), table, settings.processor, topic, path.stat().st_mtime
+            path,
+            file_format(path, fmt),
+            table,
+            settings.processor,
+            topic,
+            path.stat().st_mtime,
+            routes=settings.routes,
         )
         size = max(path.stat().st_size, 1)
         parts = reader.chunks()

@@ -35,6 +35,7 @@ from ingestd.config import ProcessorSettings, Settings, route_table
 from ingestd.devices import DeviceState
 from ingestd.errors import DataCommandError
 from ingestd.events import NS, Reading, Rejected
+from ingestd.metric_rules import MetricRules
 from ingestd.mqtt.topics import levels_match
 from ingestd.printable import printable
 from ingestd.routes import RouteTable
@@ -120,21 +121,36 @@ def reading_of(
 
 
 def judge(
-    record: QuarantineRecord, table: RouteTable, devices: DeviceState, processor: ProcessorSettings
+    record: QuarantineRecord,
+    table: RouteTable,
+    devices: DeviceState,
+    processor: ProcessorSettings,
+    rules: tuple[MetricRules, MetricRules] | None = None,
 ) -> Verdict:
+    """`rules`: (with scaling, without), as for the daemon's routes (default:
+    `processor`'s alone). A record refused for a limit holds its reading
+    scaled already: it is judged again without scaling."""
     if _TRUNCATED in record.reason:
         return Verdict("unreplayable")
     reading = reading_of(record, table, processor)
     rejected: list[Rejected] = []
     if reading is not None:
-        checks = processor
-        if not _SCALING_REASON.search(record.reason):
-            checks = processor.model_copy(update={"scaling": {}})
-        kept = process([reading], checks, record.received_at, rejected)
+        if rules is None:
+            rules = (MetricRules(processor), MetricRules(processor, scaled=False))
+        scaled = _SCALING_REASON.search(record.reason) is not None
+        kept = process(
+            [reading], processor, record.received_at, rejected, rules[0 if scaled else 1]
+        )
     else:
         received_ns = int(record.received_at * NS)
         kept, rejected = outcome(
-            table, devices, processor, record.topic, record.payload, received_ns
+            table,
+            devices,
+            processor,
+            record.topic,
+            record.payload,
+            received_ns,
+            rules[0] if rules is not None else None,
         )
     if (
         not kept
@@ -185,6 +201,11 @@ def replay(
             "refused again (give --config the daemon's file)"
         )
     table = route_table(settings)
+    checks = (
+        settings.processor,
+        MetricRules(settings.processor, settings.routes),
+        MetricRules(settings.processor, settings.routes, scaled=False),
+    )
     devices = DeviceState()
     counts = ReplayCounts()
     intake = None if dry_run else Intake(settings, db, err=err)
@@ -194,7 +215,7 @@ def replay(
             devices.restore(table.stateful, intake.store.devices)
         try:
             for page in records(reader, sel):
-                step = _page(page, table, devices, settings.processor, counts, out, dry_run)
+                step = _page(page, table, devices, checks, counts, out, dry_run)
                 if intake is not None:
                     runner.run(intake.commit(*step))
         finally:
@@ -207,7 +228,7 @@ def _page(
     page: list[QuarantineRecord],
     table: RouteTable,
     devices: DeviceState,
-    processor: ProcessorSettings,
+    checks: tuple[ProcessorSettings, MetricRules, MetricRules],
     counts: ReplayCounts,
     out: TextIO,
     dry_run: bool,
@@ -221,7 +242,7 @@ def _page(
     )
     for rec in page:
         counts.matched += 1
-        v = judge(rec, table, devices, processor)
+        v = judge(rec, table, devices, checks[0], checks[1:])
         setattr(counts, v.outcome, getattr(counts, v.outcome) + 1)
         counts.readings += len(v.readings)
         if v.outcome in ("accepted", "refused"):

@@ -42,6 +42,7 @@ RUNNING = [
     "ingestd_oversized_packets_skipped counter",
     "ingestd_primary gauge",
     "ingestd_primary_terms counter",
+    "ingestd_processor_key_unmatched gauge",  # label key: once a key is reported
     "ingestd_quarantined counter reason",
     "ingestd_readings_committed counter",
     "ingestd_readings_decoded counter",

@@ -84,14 +84,14 @@ def test_a_reading_whose_processing_raises_is_quarantined_not_fatal(
     from ingestd import checks as mod
     from ingestd.config import ProcessorSettings
 
-    real = mod.apply_limits
+    real = mod.apply_rules
 
     def broken(readings: list[Reading], *args: object) -> list[Reading]:
         if any(x.value == 13 for x in readings):
             raise ZeroDivisionError("a bug")
         return real(readings, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(mod, "apply_limits", broken)
+    monkeypatch.setattr(mod, "apply_rules", broken)
     rejected: list[Rejected] = []
     now = [Reading("s1", "t", int(RECEIVED) * NS, v, "x") for v in (1, 13, 2)]
     kept = mod.process_guarded(now, ProcessorSettings(), RECEIVED, rejected)

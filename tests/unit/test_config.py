@@ -5,7 +5,13 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from ingestd.config import StoreSettings, effective_settings_json, load_settings, route_table
+from ingestd.config import (
+    ProcessorRule,
+    StoreSettings,
+    effective_settings_json,
+    load_settings,
+    route_table,
+)
 from ingestd.errors import ConfigError
 from tests.support.config import SHIPPED_CONFIG
 
@@ -61,7 +67,7 @@ def test_every_model_key_is_documented_in_the_shipped_config() -> None:
     ):
         model = getattr(settings, section)
         for key in type(model).model_fields:
-            if key in ("tls", "limits", "scaling", "spool", "kinds"):
+            if key in ("tls", "limits", "scaling", "spool", "kinds", "rules"):
                 assert f"[{section}.{key}]" in text, f"{section}.{key}"
                 continue
             assert f"\n{key} = " in text or f"\n# {key} = " in text, f"{section}.{key}"
@@ -73,6 +79,9 @@ def test_every_model_key_is_documented_in_the_shipped_config() -> None:
         assert f"\n# {key} = " in spool, f"store.spool.{key}"
     for key in type(settings.routes[0]).model_fields:
         assert f"#   {key}" in text, f"routes.{key}"
+    rules = text[text.index("Keys of a rule:") :].split("\n# [[processor.rules]]\n")[0]
+    for key in ProcessorRule.model_fields:
+        assert f"#   {key} " in rules, f"processor.rules.{key}"
 
 
 def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
