@@ -249,8 +249,11 @@ def test_a_full_spool_pauses_and_drains_when_the_database_is_back(
     wait_for(lambda: spooled(daemon) == 0, 30, what="the spool drained")
     assert daemon.stop() == 0, daemon.logs()
     sent, stored, distinct = stored_once(db, n)
-    assert daemon.logs().count("spool cannot take batches") == 1
-    assert "batches are taken again" in daemon.logs()
+    # Said once per episode (the spool may fill again while it drains with
+    # the stream still coming), and each one ends.
+    logs = daemon.logs()
+    assert logs.count("spool cannot take batches") >= 1
+    assert logs.count("spool cannot take batches") == logs.count("batches are taken again")
     print(
         f"\nspool full at {size.readings:,} readings ({size.bytes:,} bytes): "
         f"sent {sent:,} stored {stored:,} distinct {distinct:,}"
