@@ -380,6 +380,14 @@ class SpoolSettings(Section):
     after_ms: int = Field(5000, ge=100)
 
 
+class RetentionRule(Section):
+    # Raw readings of the sensors this glob matches (* and ?) are kept this
+    # many days instead of store.retention_days (0: forever); the first rule
+    # that matches a sensor applies. Rollups are never removed by it.
+    sensor: str = Field(min_length=1)
+    days: float = Field(ge=0)
+
+
 class StoreSettings(Section):
     # "" (SQLite at `path`) or postgresql://user@host:port/db, or several
     # hosts (host1:port,host2:port: the one that takes writes is written to;
@@ -393,6 +401,7 @@ class StoreSettings(Section):
     retry_min_delay: float = Field(0.1, gt=0)
     retry_max_delay: float = Field(5.0, gt=0)
     retention_days: float = Field(0.0, ge=0)
+    retention: list[RetentionRule] = Field(default_factory=list)
     maintenance_interval: float = Field(300.0, gt=0)
     retention_batch: int = Field(5000, ge=1)
     # Batches wait while the filesystem of `path` (or of the spool) has less

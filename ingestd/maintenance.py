@@ -52,6 +52,7 @@ class Maintenance:
     async def run_once(self) -> tuple[int, int]:
         """One pass: retention, then housekeeping. (readings, quarantined) deleted."""
         s = self.settings
+        self.store.keep = tuple((r.sensor, r.days) for r in s.retention)
         cutoff = self.clock() - s.retention_days * DAY if s.retention_days > 0 else None
         try:
             done = await self.store.upkeep(cutoff, s.retention_batch)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 NS = 1_000_000_000
 # Readings either side of a batch's own that a counter's deltas are computed
@@ -269,3 +269,33 @@ def view(width: int) -> str:
         "r.sum / r.n AS mean, r.sum, r.first_value AS first, r.last_value AS last, r.increase "
         f"FROM rollups AS r JOIN series AS s ON s.id = r.series_id WHERE r.width = {int(width)}"
     )
+
+
+# Readings stored and no rollup at all: a database from before rollups.
+NEEDS_REBUILD = "SELECT EXISTS (SELECT 1 FROM samples) AND NOT EXISTS (SELECT 1 FROM rollups)"
+
+
+class RollupRow(NamedTuple):
+    sensor: str
+    metric: str
+    tags: str
+    unit: str
+    bucket: int  # its start, Unix seconds
+    n: int  # readings in it (shown as "count")
+    min: float
+    max: float
+    sum: float
+    first: float
+    last: float
+    increase: float | None  # counters only
+    first_ns: int
+    last_ns: int
+
+
+# What the readers select of rollups (the same columns on every engine).
+ROLLUP_COLUMNS = (
+    "s.sensor, s.metric, s.tags, s.unit, r.bucket, r.n, r.min, r.max, r.sum, r.first_value, "
+    "r.last_value, r.increase, r.first_ns, r.last_ns"
+)
+ROLLUP_FROM = "FROM rollups AS r JOIN series AS s ON s.id = r.series_id"
+ROLLUP_ORDER = "r.bucket, s.sensor, s.metric, s.tags, s.unit"

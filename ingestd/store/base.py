@@ -25,6 +25,7 @@ a `readings` view (sensor, metric, ts, value, tags, unit, ts_ns, seq) over
 
 from __future__ import annotations
 
+import fnmatch
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
@@ -34,6 +35,7 @@ from typing import Any, NamedTuple
 from ingestd.errors import StoreError
 from ingestd.events import Reading, Rejected, SensorStatus, reading_payload
 from ingestd.recent import RecentCache
+from ingestd.rollups import RollupRow
 
 # What StoreUnavailable.condition may say (a metric label each: ingestd_store_unavailable).
 LOCKED = "database locked"
@@ -285,8 +287,26 @@ class Upkeep:
     detail: dict[str, Any] | None = None  # engine-specific, logged at debug
 
 
-# Readings stored and no rollup at all: a database from before rollups.
-NEEDS_REBUILD = "SELECT EXISTS (SELECT 1 FROM samples) AND NOT EXISTS (SELECT 1 FROM rollups)"
+def retention_exceptions(
+    series: Iterable[tuple[int, str]],
+    cutoff_ns: int | None,
+    rules: Sequence[tuple[str, float]],
+    now: float,
+) -> dict[int, int | None]:
+    """The series whose raw readings are kept otherwise than `cutoff_ns` (the
+    global cutoff; None: forever), by the first rule (sensor glob, days; 0:
+    forever) matching their sensor: series id -> its cutoff (None: forever)."""
+    if not rules:
+        return {}
+    out: dict[int, int | None] = {}
+    for sid, sensor in series:
+        for glob, days in rules:
+            if fnmatch.fnmatchcase(sensor, glob):
+                own = None if days == 0 else int((now - days * 86400) * 1_000_000_000)
+                if own != cutoff_ns:
+                    out[int(sid)] = own
+                break
+    return out
 
 
 class Store(ABC):
@@ -294,6 +314,9 @@ class Store(ABC):
 
     # Set by `open`: readings stored but no rollups (`ingestd rollups rebuild`).
     needs_rebuild: bool = False
+    # Raw retention per sensor glob, (glob, days) in order (store.retention):
+    # `upkeep` applies it beside the global cutoff.
+    keep: tuple[tuple[str, float], ...] = ()
 
     # Where the data goes, for logs: a path, or a URL without its password.
     where: str
@@ -367,32 +390,6 @@ class ReadingRow(NamedTuple):
     value: float
     tags: str
     unit: str
-
-
-class RollupRow(NamedTuple):
-    sensor: str
-    metric: str
-    tags: str
-    unit: str
-    bucket: int  # its start, Unix seconds
-    n: int  # readings in it (shown as "count")
-    min: float
-    max: float
-    sum: float
-    first: float
-    last: float
-    increase: float | None  # counters only
-    first_ns: int
-    last_ns: int
-
-
-# What the readers select of rollups (the same columns on every engine).
-ROLLUP_COLUMNS = (
-    "s.sensor, s.metric, s.tags, s.unit, r.bucket, r.n, r.min, r.max, r.sum, r.first_value, "
-    "r.last_value, r.increase, r.first_ns, r.last_ns"
-)
-ROLLUP_FROM = "FROM rollups AS r JOIN series AS s ON s.id = r.series_id"
-ROLLUP_ORDER = "r.bucket, s.sensor, s.metric, s.tags, s.unit"
 
 
 class QuarantineRow(NamedTuple):

@@ -10,8 +10,8 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from ingestd.errors import DataCommandError
 from ingestd.events import NS
-from ingestd.rollups import interval_name, parse_interval
-from ingestd.store.base import Reader, RollupRow
+from ingestd.rollups import RollupRow, interval_name, parse_interval
+from ingestd.store.base import Reader
 from ingestd.tools.report import Table, iso_ns, tag_pairs
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -177,3 +178,34 @@ def test_rollups_equal_an_independent_computation(engine: Engine) -> None:
     hourly = sorted(v[6] for k, v in want.items() if k[0] == 3600 and k[1] == "energy")
     # The glitch added nothing; the reset restarted from 0, not a negative spike.
     assert all(v is not None and v >= 0 for v in hourly)
+
+
+def test_raw_retention_per_sensor_glob_leaves_the_rollups(engine: Engine) -> None:
+    make, rows, _ = engine
+    now = time.time()
+    ages = (10.0, 3.0, 0.5)  # days
+
+    async def run() -> None:
+        store = make()
+        await store.open()
+        try:
+            async with store.batch() as tx:
+                await tx.add_readings(
+                    [
+                        Reading(sensor, "t", int((now - age * 86400) * NS), age)
+                        for sensor in ("lab-1", "tmp-1", "x")
+                        for age in ages
+                    ]
+                )
+            store.keep = (("lab-*", 0.0), ("tmp-*", 1.0))  # forever; one day
+            await store.upkeep(now - 5 * 86400, 100)  # the rest: 5 days
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+    kept = sorted(rows("SELECT sensor, value FROM readings"))
+    assert kept == [
+        ("lab-1", 0.5), ("lab-1", 3.0), ("lab-1", 10.0), ("tmp-1", 0.5), ("x", 0.5), ("x", 3.0)
+    ]  # fmt: skip
+    # Every bucket's rollup is still there: raw retention never removes one.
+    assert rows("SELECT count(*) FROM rollup_1h") == [(9,)]

@@ -12,15 +12,12 @@ from typing import Any
 import asyncpg
 
 from ingestd.errors import StoreError
+from ingestd.rollups import ROLLUP_COLUMNS, ROLLUP_FROM, ROLLUP_ORDER, RollupRow
 from ingestd.store import base
 from ingestd.store.base import (
-    ROLLUP_COLUMNS,
-    ROLLUP_FROM,
-    ROLLUP_ORDER,
     QuarantineRecord,
     QuarantineRow,
     ReadingRow,
-    RollupRow,
     SensorRow,
     StoreTotals,
     unreadable_schema,

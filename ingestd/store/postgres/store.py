@@ -37,7 +37,7 @@ import structlog
 
 from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import NS
-from ingestd.rollups import RollupPlan
+from ingestd.rollups import NEEDS_REBUILD, RollupPlan
 from ingestd.store import base
 from ingestd.store.base import Upkeep
 from ingestd.store.postgres.batch import Batch
@@ -156,7 +156,7 @@ class PostgresStore(base.Store):
             await migrate(conn, self.where, self.partition_days)
             await create_views(conn, self.rollups.widths)
             if self.rollups:
-                self.needs_rebuild = bool(await conn.fetchval(base.NEEDS_REBUILD))
+                self.needs_rebuild = bool(await conn.fetchval(NEEDS_REBUILD))
             self.hypertable = await is_hypertable(conn)
             await self.ensure_partitions_ahead(conn)
             await conn.execute(_STAGE)

@@ -22,17 +22,12 @@ import aiosqlite
 
 from ingestd.diskguard import DiskGuard
 from ingestd.errors import StoreError, StoreUnavailable
-from ingestd.events import NS, Reading, Rejected
-from ingestd.rollups import RollupPlan
+from ingestd.events import Reading, Rejected
+from ingestd.rollups import NEEDS_REBUILD, RollupPlan
 from ingestd.store import base
 from ingestd.store.base import CORRUPT, DISK_LOW, REPLACED, Upkeep
 from ingestd.store.sqlite import corrupt
-from ingestd.store.sqlite.purge import (
-    checkpoint,
-    delete_quarantine,
-    delete_rollups,
-    delete_samples,
-)
+from ingestd.store.sqlite.purge import purge
 from ingestd.store.sqlite.rolling import counter_series, create_views, insert_returning, roll
 from ingestd.store.sqlite.schema import migrate
 
@@ -304,7 +299,7 @@ class SqliteStore(base.Store):
             await migrate(conn, str(self.path))
             await create_views(conn, self.rollups.widths)
             if self.rollups:
-                async with conn.execute(base.NEEDS_REBUILD) as cur:
+                async with conn.execute(NEEDS_REBUILD) as cur:
                     self.needs_rebuild = bool((await cur.fetchone() or (0,))[0])
             async with conn.execute(
                 "SELECT sensor, metric, tags, unit, id FROM series ORDER BY id DESC LIMIT ?",
@@ -370,24 +365,12 @@ class SqliteStore(base.Store):
         try:
             async with aiosqlite.connect(self.path, isolation_level=None) as conn:
                 await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-                readings = quarantined = 0
-                if cutoff is not None:
-                    readings = await delete_samples(conn, int(cutoff * NS), rows_per_transaction)
-                    quarantined = await delete_quarantine(conn, cutoff, rows_per_transaction)
-                # Each interval's own retention, whatever the raw readings' is.
-                rolled = await delete_rollups(
-                    conn, self.rollups.cutoffs(time.time()), rows_per_transaction
+                done = await purge(
+                    conn, cutoff, rows_per_transaction, self.keep, self.rollups, time.time()
                 )
-                await conn.execute(
-                    base.DEVICE_STATE_TRIM.format(all="-1", offset="?"),
-                    (base.DEVICE_STATE_KEPT,),
-                )
-                detail = await checkpoint(conn)
-                if rolled:
-                    detail["rollups_deleted"] = rolled
         except sqlite3.Error as exc:
             raise self._translate(exc) from exc
-        return Upkeep(readings, quarantined, detail)
+        return done
 
     def advice(self, exc: Exception) -> str:
         """Why the database cannot be opened, and what to do about it."""
