@@ -168,6 +168,12 @@ class Spool:
             self._conn = None
         self._release()
 
+    async def _reopened(self) -> None:
+        """The file open again after a fresh start that could not reopen it
+        (StoreUnavailable while it still cannot)."""
+        if self._conn is None:
+            await self.open()
+
     async def _start_afresh(self) -> None:
         """Every batch in the file is forwarded, but the file cannot shrink
         (its disk is full): a new, empty file in its place (a new id)."""
@@ -200,6 +206,7 @@ class Spool:
         """Commit a batch to the file; False if it does not fit in max_bytes.
         StoreUnavailable if the disk refuses it (full, I/O error) or its free
         space is below store.min_free_bytes."""
+        await self._reopened()
         assert self._conn is not None
         low = self.disk.problem()
         if low is not None:
@@ -235,6 +242,7 @@ class Spool:
     async def take(self, max_readings: int) -> list[tuple[Entry, SpooledBatch]]:
         """The oldest batches, up to about `max_readings` (at least one), all
         of this run's or all of an earlier run's."""
+        await self._reopened()
         assert self._conn is not None
         chosen: list[Entry] = []
         total = 0
@@ -269,6 +277,7 @@ class Spool:
         stay, marked forwarded (not taken again), and StoreUnavailable is
         raised; once every batch in the file is forwarded, the file is
         started afresh instead, which frees the space."""
+        await self._reopened()
         assert self._conn is not None
         self.forwarded_upto = max(self.forwarded_upto, upto)
         try:
