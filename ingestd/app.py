@@ -143,6 +143,12 @@ class Daemon:
             routes=len(s.routes),
         )
         self.upstream.announce()
+        if not s.rollups.enabled:
+            log.warning(
+                "rollups are off ([rollups] enabled = false): readings stored meanwhile are "
+                "not in the rollup_* views; once they are on again, 'ingestd rollups rebuild "
+                "--since <when they went off>' adds them"
+            )
         server = self._start_metrics_server()
         monitor = asyncio.get_running_loop().create_task(
             HealthMonitor(self.health, self.notifier, self.upstream, self.ready, self.stop).run(),

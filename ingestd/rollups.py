@@ -118,10 +118,11 @@ def deltas(values: Sequence[float]) -> list[float]:
 
     A reading at or above the level (the last reading that was not a glitch)
     adds the difference. A drop is a reset (the counter restarted from 0: the
-    reading adds its whole value), unless the next reading is back at or
-    above the level: then it was a glitch, adds 0 and does not move the level
-    (a meter that reads 0 once between 1000 and 1001 added 1, not 1001). A
-    drop with no reading after it yet counts as a reset until one comes.
+    reading adds its whole value, or nothing if it is below 0), unless the
+    next reading is back at or above the level: then it was a glitch, adds 0
+    and does not move the level (a meter that reads 0 once between 1000 and
+    1001 added 1, not 1001). A drop with no reading after it yet counts as a
+    reset until one comes.
     """
     out = [0.0] * len(values)
     if not values:
@@ -136,7 +137,7 @@ def deltas(values: Sequence[float]) -> list[float]:
         elif i < last and values[i + 1] >= level:
             out[i] = 0.0  # a glitch
         else:
-            out[i] = v  # a reset
+            out[i] = max(v, 0.0)  # a reset: from 0 (a value below it adds nothing)
             level = v
     return out
 
@@ -177,16 +178,13 @@ class Rebuild:
     """Every bucket's row from raw (series_id, ts_ns, value) rows fed in
     (series_id, ts_ns, seq) order, a chunk at a time: a bucket is given back
     once the rows have moved past it. `counters`: the series that are
-    counters; `levels`: a counter's last value before its first row (else
-    its first row adds nothing). The rule of `deltas`, a reading at a time."""
+    counters (a counter's first row adds nothing: feed the readings before
+    it first). The rule of `deltas`, a reading at a time."""
 
-    def __init__(
-        self, widths: Sequence[int], counters: set[int], levels: dict[int, float] | None = None
-    ) -> None:
+    def __init__(self, widths: Sequence[int], counters: set[int]) -> None:
         self.widths = widths
         self.per = [w * NS for w in widths]
         self.counters = counters
-        self.levels = levels or {}
         self.sid: int | None = None
         self.open: list[tuple[int, Row] | None] = [None] * len(widths)
         self.level: float | None = None
@@ -210,8 +208,8 @@ class Rebuild:
         self.open[k] = None
 
     def _end_series(self) -> None:
-        if self.pending is not None:
-            self._credit(*self.pending)  # a drop with nothing after it: a reset
+        if self.pending is not None:  # a drop with nothing after it: a reset
+            self._credit(self.pending[0], max(self.pending[1], 0.0))
             self.pending = None
         for k in range(len(self.widths)):
             self._flush(k)
@@ -221,11 +219,11 @@ class Rebuild:
             if s != self.sid:
                 self._end_series()
                 self.sid, self.counter = s, s in self.counters
-                self.level = self.levels.get(s)
+                self.level = None
             if self.pending is not None:  # decided by this reading
                 assert self.level is not None
                 if v < self.level:
-                    self._credit(*self.pending)  # a reset
+                    self._credit(self.pending[0], max(self.pending[1], 0.0))  # a reset
                     self.level = self.pending[1]
                 self.pending = None
             self._add(ts, v)

@@ -3,7 +3,11 @@ readings still kept (after a config change, to add an interval, or to check
 that the incremental ones agree), in one transaction, idempotently.
 
 Buckets from the start of the coarsest interval containing `--since` on are
-replaced; older ones (whose raw readings may be gone) are kept. The writers
+computed again. A bucket replaces the stored one only if it counts at least as
+many readings: one whose raw readings are gone, in whole or in part (raw
+retention), keeps its rollup, which is history the raw readings no longer
+hold. A counter's deltas start from the readings just before `--since`, so
+the first one after it is credited as the daemon credited it. The writers
 wait meanwhile (SQLite's write lock; on PostgreSQL the rollups table is
 locked), so what they commit after it is folded in as usual.
 """
@@ -20,16 +24,25 @@ from ingestd.config import Settings
 from ingestd.errors import DataCommandError
 from ingestd.rollups import NS, Key, RollupPlan, Row
 
+# A computed bucket replaces the stored one unless that counts more readings
+# than the raw readings kept (history whose raw readings retention removed).
+_REPLACE = (
+    " ON CONFLICT (width, series_id, bucket) DO UPDATE SET n = excluded.n, min = excluded.min, "
+    "max = excluded.max, sum = excluded.sum, first_ns = excluded.first_ns, "
+    "first_value = excluded.first_value, last_ns = excluded.last_ns, "
+    "last_value = excluded.last_value, increase = excluded.increase WHERE excluded.n >= rollups.n"
+)
 _INSERT = (
     "INSERT INTO rollups (width, series_id, bucket, n, min, max, sum, first_ns, first_value, "
-    "last_ns, last_value, increase) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "last_ns, last_value, increase) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)" + _REPLACE
 )
 _RAW = (
     "SELECT series_id, ts_ns, value FROM samples WHERE ts_ns >= {p} ORDER BY series_id, ts_ns, seq"
 )
-_LEVELS = (
-    "SELECT id, (SELECT value FROM samples AS s WHERE s.series_id = series.id "
-    "AND s.ts_ns < {p} ORDER BY ts_ns DESC, seq DESC LIMIT 1) FROM series WHERE id IN ({ids})"
+# A counter's readings just before the start: what its first delta after it needs.
+_CONTEXT = (
+    "SELECT ts_ns, value FROM samples WHERE series_id = {p1} AND ts_ns < {p2} "
+    f"ORDER BY ts_ns DESC, seq DESC LIMIT {rollups.CONTEXT}"
 )
 _CHUNK = 5000
 _COLUMNS = [
@@ -51,9 +64,22 @@ def _counters(series: Iterable[tuple[int, str]], plan: RollupPlan) -> set[int]:
     return {int(sid) for sid, metric in series if metric in plan.counters}
 
 
-def _params(items: Sequence[tuple[Key, Row]]) -> Iterator[tuple[Any, ...]]:
-    for key, row in items:
-        yield (*key, *row)
+def _params(items: Sequence[tuple[Key, Row]], start: int) -> list[tuple[Any, ...]]:
+    """The rows to write: buckets from `start` on (the context's are not)."""
+    return [(*key, *row) for key, row in items if key[2] >= start]
+
+
+def _with_context(
+    raw: Iterable[tuple[int, int, float]], context: dict[int, list[tuple[int, float]]]
+) -> Iterator[tuple[int, int, float]]:
+    """The raw rows, each counter series' context readings before its first
+    (taken from `context` as they are given, so once across chunks)."""
+    for row in raw:
+        before = context.pop(row[0], None)
+        if before:
+            for ts, v in before:
+                yield row[0], ts, v
+        yield row
 
 
 def rebuild_sqlite(path: str, plan: RollupPlan, start: int) -> int:
@@ -61,24 +87,19 @@ def rebuild_sqlite(path: str, plan: RollupPlan, start: int) -> int:
     try:
         conn.execute("BEGIN IMMEDIATE")
         counters = _counters(conn.execute("SELECT id, metric FROM series"), plan)
-        levels: dict[int, float] = {}
-        if counters and start:
-            ids = ", ".join(str(s) for s in sorted(counters))
-            for sid, value in conn.execute(_LEVELS.format(p="?", ids=ids), (start * NS,)):
-                if value is not None:
-                    levels[int(sid)] = float(value)
-        marks = ", ".join("?" * len(plan.widths))
-        conn.execute(
-            f"DELETE FROM rollups WHERE bucket >= ? AND width IN ({marks})", (start, *plan.widths)
-        )
+        context: dict[int, list[tuple[int, float]]] = {}
+        for sid in sorted(counters) if start else ():
+            found = conn.execute(_CONTEXT.format(p1="?", p2="?"), (sid, start * NS)).fetchall()
+            context[sid] = [(int(t), float(v)) for t, v in reversed(found)]
         raw = conn.execute(_RAW.format(p="?"), (start * NS,))
-        rebuilt = rollups.Rebuild(plan.widths, counters, levels)
+        rebuilt = rollups.Rebuild(plan.widths, counters)
         written = 0
         while True:  # a chunk of raw rows at a time, never the whole table
             chunk = raw.fetchmany(_CHUNK)
-            done = rebuilt.feed(chunk) if chunk else rebuilt.finish()
-            conn.cursor().executemany(_INSERT, _params(done))
-            written += len(done)
+            done = rebuilt.feed(_with_context(chunk, context)) if chunk else rebuilt.finish()
+            rows = _params(done, start)
+            conn.cursor().executemany(_INSERT, rows)
+            written += len(rows)
             if not chunk:
                 break
         conn.execute("COMMIT")
@@ -103,29 +124,23 @@ async def rebuild_postgres(url: str, password: str | None, plan: RollupPlan, sta
             await conn.execute("LOCK TABLE rollups IN EXCLUSIVE MODE")
             series = await conn.fetch("SELECT id, metric FROM series")
             counters = _counters(((r[0], r[1]) for r in series), plan)
-            levels: dict[int, float] = {}
-            if counters and start:
-                ids = ", ".join(str(s) for s in sorted(counters))
-                for sid, value in await conn.fetch(_LEVELS.format(p="$1", ids=ids), start * NS):
-                    if value is not None:
-                        levels[int(sid)] = float(value)
-            await conn.execute(
-                "DELETE FROM rollups WHERE bucket >= $1 AND width = ANY($2::int[])",
-                start,
-                list(plan.widths),
-            )
+            context: dict[int, list[tuple[int, float]]] = {}
+            for sid in sorted(counters) if start else ():
+                found = await conn.fetch(_CONTEXT.format(p1="$1", p2="$2"), sid, start * NS)
+                context[sid] = [(int(t), float(v)) for t, v in reversed(found)]
+            await conn.execute("CREATE TEMP TABLE ingestd_rebuilt (LIKE rollups) ON COMMIT DROP")
             cursor = await conn.cursor(_RAW.format(p="$1"), start * NS)
-            rebuilt = rollups.Rebuild(plan.widths, counters, levels)
+            rebuilt = rollups.Rebuild(plan.widths, counters)
             written = 0
             while True:  # a chunk of raw rows at a time, never the whole table
                 chunk = [(r[0], r[1], r[2]) for r in await cursor.fetch(_CHUNK)]
-                done = rebuilt.feed(chunk) if chunk else rebuilt.finish()
-                await conn.copy_records_to_table(
-                    "rollups", records=list(_params(done)), columns=_COLUMNS
-                )
-                written += len(done)
+                done = rebuilt.feed(_with_context(chunk, context)) if chunk else rebuilt.finish()
+                rows = _params(done, start)
+                await conn.copy_records_to_table("ingestd_rebuilt", records=rows, columns=_COLUMNS)
+                written += len(rows)
                 if not chunk:
                     break
+            await conn.execute(f"INSERT INTO rollups SELECT * FROM ingestd_rebuilt{_REPLACE}")
         return written
     finally:
         await conn.close()

@@ -22,6 +22,7 @@ NS = 1_000_000_000
 def expand(sql: str, lo: int, hi: int) -> str:
     """Grafana's $__unixEpochFilter and the dashboard's variables, expanded."""
     sql = re.sub(r"\$__unixEpochFilter\((\w+)\)", rf"\1 >= {lo} AND \1 <= {hi}", sql)
+    sql = sql.replace("$__unixEpochFrom()", str(lo)).replace("$__unixEpochTo()", str(hi))
     return sql.replace("$sensor", "'d1'").replace("$metric", "'temp', 'energy'")
 
 
