@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import sqlite3
 import sys
 import time
 from collections.abc import Coroutine, Sequence
@@ -451,6 +452,9 @@ def _data_command(command: str, args: argparse.Namespace, settings: Settings) ->
             report.write_table(sys.stdout, table, args.format, progress=progress)
     except (DataCommandError, StoreError) as exc:
         print(f"ingestd: {exc}", file=sys.stderr)
+        return 1
+    except sqlite3.DatabaseError as exc:  # a page found corrupt while reading
+        print(f"ingestd: {exc} (README: 'A corrupt database file')", file=sys.stderr)
         return 1
     except ValidationError as exc:  # --db URL, checked as store.url is
         reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())

@@ -20,7 +20,10 @@ from pathlib import Path
 # by a fixed amount larger than a good part of it.
 AUTO_SHARE = 0.05
 AUTO_MAX = 100 * 1024 * 1024
-CHECK_INTERVAL = 1.0  # seconds between looks at the filesystem
+CHECK_INTERVAL = 1.0  # seconds between looks at the filesystem (far from the minimum)
+# What one reading may take on disk as a batch writes it: the row, its index,
+# its rollups' share and the write-ahead log's copies of the pages.
+BYTES_PER_READING = 400
 
 
 class DiskGuard:
@@ -37,12 +40,14 @@ class DiskGuard:
         self._at = -interval
         self._problem: str | None = None
 
-    def problem(self) -> str | None:
-        """Why writes must wait (free space below the minimum), or None."""
+    def problem(self, expect: int = 0) -> str | None:
+        """Why writes must wait (free space below the minimum, once `expect`
+        bytes more are written), or None. Near the minimum, every call looks."""
         if self.min_free_bytes == 0:
             return None
         now = time.monotonic()
-        if now - self._at < self.interval:
+        near = self.free < 4 * (self.need + expect)
+        if now - self._at < self.interval and not near:
             return self._problem
         self._at = now
         try:
@@ -64,6 +69,12 @@ class DiskGuard:
             if self.free < self.need
             else None
         )
+        if self._problem is None and self.free < self.need + expect:
+            return (
+                f"{_mb(self.free)} free on the filesystem of {self.path}: the next "
+                f"batch (about {_mb(expect)}) would take it below store.min_free_bytes "
+                f"({_mb(self.need)}); writes resume when space is freed there"
+            )
         return self._problem
 
     def _existing_dir(self) -> Path:

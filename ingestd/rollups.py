@@ -270,7 +270,9 @@ def view(width: int) -> str:
 
 
 # Readings stored and no rollup at all: a database from before rollups.
-NEEDS_REBUILD = "SELECT EXISTS (SELECT 1 FROM samples) AND NOT EXISTS (SELECT 1 FROM rollups)"
+NEEDS_REBUILD = (  # series, not samples: cheap, and reads no page of the big table
+    "SELECT EXISTS (SELECT 1 FROM series) AND NOT EXISTS (SELECT 1 FROM rollups)"
+)
 
 
 class RollupRow(NamedTuple):

@@ -208,10 +208,10 @@ class Spool:
         space is below store.min_free_bytes."""
         await self._reopened()
         assert self._conn is not None
-        low = self.disk.problem()
+        data = _ENCODE(batch)
+        low = self.disk.problem(2 * len(data))  # the row, and the log's copy
         if low is not None:
             raise StoreUnavailable(DISK_LOW, low)
-        data = _ENCODE(batch)
         if self._index and self.bytes + len(data) > self.max_bytes:
             self.full = True
             return False

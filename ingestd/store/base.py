@@ -390,6 +390,7 @@ class ReadingRow(NamedTuple):
     value: float
     tags: str
     unit: str
+    seq: int = 0  # further readings of one message at the same series and time
 
 
 class QuarantineRow(NamedTuple):

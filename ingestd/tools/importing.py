@@ -29,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -139,7 +141,7 @@ class FileReader:
         )
 
     def _lines(self) -> Iterator[tuple[int, str]]:
-        with open(self.path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        with open(self.path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
             fd = f.fileno()
             for number, line in enumerate(f, 1):
                 if number % 4096 == 0:
@@ -147,7 +149,7 @@ class FileReader:
                 yield number, line
 
     def _csv(self) -> Iterator[Chunk]:
-        with open(self.path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        with open(self.path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
             fd = f.fileno()
             rows = csv.reader(f)
             header = next(rows, None)
@@ -160,7 +162,7 @@ class FileReader:
                     f"{self.path}: the header {','.join(header)!r} lacks "
                     f"{', '.join(missing) or 'a time'}: expected the columns "
                     "`ingestd query --format csv` writes "
-                    "(sensor,metric,time,ts,value,tags,unit,ts_ns)"
+                    "(sensor,metric,time,ts,value,tags,unit,ts_ns,seq)"
                 )
             yield from self._csv_rows(rows, col, fd)
 
@@ -176,14 +178,16 @@ class FileReader:
         header = [""] * len(col)
         for name, i in col.items():
             header[i] = name
+        sq = col.get("seq")
         for row in rows:
-            if row == header:  # exports concatenated: each has its header
+            if row == header or not row:  # exports concatenated (each has its header); blank
                 continue
             try:
                 ts_ns = when(row)
-                sensor, metric, value = row[s], row[m], float(row[v])
+                sensor, metric, value = row[s], row[m], finite(row[v])
                 tags = row[tg] if tg is not None else ""
                 unit = row[un] if un is not None else ""
+                given = int(row[sq]) if sq is not None and row[sq] != "" else None
             except (ValueError, IndexError) as exc:
                 text = ",".join(row)
                 rejected.append(self.refused(rows.line_num, text, f"cannot read the row: {exc}"))  # type: ignore[attr-defined]
@@ -191,7 +195,7 @@ class FileReader:
             if (sensor, ts_ns) != current:
                 current, seen = (sensor, ts_ns), {}
             key = (metric, tags, unit)
-            seq = seen.get(key, 0)
+            seq = seen.get(key, 0) if given is None else given  # an export's own seq
             seen[key] = seq + 1
             readings.append(Reading(sensor, metric, ts_ns, value, origin, tags, unit, seq))
             if len(readings) >= CHUNK:
@@ -372,3 +376,18 @@ def _show(out: TextIO, path: Path, reader: FileReader, size: int, before: int, t
 
 def default_progress() -> TextIO | None:
     return sys.stderr if sys.stderr.isatty() else None
+
+
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
+def finite(text: str) -> float:
+    """A CSV value as a reading takes it: a finite decimal number (what the
+    live decoders accept), not nan, inf, 1_000 or digits of other scripts."""
+    t = text.strip()
+    if not _NUMBER.fullmatch(t):
+        raise ValueError(f"{text!r} is not a finite decimal number")
+    value = float(t)
+    if not math.isfinite(value):
+        raise ValueError(f"{text!r} is out of range")
+    return value

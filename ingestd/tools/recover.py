@@ -97,6 +97,10 @@ def run(command: str, args: argparse.Namespace, settings: Settings) -> int:
     except (DataCommandError, StoreError, OSError) as exc:
         print(f"ingestd: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("ingestd: interrupted; what was committed stays (run it again: nothing "
+              "is stored twice)", file=sys.stderr)  # fmt: skip
+        return 130
     except ValidationError as exc:  # --db URL, checked as store.url is
         reasons = "; ".join(str(e["msg"]).removeprefix("Value error, ") for e in exc.errors())
         print(f"ingestd: --db: {reasons}", file=sys.stderr)

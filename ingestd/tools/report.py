@@ -97,9 +97,14 @@ def write_table(out: TextIO, table: Table, output: str, *, progress: TextIO | No
     n = 0
     if output == "csv":
         w = csv.writer(out, lineterminator="\n")
+        # A lone carriage return is not the line terminator, so the writer
+        # would leave it bare: such a row is quoted whole (it reads back).
+        quoted = csv.writer(out, lineterminator="\n", quoting=csv.QUOTE_ALL)
         w.writerow(table.columns)
         for row in rows:
-            w.writerow([v.text() if isinstance(v, _Payload) else v for v in row])
+            fields = [v.text() if isinstance(v, _Payload) else v for v in row]
+            cr = any(isinstance(f, str) and "\r" in f for f in fields)
+            (quoted if cr else w).writerow(fields)
             n += 1
     elif output == "json":
         cols = list(table.columns)
@@ -240,8 +245,11 @@ def query(
     pairs = tag_pairs(sensor, tags)
     rows = reader.readings(sensor, metric, _to_ns(since), _to_ns(until), limit, pairs)
     return Table(
-        ("sensor", "metric", "time", "ts", "value", "tags", "unit", "ts_ns"),
-        ((s, m, iso_ns(ns), _Exact(seconds_text(ns)), v, t, u, ns) for s, m, ns, v, t, u in rows),
+        ("sensor", "metric", "time", "ts", "value", "tags", "unit", "ts_ns", "seq"),
+        (
+            (s, m, iso_ns(ns), _Exact(seconds_text(ns)), v, t, u, ns, q)
+            for s, m, ns, v, t, u, q in rows
+        ),
     )
 
 

@@ -404,7 +404,9 @@ def test_data_commands_need_no_config_file(db: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0].split() == ["sensor", "metric", "time", "ts", "value", "tags", "unit", "ts_ns"]
+    assert lines[0].split() == [
+        "sensor", "metric", "time", "ts", "value", "tags", "unit", "ts_ns", "seq"
+    ]  # fmt: skip
     assert lines[1].split()[:5] == [
         "garage",
         "temperature",

@@ -24,9 +24,21 @@ def test_below_the_minimum_says_where_and_zero_turns_the_guard_off(tmp_path: Pat
 
 
 def test_the_filesystem_is_asked_at_most_once_an_interval(tmp_path: Path) -> None:
-    guard = DiskGuard(tmp_path / "x.db", 1 << 62, interval=3600)
-    assert guard.problem() is not None
-    guard.min_free_bytes = 1
-    assert guard.problem() is not None  # the last answer, until the interval passes
-    guard.interval = 0
+    guard = DiskGuard(tmp_path / "x.db", 1, interval=3600)
     assert guard.problem() is None
+    guard.min_free_bytes = 1 << 62
+    assert guard.problem() is None  # far from the minimum: the last answer, for a while
+    guard.interval = 0
+    assert guard.problem() is not None
+    # Near it, every call looks.
+    guard.interval = 3600
+    guard.min_free_bytes = 1
+    assert guard.problem() is None
+
+
+def test_a_batch_that_would_take_the_disk_below_the_minimum_waits(tmp_path: Path) -> None:
+    guard = DiskGuard(tmp_path / "x.db", 1)
+    assert guard.problem() is None
+    problem = guard.problem(guard.free)  # as much as is free
+    assert problem is not None
+    assert "the next batch" in problem

@@ -101,7 +101,7 @@ class PostgresReader(base.Reader):
         tags: Sequence[tuple[str, str]] = (),
     ) -> Iterable[ReadingRow]:
         sql = (
-            "SELECT s.sensor, s.metric, r.ts_ns, r.value, s.tags, s.unit FROM series AS s "
+            "SELECT s.sensor, s.metric, r.ts_ns, r.value, s.tags, s.unit, r.seq FROM series AS s "
             "JOIN samples AS r ON r.series_id = s.id "
             "WHERE r.ts_ns >= $1 AND r.ts_ns < $2"
         )

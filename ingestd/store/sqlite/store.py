@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import aiosqlite
 
-from ingestd.diskguard import DiskGuard
+from ingestd.diskguard import BYTES_PER_READING, DiskGuard
 from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import Reading, Rejected
 from ingestd.rollups import NEEDS_REBUILD, RollupPlan
@@ -104,6 +104,10 @@ class Batch(base.Batch):
     async def add_readings(self, readings: Sequence[Reading]) -> None:
         if not readings:
             return
+        disk = self._store.disk
+        low = disk.problem(len(readings) * BYTES_PER_READING) if disk is not None else None
+        if low is not None:  # this batch would take the disk below its minimum
+            raise StoreUnavailable(DISK_LOW, low)
         known = self._store.series_ids
         try:
             # Every series already known: the common case, in one comprehension.
