@@ -132,13 +132,13 @@ _UNIT_STEPS = (
 def _unit_hint(ts_ns: int, earliest: int, latest: int) -> str:
     """Why a time out of range may be a unit mix-up: the factor of 1000 that
     would make it plausible, and what that time would be; else ''."""
-    for factor, finer in _UNIT_STEPS:
+    # The route's own unit is not known here: the factor and the direction
+    # are what is sure (milliseconds read as seconds, or nanoseconds as
+    # microseconds, look the same from here).
+    for factor, _ in _UNIT_STEPS:
         for plausible, unit in (
-            (ts_ns // factor, f"{factor:,} times finer than the route reads ({finer} as seconds?)"),
-            (
-                ts_ns * factor,
-                f"{factor:,} times coarser than the route reads (seconds as {finer}?)",
-            ),
+            (ts_ns // factor, f"{factor:,} times finer than the route reads"),
+            (ts_ns * factor, f"{factor:,} times coarser than the route reads"),
         ):
             if earliest <= plausible <= latest:
                 return (

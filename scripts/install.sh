@@ -76,7 +76,10 @@ run "$prefix/bin/python" -m pip install --disable-pip-version-check -q \
   --force-reinstall --no-deps "$wheel"
 # What a host without the checkout needs: the documented config, the units,
 # and the README they point at.
-mkdir -p "$prefix/share/ingestd"
-cp README.md config/ingestd.toml systemd/ingestd.service systemd/ingestd@.service \
-  "$prefix/share/ingestd/"
+mkdir -p "$prefix/share/ingestd/config"
+cp README.md systemd/ingestd.service systemd/ingestd@.service "$prefix/share/ingestd/"
+# What the daemon's messages and README point at (config/mosquitto.conf, the
+# Grafana dashboards), beside the shipped config: no checkout needed.
+cp -r config/ingestd.toml config/mosquitto.conf config/grafana "$prefix/share/ingestd/config/"
+cp config/ingestd.toml "$prefix/share/ingestd/"
 say "ready: $("$prefix/bin/ingestd" --version) in $prefix; config and units in $prefix/share/ingestd"

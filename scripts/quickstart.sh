@@ -65,8 +65,22 @@ pids+=($!)
 export INGESTD_MQTT__PORT=$port INGESTD_MQTT__BROKER_MAX_INFLIGHT=1000
 export INGESTD_STORE__PATH=$PWD/var/ingestd.db
 echo "quickstart: broker on 127.0.0.1:$port, database var/ingestd.db; Ctrl-C to stop" >&2
+.venv/bin/ingestd run --config config/ingestd.toml &
+daemon=$!
+pids+=($daemon)
+# The simulator starts once the daemon is ready (subscribed): on a first run
+# there is no session at the broker yet, and what it sent before would be lost.
+.venv/bin/python - <<'PY' || true
+import json, time, urllib.request
+for _ in range(100):
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:9799/readyz", timeout=1) as r:
+            if json.load(r).get("broker"):
+                break
+    except OSError:
+        pass
+    time.sleep(0.1)
+PY
 .venv/bin/ingestd simulate --config config/ingestd.toml --sensors 8 --interval 1 "$@" &
 pids+=($!)
-.venv/bin/ingestd run --config config/ingestd.toml &
-pids+=($!)
-wait "${pids[-1]}"
+wait "$daemon"

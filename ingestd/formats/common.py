@@ -87,8 +87,11 @@ def check_ns(ns: int, raw: Any) -> int:
 def too_large(raw: Any, unit_hint: bool = True) -> str:
     """`unit_hint`: the route has a timestamp_unit to point at (SenML's times
     are seconds by its RFC: it does not)."""
-    hint = " set the route's timestamp_unit" if unit_hint else ""
-    return f"timestamp {raw!r} is too large for Unix seconds (milliseconds sent as seconds?{hint})"
+    hint = ": check the route's timestamp_unit" if unit_hint else ""
+    return (
+        f"timestamp {raw!r} is too large for a Unix time in the unit the route reads "
+        f"(a finer unit sent?){hint}"
+    )
 
 
 def parse_json(payload: bytes) -> Any:

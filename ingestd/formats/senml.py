@@ -351,7 +351,7 @@ def decode(
             continue
         if by_record:
             metric = match.metric_template.format_map(
-                {**match.values, "field": rec.name, "record": rec.record}
+                {**match.values, "field": rec.name, "record": rec.record or rec.name}
             )
         else:
             metric = prefix + rec.name + suffix

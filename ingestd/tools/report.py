@@ -392,7 +392,10 @@ def instance_stats(url: str | None, metrics: MetricsSettings) -> dict[str, Any]:
         raise DataCommandError(
             "stats --instance: the config disables [metrics]: give the daemon's address with --url"
         )
-    url = url or f"http://{metrics.host}:{metrics.port}"
+    # The address the daemon logs ("metrics listening") ends in /metrics.
+    url = (
+        (url or f"http://{metrics.host}:{metrics.port}").removesuffix("/").removesuffix("/metrics")
+    )
     stats = live_stats(url)
     if stats is None:
         raise DataCommandError(

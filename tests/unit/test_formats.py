@@ -100,6 +100,14 @@ def test_senml_record_names_without_the_base_name(pack: str) -> None:
         table({"topic": "senml/{sensor}", "format": "senml", "metric": "{sensor}"})
 
 
+def test_a_senml_record_with_no_name_of_its_own_keeps_the_resolved_one() -> None:
+    """A record named by `bn` alone (valid SenML): `{record}` is not empty."""
+    t = table({"topic": "senml/{sensor}", "format": "senml", "metric": "{record}"})
+    readings, problems = run(t, "senml/dev9", '[{"bn": "dev9:temp", "v": 1}]')
+    assert problems == []
+    assert [r.metric for r in readings] == ["dev9:temp"]
+
+
 def test_senml_multiple_measurements_with_base_time_and_unit() -> None:
     pack = (
         '[{"bn":"urn:dev:ow:10e2073a0108006:","bt":1.276020076001e+09,"bu":"A","bver":5,'
