@@ -230,9 +230,12 @@ class Processor:
 
     def reconfigure(self, settings: Settings) -> None:
         """A reload: new limits, scaling and clock checks from the next chunk
-        on, and the report of keys that match nothing started over."""
+        on; what unchanged keys matched is kept (`KeyUsage.carry`)."""
         self.settings = settings.processor
+        old = getattr(self, "rules", None)
         self.rules = MetricRules(settings.processor, settings.routes)
+        if old is not None:
+            self.rules.usage.carry(old.usage)
 
     def __init__(
         self,

@@ -311,7 +311,7 @@ class ProcessorSettings(Section):
     rules: list[ProcessorRule] = Field(default_factory=list)
     # Seconds of traffic after which a limit or scaling key that applied to no
     # reading is reported (0: never).
-    report_unmatched_after: float = Field(600.0, ge=0)
+    report_unmatched_after: float = Field(3600.0, ge=0)
     # metric -> "gauge" (the default) or "counter" (a monotonic total: its
     # rollups carry the increase, resets and glitches taken into account).
     kinds: dict[str, Literal["gauge", "counter"]] = Field(default_factory=dict)

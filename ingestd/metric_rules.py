@@ -20,7 +20,8 @@ load (metric names come from the devices). After `report_unmatched_after`
 seconds of traffic (from the first reading after the rules took effect, judged
 at a later reading: an idle daemon reports nothing) each key still unmatched
 is logged once, with the names seen that come closest, and listed in
-`ingestd_processor_key_unmatched`. A reload starts over with the new keys.
+`ingestd_processor_key_unmatched`. A reload keeps what unchanged keys
+matched (and a report of them); keys it adds get a window of their own.
 """
 
 from __future__ import annotations
@@ -197,6 +198,21 @@ class KeyUsage:
         # Whether `watch` has anything left to do (read per chunk).
         self.watching = bool(keys) and after > 0
 
+    def carry(self, old: KeyUsage) -> None:
+        """A reload: what the keys it keeps unchanged had matched, and the
+        names seen, go on; the window goes on too unless keys were added."""
+        self.metrics |= old.metrics
+        self.sensors |= old.sensors
+        for key, what in self.keys.items():
+            if old.keys.get(key) == what:
+                if key not in old.unmatched:
+                    self.unmatched.discard(key)
+                if key in old.reported:
+                    self.reported.append(key)
+        if self.keys.keys() <= old.keys.keys():
+            self.first_at, self.readings = old.first_at, old.readings
+        self.watching = self.after > 0 and bool(self.unmatched - set(self.reported))
+
     def saw(self, sensor: str, metric: str, matched: list[str]) -> None:
         self.unmatched.difference_update(matched)
         if len(self.metrics) < NAMES_KEPT:
@@ -220,7 +236,7 @@ class KeyUsage:
         if now - self.first_at < self.after:
             return
         self.watching = False
-        for key in sorted(self.unmatched):
+        for key in sorted(self.unmatched - set(self.reported)):  # each said once
             self.reported.append(key)
             metric, glob = self.keys[key]
             close: list[str] = []

@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 from ingestd.checks import process
 from ingestd.config import Settings
 from ingestd.events import NS, Reading, Rejected
-from ingestd.metric_rules import MetricRules
+from ingestd.metric_rules import KeyUsage, MetricRules
 from ingestd.tools.explain import explain
 
 NOW = 1_700_000_000.0
@@ -172,3 +172,24 @@ def test_explain_shows_what_applies_and_where_from() -> None:
     assert "    no limit, no scaling" in text
     text = explain(settings(), "freezers/f1/temperature", b"50", now=NOW)
     assert "quarantined (out_of_range): temperature=5 is above the limit max=-10 (routes[" in text
+
+
+def test_a_reload_keeps_what_unchanged_keys_matched() -> None:
+    keys = {
+        "processor.limits.temperature": ("temperature", ""),
+        "processor.limits.temprature": ("temprature", ""),
+    }
+    old = KeyUsage(keys, after=10)
+    old.saw("s1", "temperature", ["processor.limits.temperature"])
+    old.watch(0.0, 1)
+    old.watch(11.0, 1)
+    assert old.unmatched_reported == ["processor.limits.temprature"]
+    new = KeyUsage(dict(keys), after=10)
+    new.carry(old)  # a reload that changed something else
+    assert new.unmatched == {"processor.limits.temprature"}
+    assert new.unmatched_reported == ["processor.limits.temprature"]  # still shown
+    assert not new.watching  # and not said again
+    added = KeyUsage({**keys, "processor.limits.rh": ("rh", "")}, after=10)
+    added.carry(old)
+    assert added.watching
+    assert added.first_at is None
