@@ -32,6 +32,12 @@ from ingestd.store.sqlite.rolling import counter_series, create_views, insert_re
 from ingestd.store.sqlite.schema import migrate
 
 ROWS_PER_INSERT = 256  # 1,024 parameters, well under SQLite's limit of 32,766
+_SERIES_PER_STATEMENT = 256
+_NEW_SERIES = "INSERT OR IGNORE INTO series (sensor, metric, tags, unit) VALUES {values}"
+_SERIES_IDS = (
+    "SELECT id, sensor, metric, tags, unit FROM series "
+    "WHERE (sensor, metric, tags, unit) IN (VALUES {values})"
+)
 _INSERT_ONE = "INSERT OR IGNORE INTO samples (series_id, ts_ns, seq, value) VALUES (?, ?, ?, ?)"
 _INSERT_MANY = "INSERT OR IGNORE INTO samples (series_id, ts_ns, seq, value) VALUES " + ", ".join(
     ["(?, ?, ?, ?)"] * ROWS_PER_INSERT
@@ -182,31 +188,25 @@ class Batch(base.Batch):
     async def _rows_with_new_series(
         self, readings: Sequence[Reading]
     ) -> list[tuple[int, int, int, float]]:
-        known = self._store.series_ids
-        new = self.new_series
-        rows: list[tuple[int, int, int, float]] = []
-        append = rows.append
-        for r in readings:
-            key = (r.sensor, r.metric, r.tags, r.unit)
-            sid = known.get(key) or new.get(key)
-            if sid is None:
-                sid = await self._series_id(key)
-                new[key] = sid
-            append((sid, r.ts_ns, r.seq, r.value))
-        return rows
-
-    async def _series_id(self, key: tuple[str, str, str, str]) -> int:
-        await self._conn.execute(
-            "INSERT OR IGNORE INTO series (sensor, metric, tags, unit) VALUES (?, ?, ?, ?)", key
+        """A batch's rows, its new series made and looked up a few hundred a statement."""
+        known, new = self._store.series_ids, self.new_series
+        missing = sorted(
+            {k for r in readings if (k := (r.sensor, r.metric, r.tags, r.unit)) not in known}
+            - new.keys()
         )
-        async with self._conn.execute(
-            "SELECT id FROM series WHERE sensor = ? AND metric = ? AND tags = ? AND unit = ?",
-            key,
-        ) as cur:
-            row = await cur.fetchone()
-        if row is None:  # pragma: no cover - the INSERT above guarantees a row
-            raise StoreError(f"series {key!r} vanished inside its own transaction")
-        return int(row[0])
+        for start in range(0, len(missing), _SERIES_PER_STATEMENT):
+            part = missing[start : start + _SERIES_PER_STATEMENT]
+            values = ", ".join(["(?, ?, ?, ?)"] * len(part))
+            params = list(chain.from_iterable(part))
+            await self._conn.execute(_NEW_SERIES.format(values=values), params)
+            async with self._conn.execute(_SERIES_IDS.format(values=values), params) as cur:
+                for sid, *key in await cur.fetchall():
+                    new[(key[0], key[1], key[2], key[3])] = int(sid)
+        return [
+            (known.get(k) or new[k], r.ts_ns, r.seq, r.value)
+            for r in readings
+            if (k := (r.sensor, r.metric, r.tags, r.unit))
+        ]
 
     async def execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
         await self._conn.executemany(sql, rows)
