@@ -1,0 +1,183 @@
+"""Loads shaped like a fleet: a wide one (thousands of devices, each seen a few
+times), SenML packs as RFC 8428 devices write them, and CPU per QoS 1 message
+against mosquitto_sub's, each ratio measured in the same run.
+
+    .venv/bin/python -m bench.fleet                   # 3 interleaved rounds
+    .venv/bin/python -m bench.fleet --only wide --rounds 1
+
+The backlog is preloaded with paho (one topic per device; mosquitto_pub takes
+one topic per process) while the consumer is not running, then timed as
+bench.bench times it: from the consumer's connection to its last reading
+committed. Broker as config/mosquitto.conf says (1000 in flight, no queue
+limit), QoS 1, acknowledged after commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from bench import bench
+from bench.bench import T0, Result, Scenario
+from tests.support.brokers import Mosquitto
+
+FAST = (("INGESTD_MQTT__BROKER_MAX_INFLIGHT", "1000"),)
+
+
+@dataclass(frozen=True)
+class Shape:
+    devices: int
+    metrics: int = 2  # readings per JSON message
+    senml: bool = False  # packs of 25 records of 2 metrics, device-shaped
+
+
+SHAPES: dict[str, Shape] = {}
+
+
+def _scenario(name: str, shape: Shape, messages: int | None = None, **kw: object) -> Scenario:
+    SHAPES[name] = shape
+    batch = 25 if shape.senml else 0
+    return Scenario(
+        name, "ingestd", 1, 1000, FAST, messages=messages, batch=batch,
+        payload="senml" if shape.senml else "json", **kw,  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def scenarios() -> list[Scenario]:
+    return [
+        _scenario("ingestd, 200 devices x 2 metrics", Shape(200)),
+        _scenario("ingestd, 20,000 devices x 2 metrics", Shape(20_000)),
+        _scenario("ingestd -> PostgreSQL, 200 devices x 2 metrics", Shape(200), store="postgres"),
+        _scenario(
+            "ingestd -> PostgreSQL, 20,000 devices x 2 metrics", Shape(20_000), store="postgres"
+        ),
+        _scenario(
+            "ingestd, SenML packs as devices send them (200 devices, 50 records)",
+            Shape(200, senml=True),
+            messages=20_000,
+        ),
+        Scenario("mosquitto_sub (C, receive only), QoS 1", "mosquitto_sub", 1, 1000),
+    ]
+
+
+def _json(i: int, shape: Shape) -> bytes:
+    fields = ", ".join(f'"m{k}": {(i * 7 + k) % 100 / 4}' for k in range(shape.metrics))
+    return ("{" + f'"ts": {T0 + i * 0.001:.3f}, {fields}' + "}").encode()
+
+
+def _senml(i: int, device: int) -> bytes:
+    """A pack as RFC 8428 devices write it: a base name per device, a base
+    time, a unit on every record, relative times."""
+    records = []
+    for j in range(25):
+        head = f'"bn": "urn:dev:site3:dev{device}:", "bt": {T0 + i * 0.025:.3f}, ' if j == 0 else ""
+        t = j * 0.001
+        records.append(f'{{{head}"n": "temperature", "u": "Cel", "t": {t:.3f}, "v": {20 + j % 9}}}')
+        records.append(f'{{"n": "humidity", "u": "%RH", "t": {t:.3f}, "v": {(i + j) % 100}}}')
+    return ("[" + ", ".join(records) + "]").encode()
+
+
+def preload(
+    broker: Mosquitto, messages: int, qos: int, workdir: Path, batch: int = 0, payload: str = "json"
+) -> None:
+    """One topic per device, published with paho before the consumer runs."""
+    shape = SHAPES.get(_current[0], Shape(bench.SENSORS))
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    client.max_inflight_messages_set(1000)
+    client.max_queued_messages_set(0)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        infos = []
+        for i in range(messages):
+            device = i % shape.devices
+            body = _senml(i, device) if shape.senml else _json(i, shape)
+            infos.append(client.publish(f"sensors/dev{device}/telemetry", body, qos=qos))
+            if len(infos) >= 5000:
+                for info in infos:
+                    info.wait_for_publish(60)
+                infos.clear()
+        for info in infos:
+            info.wait_for_publish(60)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+
+
+_current = [""]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--messages", type=int, default=100_000)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--only", default="", help="scenarios whose name contains this ('|'-separated)")
+    args = p.parse_args()
+    chosen = [
+        s for s in scenarios()
+        if not args.only or any(w in s.name.lower() for w in args.only.lower().split("|"))
+    ]  # fmt: skip
+    bench.preload = preload  # the fleet's shapes, not bench's 8 topics
+    results: dict[str, list[Result]] = {s.name: [] for s in chosen}
+    started = time.monotonic()
+    try:
+        for r in range(args.rounds):
+            for sc in chosen:
+                _current[0] = sc.name
+                res = bench.run_one(sc, args.messages)
+                results[sc.name].append(res)
+                print(f"round {r + 1}: {sc.name}: {res.rate:,.0f} readings/s", file=sys.stderr)
+    finally:
+        for pg in bench._PG:  # noqa: SLF001 - the benchmark's own cluster
+            pg.cleanup()
+    print(report(results, args, time.monotonic() - started))
+    return 0
+
+
+def report(results: dict[str, list[Result]], args: argparse.Namespace, seconds: float) -> str:
+    med = statistics.median
+    lines = [
+        f"{args.rounds} interleaved round(s), {seconds:.0f} s; medians.",
+        "",
+        "| scenario | messages | readings/s (median) | min-max | CPU µs/message | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    rate = {n: med([r.rate for r in rs]) for n, rs in results.items() if rs}
+    cpu = {n: med([r.cpu / r.messages * 1e6 for r in rs]) for n, rs in results.items() if rs}
+    for name, rs in results.items():
+        rates = [r.rate for r in rs]
+        lines.append(
+            f"| {name} | {rs[0].messages:,} | {rate[name]:,.0f} | {min(rates):,.0f}-"
+            f"{max(rates):,.0f} | {cpu[name]:.1f} | {med([r.rss_mb for r in rs]):.1f} |"
+        )
+    lines.append("")
+    wide, narrow = "20,000 devices x 2 metrics", "200 devices x 2 metrics"
+    pairs = [
+        ("SQLite wide / narrow", f"ingestd, {wide}", f"ingestd, {narrow}"),
+        (
+            "PostgreSQL wide / narrow",
+            f"ingestd -> PostgreSQL, {wide}",
+            f"ingestd -> PostgreSQL, {narrow}",
+        ),
+    ]
+    for label, a, b in pairs:
+        if a in rate and b in rate:
+            lines.append(f"- {label}: {rate[a] / rate[b]:.2f}x")
+    mosq = "mosquitto_sub (C, receive only), QoS 1"
+    narrow = "ingestd, 200 devices x 2 metrics"
+    if mosq in cpu and narrow in cpu:
+        lines.append(
+            f"- CPU per QoS 1 message, ingestd / mosquitto_sub: {cpu[narrow] / cpu[mosq]:.2f}x"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
