@@ -5,6 +5,7 @@ the views."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import itemgetter
 from typing import Any
 
 from ingestd import rollups
@@ -81,28 +82,37 @@ async def roll(conn: Any, plan: RollupPlan, new: Sequence[Record], counters: set
 async def _increase_changes(
     conn: Any, plan: RollupPlan, new: Sequence[Record], counters: set[int]
 ) -> dict[Key, float]:
-    own: dict[int, list[Record]] = {}
+    by_series: dict[int, list[Record]] = {}
     for r in new:
         if r[0] in counters:
-            own.setdefault(r[0], []).append(r)
-    if not own:
+            own = by_series.get(r[0])
+            if own is None:
+                by_series[r[0]] = [r]
+            else:
+                own.append(r)
+    if not by_series:
         return {}
-    sids = sorted(own)
+    # Per series, the batch's own stamps and seqs.
+    mine = {
+        sid: (list(map(itemgetter(1), own)), list(map(itemgetter(2), own)))
+        for sid, own in by_series.items()
+    }
+    sids = sorted(mine)
     await conn.execute(_LOCK, [_LOCK_SPACE | s for s in sids])
     found = await conn.fetch(
         _WINDOW,
         sids,
-        [min(r[1] for r in own[s]) for s in sids],
-        [max(r[1] for r in own[s]) for s in sids],
+        [min(mine[s][0]) for s in sids],
+        [max(mine[s][0]) for s in sids],
     )
     windows: dict[int, list[tuple[int, int, float]]] = {s: [] for s in sids}
     for sid, ts, seq, value in found:
         windows[sid].append((ts, seq, value))
     changes: dict[Key, float] = {}
     for sid in sids:
-        mine = {(r[1], r[2]) for r in own[sid]}
+        stamps, seqs = mine[sid]
         window = sorted(windows[sid])
-        for k, d in rollups.increase_changes(window, mine, plan.widths, sid).items():
+        for k, d in rollups.increase_changes(window, stamps, seqs, plan.widths, sid).items():
             changes[k] = changes.get(k, 0.0) + d
     return changes
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import chain
+from operator import itemgetter
 
 import aiosqlite
 
@@ -34,14 +35,19 @@ _ADD_INCREASE = (
     "UPDATE rollups SET increase = coalesce(increase, 0) + ? "
     "WHERE width = ? AND series_id = ? AND bucket = ?"
 )
+# One series' window: its readings in the batch's time range and CONTEXT
+# either side; a batch asks for all its counter series' in one statement
+# (a compound SELECT of up to _WINDOWS_PER_QUERY, under SQLite's 500 terms).
 _WINDOW = (
-    "SELECT * FROM (SELECT ts_ns, seq, value FROM samples WHERE series_id = ?1 AND ts_ns < ?2 "
+    "SELECT ?{s}, * FROM (SELECT ts_ns, seq, value FROM samples "
+    "WHERE series_id = ?{s} AND ts_ns < ?{lo} "
     f"ORDER BY ts_ns DESC, seq DESC LIMIT {CONTEXT}) "
-    "UNION ALL SELECT ts_ns, seq, value FROM samples "
-    "WHERE series_id = ?1 AND ts_ns BETWEEN ?2 AND ?3 "
-    "UNION ALL SELECT * FROM (SELECT ts_ns, seq, value FROM samples "
-    f"WHERE series_id = ?1 AND ts_ns > ?3 ORDER BY ts_ns, seq LIMIT {CONTEXT})"
+    "UNION ALL SELECT ?{s}, ts_ns, seq, value FROM samples "
+    "WHERE series_id = ?{s} AND ts_ns BETWEEN ?{lo} AND ?{hi} "
+    "UNION ALL SELECT ?{s}, * FROM (SELECT ts_ns, seq, value FROM samples "
+    f"WHERE series_id = ?{{s}} AND ts_ns > ?{{hi}} ORDER BY ts_ns, seq LIMIT {CONTEXT})"
 )
+_WINDOWS_PER_QUERY = 100
 
 
 async def insert_returning(conn: aiosqlite.Connection, rows: Sequence[Record]) -> list[Record]:
@@ -82,15 +88,32 @@ async def increase_changes(
     by_series: dict[int, list[Record]] = {}
     for r in new:
         if r[0] in counters:
-            by_series.setdefault(r[0], []).append(r)
+            own = by_series.get(r[0])
+            if own is None:
+                by_series[r[0]] = [r]
+            else:
+                own.append(r)
+    # Per series, the batch's own stamps and seqs.
+    mine = {
+        sid: (list(map(itemgetter(1), own)), list(map(itemgetter(2), own)))
+        for sid, own in by_series.items()
+    }
+    windows: dict[int, list[tuple[int, int, float]]] = {sid: [] for sid in mine}
+    sids = sorted(mine)
+    for start in range(0, len(sids), _WINDOWS_PER_QUERY):
+        part = sids[start : start + _WINDOWS_PER_QUERY]
+        sql = " UNION ALL ".join(
+            _WINDOW.format(s=3 * i + 1, lo=3 * i + 2, hi=3 * i + 3) for i in range(len(part))
+        )
+        args = [x for sid in part for x in (sid, min(mine[sid][0]), max(mine[sid][0]))]
+        async with conn.execute(sql, args) as cur:
+            for sid, ts, seq, value in await cur.fetchall():
+                windows[int(sid)].append((int(ts), int(seq), float(value)))
     changes: dict[Key, float] = {}
-    for sid, own in by_series.items():
-        lo = min(r[1] for r in own)
-        hi = max(r[1] for r in own)
-        async with conn.execute(_WINDOW, (sid, lo, hi)) as cur:
-            window = sorted((int(a), int(b), float(c)) for a, b, c in await cur.fetchall())
-        mine = {(r[1], r[2]) for r in own}
-        for k, d in rollups.increase_changes(window, mine, plan.widths, sid).items():
+    for sid in sids:
+        stamps, seqs = mine[sid]
+        window = sorted(windows[sid])
+        for k, d in rollups.increase_changes(window, stamps, seqs, plan.widths, sid).items():
             changes[k] = changes.get(k, 0.0) + d
     return changes
 
