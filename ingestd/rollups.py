@@ -212,28 +212,52 @@ def increases(window: Sequence[Point], widths: Sequence[int], sid: int) -> dict[
     return out
 
 
+def counter_points(
+    records: Iterable[tuple[int, int, int, float]], counters: set[int]
+) -> dict[int, list[Point]]:
+    """A batch's own readings of each counter series, (ts_ns, seq, value) in
+    time order."""
+    out: dict[int, list[Point]] = {}
+    for sid, ts, seq, v in records:
+        if sid in counters:
+            own = out.get(sid)
+            if own is None:
+                out[sid] = [(ts, seq, v)]
+            else:
+                own.append((ts, seq, v))
+    for own in out.values():
+        own.sort()
+    return out
+
+
+def window_of(
+    own: list[Point], before: list[Point], inside: int, after: list[Point]
+) -> list[Point] | None:
+    """A series' window around a batch's own readings (in time order), from
+    the CONTEXT readings stored before and after them and the number stored
+    in their time range; None if that range holds readings of others (then
+    the range is read whole)."""
+    if inside != len(own):
+        return None
+    return [*sorted(before), *own, *sorted(after)]
+
+
 def increase_changes(
-    window: Sequence[Point],
-    stamps: Sequence[int],
-    seqs: Sequence[int],
-    widths: Sequence[int],
-    sid: int,
+    window: Sequence[Point], own: Sequence[Point], widths: Sequence[int], sid: int
 ) -> dict[Key, float]:
     """What a batch's arrival changed in each bucket's increase: `window` the
     series' readings around the batch's (its own included, in time order),
-    `stamps` and `seqs` the ts_ns and seq of the batch's own. The difference
-    between the deltas with and without them, computed from the same first
-    reading."""
+    `own` the batch's own (in time order). The difference between the deltas
+    with and without them, computed from the same first reading."""
     after = increases(window, widths, sid)
-    lo, hi = min(stamps), max(stamps)
-    start = bisect_left(window, lo, key=_ts)
-    end = bisect_right(window, hi, key=_ts)
-    if end - start == len(stamps):
+    start = bisect_left(window, own[0][0], key=_ts)
+    end = bisect_right(window, own[-1][0], key=_ts)
+    if end - start == len(own):
         # Nothing else stored in the batch's time range (the common case: a
         # series read in time order): the window without it is what is around.
         without = [*window[:start], *window[end:]]
     else:
-        new = set(zip(stamps, seqs, strict=True))
+        new = {(p[0], p[1]) for p in own}
         without = [p for p in window if (p[0], p[1]) not in new]
     before = increases(without, widths, sid)
     changes = {k: v - before.get(k, 0.0) for k, v in after.items()}
