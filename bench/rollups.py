@@ -3,7 +3,7 @@
     .venv/bin/python -m bench.rollups ingest --rounds 3   # rollups on vs off, both engines
     .venv/bin/python -m bench.rollups year                # a year of 1 Hz, hourly query
     .venv/bin/python -m bench.rollups size                # bytes on disk, both engines
-    .venv/bin/python -m bench.rollups all                 # the three, about 25 minutes
+    .venv/bin/python -m bench.rollups all --rounds 5      # the three, one run, about 17 minutes
 
 ingest: the scenarios of `bench.bench` (a preloaded backlog, QoS 1
 acknowledged after commit, one object per message or JSON arrays of 25
@@ -391,19 +391,23 @@ async def _pg_sizes(url: str, end: int) -> dict[str, object]:
             await conn.execute(sql)
         await conn.execute("VACUUM FULL rollups")
         await conn.execute("VACUUM ANALYZE")
-        raw = await conn.fetchval(
-            "SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('samples')"
+        raw = int(
+            await conn.fetchval(
+                "SELECT sum(pg_total_relation_size(relid)) FROM pg_partition_tree('samples')"
+            )
         )
         raw_rows = await conn.fetchval("SELECT count(*) FROM samples")
-        raw_index = await conn.fetchval(
-            "SELECT sum(pg_indexes_size(relid)) FROM pg_partition_tree('samples')"
+        raw_index = int(
+            await conn.fetchval(
+                "SELECT sum(pg_indexes_size(relid)) FROM pg_partition_tree('samples')"
+            )
         )
         partitions = await conn.fetchval(
             "SELECT count(*) FROM pg_partition_tree('samples') WHERE isleaf"
         )
         both = await conn.fetchval("SELECT pg_total_relation_size('rollups')")
         rows = counts(await conn.fetch("SELECT width, count(*) FROM rollups GROUP BY width"))
-        tables = await conn.fetchval(
+        tables = await conn.fetchval(  # (a sum: numeric)
             "SELECT sum(pg_total_relation_size(c.oid)) FROM pg_class AS c "
             "JOIN pg_namespace AS n ON n.oid = c.relnamespace "
             "WHERE n.nspname = 'public' AND c.relkind IN ('r', 'm')"
@@ -418,8 +422,8 @@ async def _pg_sizes(url: str, end: int) -> dict[str, object]:
             "1m": both - hourly,
             "1h": hourly,
             "rows": rows,
-            "other": tables - raw - both,
-            "total": tables,
+            "other": int(tables) - raw - both,
+            "total": int(tables),
             "note": f"{partitions} partitions of samples (a day each, with the default); "
             f"raw = {(raw - raw_index) / 1e6:,.0f} MB of table + {raw_index / 1e6:,.0f} MB "
             "of primary-key index (filled in time order, the sensors interleaved, as "
@@ -495,16 +499,19 @@ def main() -> int:
     out: list[str] = []
     work = Path(tempfile.mkdtemp(prefix="ingestd-rollups-", dir=a.workdir))
     try:
+        # Each part's table as soon as it is done (a later part's failure keeps it).
         if a.what in ("ingest", "all"):
             out.append(ingest(a.rounds, a.messages, engines, a.only, a.profile))
+            print(out[-1], flush=True)
         if a.what in ("year", "all"):
             out.append(year(work))
+            print(out[-1], flush=True)
         if a.what in ("size", "all"):
             out.append(size(work, engines))
+            print(out[-1], flush=True)
     finally:
         bench.stop_postgres()
         shutil.rmtree(work, ignore_errors=True)
-    print("\n".join(out))
     return 0
 
 
