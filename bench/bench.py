@@ -199,6 +199,12 @@ def postgres_database() -> tuple[str, str]:
     return name, _PG[0].create_db(name)
 
 
+def stop_postgres() -> None:
+    """Stop and remove the benchmark's PostgreSQL cluster, if one was started."""
+    while _PG:
+        _PG.pop().cleanup()
+
+
 def senml_pack(i: int, records: int) -> str:
     """A SenML pack of `records` records, 2 readings each (temperature and
     humidity), times base + j ms: pack i covers the times JSON array i does."""
@@ -722,8 +728,7 @@ def main() -> int:
     print(table)
     if a.out:
         a.out.write_text(table)
-    for cluster in _PG:
-        cluster.cleanup()
+    stop_postgres()
     return 0
 
 

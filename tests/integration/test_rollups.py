@@ -245,3 +245,50 @@ def test_a_rebuild_from_a_time_credits_a_counter_as_the_daemon_did(engine: Engin
 def test_a_counter_below_zero_adds_nothing_on_a_reset() -> None:
     assert deltas([-5.0, -10.0, -20.0, -3.0, -50.0]) == [0.0, 0.0, 0.0, 7.0, 0.0]
     assert deltas([5.0, 0.0, -2.0, 4.0]) == [0.0, 0.0, 0.0, 4.0]  # -2: a glitch
+
+
+def test_many_counter_series_in_one_batch(engine: Engine) -> None:
+    """Each batch holds readings of 12 counters (their windows are read in
+    one statement), some late, some redelivered: every row as computed."""
+    make, rows, _ = engine
+    sensors = [f"m{i:02d}" for i in range(12)]
+    readings = {
+        s: [
+            Reading(s, "energy", (T0 + 30 * i + k) * NS, float(0 if i % 17 == 16 else i * (k + 1)))
+            for i in range(300)
+        ]
+        for k, s in enumerate(sensors)
+    }
+    late = {s: set(range(k * 7, k * 7 + 5)) for k, s in enumerate(sensors)}
+    on_time = [r for s in sensors for i, r in enumerate(readings[s]) if i not in late[s]]
+    on_time.sort(key=lambda r: (r.ts_ns, r.sensor))
+
+    async def run() -> None:
+        store = make()
+        await store.open()
+        try:
+            for i in range(0, len(on_time), 97):
+                async with store.batch() as tx:
+                    await tx.add_readings(on_time[i : i + 97])
+            again = [readings[s][i] for s in sensors for i in sorted(late[s])] + on_time[:50]
+            for _ in range(2):  # late, then redelivered
+                async with store.batch() as tx:
+                    await tx.add_readings(again)
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+    found: list[Any] = rows(
+        "SELECT sensor, bucket, count, min, max, first, last, increase FROM rollup_1m "
+        "UNION ALL SELECT sensor, bucket + 1, count, min, max, first, last, increase "
+        "FROM rollup_1h"
+    )
+    got = {
+        (str(s), int(b)): (n, lo, hi, first, last, round(float(inc), 9))
+        for s, b, n, lo, hi, first, last, inc in found
+    }
+    want = {}
+    for s in sensors:
+        for (width, _, bucket), v in expected(readings[s], {"energy"}).items():
+            want[(s, bucket + (width == 3600))] = (v[0], v[1], v[2], v[4], v[5], v[6])
+    assert got == want

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ingestd import rollups
-from ingestd.rollups import CONTEXT, Key, RollupPlan
+from ingestd.rollups import CONTEXT, Key, Point, RollupPlan
 
 Record = tuple[int, int, int, float]  # series_id, ts_ns, seq, value
 
@@ -41,6 +41,21 @@ _ADD_INCREASE = (
 # other advisory locks (the primary role's).
 _LOCK = "SELECT pg_advisory_xact_lock(x) FROM unnest($1::bigint[]) AS x ORDER BY x"
 _LOCK_SPACE = 0x526F6C6C << 32  # "Roll"
+# Around a batch's own readings of each counter series: the CONTEXT stored
+# before them (part 0) and after them (2), and how many are stored in their
+# time range (1: its own, unless a late batch landed among others).
+_AROUND = (
+    "SELECT w.sid, s.part, s.ts_ns, s.seq, s.value "
+    "FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS w(sid, lo, hi) "
+    "CROSS JOIN LATERAL ("
+    "(SELECT 0 AS part, ts_ns, seq, value FROM samples WHERE series_id = w.sid AND ts_ns < w.lo "
+    f"ORDER BY ts_ns DESC, seq DESC LIMIT {CONTEXT}) "
+    "UNION ALL (SELECT 1, count(*), 0, 0.0::float8 FROM samples "
+    "WHERE series_id = w.sid AND ts_ns BETWEEN w.lo AND w.hi) "
+    "UNION ALL (SELECT 2, ts_ns, seq, value FROM samples WHERE series_id = w.sid "
+    f"AND ts_ns > w.hi ORDER BY ts_ns, seq LIMIT {CONTEXT})) AS s"
+)
+# The whole window, for series whose range holds readings of others.
 _WINDOW = (
     "SELECT w.sid, s.ts_ns, s.seq, s.value "
     "FROM unnest($1::bigint[], $2::bigint[], $3::bigint[]) AS w(sid, lo, hi) "
@@ -81,28 +96,40 @@ async def roll(conn: Any, plan: RollupPlan, new: Sequence[Record], counters: set
 async def _increase_changes(
     conn: Any, plan: RollupPlan, new: Sequence[Record], counters: set[int]
 ) -> dict[Key, float]:
-    own: dict[int, list[Record]] = {}
-    for r in new:
-        if r[0] in counters:
-            own.setdefault(r[0], []).append(r)
-    if not own:
+    mine = rollups.counter_points(new, counters)
+    if not mine:
         return {}
-    sids = sorted(own)
+    sids = sorted(mine)
     await conn.execute(_LOCK, [_LOCK_SPACE | s for s in sids])
     found = await conn.fetch(
-        _WINDOW,
-        sids,
-        [min(r[1] for r in own[s]) for s in sids],
-        [max(r[1] for r in own[s]) for s in sids],
+        _AROUND, sids, [mine[s][0][0] for s in sids], [mine[s][-1][0] for s in sids]
     )
-    windows: dict[int, list[tuple[int, int, float]]] = {s: [] for s in sids}
-    for sid, ts, seq, value in found:
-        windows[sid].append((ts, seq, value))
+    around: dict[int, tuple[list[Point], list[int], list[Point]]] = {s: ([], [], []) for s in sids}
+    for sid, where, ts, seq, value in found:
+        before, inside, after = around[sid]
+        if where == 1:
+            inside.append(ts)
+        else:
+            (before if where == 0 else after).append((ts, seq, value))
+    windows: dict[int, list[Point]] = {}
+    for sid in sids:
+        window = rollups.window_of(mine[sid], around[sid][0], around[sid][1][0], around[sid][2])
+        if window is not None:
+            windows[sid] = window
+    whole = [s for s in sids if s not in windows]
+    if whole:  # others stored among a batch's own: read those ranges whole
+        found = await conn.fetch(
+            _WINDOW, whole, [mine[s][0][0] for s in whole], [mine[s][-1][0] for s in whole]
+        )
+        for s in whole:
+            windows[s] = []
+        for sid, ts, seq, value in found:
+            windows[sid].append((ts, seq, value))
+        for s in whole:
+            windows[s].sort()
     changes: dict[Key, float] = {}
     for sid in sids:
-        mine = {(r[1], r[2]) for r in own[sid]}
-        window = sorted(windows[sid])
-        for k, d in rollups.increase_changes(window, mine, plan.widths, sid).items():
+        for k, d in rollups.increase_changes(windows[sid], mine[sid], plan.widths, sid).items():
             changes[k] = changes.get(k, 0.0) + d
     return changes
 

@@ -10,7 +10,7 @@ import aiosqlite
 
 from ingestd import rollups
 from ingestd.events import Reading
-from ingestd.rollups import CONTEXT, Key, RollupPlan, Row
+from ingestd.rollups import CONTEXT, Key, Point, RollupPlan, Row
 
 Record = tuple[int, int, int, float]  # series_id, ts_ns, seq, value
 
@@ -35,6 +35,20 @@ _ADD_INCREASE = (
     "UPDATE rollups SET increase = coalesce(increase, 0) + ? "
     "WHERE width = ? AND series_id = ? AND bucket = ?"
 )
+# Around a batch's own readings of one counter series: the CONTEXT stored
+# before them (part 0) and after them (2), and how many are stored in their
+# time range (1: its own, unless a late batch landed among others). A batch
+# asks for all its counter series' in one statement (a compound SELECT of up
+# to _WINDOWS_PER_QUERY, under SQLite's 500 terms).
+_AROUND = (
+    "SELECT ?{s}, 0, * FROM (SELECT ts_ns, seq, value FROM samples "
+    "WHERE series_id = ?{s} AND ts_ns < ?{lo} "
+    f"ORDER BY ts_ns DESC, seq DESC LIMIT {CONTEXT}) "
+    "UNION ALL SELECT ?{s}, 1, count(*), 0, 0.0 FROM samples "
+    "WHERE series_id = ?{s} AND ts_ns BETWEEN ?{lo} AND ?{hi} "
+    "UNION ALL SELECT ?{s}, 2, * FROM (SELECT ts_ns, seq, value FROM samples "
+    f"WHERE series_id = ?{{s}} AND ts_ns > ?{{hi}} ORDER BY ts_ns, seq LIMIT {CONTEXT})"
+)
 _WINDOW = (
     "SELECT * FROM (SELECT ts_ns, seq, value FROM samples WHERE series_id = ?1 AND ts_ns < ?2 "
     f"ORDER BY ts_ns DESC, seq DESC LIMIT {CONTEXT}) "
@@ -43,6 +57,7 @@ _WINDOW = (
     "UNION ALL SELECT * FROM (SELECT ts_ns, seq, value FROM samples "
     f"WHERE series_id = ?1 AND ts_ns > ?3 ORDER BY ts_ns, seq LIMIT {CONTEXT})"
 )
+_WINDOWS_PER_QUERY = 100
 
 
 async def insert_returning(conn: aiosqlite.Connection, rows: Sequence[Record]) -> list[Record]:
@@ -89,18 +104,33 @@ async def roll(
 async def increase_changes(
     conn: aiosqlite.Connection, plan: RollupPlan, new: Sequence[Record], counters: set[int]
 ) -> dict[Key, float]:
-    by_series: dict[int, list[Record]] = {}
-    for r in new:
-        if r[0] in counters:
-            by_series.setdefault(r[0], []).append(r)
+    mine = rollups.counter_points(new, counters)
+    sids = sorted(mine)
+    around: dict[int, tuple[list[Point], list[int], list[Point]]] = {
+        sid: ([], [], []) for sid in sids
+    }
+    for start in range(0, len(sids), _WINDOWS_PER_QUERY):
+        part = sids[start : start + _WINDOWS_PER_QUERY]
+        sql = " UNION ALL ".join(
+            _AROUND.format(s=3 * i + 1, lo=3 * i + 2, hi=3 * i + 3) for i in range(len(part))
+        )
+        args = [x for sid in part for x in (sid, mine[sid][0][0], mine[sid][-1][0])]
+        async with conn.execute(sql, args) as cur:
+            for sid, where, ts, seq, value in await cur.fetchall():
+                before, inside, after = around[int(sid)]
+                if where == 1:
+                    inside.append(int(ts))
+                else:
+                    (before if where == 0 else after).append((int(ts), int(seq), float(value)))
     changes: dict[Key, float] = {}
-    for sid, own in by_series.items():
-        lo = min(r[1] for r in own)
-        hi = max(r[1] for r in own)
-        async with conn.execute(_WINDOW, (sid, lo, hi)) as cur:
-            window = sorted((int(a), int(b), float(c)) for a, b, c in await cur.fetchall())
-        mine = {(r[1], r[2]) for r in own}
-        for k, d in rollups.increase_changes(window, mine, plan.widths, sid).items():
+    for sid in sids:
+        own = mine[sid]
+        before, inside, after = around[sid]
+        window = rollups.window_of(own, before, inside[0], after)
+        if window is None:  # others stored among the batch's own: read them all
+            async with conn.execute(_WINDOW, (sid, own[0][0], own[-1][0])) as cur:
+                window = sorted((int(a), int(b), float(c)) for a, b, c in await cur.fetchall())
+        for k, d in rollups.increase_changes(window, own, plan.widths, sid).items():
             changes[k] = changes.get(k, 0.0) + d
     return changes
 
