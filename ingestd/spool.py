@@ -110,7 +110,6 @@ class Spool:
         self.pending = 0  # spool writes under way
         self.wake = asyncio.Event()  # set when batches are spooled: the forwarder drains
         self.full = False  # the last batch offered did not fit
-        self.forwarded_readings = 0  # forwarded to the store by this process
         # The device state the spooled batches carry, merged (read at open):
         # newer than the store's, which a restart must go on from.
         self.held: SensorStatus | None = None

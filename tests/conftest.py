@@ -77,6 +77,17 @@ def brokers() -> Iterator[BrokerFactory]:
         broker.kill()
 
 
+@pytest.fixture
+def own_pg() -> Iterator[Postgres]:
+    """A PostgreSQL cluster of the test's own, for tests that stop, kill or
+    restart it (the session's, `pg_cluster`, is shared)."""
+    cluster = Postgres().start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
 @pytest.fixture(scope="session")
 def pg_cluster() -> Iterator[Postgres]:
     """One PostgreSQL cluster for the session's tests that only need a database

@@ -38,15 +38,6 @@ FAST = {
 }
 
 
-@pytest.fixture
-def own_pg() -> Iterator[Postgres]:
-    cluster = Postgres().start()
-    try:
-        yield cluster
-    finally:
-        cluster.cleanup()
-
-
 def stream(n: int, start: int = 0, sensors: int = 50) -> Iterator[tuple[str, bytes]]:
     """Message i: sensor s<i % sensors>, x = i, y = -i, at a distinct time today
     (so the day's partitions take them)."""

@@ -38,15 +38,6 @@ DEVICES = 500
 JUNK_EVERY = 500  # one message in this many is not JSON: quarantined, once
 
 
-@pytest.fixture
-def own_pg() -> Iterator[Postgres]:
-    cluster = Postgres().start()
-    try:
-        yield cluster
-    finally:
-        cluster.cleanup()
-
-
 def stream(n: int, start: int = 0, rate: float = 0.0) -> Iterator[tuple[str, bytes]]:
     """Message i: device d<i % DEVICES>, x = i, y = -i, at a distinct time;
     every JUNK_EVERY-th is junk. `rate`: messages per second (0: flat out)."""

@@ -32,15 +32,6 @@ NOW = time.time()
 FAST = {"INGESTD_STORE__RETRY_MAX_DELAY": "0.5", "INGESTD_STORE__SPOOL__AFTER_MS": "1000"}
 
 
-@pytest.fixture
-def own_pg() -> Iterator[Postgres]:
-    cluster = Postgres().start()
-    try:
-        yield cluster
-    finally:
-        cluster.cleanup()
-
-
 def spooled(d: DaemonProcess, path: Path | None = None) -> int:
     state = read_state(path or d.workdir / "ingestd-spool.db")
     return state.readings if state else 0
