@@ -15,10 +15,11 @@ limit), QoS 1, acknowledged after commit.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -119,7 +120,15 @@ def main() -> int:
     p.add_argument("--messages", type=int, default=100_000)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--only", default="", help="scenarios whose name contains this ('|'-separated)")
+    p.add_argument(
+        "--intervals", help="ingestd's [rollups] intervals, comma-separated ('' for off)"
+    )
+    p.add_argument("--profile", type=Path, help="sample ingestd with py-spy; profiles in DIR")
     args = p.parse_args()
+    chosen_env: tuple[tuple[str, str], ...] = ()
+    if args.intervals is not None:
+        names = [n.strip() for n in args.intervals.split(",") if n.strip()]
+        chosen_env = (("INGESTD_ROLLUPS__INTERVALS", json.dumps(names)),)
     chosen = [
         s for s in scenarios()
         if not args.only or any(w in s.name.lower() for w in args.only.lower().split("|"))
@@ -129,9 +138,17 @@ def main() -> int:
     started = time.monotonic()
     try:
         for r in range(args.rounds):
-            for sc in chosen:
-                _current[0] = sc.name
-                res = bench.run_one(sc, args.messages)
+            for chosen_sc in chosen:
+                _current[0] = chosen_sc.name
+                sc = chosen_sc
+                if sc.consumer == "ingestd":
+                    sc = replace(sc, env=sc.env + chosen_env)
+                prof = None
+                if args.profile and sc.consumer == "ingestd":
+                    args.profile.mkdir(parents=True, exist_ok=True)
+                    slug = "".join(c if c.isalnum() else "-" for c in sc.name.lower())
+                    prof = args.profile / f"{slug}-{r + 1}.txt"
+                res = bench.run_one(sc, args.messages, prof)
                 results[sc.name].append(res)
                 print(f"round {r + 1}: {sc.name}: {res.rate:,.0f} readings/s", file=sys.stderr)
     finally:

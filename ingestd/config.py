@@ -343,6 +343,10 @@ class RollupSettings(Section):
     # Days each interval's rollups are kept (0: forever); an interval not
     # named here is kept forever.
     keep_days: dict[str, float] = Field(default_factory=lambda: {"1m": 90.0})
+    # Gauges' readings reach the rollup rows when closed (ingestd.closing):
+    # every close_seconds, sooner once close_readings are pending.
+    close_seconds: float = Field(60.0, gt=0)
+    close_readings: int = Field(100_000, ge=1)
 
     @field_validator("intervals")
     @classmethod

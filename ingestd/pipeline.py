@@ -19,6 +19,7 @@ import structlog
 
 from ingestd.bus import EventBus
 from ingestd.checks import Processor
+from ingestd.closing import Closer
 from ingestd.config import Settings, route_table
 from ingestd.devices import DeviceState, SequenceState
 from ingestd.errors import StopTimeout
@@ -52,6 +53,7 @@ class Pipeline:
     logger: EventLogger
     maintenance: Maintenance | None
     forwarder: Forwarder | None = None  # with a local spool
+    closer: Closer | None = None  # with rollups (the member's)
     started_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -106,6 +108,7 @@ class Pipeline:
             to_logger, s.daemon.log_summary_interval, _summary_fields(role, window, bus, writer)
         )
         maintenance = Maintenance(store, s.store) if maintain else None
+        closer = Closer(store, s.rollups) if maintain and s.rollup_plan() else None
         forwarder = None
         if spool is not None:
             writer.spool, writer.spool_after = spool, s.store.spool.after_ms / 1000
@@ -116,7 +119,9 @@ class Pipeline:
                 retry_min_delay=s.store.retry_min_delay,
                 retry_max_delay=s.store.retry_max_delay,
             )
-        return cls(role, source, processor, writer, window, bus, logger, maintenance, forwarder)
+        return cls(
+            role, source, processor, writer, window, bus, logger, maintenance, forwarder, closer
+        )
 
     def parts(self) -> list[object]:
         return [p for p in (self.source, self.processor, self.writer, self.maintenance) if p]
@@ -127,6 +132,8 @@ class Pipeline:
         self.writer.reconfigure(settings)
         if self.maintenance is not None:
             self.maintenance.reconfigure(settings)
+        if self.closer is not None:
+            self.closer.reconfigure(settings)
 
     async def run(
         self, stop: asyncio.Event, on_ready: Callable[[], None], stop_timeout: Callable[[], float]
@@ -143,6 +150,10 @@ class Pipeline:
             logger_task = tg.create_task(self.logger.run(), name=f"{self.role} logger")
             if self.maintenance is not None:
                 tg.create_task(self.maintenance.run(stop), name="maintenance")
+            if self.closer is not None:
+                tg.create_task(
+                    self.closer.run(stop, writer_task, stop_timeout), name="rollups closer"
+                )
             observers = [logger_task]
             if self.forwarder is not None:
                 observers.append(tg.create_task(self.forwarder.run(), name="forwarder"))

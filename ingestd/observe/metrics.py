@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
     from ingestd.bus import Subscription
+    from ingestd.closing import Closer
     from ingestd.pipeline import Pipeline
     from ingestd.writer import BatchWriter
 
@@ -51,6 +52,10 @@ def _quarantined(s: Scrape) -> Samples:
 def _spooling(s: Scrape) -> list[BatchWriter]:
     """The writers with a spool (a member's, with a remote store)."""
     return [p.writer for p in s.pipelines if p.writer.spool is not None]
+
+
+def _closers(s: Scrape) -> list[Closer]:
+    return [p.closer for p in s.pipelines if p.closer is not None]
 
 
 def _queues(read: Callable[[Subscription], int]) -> Callable[[Scrape], Samples]:
@@ -205,6 +210,22 @@ RUNNING = (
         "1 while the spool cannot take batches (full, or its disk refuses): "
         "batches are held unacknowledged",
         lambda s: flag(any(not w.spool_available for w in _spooling(s))),
+    ),
+    gauge(
+        "ingestd_rollups_pending_readings",
+        "Gauge readings this instance committed and has not yet closed into the "
+        "rollups ([rollups] close_seconds; the views lag by them)",
+        lambda s: sum(c.store.pending_readings for c in _closers(s)),
+    ),
+    counter(
+        "ingestd_rollups_closed_readings",
+        "Pending gauge readings closed into the rollups (by any instance's writes)",
+        lambda s: sum(c.closed for c in _closers(s)),
+    ),
+    counter(
+        "ingestd_rollups_close_failures",
+        "Closes of pending rollup readings that failed (retried; logged once a run of them)",
+        lambda s: sum(c.failures for c in _closers(s)),
     ),
     gauge(
         "ingestd_readings_in_flight",

@@ -1,22 +1,20 @@
 """The store interface: what the writer, maintenance and the CLI may ask of a
 database, whatever the engine.
 
-A backend (SQLite today) implements three things:
+A backend (SQLite, PostgreSQL) implements three things:
 
 - `Store`, the daemon's: opened (schema created and migrated) before anything
   is read from the broker; `batch()` is one transaction (readings, quarantine
   records and per-sensor state commit together, or not at all); `upkeep()`
-  runs retention and whatever housekeeping the engine needs, without holding
-  the writer up for long.
+  retention and housekeeping, never holding the writer up for long.
 - `Batch`, one open transaction, counting what it did: `inserted` new
   readings, `duplicates` (a reading whose key is stored with the same value:
   a redelivery), `conflicts` (the key is stored with another value: quarantined
   in the same transaction, never silently dropped).
 - `Reader`, the CLI's: read-only, safe beside a running daemon, rows streamed.
 
-Errors: `StoreUnavailable(condition, detail)` for what waiting can cure (the
-writer holds its data, stops acknowledging and retries), with `condition` one
-of `CONDITIONS`; `StoreError` for what it cannot.
+Errors: `StoreUnavailable(condition, detail)` (`CONDITIONS`) for what waiting
+cures (the writer holds its data and retries); `StoreError` for the rest.
 
 Every backend keeps the same schema contract for users who query it directly:
 a `readings` view (sensor, metric, ts, value, tags, unit, ts_ns, seq) over
@@ -110,6 +108,7 @@ class Batch(ABC):
         self.new_series: dict[tuple[str, str, str, str], int] = {}
         self.inserted = 0
         self.duplicates = 0
+        self.pending = 0  # gauges' readings left to close (`Store.close_rollups`)
         self.conflicts: list[Rejected] = []
         self.quarantined = 0
 
@@ -351,6 +350,13 @@ class Store(ABC):
         """Delete readings older than `cutoff` (Unix seconds; None: keep all) and
         quarantine records received before it, in small transactions; then the
         engine's housekeeping. Raises StoreError (or StoreUnavailable)."""
+
+    pending_readings = 0  # this process left for the rollups: a trigger to close
+
+    async def close_rollups(self, most: int) -> int:
+        """Close about `most` pending readings into the rollups (`ingestd.closing`),
+        oldest first, in one transaction; how many (0: none pending)."""
+        return 0
 
     async def spool_forwarded(self, spool: str) -> int:
         """The last row of local spool `spool` (its id) that a batch committed

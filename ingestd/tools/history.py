@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 from ingestd.errors import DataCommandError
 from ingestd.events import NS
+from ingestd.pending import merged
 from ingestd.rollups import RollupRow, interval_name, parse_interval
 from ingestd.store.base import Reader
 from ingestd.tools.report import Table, iso_ns, tag_pairs
@@ -108,18 +109,5 @@ def _coarser(rows: Iterable[RollupRow], width: int) -> Iterator[RollupRow]:
             groups, current = {}, bucket
         key = (r.sensor, r.metric, r.tags, r.unit)
         g = groups.get(key)
-        if g is None:
-            groups[key] = r._replace(bucket=bucket)
-            continue
-        groups[key] = g._replace(
-            n=g.n + r.n,
-            min=min(g.min, r.min),
-            max=max(g.max, r.max),
-            sum=g.sum + r.sum,
-            first=g.first if g.first_ns <= r.first_ns else r.first,
-            first_ns=min(g.first_ns, r.first_ns),
-            last=r.last if r.last_ns >= g.last_ns else g.last,
-            last_ns=max(g.last_ns, r.last_ns),
-            increase=None if g.increase is None else g.increase + (r.increase or 0.0),
-        )
+        groups[key] = r._replace(bucket=bucket) if g is None else merged(g, r)
     yield from groups.values()

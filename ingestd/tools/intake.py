@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from ingestd.backoff import Backoff
+from ingestd.closing import CHUNK
 from ingestd.config import Settings
 from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import Reading, Rejected
@@ -69,7 +70,16 @@ class Intake:
         await self._waiting(self.store.open)
 
     async def close(self) -> None:
-        await self.store.close()
+        """Close the rollups' pending readings it wrote (else a daemon does,
+        later), then the store."""
+        try:
+            while self.store.pending_readings:
+                if await self.store.close_rollups(CHUNK) < CHUNK:
+                    break
+        except StoreError as exc:
+            print(f"ingestd: rollups left pending (a daemon closes them): {exc}", file=self.err)
+        finally:
+            await self.store.close()
 
     async def commit(
         self,

@@ -10,6 +10,11 @@ hold. A counter's deltas start from the readings just before `--since`, so
 the first one after it is credited as the daemon credited it. The writers
 wait meanwhile (SQLite's write lock; on PostgreSQL the rollups table is
 locked), so what they commit after it is folded in as usual.
+
+The pending readings (not yet closed, `ingestd.closing`) are taken in the same
+transaction (on PostgreSQL the same snapshot as the raw readings): those
+from `--since` on are among the raw readings rebuilt from; those before it
+are closed into their rows.
 """
 
 from __future__ import annotations
@@ -22,7 +27,10 @@ from typing import Any
 from ingestd import rollups
 from ingestd.config import Settings
 from ingestd.errors import DataCommandError
+from ingestd.pending import PENDING, unpack
 from ingestd.rollups import NS, Key, RollupPlan, Row
+from ingestd.store.postgres.rolling import merge_rows
+from ingestd.store.sqlite.rolling import MERGE
 
 # A computed bucket replaces the stored one unless that counts more readings
 # than the raw readings kept (history whose raw readings retention removed).
@@ -69,6 +77,15 @@ def _params(items: Sequence[tuple[Key, Row]], start: int) -> list[tuple[Any, ...
     return [(*key, *row) for key, row in items if key[2] >= start]
 
 
+def _before(pending: list[bytes], start: int) -> list[tuple[int, int, int, float]]:
+    """The pending readings before `start` (Unix seconds): not rebuilt."""
+    return [r for blob in pending for r in unpack(blob) if r[1] < start * NS]
+
+
+def _merges(records: list[tuple[int, int, int, float]], plan: RollupPlan) -> list[tuple[Key, Row]]:
+    return sorted(rollups.aggregate(records, plan.widths).items())
+
+
 def _with_context(
     raw: Iterable[tuple[int, int, float]], context: dict[int, list[tuple[int, float]]]
 ) -> Iterator[tuple[int, int, float]]:
@@ -86,6 +103,10 @@ def rebuild_sqlite(path: str, plan: RollupPlan, start: int) -> int:
     conn = sqlite3.connect(path, timeout=30, isolation_level=None)
     try:
         conn.execute("BEGIN IMMEDIATE")
+        pending = [b for (b,) in conn.execute(PENDING)]
+        conn.execute("DELETE FROM rollup_pending")
+        earlier = _merges(_before(pending, start), plan)
+        conn.cursor().executemany(MERGE, [(*k, *row[:8], None) for k, row in earlier])
         counters = _counters(conn.execute("SELECT id, metric FROM series"), plan)
         context: dict[int, list[tuple[int, float]]] = {}
         for sid in sorted(counters) if start else ():
@@ -120,8 +141,13 @@ async def rebuild_postgres(url: str, password: str | None, plan: RollupPlan, sta
     )
     try:
         await conn.execute("SET statement_timeout = 0")
-        async with conn.transaction():
+        # One snapshot (taken after the lock) for the pending readings and
+        # the raw ones: a reading is rebuilt from one of them, never both.
+        async with conn.transaction(isolation="repeatable_read"):
             await conn.execute("LOCK TABLE rollups IN EXCLUSIVE MODE")
+            taken = await conn.fetch("DELETE FROM rollup_pending RETURNING id, records")
+            pending = [b for _, b in sorted(taken)]
+            await merge_rows(conn, dict(_merges(_before(pending, start), plan)), False)
             series = await conn.fetch("SELECT id, metric FROM series")
             counters = _counters(((r[0], r[1]) for r in series), plan)
             context: dict[int, list[tuple[int, float]]] = {}

@@ -179,6 +179,7 @@ def test_retention_removes_raw_readings_and_keeps_their_rollups(
         **store.env,
         INGESTD_STORE__RETENTION_DAYS="5",
         INGESTD_STORE__MAINTENANCE_INTERVAL="1",
+        INGESTD_ROLLUPS__CLOSE_SECONDS="1",  # the views lag by a close
     ).start()
     d.wait_ready()
     publish(b.port, [

@@ -42,6 +42,20 @@ def test_aggregate_is_the_fold_of_each_reading() -> None:
             assert aggregate(records, WIDTHS) == one_at_a_time(records)
 
 
+def test_aggregate_of_a_wide_batch_is_the_fold_of_each_reading() -> None:
+    """A wide fleet's batch: most series have one reading (the path that
+    skips grouping), some several, some crossing buckets."""
+    rng = random.Random(28)
+    base = 1_700_000_000 * NS
+    for spread in (0.05, 100, 10_000):
+        for _ in range(20):
+            records = [
+                (rng.randrange(1, 2000), base + int(rng.random() * spread * NS), 0, rng.random())
+                for _ in range(rng.randrange(1, 1500))
+            ]
+            assert aggregate(records, WIDTHS) == one_at_a_time(records)
+
+
 def test_aggregate_of_nothing() -> None:
     assert aggregate([], WIDTHS) == {}
 

@@ -141,7 +141,7 @@ class Batch(base.Batch):
                 if counters
                 else set()
             )
-            await roll(self._conn, plan, new, sids)
+            self.pending += await roll(self._conn, plan, new, sids)
 
     async def _careful(
         self, records: list[tuple[int, int, int, float]], readings: Sequence[Reading]

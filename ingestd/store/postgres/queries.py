@@ -12,6 +12,7 @@ from typing import Any
 import asyncpg
 
 from ingestd.errors import StoreError
+from ingestd.pending import PENDING, pending_rows, unpack, with_pending
 from ingestd.rollups import ROLLUP_COLUMNS, ROLLUP_FROM, ROLLUP_ORDER, RollupRow
 from ingestd.store import base
 from ingestd.store.base import (
@@ -130,10 +131,49 @@ class PostgresReader(base.Reader):
         args: list[Any] = [width, since, until]
         sql += _series_filter(sensor, metric, tags, args)
         sql += f" ORDER BY {ROLLUP_ORDER}"
-        if limit:
-            args.append(limit)
-            sql += f" LIMIT ${len(args)}"
-        return (RollupRow(*row) for row in self._stream(sql, *args))
+        # One snapshot for the pending readings and the rows: a close between
+        # the two would count its readings twice, or not at all.
+        tr = self.conn.transaction(isolation="repeatable_read", readonly=True)
+        self._run(tr.start())
+        try:
+            pending = self._pending(sensor, metric, width, since, until, tags)
+            if limit and not pending:
+                args.append(limit)
+                sql += f" LIMIT ${len(args)}"
+            cur = self._run(self.conn.cursor(sql, *args))
+            yield from with_pending(self._chunks(cur), pending, limit)
+        finally:
+            self._run(tr.rollback())
+
+    def _chunks(self, cur: Any) -> Iterator[RollupRow]:
+        while True:
+            rows = self._run(cur.fetch(_CHUNK))
+            yield from (RollupRow(*row) for row in rows)
+            if len(rows) < _CHUNK:
+                break
+
+    def _pending(
+        self,
+        sensor: str | None,
+        metric: str | None,
+        width: int,
+        since: int,
+        until: int,
+        tags: Sequence[tuple[str, str]],
+    ) -> list[RollupRow]:
+        """The readings not yet closed into the rollups, as one-reading rows."""
+        blobs = self._run(self.conn.fetch(PENDING))
+        records = [r for (blob,) in blobs for r in unpack(blob)]
+        ids = sorted({r[0] for r in records})
+        if not ids:
+            return []
+        args: list[Any] = [ids]
+        sql = (
+            "SELECT s.id, s.sensor, s.metric, s.tags, s.unit FROM series AS s "
+            "WHERE s.id = ANY($1::bigint[])"
+        ) + _series_filter(sensor, metric, tags, args)
+        series = {int(i): (a, b, c, d) for i, a, b, c, d in self._run(self.conn.fetch(sql, *args))}
+        return pending_rows(records, width, since, until, series)
 
     def quarantined(self, since: float, limit: int | None) -> Iterable[QuarantineRow]:
         sql = (

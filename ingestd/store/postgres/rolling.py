@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ingestd import rollups
-from ingestd.rollups import CONTEXT, Key, Point, RollupPlan
+from ingestd.pending import pack, unpack
+from ingestd.rollups import CONTEXT, Key, Point, RollupPlan, Row
 
 Record = tuple[int, int, int, float]  # series_id, ts_ns, seq, value
 
@@ -69,28 +70,72 @@ _WINDOW = (
 )
 
 
-async def roll(conn: Any, plan: RollupPlan, new: Sequence[Record], counters: set[int]) -> None:
-    """Fold a batch's new readings into the rollups, in its transaction."""
+_PEND = "INSERT INTO rollup_pending (readings, records) VALUES ($1, $2)"
+# Pending rows no other instance is closing, oldest first (their counts).
+_PENDING = "SELECT id, readings FROM rollup_pending ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED"
+_CLOSED = "DELETE FROM rollup_pending WHERE id = ANY($1::bigint[]) RETURNING id, records"
+
+
+async def roll(conn: Any, plan: RollupPlan, new: Sequence[Record], counters: set[int]) -> int:
+    """Fold a batch's new readings into the rollups, in its transaction: a
+    counter's now, a gauge's into `rollup_pending` (`close`). The gauges'
+    readings pending."""
     if not new:
-        return
-    rows = sorted(rollups.aggregate(new, plan.widths).items())
+        return 0
+    gauges = new
+    if counters:
+        gauges = [r for r in new if r[0] not in counters]
+        mine = [r for r in new if r[0] in counters]
+        if mine:
+            await merge_rows(conn, rollups.aggregate(mine, plan.widths), True)
+            await _counted(conn, plan, mine, counters)
+    if gauges:
+        await conn.execute(_PEND, len(gauges), pack(gauges))
+    return len(gauges)
+
+
+async def close(conn: Any, plan: RollupPlan, most: int) -> int:
+    """Close pending rows, oldest first, about `most` readings' worth (at
+    least one row), in the caller's transaction: merged into the rollups and
+    deleted. Rows another instance is closing are skipped. The readings closed."""
+    ids: list[int] = []
+    total = 0
+    for id_, readings in await conn.fetch(_PENDING):
+        ids.append(id_)
+        total += readings
+        if total >= most:
+            break
+    if not ids:
+        return 0
+    records: list[Record] = []
+    for _, blob in sorted(await conn.fetch(_CLOSED, ids)):
+        records += unpack(blob)
+    await merge_rows(conn, rollups.aggregate(records, plan.widths), False)
+    return len(records)
+
+
+async def merge_rows(conn: Any, rows: dict[Key, Row], counter: bool) -> None:
+    """Merge rows into the stored ones, in key order."""
     columns: list[list[Any]] = [[] for _ in range(12)]
-    for key, row in rows:
-        values = (*key, *row[:8], row[8] if key[1] in counters else None)
+    for key, row in sorted(rows.items()):
+        values = (*key, *row[:8], row[8] if counter else None)
         for column, v in zip(columns, values, strict=True):
             column.append(v)
     await conn.execute(_MERGE, *columns)
-    if counters:
-        changes = await _increase_changes(conn, plan, new, counters)
-        if changes:
-            items = sorted(changes.items())
-            await conn.execute(
-                _ADD_INCREASE,
-                [k[0] for k, _ in items],
-                [k[1] for k, _ in items],
-                [k[2] for k, _ in items],
-                [d for _, d in items],
-            )
+
+
+async def _counted(conn: Any, plan: RollupPlan, new: Sequence[Record], counters: set[int]) -> None:
+    """Counters' increases: what the batch's readings change around them."""
+    changes = await _increase_changes(conn, plan, new, counters)
+    if changes:
+        items = sorted(changes.items())
+        await conn.execute(
+            _ADD_INCREASE,
+            [k[0] for k, _ in items],
+            [k[1] for k, _ in items],
+            [k[2] for k, _ in items],
+            [d for _, d in items],
+        )
 
 
 async def _increase_changes(

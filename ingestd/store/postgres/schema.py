@@ -129,6 +129,15 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (width, series_id, bucket)
     );
     """,
+    # 7: gauges' readings not yet in the rollups, a batch's to a row
+    # (ingestd.rollups.pack), closed into them by the daemons.
+    """
+    CREATE TABLE rollup_pending (
+        id       bigserial PRIMARY KEY,
+        readings integer NOT NULL,
+        records  bytea NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

@@ -43,7 +43,7 @@ from ingestd.store.base import Upkeep
 from ingestd.store.postgres.batch import Batch
 from ingestd.store.postgres.connect import connect_writable, server_of
 from ingestd.store.postgres.faults import classify, kept, redacted
-from ingestd.store.postgres.rolling import create_views
+from ingestd.store.postgres.rolling import close, create_views
 from ingestd.store.postgres.schema import (
     DAY_NS,
     create_partitions,
@@ -353,7 +353,27 @@ class PostgresStore(base.Store):
                 raise self.translate(exc) from exc
             raise
         self._idle.append(conn)
+        self.pending_readings += tx.pending
         self.series_ids.update(tx.new_series)
+
+    async def close_rollups(self, most: int) -> int:
+        if not self.rollups:
+            return 0
+        conn = await self._connection()
+        try:
+            async with conn.transaction():
+                # Before the pending rows: `rollups rebuild` holds the table
+                # while it takes them all, so a close waits for it.
+                await conn.execute("LOCK TABLE rollups IN ROW EXCLUSIVE MODE")
+                closed = await close(conn, self.rollups, most)
+        except BaseException as exc:
+            self._reset(conn)
+            if isinstance(exc, Exception) and not isinstance(exc, StoreError):
+                raise self.translate(exc) from exc
+            raise
+        self._idle.append(conn)
+        self.pending_readings = max(0, self.pending_readings - closed)
+        return closed
 
     async def spool_forwarded(self, spool: str) -> int:
         conn = await self._connection()

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ingestd.errors import StoreError
+from ingestd.pending import PENDING, pending_rows, unpack, with_pending
 from ingestd.rollups import ROLLUP_COLUMNS, ROLLUP_FROM, ROLLUP_ORDER, RollupRow
 from ingestd.store import base
 from ingestd.store.base import (
@@ -104,10 +105,44 @@ class SqliteReader(base.Reader):
         args: list[Any] = [width, since, until]
         sql += _series_filter(sensor, metric, tags, args)
         sql += f" ORDER BY {ROLLUP_ORDER}"
-        if limit:
-            sql += " LIMIT ?"
-            args.append(limit)
-        return map(RollupRow._make, self.conn.execute(sql, args))
+        # One snapshot for the pending readings and the rows: a close between
+        # the two would count its readings twice, or not at all.
+        self.conn.execute("BEGIN")
+        try:
+            pending = self._pending(sensor, metric, width, since, until, tags)
+            if limit and not pending:
+                sql += " LIMIT ?"
+                args.append(limit)
+            rows = map(RollupRow._make, self.conn.execute(sql, args))
+            yield from with_pending(rows, pending, limit)
+        finally:
+            self.conn.execute("COMMIT")
+
+    def _pending(
+        self,
+        sensor: str | None,
+        metric: str | None,
+        width: int,
+        since: int,
+        until: int,
+        tags: Sequence[tuple[str, str]],
+    ) -> list[RollupRow]:
+        """The readings not yet closed into the rollups, as one-reading rows."""
+        try:
+            blobs = self.conn.execute(PENDING).fetchall()
+        except sqlite3.OperationalError:  # a database from before rollup_pending
+            return []
+        records = [r for (blob,) in blobs for r in unpack(blob)]
+        ids = sorted({r[0] for r in records})
+        if not ids:
+            return []
+        args: list[Any] = [json.dumps(ids)]
+        sql = (
+            "SELECT s.id, s.sensor, s.metric, s.tags, s.unit FROM series AS s "
+            "WHERE s.id IN (SELECT value FROM json_each(?))"
+        ) + _series_filter(sensor, metric, tags, args)
+        series = {int(i): (a, b, c, d) for i, a, b, c, d in self.conn.execute(sql, args)}
+        return pending_rows(records, width, since, until, series)
 
     def quarantined(self, since: float, limit: int | None) -> Iterable[QuarantineRow]:
         sql = (

@@ -10,6 +10,7 @@ import aiosqlite
 
 from ingestd import rollups
 from ingestd.events import Reading
+from ingestd.pending import pack, unpack
 from ingestd.rollups import CONTEXT, Key, Point, RollupPlan, Row
 
 Record = tuple[int, int, int, float]  # series_id, ts_ns, seq, value
@@ -19,10 +20,12 @@ _INSERT_RETURNING = (
     "INSERT OR IGNORE INTO samples (series_id, ts_ns, seq, value) VALUES {values} "
     "RETURNING series_id, ts_ns, seq, value"
 )
-MERGE = (
+_MERGE_HEAD = (
     "INSERT INTO rollups (width, series_id, bucket, n, min, max, sum, first_ns, first_value, "
-    "last_ns, last_value, increase) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (width, series_id, bucket) DO UPDATE SET n = n + excluded.n, "
+    "last_ns, last_value, increase) VALUES "
+)
+_MERGE_TAIL = (
+    " ON CONFLICT (width, series_id, bucket) DO UPDATE SET n = n + excluded.n, "
     "min = min(min, excluded.min), max = max(max, excluded.max), sum = sum + excluded.sum, "
     "first_value = CASE WHEN excluded.first_ns < first_ns THEN excluded.first_value "
     "ELSE first_value END, first_ns = min(first_ns, excluded.first_ns), "
@@ -31,6 +34,12 @@ MERGE = (
     "increase = CASE WHEN excluded.increase IS NULL THEN increase "
     "ELSE coalesce(increase, 0) + excluded.increase END"
 )
+_ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+MERGE = _MERGE_HEAD + _ROW + _MERGE_TAIL
+# Rows a statement: a multi-row upsert costs a quarter less per row than one
+# row a step (7.5 against 10.0 ms for 4,000 rows over 40,000 series).
+_MERGE_ROWS = 32
+_MERGE_MANY = _MERGE_HEAD + ", ".join([_ROW] * _MERGE_ROWS) + _MERGE_TAIL
 _ADD_INCREASE = (
     "UPDATE rollups SET increase = coalesce(increase, 0) + ? "
     "WHERE width = ? AND series_id = ? AND bucket = ?"
@@ -85,20 +94,72 @@ def params(key: Key, row: Row, counter: bool) -> tuple[object, ...]:
     return (*key, *row[:8], row[8] if counter else None)
 
 
+_PEND = "INSERT INTO rollup_pending (readings, records) VALUES (?, ?)"
+_PENDING = "SELECT id, readings, records FROM rollup_pending ORDER BY id"
+_CLOSED = "DELETE FROM rollup_pending WHERE id <= ?"
+
+
 async def roll(
     conn: aiosqlite.Connection, plan: RollupPlan, new: Sequence[Record], counters: set[int]
-) -> None:
-    """Fold a batch's new readings into the rollups, in its transaction."""
+) -> int:
+    """Fold a batch's new readings into the rollups, in its transaction: a
+    counter's now (its increase needs its neighbours, counted), a gauge's
+    into `rollup_pending` (closed later, `close`). The gauges' readings
+    pending."""
     if not new:
-        return
-    rows = rollups.aggregate(new, plan.widths)
-    await conn.executemany(
-        MERGE, [params(k, row, k[1] in counters) for k, row in sorted(rows.items())]
-    )
+        return 0
+    gauges = new
     if counters:
-        changes = await increase_changes(conn, plan, new, counters)
+        gauges = [r for r in new if r[0] not in counters]
+        mine = [r for r in new if r[0] in counters]
+        rows = rollups.aggregate(mine, plan.widths)
+        await merge(conn, [params(k, row, True) for k, row in rows.items()])
+        changes = await increase_changes(conn, plan, mine, counters)
         if changes:
             await conn.executemany(_ADD_INCREASE, [(d, *k) for k, d in sorted(changes.items())])
+    if gauges:
+        await conn.execute(_PEND, (len(gauges), pack(gauges)))
+    return len(gauges)
+
+
+async def close(conn: aiosqlite.Connection, plan: RollupPlan, most: int) -> int:
+    """Close pending rows, oldest first, about `most` readings' worth (at
+    least one row), in the caller's transaction: merged into the rollups and
+    deleted. The readings closed."""
+    records: list[Record] = []
+    last = None
+    async with conn.execute(_PENDING) as cur:
+        while len(records) < most:
+            got = await cur.fetchmany(64)
+            if not got:
+                break
+            for id_, _, blob in got:
+                records += unpack(blob)
+                last = id_
+                if len(records) >= most:
+                    break
+    if last is None:
+        return 0
+    rows = rollups.aggregate(records, plan.widths)
+    await merge(conn, [params(k, row, False) for k, row in sorted(rows.items())])
+    await conn.execute(_CLOSED, (last,))
+    return len(records)
+
+
+async def merge(conn: aiosqlite.Connection, rows: Sequence[tuple[object, ...]]) -> None:
+    """Merge rollup rows (`params`) into the stored ones. (In any order: a
+    transaction on SQLite has the file to itself.)"""
+    whole = len(rows) - len(rows) % _MERGE_ROWS
+    if whole:
+        await conn.executemany(
+            _MERGE_MANY,
+            [
+                list(chain.from_iterable(rows[i : i + _MERGE_ROWS]))
+                for i in range(0, whole, _MERGE_ROWS)
+            ],
+        )
+    if whole < len(rows):
+        await conn.executemany(MERGE, rows[whole:])
 
 
 async def increase_changes(

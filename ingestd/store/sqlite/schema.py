@@ -142,6 +142,15 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (width, series_id, bucket)
     ) WITHOUT ROWID;
     """,
+    # 8: gauges' readings not yet in the rollups, a batch's to a row
+    # (ingestd.rollups.pack), closed into them by the daemon.
+    """
+    CREATE TABLE rollup_pending (
+        id       INTEGER PRIMARY KEY,
+        readings INTEGER NOT NULL,
+        records  BLOB NOT NULL
+    );
+    """,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 

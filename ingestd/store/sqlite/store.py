@@ -9,6 +9,7 @@ transaction that commits on exit and rolls back on any error or cancellation.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import time
@@ -26,9 +27,8 @@ from ingestd.events import Reading, Rejected
 from ingestd.rollups import NEEDS_REBUILD, RollupPlan
 from ingestd.store import base
 from ingestd.store.base import CORRUPT, DISK_LOW, REPLACED, Upkeep
-from ingestd.store.sqlite import corrupt
+from ingestd.store.sqlite import corrupt, rolling
 from ingestd.store.sqlite.purge import purge
-from ingestd.store.sqlite.rolling import counter_series, create_views, insert_returning, roll
 from ingestd.store.sqlite.schema import migrate
 
 ROWS_PER_INSERT = 256  # 1,024 parameters, well under SQLite's limit of 32,766
@@ -141,25 +141,24 @@ class Batch(base.Batch):
         if inserted == len(rows):
             if plan:
                 await self._conn.execute("RELEASE ingestd_rows")
-                await roll(
-                    self._conn,
-                    plan,
-                    rows,
-                    counter_series(rows, readings, plan.counters),
+                self.pending += await rolling.roll(
+                    self._conn, plan, rows, rolling.counter_series(rows, readings, plan.counters)
                 )
             return
         if plan:
             # Which rows are new: the insert again, undone, returning them.
             await self._conn.execute("ROLLBACK TO ingestd_rows")
             await self._conn.execute("RELEASE ingestd_rows")
-            new = await insert_returning(self._conn, rows)
+            new = await rolling.insert_returning(self._conn, rows)
         conflicts = await self._conflicts(rows, readings)
         self.duplicates += len(rows) - inserted - len(conflicts)
         if conflicts:
             await self.add_rejected(conflicts)
             self.conflicts += conflicts
         if plan:
-            await roll(self._conn, plan, new, counter_series(rows, readings, plan.counters))
+            self.pending += await rolling.roll(
+                self._conn, plan, new, rolling.counter_series(rows, readings, plan.counters)
+            )
 
     async def _conflicts(
         self, rows: list[tuple[int, int, int, float]], readings: Sequence[Reading]
@@ -250,6 +249,8 @@ class SqliteStore(base.Store):
         self.sequences: dict[str, tuple[int, int, int]] = {}
         self.devices: dict[str, list[tuple[str, bytes, bytes]]] = {}
         self._conn: aiosqlite.Connection | None = None
+        # One transaction at a time on the connection: a batch's or a close's.
+        self._writing = asyncio.Lock()
         # (device, inode) of the file the connection has open: a file deleted or
         # replaced under a running daemon is noticed before anything is acked.
         self._identity: tuple[int, int] | None = None
@@ -301,7 +302,7 @@ class SqliteStore(base.Store):
                 raise StoreError(f"{self.path}: could not enable WAL mode (got {row!r})")
             await conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
             await migrate(conn, str(self.path))
-            await create_views(conn, self.rollups.widths)
+            await rolling.create_views(conn, self.rollups.widths)
             if self.rollups:
                 async with conn.execute(NEEDS_REBUILD) as cur:
                     self.needs_rebuild = bool((await cur.fetchone() or (0,))[0])
@@ -416,14 +417,21 @@ class SqliteStore(base.Store):
         low = self.disk.problem() if self.disk is not None else None
         if low is not None:
             raise StoreUnavailable(DISK_LOW, low)
+        async with self._writing, self._transaction() as conn:
+            tx = Batch(self, conn, time.time() if now is None else now)
+            tx.owner = self.owner
+            yield tx
+        self.pending_readings += tx.pending
+        self.series_ids.update(tx.new_series)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         await self.open()
         conn = self._conn
         assert conn is not None
-        tx = Batch(self, conn, time.time() if now is None else now)
-        tx.owner = self.owner
         try:
             await conn.execute("BEGIN IMMEDIATE")
-            yield tx
+            yield conn
             await conn.execute("COMMIT")
         except BaseException as exc:
             await self._abandon(conn, exc)
@@ -443,7 +451,12 @@ class SqliteStore(base.Store):
                 "that batch went to the old file and is written again to the file now at "
                 f"the path (readings acknowledged before this went with the old file){aside}",
             )
-        self.series_ids.update(tx.new_series)
+
+    async def close_rollups(self, most: int) -> int:
+        async with self._writing, self._transaction() as conn:
+            closed = await rolling.close(conn, self.rollups, most)
+        self.pending_readings = max(0, self.pending_readings - closed)
+        return closed
 
     async def _corrupt_while_writing(self, found: str) -> StoreUnavailable:
         """The batch met a corrupt page: with the connection closed, the file
