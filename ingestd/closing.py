@@ -48,13 +48,15 @@ class Closer:
         """Close at start, then on time or volume until `stop`; once `drained`
         (the writer's last batch committed), close what is left, within the
         `left()` seconds of the stop timeout (the rest waits for the next start)."""
-        await self.close_pending(everything=True)
+        await self.close_pending(everything=True, stop=stop)
         last = self.clock()
+        stalled = False  # the last pass closed nothing: wait for the time, not the volume
         while not stop.is_set():
             s = self.settings
             due = last + s.close_seconds
-            if self.store.pending_readings >= s.close_readings or self.clock() >= due:
-                await self.close_pending()
+            volume = not stalled and self.store.pending_readings >= s.close_readings
+            if volume or self.clock() >= due:
+                stalled = await self.close_pending(stop=stop) == 0
                 last = self.clock()
                 continue
             try:
@@ -72,13 +74,16 @@ class Closer:
                 stop_timeout_left=round(left(), 3),
             )
 
-    async def close_pending(self, everything: bool = False) -> int:
+    async def close_pending(
+        self, everything: bool = False, stop: asyncio.Event | None = None
+    ) -> int:
         """One pass; the readings closed. `everything`: not bounded by this
-        process's count (at start, what a crash left; after the drain)."""
+        process's count (at start, what a crash left; after the drain).
+        `stop`: ends the pass between closes once set."""
         bound = None if everything else max(self.store.pending_readings, CHUNK)
         done = 0
         try:
-            while bound is None or done < bound:
+            while (bound is None or done < bound) and not (stop and stop.is_set()):
                 n = await self.store.close_rollups(CHUNK)
                 done += n
                 if n < CHUNK:  # none left when it looked

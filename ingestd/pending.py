@@ -18,6 +18,13 @@ from ingestd.rollups import NS, RollupRow
 PENDING = "SELECT records FROM rollup_pending ORDER BY id"
 
 
+def drained(pending: int, closed: int, most: int) -> int:
+    """This process's pending count after a close of at most `most`: fewer
+    closed means none was left to take (another instance or a tool may have
+    closed what this one wrote), so the count starts again at 0."""
+    return 0 if closed < most else max(0, pending - closed)
+
+
 def pack(records: Sequence[tuple[int, int, int, float]]) -> bytes:
     """Records (series_id, ts_ns, seq, value) as one pending row's bytes:
     the four columns as arrays, little-endian (8 bytes each)."""

@@ -1,6 +1,7 @@
 """Rollups: per series and time bucket, what the raw readings add up to
-(count, min, max, sum, first, last and, for counters, the increase), kept in
-the same transaction as the readings, so a commit is raw + rollups or nothing.
+(count, min, max, sum, first, last and, for counters, the increase), kept
+with the readings' transaction (a counter's rows; a gauge's pending copy,
+closed into them later), so a commit is raw + rollups or nothing.
 
 One table, `rollups (width, series_id, bucket, ...)`, `width` the interval in
 seconds and `bucket` its start in Unix seconds, aligned from the epoch; a view

@@ -11,10 +11,11 @@ the first one after it is credited as the daemon credited it. The writers
 wait meanwhile (SQLite's write lock; on PostgreSQL the rollups table is
 locked), so what they commit after it is folded in as usual.
 
-The pending readings (not yet closed, `ingestd.closing`) are taken in the same
-transaction (on PostgreSQL the same snapshot as the raw readings): those
-from `--since` on are among the raw readings rebuilt from; those before it
-are closed into their rows.
+The pending readings (not yet closed, `ingestd.closing`) are closed first, in
+the same transaction (on PostgreSQL in the snapshot the raw readings are
+read in): a rebuilt bucket then replaces a row that counts them, by the rule
+above, so they are counted once, and kept where retention took their raw
+readings.
 """
 
 from __future__ import annotations
@@ -77,12 +78,9 @@ def _params(items: Sequence[tuple[Key, Row]], start: int) -> list[tuple[Any, ...
     return [(*key, *row) for key, row in items if key[2] >= start]
 
 
-def _before(pending: list[bytes], start: int) -> list[tuple[int, int, int, float]]:
-    """The pending readings before `start` (Unix seconds): not rebuilt."""
-    return [r for blob in pending for r in unpack(blob) if r[1] < start * NS]
-
-
-def _merges(records: list[tuple[int, int, int, float]], plan: RollupPlan) -> list[tuple[Key, Row]]:
+def _merges(pending: list[bytes], plan: RollupPlan) -> list[tuple[Key, Row]]:
+    """The pending readings' rows, to merge (in key order)."""
+    records = [r for blob in pending for r in unpack(blob)]
     return sorted(rollups.aggregate(records, plan.widths).items())
 
 
@@ -105,8 +103,8 @@ def rebuild_sqlite(path: str, plan: RollupPlan, start: int) -> int:
         conn.execute("BEGIN IMMEDIATE")
         pending = [b for (b,) in conn.execute(PENDING)]
         conn.execute("DELETE FROM rollup_pending")
-        earlier = _merges(_before(pending, start), plan)
-        conn.cursor().executemany(MERGE, [(*k, *row[:8], None) for k, row in earlier])
+        closed = _merges(pending, plan)
+        conn.cursor().executemany(MERGE, [(*k, *row[:8], None) for k, row in closed])
         counters = _counters(conn.execute("SELECT id, metric FROM series"), plan)
         context: dict[int, list[tuple[int, float]]] = {}
         for sid in sorted(counters) if start else ():
@@ -147,7 +145,7 @@ async def rebuild_postgres(url: str, password: str | None, plan: RollupPlan, sta
             await conn.execute("LOCK TABLE rollups IN EXCLUSIVE MODE")
             taken = await conn.fetch("DELETE FROM rollup_pending RETURNING id, records")
             pending = [b for _, b in sorted(taken)]
-            await merge_rows(conn, dict(_merges(_before(pending, start), plan)), False)
+            await merge_rows(conn, dict(_merges(pending, plan)), False)
             series = await conn.fetch("SELECT id, metric FROM series")
             counters = _counters(((r[0], r[1]) for r in series), plan)
             context: dict[int, list[tuple[int, float]]] = {}

@@ -225,6 +225,32 @@ def test_raw_retention_per_sensor_glob_leaves_the_rollups(engine: Engine) -> Non
     assert sorted(rows("SELECT * FROM rollup_1m")) == before
 
 
+def test_a_rebuild_keeps_pending_readings_whose_raw_readings_retention_took(
+    engine: Engine,
+) -> None:
+    """Readings still pending when retention deleted their raw readings: a
+    rebuild counts them (it closes them first), as a close would have."""
+    make, rows, rebuild = engine
+    now = time.time()
+
+    async def run() -> None:
+        store = make()
+        await store.open()
+        try:
+            async with store.batch() as tx:
+                await tx.add_readings(
+                    [Reading("x", "t", int((now - age * 86400) * NS), age) for age in (10.0, 0.5)]
+                )
+            await store.upkeep(now - 5 * 86400, 100)  # the 10-day-old one's raw reading goes
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+    assert rows("SELECT value FROM readings") == [(0.5,)]
+    rebuild()
+    assert sorted(rows("SELECT count, min FROM rollup_1m")) == [(1, 0.5), (1, 10.0)]
+
+
 def test_a_rebuild_from_a_time_credits_a_counter_as_the_daemon_did(engine: Engine) -> None:
     make, rows, _ = engine
     hour = T0 + 3600

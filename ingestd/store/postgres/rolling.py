@@ -87,6 +87,10 @@ async def roll(conn: Any, plan: RollupPlan, new: Sequence[Record], counters: set
         gauges = [r for r in new if r[0] not in counters]
         mine = [r for r in new if r[0] in counters]
         if mine:
+            # Each counter series' lock before any of its rows: a batch that
+            # locked a row first and waited for the series (held by one that
+            # then needs that row for a neighbour's delta) was a deadlock.
+            await conn.execute(_LOCK, [_LOCK_SPACE | s for s in sorted({r[0] for r in mine})])
             await merge_rows(conn, rollups.aggregate(mine, plan.widths), True)
             await _counted(conn, plan, mine, counters)
     if gauges:
@@ -144,8 +148,7 @@ async def _increase_changes(
     mine = rollups.counter_points(new, counters)
     if not mine:
         return {}
-    sids = sorted(mine)
-    await conn.execute(_LOCK, [_LOCK_SPACE | s for s in sids])
+    sids = sorted(mine)  # (locked by `roll`)
     found = await conn.fetch(
         _AROUND, sids, [mine[s][0][0] for s in sids], [mine[s][-1][0] for s in sids]
     )

@@ -37,6 +37,7 @@ import structlog
 
 from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import NS
+from ingestd.pending import drained
 from ingestd.rollups import NEEDS_REBUILD, RollupPlan
 from ingestd.store import base
 from ingestd.store.base import Upkeep
@@ -372,7 +373,7 @@ class PostgresStore(base.Store):
                 raise self.translate(exc) from exc
             raise
         self._idle.append(conn)
-        self.pending_readings = max(0, self.pending_readings - closed)
+        self.pending_readings = drained(self.pending_readings, closed, most)
         return closed
 
     async def spool_forwarded(self, spool: str) -> int:

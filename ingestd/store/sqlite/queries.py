@@ -130,7 +130,9 @@ class SqliteReader(base.Reader):
         """The readings not yet closed into the rollups, as one-reading rows."""
         try:
             blobs = self.conn.execute(PENDING).fetchall()
-        except sqlite3.OperationalError:  # a database from before rollup_pending
+        except sqlite3.OperationalError as exc:  # a database from before rollup_pending
+            if "no such table" not in str(exc):
+                raise StoreError(f"{self.path}: {exc}") from None
             return []
         records = [r for (blob,) in blobs for r in unpack(blob)]
         ids = sorted({r[0] for r in records})

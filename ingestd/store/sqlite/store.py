@@ -24,6 +24,7 @@ import aiosqlite
 from ingestd.diskguard import BYTES_PER_READING, DiskGuard
 from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import Reading, Rejected
+from ingestd.pending import drained
 from ingestd.rollups import NEEDS_REBUILD, RollupPlan
 from ingestd.store import base
 from ingestd.store.base import CORRUPT, DISK_LOW, REPLACED, Upkeep
@@ -455,7 +456,7 @@ class SqliteStore(base.Store):
     async def close_rollups(self, most: int) -> int:
         async with self._writing, self._transaction() as conn:
             closed = await rolling.close(conn, self.rollups, most)
-        self.pending_readings = max(0, self.pending_readings - closed)
+        self.pending_readings = drained(self.pending_readings, closed, most)
         return closed
 
     async def _corrupt_while_writing(self, found: str) -> StoreUnavailable:
