@@ -3,9 +3,9 @@ a batch committed with a pending copy are merged into the rollup rows every
 `rollups.close_seconds`, sooner once `rollups.close_readings` are pending,
 at start (what a crash left) and once more after the drain at a stop.
 
-A close is a transaction of about CHUNK readings; a pass closes until a close
-finds fewer than that, or as many as were pending when it began (a busy
-daemon's writer keeps adding). A failure (the store away) is logged once, retried next pass:
+A close is a transaction of at most CHUNK readings and CLOSE_ROWS rows; a pass
+closes until a close finds none, or as many as were pending when it began
+(a busy daemon's writer keeps adding). A failure (the store away) is logged once, retried next pass:
 the pending rows stay in the database, counted with the raw readings, and
 `ingestd query --every` adds them meanwhile. Closing never stops ingestion.
 """
@@ -24,7 +24,9 @@ from ingestd.store import Store
 
 log = structlog.get_logger("ingestd.closing")
 
-CHUNK = 10_000  # readings a transaction: SQLite's writer waits meanwhile
+# Readings a close takes at most (and at most CLOSE_ROWS rows, memory's bound:
+# a narrow fleet's close takes many readings, a wide one's few).
+CHUNK = 100_000
 _POLL = 0.5  # seconds between looks at the pending count
 
 
@@ -86,7 +88,7 @@ class Closer:
             while (bound is None or done < bound) and not (stop and stop.is_set()):
                 n = await self.store.close_rollups(CHUNK)
                 done += n
-                if n < CHUNK:  # none left when it looked
+                if n == 0:  # none left when it looked
                     break
                 await asyncio.sleep(0)  # the writer's turn
         except StoreError as exc:

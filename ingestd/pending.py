@@ -13,16 +13,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from operator import attrgetter
 from typing import Any
 
-from ingestd.rollups import NS, RollupRow
+from ingestd.rollups import NS, Key, RollupRow, Row, aggregate
 
 PENDING = "SELECT records FROM rollup_pending ORDER BY id"
 
 
-def drained(pending: int, closed: int, most: int) -> int:
-    """This process's pending count after a close of at most `most`: fewer
-    closed means none was left to take (another instance or a tool may have
-    closed what this one wrote), so the count starts again at 0."""
-    return 0 if closed < most else max(0, pending - closed)
+def drained(pending: int, closed: int) -> int:
+    """This process's pending count after a close: none closed means none
+    was left to take (another instance or a tool may have closed what this
+    one wrote), so the count starts again at 0."""
+    return 0 if closed == 0 else max(0, pending - closed)
 
 
 def pack(records: Sequence[tuple[int, int, int, float]]) -> bytes:
@@ -116,3 +116,45 @@ def _merge_by_bucket(rows: Iterable[RollupRow]) -> Iterator[RollupRow]:
         g = groups.get(key)
         groups[key] = r if g is None else merged(g, r)
     yield from (groups[k] for k in sorted(groups))
+
+
+# Rows a close merges at most (`close_rows`): its memory, about 300 bytes a row.
+CLOSE_ROWS = 20_000
+
+
+def close_rows(
+    blobs: Iterable[tuple[Any, bytes]], widths: Sequence[int], most: int
+) -> tuple[dict[Key, Row], int, Any]:
+    """A close's rows from pending rows (id, packed readings), oldest first:
+    each aggregated and merged in, until `most` readings or CLOSE_ROWS rows
+    (at least one pending row). (rows, readings, the last id taken)."""
+    acc: dict[Key, Row] = {}
+    taken, last = 0, None
+    for id_, blob in blobs:
+        records = unpack(blob)
+        merge_into(acc, aggregate(records, widths))
+        taken += len(records)
+        last = id_
+        if taken >= most or len(acc) >= CLOSE_ROWS:
+            break
+    return acc, taken, last
+
+
+def merge_into(acc: dict[Key, Row], rows: dict[Key, Row]) -> None:
+    """Merge `rows` (of later readings) into `acc`, as the stored merge does:
+    counts and sums added, min and max compared, first kept on a tie of
+    times, last taken."""
+    for key, r in rows.items():
+        g = acc.get(key)
+        if g is None:
+            acc[key] = r
+            continue
+        g[0] += r[0]
+        g[1] = min(g[1], r[1])
+        g[2] = max(g[2], r[2])
+        g[3] += r[3]
+        if r[4] < g[4]:
+            g[4], g[5] = r[4], r[5]
+        if r[6] >= g[6]:
+            g[6], g[7] = r[6], r[7]
+        g[8] += r[8]

@@ -73,9 +73,8 @@ class Intake:
         """Close the rollups' pending readings it wrote (else a daemon does,
         later), then the store."""
         try:
-            while self.store.pending_readings:
-                if await self.store.close_rollups(CHUNK) < CHUNK:
-                    break
+            while self.store.pending_readings and await self.store.close_rollups(CHUNK):
+                pass
         except StoreError as exc:
             print(f"ingestd: rollups left pending (a daemon closes them): {exc}", file=self.err)
         finally:

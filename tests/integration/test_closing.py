@@ -32,13 +32,13 @@ async def _until(stop: asyncio.Event) -> None:
     await stop.wait()  # the writer, done once stopped
 
 
-async def _fill(store: SqliteStore, readings: int) -> None:
+async def _fill(store: SqliteStore, readings: int, series: int = 50) -> None:
     t0 = int(time.time()) * NS
     for start in range(0, readings, 5000):
         async with store.batch() as tx:
             await tx.add_readings(
                 [
-                    Reading(f"s{i % 50}", "t", t0 + i * 1000, float(i))
+                    Reading(f"s{i % series}", "t", t0 + i * 1000, float(i))
                     for i in range(start, start + 5000)
                 ]
             )
@@ -79,7 +79,7 @@ def test_a_stop_ends_the_start_up_pass_and_leaves_the_rest_pending(tmp_path: Pat
         store = SqliteStore(tmp_path / "x.db", rollups=PLAN)
         await store.open()
         try:
-            await _fill(store, 40 * CHUNK)
+            await _fill(store, 200_000, series=20_000)  # closes of 10,000 (CLOSE_ROWS)
             closer = Closer(store, RollupSettings())
             stop = asyncio.Event()
             writer = asyncio.create_task(_until(stop))
@@ -87,11 +87,11 @@ def test_a_stop_ends_the_start_up_pass_and_leaves_the_rest_pending(tmp_path: Pat
             began = time.monotonic()
             await closer.run(stop, writer, lambda: 0.0)  # no time left at the stop
             took = time.monotonic() - began
-            left = 40 * CHUNK - closer.closed
+            left = 200_000 - closer.closed
             return took, left
         finally:
             await store.close()
 
     took, left = asyncio.run(run())
     assert took < 2.0
-    assert left > 0  # closed at the next start
+    assert left > 100_000  # closed at the next start

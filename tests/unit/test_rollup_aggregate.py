@@ -4,8 +4,10 @@ series, readings in any order, shared times, buckets crossed."""
 
 from __future__ import annotations
 
+import math
 import random
 
+from ingestd.pending import merge_into
 from ingestd.rollups import NS, Key, Row, aggregate, deltas, fold, increases
 
 WIDTHS = (60, 3600)
@@ -80,3 +82,21 @@ def test_increases_per_bucket_is_the_sum_of_the_deltas_credited_one_by_one() -> 
                         key = (w, 7, ts // (w * NS) * w)
                         expected[key] = expected.get(key, 0.0) + d
             assert increases(window, WIDTHS, 7) == expected
+
+
+def test_merging_the_rows_of_parts_gives_the_rows_of_the_whole() -> None:
+    """A close merges each pending row's aggregates (`merge_into`): the same
+    rows as the aggregates of all its readings at once, in their order."""
+    rng = random.Random(60)
+    for _ in range(50):
+        records = batch(rng, rng.choice((0.05, 100, 10_000)))
+        records += [(s, t, q, v + 1) for s, t, q, v in rng.sample(records, len(records) // 5)]
+        cuts = sorted(rng.choices(range(len(records) + 1), k=3))
+        acc: dict[Key, Row] = {}
+        for a, b in zip([0, *cuts], [*cuts, len(records)], strict=True):
+            merge_into(acc, aggregate(records[a:b], WIDTHS))
+        whole = aggregate(records, WIDTHS)
+        assert acc.keys() == whole.keys()
+        for key, row in whole.items():  # sums added in another order: to rounding
+            assert acc[key][:3] + acc[key][4:] == row[:3] + row[4:]
+            assert math.isclose(acc[key][3], row[3], rel_tol=1e-12, abs_tol=1e-9)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ingestd import rollups
-from ingestd.pending import pack, unpack
+from ingestd.pending import CLOSE_ROWS, merge_into, pack, unpack
 from ingestd.rollups import CONTEXT, Key, Point, RollupPlan, Row
 
 Record = tuple[int, int, int, float]  # series_id, ts_ns, seq, value
@@ -99,9 +99,11 @@ async def roll(conn: Any, plan: RollupPlan, new: Sequence[Record], counters: set
 
 
 async def close(conn: Any, plan: RollupPlan, most: int) -> int:
-    """Close pending rows, oldest first, about `most` readings' worth (at
-    least one row), in the caller's transaction: merged into the rollups and
-    deleted. Rows another instance is closing are skipped. The readings closed."""
+    """Close pending rows, oldest first, up to `most` readings or CLOSE_ROWS
+    rows (at least one pending row), in the caller's transaction: merged into
+    the rollups and deleted. Rows another instance is closing are skipped
+    (those locked here and not taken stay for the next close). The readings
+    closed (0: none free to take)."""
     ids: list[int] = []
     total = 0
     for id_, readings in await conn.fetch(_PENDING):
@@ -109,13 +111,17 @@ async def close(conn: Any, plan: RollupPlan, most: int) -> int:
         total += readings
         if total >= most:
             break
-    if not ids:
-        return 0
-    records: list[Record] = []
-    for _, blob in sorted(await conn.fetch(_CLOSED, ids)):
-        records += unpack(blob)
-    await merge_rows(conn, rollups.aggregate(records, plan.widths), False)
-    return len(records)
+    rows: dict[Key, Row] = {}
+    taken = 0
+    for start in range(0, len(ids), 16):  # (each one deleted is merged)
+        for _, blob in sorted(await conn.fetch(_CLOSED, ids[start : start + 16])):
+            records = unpack(blob)
+            merge_into(rows, rollups.aggregate(records, plan.widths))
+            taken += len(records)
+        if taken >= most or len(rows) >= CLOSE_ROWS:
+            break
+    await merge_rows(conn, rows, False)
+    return taken
 
 
 async def merge_rows(conn: Any, rows: dict[Key, Row], counter: bool) -> None:

@@ -373,7 +373,7 @@ class PostgresStore(base.Store):
                 raise self.translate(exc) from exc
             raise
         self._idle.append(conn)
-        self.pending_readings = drained(self.pending_readings, closed, most)
+        self.pending_readings = drained(self.pending_readings, closed)
         return closed
 
     async def spool_forwarded(self, spool: str) -> int:

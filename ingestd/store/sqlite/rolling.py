@@ -10,7 +10,7 @@ import aiosqlite
 
 from ingestd import rollups
 from ingestd.events import Reading
-from ingestd.pending import pack, unpack
+from ingestd.pending import close_rows, pack
 from ingestd.rollups import CONTEXT, Key, Point, RollupPlan, Row
 
 Record = tuple[int, int, int, float]  # series_id, ts_ns, seq, value
@@ -123,27 +123,24 @@ async def roll(
 
 
 async def close(conn: aiosqlite.Connection, plan: RollupPlan, most: int) -> int:
-    """Close pending rows, oldest first, about `most` readings' worth (at
-    least one row), in the caller's transaction: merged into the rollups and
-    deleted. The readings closed."""
-    records: list[Record] = []
-    last = None
+    """Close pending rows, oldest first, up to `most` readings or CLOSE_ROWS
+    rows (at least one pending row), in the caller's transaction: merged into
+    the rollups and deleted. The readings closed (0: none pending)."""
+    blobs: list[tuple[int, bytes]] = []
+    readings = 0
     async with conn.execute(_PENDING) as cur:
-        while len(records) < most:
-            got = await cur.fetchmany(64)
-            if not got:
-                break
-            for id_, _, blob in got:
-                records += unpack(blob)
-                last = id_
-                if len(records) >= most:
+        while readings < most and (got := await cur.fetchmany(64)):
+            for id_, n, blob in got:
+                blobs.append((id_, blob))
+                readings += n
+                if readings >= most:
                     break
+    rows, taken, last = close_rows(blobs, plan.widths, most)
     if last is None:
         return 0
-    rows = rollups.aggregate(records, plan.widths)
     await merge(conn, [params(k, row, False) for k, row in sorted(rows.items())])
     await conn.execute(_CLOSED, (last,))
-    return len(records)
+    return taken
 
 
 async def merge(conn: aiosqlite.Connection, rows: Sequence[tuple[object, ...]]) -> None:

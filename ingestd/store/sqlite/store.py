@@ -456,7 +456,7 @@ class SqliteStore(base.Store):
     async def close_rollups(self, most: int) -> int:
         async with self._writing, self._transaction() as conn:
             closed = await rolling.close(conn, self.rollups, most)
-        self.pending_readings = drained(self.pending_readings, closed, most)
+        self.pending_readings = drained(self.pending_readings, closed)
         return closed
 
     async def _corrupt_while_writing(self, found: str) -> StoreUnavailable:
