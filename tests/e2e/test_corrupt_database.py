@@ -45,7 +45,9 @@ def _count(db: DbReader) -> int:
 
 
 def _aside(path: Path) -> Path:
-    (aside,) = [p for p in path.parent.glob(f"{path.name}.corrupt-*") if p.suffix != ".db-wal"]
+    """The database file set aside (its -wal and -shm go beside it, renamed)."""
+    found = path.parent.glob(f"{path.name}.corrupt-*")
+    (aside,) = [p for p in found if not p.name.endswith(("-wal", "-shm"))]
     return aside
 
 
