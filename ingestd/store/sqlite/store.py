@@ -35,9 +35,10 @@ from ingestd.store.sqlite.schema import migrate
 ROWS_PER_INSERT = 256  # 1,024 parameters, well under SQLite's limit of 32,766
 _SERIES_PER_STATEMENT = 256
 _NEW_SERIES = "INSERT OR IGNORE INTO series (sensor, metric, tags, unit) VALUES {values}"
-_SERIES_IDS = (
-    "SELECT id, sensor, metric, tags, unit FROM series "
-    "WHERE (sensor, metric, tags, unit) IN (VALUES {values})"
+_SERIES_IDS = (  # the VALUES outermost: a search of the series index each (an IN scanned them all)
+    "WITH v (sensor, metric, tags, unit) AS (VALUES {values}) "
+    "SELECT s.id, s.sensor, s.metric, s.tags, s.unit FROM v CROSS JOIN series AS s "
+    "ON s.sensor = v.sensor AND s.metric = v.metric AND s.tags = v.tags AND s.unit = v.unit"
 )
 _INSERT_ONE = "INSERT OR IGNORE INTO samples (series_id, ts_ns, seq, value) VALUES (?, ?, ?, ?)"
 _INSERT_MANY = "INSERT OR IGNORE INTO samples (series_id, ts_ns, seq, value) VALUES " + ", ".join(
