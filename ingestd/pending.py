@@ -18,6 +18,18 @@ from ingestd.rollups import NS, Key, RollupRow, Row, aggregate
 PENDING = "SELECT records FROM rollup_pending ORDER BY id"
 
 
+# A batch whose gauges make at most one rollup row per DENSE readings (few
+# series, many readings each: JSON arrays, a narrow fleet's backlog) merges
+# its rows itself, as cheap as it gets; a sparser one leaves its readings
+# pending (a row a series and interval per batch cost more than the readings).
+DENSE = 4
+
+
+def dense(records: Sequence[tuple[int, int, int, float]], widths: int) -> bool:
+    """Few enough rows for `records` to merge them in the batch?"""
+    return len({r[0] for r in records}) * widths * DENSE <= len(records)
+
+
 def drained(pending: int, closed: int) -> int:
     """This process's pending count after a close: none closed means none
     was left to take (another instance or a tool may have closed what this

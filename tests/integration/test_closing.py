@@ -8,6 +8,9 @@ import asyncio
 import time
 from pathlib import Path
 
+import pytest
+
+from ingestd import pending
 from ingestd.closing import CHUNK, Closer
 from ingestd.config import RollupSettings
 from ingestd.events import Reading
@@ -16,6 +19,12 @@ from ingestd.store.sqlite import SqliteStore
 
 NS = 1_000_000_000
 PLAN = RollupPlan((60, 3600), {60: 90.0, 3600: 0.0})
+
+
+@pytest.fixture(autouse=True)
+def sparse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every batch's gauges left pending (`ingestd.pending.dense` says no)."""
+    monkeypatch.setattr(pending, "DENSE", 10**9)
 
 
 class Counted(SqliteStore):

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from ingestd import pending
 from ingestd.events import Reading
 from ingestd.rollups import RollupPlan, deltas
 from ingestd.store.base import Store
@@ -48,6 +49,15 @@ def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
         PgReader(url).rows,
         lambda: asyncio.run(rebuild_postgres(url, None, PLAN, 0)),
     )
+
+
+@pytest.fixture(params=["merged by the batch", "pending, closed"])
+def gauge_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways a gauge's readings reach the rollups: a dense batch merges
+    its rows itself, a sparse one leaves its readings pending
+    (`ingestd.pending.dense`); forced one way or the other."""
+    monkeypatch.setattr(pending, "DENSE", 0 if request.param.startswith("merged") else 10**9)
+    return str(request.param)
 
 
 def gauge() -> list[Reading]:
@@ -135,7 +145,7 @@ async def close_all(store: Store) -> None:
         pass
 
 
-def test_rollups_equal_an_independent_computation(engine: Engine) -> None:
+def test_rollups_equal_an_independent_computation(engine: Engine, gauge_path: str) -> None:
     make, rows, rebuild = engine
     g, c = gauge(), counter()
     late_g, late_c = {1, 500}, {30, 51, 120}  # readings 2 hours late (and the glitch's neighbours)
@@ -189,7 +199,7 @@ def test_rollups_equal_an_independent_computation(engine: Engine) -> None:
     assert all(v is not None and v >= 0 for v in hourly)
 
 
-def test_raw_retention_per_sensor_glob_leaves_the_rollups(engine: Engine) -> None:
+def test_raw_retention_per_sensor_glob_leaves_the_rollups(engine: Engine, gauge_path: str) -> None:
     make, rows, rebuild = engine
     now = time.time()
     ages = (10.0, 3.0, 0.5)  # days
@@ -226,7 +236,7 @@ def test_raw_retention_per_sensor_glob_leaves_the_rollups(engine: Engine) -> Non
 
 
 def test_a_rebuild_keeps_pending_readings_whose_raw_readings_retention_took(
-    engine: Engine,
+    engine: Engine, gauge_path: str
 ) -> None:
     """Readings still pending when retention deleted their raw readings: a
     rebuild counts them (it closes them first), as a close would have."""
@@ -332,7 +342,7 @@ def test_many_counter_series_in_one_batch(engine: Engine) -> None:
     assert got == want
 
 
-def test_a_rebuild_takes_the_pending_readings_once(engine: Engine) -> None:
+def test_a_rebuild_takes_the_pending_readings_once(engine: Engine, gauge_path: str) -> None:
     """Pending readings before and after `--since`, some closed, some not: a
     rebuild from that time gives the rows of an independent computation, and
     leaves nothing pending to count again."""

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ingestd import rollups
-from ingestd.pending import CLOSE_ROWS, merge_into, pack, unpack
+from ingestd.pending import CLOSE_ROWS, dense, merge_into, pack, unpack
 from ingestd.rollups import CONTEXT, Key, Point, RollupPlan, Row
 
 Record = tuple[int, int, int, float]  # series_id, ts_ns, seq, value
@@ -96,8 +96,8 @@ _CLOSED = "DELETE FROM rollup_pending WHERE id = ANY($1::bigint[]) RETURNING id,
 
 async def roll(conn: Any, plan: RollupPlan, new: Sequence[Record], counters: set[int]) -> int:
     """Fold a batch's new readings into the rollups, in its transaction: a
-    counter's now, a gauge's into `rollup_pending` (`close`). The gauges'
-    readings pending."""
+    counter's now; gauges' now if dense (`ingestd.pending.dense`), else into
+    `rollup_pending` (`close`). The gauges' readings left pending."""
     if not new:
         return 0
     gauges = new
@@ -111,6 +111,9 @@ async def roll(conn: Any, plan: RollupPlan, new: Sequence[Record], counters: set
             await conn.execute(_LOCK, [_LOCK_SPACE | s for s in sorted({r[0] for r in mine})])
             await merge_rows(conn, rollups.aggregate(mine, plan.widths), True)
             await _counted(conn, plan, mine, counters)
+    if gauges and dense(gauges, len(plan.widths)):
+        await merge_rows(conn, rollups.aggregate(gauges, plan.widths), False)
+        return 0
     if gauges:
         await conn.execute(_PEND, len(gauges), pack(gauges))
     return len(gauges)

@@ -10,7 +10,7 @@ import aiosqlite
 
 from ingestd import rollups
 from ingestd.events import Reading
-from ingestd.pending import close_rows, pack
+from ingestd.pending import close_rows, dense, pack
 from ingestd.rollups import CONTEXT, Key, Point, RollupPlan, Row
 
 Record = tuple[int, int, int, float]  # series_id, ts_ns, seq, value
@@ -103,9 +103,9 @@ async def roll(
     conn: aiosqlite.Connection, plan: RollupPlan, new: Sequence[Record], counters: set[int]
 ) -> int:
     """Fold a batch's new readings into the rollups, in its transaction: a
-    counter's now (its increase needs its neighbours, counted), a gauge's
-    into `rollup_pending` (closed later, `close`). The gauges' readings
-    pending."""
+    counter's now (its increase needs its neighbours, counted); gauges' now
+    if dense (`ingestd.pending.dense`), else into `rollup_pending` (closed
+    later, `close`). The gauges' readings left pending."""
     if not new:
         return 0
     gauges = new
@@ -117,6 +117,10 @@ async def roll(
         changes = await increase_changes(conn, plan, mine, counters)
         if changes:
             await conn.executemany(_ADD_INCREASE, [(d, *k) for k, d in sorted(changes.items())])
+    if gauges and dense(gauges, len(plan.widths)):
+        rows = rollups.aggregate(gauges, plan.widths)
+        await merge(conn, [params(k, row, False) for k, row in rows.items()])
+        return 0
     if gauges:
         await conn.execute(_PEND, (len(gauges), pack(gauges)))
     return len(gauges)
