@@ -4,10 +4,11 @@ a batch committed with a pending copy are merged into the rollup rows every
 at start (what a crash left) and once more after the drain at a stop.
 
 A close is a transaction of at most CHUNK readings and CLOSE_ROWS rows; a pass
-closes until a close finds none, or as many as were pending when it began
-(a busy daemon's writer keeps adding). A failure (the store away) is logged once, retried next pass:
-the pending rows stay in the database, counted with the raw readings, and
-`ingestd query --every` adds them meanwhile. Closing never stops ingestion.
+closes until a close finds none, or as many as were pending when it began (a
+busy daemon's writer keeps adding). A failure (the store away) is logged
+once, retried next pass: the pending rows stay in the database, counted with
+the raw readings, and `ingestd query --every` adds them meanwhile. Closing
+never stops ingestion; a pass that closed nothing waits for close_seconds.
 """
 
 from __future__ import annotations

@@ -140,7 +140,7 @@ async def rebuild_postgres(url: str, password: str | None, plan: RollupPlan, sta
     try:
         await conn.execute("SET statement_timeout = 0")
         # One snapshot (taken after the lock) for the pending readings and
-        # the raw ones: a reading is rebuilt from one of them, never both.
+        # the raw ones: those closed first are the raw readings' own.
         async with conn.transaction(isolation="repeatable_read"):
             await conn.execute("LOCK TABLE rollups IN EXCLUSIVE MODE")
             taken = await conn.fetch("DELETE FROM rollup_pending RETURNING id, records")
