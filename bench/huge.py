@@ -20,15 +20,14 @@ import json
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from bench import bench
 from bench.bench import T0, Scenario
 from tests.support.brokers import Mosquitto
+from tests.support.mqtt import publish
 
 METRICS = 5
 
@@ -43,29 +42,14 @@ class Wide(Scenario):
 
 
 def _preload(port: int, devices: int, round_no: int) -> None:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    client.max_inflight_messages_set(1000)
-    client.max_queued_messages_set(0)
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    try:
-        infos = []
+    def messages() -> Iterator[tuple[str, bytes]]:
         for d in range(devices):
             ts = T0 + round_no * 60 + d * 0.0001
-            fields = ", ".join(
-                f'"m{k}": {(d * 7 + k + round_no) % 100 / 4}' for k in range(METRICS)
-            )
-            body = ("{" + f'"ts": {ts:.4f}, {fields}' + "}").encode()
-            infos.append(client.publish(f"sensors/dev{d}/telemetry", body, qos=1))
-            if len(infos) >= 5000:
-                for info in infos:
-                    info.wait_for_publish(60)
-                infos.clear()
-        for info in infos:
-            info.wait_for_publish(60)
-    finally:
-        client.loop_stop()
-        client.disconnect()
+            values = [(d * 7 + k + round_no) % 100 / 4 for k in range(METRICS)]
+            fields = ", ".join(f'"m{k}": {v}' for k, v in enumerate(values))
+            yield f"sensors/dev{d}/telemetry", ("{" + f'"ts": {ts:.4f}, {fields}' + "}").encode()
+
+    publish(port, messages(), inflight=1000)
 
 
 def _startup(log: Path) -> tuple[float, float]:

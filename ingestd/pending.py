@@ -9,7 +9,7 @@ import heapq
 import itertools
 import sys
 from array import array
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from operator import attrgetter
 from typing import Any
 
@@ -26,7 +26,15 @@ DENSE = 4
 
 
 def dense(records: Sequence[tuple[int, int, int, float]], widths: int) -> bool:
-    """Few enough rows for `records` to merge them in the batch?"""
+    """Few enough rows for `records` to merge them in the batch?
+
+    Not if one has a `seq` above 0: it shares its series and time with a
+    reading of the same message, perhaps one stored earlier and still
+    pending, and a row's first and last settle a tie of times by the order
+    of merges (the earlier kept first, the later taken last), which is the
+    readings' order only if they go the same way: pending, closed in order."""
+    if any(r[2] for r in records):
+        return False
     return len({r[0] for r in records}) * widths * DENSE <= len(records)
 
 
@@ -101,6 +109,24 @@ def pending_rows(
     ]
     out.sort(key=lambda r: (r.bucket, r.first_ns))
     return out
+
+
+def pending_of(
+    blobs: Iterable[Sequence[Any]],
+    width: int,
+    since: int,
+    until: int,
+    lookup: Callable[[list[int]], Iterable[Sequence[Any]]],
+) -> list[RollupRow]:
+    """A reader's pending rows (`pending_rows`) from the `PENDING` rows it
+    read; `lookup(ids)`: (id, sensor, metric, tags, unit) of those of the ids
+    its filter keeps."""
+    records = [r for (blob,) in blobs for r in unpack(blob)]
+    ids = sorted({r[0] for r in records})
+    if not ids:
+        return []
+    series = {int(i): (a, b, c, d) for i, a, b, c, d in lookup(ids)}
+    return pending_rows(records, width, since, until, series)
 
 
 def with_pending(

@@ -12,7 +12,7 @@ from typing import Any
 import asyncpg
 
 from ingestd.errors import StoreError
-from ingestd.pending import PENDING, pending_rows, unpack, with_pending
+from ingestd.pending import PENDING, pending_of, with_pending
 from ingestd.rollups import ROLLUP_COLUMNS, ROLLUP_FROM, ROLLUP_ORDER, RollupRow
 from ingestd.store import base
 from ingestd.store.base import (
@@ -163,17 +163,17 @@ class PostgresReader(base.Reader):
     ) -> list[RollupRow]:
         """The readings not yet closed into the rollups, as one-reading rows."""
         blobs = self._run(self.conn.fetch(PENDING))
-        records = [r for (blob,) in blobs for r in unpack(blob)]
-        ids = sorted({r[0] for r in records})
-        if not ids:
-            return []
-        args: list[Any] = [ids]
-        sql = (
-            "SELECT s.id, s.sensor, s.metric, s.tags, s.unit FROM series AS s "
-            "WHERE s.id = ANY($1::bigint[])"
-        ) + _series_filter(sensor, metric, tags, args)
-        series = {int(i): (a, b, c, d) for i, a, b, c, d in self._run(self.conn.fetch(sql, *args))}
-        return pending_rows(records, width, since, until, series)
+
+        def lookup(ids: list[int]) -> Iterable[Sequence[Any]]:
+            args: list[Any] = [ids]
+            sql = (
+                "SELECT s.id, s.sensor, s.metric, s.tags, s.unit FROM series AS s "
+                "WHERE s.id = ANY($1::bigint[])"
+            ) + _series_filter(sensor, metric, tags, args)
+            rows: Iterable[Sequence[Any]] = self._run(self.conn.fetch(sql, *args))
+            return rows
+
+        return pending_of(blobs, width, since, until, lookup)
 
     def quarantined(self, since: float, limit: int | None) -> Iterable[QuarantineRow]:
         sql = (

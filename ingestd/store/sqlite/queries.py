@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ingestd.errors import StoreError
-from ingestd.pending import PENDING, pending_rows, unpack, with_pending
+from ingestd.pending import PENDING, pending_of, with_pending
 from ingestd.rollups import ROLLUP_COLUMNS, ROLLUP_FROM, ROLLUP_ORDER, RollupRow
 from ingestd.store import base
 from ingestd.store.base import (
@@ -134,17 +134,16 @@ class SqliteReader(base.Reader):
             if "no such table" not in str(exc):
                 raise StoreError(f"{self.path}: {exc}") from None
             return []
-        records = [r for (blob,) in blobs for r in unpack(blob)]
-        ids = sorted({r[0] for r in records})
-        if not ids:
-            return []
-        args: list[Any] = [json.dumps(ids)]
-        sql = (
-            "SELECT s.id, s.sensor, s.metric, s.tags, s.unit FROM series AS s "
-            "WHERE s.id IN (SELECT value FROM json_each(?))"
-        ) + _series_filter(sensor, metric, tags, args)
-        series = {int(i): (a, b, c, d) for i, a, b, c, d in self.conn.execute(sql, args)}
-        return pending_rows(records, width, since, until, series)
+
+        def lookup(ids: list[int]) -> Iterable[Sequence[Any]]:
+            args: list[Any] = [json.dumps(ids)]
+            sql = (
+                "SELECT s.id, s.sensor, s.metric, s.tags, s.unit FROM series AS s "
+                "WHERE s.id IN (SELECT value FROM json_each(?))"
+            ) + _series_filter(sensor, metric, tags, args)
+            return self.conn.execute(sql, args)
+
+        return pending_of(blobs, width, since, until, lookup)
 
     def quarantined(self, since: float, limit: int | None) -> Iterable[QuarantineRow]:
         sql = (
