@@ -21,8 +21,12 @@ not at all); the rest of the rows (`INSERT ... RETURNING`) were there.
   instead of one per batch: in a wide fleet a batch holds one reading of each
   of thousands of series, and a row write per series and interval per batch
   cost more than the raw insert (about 3 us a row on SQLite, a page each).
-  Merges commute, so instances closing pending rows of one bucket give what
-  one would; on PostgreSQL each takes its own (`SKIP LOCKED`).
+  A dense batch (few series, many readings each: `ingestd.pending.dense`)
+  merges its gauges' rows itself instead. Merges commute but for a tie of
+  times, which first and last settle by their order (the earlier kept first,
+  the later taken last): so a batch holding readings of one series and time
+  (seq apart) leaves them pending, and instances close one at a time, oldest
+  first.
   The stored rows lag the raw readings by up to a close; `ingestd query
   --every` adds what is pending, exactly; the views show what is closed.
 - **Counters** (`[processor.kinds]`): the increase is the sum of the deltas

@@ -89,8 +89,11 @@ _WINDOW = (
 
 
 _PEND = "INSERT INTO rollup_pending (readings, records) VALUES ($1, $2)"
-# Pending rows no other instance is closing, oldest first (their counts).
-_PENDING = "SELECT id, readings FROM rollup_pending ORDER BY id LIMIT 1000 FOR UPDATE SKIP LOCKED"
+# Pending rows, oldest first (their counts), locked: instances close one at a
+# time, in order. (Taking rows another was closing, SKIP LOCKED, could commit
+# a newer reading's merge before an older one's, and a row settles a tie of
+# times by the order of merges.)
+_PENDING = "SELECT id, readings FROM rollup_pending ORDER BY id LIMIT 1000 FOR UPDATE"
 _CLOSED = "DELETE FROM rollup_pending WHERE id = ANY($1::bigint[]) RETURNING id, records"
 
 
@@ -122,9 +125,9 @@ async def roll(conn: Any, plan: RollupPlan, new: Sequence[Record], counters: set
 async def close(conn: Any, plan: RollupPlan, most: int) -> int:
     """Close pending rows, oldest first, up to `most` readings or CLOSE_ROWS
     rows (at least one pending row), in the caller's transaction: merged into
-    the rollups and deleted. Rows another instance is closing are skipped
-    (those locked here and not taken stay for the next close). The readings
-    closed (0: none free to take)."""
+    the rollups and deleted. Another instance's close is waited for (rows it
+    took are gone then; those locked here and not taken stay for the next
+    close). The readings closed (0: none pending)."""
     ids: list[int] = []
     total = 0
     for id_, readings in await conn.fetch(_PENDING):
