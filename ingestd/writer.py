@@ -119,6 +119,10 @@ class BatchWriter:
         self.spool_after: float | None = None
         self.spool_available = True  # False while the spool cannot take batches
         self._spool_problem: str | None = None
+        # Batches (numbers) the spool refused and the writer holds: the spool
+        # takes batches again once none is held (a smaller one taken beside
+        # a held one does not end it).
+        self._held: set[int] = set()
         # Readings (to store, or quarantined by the processor) this run
         # committed to the spool and not yet forwarded: a term of the identity.
         self.spooled = 0
@@ -383,7 +387,7 @@ class BatchWriter:
         while True:
             if spool is not None and spool.active:
                 # Spooling: every batch goes there, in order, until it is forwarded.
-                if await self._spool(readings, rejected, status, moved):
+                if await self._spool(readings, rejected, status, moved, number):
                     return None
                 await asyncio.sleep(backoff.next())
                 continue
@@ -415,7 +419,9 @@ class BatchWriter:
                         readings=len(readings),
                         path=self.store.where,
                     )
-                if spool is not None and await self._spool(readings, rejected, status, moved):
+                if spool is not None and await self._spool(
+                    readings, rejected, status, moved, number
+                ):
                     return None
                 await asyncio.sleep(backoff.next())
                 continue
@@ -425,11 +431,15 @@ class BatchWriter:
                 self.store_available = True
                 log.warning("store available again; batch committed", after=self._condition)
                 self._condition = None
-            self._taken_again("store")
+            self._taken_again("store", number)
             return tx.inserted, tx.duplicates, tx.conflicts
 
-    def _taken_again(self, by: str) -> None:
-        """A batch was taken: if the spool had refused batches, that is over."""
+    def _taken_again(self, by: str, number: int) -> None:
+        """Batch `number` was taken: if the spool had refused batches and none
+        is held now, that is over."""
+        self._held.discard(number)
+        if self._held:
+            return
         if self._spool_problem is not None:
             log.warning("batches are taken again", by=by, after=self._spool_problem)
             self._spool_problem = None
@@ -441,9 +451,10 @@ class BatchWriter:
         rejected: list[Rejected],
         status: SensorStatus | None,
         moved: int,
+        number: int,
     ) -> bool:
-        """Commit the batch to the spool; False if it cannot take it (full, or
-        its disk refuses), logged once each time that starts and ends."""
+        """Commit batch `number` to the spool; False if it cannot take it
+        (full, or its disk refuses), logged once each time that starts and ends."""
         spool = self.spool
         assert spool is not None
         started = not spool.active and not len(spool)
@@ -470,8 +481,9 @@ class BatchWriter:
                 )
             self._spool_problem = problem
             self.spool_available = False
+            self._held.add(number)
             return False
-        self._taken_again("spool")
+        self._taken_again("spool", number)
         if started:
             log.warning(
                 "spooling: batches are committed to local disk and acknowledged, and "

@@ -35,7 +35,7 @@ from ingestd.store.sqlite.schema import migrate
 ROWS_PER_INSERT = 256  # 1,024 parameters, well under SQLite's limit of 32,766
 _SERIES_PER_STATEMENT = 256
 _NEW_SERIES = "INSERT OR IGNORE INTO series (sensor, metric, tags, unit) VALUES {values}"
-_SERIES_IDS = (  # the VALUES outermost: a search of the series index each (an IN scanned them all)
+_SERIES_IDS = (  # VALUES first: an index search each (an IN scanned the table)
     "WITH v (sensor, metric, tags, unit) AS (VALUES {values}) "
     "SELECT s.id, s.sensor, s.metric, s.tags, s.unit FROM v CROSS JOIN series AS s "
     "ON s.sensor = v.sensor AND s.metric = v.metric AND s.tags = v.tags AND s.unit = v.unit"
@@ -251,8 +251,7 @@ class SqliteStore(base.Store):
         self.sequences: dict[str, tuple[int, int, int]] = {}
         self.devices: dict[str, list[tuple[str, bytes, bytes]]] = {}
         self._conn: aiosqlite.Connection | None = None
-        # One transaction at a time on the connection: a batch's or a close's.
-        self._writing = asyncio.Lock()
+        self._writing = asyncio.Lock()  # a transaction at a time: a batch's or a close's
         # (device, inode) of the file the connection has open: a file deleted or
         # replaced under a running daemon is noticed before anything is acked.
         self._identity: tuple[int, int] | None = None
