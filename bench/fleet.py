@@ -19,15 +19,14 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
-
-import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 
 from bench import bench
 from bench.bench import T0, Result, Scenario
 from tests.support.brokers import Mosquitto
+from tests.support.mqtt import publish
 
 FAST = (("INGESTD_MQTT__BROKER_MAX_INFLIGHT", "1000"),)
 
@@ -90,26 +89,14 @@ def preload(
 ) -> None:
     """One topic per device, published with paho before the consumer runs."""
     shape = SHAPES.get(_current[0], Shape(bench.SENSORS))
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
-    client.max_inflight_messages_set(1000)
-    client.max_queued_messages_set(0)
-    client.connect("127.0.0.1", broker.port)
-    client.loop_start()
-    try:
-        infos = []
+
+    def messages_() -> Iterator[tuple[str, bytes]]:
         for i in range(messages):
             device = i % shape.devices
             body = _senml(i, device) if shape.senml else _json(i, shape)
-            infos.append(client.publish(f"sensors/dev{device}/telemetry", body, qos=qos))
-            if len(infos) >= 5000:
-                for info in infos:
-                    info.wait_for_publish(60)
-                infos.clear()
-        for info in infos:
-            info.wait_for_publish(60)
-    finally:
-        client.loop_stop()
-        client.disconnect()
+            yield f"sensors/dev{device}/telemetry", body
+
+    publish(broker.port, messages_(), qos=qos, inflight=1000)
 
 
 _current = [""]
