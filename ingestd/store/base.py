@@ -32,7 +32,6 @@ from typing import Any, NamedTuple
 
 from ingestd.errors import StoreError
 from ingestd.events import Reading, Rejected, SensorStatus, reading_payload
-from ingestd.recent import RecentCache
 from ingestd.rollups import RollupRow
 
 # What StoreUnavailable.condition may say (a metric label each: ingestd_store_unavailable).
@@ -224,20 +223,6 @@ DEVICE_STATE_LOADED = 65536
 # Device counters `open` loads (as many as the device state keeps): a sensor not
 # loaded starts its counter afresh at its next message (its stored counts stay).
 SEQUENCES_LOADED = 65536
-# Series ids a store keeps in memory (the most recent, ~190 bytes each: ~50 MB);
-# one not held is looked up (or made) in the database by the batch that needs it.
-SERIES_KEPT = 262144
-
-
-def series_cache(rows: Iterable[Sequence[Any]]) -> RecentCache[tuple[str, str, str, str], int]:
-    """The series ids a store starts with: (sensor, metric, tags, unit, id)
-    rows, the most recent first (at most SERIES_KEPT)."""
-    cache: RecentCache[tuple[str, str, str, str], int] = RecentCache(SERIES_KEPT)
-    for sensor, metric, tags, unit, sid in reversed(list(rows)):
-        cache[(sensor, metric, tags, unit)] = sid
-    return cache
-
-
 # Rows device_state keeps at most, all instances together, the most recently
 # updated: a device is not forgotten for being silent (its state is its
 # BIRTH, however old), only for a flood of others (junk ids' BIRTHs).

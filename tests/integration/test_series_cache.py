@@ -9,7 +9,7 @@ from collections.abc import Callable
 import pytest
 
 from ingestd.events import Reading
-from ingestd.store import base
+from ingestd.store import series
 from ingestd.store.base import Store
 
 
@@ -20,7 +20,7 @@ def reading(sensor: str, ts_ns: int, value: float = 1.0) -> Reading:
 async def test_a_series_forgotten_is_found_again_not_made_twice(
     new_store: Callable[[], Store], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(base, "SERIES_KEPT", 10)
+    monkeypatch.setattr(series, "SERIES_KEPT", 10)
     async with new_store() as store:
         for i in range(100):
             async with store.batch() as tx:

@@ -12,7 +12,7 @@ import asyncpg
 from ingestd.errors import NotPrimary, StoreError
 from ingestd.events import Reading, Rejected
 from ingestd.rollups import RollupPlan
-from ingestd.store import base
+from ingestd.store import base, series
 from ingestd.store.postgres.rolling import roll
 
 
@@ -251,7 +251,8 @@ class Batch(base.Batch):
             *cols,
         )
         for row in found:
-            self.new_series[(row["sensor"], row["metric"], row["tags"], row["unit"])] = row["id"]
+            key = (row["sensor"], row["metric"], row["tags"], row["unit"])
+            self.new_series[series.series_key(*key)] = row["id"]
         if len(found) != len(missing):  # pragma: no cover - the INSERT above guarantees rows
             raise StoreError(f"{len(missing) - len(found)} series vanished inside a transaction")
 

@@ -39,7 +39,7 @@ from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import NS
 from ingestd.pending import drained
 from ingestd.rollups import NEEDS_REBUILD, RollupPlan
-from ingestd.store import base
+from ingestd.store import base, series
 from ingestd.store.base import Upkeep
 from ingestd.store.postgres.batch import Batch
 from ingestd.store.postgres.connect import connect_writable, server_of
@@ -94,8 +94,8 @@ class PostgresStore(base.Store):
         self.partitions_behind = partitions_behind
         self.retention_days = retention_days
         self.clock = clock
-        # Series ids by recency (base.SERIES_KEPT): one not held is looked up.
-        self.series_ids = base.series_cache(())
+        # Series ids by recency (series.SERIES_KEPT): one not held is looked up.
+        self.series_ids = series.series_cache(())
         self.sequences: dict[str, tuple[int, int, int]] = {}
         self.devices: dict[str, list[tuple[str, bytes, bytes]]] = {}
         # Connections not in a batch; a batch takes one. Up to
@@ -163,9 +163,9 @@ class PostgresStore(base.Store):
             await conn.execute(_STAGE)
             rows = await conn.fetch(
                 "SELECT sensor, metric, tags, unit, id FROM series ORDER BY id DESC LIMIT $1",
-                base.SERIES_KEPT,
+                series.SERIES_KEPT,
             )
-            self.series_ids = base.series_cache(rows)
+            self.series_ids = series.series_cache(rows)
             rows = await conn.fetch(
                 "SELECT sensor, last_seq, seq_gaps, seq_missing FROM sensor_status "
                 "WHERE last_seq IS NOT NULL LIMIT $1",

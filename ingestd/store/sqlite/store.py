@@ -26,7 +26,7 @@ from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import Reading, Rejected
 from ingestd.pending import drained
 from ingestd.rollups import NEEDS_REBUILD, RollupPlan
-from ingestd.store import base
+from ingestd.store import base, series
 from ingestd.store.base import CORRUPT, DISK_LOW, REPLACED, Upkeep
 from ingestd.store.sqlite import corrupt, rolling
 from ingestd.store.sqlite.purge import purge
@@ -202,7 +202,7 @@ class Batch(base.Batch):
             await self._conn.execute(_NEW_SERIES.format(values=values), params)
             async with self._conn.execute(_SERIES_IDS.format(values=values), params) as cur:
                 for sid, *key in await cur.fetchall():
-                    new[(key[0], key[1], key[2], key[3])] = int(sid)
+                    new[series.series_key(*key)] = int(sid)
         return [
             (known.get(k) or new[k], r.ts_ns, r.seq, r.value)
             for r in readings
@@ -245,8 +245,8 @@ class SqliteStore(base.Store):
         self.where = str(path)
         self.synchronous = synchronous
         self.busy_timeout_ms = busy_timeout_ms
-        # Series ids by recency (base.SERIES_KEPT): one not held is looked up.
-        self.series_ids = base.series_cache(())
+        # Series ids by recency (series.SERIES_KEPT): one not held is looked up.
+        self.series_ids = series.series_cache(())
         # Device sequence counters as last committed: (last, gaps, missing).
         self.sequences: dict[str, tuple[int, int, int]] = {}
         self.devices: dict[str, list[tuple[str, bytes, bytes]]] = {}
@@ -309,9 +309,9 @@ class SqliteStore(base.Store):
                     self.needs_rebuild = bool((await cur.fetchone() or (0,))[0])
             async with conn.execute(
                 "SELECT sensor, metric, tags, unit, id FROM series ORDER BY id DESC LIMIT ?",
-                (base.SERIES_KEPT,),
+                (series.SERIES_KEPT,),
             ) as cur:
-                self.series_ids = base.series_cache(await cur.fetchall())
+                self.series_ids = series.series_cache(await cur.fetchall())
             async with conn.execute(
                 "SELECT sensor, last_seq, seq_gaps, seq_missing "
                 "FROM sensor_status WHERE last_seq IS NOT NULL LIMIT ?",
