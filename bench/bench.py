@@ -353,6 +353,13 @@ def run_ingestd(
         base["INGESTD_MQTT__SHARED_GROUP"] = group
     procs: list[subprocess.Popen[bytes]] = []
     logs: list[Path] = []
+
+    def own_spool(client_id: str) -> dict[str, str]:
+        """A spool each (two instances refuse to share one), for PostgreSQL."""
+        if sc.store != "postgres" or len(ids) == 1:
+            return {}
+        return {"INGESTD_STORE__SPOOL__PATH": str(work / f"{client_id}-spool.db")}
+
     for client_id in ids:
         log = work / f"{client_id}.log"
         logs.append(log)
@@ -360,7 +367,7 @@ def run_ingestd(
             procs.append(
                 subprocess.Popen(
                     [PY, "-m", "ingestd", "--config", str(config)],
-                    env={**base, "INGESTD_MQTT__CLIENT_ID": client_id},
+                    env={**base, "INGESTD_MQTT__CLIENT_ID": client_id, **own_spool(client_id)},
                     stdout=fh,
                     stderr=subprocess.STDOUT,
                     cwd=REPO,

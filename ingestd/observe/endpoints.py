@@ -50,7 +50,9 @@ class MetricsServer:
         self.host, self.port = str(address[0]), int(address[1])
         self._thread = threading.Thread(
             target=self._server.serve_forever,
-            kwargs={"poll_interval": 0.5},
+            # How long a stop waits for the thread to notice (shutdown()): at
+            # 0.5 s, socketserver's default, most of an idle daemon's stop.
+            kwargs={"poll_interval": 0.1},
             name="metrics-http",
             daemon=True,
         )
