@@ -30,19 +30,15 @@ from ingestd.store import base, series
 from ingestd.store.base import CORRUPT, DISK_LOW, REPLACED, Upkeep
 from ingestd.store.sqlite import corrupt, rolling
 from ingestd.store.sqlite.purge import purge
+from ingestd.store.sqlite.rows import ROWS_PER_INSERT, insert
 from ingestd.store.sqlite.schema import migrate
 
-ROWS_PER_INSERT = 256  # 1,024 parameters, well under SQLite's limit of 32,766
 _SERIES_PER_STATEMENT = 256
 _NEW_SERIES = "INSERT OR IGNORE INTO series (sensor, metric, tags, unit) VALUES {values}"
 _SERIES_IDS = (  # VALUES first: an index search each (an IN scanned the table)
     "WITH v (sensor, metric, tags, unit) AS (VALUES {values}) "
     "SELECT s.id, s.sensor, s.metric, s.tags, s.unit FROM v CROSS JOIN series AS s "
     "ON s.sensor = v.sensor AND s.metric = v.metric AND s.tags = v.tags AND s.unit = v.unit"
-)
-_INSERT_ONE = "INSERT OR IGNORE INTO samples (series_id, ts_ns, seq, value) VALUES (?, ?, ?, ?)"
-_INSERT_MANY = "INSERT OR IGNORE INTO samples (series_id, ts_ns, seq, value) VALUES " + ", ".join(
-    ["(?, ?, ?, ?)"] * ROWS_PER_INSERT
 )
 # Rows offered that differ from what is stored under their key (checked only
 # when a batch inserted fewer rows than it offered).
@@ -125,19 +121,9 @@ class Batch(base.Batch):
             ]
         except KeyError:
             rows = await self._rows_with_new_series(readings)
-        inserted = 0
         if self._store.rollups:
             await self._conn.execute("SAVEPOINT ingestd_rows")
-        # Multi-row statements: about 30% less work per row than one row per step.
-        whole = len(rows) - len(rows) % ROWS_PER_INSERT
-        if whole:
-            groups = [
-                list(chain.from_iterable(rows[i : i + ROWS_PER_INSERT]))
-                for i in range(0, whole, ROWS_PER_INSERT)
-            ]
-            inserted += await self._insert(_INSERT_MANY, groups)
-        if whole < len(rows):
-            inserted += await self._insert(_INSERT_ONE, rows[whole:])
+        inserted = await insert(self._conn, rows)
         self.inserted += inserted
         plan = self._store.rollups
         if inserted == len(rows):
@@ -179,12 +165,6 @@ class Batch(base.Batch):
             async with self._conn.execute(sql, params) as cur:
                 found += [(int(i), float(v)) for i, v in await cur.fetchall()]
         return [self.conflict(readings[i], stored) for i, stored in sorted(found)]
-
-    async def _insert(self, sql: str, params: Sequence[Sequence[object]]) -> int:
-        cur = await self._conn.executemany(sql, params)
-        changed = cur.rowcount
-        await cur.close()
-        return changed
 
     async def _rows_with_new_series(
         self, readings: Sequence[Reading]
