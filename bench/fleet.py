@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import sys
 import time
@@ -36,6 +37,9 @@ class Shape:
     devices: int
     metrics: int = 2  # readings per JSON message
     senml: bool = False  # packs of 25 records of 2 metrics, device-shaped
+    # Each round of the fleet in an order of its own (a field's devices do not
+    # report in the order they were first seen, which is their series' ids).
+    shuffled: bool = False
 
 
 SHAPES: dict[str, Shape] = {}
@@ -54,6 +58,10 @@ def scenarios() -> list[Scenario]:
     return [
         _scenario("ingestd, 200 devices x 2 metrics", Shape(200)),
         _scenario("ingestd, 20,000 devices x 2 metrics", Shape(20_000)),
+        _scenario(
+            "ingestd, 20,000 devices x 2 metrics, each round in random order",
+            Shape(20_000, shuffled=True),
+        ),
         _scenario("ingestd -> PostgreSQL, 200 devices x 2 metrics", Shape(200), store="postgres"),
         _scenario(
             "ingestd -> PostgreSQL, 20,000 devices x 2 metrics", Shape(20_000), store="postgres"
@@ -90,9 +98,15 @@ def preload(
     """One topic per device, published with paho before the consumer runs."""
     shape = SHAPES.get(_current[0], Shape(bench.SENSORS))
 
+    order = list(range(shape.devices))
+
     def messages_() -> Iterator[tuple[str, bytes]]:
         for i in range(messages):
-            device = i % shape.devices
+            round_no, device = divmod(i, shape.devices)
+            if shape.shuffled:
+                if device == 0:
+                    random.Random(round_no).shuffle(order)
+                device = order[device]
             body = _senml(i, device) if shape.senml else _json(i, shape)
             yield f"sensors/dev{device}/telemetry", body
 
@@ -173,6 +187,11 @@ def report(results: dict[str, list[Result]], args: argparse.Namespace, seconds: 
     wide, narrow = "20,000 devices x 2 metrics", "200 devices x 2 metrics"
     pairs = [
         ("SQLite wide / narrow", f"ingestd, {wide}", f"ingestd, {narrow}"),
+        (
+            "SQLite wide, each round in random order / narrow",
+            f"ingestd, {wide}, each round in random order",
+            f"ingestd, {narrow}",
+        ),
         (
             "PostgreSQL wide / narrow",
             f"ingestd -> PostgreSQL, {wide}",
