@@ -71,7 +71,7 @@ def scenarios() -> list[Scenario]:
             Shape(200, senml=True),
             messages=20_000,
         ),
-        Scenario("mosquitto_sub (C, receive only), QoS 1", "mosquitto_sub", 1, 1000),
+        Scenario(bench.MOSQUITTO_SUB_QOS1, "mosquitto_sub", 1, 1000),
     ]
 
 
@@ -201,7 +201,7 @@ def report(results: dict[str, list[Result]], args: argparse.Namespace, seconds: 
     for label, a, b in pairs:
         if a in rate and b in rate:
             lines.append(f"- {label}: {rate[a] / rate[b]:.2f}x")
-    mosq = "mosquitto_sub (C, receive only), QoS 1"
+    mosq = bench.MOSQUITTO_SUB_QOS1
     narrow = "ingestd, 200 devices x 2 metrics"
     if mosq in cpu and narrow in cpu:
         lines.append(
