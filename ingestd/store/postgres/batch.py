@@ -250,9 +250,10 @@ class Batch(base.Batch):
             "AS k(sensor, metric, tags, unit) USING (sensor, metric, tags, unit)",
             *cols,
         )
+        shared: dict[str, str] = {}
         for row in found:
             key = (row["sensor"], row["metric"], row["tags"], row["unit"])
-            self.new_series[series.series_key(*key)] = row["id"]
+            self.new_series[series.series_key(*key, shared)] = row["id"]
         if len(found) != len(missing):  # pragma: no cover - the INSERT above guarantees rows
             raise StoreError(f"{len(missing) - len(found)} series vanished inside a transaction")
 

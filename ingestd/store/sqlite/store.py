@@ -175,6 +175,7 @@ class Batch(base.Batch):
             {k for r in readings if (k := (r.sensor, r.metric, r.tags, r.unit)) not in known}
             - new.keys()
         )
+        shared: dict[str, str] = {}
         for start in range(0, len(missing), _SERIES_PER_STATEMENT):
             part = missing[start : start + _SERIES_PER_STATEMENT]
             values = ", ".join(["(?, ?, ?, ?)"] * len(part))
@@ -182,7 +183,7 @@ class Batch(base.Batch):
             await self._conn.execute(_NEW_SERIES.format(values=values), params)
             async with self._conn.execute(_SERIES_IDS.format(values=values), params) as cur:
                 for sid, *key in await cur.fetchall():
-                    new[series.series_key(*key)] = int(sid)
+                    new[series.series_key(key[0], key[1], key[2], key[3], shared)] = int(sid)
         return [
             (known.get(k) or new[k], r.ts_ns, r.seq, r.value)
             for r in readings
