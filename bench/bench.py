@@ -386,7 +386,7 @@ def run_ingestd(
     urls: list[str] = []
     done_at: list[float] = []
     committed_total = [0]
-    start_cpu: list[float] = []
+    start_cpu: dict[int, float] = {}
 
     scraped_at = [0.0]
 
@@ -399,6 +399,10 @@ def run_ingestd(
         for log, proc in zip(logs, procs, strict=True):
             if proc.poll() is not None:
                 raise RuntimeError(f"ingestd exited early:\n{log.read_text()[-3000:]}")
+            # Each instance's start-up: its CPU when its own connection shows
+            # (another's, already draining the backlog, may have shown earlier).
+            if proc.pid not in start_cpu and '"connected to broker"' in log.read_text():
+                start_cpu.update(cpu_seconds([proc.pid]))
         if len(urls) < len(procs) or len(connected) < len(procs):
             urls.clear()
             connected.clear()
@@ -412,8 +416,6 @@ def run_ingestd(
                         connected.append(at.timestamp())
             if len(urls) < len(procs):
                 return False
-            if len(connected) == len(procs) and not start_cpu:
-                start_cpu.append(sum(cpu_seconds([p.pid for p in procs]).values()))
         now = time.monotonic()
         if committed_total[0] < 0.9 * expected and now - scraped_at[0] < 0.2:
             return False
@@ -468,7 +470,7 @@ def run_ingestd(
         lost=expected - total,
         broker_cpu=broker_cpu,
         db_cpu=db_cpu,
-        start_cpu=start_cpu[0] if start_cpu else 0.0,
+        start_cpu=sum(start_cpu.values()),
     )
 
 

@@ -164,9 +164,9 @@ def report(results: dict[str, list[Result]], args: argparse.Namespace, seconds: 
     lines = [
         f"{args.rounds} interleaved round(s), {seconds:.0f} s; medians.",
         "",
-        "| scenario | messages | readings/s (median) | min-max | CPU µs/message after start-up "
-        "| start-up CPU s | peak RSS MB |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| scenario | messages | readings/s (median) | min-max | its CPU µs/message after "
+        "start-up | start-up CPU s | PostgreSQL server's CPU µs/message | peak RSS MB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     rate = {n: med([r.rate for r in rs]) for n, rs in results.items() if rs}
     # CPU a message costs: from the consumer's connection (ingestd's start-up,
@@ -176,12 +176,19 @@ def report(results: dict[str, list[Result]], args: argparse.Namespace, seconds: 
         for n, rs in results.items()
         if rs
     }
+
+    def server(rs: list[Result]) -> str:
+        """The database server's CPU a message (SQLite's is in ingestd's own)."""
+        if rs[0].scenario.store != "postgres":
+            return "-"
+        return f"{med([r.db_cpu / r.messages * 1e6 for r in rs]):.1f}"
+
     for name, rs in results.items():
         rates = [r.rate for r in rs]
         lines.append(
             f"| {name} | {rs[0].messages:,} | {rate[name]:,.0f} | {min(rates):,.0f}-"
             f"{max(rates):,.0f} | {cpu[name]:.1f} | {med([r.start_cpu for r in rs]):.2f} | "
-            f"{med([r.rss_mb for r in rs]):.1f} |"
+            f"{server(rs)} | {med([r.rss_mb for r in rs]):.1f} |"
         )
     lines.append("")
     wide, narrow = "20,000 devices x 2 metrics", "200 devices x 2 metrics"
