@@ -759,33 +759,35 @@ def main() -> int:
     wanted = [w.strip().lower() for w in a.only.split("|")]
     chosen = [s for s in scenarios() if any(w in s.name.lower() for w in wanted)]
     run = Run({s.name: [] for s in chosen})
-    started = time.monotonic()
-    if a.profile:
-        a.profile.mkdir(parents=True, exist_ok=True)
-    for rnd in range(a.rounds):
-        for sc in chosen:
-            prof = None
-            if a.profile and sc.consumer == "ingestd":
-                slug = re.sub(r"[^a-z0-9]+", "-", sc.name.lower()).strip("-")
-                prof = a.profile / f"{slug}-{rnd + 1}.txt"
-            r = run_one(sc, a.messages, prof)
-            run.results[sc.name].append(r)
-            print(
-                f"round {rnd + 1}: {sc.name}: {r.rate:,.0f} readings/s, cpu {r.cpu:.2f}s, "
-                f"rss {r.rss_mb:.1f} MB, lost {r.lost}",
-                file=sys.stderr,
-                flush=True,
-            )
-            if prof and prof.exists():
-                print(summarize(prof), file=sys.stderr, flush=True)
-    command = "python -m bench.bench " + " ".join(sys.argv[1:])
-    table = report(run, a.rounds, a.messages, command.strip(), time.monotonic() - started)
-    if a.latency_rate:
-        table += latency_report(a.latency_rate, a.latency_seconds, a.rounds)
-    print(table)
-    if a.out:
-        a.out.write_text(table)
-    stop_postgres()
+    try:  # the PostgreSQL cluster it started goes with it, whatever fails
+        started = time.monotonic()
+        if a.profile:
+            a.profile.mkdir(parents=True, exist_ok=True)
+        for rnd in range(a.rounds):
+            for sc in chosen:
+                prof = None
+                if a.profile and sc.consumer == "ingestd":
+                    slug = re.sub(r"[^a-z0-9]+", "-", sc.name.lower()).strip("-")
+                    prof = a.profile / f"{slug}-{rnd + 1}.txt"
+                r = run_one(sc, a.messages, prof)
+                run.results[sc.name].append(r)
+                print(
+                    f"round {rnd + 1}: {sc.name}: {r.rate:,.0f} readings/s, cpu {r.cpu:.2f}s, "
+                    f"rss {r.rss_mb:.1f} MB, lost {r.lost}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                if prof and prof.exists():
+                    print(summarize(prof), file=sys.stderr, flush=True)
+        command = "python -m bench.bench " + " ".join(sys.argv[1:])
+        table = report(run, a.rounds, a.messages, command.strip(), time.monotonic() - started)
+        if a.latency_rate:
+            table += latency_report(a.latency_rate, a.latency_seconds, a.rounds)
+        print(table)
+        if a.out:
+            a.out.write_text(table)
+    finally:
+        stop_postgres()
     return 0
 
 
