@@ -64,7 +64,7 @@ class MetricsServer:
     def close(self) -> None:
         """Stop serving. The thread notices a shutdown at its next wake-up: its
         poll (0.5 s, most of an idle daemon's stop, measured 0.55 s) or a
-        connection, so one is made until it has (the stop then takes ~0.15 s;
+        connection, so one is made until it has (an idle stop then takes ~0.1 s;
         a poll of 0.1 s instead would wake an idle daemon 10 times a second)."""
         stopping = threading.Thread(target=self._server.shutdown, name="metrics-stop")
         stopping.start()

@@ -22,10 +22,11 @@ async def insert(conn: aiosqlite.Connection, rows: list[tuple[int, int, int, flo
     In key order (a stable sort, so that first stays first): each series'
     rows go in one after another, the B-tree's leaf found once per run of
     them. A commit writes every leaf page it changed, one per series in a
-    batch of a fleet's readings; in order, fewer and cheaper (store level,
-    1,000-row batches with synchronous FULL: 400 series 7.6 -> 5.5 us of CPU
-    a row, 40,000 series arriving in random order 12.0 -> 9.3). Multi-row
-    statements: ~30% less work per row than one row per step.
+    batch of a fleet's readings; in order, fewer and cheaper (plain sqlite3,
+    1,000-row batches, synchronous FULL, CPU a row, two people's runs: 400
+    series 7.6 -> 5.5 us and 4.8 -> 3.9; 40,000 series arriving in random
+    order 12.0 -> 9.3 and 8.5 -> 8.0). Multi-row statements: ~30% less work
+    per row than one row per step.
     """
     keyed = sorted(rows, key=_KEY)
     whole = len(keyed) - len(keyed) % ROWS_PER_INSERT
