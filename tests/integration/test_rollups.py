@@ -155,9 +155,7 @@ def test_rollups_equal_an_independent_computation(engine: Engine, gauge_path: st
     conflict = Reading("dev1", "temp", g[7].ts_ns, g[7].value + 100)
 
     async def run() -> None:
-        store = make()
-        await store.open()
-        try:
+        async with make() as store:
             plan = list(batches(g, late_g)) + list(batches(c, late_c, 11))
             random.Random(5).shuffle(plan)  # the two series interleaved, each in order
             plan.sort(key=lambda b: (b[0].metric, b[0].ts_ns))
@@ -185,8 +183,6 @@ def test_rollups_equal_an_independent_computation(engine: Engine, gauge_path: st
                 )
             assert len(tx.conflicts) == 1  # written at the commit on PostgreSQL
             await close_all(store)
-        finally:
-            await store.close()
 
     asyncio.run(run())
     want = expected(g + c, {"energy"})
@@ -208,9 +204,7 @@ def test_raw_retention_per_sensor_glob_leaves_the_rollups(engine: Engine, gauge_
     ages = (10.0, 3.0, 0.5)  # days
 
     async def run() -> None:
-        store = make()
-        await store.open()
-        try:
+        async with make() as store:
             async with store.batch() as tx:
                 await tx.add_readings(
                     [
@@ -222,8 +216,6 @@ def test_raw_retention_per_sensor_glob_leaves_the_rollups(engine: Engine, gauge_
             store.keep = (("lab-*", 0.0), ("tmp-*", 1.0))  # forever; one day
             await store.upkeep(now - 5 * 86400, 100)  # the rest: 5 days
             await close_all(store)  # pending when their raw readings went: counted all the same
-        finally:
-            await store.close()
 
     asyncio.run(run())
     kept = sorted(rows("SELECT sensor, value FROM readings"))
@@ -247,16 +239,12 @@ def test_a_rebuild_keeps_pending_readings_whose_raw_readings_retention_took(
     now = time.time()
 
     async def run() -> None:
-        store = make()
-        await store.open()
-        try:
+        async with make() as store:
             async with store.batch() as tx:
                 await tx.add_readings(
                     [Reading("x", "t", int((now - age * 86400) * NS), age) for age in (10.0, 0.5)]
                 )
             await store.upkeep(now - 5 * 86400, 100)  # the 10-day-old one's raw reading goes
-        finally:
-            await store.close()
 
     asyncio.run(run())
     assert rows("SELECT value FROM readings") == [(0.5,)]
@@ -271,15 +259,11 @@ def test_a_rebuild_from_a_time_credits_a_counter_as_the_daemon_did(engine: Engin
     points = [(hour - 120, 1000.0), (hour - 60, 0.0), (hour, 1001.0), (hour + 60, 1002.0)]
 
     async def run() -> None:
-        store = make()
-        await store.open()
-        try:
+        async with make() as store:
             for ts, v in points:  # one batch each: the glitch decided by the next
                 async with store.batch() as tx:
                     await tx.add_readings([Reading("m", "energy", ts * NS, v)])
             assert store.pending_readings == 0  # a counter's rows are kept by its batch
-        finally:
-            await store.close()
 
     asyncio.run(run())
     query = f"SELECT increase FROM rollup_1h WHERE bucket = {hour}"
@@ -314,9 +298,7 @@ def test_many_counter_series_in_one_batch(engine: Engine) -> None:
     on_time.sort(key=lambda r: (r.ts_ns, r.sensor))
 
     async def run() -> None:
-        store = make()
-        await store.open()
-        try:
+        async with make() as store:
             for i in range(0, len(on_time), 97):
                 async with store.batch() as tx:
                     await tx.add_readings(on_time[i : i + 97])
@@ -325,8 +307,6 @@ def test_many_counter_series_in_one_batch(engine: Engine) -> None:
                 async with store.batch() as tx:
                     await tx.add_readings(again)
             await close_all(store)
-        finally:
-            await store.close()
 
     asyncio.run(run())
     found: list[Any] = rows(
@@ -354,9 +334,7 @@ def test_a_rebuild_takes_the_pending_readings_once(engine: Engine, gauge_path: s
     since = T0 + 3600
 
     async def run(after: bool) -> int:
-        store = make()
-        await store.open()
-        try:
+        async with make() as store:
             if not after:
                 for batch in batches(g, set(), 53):
                     async with store.batch() as tx:
@@ -365,8 +343,6 @@ def test_a_rebuild_takes_the_pending_readings_once(engine: Engine, gauge_path: s
                         await close_all(store)  # the first half hour closed, the rest not
                 return 0
             return await store.close_rollups(1000)
-        finally:
-            await store.close()
 
     asyncio.run(run(after=False))
     if isinstance(make(), SqliteStore):
@@ -385,16 +361,12 @@ def test_query_every_adds_what_is_pending(engine: Engine, gauge_path: str) -> No
     g = gauge()
 
     async def run() -> None:
-        store = make()
-        await store.open()
-        try:
+        async with make() as store:
             for batch in batches(g, set(), 29):
                 async with store.batch() as tx:
                     await tx.add_readings(batch)
                 if batch[0].ts_ns < (T0 + 3600) * NS:
                     await close_all(store)  # the first hour closed, the rest pending
-        finally:
-            await store.close()
 
     asyncio.run(run())
     store = make()
@@ -436,9 +408,7 @@ def test_a_tie_of_times_across_a_pending_and_a_later_batch_keeps_the_readings_or
     t = T0 + 30
 
     async def run() -> None:
-        store = make()
-        await store.open()
-        try:
+        async with make() as store:
             async with store.batch() as tx:
                 await tx.add_readings([Reading("tie", "temp", t * NS, 1.0)])
             amended = [
@@ -449,8 +419,6 @@ def test_a_tie_of_times_across_a_pending_and_a_later_batch_keeps_the_readings_or
             async with store.batch() as tx:
                 await tx.add_readings(amended)
             await close_all(store)
-        finally:
-            await store.close()
 
     asyncio.run(run())
     query = f"SELECT count, first, last FROM rollup_1m WHERE bucket = {T0}"
