@@ -32,12 +32,15 @@ from pathlib import Path
 
 import aiosqlite
 import msgspec
+import structlog
 
 from ingestd.diskguard import DiskGuard
 from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import Reading, Rejected, SensorStatus, merge_statuses
 from ingestd.store.base import CANNOT_OPEN, DISK_LOW
 from ingestd.store.sqlite.store import classify, ro_uri
+
+log = structlog.get_logger("ingestd.spool")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -118,6 +121,7 @@ class Spool:
         # and once every batch is, the file is started afresh.
         self.forwarded_upto = 0
         self._busy = asyncio.Lock()  # one file operation at a time (a fresh start)
+        self._undeleted = False  # forwarded rows the disk would not let go are in the file
 
     async def open(self) -> None:
         """Open (or make) the file and take it for this process; StoreError if
@@ -184,6 +188,7 @@ class Spool:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(f"{self.path}{suffix}")
             self._release()
+        self._undeleted = False
         await self.open()
 
     def _release(self) -> None:
@@ -273,25 +278,40 @@ class Spool:
         """Remove the batches up to row `upto` (forwarded); the readings removed.
 
         A deletion needs room on the disk (SQLite's log). Without it the rows
-        stay, marked forwarded (not taken again), and StoreUnavailable is
-        raised; once every batch in the file is forwarded, the file is
-        started afresh instead, which frees the space."""
+        stay in the file, marked forwarded (never taken again), and leave the
+        count; forwarding goes on with the batches after them, and the next
+        deletion that finds room takes them too. Once every batch in the file
+        is forwarded, a deletion the disk refuses starts the file afresh,
+        which frees the space. (Raising here instead stalled the forwarder
+        for good: it tried the same deletion again before anything else.)"""
         await self._reopened()
         assert self._conn is not None
         self.forwarded_upto = max(self.forwarded_upto, upto)
-        try:
-            async with self._busy:
-                await self._conn.execute("DELETE FROM batches WHERE id <= ?", (upto,))
-        except sqlite3.Error as exc:
-            if not self._index or self._index[-1].id > upto or self.pending:
-                raise self._translate(exc) from exc
-            await self._start_afresh()
         removed = 0
         while self._index and self._index[0].id <= upto:
             e = self._index.popleft()
             self.bytes -= e.size
             self.readings -= e.readings
             removed += e.readings
+        try:
+            async with self._busy:
+                await self._conn.execute("DELETE FROM batches WHERE id <= ?", (upto,))
+            self._undeleted = False
+        except sqlite3.Error as exc:
+            error = self._translate(exc)
+            if not self._index and not self.pending:
+                await self._start_afresh()
+            elif not isinstance(error, StoreUnavailable):
+                raise error from exc
+            elif not self._undeleted:  # said once, until a deletion or a fresh start
+                self._undeleted = True
+                log.warning(
+                    "spool rows forwarded but not deleted (the disk refuses); kept, "
+                    "marked forwarded, until a deletion finds room or the file starts afresh",
+                    upto=upto,
+                    error=str(exc),
+                    spool=str(self.path),
+                )
         return removed
 
 

@@ -1,0 +1,75 @@
+"""A spool whose disk is full cannot delete what it forwarded (SQLite's log
+needs room): the rows stay, marked forwarded, and forwarding goes on with the
+batches after them; once every batch is forwarded the file starts afresh."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from ingestd.errors import StoreUnavailable
+from ingestd.events import NS, Reading, SensorStatus
+from ingestd.spool import Spool, SpooledBatch
+
+
+@contextlib.contextmanager
+def _tiny_disk(where: Path) -> Iterator[Path]:
+    where.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _fill(path: Path) -> None:
+    """Take every byte left on path's file system."""
+    with contextlib.suppress(OSError), path.open("wb") as fh:
+        while True:
+            fh.write(b"\0" * 4096)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _batch(n: int) -> SpooledBatch:
+    readings = [Reading(f"s{n}", "t", NS * (n * 100 + i), float(i), "t") for i in range(100)]
+    return SpooledBatch(readings, [], SensorStatus())
+
+
+async def test_forwarding_goes_on_past_rows_a_full_disk_cannot_delete(tmp_path: Path) -> None:
+    with _tiny_disk(tmp_path / "tiny") as disk:
+        spool = Spool(disk / "spool.db", 1 << 30)
+        await spool.open()
+        try:
+            n = 0
+            with pytest.raises(StoreUnavailable):
+                while n < 10_000:
+                    assert await spool.put(_batch(n))
+                    n += 1
+            _fill(disk / "filler")
+            assert n >= 3, n
+            ids = [e.id for e, _ in await spool.take(1 << 30)]
+            assert len(ids) == n == spool.state().batches
+            old = spool.id
+            # All but the last forwarded; the disk refuses the deletion.
+            taken = await spool.take(100 * (n - 1))
+            assert [e.id for e, _ in taken] == ids[:-1]
+            assert await spool.remove(ids[-2]) == 100 * (n - 1)
+            # The forwarded rows are not taken again: the last batch is next.
+            taken = await spool.take(1 << 20)
+            assert [e.id for e, _ in taken] == ids[-1:]
+            assert taken[0][1].readings[0].sensor == f"s{n - 1}"
+            assert await spool.remove(ids[-1]) == 100
+            assert (len(spool), spool.readings) == (0, 0)
+            assert spool.id != old  # started afresh: the space is free again
+            with contextlib.suppress(FileNotFoundError):
+                (disk / "filler").unlink()
+            assert await spool.put(_batch(n))
+            assert [b.readings[0].sensor for _, b in await spool.take(1 << 20)] == [f"s{n}"]
+        finally:
+            await spool.close()
