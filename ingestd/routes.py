@@ -46,6 +46,7 @@ class CompiledRoute:
     params: Any  # the format's prepared options (Format.prepare)
     options: RouteOptions = field(default_factory=RouteOptions)
     tag_names: tuple[tuple[int, str], ...] = ()  # captured levels that become tags
+    capture_names: tuple[str, ...] = ()  # the captures' names, in their order
 
     def specificity(self) -> tuple[int, ...]:
         """Sort key: literal levels before wildcards, level by level, '#' last."""
@@ -124,6 +125,7 @@ def compile_route(
         subscription="/".join(sub),
         levels=tuple(levels),
         captures=tuple(captures),
+        capture_names=tuple(name for _, name in captures),
         multi=multi,
         sensor_template=sensor,
         metric_template=metric,
@@ -200,13 +202,16 @@ class RouteTable:
         parts = topic.split("/")
         for route in self.routes:
             if levels_match(route.levels, route.multi, parts):
-                values = {name: parts[pos] for pos, name in route.captures}
+                captured = tuple(parts[pos] for pos, _ in route.captures)
+                values = dict(zip(route.capture_names, captured, strict=True))
                 # A format that names sensors from the payload gets the template.
                 sensor = (
                     route.sensor_template
                     if route.fmt.sensor_fields
                     else route.sensor_template.format_map(values)
                 )
+                # "{sensor}" alone: the captured string itself, held once.
+                sensor = next((c for c in captured if c == sensor), sensor)
                 prefix = suffix = ""
                 if route.fmt.metric_from == "field":
                     marker = "\x00"
@@ -229,6 +234,7 @@ class RouteTable:
                     canonical_tags(dict(topic_tags)),
                     topic_tags,
                     route.metric_template,
-                    values,
+                    captured,
+                    route.capture_names,
                 )
         return None

@@ -14,7 +14,6 @@ A `Format` declares
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -156,7 +155,16 @@ class RouteMatch:
     tags: str = ""  # canonical JSON of the topic's tag levels
     topic_tags: tuple[tuple[str, str], ...] = ()
     metric_template: str = ""
-    values: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The topic's captured levels, in the route's order of `capture_names`
+    # (the route's tuple, shared): a tuple, not a dict, as a route cache holds
+    # one per topic (65,536 topics: a one-entry dict each took ~13 MB).
+    captured: tuple[str, ...] = ()
+    capture_names: tuple[str, ...] = ()
+
+    @property
+    def values(self) -> dict[str, str]:
+        """The captured levels by name, for a template's format_map (a new dict)."""
+        return dict(zip(self.capture_names, self.captured, strict=True))
 
 
 @dataclass(slots=True)
