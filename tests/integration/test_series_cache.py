@@ -35,3 +35,25 @@ async def test_a_series_forgotten_is_found_again_not_made_twice(
         async with store.batch() as tx:
             await tx.add_readings([reading("s1", 10**18 + 1)])  # forgotten, redelivered
         assert (tx.inserted, tx.duplicates) == (0, 1)
+
+
+async def test_an_open_holds_the_most_recent_series_with_their_ids(
+    new_store: Callable[[], Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # More than one read of 4,096 rows at open, and evictions of an eighth.
+    monkeypatch.setattr(series, "SERIES_KEPT", 5000)
+    async with new_store() as store:
+        async with store.batch() as tx:
+            # Names in the order a batch makes them (it sorts new keys).
+            await tx.add_readings([reading(f"s{i:05}", 10**18 + i) for i in range(9000)])
+        made = dict(store.series_ids)  # type: ignore[attr-defined]
+        assert len(made) <= 5000
+    async with new_store() as store:
+        held = dict(store.series_ids)  # type: ignore[attr-defined]
+        assert len(held) == 5000
+        assert {k[0] for k in held} == {f"s{i:05}" for i in range(4000, 9000)}
+        assert all(made[k] == v for k, v in held.items() if k in made)
+        assert list(held.values()) == sorted(held.values())  # the oldest first
+        async with store.batch() as tx:
+            await tx.add_readings([reading(f"s{i:05}", 10**18 + i) for i in range(0, 9000, 7)])
+        assert (tx.inserted, tx.duplicates) == (0, len(range(0, 9000, 7)))

@@ -70,6 +70,23 @@ _PARTITION_LOCK_TIMEOUT_MS = 2000
 _PARTITION_RETRY_AFTER = 60.0  # seconds before the batch path tries again after a failure
 
 
+async def _series_ids(conn: asyncpg.Connection) -> series.SeriesIds:
+    """The SERIES_KEPT most recently made series, a few thousand rows a query
+    (all at once took ~30 MB more at its peak than the cache it fills)."""
+    cache, shared = series.series_cache(), dict[str, str]()
+    after = await conn.fetchval(
+        "SELECT id FROM series ORDER BY id DESC LIMIT 1 OFFSET $1", series.SERIES_KEPT - 1
+    )
+    after = (after or 0) - 1
+    while rows := await conn.fetch(
+        "SELECT sensor, metric, tags, unit, id FROM series WHERE id > $1 ORDER BY id LIMIT 4096",
+        after,
+    ):
+        series.remember(cache, rows, shared)
+        after = rows[-1][4]
+    return cache
+
+
 class PostgresStore(base.Store):
     def __init__(
         self,
@@ -95,7 +112,7 @@ class PostgresStore(base.Store):
         self.retention_days = retention_days
         self.clock = clock
         # Series ids by recency (series.SERIES_KEPT): one not held is looked up.
-        self.series_ids = series.series_cache(())
+        self.series_ids = series.series_cache()
         self.sequences: dict[str, tuple[int, int, int]] = {}
         self.devices: dict[str, list[tuple[str, bytes, bytes]]] = {}
         # Connections not in a batch; a batch takes one. Up to
@@ -161,11 +178,7 @@ class PostgresStore(base.Store):
             self.hypertable = await is_hypertable(conn)
             await self.ensure_partitions_ahead(conn)
             await conn.execute(_STAGE)
-            rows = await conn.fetch(
-                "SELECT sensor, metric, tags, unit, id FROM series ORDER BY id DESC LIMIT $1",
-                series.SERIES_KEPT,
-            )
-            self.series_ids = series.series_cache(rows)
+            self.series_ids = await _series_ids(conn)
             rows = await conn.fetch(
                 "SELECT sensor, last_seq, seq_gaps, seq_missing FROM sensor_status "
                 "WHERE last_seq IS NOT NULL LIMIT $1",
