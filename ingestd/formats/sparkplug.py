@@ -69,7 +69,7 @@ from ingestd.formats.sparkplug_nodes import (
     node_state,
     save_state,
 )
-from ingestd.formats.sparkplug_pb import BY_NAME, DATATYPES, Payload
+from ingestd.formats.sparkplug_pb import BY_NAME, DATATYPES, payload_class
 
 if TYPE_CHECKING:
     from ingestd.devices import DeviceState
@@ -94,7 +94,7 @@ class SparkplugOptions(FormatOptions):
 
 def rebirth_request(group: str, edge_node: str, now_ms: int) -> tuple[str, bytes]:
     """The NCMD that asks an edge node to publish its BIRTHs again."""
-    payload = Payload(timestamp=now_ms)
+    payload = payload_class()(timestamp=now_ms)
     payload.metrics.add(
         name=REBIRTH, datatype=BY_NAME["Boolean"], timestamp=now_ms, boolean_value=True
     )
@@ -137,7 +137,7 @@ def decode(
         _skipped(state, "redelivered")
         return
     try:
-        message = Payload.FromString(payload)
+        message = payload_class().FromString(payload)
     except (ProtobufDecodeError, RuntimeError, ValueError) as exc:
         raise DecodeError(f"not a Sparkplug B protobuf payload: {exc}") from None
     key = (group, edge_node)

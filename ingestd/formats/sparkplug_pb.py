@@ -2,8 +2,10 @@
 
 The wire format is the specification's (Eclipse Sparkplug 3.0, chapter 6.4:
 `org.eclipse.tahu.protobuf.Payload`, proto2). It is declared here as data and
-built into message classes at import, so there is no generated code to keep
-in step with the protobuf runtime and no protoc step. Only what ingestd reads
+built into message classes when first used (`Payload`, a module attribute
+made on first access: protobuf's runtime takes ~5 MB, which a daemon without
+Sparkplug routes need not hold), so there is no generated code to keep in
+step with the protobuf runtime and no protoc step. Only what ingestd reads
 or writes is declared: a field not declared here is kept by protobuf as an
 unknown field and ignored, so payloads carrying more decode the same.
 """
@@ -11,8 +13,6 @@ unknown field and ignored, so payloads carrying more decode the same.
 from __future__ import annotations
 
 from typing import Any
-
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
 PACKAGE = "org.eclipse.tahu.protobuf"
 
@@ -28,15 +28,14 @@ DATATYPES = {
 }  # fmt: skip
 BY_NAME = {name: number for number, name in DATATYPES.items()}
 
-_F = descriptor_pb2.FieldDescriptorProto
-_TYPES = {
-    "uint32": _F.TYPE_UINT32,
-    "uint64": _F.TYPE_UINT64,
-    "float": _F.TYPE_FLOAT,
-    "double": _F.TYPE_DOUBLE,
-    "bool": _F.TYPE_BOOL,
-    "string": _F.TYPE_STRING,
-    "bytes": _F.TYPE_BYTES,
+_TYPES = {  # FieldDescriptorProto's names
+    "uint32": "TYPE_UINT32",
+    "uint64": "TYPE_UINT64",
+    "float": "TYPE_FLOAT",
+    "double": "TYPE_DOUBLE",
+    "bool": "TYPE_BOOL",
+    "string": "TYPE_STRING",
+    "bytes": "TYPE_BYTES",
 }
 
 # message -> [(field, number, type or message, repeated, oneof "value")]
@@ -98,6 +97,13 @@ _SCHEMA: dict[str, list[tuple[str, int, str, bool, bool]]] = {
 
 
 def _build() -> Any:
+    from google.protobuf import (  # noqa: PLC0415 - on first use (see above)
+        descriptor_pb2,
+        descriptor_pool,
+        message_factory,
+    )
+
+    _F = descriptor_pb2.FieldDescriptorProto
     file = descriptor_pb2.FileDescriptorProto(
         name="ingestd_sparkplug_b.proto", package=PACKAGE, syntax="proto2"
     )
@@ -119,7 +125,7 @@ def _build() -> Any:
                 f.type = _F.TYPE_MESSAGE
                 f.type_name = f".{PACKAGE}{kind}"
             else:
-                f.type = _TYPES[kind]
+                f.type = getattr(_F, _TYPES[kind])
             if oneof:
                 f.oneof_index = 0
     pool = descriptor_pool.DescriptorPool()
@@ -127,4 +133,18 @@ def _build() -> Any:
     return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{PACKAGE}.Payload"))
 
 
-Payload: Any = _build()
+_built: list[Any] = []
+
+
+def payload_class() -> Any:
+    """The Payload message class, made on the first call."""
+    if not _built:
+        _built.append(_build())
+    return _built[0]
+
+
+def __getattr__(name: str) -> Any:
+    """`Payload`, made on first access (`from ... import Payload` works)."""
+    if name == "Payload":
+        return payload_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
