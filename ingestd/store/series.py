@@ -7,6 +7,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from itertools import islice
 from typing import Any
 
+from ingestd.events import Reading
+
 # Series ids a store keeps in memory (the most recent); one not held is looked
 # up (or made) in the database, through its index, by the batch that needs it.
 SERIES_KEPT = 262144
@@ -60,6 +62,25 @@ class SeriesIds(dict[Key, int]):
     def update(self, other: Mapping[Key, int]) -> None:  # type: ignore[override]
         for key, value in other.items():
             self[key] = value
+
+
+def held_ids(
+    readings: Iterable[Reading], known: Mapping[Key, int], new: Mapping[Key, int]
+) -> tuple[dict[Key, int], list[Key]]:
+    """The ids of the readings' series that `known` (the store's cache) or
+    `new` (the batch's own) hold, taken now, and the keys of those neither
+    holds, sorted (the order new series are made in)."""
+    ids: dict[Key, int] = {}
+    missing: set[Key] = set()
+    for r in readings:
+        key = (r.sensor, r.metric, r.tags, r.unit)
+        if key not in ids:
+            sid = known.get(key) or new.get(key)
+            if sid is None:
+                missing.add(key)
+            else:
+                ids[key] = sid
+    return ids, sorted(missing)
 
 
 def series_cache() -> SeriesIds:

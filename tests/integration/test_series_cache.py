@@ -57,3 +57,30 @@ async def test_an_open_holds_the_most_recent_series_with_their_ids(
         async with store.batch() as tx:
             await tx.add_readings([reading(f"s{i:05}", 10**18 + i) for i in range(0, 9000, 7)])
         assert (tx.inserted, tx.duplicates) == (0, len(range(0, 9000, 7)))
+
+
+@pytest.mark.parametrize("new_store", ["postgres"], indirect=True)
+async def test_a_key_forgotten_by_another_batch_mid_lookup_is_still_used(
+    new_store: Callable[[], Store], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two PostgreSQL batches in flight (the writer's default): A finds one key
+    # known and one new; while A makes the new one (an await), B commits new
+    # series and the cache forgets its oldest eighth, the key A counted as
+    # known among them. A used to fail on a KeyError, and the daemon exited.
+    monkeypatch.setattr(series, "SERIES_KEPT", 8)
+    async with new_store() as store:
+        async with store.batch() as tx:
+            await tx.add_readings([reading(f"old{i}", 10**18 + i) for i in range(8)])
+        assert ("old0", "t", "", "") in store.series_ids  # type: ignore[attr-defined]
+        async with store.batch() as a:
+            begin = a._begin  # type: ignore[attr-defined]  # noqa: SLF001
+
+            async def b_commits_meanwhile() -> None:
+                async with store.batch() as b:
+                    await b.add_readings([reading("newB", 10**18)])
+                assert ("old0", "t", "", "") not in store.series_ids  # type: ignore[attr-defined]
+                await begin()
+
+            a._begin = b_commits_meanwhile  # type: ignore[attr-defined]  # noqa: SLF001
+            await a.add_readings([reading("old0", 2 * 10**18), reading("nA", 2 * 10**18)])
+        assert a.inserted == 2

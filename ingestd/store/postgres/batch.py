@@ -103,12 +103,10 @@ class Batch(base.Batch):
                 for r in readings
             ]
         except KeyError:
-            await self._add_series(readings)
-            new = self.new_series
+            ids = await self._add_series(readings)
             records = [
-                (known.get(key) or new[key], r.ts_ns, r.seq, r.value)
+                (ids[(r.sensor, r.metric, r.tags, r.unit)], r.ts_ns, r.seq, r.value)
                 for r in readings
-                if (key := (r.sensor, r.metric, r.tags, r.unit))
             ]
         if self._pending is not None:
             await self._write_pending()
@@ -221,18 +219,13 @@ class Batch(base.Batch):
             await self._conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
             self.at_savepoint = True
 
-    async def _add_series(self, readings: Sequence[Reading]) -> None:
-        known = self._store.series_ids
-        missing = sorted(
-            {
-                key
-                for r in readings
-                if (key := (r.sensor, r.metric, r.tags, r.unit)) not in known
-                and key not in self.new_series
-            }
-        )
+    async def _add_series(self, readings: Sequence[Reading]) -> dict[series.Key, int]:
+        """The readings' series ids, those not known made or found. The ids
+        known are taken before the first await: another batch's commit may
+        make the cache forget some meanwhile (two batches are in flight)."""
+        ids, missing = series.held_ids(readings, self._store.series_ids, self.new_series)
         if not missing:
-            return
+            return ids
         cols = list(zip(*missing, strict=True))
         await self._begin()
         self.at_savepoint = False
@@ -252,10 +245,11 @@ class Batch(base.Batch):
         )
         shared: dict[str, str] = {}
         for row in found:
-            key = (row["sensor"], row["metric"], row["tags"], row["unit"])
-            self.new_series[series.series_key(*key, shared)] = row["id"]
+            key = series.series_key(row["sensor"], row["metric"], row["tags"], row["unit"], shared)
+            self.new_series[key] = ids[key] = row["id"]
         if len(found) != len(missing):  # pragma: no cover - the INSERT above guarantees rows
             raise StoreError(f"{len(missing) - len(found)} series vanished inside a transaction")
+        return ids
 
     async def _conflicts(self, readings: Sequence[Reading]) -> list[Rejected]:
         return [

@@ -170,11 +170,7 @@ class Batch(base.Batch):
         self, readings: Sequence[Reading]
     ) -> list[tuple[int, int, int, float]]:
         """A batch's rows, its new series made and looked up a few hundred a statement."""
-        known, new = self._store.series_ids, self.new_series
-        missing = sorted(
-            {k for r in readings if (k := (r.sensor, r.metric, r.tags, r.unit)) not in known}
-            - new.keys()
-        )
+        ids, missing = series.held_ids(readings, self._store.series_ids, self.new_series)
         shared: dict[str, str] = {}
         for start in range(0, len(missing), _SERIES_PER_STATEMENT):
             part = missing[start : start + _SERIES_PER_STATEMENT]
@@ -183,11 +179,10 @@ class Batch(base.Batch):
             await self._conn.execute(_NEW_SERIES.format(values=values), params)
             async with self._conn.execute(_SERIES_IDS.format(values=values), params) as cur:
                 for sid, *key in await cur.fetchall():
-                    new[series.series_key(key[0], key[1], key[2], key[3], shared)] = int(sid)
+                    k = series.series_key(key[0], key[1], key[2], key[3], shared)
+                    self.new_series[k] = ids[k] = int(sid)
         return [
-            (known.get(k) or new[k], r.ts_ns, r.seq, r.value)
-            for r in readings
-            if (k := (r.sensor, r.metric, r.tags, r.unit))
+            (ids[(r.sensor, r.metric, r.tags, r.unit)], r.ts_ns, r.seq, r.value) for r in readings
         ]
 
     async def execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
