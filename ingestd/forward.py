@@ -108,10 +108,12 @@ class Forwarder:
             done = await self.store.spool_forwarded(spool.id)
             self._checked = True
             if done and len(spool):
+                # Whose before the removal: a fresh start renumbers the file.
+                own = done >= spool.first_own
                 already = await spool.remove(done)
                 if already:
                     log.info("spooled batches the store already held removed", readings=already)
-                    settle_held(self.writer, already, own=done >= spool.first_own)
+                    settle_held(self.writer, already, own=own)
                 return already
         taken = await spool.take(self.max_readings)
         if not taken:
@@ -124,16 +126,9 @@ class Forwarder:
         result = await self._commit(taken, readings, rejected)
         seconds = time.perf_counter() - started
         self.writer.store_back()
+        own = taken[0][0].id >= spool.first_own  # before a fresh start renumbers the file
         await spool.remove(taken[-1][0].id)
-        settle_forwarded(
-            self.writer,
-            len(readings),
-            moved,
-            result,
-            rejected,
-            seconds,
-            own=taken[0][0].id >= spool.first_own,
-        )
+        settle_forwarded(self.writer, len(readings), moved, result, rejected, seconds, own=own)
         self._drain_readings += len(readings) + moved
         return len(readings) + moved
 

@@ -171,23 +171,26 @@ class Spool:
             self._conn = None
         self._release()
 
-    async def _reopened(self) -> None:
-        """The file open again after a fresh start that could not reopen it
-        (StoreUnavailable while it still cannot)."""
+    async def _connection(self) -> aiosqlite.Connection:
+        """The file's connection, for a caller holding `_busy`: opened again
+        after a fresh start that could not (StoreUnavailable while it still
+        cannot)."""
         if self._conn is None:
             await self.open()
+        assert self._conn is not None
+        return self._conn
 
     async def _start_afresh(self) -> None:
         """Every batch in the file is forwarded, but the file cannot shrink
-        (its disk is full): a new, empty file in its place (a new id)."""
-        async with self._busy:
-            assert self._conn is not None
+        (its disk is full): a new, empty file in its place (a new id). The
+        caller holds `_busy`, so a batch put meanwhile waits for the new file."""
+        if self._conn is not None:
             await self._conn.close()
             self._conn = None
-            for suffix in ("", "-wal", "-shm"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(f"{self.path}{suffix}")
-            self._release()
+        for suffix in ("", "-wal", "-shm"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(f"{self.path}{suffix}")
+        self._release()
         self._undeleted = False
         await self.open()
 
@@ -210,67 +213,65 @@ class Spool:
         """Commit a batch to the file; False if it does not fit in max_bytes.
         StoreUnavailable if the disk refuses it (full, I/O error) or its free
         space is below store.min_free_bytes."""
-        await self._reopened()
-        assert self._conn is not None
         data = _ENCODE(batch)
         low = self.disk.problem(2 * len(data))  # the row, and the log's copy
         if low is not None:
             raise StoreUnavailable(DISK_LOW, low)
-        if self._index and self.bytes + len(data) > self.max_bytes:
-            self.full = True
-            return False
-        # An empty spool takes a batch larger than max_bytes: a batch must be
-        # able to go somewhere, and it is bounded by batch.max_readings.
-        now = time.time()
         count = len(batch.readings) + batch.moved
         self.pending += 1
-        self.bytes += len(data)  # taken now: another batch's put may run meanwhile
         try:
             async with self._busy:
-                cur = await self._conn.execute(
-                    "INSERT INTO batches (spooled_at, readings, moved, data, status) "
-                    "VALUES (?, ?, ?, ?, ?)",
-                    (now, len(batch.readings), batch.moved, data, _ENCODE(batch.status)),
-                )
-        except sqlite3.Error as exc:
-            self.bytes -= len(data)
-            raise self._translate(exc) from exc
+                conn = await self._connection()
+                # An empty spool takes a batch larger than max_bytes: a batch must
+                # be able to go somewhere, and it is bounded by batch.max_readings.
+                if self._index and self.bytes + len(data) > self.max_bytes:
+                    self.full = True
+                    return False
+                now = time.time()
+                try:
+                    cur = await conn.execute(
+                        "INSERT INTO batches (spooled_at, readings, moved, data, status) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (now, len(batch.readings), batch.moved, data, _ENCODE(batch.status)),
+                    )
+                except sqlite3.Error as exc:
+                    raise self._translate(exc) from exc
+                assert cur.lastrowid is not None
+                self._index.append(Entry(cur.lastrowid, now, count, len(data)))
+                self.bytes += len(data)
+                self.readings += count
+                self.full = False
+                return True
         finally:
             self.pending -= 1
-        assert cur.lastrowid is not None
-        self._index.append(Entry(cur.lastrowid, now, count, len(data)))
-        self.readings += count
-        self.full = False
-        return True
 
     async def take(self, max_readings: int) -> list[tuple[Entry, SpooledBatch]]:
         """The oldest batches, up to about `max_readings` (at least one), all
         of this run's or all of an earlier run's."""
-        await self._reopened()
-        assert self._conn is not None
-        chosen: list[Entry] = []
-        total = 0
-        for e in self._index:
-            if e.id <= self.forwarded_upto:
-                continue
-            if chosen and (
-                total + e.readings > max_readings
-                or (e.id >= self.first_own) != (chosen[0].id >= self.first_own)
-            ):
-                break
-            chosen.append(e)
-            total += e.readings
-        if not chosen:
-            return []
-        try:
-            async with self._busy:
-                cur = await self._conn.execute(
+        async with self._busy:
+            conn = await self._connection()
+            chosen: list[Entry] = []
+            total = 0
+            for e in self._index:
+                if e.id <= self.forwarded_upto:
+                    continue
+                if chosen and (
+                    total + e.readings > max_readings
+                    or (e.id >= self.first_own) != (chosen[0].id >= self.first_own)
+                ):
+                    break
+                chosen.append(e)
+                total += e.readings
+            if not chosen:
+                return []
+            try:
+                cur = await conn.execute(
                     "SELECT id, data FROM batches WHERE id BETWEEN ? AND ? ORDER BY id",
                     (chosen[0].id, chosen[-1].id),
                 )
                 rows = await cur.fetchall()
-        except sqlite3.Error as exc:
-            raise self._translate(exc) from exc
+            except sqlite3.Error as exc:
+                raise self._translate(exc) from exc
         data = {r[0]: r[1] for r in rows}
         return [(e, _DECODE(data[e.id])) for e in chosen]
 
@@ -284,35 +285,37 @@ class Spool:
         is forwarded, a deletion the disk refuses starts the file afresh,
         which frees the space. (Raising here instead stalled the forwarder
         for good: it tried the same deletion again before anything else.)"""
-        await self._reopened()
-        assert self._conn is not None
-        self.forwarded_upto = max(self.forwarded_upto, upto)
-        removed = 0
-        while self._index and self._index[0].id <= upto:
-            e = self._index.popleft()
-            self.bytes -= e.size
-            self.readings -= e.readings
-            removed += e.readings
-        try:
-            async with self._busy:
-                await self._conn.execute("DELETE FROM batches WHERE id <= ?", (upto,))
-            self._undeleted = False
-        except sqlite3.Error as exc:
-            error = self._translate(exc)
-            if not self._index and not self.pending:
-                await self._start_afresh()
-            elif not isinstance(error, StoreUnavailable):
-                raise error from exc
-            elif not self._undeleted:  # said once, until a deletion or a fresh start
-                self._undeleted = True
-                log.warning(
-                    "spool rows forwarded but not deleted (the disk refuses); kept, "
-                    "marked forwarded, until a deletion finds room or the file starts afresh",
-                    upto=upto,
-                    error=str(exc),
-                    spool=str(self.path),
-                )
-        return removed
+        async with self._busy:
+            conn = await self._connection()
+            self.forwarded_upto = max(self.forwarded_upto, upto)
+            removed = 0
+            while self._index and self._index[0].id <= upto:
+                e = self._index.popleft()
+                self.bytes -= e.size
+                self.readings -= e.readings
+                removed += e.readings
+            try:
+                await conn.execute("DELETE FROM batches WHERE id <= ?", (upto,))
+                self._undeleted = False
+                return removed
+            except sqlite3.Error as exc:
+                error = self._translate(exc)
+                if not self._index:
+                    await self._start_afresh()
+                    return removed
+                if not isinstance(error, StoreUnavailable):
+                    raise error from exc
+                if not self._undeleted:  # said once, until a deletion or a fresh start
+                    self._undeleted = True
+                    log.warning(
+                        "spool rows forwarded but not deleted (the disk refuses); kept, "
+                        "marked forwarded, until a deletion finds room or the file starts "
+                        "afresh",
+                        upto=upto,
+                        error=str(exc),
+                        spool=str(self.path),
+                    )
+                return removed
 
 
 def held(statuses: Iterable[SensorStatus]) -> SensorStatus | None:

@@ -9,6 +9,7 @@ started afresh when its file cannot shrink.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -163,5 +164,67 @@ def test_a_spool_whose_disk_fills_is_forwarded_and_started_afresh(
         logs = d.logs()
         assert "forwarding the spool failed; retrying" in logs
         assert "batches are taken again" in logs
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_kill_while_a_full_disk_keeps_forwarded_rows_leaves_true_counters(
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory, own_pg: Postgres
+) -> None:
+    # A spool larger than one forwarding step, its disk full to the last byte:
+    # forwarded rows stay in the file; the daemon is killed after the first
+    # step and restarted. The restart's counters must not take the killed
+    # run's readings for its own when the file starts afresh (they did:
+    # readings_spooled went to -34,420).
+    disk = tmp_path / "tiny"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    try:
+        url = own_pg.create_db("ingest")
+        db = PgReader(url)
+        spool = disk / "spool.db"
+        d = daemons(
+            mosquitto.port, INGESTD_STORE__URL=url, INGESTD_STORE__SPOOL__PATH=str(spool), **FAST
+        ).start()
+        d.wait_ready()
+        own_pg.stop()
+        n, fields = 16_000, 20
+
+        def body(i: int) -> bytes:
+            values = b", ".join(b'"f%d": %d' % (k, i) for k in range(fields))
+            return b'{"ts": %.3f, %s}' % (NOW + i / 1e3, values)
+
+        pub = threading.Thread(
+            target=publish,
+            args=(mosquitto.port, ((f"sensors/d{i % 500}/telemetry", body(i)) for i in range(n))),
+            kwargs={"inflight": 500},
+            daemon=True,
+        )
+        pub.start()
+        wait_for(lambda: "spool cannot take batches" in d.logs(), 120, what="the disk full")
+        with contextlib.suppress(OSError), (disk / "filler").open("wb") as fh:
+            while True:  # the last bytes, taken by someone else
+                fh.write(b"\0" * 4096)
+                fh.flush()
+        left = read_state(spool)
+        assert left is not None
+        own_pg.start()
+        wait_for(lambda: db.count() > 0, 60, what="forwarding begun")
+        time.sleep(0.3)
+        d.kill()
+        d.start()
+        d.wait_ready(60)
+        pub.join(300)
+        wait_for(lambda: db.count() >= n * fields, 240, what="every reading stored")
+        wait_for(lambda: read_state(spool) is not None and read_state(spool).readings == 0, 10)  # type: ignore[union-attr]
+        assert db.rows(
+            "SELECT count(*), count(DISTINCT (sensor, metric, ts_ns)) FROM readings"
+        ) == [(n * fields, n * fields)]
+        text = http_get(d.metrics_url() + "/metrics")[1]
+        assert metric_value(text, "ingestd_spool_readings") == 0
+        assert metric_value(text, "ingestd_readings_spooled") == 0  # this run's: all left
+        # What the killed run left is recovered, all of it.
+        assert metric_value(text, "ingestd_readings_recovered_total") == left.readings
+        assert d.stop() == 0, d.logs()[-3000:]
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)

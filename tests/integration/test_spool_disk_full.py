@@ -4,8 +4,10 @@ batches after them; once every batch is forwarded the file starts afresh."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,3 +75,33 @@ async def test_forwarding_goes_on_past_rows_a_full_disk_cannot_delete(tmp_path: 
             assert [b.readings[0].sensor for _, b in await spool.take(1 << 20)] == [f"s{n}"]
         finally:
             await spool.close()
+
+
+async def test_a_batch_put_while_the_file_starts_afresh_lands_in_the_new_file(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool.db", 1 << 30, 0)
+    await spool.open()
+    try:
+        assert await spool.put(_batch(0))
+        ((entry, _),) = await spool.take(1 << 20)
+        conn = spool._conn  # noqa: SLF001
+        assert conn is not None
+        real = conn.execute
+
+        def refusing(sql: str, *args: object) -> object:  # the disk refuses the deletion
+            if sql.startswith("DELETE"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return real(sql, *args)
+
+        conn.execute = refusing  # type: ignore[method-assign,assignment]
+
+        async def live_batch() -> bool:
+            await asyncio.sleep(0)  # the writer's next batch, a moment later
+            return await spool.put(_batch(1))
+
+        removed, put = await asyncio.gather(spool.remove(entry.id), live_batch())
+        assert (removed, put) == (100, True)
+        assert [b.readings[0].sensor for _, b in await spool.take(1 << 20)] == ["s1"]
+    finally:
+        await spool.close()
