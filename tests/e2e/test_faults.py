@@ -8,7 +8,6 @@ metric, and the sum of x is n(n-1)/2.
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -25,6 +24,7 @@ from tests.support.daemon import DaemonFactory, DaemonProcess
 from tests.support.db import DbReader, StoreUnderTest, hold_exclusive_lock
 from tests.support.mqtt import publish
 from tests.support.postgres import PgReader
+from tests.support.tmpfs import mounted_tmpfs
 from tests.support.waiting import wait_for
 
 T0 = 1_600_000_000.0
@@ -171,15 +171,8 @@ def test_database_locked_for_5s_mid_stream(
 
 @pytest.fixture
 def small_tmpfs(tmp_path: Path) -> Iterator[Path]:
-    if os.geteuid() != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    mnt = tmp_path / "small-disk"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
-    try:
+    with mounted_tmpfs(tmp_path / "small-disk", "1m") as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 @pytest.mark.slow

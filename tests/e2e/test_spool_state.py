@@ -10,15 +10,10 @@ started afresh when its file cannot shrink.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from ingestd.spool import read_state
 from tests.support.brokers import Mosquitto
@@ -27,6 +22,7 @@ from tests.support.metrics import http_get, metric_value
 from tests.support.mqtt import publish
 from tests.support.postgres import PgReader, Postgres
 from tests.support.sparkplug_node import EdgeNode
+from tests.support.tmpfs import fill, mounted_tmpfs
 from tests.support.waiting import wait_for
 
 NOW = time.time()
@@ -121,24 +117,27 @@ def test_a_sequence_counter_spooled_before_a_restart_counts_no_gap(
     assert "gaps in devices' message counters" not in d.logs()
 
 
-@pytest.mark.skipif(
-    os.geteuid() != 0 or not shutil.which("mount"), reason="a tmpfs of its own needs root"
-)
-def test_a_spool_whose_disk_fills_is_forwarded_and_started_afresh(
-    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory, own_pg: Postgres
-) -> None:
-    disk = tmp_path / "tiny"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
-    try:
+@contextlib.contextmanager
+def _spooling_on_a_tiny_disk(
+    tmp_path: Path, size: str, mosquitto: Mosquitto, daemons: DaemonFactory, own_pg: Postgres
+) -> Iterator[tuple[Path, DaemonProcess, PgReader]]:
+    """A daemon on PostgreSQL spooling to a tmpfs of `size`, PostgreSQL stopped:
+    (the spool's path, the daemon, a reader of the database)."""
+    with mounted_tmpfs(tmp_path / "tiny", size) as disk:
         url = own_pg.create_db("ingest")
-        db = PgReader(url)
         spool = disk / "spool.db"
         d = daemons(
             mosquitto.port, INGESTD_STORE__URL=url, INGESTD_STORE__SPOOL__PATH=str(spool), **FAST
         ).start()
         d.wait_ready()
         own_pg.stop()
+        yield spool, d, PgReader(url)
+
+
+def test_a_spool_whose_disk_fills_is_forwarded_and_started_afresh(
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory, own_pg: Postgres
+) -> None:
+    with _spooling_on_a_tiny_disk(tmp_path, "1m", mosquitto, daemons, own_pg) as (_, d, db):
         n = 15_000
         pub = threading.Thread(
             target=publish,
@@ -164,8 +163,6 @@ def test_a_spool_whose_disk_fills_is_forwarded_and_started_afresh(
         logs = d.logs()
         assert "forwarding the spool failed; retrying" in logs
         assert "batches are taken again" in logs
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 def test_a_kill_while_a_full_disk_keeps_forwarded_rows_leaves_true_counters(
@@ -176,18 +173,8 @@ def test_a_kill_while_a_full_disk_keeps_forwarded_rows_leaves_true_counters(
     # step and restarted. The restart's counters must not take the killed
     # run's readings for its own when the file starts afresh (they did:
     # readings_spooled went to -34,420).
-    disk = tmp_path / "tiny"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
-    try:
-        url = own_pg.create_db("ingest")
-        db = PgReader(url)
-        spool = disk / "spool.db"
-        d = daemons(
-            mosquitto.port, INGESTD_STORE__URL=url, INGESTD_STORE__SPOOL__PATH=str(spool), **FAST
-        ).start()
-        d.wait_ready()
-        own_pg.stop()
+    with _spooling_on_a_tiny_disk(tmp_path, "16m", mosquitto, daemons, own_pg) as tiny:
+        spool, d, db = tiny
         n, fields = 16_000, 20
 
         def body(i: int) -> bytes:
@@ -202,10 +189,7 @@ def test_a_kill_while_a_full_disk_keeps_forwarded_rows_leaves_true_counters(
         )
         pub.start()
         wait_for(lambda: "spool cannot take batches" in d.logs(), 120, what="the disk full")
-        with contextlib.suppress(OSError), (disk / "filler").open("wb") as fh:
-            while True:  # the last bytes, taken by someone else
-                fh.write(b"\0" * 4096)
-                fh.flush()
+        fill(spool.parent / "filler")  # the last bytes, taken by someone else
         left = read_state(spool)
         assert left is not None
         own_pg.start()
@@ -216,15 +200,12 @@ def test_a_kill_while_a_full_disk_keeps_forwarded_rows_leaves_true_counters(
         d.wait_ready(60)
         pub.join(300)
         wait_for(lambda: db.count() >= n * fields, 240, what="every reading stored")
-        wait_for(lambda: read_state(spool) is not None and read_state(spool).readings == 0, 10)  # type: ignore[union-attr]
-        assert db.rows(
-            "SELECT count(*), count(DISTINCT (sensor, metric, ts_ns)) FROM readings"
-        ) == [(n * fields, n * fields)]
+        wait_for(lambda: getattr(read_state(spool), "readings", None) == 0, 10, what="spool empty")
+        distinct = "SELECT count(*), count(DISTINCT (sensor, metric, ts_ns)) FROM readings"
+        assert db.rows(distinct) == [(n * fields, n * fields)]
         text = http_get(d.metrics_url() + "/metrics")[1]
         assert metric_value(text, "ingestd_spool_readings") == 0
         assert metric_value(text, "ingestd_readings_spooled") == 0  # this run's: all left
         # What the killed run left is recovered, all of it.
         assert metric_value(text, "ingestd_readings_recovered_total") == left.readings
         assert d.stop() == 0, d.logs()[-3000:]
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import sqlite3
-import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,25 +14,7 @@ import pytest
 from ingestd.errors import StoreUnavailable
 from ingestd.events import NS, Reading, SensorStatus
 from ingestd.spool import Spool, SpooledBatch
-
-
-@contextlib.contextmanager
-def _tiny_disk(where: Path) -> Iterator[Path]:
-    where.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(where)], check=True)
-    try:
-        yield where
-    finally:
-        subprocess.run(["umount", "-l", str(where)], check=False)
-
-
-def _fill(path: Path) -> None:
-    """Take every byte left on path's file system."""
-    with contextlib.suppress(OSError), path.open("wb") as fh:
-        while True:
-            fh.write(b"\0" * 4096)
-            fh.flush()
-            os.fsync(fh.fileno())
+from tests.support.tmpfs import fill, mounted_tmpfs
 
 
 def _batch(n: int) -> SpooledBatch:
@@ -44,7 +23,7 @@ def _batch(n: int) -> SpooledBatch:
 
 
 async def test_forwarding_goes_on_past_rows_a_full_disk_cannot_delete(tmp_path: Path) -> None:
-    with _tiny_disk(tmp_path / "tiny") as disk:
+    with mounted_tmpfs(tmp_path / "tiny", "512k") as disk:
         spool = Spool(disk / "spool.db", 1 << 30)
         await spool.open()
         try:
@@ -53,7 +32,7 @@ async def test_forwarding_goes_on_past_rows_a_full_disk_cannot_delete(tmp_path: 
                 while n < 10_000:
                     assert await spool.put(_batch(n))
                     n += 1
-            _fill(disk / "filler")
+            fill(disk / "filler")
             assert n >= 3, n
             ids = [e.id for e, _ in await spool.take(1 << 30)]
             assert len(ids) == n == spool.state().batches
