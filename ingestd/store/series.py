@@ -8,15 +8,14 @@ from itertools import islice
 from typing import Any
 
 from ingestd.events import Reading
+from ingestd.pending import SeriesKey
 
 # Series ids a store keeps in memory (the most recent); one not held is looked
 # up (or made) in the database, through its index, by the batch that needs it.
 SERIES_KEPT = 262144
 
 
-def series_key(
-    sensor: str, metric: str, tags: str, unit: str, shared: dict[str, str]
-) -> tuple[str, str, str, str]:
+def series_key(sensor: str, metric: str, tags: str, unit: str, shared: dict[str, str]) -> SeriesKey:
     """A series' key as a store keeps it, its strings shared through `shared`,
     a dict of the caller's for one open or one batch: a device's metrics then
     hold one sensor string, not one each as the database returns them, and a
@@ -32,10 +31,7 @@ def series_key(
     )
 
 
-Key = tuple[str, str, str, str]
-
-
-class SeriesIds(dict[Key, int]):
+class SeriesIds(dict[SeriesKey, int]):
     """Series ids by key, at most `bound`: past it, the eighth held longest
     is forgotten (looked up again in the database when next needed).
 
@@ -53,25 +49,25 @@ class SeriesIds(dict[Key, int]):
         super().__init__()
         self.bound = bound
 
-    def __setitem__(self, key: Key, value: int) -> None:
+    def __setitem__(self, key: SeriesKey, value: int) -> None:
         dict.__setitem__(self, key, value)
         if len(self) > self.bound:
             for old in list(islice(self, max(1, self.bound // 8))):
                 del self[old]
 
-    def update(self, other: Mapping[Key, int]) -> None:  # type: ignore[override]
+    def update(self, other: Mapping[SeriesKey, int]) -> None:  # type: ignore[override]
         for key, value in other.items():
             self[key] = value
 
 
 def held_ids(
-    readings: Iterable[Reading], known: Mapping[Key, int], new: Mapping[Key, int]
-) -> tuple[dict[Key, int], list[Key]]:
+    readings: Iterable[Reading], known: Mapping[SeriesKey, int], new: Mapping[SeriesKey, int]
+) -> tuple[dict[SeriesKey, int], list[SeriesKey]]:
     """The ids of the readings' series that `known` (the store's cache) or
     `new` (the batch's own) hold, taken now, and the keys of those neither
     holds, sorted (the order new series are made in)."""
-    ids: dict[Key, int] = {}
-    missing: set[Key] = set()
+    ids: dict[SeriesKey, int] = {}
+    missing: set[SeriesKey] = set()
     for r in readings:
         key = (r.sensor, r.metric, r.tags, r.unit)
         if key not in ids:

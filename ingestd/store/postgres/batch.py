@@ -11,6 +11,7 @@ import asyncpg
 
 from ingestd.errors import NotPrimary, StoreError
 from ingestd.events import Reading, Rejected
+from ingestd.pending import SeriesKey
 from ingestd.rollups import RollupPlan
 from ingestd.store import base, series
 from ingestd.store.postgres.rolling import roll
@@ -219,7 +220,7 @@ class Batch(base.Batch):
             await self._conn.execute(f"ROLLBACK TO SAVEPOINT {_SAVEPOINT}")
             self.at_savepoint = True
 
-    async def _add_series(self, readings: Sequence[Reading]) -> dict[series.Key, int]:
+    async def _add_series(self, readings: Sequence[Reading]) -> dict[SeriesKey, int]:
         """The readings' series ids, those not known made or found. The ids
         known are taken before the first await: another batch's commit may
         make the cache forget some meanwhile (two batches are in flight)."""
