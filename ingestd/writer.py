@@ -1,10 +1,11 @@
 """The batch writer: readings in, one transaction per batch, acknowledgements out.
 
-A batch is committed when it holds `max_readings`, when its oldest chunk is
-`max_delay` old, when it holds half of the in-flight window or half of what
-the broker sends before it waits for acknowledgements (more can only come as
-fast as we commit, so waiting would only add latency), or when a chunk asks
-for a flush (shutdown).
+A batch is committed when it holds `max_readings` (a chunk that would take it
+past that starts the next batch), when its oldest chunk is `max_delay` old,
+when it holds half of the in-flight window or half of what the broker sends
+before it waits for acknowledgements (more can only come as fast as we
+commit, so waiting would only add latency), or when a chunk asks for a flush
+(shutdown).
 
 A store that cannot take writes (locked, full, read-only, I/O error) is waited
 out: the batch is held and retried with backoff, nothing is acknowledged, and
@@ -188,13 +189,17 @@ class BatchWriter:
             else:
                 event = await self.inbox.get()
             chunk: Processed = event
-            self._add(chunk, loop.time())
-            # Take whatever else is already queued without waiting.
-            while (
-                not chunk.flush and self._size < self.max_readings and not self.inbox.queue.empty()
-            ):
-                chunk = self.inbox.get_nowait()
+            while True:
+                # A chunk that would take the batch past max_readings starts
+                # the next one (a chunk larger than that is a batch alone).
+                size = len(chunk.readings) + len(chunk.rejected)
+                if self._chunks and self._size + size > self.max_readings:
+                    await self.flush()
                 self._add(chunk, loop.time())
+                if chunk.flush or self._full() or self.inbox.queue.empty():
+                    break
+                # Take whatever else is already queued without waiting.
+                chunk = self.inbox.get_nowait()
             if chunk.flush or self._full():
                 await self.flush()
             if chunk.last:

@@ -322,7 +322,15 @@ def test_a_window_sent_in_one_burst_is_written_in_several_batches(
     publish(broker.port, messages)
     daemon.start()
     wait_for(lambda: db.count() == 6000, 30, what="6,000 readings")
-    text = http_get(daemon.metrics_url() + "/metrics")[1]
+
+    # The histogram is observed when the event loop takes the commit's
+    # result, which can be after another connection sees the rows: wait
+    # until it holds all 6,000.
+    def scrape() -> str:
+        return http_get(daemon.metrics_url() + "/metrics")[1]
+
+    wait_for(lambda: metric_value(scrape(), "ingestd_batch_rows_sum") == 6000, 10)
+    text = scrape()
     assert daemon.stop() == 0
     batches = metric_value(text, "ingestd_batch_rows_count")
     largest_allowed = metric_value(text, "ingestd_batch_rows_bucket", 'le="500.0"')

@@ -199,6 +199,23 @@ async def test_writer_flushes_by_size_age_and_saturation(tmp_path: Path) -> None
     assert db_rows(path, "SELECT count(*) FROM readings") == [(68,)]
 
 
+async def test_chunks_queued_together_never_make_a_batch_past_max_readings(
+    tmp_path: Path,
+) -> None:
+    # Under load several chunks wait in the writer's inbox; it took them while
+    # the batch was under max_readings, so 300 + 300 made one batch of 600.
+    async with SqliteStore(tmp_path / "x.db") as store:
+        bus, writer = writer_on(store, InFlightWindow(1000), max_readings=500)
+        sizes: list[int] = []
+        writer.on_commit = lambda event: sizes.append(event.size)
+        for i in range(2):  # the inbox holds 4
+            await bus.publish(Processed(readings(300, f"s{i}"), [], 1, [], 1))
+        await bus.publish(Processed(readings(200, "s2"), [], 1, [], 1))
+        await bus.publish(Processed([], [], 0, [], 1, flush=True, last=True))
+        await asyncio.wait_for(writer.run(), 5)
+    assert sizes == [300, 500]
+
+
 async def test_large_batches_count_inserted_and_duplicates_exactly(tmp_path: Path) -> None:
     path = tmp_path / "x.db"
     async with SqliteStore(path) as store:
