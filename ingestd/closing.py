@@ -3,9 +3,10 @@ a batch committed with a pending copy are merged into the rollup rows every
 `rollups.close_seconds`, sooner once `rollups.close_readings` are pending,
 at start (what a crash left) and once more after the drain at a stop.
 
-A close is a transaction of at most CHUNK readings and CLOSE_ROWS rows; a pass
-closes until a close finds none, or as many as were pending when it began (a
-busy daemon's writer keeps adding). A failure (the store away) is logged
+A close is a transaction of at most CHUNK readings (merged a few series at a
+time: `ingestd.pending.close_pieces`); a pass closes until a close finds none,
+or as many as were pending when it began (a busy daemon's writer keeps
+adding). A failure (the store away) is logged
 once, retried next pass: the pending rows stay in the database, counted with
 the raw readings, and `ingestd query --every` adds them meanwhile. Closing
 never stops ingestion; a pass that closed nothing waits for close_seconds.
@@ -25,8 +26,8 @@ from ingestd.store import Store
 
 log = structlog.get_logger("ingestd.closing")
 
-# Readings a close takes at most (and at most CLOSE_ROWS rows, memory's bound:
-# a narrow fleet's close takes many readings, a wide one's few).
+# Readings a close takes at most: its memory (about 100 bytes a reading while
+# it runs) and how long it holds SQLite's write lock.
 CHUNK = 100_000
 _POLL = 0.5  # seconds between looks at the pending count
 

@@ -9,8 +9,10 @@ import heapq
 import itertools
 import sys
 from array import array
+from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from operator import attrgetter
+from random import Random
 from typing import Any
 
 from ingestd.rollups import NS, Key, RollupRow, Row, aggregate
@@ -62,6 +64,11 @@ def pack(records: Sequence[tuple[int, int, int, float]]) -> bytes:
 
 def unpack(data: bytes) -> list[tuple[int, int, int, float]]:
     """`pack`'s records again."""
+    return list(zip(*_columns(data), strict=True))
+
+
+def _columns(data: bytes) -> list[array[Any]]:
+    """`pack`'s four columns again."""
     n = len(data) // 32
     columns = []
     for k, code in enumerate("qqqd"):
@@ -70,7 +77,7 @@ def unpack(data: bytes) -> list[tuple[int, int, int, float]]:
         if sys.byteorder == "big":  # pragma: no cover
             c.byteswap()
         columns.append(c)
-    return list(zip(*columns, strict=True))
+    return columns
 
 
 def merged(g: RollupRow, r: RollupRow) -> RollupRow:
@@ -156,43 +163,34 @@ def _merge_by_bucket(rows: Iterable[RollupRow]) -> Iterator[RollupRow]:
     yield from (groups[k] for k in sorted(groups))
 
 
-# Rows a close merges at most (`close_rows`): its memory, about 300 bytes a row.
-CLOSE_ROWS = 20_000
+# Readings a piece of a close aggregates at once, about (a piece holds whole
+# series): the rows in memory at a time are a piece's, whatever the close's size.
+PIECE = 4096
 
 
-def close_rows(
-    blobs: Iterable[tuple[Any, bytes]], widths: Sequence[int], most: int
-) -> tuple[dict[Key, Row], int, Any]:
-    """A close's rows from pending rows (id, packed readings), oldest first:
-    each aggregated and merged in, until `most` readings or CLOSE_ROWS rows
-    (at least one pending row). (rows, readings, the last id taken)."""
-    acc: dict[Key, Row] = {}
-    taken, last = 0, None
-    for id_, blob in blobs:
-        records = unpack(blob)
-        merge_into(acc, aggregate(records, widths))
-        taken += len(records)
-        last = id_
-        if taken >= most or len(acc) >= CLOSE_ROWS:
-            break
-    return acc, taken, last
-
-
-def merge_into(acc: dict[Key, Row], rows: dict[Key, Row]) -> None:
-    """Merge `rows` (of later readings) into `acc`, as the stored merge does:
-    counts and sums added, min and max compared, first kept on a tie of
-    times, last taken."""
-    for key, r in rows.items():
-        g = acc.get(key)
-        if g is None:
-            acc[key] = r
-            continue
-        g[0] += r[0]
-        g[1] = min(g[1], r[1])
-        g[2] = max(g[2], r[2])
-        g[3] += r[3]
-        if r[4] < g[4]:
-            g[4], g[5] = r[4], r[5]
-        if r[6] >= g[6]:
-            g[6], g[7] = r[6], r[7]
-        g[8] += r[8]
+def close_pieces(blobs: Iterable[bytes], widths: Sequence[int]) -> Iterator[dict[Key, Row]]:
+    """A close's rows from pending rows' bytes (oldest first), a range of
+    series at a time: every series' readings aggregated in one piece, in the
+    order they were pending (the order of their merges, which settles a tie of
+    times), so each (series, bucket) is one row however many pending rows hold
+    it. A wide fleet's close of N readings is then a row per series and
+    bucket, not one per pending row it spans. Memory: the readings as arrays
+    (40 bytes each) and a piece's rows, not the close's."""
+    columns: list[array[Any]] = [array("q"), array("q"), array("q"), array("d")]
+    for blob in blobs:
+        for column, part in zip(columns, _columns(blob), strict=True):
+            column.extend(part)
+    sids, stamps, seqs, values = columns
+    n = len(sids)
+    parts = -(-n // PIECE)
+    # Ranges of series ids holding about PIECE readings each, from a sample
+    # (ids are not spread evenly: a long-lived store's active ones cluster).
+    sample = sorted(sids[i] for i in Random(n).sample(range(n), min(n, parts * 16)))
+    bounds = sorted({sample[len(sample) * k // parts] for k in range(1, parts)})
+    pieces = [array("q") for _ in range(len(bounds) + 1)]
+    for i, sid in enumerate(sids):
+        pieces[bisect_right(bounds, sid)].append(i)
+    for piece in pieces:
+        if piece:
+            records = [(sids[i], stamps[i], seqs[i], values[i]) for i in piece]
+            yield aggregate(records, widths)

@@ -88,7 +88,7 @@ def test_a_stop_ends_the_start_up_pass_and_leaves_the_rest_pending(tmp_path: Pat
         store = SqliteStore(tmp_path / "x.db", rollups=PLAN)
         await store.open()
         try:
-            await _fill(store, 200_000, series=20_000)  # closes of 10,000 (CLOSE_ROWS)
+            await _fill(store, 300_000, series=20_000)  # closes of 100,000 (CHUNK)
             closer = Closer(store, RollupSettings())
             stop = asyncio.Event()
             writer = asyncio.create_task(_until(stop))
@@ -96,7 +96,7 @@ def test_a_stop_ends_the_start_up_pass_and_leaves_the_rest_pending(tmp_path: Pat
             began = time.monotonic()
             await closer.run(stop, writer, lambda: 0.0)  # no time left at the stop
             took = time.monotonic() - began
-            left = 200_000 - closer.closed
+            left = 300_000 - closer.closed
             return took, left
         finally:
             await store.close()

@@ -4,10 +4,11 @@ series, readings in any order, shared times, buckets crossed."""
 
 from __future__ import annotations
 
-import math
 import random
 
-from ingestd.pending import merge_into
+import pytest
+
+from ingestd import pending
 from ingestd.rollups import NS, Key, Row, aggregate, deltas, fold, increases
 
 WIDTHS = (60, 3600)
@@ -84,19 +85,27 @@ def test_increases_per_bucket_is_the_sum_of_the_deltas_credited_one_by_one() -> 
             assert increases(window, WIDTHS, 7) == expected
 
 
-def test_merging_the_rows_of_parts_gives_the_rows_of_the_whole() -> None:
-    """A close merges each pending row's aggregates (`merge_into`): the same
-    rows as the aggregates of all its readings at once, in their order."""
+@pytest.mark.parametrize("piece", [1, 7, 4096])
+def test_a_close_in_pieces_gives_the_rows_of_all_its_readings(
+    piece: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A close of pending rows (`close_pieces`): the rows of all their
+    readings at once, in their order, each (series, bucket) in one piece
+    only, however the readings were cut into pending rows."""
+    monkeypatch.setattr(pending, "PIECE", piece)
     rng = random.Random(60)
     for _ in range(50):
         records = batch(rng, rng.choice((0.05, 100, 10_000)))
         records += [(s, t, q, v + 1) for s, t, q, v in rng.sample(records, len(records) // 5)]
         cuts = sorted(rng.choices(range(len(records) + 1), k=3))
-        acc: dict[Key, Row] = {}
-        for a, b in zip([0, *cuts], [*cuts, len(records)], strict=True):
-            merge_into(acc, aggregate(records[a:b], WIDTHS))
-        whole = aggregate(records, WIDTHS)
-        assert acc.keys() == whole.keys()
-        for key, row in whole.items():  # sums added in another order: to rounding
-            assert acc[key][:3] + acc[key][4:] == row[:3] + row[4:]
-            assert math.isclose(acc[key][3], row[3], rel_tol=1e-12, abs_tol=1e-9)
+        blobs = [
+            pending.pack(records[a:b])
+            for a, b in zip([0, *cuts], [*cuts, len(records)], strict=True)
+        ]
+        pieces = list(pending.close_pieces(blobs, WIDTHS))
+        merged: dict[Key, Row] = {}
+        for rows in pieces:
+            assert merged.keys().isdisjoint(rows)
+            merged.update(rows)
+        assert merged == aggregate(records, WIDTHS)
+        assert len(pieces) <= max(1, -(-len(records) // piece))

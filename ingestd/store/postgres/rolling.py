@@ -4,11 +4,12 @@ the views."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from itertools import chain, islice
 from typing import Any
 
 from ingestd import rollups
-from ingestd.pending import CLOSE_ROWS, dense, merge_into, pack, unpack
+from ingestd.pending import close_pieces, dense, pack
 from ingestd.rollups import CONTEXT, Key, Point, RollupPlan, Row
 
 Record = tuple[int, int, int, float]  # series_id, ts_ns, seq, value
@@ -123,11 +124,10 @@ async def roll(conn: Any, plan: RollupPlan, new: Sequence[Record], counters: set
 
 
 async def close(conn: Any, plan: RollupPlan, most: int) -> int:
-    """Close pending rows, oldest first, up to `most` readings or CLOSE_ROWS
-    rows (at least one pending row), in the caller's transaction: merged into
-    the rollups and deleted. Another instance's close is waited for (rows it
-    took are gone then; those locked here and not taken stay for the next
-    close). The readings closed (0: none pending)."""
+    """Close pending rows, oldest first, up to `most` readings (at least one
+    pending row), in the caller's transaction: merged into the rollups a piece
+    at a time (`close_pieces`) and deleted. Another instance's close is waited
+    for (rows it took are gone then). The readings closed (0: none pending)."""
     ids: list[int] = []
     total = 0
     for id_, readings in await conn.fetch(_PENDING):
@@ -135,16 +135,16 @@ async def close(conn: Any, plan: RollupPlan, most: int) -> int:
         total += readings
         if total >= most:
             break
-    rows: dict[Key, Row] = {}
-    taken = 0
-    for start in range(0, len(ids), 16):  # (each one deleted is merged)
-        for _, blob in sorted(await conn.fetch(_CLOSED, ids[start : start + 16])):
-            records = unpack(blob)
-            merge_into(rows, rollups.aggregate(records, plan.widths))
-            taken += len(records)
-        if taken >= most or len(rows) >= CLOSE_ROWS:
-            break
-    await merge_rows(conn, rows, False)
+    if not ids:
+        return 0
+    blobs = [blob for _, blob in sorted(await conn.fetch(_CLOSED, ids))]
+    taken = sum(len(b) for b in blobs) // 32
+    pieces = close_pieces(blobs, plan.widths)
+    first = list(islice(pieces, 2))
+    if len(first) == 1:
+        await merge_rows(conn, first[0], False)
+    elif first:
+        await _through_table(conn, (_gauge_records(p.items()) for p in chain(first, pieces)))
     return taken
 
 
@@ -154,18 +154,26 @@ async def merge_rows(conn: Any, rows: dict[Key, Row], counter: bool) -> None:
         return
     # In key order: sorted here, or by the server as it reads the table.
     items = rows.items() if len(rows) > _COPY_ABOVE else sorted(rows.items())
-    records: list[tuple[Any, ...]]
-    if counter:
-        records = [key + tuple(row) for key, row in items]
-    else:
-        records = [key + tuple(row[:8]) + _GAUGE for key, row in items]
+    records = [key + tuple(row) for key, row in items] if counter else _gauge_records(items)
     if len(records) > _COPY_ABOVE:
-        await conn.execute(_MERGE_TABLE)
-        await conn.copy_records_to_table("ingestd_merge", records=records, columns=_COLUMNS)
-        await conn.execute(_MERGE_FROM_TABLE)
-        await conn.execute("TRUNCATE ingestd_merge")  # a second merge in the transaction
+        await _through_table(conn, [records])
         return
     await conn.execute(_MERGE, *map(list, zip(*records, strict=True)))
+
+
+def _gauge_records(rows: Iterable[tuple[Key, Row]]) -> list[tuple[Any, ...]]:
+    """Gauge rows as the table's records (no increase)."""
+    return [key + tuple(row[:8]) + _GAUGE for key, row in rows]
+
+
+async def _through_table(conn: Any, parts: Iterable[list[tuple[Any, ...]]]) -> None:
+    """Rows copied into the temporary table, part by part, then merged as one
+    statement in key order (the server sorts them as it reads the table)."""
+    await conn.execute(_MERGE_TABLE)
+    for records in parts:
+        await conn.copy_records_to_table("ingestd_merge", records=records, columns=_COLUMNS)
+    await conn.execute(_MERGE_FROM_TABLE)
+    await conn.execute("TRUNCATE ingestd_merge")  # a second merge in the transaction
 
 
 async def _counted(conn: Any, plan: RollupPlan, new: Sequence[Record], counters: set[int]) -> None:

@@ -10,7 +10,7 @@ import aiosqlite
 
 from ingestd import rollups
 from ingestd.events import Reading
-from ingestd.pending import close_rows, dense, pack
+from ingestd.pending import close_pieces, dense, pack
 from ingestd.rollups import CONTEXT, Key, Point, RollupPlan, Row
 
 Record = tuple[int, int, int, float]  # series_id, ts_ns, seq, value
@@ -127,24 +127,25 @@ async def roll(
 
 
 async def close(conn: aiosqlite.Connection, plan: RollupPlan, most: int) -> int:
-    """Close pending rows, oldest first, up to `most` readings or CLOSE_ROWS
-    rows (at least one pending row), in the caller's transaction: merged into
-    the rollups and deleted. The readings closed (0: none pending)."""
-    blobs: list[tuple[int, bytes]] = []
-    readings = 0
+    """Close pending rows, oldest first, up to `most` readings (at least one
+    pending row), in the caller's transaction: merged into the rollups a piece
+    at a time (`close_pieces`) and deleted. The readings closed (0: none
+    pending)."""
+    blobs: list[bytes] = []
+    readings, last = 0, None
     async with conn.execute(_PENDING) as cur:
         while readings < most and (got := await cur.fetchmany(64)):
             for id_, n, blob in got:
-                blobs.append((id_, blob))
-                readings += n
+                blobs.append(blob)
+                readings, last = readings + n, id_
                 if readings >= most:
                     break
-    rows, taken, last = close_rows(blobs, plan.widths, most)
     if last is None:
         return 0
-    await merge(conn, [params(k, row, False) for k, row in sorted(rows.items())])
+    for rows in close_pieces(blobs, plan.widths):
+        await merge(conn, [params(k, row, False) for k, row in rows.items()])
     await conn.execute(_CLOSED, (last,))
-    return taken
+    return readings
 
 
 async def merge(conn: aiosqlite.Connection, rows: Sequence[tuple[object, ...]]) -> None:
