@@ -4,7 +4,7 @@ a batch committed with a pending copy are merged into the rollup rows every
 at start (what a crash left) and once more after the drain at a stop.
 
 A close is a transaction of at most CHUNK readings (merged a few series at a
-time: `ingestd.pending.close_pieces`); a pass closes until a close finds none,
+time: `ingestd.pending.Closing`); a pass closes until a close finds none,
 or as many as were pending when it began (a busy daemon's writer keeps
 adding). A failure (the store away) is logged
 once, retried next pass: the pending rows stay in the database, counted with

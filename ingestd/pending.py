@@ -168,29 +168,38 @@ def _merge_by_bucket(rows: Iterable[RollupRow]) -> Iterator[RollupRow]:
 PIECE = 4096
 
 
-def close_pieces(blobs: Iterable[bytes], widths: Sequence[int]) -> Iterator[dict[Key, Row]]:
-    """A close's rows from pending rows' bytes (oldest first), a range of
-    series at a time: every series' readings aggregated in one piece, in the
-    order they were pending (the order of their merges, which settles a tie of
-    times), so each (series, bucket) is one row however many pending rows hold
-    it. A wide fleet's close of N readings is then a row per series and
-    bucket, not one per pending row it spans. Memory: the readings as arrays
-    (40 bytes each) and a piece's rows, not the close's."""
-    columns: list[array[Any]] = [array("q"), array("q"), array("q"), array("d")]
-    for blob in blobs:
-        for column, part in zip(columns, _columns(blob), strict=True):
+class Closing:
+    """A close's pending readings, added a pending row at a time (its bytes
+    dropped as it is copied in), then `pieces`."""
+
+    def __init__(self) -> None:
+        self.columns: list[array[Any]] = [array("q"), array("q"), array("q"), array("d")]
+
+    def add(self, blob: bytes) -> int:
+        """A pending row's readings added; how many."""
+        for column, part in zip(self.columns, _columns(blob), strict=True):
             column.extend(part)
-    sids, stamps, seqs, values = columns
-    n = len(sids)
-    parts = -(-n // PIECE)
-    # Ranges of series ids holding about PIECE readings each, from a sample
-    # (ids are not spread evenly: a long-lived store's active ones cluster).
-    sample = sorted(sids[i] for i in Random(n).sample(range(n), min(n, parts * 16)))
-    bounds = sorted({sample[len(sample) * k // parts] for k in range(1, parts)})
-    pieces = [array("q") for _ in range(len(bounds) + 1)]
-    for i, sid in enumerate(sids):
-        pieces[bisect_right(bounds, sid)].append(i)
-    for piece in pieces:
-        if piece:
-            records = [(sids[i], stamps[i], seqs[i], values[i]) for i in piece]
-            yield aggregate(records, widths)
+        return len(blob) // 32
+
+    def pieces(self, widths: Sequence[int]) -> Iterator[dict[Key, Row]]:
+        """The close's rows, a range of series at a time: every series'
+        readings aggregated in one piece, in the order they were pending (the
+        order of their merges, which settles a tie of times), so each (series,
+        bucket) is one row however many pending rows hold it. A wide fleet's
+        close of N readings is then a row per series and bucket, not one per
+        pending row it spans. Memory: the readings as arrays (40 bytes each)
+        and a piece's rows, not the close's."""
+        sids, stamps, seqs, values = self.columns
+        n = len(sids)
+        parts = -(-n // PIECE)
+        # Ranges of series ids holding about PIECE readings each, from a sample
+        # (ids are not spread evenly: a long-lived store's active ones cluster).
+        sample = sorted(sids[i] for i in Random(n).sample(range(n), min(n, parts * 16)))
+        bounds = sorted({sample[len(sample) * k // parts] for k in range(1, parts)})
+        pieces = [array("q") for _ in range(len(bounds) + 1)]
+        for i, sid in enumerate(sids):
+            pieces[bisect_right(bounds, sid)].append(i)
+        for piece in pieces:
+            if piece:
+                records = [(sids[i], stamps[i], seqs[i], values[i]) for i in piece]
+                yield aggregate(records, widths)

@@ -89,7 +89,7 @@ def test_increases_per_bucket_is_the_sum_of_the_deltas_credited_one_by_one() -> 
 def test_a_close_in_pieces_gives_the_rows_of_all_its_readings(
     piece: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A close of pending rows (`close_pieces`): the rows of all their
+    """A close of pending rows (`Closing`): the rows of all their
     readings at once, in their order, each (series, bucket) in one piece
     only, however the readings were cut into pending rows."""
     monkeypatch.setattr(pending, "PIECE", piece)
@@ -98,11 +98,10 @@ def test_a_close_in_pieces_gives_the_rows_of_all_its_readings(
         records = batch(rng, rng.choice((0.05, 100, 10_000)))
         records += [(s, t, q, v + 1) for s, t, q, v in rng.sample(records, len(records) // 5)]
         cuts = sorted(rng.choices(range(len(records) + 1), k=3))
-        blobs = [
-            pending.pack(records[a:b])
-            for a, b in zip([0, *cuts], [*cuts, len(records)], strict=True)
-        ]
-        pieces = list(pending.close_pieces(blobs, WIDTHS))
+        closing = pending.Closing()
+        for a, b in zip([0, *cuts], [*cuts, len(records)], strict=True):
+            assert closing.add(pending.pack(records[a:b])) == b - a
+        pieces = list(closing.pieces(WIDTHS))
         merged: dict[Key, Row] = {}
         for rows in pieces:
             assert merged.keys().isdisjoint(rows)

@@ -9,7 +9,7 @@ from itertools import chain, islice
 from typing import Any
 
 from ingestd import rollups
-from ingestd.pending import close_pieces, dense, pack
+from ingestd.pending import Closing, dense, pack
 from ingestd.rollups import CONTEXT, Key, Point, RollupPlan, Row
 
 Record = tuple[int, int, int, float]  # series_id, ts_ns, seq, value
@@ -126,7 +126,7 @@ async def roll(conn: Any, plan: RollupPlan, new: Sequence[Record], counters: set
 async def close(conn: Any, plan: RollupPlan, most: int) -> int:
     """Close pending rows, oldest first, up to `most` readings (at least one
     pending row), in the caller's transaction: merged into the rollups a piece
-    at a time (`close_pieces`) and deleted. Another instance's close is waited
+    at a time (`Closing.pieces`) and deleted. Another instance's close is waited
     for (rows it took are gone then). The readings closed (0: none pending)."""
     ids: list[int] = []
     total = 0
@@ -137,9 +137,11 @@ async def close(conn: Any, plan: RollupPlan, most: int) -> int:
             break
     if not ids:
         return 0
-    blobs = [blob for _, blob in sorted(await conn.fetch(_CLOSED, ids))]
-    taken = sum(len(b) for b in blobs) // 32
-    pieces = close_pieces(blobs, plan.widths)
+    closing, taken = Closing(), 0
+    for start in range(0, len(ids), 16):  # the bytes of 16 at a time
+        for _, blob in sorted(await conn.fetch(_CLOSED, ids[start : start + 16])):
+            taken += closing.add(blob)
+    pieces = closing.pieces(plan.widths)
     first = list(islice(pieces, 2))
     if len(first) == 1:
         await merge_rows(conn, first[0], False)

@@ -10,7 +10,7 @@ import aiosqlite
 
 from ingestd import rollups
 from ingestd.events import Reading
-from ingestd.pending import close_pieces, dense, pack
+from ingestd.pending import Closing, dense, pack
 from ingestd.rollups import CONTEXT, Key, Point, RollupPlan, Row
 
 Record = tuple[int, int, int, float]  # series_id, ts_ns, seq, value
@@ -129,20 +129,19 @@ async def roll(
 async def close(conn: aiosqlite.Connection, plan: RollupPlan, most: int) -> int:
     """Close pending rows, oldest first, up to `most` readings (at least one
     pending row), in the caller's transaction: merged into the rollups a piece
-    at a time (`close_pieces`) and deleted. The readings closed (0: none
+    at a time (`Closing.pieces`) and deleted. The readings closed (0: none
     pending)."""
-    blobs: list[bytes] = []
+    closing = Closing()
     readings, last = 0, None
     async with conn.execute(_PENDING) as cur:
         while readings < most and (got := await cur.fetchmany(64)):
-            for id_, n, blob in got:
-                blobs.append(blob)
-                readings, last = readings + n, id_
+            for id_, _, blob in got:
+                readings, last = readings + closing.add(blob), id_
                 if readings >= most:
                     break
     if last is None:
         return 0
-    for rows in close_pieces(blobs, plan.widths):
+    for rows in closing.pieces(plan.widths):
         await merge(conn, [params(k, row, False) for k, row in rows.items()])
     await conn.execute(_CLOSED, (last,))
     return readings
