@@ -155,12 +155,13 @@ async def merge_rows(conn: Any, rows: dict[Key, Row], counter: bool) -> None:
     if not rows:
         return
     # In key order: sorted here, or by the server as it reads the table.
-    items = rows.items() if len(rows) > _COPY_ABOVE else sorted(rows.items())
+    many = len(rows) > _COPY_ABOVE
+    items = rows.items() if many else sorted(rows.items())
     records = [key + tuple(row) for key, row in items] if counter else _gauge_records(items)
-    if len(records) > _COPY_ABOVE:
+    if many:
         await _through_table(conn, [records])
-        return
-    await conn.execute(_MERGE, *map(list, zip(*records, strict=True)))
+    else:
+        await conn.execute(_MERGE, *map(list, zip(*records, strict=True)))
 
 
 def _gauge_records(rows: Iterable[tuple[Key, Row]]) -> list[tuple[Any, ...]]:
