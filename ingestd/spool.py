@@ -192,7 +192,12 @@ class Spool:
                 os.unlink(f"{self.path}{suffix}")
         self._release()
         self._undeleted = False
+        # Still active: open() would say not (the new file is empty), and a
+        # batch put meanwhile (waiting for `_busy`) would sit in it unseen,
+        # the forwarder asleep and later batches going past it to the store.
+        active = self.active
         await self.open()
+        self.active = active
 
     def _release(self) -> None:
         if self._lock is not None:
