@@ -162,7 +162,12 @@ class Spool:
         self.first_own = (last[0] if last else 0) + 1
         self.bytes = sum(e.size for e in self._index)
         self.readings = sum(e.readings for e in self._index)
-        self.active = bool(self._index)
+        # A reopen (a fresh start, or the connection made again after one
+        # failed) keeps the spool active: the new file is empty, but a batch
+        # put meanwhile (waiting for `_busy`) would sit in it unseen, the
+        # forwarder asleep and later batches going past it to the store. The
+        # forwarder turns it off, once the file is empty and nothing is on its way.
+        self.active = self.active or bool(self._index)
         self.forwarded_upto = 0
 
     async def close(self) -> None:
@@ -192,12 +197,7 @@ class Spool:
                 os.unlink(f"{self.path}{suffix}")
         self._release()
         self._undeleted = False
-        # Still active: open() would say not (the new file is empty), and a
-        # batch put meanwhile (waiting for `_busy`) would sit in it unseen,
-        # the forwarder asleep and later batches going past it to the store.
-        active = self.active
         await self.open()
-        self.active = active
 
     def _release(self) -> None:
         if self._lock is not None:
