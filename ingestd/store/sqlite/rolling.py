@@ -95,7 +95,7 @@ def params(key: Key, row: Row, counter: bool) -> tuple[object, ...]:
 
 
 _PEND = "INSERT INTO rollup_pending (readings, records) VALUES (?, ?)"
-_PENDING = "SELECT id, readings, records FROM rollup_pending ORDER BY id"
+_PENDING = "SELECT id, records FROM rollup_pending ORDER BY id"
 _CLOSED = "DELETE FROM rollup_pending WHERE id <= ?"
 
 
@@ -135,7 +135,7 @@ async def close(conn: aiosqlite.Connection, plan: RollupPlan, most: int) -> int:
     readings, last = 0, None
     async with conn.execute(_PENDING) as cur:
         while readings < most and (got := await cur.fetchmany(64)):
-            for id_, _, blob in got:
+            for id_, blob in got:
                 readings, last = readings + closing.add(blob), id_
                 if readings >= most:
                     break
