@@ -69,6 +69,28 @@ async def test_two_instances_creating_the_same_series_at_once_both_commit(pg_url
     assert db.count() == 400
 
 
+async def test_a_batch_of_new_series_and_another_instances_stores_each_under_its_own(
+    pg_url: str,
+) -> None:
+    # b opened before a made s0..s49: its batch makes s50..s99 (ids from its
+    # INSERT) and finds a's (looked up after it), mixed in one batch.
+    a, b = PostgresStore(pg_url), PostgresStore(pg_url)
+    await b.open()
+    await a.open()
+    t0 = int(NOW) * NS
+    async with a.batch() as tx:
+        await tx.add_readings([Reading(f"s{i}", "t", t0, -1.0) for i in range(50)])
+    async with b.batch() as tx:
+        await tx.add_readings([Reading(f"s{i}", "t", t0 + NS, float(i)) for i in range(99, -1, -1)])
+    assert tx.inserted == 100
+    await a.close()
+    await b.close()
+    db = PgReader(pg_url)
+    assert db.count("series") == 100
+    stored = db.rows("SELECT sensor, value FROM readings WHERE ts_ns = $1", t0 + NS)
+    assert sorted(stored) == sorted((f"s{i}", float(i)) for i in range(100))
+
+
 async def test_batches_are_idempotent_and_conflicts_quarantined(pg_url: str) -> None:
     t0 = int(NOW) * NS
     async with PostgresStore(pg_url) as store:

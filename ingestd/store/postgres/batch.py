@@ -38,6 +38,15 @@ _SAMPLE_COLUMNS = ("series_id", "ts_ns", "seq", "value")
 _TS = itemgetter(1)
 _SAVEPOINT = "ingestd_direct"
 _RETURNING = " RETURNING series_id, ts_ns, seq, value"
+_KEYS = "unnest($1::text[], $2::text[], $3::text[], $4::text[])"
+_NEW_SERIES = (
+    f"INSERT INTO series (sensor, metric, tags, unit) SELECT * FROM {_KEYS} "
+    "ORDER BY 1, 2, 3, 4 ON CONFLICT DO NOTHING RETURNING id, sensor, metric, tags, unit"
+)
+_SERIES_IDS = (
+    "SELECT s.id, s.sensor, s.metric, s.tags, s.unit FROM series AS s "
+    f"JOIN {_KEYS} AS k(sensor, metric, tags, unit) USING (sensor, metric, tags, unit)"
+)
 _TERM = "SELECT epoch FROM primary_role WHERE grp = $1 FOR SHARE"
 _MOVE = (
     "INSERT INTO samples (series_id, ts_ns, seq, value) "
@@ -227,29 +236,26 @@ class Batch(base.Batch):
         ids, missing = series.held_ids(readings, self._store.series_ids, self.new_series)
         if not missing:
             return ids
-        cols = list(zip(*missing, strict=True))
         await self._begin()
         self.at_savepoint = False
         # In key order: two instances inserting an overlapping set of new series
         # lock them in the same order (one waits for the other; no deadlock).
-        await self._conn.execute(
-            "INSERT INTO series (sensor, metric, tags, unit) "
-            "SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
-            "ORDER BY 1, 2, 3, 4 ON CONFLICT DO NOTHING",
-            *cols,
-        )
-        found = await self._conn.fetch(
-            "SELECT s.id, s.sensor, s.metric, s.tags, s.unit FROM series AS s "
-            "JOIN unnest($1::text[], $2::text[], $3::text[], $4::text[]) "
-            "AS k(sensor, metric, tags, unit) USING (sensor, metric, tags, unit)",
-            *cols,
-        )
+        # The rows made come back from the INSERT itself; only series it did
+        # not make (another instance's, or forgotten by the cache) are looked
+        # up after it: a wide fleet's first sight is one statement, not two.
+        made = await self._conn.fetch(_NEW_SERIES, *zip(*missing, strict=True))
         shared: dict[str, str] = {}
-        for row in found:
-            key = series.series_key(row["sensor"], row["metric"], row["tags"], row["unit"], shared)
-            self.new_series[key] = ids[key] = row["id"]
-        if len(found) != len(missing):  # pragma: no cover - the INSERT above guarantees rows
-            raise StoreError(f"{len(missing) - len(found)} series vanished inside a transaction")
+        for sid, *key in made:
+            k = series.series_key(key[0], key[1], key[2], key[3], shared)
+            self.new_series[k] = ids[k] = sid
+        others = [key for key in missing if key not in ids]
+        if others:
+            for sid, *key in await self._conn.fetch(_SERIES_IDS, *zip(*others, strict=True)):
+                k = series.series_key(key[0], key[1], key[2], key[3], shared)
+                self.new_series[k] = ids[k] = sid
+        lost = sum(key not in ids for key in others)
+        if lost:  # pragma: no cover - the INSERT above guarantees rows
+            raise StoreError(f"{lost} series vanished inside a transaction")
         return ids
 
     async def _conflicts(self, readings: Sequence[Reading]) -> list[Rejected]:
