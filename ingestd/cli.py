@@ -358,9 +358,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     from ingestd.app import Daemon  # noqa: PLC0415
-    from ingestd.malloc import give_back_large_blocks  # noqa: PLC0415
+    from ingestd.malloc import tune_heap  # noqa: PLC0415
 
-    give_back_large_blocks()
+    tune_heap()
 
     configure_logging(settings.daemon.log_level, settings.daemon.log_format)
 
