@@ -53,6 +53,11 @@ class Forwarder:
         self.retry_min_delay = retry_min_delay
         self.retry_max_delay = retry_max_delay
         self.max_readings = max_readings
+        # What a step takes now: halved after a step the store failed (one
+        # too large for store.statement_timeout_ms on a slow server failed
+        # every time, and the spool grew until full), doubled back after
+        # each that worked. At least one batch a step, however small.
+        self.step_readings = max_readings
         self._checked = False  # the store's mark of this spool read since the last doubt
         self._drain_started = 0.0
         self._drain_readings = 0
@@ -77,6 +82,7 @@ class Forwarder:
                     log.warning(
                         "forwarding the spool failed; retrying",
                         error=str(exc),
+                        step_readings=self.step_readings,
                         spool=str(spool.path),
                         **_depth(spool),
                     )
@@ -110,12 +116,15 @@ class Forwarder:
             if done and len(spool):
                 # Whose before the removal: a fresh start renumbers the file.
                 own = done >= spool.first_own
+                # What they held, to count it as what it was (stored or
+                # quarantined): at most a step's batches.
+                readings, rejected, moved = _contents(await spool.take(0, upto=done))
                 already = await spool.remove(done)
                 if already:
                     log.info("spooled batches the store already held removed", readings=already)
-                    settle_held(self.writer, already, own=own)
+                    settle_held(self.writer, len(readings), moved, rejected, own=own)
                 return already
-        taken = await spool.take(self.max_readings)
+        taken = await spool.take(self.step_readings)
         if not taken:
             return 0
         if not self._drain_readings:
@@ -123,7 +132,12 @@ class Forwarder:
             log.info("forwarding the spool to the store", **_depth(spool))
         readings, rejected, moved = _contents(taken)
         started = time.perf_counter()
-        result = await self._commit(taken, readings, rejected)
+        try:
+            result = await self._commit(taken, readings, rejected)
+        except StoreUnavailable:
+            self.step_readings = max(1, self.step_readings // 2)
+            raise
+        self.step_readings = min(self.max_readings, self.step_readings * 2)
         seconds = time.perf_counter() - started
         self.writer.store_back()
         own = taken[0][0].id >= spool.first_own  # before a fresh start renumbers the file
@@ -194,18 +208,25 @@ def settle_forwarded(
     w.bus.publish_nowait(event)
 
 
-def settle_held(w: BatchWriter, readings: int, *, own: bool) -> None:
-    """Spooled readings the store turned out to hold already (a forwarding
+def settle_held(
+    w: BatchWriter, readings: int, moved: int, rejected: list[Rejected], *, own: bool
+) -> None:
+    """Spooled batches the store turned out to hold already (a forwarding
     commit whose outcome was lost, or a kill -9 before the spool let them
-    go), removed from the spool: counted as committed (their duplicates
-    and conflicts were counted by no one), or `recovered` if an earlier
-    run's."""
+    go), removed from the spool: their `readings` counted as committed
+    (their duplicates and conflicts were counted by no one), the `moved`
+    ones as quarantined readings and their `rejected` as quarantine records;
+    or, an earlier run's, as `recovered`."""
     if own:
-        w.spooled -= readings
+        w.spooled -= readings + moved
         w.committed += readings
+        w.quarantined_readings += moved
     else:
-        w.recovered += readings
-    w.forwarded += readings
+        w.recovered += readings + moved
+    w.forwarded += readings + moved
+    w.quarantined += len(rejected)
+    for r in rejected:
+        w.quarantined_by_kind[r.kind] = w.quarantined_by_kind.get(r.kind, 0) + 1
 
 
 def _contents(taken: list[tuple[Entry, SpooledBatch]]) -> tuple[list[Reading], list[Rejected], int]:

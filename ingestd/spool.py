@@ -250,9 +250,12 @@ class Spool:
         finally:
             self.pending -= 1
 
-    async def take(self, max_readings: int) -> list[tuple[Entry, SpooledBatch]]:
+    async def take(
+        self, max_readings: int, upto: int | None = None
+    ) -> list[tuple[Entry, SpooledBatch]]:
         """The oldest batches, up to about `max_readings` (at least one), all
-        of this run's or all of an earlier run's."""
+        of this run's or all of an earlier run's; with `upto`, instead, every
+        batch up to that row."""
         async with self._busy:
             conn = await self._connection()
             chosen: list[Entry] = []
@@ -260,7 +263,10 @@ class Spool:
             for e in self._index:
                 if e.id <= self.forwarded_upto:
                     continue
-                if chosen and (
+                if upto is not None:
+                    if e.id > upto:
+                        break
+                elif chosen and (
                     total + e.readings > max_readings
                     or (e.id >= self.first_own) != (chosen[0].id >= self.first_own)
                 ):
@@ -306,7 +312,17 @@ class Spool:
             except sqlite3.Error as exc:
                 error = self._translate(exc)
                 if not self._index:
-                    await self._start_afresh()
+                    try:
+                        await self._start_afresh()
+                    except StoreUnavailable as again:
+                        # The old file is gone with what it held; the new one
+                        # is opened by the next use (`_connection`). Raising
+                        # here left the removed batches counted as spooled.
+                        log.warning(
+                            "spool could not start afresh; opened again at its next use",
+                            error=str(again),
+                            spool=str(self.path),
+                        )
                     return removed
                 if not isinstance(error, StoreUnavailable):
                     raise error from exc

@@ -251,6 +251,50 @@ def test_a_full_spool_pauses_and_drains_when_the_database_is_back(
     )
 
 
+@pytest.mark.slow
+def test_a_spool_drains_where_a_large_forwarding_step_times_out(
+    tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory, own_pg: Postgres
+) -> None:
+    # A statement timeout that live batches of 500 fit, a forwarding step of
+    # 50,000 readings not: the forwarder took the same step again and again,
+    # and the spool grew until full (found by a reviewer: nothing drained in
+    # 90 s). It now halves its step after a failure.
+    url = own_pg.create_db("ingest")
+    db = PgReader(url)
+    daemon = daemons(
+        mosquitto.port,
+        INGESTD_STORE__URL=url,
+        INGESTD_BATCH__MAX_READINGS="500",
+        INGESTD_STORE__STATEMENT_TIMEOUT_MS="60",
+        **FAST,
+    ).start()
+    daemon.wait_ready(60)
+    publish(mosquitto.port, stream(2_000))
+    wait_for(lambda: db.count() == expected(2_000)[0], 60, what="live batches stored")
+    own_pg.stop()
+    n = 60_000
+    publish(mosquitto.port, stream(n - 2_000, 2_000), inflight=200)
+    readings, _ = expected(n)
+    held = expected(n - 2_000, 2_000)[0]
+    wait_for(lambda: spooled(daemon) == held, 60, what="the stream spooled")
+    own_pg.start()
+    back = time.monotonic()
+    wait_for(lambda: spooled(daemon) == 0, 30, what="the spool drained")
+    drained = time.monotonic() - back
+    wait_for(lambda: db.count() == readings, 30, what="every reading stored")
+    assert daemon.stop() == 0, daemon.logs()
+    sent, stored, distinct = stored_once(db, n)
+    steps = [
+        json.loads(line)["step_readings"]
+        for line in daemon.logs().splitlines()
+        if "forwarding the spool failed" in line and "step_readings" in line
+    ]
+    print(
+        f"\nsent {sent:,} stored {stored:,} distinct {distinct:,}; "
+        f"drained in {drained:.1f} s; failed steps {steps}"
+    )
+
+
 def test_two_instances_in_a_group_each_spool_their_own(
     tmp_path: Path, mosquitto: Mosquitto, daemons: DaemonFactory, own_pg: Postgres
 ) -> None:

@@ -89,3 +89,39 @@ async def test_a_batch_put_while_the_file_starts_afresh_lands_in_the_new_file(
         assert [b.readings[0].sensor for _, b in await spool.take(1 << 20)] == ["s1"]
     finally:
         await spool.close()
+
+
+async def test_a_fresh_start_that_cannot_open_still_removes_what_it_forwarded(
+    tmp_path: Path,
+) -> None:
+    # The old file went with every batch in it, forwarded; the new one could
+    # not be opened (the disk still full). That raised out of remove(), and
+    # the forwarder never counted those batches as forwarded: they stayed in
+    # `spooled` until a restart. Now the removal stands and the next use
+    # opens the file.
+    spool = Spool(tmp_path / "spool.db", 1 << 30, 0)
+    await spool.open()
+    try:
+        assert await spool.put(_batch(0))
+        ((entry, _),) = await spool.take(1 << 20)
+        conn = spool._conn  # noqa: SLF001
+        assert conn is not None
+        real_execute, real_open = conn.execute, spool.open
+
+        def refusing(sql: str, *args: object) -> object:
+            if sql.startswith("DELETE"):
+                raise sqlite3.OperationalError("database or disk is full")
+            return real_execute(sql, *args)
+
+        async def cannot_open() -> None:
+            spool.open = real_open  # type: ignore[method-assign]  # once
+            raise StoreUnavailable("disk full", "the disk is full")
+
+        conn.execute = refusing  # type: ignore[method-assign,assignment]
+        spool.open = cannot_open  # type: ignore[method-assign]
+        assert await spool.remove(entry.id) == 100
+        assert (len(spool), spool.readings) == (0, 0)
+        assert await spool.put(_batch(1))  # opened again
+        assert [b.readings[0].sensor for _, b in await spool.take(1 << 20)] == ["s1"]
+    finally:
+        await spool.close()
