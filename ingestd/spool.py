@@ -228,7 +228,8 @@ class Spool:
             async with self._busy:
                 conn = await self._connection()
                 # An empty spool takes a batch larger than max_bytes: a batch must
-                # be able to go somewhere, and it is bounded by batch.max_readings.
+                # be able to go somewhere, and it is bounded (batch.max_readings,
+                # or one chunk: a quarter of mqtt.max_inflight messages).
                 if self._index and self.bytes + len(data) > self.max_bytes:
                     self.full = True
                     return False
