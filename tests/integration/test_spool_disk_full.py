@@ -22,6 +22,20 @@ def _batch(n: int) -> SpooledBatch:
     return SpooledBatch(readings, [], SensorStatus())
 
 
+def _refuse_deletions(spool: Spool) -> None:
+    """The spool's disk refuses its deletions (SQLite's log needs room)."""
+    conn = spool._conn  # noqa: SLF001
+    assert conn is not None
+    real = conn.execute
+
+    def refusing(sql: str, *args: object) -> object:
+        if sql.startswith("DELETE"):
+            raise sqlite3.OperationalError("database or disk is full")
+        return real(sql, *args)
+
+    conn.execute = refusing  # type: ignore[method-assign,assignment]
+
+
 async def test_forwarding_goes_on_past_rows_a_full_disk_cannot_delete(tmp_path: Path) -> None:
     with mounted_tmpfs(tmp_path / "tiny", "512k") as disk:
         spool = Spool(disk / "spool.db", 1 << 30)
@@ -65,16 +79,7 @@ async def test_a_batch_put_while_the_file_starts_afresh_lands_in_the_new_file(
         spool.active = True  # as the writer sets it, spooling
         assert await spool.put(_batch(0))
         ((entry, _),) = await spool.take(1 << 20)
-        conn = spool._conn  # noqa: SLF001
-        assert conn is not None
-        real = conn.execute
-
-        def refusing(sql: str, *args: object) -> object:  # the disk refuses the deletion
-            if sql.startswith("DELETE"):
-                raise sqlite3.OperationalError("database or disk is full")
-            return real(sql, *args)
-
-        conn.execute = refusing  # type: ignore[method-assign,assignment]
+        _refuse_deletions(spool)
 
         async def live_batch() -> bool:
             await asyncio.sleep(0)  # the writer's next batch, a moment later
@@ -104,20 +109,13 @@ async def test_a_fresh_start_that_cannot_open_still_removes_what_it_forwarded(
     try:
         assert await spool.put(_batch(0))
         ((entry, _),) = await spool.take(1 << 20)
-        conn = spool._conn  # noqa: SLF001
-        assert conn is not None
-        real_execute, real_open = conn.execute, spool.open
-
-        def refusing(sql: str, *args: object) -> object:
-            if sql.startswith("DELETE"):
-                raise sqlite3.OperationalError("database or disk is full")
-            return real_execute(sql, *args)
+        _refuse_deletions(spool)
+        real_open = spool.open
 
         async def cannot_open() -> None:
             spool.open = real_open  # type: ignore[method-assign]  # once
             raise StoreUnavailable("disk full", "the disk is full")
 
-        conn.execute = refusing  # type: ignore[method-assign,assignment]
         spool.open = cannot_open  # type: ignore[method-assign]
         assert await spool.remove(entry.id) == 100
         assert (len(spool), spool.readings) == (0, 0)
