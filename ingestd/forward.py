@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 
 import msgspec
 import structlog
@@ -30,6 +31,8 @@ log = structlog.get_logger("ingestd.forward")
 
 # Readings per forwarding transaction: large, as the store takes them fastest.
 FORWARD_READINGS = 50_000
+# After a step fails, the steps stay at or below half its size this long.
+STEP_CAP_SECONDS = 60.0
 _MARK = (
     "INSERT INTO spool_forwarded (spool, upto, updated) VALUES (?, ?, ?) "
     "ON CONFLICT (spool) DO UPDATE SET upto = excluded.upto, updated = excluded.updated"
@@ -56,8 +59,10 @@ class Forwarder:
         # What a step takes now: halved after a step the store failed (one
         # too large for store.statement_timeout_ms on a slow server failed
         # every time, and the spool grew until full), doubled back after
-        # each that worked. At least one batch a step, however small.
+        # each that worked, up to half the size that failed for
+        # STEP_CAP_SECONDS. At least one batch a step, however small.
         self.step_readings = max_readings
+        self._cap, self._cap_until = max_readings, 0.0  # the step's ceiling after a failure
         self._checked = False  # the store's mark of this spool read since the last doubt
         self._drain_started = 0.0
         self._drain_readings = 0
@@ -77,6 +82,8 @@ class Forwarder:
                 # Down still (or again); try later, and read the mark again
                 # first (a commit may have been lost). Said once per condition.
                 self._checked = False
+                errors = self.writer.store_errors  # ingestd_store_errors_total, as a batch's
+                errors[exc.condition] = errors.get(exc.condition, 0) + 1
                 if exc.condition != self._failing:
                     self._failing = exc.condition
                     log.warning(
@@ -88,7 +95,7 @@ class Forwarder:
                     )
                 await asyncio.sleep(backoff.next())
                 continue
-            if self._failing is not None:
+            if moved and self._failing is not None:
                 log.warning("forwarding the spool again", after=self._failing)
                 self._failing = None
             if moved:
@@ -116,13 +123,11 @@ class Forwarder:
             if done and len(spool):
                 # Whose before the removal: a fresh start renumbers the file.
                 own = done >= spool.first_own
-                # What they held, to count it as what it was (stored or
-                # quarantined): at most a step's batches.
-                readings, rejected, moved = _contents(await spool.take(0, upto=done))
+                held = await self._held(done)
                 already = await spool.remove(done)
                 if already:
                     log.info("spooled batches the store already held removed", readings=already)
-                    settle_held(self.writer, len(readings), moved, rejected, own=own)
+                    settle_held(self.writer, *held, own=own)
                 return already
         taken = await spool.take(self.step_readings)
         if not taken:
@@ -135,9 +140,13 @@ class Forwarder:
         try:
             result = await self._commit(taken, readings, rejected)
         except StoreUnavailable:
-            self.step_readings = max(1, self.step_readings // 2)
+            # Halved, and held below the size that failed for a while: doubling
+            # back at once made every other step a probe that failed again.
+            self.step_readings = max(1, min(self.step_readings, len(readings) + moved) // 2)
+            self._cap, self._cap_until = self.step_readings, time.monotonic() + STEP_CAP_SECONDS
             raise
-        self.step_readings = min(self.max_readings, self.step_readings * 2)
+        top = self.max_readings if time.monotonic() >= self._cap_until else self._cap
+        self.step_readings = min(top, self.step_readings * 2)
         seconds = time.perf_counter() - started
         self.writer.store_back()
         own = taken[0][0].id >= spool.first_own  # before a fresh start renumbers the file
@@ -145,6 +154,19 @@ class Forwarder:
         settle_forwarded(self.writer, len(readings), moved, result, rejected, seconds, own=own)
         self._drain_readings += len(readings) + moved
         return len(readings) + moved
+
+    async def _held(self, done: int) -> tuple[int, int, Counter[str]]:
+        """What the batches up to row `done` held, to count it as what it was
+        (readings, readings moved to quarantine, quarantine records by kind):
+        read a step's worth at a time (after a full disk kept forwarded rows,
+        a restart can find a great many)."""
+        readings = moved = after = 0
+        kinds: Counter[str] = Counter()
+        while part := await self.spool.take(self.max_readings, upto=done, after=after):
+            r, rejected, m = _contents(part)
+            readings, moved, after = readings + len(r), moved + m, part[-1][0].id
+            kinds.update(x.kind for x in rejected)
+        return readings, moved, kinds
 
     async def _commit(
         self,
@@ -209,13 +231,13 @@ def settle_forwarded(
 
 
 def settle_held(
-    w: BatchWriter, readings: int, moved: int, rejected: list[Rejected], *, own: bool
+    w: BatchWriter, readings: int, moved: int, kinds: Counter[str], *, own: bool
 ) -> None:
     """Spooled batches the store turned out to hold already (a forwarding
     commit whose outcome was lost, or a kill -9 before the spool let them
     go), removed from the spool: their `readings` counted as committed
     (their duplicates and conflicts were counted by no one), the `moved`
-    ones as quarantined readings and their `rejected` as quarantine records;
+    ones as quarantined readings, and their quarantine records (`kinds`);
     or, an earlier run's, as `recovered`."""
     if own:
         w.spooled -= readings + moved
@@ -224,9 +246,9 @@ def settle_held(
     else:
         w.recovered += readings + moved
     w.forwarded += readings + moved
-    w.quarantined += len(rejected)
-    for r in rejected:
-        w.quarantined_by_kind[r.kind] = w.quarantined_by_kind.get(r.kind, 0) + 1
+    w.quarantined += kinds.total()
+    for kind, n in kinds.items():
+        w.quarantined_by_kind[kind] = w.quarantined_by_kind.get(kind, 0) + n
 
 
 def _contents(taken: list[tuple[Entry, SpooledBatch]]) -> tuple[list[Reading], list[Rejected], int]:

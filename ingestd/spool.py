@@ -252,20 +252,19 @@ class Spool:
             self.pending -= 1
 
     async def take(
-        self, max_readings: int, upto: int | None = None
+        self, max_readings: int, upto: int | None = None, after: int = 0
     ) -> list[tuple[Entry, SpooledBatch]]:
         """The oldest batches, up to about `max_readings` (at least one), all
-        of this run's or all of an earlier run's; with `upto`, instead, every
-        batch up to that row."""
+        of this run's or all of an earlier run's; with `upto`, instead, the
+        batches after row `after` up to row `upto`, about `max_readings`."""
         async with self._busy:
-            conn = await self._connection()
             chosen: list[Entry] = []
             total = 0
             for e in self._index:
-                if e.id <= self.forwarded_upto:
+                if e.id <= max(self.forwarded_upto, after):
                     continue
                 if upto is not None:
-                    if e.id > upto:
+                    if e.id > upto or (chosen and total + e.readings > max_readings):
                         break
                 elif chosen and (
                     total + e.readings > max_readings
@@ -275,7 +274,11 @@ class Spool:
                 chosen.append(e)
                 total += e.readings
             if not chosen:
+                # Without opening the file: an empty spool whose fresh start
+                # could not open its new one must let the forwarder see it
+                # empty, and the writer go back to the store.
                 return []
+            conn = await self._connection()
             try:
                 cur = await conn.execute(
                     "SELECT id, data FROM batches WHERE id BETWEEN ? AND ? ORDER BY id",

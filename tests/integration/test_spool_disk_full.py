@@ -113,12 +113,16 @@ async def test_a_fresh_start_that_cannot_open_still_removes_what_it_forwarded(
         real_open = spool.open
 
         async def cannot_open() -> None:
-            spool.open = real_open  # type: ignore[method-assign]  # once
             raise StoreUnavailable("disk full", "the disk is full")
 
         spool.open = cannot_open  # type: ignore[method-assign]
         assert await spool.remove(entry.id) == 100
         assert (len(spool), spool.readings) == (0, 0)
+        # Empty, and the file still cannot be opened: the forwarder is told
+        # there is nothing to take (it raised, and the spool stayed active
+        # with every live batch sent to it: all ingest stalled).
+        assert await spool.take(1 << 20) == []
+        spool.open = real_open  # type: ignore[method-assign]
         assert await spool.put(_batch(1))  # opened again
         assert [b.readings[0].sensor for _, b in await spool.take(1 << 20)] == ["s1"]
     finally:

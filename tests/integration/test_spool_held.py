@@ -31,7 +31,10 @@ async def test_batches_the_store_already_holds_are_counted_as_what_they_were(
     await spool.open()
     try:
         _, writer = writer_on(store, InFlightWindow(100))  # type: ignore[arg-type]
-        forwarder = Forwarder(store, spool, writer, retry_min_delay=0.05, retry_max_delay=0.1)
+        # Steps of 10 readings: the held batches are read one at a time.
+        forwarder = Forwarder(
+            store, spool, writer, retry_min_delay=0.05, retry_max_delay=0.1, max_readings=10
+        )
         for n in range(2):
             assert await spool.put(_batch(n))
         writer.spooled = 2 * (10 + 3)  # as the writer counts what it spooled
