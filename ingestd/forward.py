@@ -210,9 +210,7 @@ def settle_forwarded(
         w.recovered += readings + moved
     w.forwarded += readings + moved
     rejected = rejected + conflicts
-    w.quarantined += len(rejected)
-    for r in rejected:
-        w.quarantined_by_kind[r.kind] = w.quarantined_by_kind.get(r.kind, 0) + 1
+    _quarantined(w, Counter(r.kind for r in rejected))
     w.batches += 1
     w.last_commit_at = time.time()
     event = BatchCommitted(
@@ -246,6 +244,11 @@ def settle_held(
     else:
         w.recovered += readings + moved
     w.forwarded += readings + moved
+    _quarantined(w, kinds)
+
+
+def _quarantined(w: BatchWriter, kinds: Counter[str]) -> None:
+    """Quarantine records committed, by kind."""
     w.quarantined += kinds.total()
     for kind, n in kinds.items():
         w.quarantined_by_kind[kind] = w.quarantined_by_kind.get(kind, 0) + n

@@ -263,12 +263,14 @@ class Spool:
             for e in self._index:
                 if e.id <= max(self.forwarded_upto, after):
                     continue
-                if upto is not None:
-                    if e.id > upto or (chosen and total + e.readings > max_readings):
-                        break
-                elif chosen and (
+                if upto is not None and e.id > upto:
+                    break
+                if chosen and (
                     total + e.readings > max_readings
-                    or (e.id >= self.first_own) != (chosen[0].id >= self.first_own)
+                    or (
+                        upto is None
+                        and (e.id >= self.first_own) != (chosen[0].id >= self.first_own)
+                    )
                 ):
                     break
                 chosen.append(e)

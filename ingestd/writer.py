@@ -1,11 +1,11 @@
 """The batch writer: readings in, one transaction per batch, acknowledgements out.
 
 A batch is committed when it holds `max_readings` (a chunk that would take it
-past that starts the next batch; a chunk is never split), when its oldest chunk is `max_delay` old,
-when it holds half of the in-flight window or half of what the broker sends
-before it waits for acknowledgements (more can only come as fast as we
-commit, so waiting would only add latency), or when a chunk asks for a flush
-(shutdown).
+past that starts the next batch; a chunk is never split), when its oldest
+chunk is `max_delay` old, when it holds half of the in-flight window or half
+of what the broker sends before it waits for acknowledgements (more can only
+come as fast as we commit, so waiting would only add latency), or when a
+chunk asks for a flush (shutdown).
 
 A store that cannot take writes (locked, full, read-only, I/O error) is waited
 out: the batch is held and retried with backoff, nothing is acknowledged, and

@@ -243,19 +243,16 @@ class Batch(base.Batch):
         # The rows made come back from the INSERT itself; only series it did
         # not make (another instance's, or forgotten by the cache) are looked
         # up after it: a wide fleet's first sight is one statement, not two.
-        made = await self._conn.fetch(_NEW_SERIES, *zip(*missing, strict=True))
+        rows = list(await self._conn.fetch(_NEW_SERIES, *zip(*missing, strict=True)))
+        made = {(r[1], r[2], r[3], r[4]) for r in rows}
+        if others := [key for key in missing if key not in made]:
+            rows += await self._conn.fetch(_SERIES_IDS, *zip(*others, strict=True))
+        if len(rows) != len(missing):  # pragma: no cover - the INSERT above guarantees rows
+            raise StoreError(f"{len(missing) - len(rows)} series vanished inside a transaction")
         shared: dict[str, str] = {}
-        for sid, *key in made:
-            k = series.series_key(key[0], key[1], key[2], key[3], shared)
-            self.new_series[k] = ids[k] = sid
-        others = [key for key in missing if key not in ids]
-        if others:
-            for sid, *key in await self._conn.fetch(_SERIES_IDS, *zip(*others, strict=True)):
-                k = series.series_key(key[0], key[1], key[2], key[3], shared)
-                self.new_series[k] = ids[k] = sid
-        lost = sum(key not in ids for key in others)
-        if lost:  # pragma: no cover - the INSERT above guarantees rows
-            raise StoreError(f"{lost} series vanished inside a transaction")
+        for sid, sensor, metric, tags, unit in rows:
+            key = series.series_key(sensor, metric, tags, unit, shared)
+            self.new_series[key] = ids[key] = sid
         return ids
 
     async def _conflicts(self, readings: Sequence[Reading]) -> list[Rejected]:
