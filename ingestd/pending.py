@@ -50,34 +50,34 @@ def drained(pending: int, closed: int) -> int:
 def pack(records: Sequence[tuple[int, int, int, float]]) -> bytes:
     """Records (series_id, ts_ns, seq, value) as one pending row's bytes:
     the four columns as arrays, little-endian (8 bytes each)."""
-    columns: list[array[Any]] = [
+    cols: list[array[Any]] = [
         array("q", [r[0] for r in records]),
         array("q", [r[1] for r in records]),
         array("q", [r[2] for r in records]),
         array("d", [r[3] for r in records]),
     ]
     if sys.byteorder == "big":  # pragma: no cover - every platform ingestd runs on is little
-        for c in columns:
+        for c in cols:
             c.byteswap()
-    return b"".join(c.tobytes() for c in columns)
+    return b"".join(c.tobytes() for c in cols)
 
 
 def unpack(data: bytes) -> list[tuple[int, int, int, float]]:
     """`pack`'s records again."""
-    return list(zip(*_columns(data), strict=True))
+    return list(zip(*columns(data), strict=True))
 
 
-def _columns(data: bytes) -> list[array[Any]]:
+def columns(data: bytes) -> list[array[Any]]:
     """`pack`'s four columns again."""
     n = len(data) // 32
-    columns = []
+    out = []
     for k, code in enumerate("qqqd"):
         c = array(code)
         c.frombytes(data[k * 8 * n : (k + 1) * 8 * n])
         if sys.byteorder == "big":  # pragma: no cover
             c.byteswap()
-        columns.append(c)
-    return columns
+        out.append(c)
+    return out
 
 
 def merged(g: RollupRow, r: RollupRow) -> RollupRow:
@@ -179,7 +179,7 @@ class Closing:
 
     def add(self, blob: bytes) -> int:
         """A pending row's readings added; how many."""
-        for column, part in zip(self.columns, _columns(blob), strict=True):
+        for column, part in zip(self.columns, columns(blob), strict=True):
             column.extend(part)
         return len(blob) // 32
 

@@ -1,0 +1,80 @@
+"""PostgreSQL's close aggregates pending readings in the server
+(`ingestd.store.postgres.rolling.close`): its rows must be the ones ingestd's
+own aggregate (`ingestd.rollups.aggregate`, SQLite's close) makes of the same
+readings in the same order, ties of times included."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import random
+
+import asyncpg
+
+from ingestd.pending import pack
+from ingestd.rollups import NS, RollupPlan, aggregate
+from ingestd.store.postgres import PostgresStore
+from ingestd.store.postgres.rolling import close
+
+PLAN = RollupPlan(widths=(60, 3600))
+T0 = 1_700_000_000  # a whole hour
+
+
+def _pending(rng: random.Random) -> list[list[tuple[int, int, int, float]]]:
+    """Pending rows of 1-300 records: 40 series, times from a small set (many
+    ties, across a minute's and an hour's edge), seq 0-2, any value."""
+    stamps = [(T0 + s) * NS + k for s in (0, 59, 60, 61, 3599, 3600) for k in (0, 1)]
+    return [
+        [
+            (rng.randrange(1, 41), rng.choice(stamps), rng.randrange(3), rng.uniform(-1e6, 1e6))
+            for _ in range(rng.randrange(1, 300))
+        ]
+        for _ in range(rng.randrange(5, 40))
+    ]
+
+
+def test_the_servers_close_makes_ingestds_rows(pg_url: str) -> None:
+    async def run() -> None:
+        store = PostgresStore(pg_url)
+        await store.open()
+        await store.close()
+        conn = await asyncpg.connect(pg_url)
+        try:
+            for seed in range(12):
+                rng = random.Random(seed)
+                rows = _pending(rng)
+                for records in rows:
+                    await conn.execute(
+                        "INSERT INTO rollup_pending (readings, records) VALUES ($1, $2)",
+                        len(records), pack(records),
+                    )  # fmt: skip
+                everything = [r for records in rows for r in records]
+                # Closes of a few pending rows each, then one of the rest: a row
+                # merged into across closes (the stored merge) and in one.
+                most = rng.choice([1, 250, len(everything)])
+                closed = 0
+                while True:
+                    async with conn.transaction():
+                        n = await close(conn, PLAN, most)
+                    if n == 0:
+                        break
+                    closed += n
+                assert closed == len(everything)
+                want = aggregate(everything, PLAN.widths)
+                got = {
+                    (r[0], r[1], r[2]): list(r[3:11])
+                    for r in await conn.fetch("SELECT * FROM rollups")
+                }
+                assert set(got) == set(want)
+                for key, row in want.items():
+                    n, lo, hi, total, first_ns, first, last_ns, last = got[key]
+                    # A sum's order is the merges' (last bits), the rest exact.
+                    assert math.isclose(total, row[3], rel_tol=1e-9, abs_tol=1e-6), key
+                    assert (n, lo, hi, first_ns, first, last_ns, last) == (
+                        row[0], row[1], row[2], row[4], row[5], row[6], row[7],
+                    ), (seed, key)  # fmt: skip
+                await conn.execute("TRUNCATE rollups")
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
