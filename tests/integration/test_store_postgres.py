@@ -39,6 +39,9 @@ async def test_instances_starting_at_once_migrate_once(pg_url: str) -> None:
     assert db.rows("SELECT version FROM ingestd_schema ORDER BY 1") == [
         (v,) for v in range(1, SCHEMA_VERSION + 1)
     ]
+    # A pending row's bytes are stored as they are, not compressed (8).
+    storage = "SELECT attstorage::text FROM pg_attribute WHERE attname = 'records' AND attrelid = "
+    assert db.rows(storage + "'rollup_pending'::regclass") == [("e",)]
     # The contract users query: the readings view's columns.
     cols = db.rows(
         "SELECT column_name FROM information_schema.columns WHERE table_name = 'readings' "
