@@ -78,3 +78,29 @@ def test_the_servers_close_makes_ingestds_rows(pg_url: str) -> None:
             await conn.close()
 
     asyncio.run(run())
+
+
+def test_a_close_outlasts_a_batchs_statement_timeout(pg_url: str) -> None:
+    """`store.statement_timeout_ms` bounds a batch's statements. A close
+    aggregates up to 100,000 readings in one statement, longer than a batch
+    takes: with a timeout a batch fits in, it failed every pass and the
+    pending readings grew without end. It has at least a minute."""
+
+    async def run() -> None:
+        async with PostgresStore(pg_url, rollups=PLAN):  # the schema, at the default timeout
+            pass
+        conn = await asyncpg.connect(pg_url)
+        try:
+            for k in range(200):  # one series: the longest close of a chunk
+                records = [(1, (T0 + k) * NS + i, 0, float(i)) for i in range(500)]
+                await conn.execute(
+                    "INSERT INTO rollup_pending (readings, records) VALUES ($1, $2)",
+                    len(records), pack(records),
+                )  # fmt: skip
+        finally:
+            await conn.close()
+        store = PostgresStore(pg_url, rollups=PLAN, statement_timeout_ms=20)
+        async with store:
+            assert await store.close_rollups(100_000) == 100_000
+
+    asyncio.run(run())

@@ -425,3 +425,52 @@ def test_a_tie_of_times_across_a_pending_and_a_later_batch_keeps_the_readings_or
     assert rows(query) == [(9, 20.0, 5.0)]
     rebuild()
     assert rows(query) == [(9, 20.0, 5.0)]
+
+
+def test_sums_beyond_float8_are_infinite_and_closing_goes_on(
+    engine: Engine, gauge_path: str
+) -> None:
+    """Readings near float8's limit are finite, so accepted; their sum is
+    +-Infinity on every engine, as Python's is. PostgreSQL's float8 addition
+    raised instead: in a close's sum (every pending row behind it stuck, the
+    backlog growing), in a merge into a stored row, or in a counter's
+    increase added by a batch (the batch retried for ever)."""
+    make, rows, _ = engine
+    big = 1e308
+
+    async def run() -> None:
+        async with make() as store:
+            for k in range(4):
+                async with store.batch() as tx:
+                    await tx.add_readings(
+                        [
+                            Reading("huge", "up", (T0 + k) * NS, big),
+                            Reading("huge", "down", (T0 + k) * NS, -big),
+                            Reading("small", "temp", (T0 + k) * NS, 1.5),
+                        ]
+                    )
+                if k < 2:  # each alone, then merged into the stored row; the rest together
+                    await close_all(store)
+            # A counter that rose by 1.7e308, was reset, and rose by 1.6e308:
+            # the increases added by two batches.
+            energy = [(10 + i, v) for i, v in enumerate([0.0, 1.7e308, 1.0, 1.6e308])]
+            for part in (energy[:2], energy[2:]):
+                async with store.batch() as tx:
+                    await tx.add_readings(
+                        [Reading("huge", "energy", (T0 + s) * NS, v) for s, v in part]
+                    )
+            await close_all(store)
+            assert await store.close_rollups(1000) == 0
+
+    asyncio.run(run())
+    got = rows(
+        "SELECT sensor, metric, count, sum, increase FROM rollup_1m "
+        f"WHERE bucket = {T0} ORDER BY sensor, metric"
+    )
+    inf = float("inf")
+    assert got == [
+        ("huge", "down", 4, -inf, None),
+        ("huge", "energy", 4, inf, inf),
+        ("huge", "up", 4, inf, None),
+        ("small", "temp", 4, 6.0, None),
+    ]

@@ -44,7 +44,7 @@ from ingestd.store.base import Upkeep
 from ingestd.store.postgres.batch import Batch
 from ingestd.store.postgres.connect import connect_writable, server_of
 from ingestd.store.postgres.faults import classify, kept, redacted
-from ingestd.store.postgres.rolling import close, create_views
+from ingestd.store.postgres.rolling import close, close_settings, create_views
 from ingestd.store.postgres.schema import (
     DAY_NS,
     create_partitions,
@@ -376,6 +376,7 @@ class PostgresStore(base.Store):
         conn = await self._connection()
         try:
             async with conn.transaction():
+                await conn.execute(close_settings(self.statement_timeout_ms))
                 # Before the pending rows: `rollups rebuild` holds the table
                 # while it takes them all, so a close waits for it.
                 await conn.execute("LOCK TABLE rollups IN ROW EXCLUSIVE MODE")
