@@ -15,7 +15,7 @@ from operator import attrgetter
 from random import Random
 from typing import Any
 
-from ingestd.rollups import NS, Key, RollupRow, Row, aggregate
+from ingestd.rollups import NS, Key, RollupRow, Row, add_sums, aggregate
 
 PENDING = "SELECT records FROM rollup_pending ORDER BY id"
 
@@ -87,12 +87,12 @@ def merged(g: RollupRow, r: RollupRow) -> RollupRow:
         n=g.n + r.n,
         min=min(g.min, r.min),
         max=max(g.max, r.max),
-        sum=g.sum + r.sum,
+        sum=add_sums(g.sum, r.sum),
         first=g.first if g.first_ns <= r.first_ns else r.first,
         first_ns=min(g.first_ns, r.first_ns),
         last=r.last if r.last_ns >= g.last_ns else g.last,
         last_ns=max(g.last_ns, r.last_ns),
-        increase=None if g.increase is None else g.increase + (r.increase or 0.0),
+        increase=None if g.increase is None else add_sums(g.increase, r.increase or 0.0),
     )
 
 

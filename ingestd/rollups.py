@@ -41,6 +41,7 @@ not at all); the rest of the rows (`INSERT ... RETURNING`) were there.
 
 from __future__ import annotations
 
+import math
 import re
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
@@ -98,6 +99,13 @@ class RollupPlan:
 # One row: count, min, max, sum, first_ns, first, last_ns, last, increase.
 Row = list[float]
 Key = tuple[int, int, int]  # width, series_id, bucket
+
+
+def add_sums(a: float, b: float) -> float:
+    """A stored sum (or increase) and another merged into it: a sum already
+    +-Infinity stays so (inf + -inf would be NaN, which SQLite stores as NULL
+    and no sum in time order gives); past float8's range, +-Infinity."""
+    return a if math.isinf(a) else a + b
 
 
 def bucket_of(ts_ns: int, width: int) -> int:

@@ -26,11 +26,18 @@ def _pending(rng: random.Random) -> list[list[tuple[int, int, int, float]]]:
     stamps = [(T0 + s) * NS + k for s in (0, 59, 60, 61, 3599, 3600) for k in (0, 1)]
     return [
         [
-            (rng.randrange(1, 41), rng.choice(stamps), rng.randrange(3), rng.uniform(-1e6, 1e6))
+            (rng.randrange(1, 41), rng.choice(stamps), rng.randrange(3), _value(rng))
             for _ in range(rng.randrange(1, 300))
         ]
         for _ in range(rng.randrange(5, 40))
     ]
+
+
+def _value(rng: random.Random) -> float:
+    """Mostly any value; now and then the smallest float8s (a product of them
+    underflows, which PostgreSQL raises) or one that sums inexactly."""
+    special = (5e-324, -5e-324, 2.2250738585072014e-308, 0.30000000000000004)
+    return rng.choice(special) if rng.random() < 0.1 else rng.uniform(-1e6, 1e6)
 
 
 def test_the_servers_close_makes_ingestds_rows(pg_url: str) -> None:
@@ -102,5 +109,40 @@ def test_a_close_outlasts_a_batchs_statement_timeout(pg_url: str) -> None:
         store = PostgresStore(pg_url, rollups=PLAN, statement_timeout_ms=20)
         async with store:
             assert await store.close_rollups(100_000) == 100_000
+
+    asyncio.run(run())
+
+
+def test_a_close_whose_sum_overflows_is_aggregated_by_ingestd(pg_url: str) -> None:
+    """PostgreSQL raises where a float8 sum overflows; that close is then
+    ingestd's aggregate, exactly (sums included: in order, +-Infinity past
+    the range), for every series in it, not only the one that overflowed."""
+    records = [
+        (1, T0 * NS, 0, 1e308), (2, T0 * NS, 0, 0.1), (3, T0 * NS, 0, 0.30000000000000004),
+        (1, T0 * NS + 1, 0, 1e308), (2, T0 * NS + 1, 0, 0.2), (4, T0 * NS, 0, 1e308),
+        (1, T0 * NS + 2, 0, -1e308), (4, T0 * NS + 1, 0, -1e308), (5, T0 * NS, 0, 5e-324),
+    ]  # fmt: skip
+
+    async def run() -> None:
+        async with PostgresStore(pg_url, rollups=PLAN):
+            pass
+        conn = await asyncpg.connect(pg_url)
+        try:
+            for k in range(0, len(records), 2):
+                part = records[k : k + 2]
+                await conn.execute(
+                    "INSERT INTO rollup_pending (readings, records) VALUES ($1, $2)",
+                    len(part), pack(part),
+                )  # fmt: skip
+            async with conn.transaction():
+                assert await close(conn, PLAN, 1000) == len(records)
+            stored = await conn.fetch("SELECT * FROM rollups")
+        finally:
+            await conn.close()
+        got = {(r[0], r[1], r[2]): list(r[3:11]) for r in stored}
+        want = {k: v[:8] for k, v in aggregate(records, PLAN.widths).items()}
+        assert got == want
+        assert got[(60, 1, T0 // 60 * 60)][3] == float("inf")  # 1e308 + 1e308 - 1e308, in order
+        assert got[(60, 2, T0 // 60 * 60)][3] == 0.1 + 0.2  # 0.30000000000000004, not 0.3
 
     asyncio.run(run())

@@ -430,13 +430,15 @@ def test_a_tie_of_times_across_a_pending_and_a_later_batch_keeps_the_readings_or
 def test_sums_beyond_float8_are_infinite_and_closing_goes_on(
     engine: Engine, gauge_path: str
 ) -> None:
-    """Readings near float8's limit are finite, so accepted; their sum is
-    +-Infinity on every engine, as Python's is. PostgreSQL's float8 addition
-    raised instead: in a close's sum (every pending row behind it stuck, the
-    backlog growing), in a merge into a stored row, or in a counter's
-    increase added by a batch (the batch retried for ever)."""
+    """Readings near float8's limits are finite, so accepted; a sum past the
+    range is +-Infinity on every engine, as Python's is, and a sum already
+    infinite stays so. PostgreSQL's float8 arithmetic raised instead (on
+    overflow; on underflow, for a product): in a close's sum (every pending
+    row behind it stuck, the backlog growing), in a merge into a stored row,
+    or in a counter's increase added by a batch (the batch retried for ever).
+    SQLite stored inf + -inf, NaN, as NULL: a NOT NULL failure, for ever."""
     make, rows, _ = engine
-    big = 1e308
+    big, tiny = 1e308, 5e-324
 
     async def run() -> None:
         async with make() as store:
@@ -446,6 +448,8 @@ def test_sums_beyond_float8_are_infinite_and_closing_goes_on(
                         [
                             Reading("huge", "up", (T0 + k) * NS, big),
                             Reading("huge", "down", (T0 + k) * NS, -big),
+                            Reading("huge", "both", (T0 + k) * NS, big if k < 2 else -big),
+                            Reading("small", "tiny", (T0 + k) * NS, tiny),
                             Reading("small", "temp", (T0 + k) * NS, 1.5),
                         ]
                     )
@@ -469,8 +473,10 @@ def test_sums_beyond_float8_are_infinite_and_closing_goes_on(
     )
     inf = float("inf")
     assert got == [
+        ("huge", "both", 4, inf, None),  # inf, then -inf merged into it
         ("huge", "down", 4, -inf, None),
         ("huge", "energy", 4, inf, inf),
         ("huge", "up", 4, inf, None),
         ("small", "temp", 4, 6.0, None),
+        ("small", "tiny", 4, 4 * tiny, None),
     ]

@@ -12,24 +12,25 @@ from typing import Any
 import asyncpg
 
 from ingestd import rollups
-from ingestd.pending import columns, dense, pack
+from ingestd.pending import Closing, columns, dense, pack
 from ingestd.rollups import CONTEXT, Key, Point, RollupPlan, Row
 
 Record = tuple[int, int, int, float]  # series_id, ts_ns, seq, value
 
-# float8 additions as Python's (and SQLite's): past the type's range, the
-# sum is +-Infinity, where PostgreSQL raises (a close stuck behind those
-# readings for ever, a batch retried for ever). Half of each cannot
-# overflow, and if their sum is at most half the largest float8 theirs is
-# within range.
-_HALF_MAX = f"{sys.float_info.max / 2!r}::float8"
+# float8 additions as SQLite's and Python's (`ingestd.rollups.add_sums`):
+# past the type's range the sum is +-Infinity, where PostgreSQL raises (a
+# close stuck behind those readings for ever, a batch retried for ever); and
+# a sum already infinite stays so (inf + -inf would be NaN). No product or
+# quotient: those raise on underflow (5e-324 * 0.5).
+_MAX = f"{sys.float_info.max!r}::float8"
+_INF = "'Infinity'::float8"
 
 
 def _add(a: str, b: str) -> str:
-    half = f"({a} * 0.5::float8 + {b} * 0.5::float8)"
     return (
-        f"CASE WHEN abs({half}) <= {_HALF_MAX} THEN {a} + {b} "
-        f"ELSE sign({half}) * 'Infinity'::float8 END"
+        f"CASE WHEN abs({a}) = {_INF} THEN {a} "
+        f"WHEN sign({a}) = sign({b}) AND abs({a}) > {_MAX} - abs({b}) THEN sign({a}) * {_INF} "
+        f"ELSE {a} + {b} END"
     )
 
 
@@ -167,7 +168,13 @@ async def close(conn: Any, plan: RollupPlan, most: int) -> int:
         async with conn.transaction():  # a savepoint
             await conn.execute(_CLOSE, list(plan.widths))
     except asyncpg.NumericValueOutOfRangeError:
-        await conn.execute(_CLOSE_EXACT, list(plan.widths))  # float8's sum overflowed
+        # A float8 sum overflowed (readings near 1e308), which PostgreSQL
+        # raises: this close aggregated by ingestd, as SQLite's is (a sum in
+        # order, +-Infinity past the range).
+        closing = Closing()
+        for blob in blobs:
+            closing.add(blob)
+        await _through_table(conn, (_gauge_records(p.items()) for p in closing.pieces(plan.widths)))
     return taken
 
 
@@ -194,15 +201,6 @@ _CLOSE = (
     "ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING)) AS s "
     "GROUP BY 1, 2, 3 ORDER BY 1, 2, 3" + _ON_CONFLICT
 )
-# The same where a float8 sum overflowed (readings near 1e308): summed as
-# numeric, a sum beyond float8's range +-Infinity. Slower (measured: up to
-# 1.5x the close), so only then.
-_EXACT_SUM = (
-    f"CASE WHEN abs(sum(value::numeric)) <= {sys.float_info.max!r}::numeric "
-    "THEN sum(value::numeric)::float8 "
-    "ELSE sign(sum(value::numeric))::float8 * 'Infinity'::float8 END"
-)
-_CLOSE_EXACT = _CLOSE.replace("sum(value)", _EXACT_SUM, 1)
 # A close's transaction: memory for its sort and window (the default 4 MB
 # spilled them to disk: a close of 100,000 readings of one series 0.9 s, with
 # 64 MB 0.14-0.23 s), and at least a minute for its statements, which
@@ -228,13 +226,13 @@ _TUPLE = b"\x00\x04" + (b"\x00\x00\x00\x08" + bytes(8)) * 4
 
 async def _copy_binary(blobs: list[bytes]) -> AsyncIterator[bytes]:
     """Pending rows' readings as `ingestd_close`'s tuples, a pending row at a
-    time (its bytes dropped once copied): each byte of a column placed by one
-    slice assignment, not a value at a time."""
+    time: each byte of a column placed by one slice assignment, not a value
+    at a time. (The rows' bytes, 32 a reading, are kept to the close's end,
+    for an overflow's aggregate by ingestd.)"""
     yield _COPY_HEADER
     size, first = len(_TUPLE), 0
-    blobs.reverse()
-    while blobs:
-        sids, stamps, _, values = columns(blobs.pop())
+    for blob in blobs:
+        sids, stamps, _, values = columns(blob)
         n = len(sids)
         out = bytearray(_TUPLE * n)
         order = array("q", range(first, first + n))

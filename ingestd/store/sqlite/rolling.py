@@ -26,13 +26,14 @@ _MERGE_HEAD = (
 )
 _MERGE_TAIL = (
     " ON CONFLICT (width, series_id, bucket) DO UPDATE SET n = n + excluded.n, "
-    "min = min(min, excluded.min), max = max(max, excluded.max), sum = sum + excluded.sum, "
+    "min = min(min, excluded.min), max = max(max, excluded.max), "
+    "sum = CASE WHEN abs(sum) = 9e999 THEN sum ELSE sum + excluded.sum END, "
     "first_value = CASE WHEN excluded.first_ns < first_ns THEN excluded.first_value "
     "ELSE first_value END, first_ns = min(first_ns, excluded.first_ns), "
     "last_value = CASE WHEN excluded.last_ns >= last_ns THEN excluded.last_value "
     "ELSE last_value END, last_ns = max(last_ns, excluded.last_ns), "
     "increase = CASE WHEN excluded.increase IS NULL THEN increase "
-    "ELSE coalesce(increase, 0) + excluded.increase END"
+    "WHEN abs(increase) = 9e999 THEN increase ELSE coalesce(increase, 0) + excluded.increase END"
 )
 _ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 MERGE = _MERGE_HEAD + _ROW + _MERGE_TAIL
@@ -41,7 +42,8 @@ MERGE = _MERGE_HEAD + _ROW + _MERGE_TAIL
 _MERGE_ROWS = 32
 _MERGE_MANY = _MERGE_HEAD + ", ".join([_ROW] * _MERGE_ROWS) + _MERGE_TAIL
 _ADD_INCREASE = (
-    "UPDATE rollups SET increase = coalesce(increase, 0) + ? "
+    "UPDATE rollups SET increase = CASE WHEN abs(increase) = 9e999 THEN increase "
+    "ELSE coalesce(increase, 0) + ? END "
     "WHERE width = ? AND series_id = ? AND bucket = ?"
 )
 # Around a batch's own readings of one counter series: the CONTEXT stored
