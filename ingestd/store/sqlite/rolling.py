@@ -20,6 +20,15 @@ _INSERT_RETURNING = (
     "INSERT OR IGNORE INTO samples (series_id, ts_ns, seq, value) VALUES {values} "
     "RETURNING series_id, ts_ns, seq, value"
 )
+
+
+def _add(a: str, b: str) -> str:
+    """`ingestd.rollups.add_sums` in SQL: a sum already +-Infinity stays so
+    (inf + -inf is NaN, which SQLite stores as NULL); SQLite's addition
+    itself goes to +-Infinity past the range."""
+    return f"CASE WHEN abs({a}) = 9e999 THEN {a} ELSE {a} + {b} END"
+
+
 _MERGE_HEAD = (
     "INSERT INTO rollups (width, series_id, bucket, n, min, max, sum, first_ns, first_value, "
     "last_ns, last_value, increase) VALUES "
@@ -27,13 +36,13 @@ _MERGE_HEAD = (
 _MERGE_TAIL = (
     " ON CONFLICT (width, series_id, bucket) DO UPDATE SET n = n + excluded.n, "
     "min = min(min, excluded.min), max = max(max, excluded.max), "
-    "sum = CASE WHEN abs(sum) = 9e999 THEN sum ELSE sum + excluded.sum END, "
+    f"sum = {_add('sum', 'excluded.sum')}, "
     "first_value = CASE WHEN excluded.first_ns < first_ns THEN excluded.first_value "
     "ELSE first_value END, first_ns = min(first_ns, excluded.first_ns), "
     "last_value = CASE WHEN excluded.last_ns >= last_ns THEN excluded.last_value "
     "ELSE last_value END, last_ns = max(last_ns, excluded.last_ns), "
     "increase = CASE WHEN excluded.increase IS NULL THEN increase "
-    "WHEN abs(increase) = 9e999 THEN increase ELSE coalesce(increase, 0) + excluded.increase END"
+    f"ELSE {_add('coalesce(increase, 0)', 'excluded.increase')} END"
 )
 _ROW = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 MERGE = _MERGE_HEAD + _ROW + _MERGE_TAIL
@@ -42,8 +51,7 @@ MERGE = _MERGE_HEAD + _ROW + _MERGE_TAIL
 _MERGE_ROWS = 32
 _MERGE_MANY = _MERGE_HEAD + ", ".join([_ROW] * _MERGE_ROWS) + _MERGE_TAIL
 _ADD_INCREASE = (
-    "UPDATE rollups SET increase = CASE WHEN abs(increase) = 9e999 THEN increase "
-    "ELSE coalesce(increase, 0) + ? END "
+    f"UPDATE rollups SET increase = {_add('coalesce(increase, 0)', '?')} "
     "WHERE width = ? AND series_id = ? AND bucket = ?"
 )
 # Around a batch's own readings of one counter series: the CONTEXT stored
