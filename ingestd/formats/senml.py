@@ -39,6 +39,7 @@ _SIMPLE = frozenset(("n", "t", "v", "u"))
 _NAMES_KEPT = 65536
 _NAMES_SEEN: RecentCache[str, bool] = RecentCache(_NAMES_KEPT)
 SENML_VERSION = 10
+_TS_MAX_S = TS_MAX_NS / NS
 
 
 class SenmlRecord:
@@ -269,10 +270,13 @@ class _Simple(msgspec.Struct, forbid_unknown_fields=True):
 _SIMPLE_PACK = msgspec.json.Decoder(list[_Simple])
 
 
-def _resolve_simple(payload: bytes, now: float) -> list[SenmlRecord] | None:
-    """The pack decoded by type (in C) and resolved, when every record is of
-    the common kind and fine; None sends it the general way (`resolve`),
-    which then finds and words any problem exactly as it always has."""
+def _simple_readings(
+    payload: bytes, now: float, match: RouteMatch, topic: str
+) -> list[Reading] | None:
+    """The pack's readings, when every record is of the common kind and fine:
+    decoded by type (in C) and made into readings in one pass. None sends it
+    the general way (`resolve`), which then finds and words any problem
+    exactly as it always has."""
     try:
         pack = _SIMPLE_PACK.decode(payload)
     except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
@@ -281,8 +285,10 @@ def _resolve_simple(payload: bytes, now: float) -> list[SenmlRecord] | None:
         return None
     fields = 0
     bn, bt, bu = "", 0.0, ""
-    out: list[SenmlRecord] = []
+    out: list[Reading] = []
     isfinite = math.isfinite
+    seen, sensor, tags = _NAMES_SEEN, match.sensor, match.tags
+    prefix, suffix = match.metric_prefix, match.metric_suffix
     for r in pack:
         if r.bn is not None:
             bn = r.bn
@@ -296,23 +302,28 @@ def _resolve_simple(payload: bytes, now: float) -> list[SenmlRecord] | None:
             bu = r.bu
             fields += 1
         name = bn if r.n is None else bn + r.n
-        if name not in _NAMES_SEEN:
+        if name not in seen:
             try:
                 _check_name(name, 0)
             except DecodeError:
                 return None  # a problem, worded by resolve()
-        elif _NAMES_SEEN.warm:
-            _NAMES_SEEN.move_to_end(name)
-        if r.v is None:
+        elif seen.warm:
+            seen.move_to_end(name)
+        v = r.v
+        if v is None:
             if r.n is not None or r.t is not None or r.u is not None:
                 return None  # no value: a problem, worded by resolve()
             continue  # base fields only
         t = bt if r.t is None else bt + r.t
         time = now + t if t < RELATIVE_LIMIT else t
-        if not isfinite(r.v) or not isfinite(t) or time < 0:
+        if not isfinite(v) or not isfinite(t) or time < 0:
+            return None
+        # To the microsecond, as `_append` has it; a time too large is a problem.
+        if time >= _TS_MAX_S or (when := round(time * 1e6) * 1000) >= TS_MAX_NS:
             return None
         fields += 1 + (r.n is not None) + (r.t is not None) + (r.u is not None)
-        out.append(SenmlRecord(name, time, bu if r.u is None else r.u, r.v, None, r.n or ""))
+        unit = bu if r.u is None else r.u
+        out.append(Reading(sensor, prefix + name + suffix, when, v, topic, tags, unit))
     # Each key once (what parse_json checks): a JSON null or a repeated key
     # makes the count differ, and the general path decides.
     if payload.count(b'":') != fields:
@@ -320,20 +331,14 @@ def _resolve_simple(payload: bytes, now: float) -> list[SenmlRecord] | None:
     return out
 
 
-def decode(
-    ctx: DecodeContext,
+def _append(
+    records: list[SenmlRecord],
     match: RouteMatch,
     topic: str,
-    payload: bytes,
-    received_ns: int,
     readings: list[Reading],
-    rejected: list[Rejected],
+    problems: list[str],
 ) -> None:
-    problems: list[str] = []
-    records = _resolve_simple(payload, received_ns / NS)
-    if records is None:
-        records = resolve(parse_json(payload), received_ns / NS, problems)
-    before = len(readings)
+    """Resolved records as readings of the route's sensor."""
     prefix, suffix, sensor, tags = (
         match.metric_prefix,
         match.metric_suffix,
@@ -344,8 +349,9 @@ def decode(
     # formatted per record; else the metric is prefix + resolved name + suffix.
     by_record = "{record}" in match.metric_template
     for rec in records:
-        # resolve() checked the time is finite and >= 0; to the microsecond.
-        when = round(rec.time * 1e6) * 1000
+        # resolve() checked the time is finite and >= 0; to the microsecond
+        # (1e302 s is finite, but not in microseconds).
+        when = round(rec.time * 1e6) * 1000 if rec.time < _TS_MAX_S else TS_MAX_NS
         if when >= TS_MAX_NS:
             problems.append(f"{rec.name}: {too_large(rec.time, unit_hint=False)}")
             continue
@@ -359,6 +365,31 @@ def decode(
             readings.append(Reading(sensor, metric, when, rec.value, topic, tags, rec.unit))
         if rec.sum is not None:
             readings.append(Reading(sensor, metric + "_sum", when, rec.sum, topic, tags, rec.unit))
+
+
+def decode(
+    ctx: DecodeContext,
+    match: RouteMatch,
+    topic: str,
+    payload: bytes,
+    received_ns: int,
+    readings: list[Reading],
+    rejected: list[Rejected],
+) -> None:
+    problems: list[str] = []
+    now = received_ns / NS
+    before = len(readings)
+    # The common pack in one pass; a template with {record} (the record's own
+    # name), or any pack the typed path declines, the general way.
+    fast = (
+        None
+        if "{record}" in match.metric_template
+        else _simple_readings(payload, now, match, topic)
+    )
+    if fast is not None:
+        readings += fast
+    else:
+        _append(resolve(parse_json(payload), now, problems), match, topic, readings, problems)
     settle(
         readings,
         before,
