@@ -114,22 +114,39 @@ def parse_json(payload: bytes) -> Any:
         keys = sum([len(e) for e in doc if type(e) is dict])  # an array of flat objects
     else:
         return doc
-    if payload.count(b'":') != keys:
+    # key_marks(payload) != keys, its common case first: two counts.
+    common = payload.count(b'":') == keys and payload.count(b":") == keys
+    if not common and key_marks(payload) != keys:
         _check_unique_keys(payload, doc)
     return doc
+
+
+_JSON_SPACE = b" \t\n\r"
+
+
+def key_marks(payload: bytes) -> int:
+    """How many times `"` is followed by `:`, JSON whitespace between them
+    skipped: at least once for every key in the document (a string value can
+    only add such marks), so a count equal to the keys decoded means no key
+    was repeated, and no key's value was null where a decoder would not
+    count one. Without skipping the whitespace, `"k" :` would go uncounted."""
+    marks = payload.count(b'":')
+    if payload.count(b":") == marks:
+        return marks  # every colon right after a quote: none behind whitespace
+    return payload.translate(None, _JSON_SPACE).count(b'":')
 
 
 def _check_unique_keys(payload: bytes, doc: Any) -> None:
     """Reject an object that names a field twice, which a dict would silently
     collapse to its last value.
 
-    Every key ends in `":` (or `" :`). A string value can only add such marks
-    and a repeated key can only remove a decoded key, so when the marks equal
-    the decoded keys, nothing was collapsed: the common case costs two counts
-    and a walk of the decoded objects. Otherwise the standard parser checks.
+    Every key ends in `"`, whitespace, `:` (`key_marks`). A string value can
+    only add such marks and a repeated key can only remove a decoded key, so
+    when the marks equal the decoded keys, nothing was collapsed: the common
+    case costs a count and a walk of the decoded objects. Otherwise the
+    standard parser checks.
     """
-    marks = payload.count(b'":') + payload.count(b'" :')
-    if marks == _count_keys(doc):
+    if key_marks(payload) == _count_keys(doc):
         return
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:

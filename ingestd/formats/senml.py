@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from ingestd.formats.base import DecodeContext, RouteMatch
 
 RELATIVE_LIMIT = 2**28  # RFC 8428 4.5.3
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9\-:./_]*$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9\-:./_]*")  # the whole name (fullmatch)
 _KNOWN = frozenset(
     ("bn", "bt", "bu", "bv", "bs", "bver", "n", "u", "v", "vs", "vb", "vd", "s", "t", "ut")
 )
@@ -95,7 +95,7 @@ def _check_name(name: str, i: int) -> None:
     """Raise for a name SenML does not allow; remember the good ones."""
     if not name:
         raise DecodeError(f"record {i} has no name (n or bn)")
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise DecodeError(f"record {i}: name {name[:64]!r} has characters SenML does not allow")
     _NAMES_SEEN[name] = True
 
@@ -178,7 +178,9 @@ def _common_record(record: dict[str, Any], i: int, base: _Base, now: float) -> S
         if not record:
             return None
         raise DecodeError(f"record {i} ({name}) has no value")
-    value = base.value + _finite(raw, "v", i)
+    value = _finite(raw, "v", i)
+    if base.value:  # bv + v; else v as sent (0.0 + -0.0 would lose its sign)
+        value += base.value
     if time < 0 or not math.isfinite(time):
         raise DecodeError(f"record {i}: time {time!r} is out of range")
     return SenmlRecord(name, time, unit, value, None, n)
@@ -228,7 +230,7 @@ def _record(record: dict[str, Any], i: int, base: _Base, now: float) -> SenmlRec
     unit = _string(record, "u", i)
     unit = base.unit if unit is None else unit
     v = _number(record, "v", i)
-    value = base.value + v if v is not None else None
+    value = v + base.value if v is not None and base.value else v  # as `_common_record`
     vb = record.get("vb")
     if vb is not None:
         if type(vb) is not bool:
@@ -283,7 +285,7 @@ def _simple_readings(
         return None
     if not pack:
         return None
-    fields = 0
+    quotes = 0  # the quotes of the keys and strings decoded: 2 each
     bn, bt, bu = "", 0.0, ""
     out: list[Reading] = []
     isfinite = math.isfinite
@@ -292,15 +294,15 @@ def _simple_readings(
     for r in pack:
         if r.bn is not None:
             bn = r.bn
-            fields += 1
+            quotes += 4
         if r.bt is not None:
             bt = r.bt
-            fields += 1
+            quotes += 2
             if not isfinite(bt):
                 return None  # e.g. 1e400: a problem, worded by resolve()
         if r.bu is not None:
             bu = r.bu
-            fields += 1
+            quotes += 4
         name = bn if r.n is None else bn + r.n
         if name not in seen:
             try:
@@ -321,12 +323,14 @@ def _simple_readings(
         # To the microsecond, as `_append` has it; a time too large is a problem.
         if time >= _TS_MAX_S or (when := round(time * 1e6) * 1000) >= TS_MAX_NS:
             return None
-        fields += 1 + (r.n is not None) + (r.t is not None) + (r.u is not None)
+        quotes += 2 + 4 * (r.n is not None) + 2 * (r.t is not None) + 4 * (r.u is not None)
         unit = bu if r.u is None else r.u
         out.append(Reading(sensor, prefix + name + suffix, when, v, topic, tags, unit))
-    # Each key once (what parse_json checks): a JSON null or a repeated key
-    # makes the count differ, and the general path decides.
-    if payload.count(b'":') != fields:
+    # Each key once (what parse_json checks), whatever the whitespace: a key
+    # repeated, or null, or a string holding an escaped quote, puts quotes in
+    # the payload that the decoded records do not account for (none can take
+    # one away), and the general path decides.
+    if payload.count(b'"') != quotes:
         return None
     return out
 

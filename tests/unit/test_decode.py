@@ -282,6 +282,10 @@ def test_a_byte_order_mark_is_ignored() -> None:
         b'{"t": 1, "t": 2}',
         b'[{"h": 1}, {"x": {"t": 1, "t": 2}}]',
         b'{"ts": "2023-11-14T22:13:20Z", "t": 1, "t": 2}',
+        # Whitespace before a colon is JSON too; such a key is counted as well.
+        b'{"t":1,"t" :2}',
+        b'{"t" :1,"t":2}',
+        b'{"t":1,\n "t"\n\t: 2}',
     ],
 )
 def test_a_field_named_twice_is_quarantined_with_the_reason(payload: bytes) -> None:

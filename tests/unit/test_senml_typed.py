@@ -6,6 +6,7 @@ path, which words any problem."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from hypothesis import given, settings
@@ -77,9 +78,12 @@ common = st.fixed_dictionaries(
 
 
 @settings(max_examples=2000, deadline=None)
-@given(pack=st.lists(st.one_of(record, common), min_size=0, max_size=6))
-def test_the_typed_path_agrees_with_the_general_one(pack: list[dict[str, Any]]) -> None:
-    payload = json.dumps(pack).encode()
+@given(
+    pack=st.lists(st.one_of(record, common), min_size=0, max_size=6),
+    colon=st.sampled_from([":", ": ", " :", "\n\t: "]),
+)
+def test_the_typed_path_agrees_with_the_general_one(pack: list[dict[str, Any]], colon: str) -> None:
+    payload = json.dumps(pack, separators=(", ", colon)).encode()
     typed = _typed(payload)
     if typed is None:
         return  # declined: the general path decides, as before
@@ -128,3 +132,50 @@ def test_a_time_past_what_is_stored_is_the_devices_problem_however_large() -> No
         assert [(r.metric, r.value) for r in readings] == [("near", 2.0)]
         assert [r.kind for r in rejected] == ["decode"], rejected
         assert "too large for a Unix time" in rejected[0].reason
+
+
+def _general(payload: bytes) -> tuple[list[tuple[str, float, str]], list[str]]:
+    table = route_table(Settings(routes=[{"topic": "site/{sensor}/senml", "format": "senml"}]))
+    readings, rejected = decode_all(table, DeviceState(), [(TOPIC, payload, int(NOW * 1e9))])
+    return [(r.metric, r.value, r.unit) for r in readings], [r.reason for r in rejected]
+
+
+def test_a_null_or_a_repeated_key_counts_with_whitespace_before_its_colon() -> None:
+    """Whitespace before a key's colon must not hide a null or a repeated
+    field from the check: each pack means what it means written compactly."""
+    for spaced in (
+        b'[{"bn": "dev:", "n": "a", "v": 1}, {"v" :null}]',
+        b'[{"bn": "dev:", "n": "a", "v": 1}, {"bn" :null, "n": "b", "v": 2}]',
+        b'[{"bn": "d:", "bt": 1600000000, "n": "a", "v": 1}, {"bt"\n:null, "n": "b", "v": 2}]',
+        b'[{"n" :"a", "v": 1, "v" :2, "u": null}]',
+    ):
+        compact = spaced.replace(b'"\n:', b'":').replace(b'" :', b'":')
+        assert _general(spaced) == _general(compact), spaced
+    assert _general(b'[{"n" :"a", "v": 1, "v" :2, "u": null}]') == (
+        [],
+        ["field 'v' appears more than once in an object (which value is meant is ambiguous)"],
+    )
+    assert _general(b'[{"bn": "dev:", "n": "a", "v": 1}, {"bn" :null, "n": "b", "v": 2}]')[0] == [
+        ("dev:a", 1.0, ""),
+        ("b", 2.0, ""),
+    ]
+
+
+def test_a_name_ending_in_a_newline_is_not_a_senml_name() -> None:
+    readings, reasons = _general(b'[{"n": "temp\\n", "v": 1}, {"n": "ok", "v": 2}]')
+    assert readings == [("ok", 2.0, "")]
+    assert reasons == ["record 0: name 'temp\\n' has characters SenML does not allow"]
+
+
+def test_a_negative_zero_keeps_its_sign_on_either_path() -> None:
+    typed = _typed(b'[{"n": "t", "v": -0.0}]')
+    assert typed is not None
+    assert math.copysign(1, typed[0].value) == -1
+    for routed in ("{field}", "{record}"):  # {record} takes the general path
+        table = route_table(
+            Settings(routes=[{"topic": "site/{sensor}/senml", "format": "senml", "metric": routed}])
+        )
+        # The common record, and one with a sum (each its own way of resolving).
+        for pack in (b'[{"n": "t", "v": -0.0}]', b'[{"n": "t", "v": -0.0, "s": 1}]'):
+            readings, _ = decode_all(table, DeviceState(), [(TOPIC, pack, 0)])
+            assert math.copysign(1, readings[0].value) == -1, (routed, pack)
