@@ -38,7 +38,7 @@ from ingestd.diskguard import DiskGuard
 from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import Reading, Rejected, SensorStatus, merge_statuses
 from ingestd.store.base import CANNOT_OPEN, DISK_LOW
-from ingestd.store.sqlite.store import classify, ro_uri
+from ingestd.store.sqlite.conditions import classify, ro_uri
 
 log = structlog.get_logger("ingestd.spool")
 

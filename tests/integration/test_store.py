@@ -17,6 +17,7 @@ from ingestd.errors import StoreError, StoreUnavailable
 from ingestd.events import NS, Processed, Reading, Rejected, SensorStatus
 from ingestd.routes import RouteTable
 from ingestd.store.sqlite import SCHEMA_VERSION, SqliteStore
+from ingestd.store.sqlite.rows import in_thread
 from ingestd.window import InFlightWindow
 from ingestd.writer import BatchWriter
 from tests.support.db import hold_exclusive_lock
@@ -131,6 +132,41 @@ async def test_cancellation_rolls_back(tmp_path: Path) -> None:
         async with store.batch() as tx:
             await tx.add_readings(readings(2, sensor="after"))
     assert db_rows(path, "SELECT sensor, count(*) FROM readings GROUP BY 1") == [("after", 2)]
+
+
+async def test_a_batch_cancelled_while_its_begin_waits_in_the_queue_leaves_no_transaction(
+    tmp_path: Path,
+) -> None:
+    """A batch's BEGIN goes with its first statement, one step queued on the
+    connection's thread. Cancelled while that step still waits behind another,
+    the batch is rolled back after the step has run, not judged by
+    in_transaction read before it ran: else the BEGIN would leave the
+    connection in a transaction and every later batch would fail."""
+    path = tmp_path / "x.db"
+    async with SqliteStore(path) as store:
+        async with store.batch() as tx:
+            await tx.add_readings(readings(3))  # the series known: the fused step
+        conn = store._conn  # noqa: SLF001 - its queue, held up below
+        assert conn is not None
+        busy = asyncio.ensure_future(in_thread(conn, lambda _db: time.sleep(0.5)))
+        await asyncio.sleep(0.05)  # the thread is asleep
+
+        async def write() -> None:
+            async with store.batch() as tx:
+                await tx.add_readings(readings(5, t0=2 * 10**9))
+
+        task = asyncio.create_task(write())
+        await asyncio.sleep(0.05)  # its step queued behind the sleep
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await busy
+        async with store.batch() as tx:
+            await tx.add_readings(readings(2, sensor="after"))
+    assert db_rows(path, "SELECT sensor, count(*) FROM readings GROUP BY 1") == [
+        ("after", 2),
+        ("s", 3),
+    ]
 
 
 async def test_a_locked_database_is_reported_as_unavailable(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ingestd.errors import StoreError
-from ingestd.store.sqlite.store import ro_uri
+from ingestd.store.sqlite.conditions import ro_uri
 
 
 def backup_file(

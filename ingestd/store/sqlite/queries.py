@@ -23,8 +23,8 @@ from ingestd.store.base import (
     unreadable_schema,
 )
 from ingestd.store.sqlite.backup import backup_file
+from ingestd.store.sqlite.conditions import ro_uri
 from ingestd.store.sqlite.schema import SCHEMA_VERSION
-from ingestd.store.sqlite.store import ro_uri
 
 
 class SqliteReader(base.Reader):

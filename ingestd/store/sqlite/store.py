@@ -29,6 +29,7 @@ from ingestd.rollups import NEEDS_REBUILD, RollupPlan
 from ingestd.store import base, series
 from ingestd.store.base import CORRUPT, DISK_LOW, REPLACED, Upkeep
 from ingestd.store.sqlite import corrupt, rolling
+from ingestd.store.sqlite.conditions import classify
 from ingestd.store.sqlite.purge import purge
 from ingestd.store.sqlite.rows import ROWS_PER_INSERT, insert
 from ingestd.store.sqlite.schema import migrate
@@ -49,19 +50,6 @@ _CONFLICTS = (
     "WHERE s.value IS NOT o.value"
 )
 
-# Primary result codes that mean "the store cannot write now, try again later".
-_TRANSIENT = {
-    sqlite3.SQLITE_BUSY: base.LOCKED,
-    sqlite3.SQLITE_LOCKED: base.LOCKED,
-    sqlite3.SQLITE_FULL: base.DISK_FULL,
-    sqlite3.SQLITE_IOERR: base.IO_ERROR,
-    sqlite3.SQLITE_READONLY: base.READ_ONLY,
-    sqlite3.SQLITE_CANTOPEN: base.CANNOT_OPEN,
-    sqlite3.SQLITE_PROTOCOL: base.PROTOCOL,
-    sqlite3.SQLITE_NOMEM: base.NO_MEMORY,
-}
-
-
 _SIDE = ("-wal", "-shm")
 
 
@@ -71,25 +59,6 @@ def _identity(path: Path) -> tuple[int, int] | None:
     except OSError:
         return None
     return st.st_dev, st.st_ino
-
-
-def ro_uri(path: Path) -> str:
-    """A read-only SQLite URI for `path`: percent-encoded, so `#`, `?` and `%` in
-    a file name stay part of the name."""
-    return Path(path).resolve().as_uri() + "?mode=ro"
-
-
-def classify(exc: sqlite3.Error) -> StoreUnavailable | None:
-    """A StoreUnavailable for transient conditions, None for real errors."""
-    code = getattr(exc, "sqlite_errorcode", None)
-    if code is None:
-        # Errors raised before reaching SQLite (e.g. opening a missing directory).
-        text = str(exc).lower()
-        if "unable to open" in text:
-            return StoreUnavailable(base.CANNOT_OPEN, str(exc))
-        return None
-    condition = _TRANSIENT.get(code & 0xFF)
-    return StoreUnavailable(condition, str(exc)) if condition else None
 
 
 class Batch(base.Batch):
@@ -104,6 +73,23 @@ class Batch(base.Batch):
         super().__init__(now)
         self._store = store
         self._conn = conn
+        # BEGIN IMMEDIATE goes with the batch's first statement: for its rows,
+        # in the same step as the insert (`rows.insert`), queued before the
+        # event loop turns to the next chunk (see `_first`).
+        self.begun = False
+
+    def _first(self) -> tuple[str, ...]:
+        """The statements to send before this batch's next one: its BEGIN,
+        once. A batch that sends none (no readings, nothing quarantined) has
+        no transaction to commit."""
+        if self.begun:
+            return ()
+        self.begun = True
+        return ("BEGIN IMMEDIATE",)
+
+    async def _begin(self) -> None:
+        for sql in self._first():
+            await self._conn.execute(sql)
 
     async def add_readings(self, readings: Sequence[Reading]) -> None:
         if not readings:
@@ -120,10 +106,12 @@ class Batch(base.Batch):
                 for r in readings
             ]
         except KeyError:
+            await self._begin()
             rows = await self._rows_with_new_series(readings)
+        first = self._first()
         if self._store.rollups:
-            await self._conn.execute("SAVEPOINT ingestd_rows")
-        inserted = await insert(self._conn, rows)
+            first += ("SAVEPOINT ingestd_rows",)
+        inserted = await insert(self._conn, rows, first)
         self.inserted += inserted
         plan = self._store.rollups
         if inserted == len(rows):
@@ -186,11 +174,13 @@ class Batch(base.Batch):
         ]
 
     async def execute_many(self, sql: str, rows: list[tuple[Any, ...]]) -> None:
+        await self._begin()
         await self._conn.executemany(sql, rows)
 
     async def add_rejected(self, rejected: Sequence[Rejected]) -> None:
         if not rejected:
             return
+        await self._begin()
         await self._conn.executemany(
             "INSERT INTO quarantine (received_at, topic, payload, reason) VALUES (?, ?, ?, ?)",
             [(r.received_at, r.topic, r.payload, r.reason) for r in rejected],
@@ -408,7 +398,7 @@ class SqliteStore(base.Store):
         low = self.disk.problem() if self.disk is not None else None
         if low is not None:
             raise StoreUnavailable(DISK_LOW, low)
-        async with self._writing, self._transaction() as conn:
+        async with self._writing, self._transaction(begin=False) as conn:
             tx = Batch(self, conn, time.time() if now is None else now)
             tx.owner = self.owner
             yield tx
@@ -416,14 +406,19 @@ class SqliteStore(base.Store):
         self.series_ids.update(tx.new_series)
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+    async def _transaction(self, begin: bool = True) -> AsyncIterator[aiosqlite.Connection]:
+        """A transaction on the connection; `begin` False: the caller begins it
+        (a `Batch`, with its first statement), and one never begun is not
+        committed."""
         await self.open()
         conn = self._conn
         assert conn is not None
         try:
-            await conn.execute("BEGIN IMMEDIATE")
+            if begin:
+                await conn.execute("BEGIN IMMEDIATE")
             yield conn
-            await conn.execute("COMMIT")
+            if conn.in_transaction:
+                await conn.execute("COMMIT")
         except BaseException as exc:
             await self._abandon(conn, exc)
             if isinstance(exc, sqlite3.Error):
@@ -461,8 +456,10 @@ class SqliteStore(base.Store):
 
     async def _abandon(self, conn: aiosqlite.Connection, exc: BaseException) -> None:
         try:
-            if conn.in_transaction:
-                await conn.rollback()
+            # On the connection's thread, after whatever is queued there: a
+            # batch cancelled while its BEGIN waited in the queue is rolled
+            # back once it has run (in_transaction, read here, said no yet).
+            await conn.rollback()
         except sqlite3.Error:
             pass
         except BaseException:
