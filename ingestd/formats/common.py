@@ -114,9 +114,7 @@ def parse_json(payload: bytes) -> Any:
         keys = sum([len(e) for e in doc if type(e) is dict])  # an array of flat objects
     else:
         return doc
-    # key_marks(payload) != keys, its common case first: two counts.
-    common = payload.count(b'":') == keys and payload.count(b":") == keys
-    if not common and key_marks(payload) != keys:
+    if key_marks(payload) != keys:
         _check_unique_keys(payload, doc)
     return doc
 
