@@ -320,7 +320,7 @@ def _simple_readings(
         time = now + t if t < RELATIVE_LIMIT else t
         if not isfinite(v) or not isfinite(t) or time < 0:
             return None
-        # To the microsecond, as `_append` has it; a time too large is a problem.
+        # To the microsecond, as `_append`; a time too large is a problem.
         if time >= _TS_MAX_S or (when := round(time * 1e6) * 1000) >= TS_MAX_NS:
             return None
         quotes += 2 + 4 * (r.n is not None) + 2 * (r.t is not None) + 4 * (r.u is not None)
@@ -354,9 +354,8 @@ def _append(
     by_record = "{record}" in match.metric_template
     for rec in records:
         # resolve() checked the time is finite and >= 0; to the microsecond
-        # (1e302 s is finite, but not in microseconds).
-        when = round(rec.time * 1e6) * 1000 if rec.time < _TS_MAX_S else TS_MAX_NS
-        if when >= TS_MAX_NS:
+        # (1e302 s is finite, but not in microseconds), as `_simple_readings`.
+        if rec.time >= _TS_MAX_S or (when := round(rec.time * 1e6) * 1000) >= TS_MAX_NS:
             problems.append(f"{rec.name}: {too_large(rec.time, unit_hint=False)}")
             continue
         if by_record:
