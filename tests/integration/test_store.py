@@ -22,6 +22,7 @@ from ingestd.window import InFlightWindow
 from ingestd.writer import BatchWriter
 from tests.support.db import hold_exclusive_lock
 from tests.support.decoding import Decoding
+from tests.support.harness import until
 
 
 def readings(n: int, sensor: str = "s", t0: int = 10**9) -> list[Reading]:
@@ -210,26 +211,29 @@ async def test_writer_holds_the_batch_through_a_lock_and_acks_once(tmp_path: Pat
 
 
 async def test_writer_flushes_by_size_age_and_saturation(tmp_path: Path) -> None:
+    # Each flush is awaited by polling, with a deadline below max_delay where
+    # the point is that it did not wait for the batch's age: a commit's fsync
+    # on a loaded machine may take far longer than a fixed sleep allows.
     path = tmp_path / "x.db"
+    max_delay = 1.0
     async with SqliteStore(path) as store:
         window = InFlightWindow(1000, broker_limit=3)
-        bus, writer = writer_on(store, window, max_readings=50, max_delay=0.3)
+        bus, writer = writer_on(store, window, max_readings=50, max_delay=max_delay)
         task = asyncio.create_task(writer.run())
         # Size: 60 readings >= 50 commit at once.
         await bus.publish(Processed(readings(60, "size"), [], 1, [], 1))
-        await asyncio.sleep(0.05)
-        assert writer.batches == 1
+        await until(lambda: writer.batches == 1, 0.8 * max_delay, "the batch at max_readings")
         # Age: 5 readings wait for max_delay.
+        published = time.monotonic()
         await bus.publish(Processed(readings(5, "age"), [], 1, [], 1))
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.3 * max_delay)
         assert writer.batches == 1
-        await asyncio.sleep(0.35)
-        assert writer.batches == 2
+        await until(lambda: writer.batches == 2, 5 * max_delay, "the batch at max_delay")
+        assert time.monotonic() - published >= 0.95 * max_delay
         # Saturation: the broker will send nothing more until we ack.
         window.take(3, 3)
         await bus.publish(Processed(readings(3, "sat"), [], 3, [(1, 1), (2, 1), (3, 1)], 1))
-        await asyncio.sleep(0.05)
-        assert writer.batches == 3
+        await until(lambda: writer.batches == 3, 0.8 * max_delay, "the batch on a full window")
         await bus.publish(Processed([], [], 0, [], 1, flush=True, last=True))
         await asyncio.wait_for(task, 5)
     assert db_rows(path, "SELECT count(*) FROM readings") == [(68,)]
