@@ -21,7 +21,7 @@ import msgspec
 from ingestd.errors import DecodeError
 from ingestd.events import NS, Reading, Rejected
 from ingestd.formats.base import Format
-from ingestd.formats.common import TS_MAX_NS, parse_json, settle, too_large
+from ingestd.formats.common import TS_MAX, TS_MAX_NS, parse_json, settle, too_large
 from ingestd.recent import RecentCache
 
 if TYPE_CHECKING:
@@ -39,7 +39,6 @@ _SIMPLE = frozenset(("n", "t", "v", "u"))
 _NAMES_KEPT = 65536
 _NAMES_SEEN: RecentCache[str, bool] = RecentCache(_NAMES_KEPT)
 SENML_VERSION = 10
-_TS_MAX_S = TS_MAX_NS / NS
 
 
 class SenmlRecord:
@@ -321,7 +320,7 @@ def _simple_readings(
         if not isfinite(v) or not isfinite(t) or time < 0:
             return None
         # To the microsecond, as `_append`; a time too large is a problem.
-        if time >= _TS_MAX_S or (when := round(time * 1e6) * 1000) >= TS_MAX_NS:
+        if time >= TS_MAX or (when := round(time * 1e6) * 1000) >= TS_MAX_NS:
             return None
         quotes += 2 + 4 * (r.n is not None) + 2 * (r.t is not None) + 4 * (r.u is not None)
         unit = bu if r.u is None else r.u
@@ -355,7 +354,7 @@ def _append(
     for rec in records:
         # resolve() checked the time is finite and >= 0; to the microsecond
         # (1e302 s is finite, but not in microseconds), as `_simple_readings`.
-        if rec.time >= _TS_MAX_S or (when := round(rec.time * 1e6) * 1000) >= TS_MAX_NS:
+        if rec.time >= TS_MAX or (when := round(rec.time * 1e6) * 1000) >= TS_MAX_NS:
             problems.append(f"{rec.name}: {too_large(rec.time, unit_hint=False)}")
             continue
         if by_record:
