@@ -331,7 +331,7 @@ class BusSettings(Section):
 
 
 class BatchSettings(Section):
-    max_readings: int = Field(5000, ge=1)
+    max_readings: int = Field(25000, ge=1)
     max_delay_ms: int = Field(200, ge=0)
 
 
