@@ -13,6 +13,7 @@ from ingestd.config import RouteSettings
 from ingestd.devices import DeviceState
 from ingestd.errors import NotPrimary, StoreError, StoreUnavailable
 from ingestd.events import NS, Processed, Reading, Rejected, SensorStatus
+from ingestd.rollups import RollupPlan
 from ingestd.routes import RouteTable
 from ingestd.store.base import TIMEOUT
 from ingestd.store.postgres import SCHEMA_VERSION, PostgresReader, PostgresStore
@@ -245,6 +246,56 @@ async def test_a_backlog_in_a_batch_with_new_series_gets_its_partition_next_batc
         assert store.partition_for(two_ago, two_ago) != "samples"
     assert db.rows("SELECT count(*) FROM samples_default") == [(0,)]
     assert db.count() == 6
+
+
+async def test_a_fleets_batch_and_its_pending_copy_land_together_whichever_way_it_goes(
+    pg_url: str,
+) -> None:
+    """Sparse gauges' readings go in with their pending copy as one statement.
+    Where that fails (a key stored already; the partition it names dropped by
+    another instance's retention) and the batch goes another way, each stored
+    reading is still in the rollups once: closed, they agree with the raw."""
+    import asyncpg
+
+    day0 = int(NOW) // 86400 * 86400
+    today, tomorrow = (day0 + 3600) * NS, (day0 + 86400 + 3600) * NS
+
+    def fleet(start: int, k: int) -> list[Reading]:  # 50 series, a reading each
+        return [Reading(f"dev{i}", "t", start + k * NS, float(i * 10 + k)) for i in range(50)]
+
+    store = PostgresStore(
+        pg_url, partition_days=1, partitions_ahead=2, rollups=RollupPlan(widths=(60, 3600))
+    )
+    async with store:
+        async with store.batch() as tx:
+            await tx.add_readings(fleet(today, 0))
+        assert (tx.inserted, tx.pending) == (50, 50)
+        async with store.batch() as tx:  # a redelivery and 50 new
+            await tx.add_readings(fleet(today, 0) + fleet(today, 1))
+        assert (tx.inserted, tx.duplicates, tx.pending) == (50, 50, 50)
+        gone = store.partition_for(tomorrow, tomorrow)
+        assert gone != "samples"
+        conn = await asyncpg.connect(pg_url)
+        try:
+            await conn.execute(f'DROP TABLE "{gone}"')
+        finally:
+            await conn.close()
+        async with store.batch() as tx:  # into the partition the store still lists
+            await tx.add_readings(fleet(tomorrow, 0))
+        assert (tx.inserted, tx.pending) == (50, 50)
+        while await store.close_rollups(1000):
+            pass
+    db = PgReader(pg_url)
+    assert db.count("samples") == 150
+    assert db.count("rollup_pending") == 0
+    raw = db.rows(
+        "SELECT series_id, ts_ns / 60000000000 * 60, count(*), sum(value) FROM samples "
+        "GROUP BY 1, 2 ORDER BY 1, 2"
+    )
+    rolled = db.rows("SELECT series_id, bucket, n, sum FROM rollups WHERE width = 60 ORDER BY 1, 2")
+    assert len(raw) == 100  # 50 series, a minute today and one tomorrow
+    assert rolled == raw
+    assert db.rows("SELECT sum(n) FROM rollups WHERE width = 3600") == [(150,)]
 
 
 async def test_a_partition_not_made_in_time_leaves_the_batch_to_the_default_one(
