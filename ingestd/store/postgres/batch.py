@@ -82,7 +82,12 @@ class Batch(base.Batch):
     trips fewer than BEGIN ... COMMIT around it, and a batch waits on its
     round trips behind the event loop's other work. With rollups, readings
     whose copy goes pending (`ingestd.pending.dense`: not a counter's, not a
-    dense batch's) are one statement with that copy (`_WITH_PENDING`).
+    dense batch's) are one statement with that copy (`_WITH_PENDING`). Either
+    is written at `finish` (or when more readings come): a batch's other
+    writes before then (quarantine, sensor state, a spool mark) open the
+    transaction, and the readings commit in it; readings added twice with
+    nothing else write the first ones as a commit of their own, with or
+    without rollups (each is stored with its own rollup copy either way).
     """
 
     def __init__(self, store: Partitions, conn: Any, now: float) -> None:
