@@ -11,10 +11,10 @@ import asyncpg
 
 from ingestd.errors import NotPrimary, StoreError
 from ingestd.events import Reading, Rejected
-from ingestd.pending import SeriesKey, dense, pack
+from ingestd.pending import SeriesKey
 from ingestd.rollups import RollupPlan
 from ingestd.store import base, series
-from ingestd.store.postgres.rolling import roll
+from ingestd.store.postgres.rolling import pending_copy, roll
 
 
 class Partitions(Protocol):
@@ -165,9 +165,7 @@ class Batch(base.Batch):
         # Gauges' readings that `roll` would leave pending: their copy goes
         # with them, in the same statement (in the readings' order, which
         # settles a tie of times at the close).
-        copy = None
-        if plan and not sids and not dense(records, len(plan.widths)):
-            copy = pack(records)
+        copy = pending_copy(plan, records, sids) if plan else None
         if await self._copy_direct(records, copy):
             self.inserted += len(records)
             if copy is not None:

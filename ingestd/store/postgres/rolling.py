@@ -135,12 +135,27 @@ async def roll(conn: Any, plan: RollupPlan, new: Sequence[Record], counters: set
             await conn.execute(_LOCK, [_LOCK_SPACE | s for s in sorted({r[0] for r in mine})])
             await merge_rows(conn, rollups.aggregate(mine, plan.widths), True)
             await _counted(conn, plan, mine, counters)
-    if gauges and dense(gauges, len(plan.widths)):
+    if not gauges:
+        return 0
+    if not _pends(plan, gauges):
         await merge_rows(conn, rollups.aggregate(gauges, plan.widths), False)
         return 0
-    if gauges:
-        await conn.execute(_PEND, len(gauges), pack(gauges))
+    await conn.execute(_PEND, len(gauges), pack(gauges))
     return len(gauges)
+
+
+def _pends(plan: RollupPlan, gauges: Sequence[Record]) -> bool:
+    """Are gauges' readings left pending, not merged by the batch (dense)?"""
+    return not dense(gauges, len(plan.widths))
+
+
+def pending_copy(plan: RollupPlan, new: Sequence[Record], counters: set[int]) -> bytes | None:
+    """The pending row `roll` would write for `new`, where that row is all it
+    would write (no counter's readings, not dense): a batch can send it with
+    the readings themselves, in one statement. Else None."""
+    if counters or not new or not _pends(plan, new):
+        return None
+    return pack(new)
 
 
 async def close(conn: Any, plan: RollupPlan, most: int) -> int:
