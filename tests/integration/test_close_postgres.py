@@ -10,6 +10,7 @@ import math
 import random
 
 import asyncpg
+import pytest
 
 from ingestd.pending import pack
 from ingestd.rollups import NS, RollupPlan, aggregate
@@ -17,13 +18,14 @@ from ingestd.store.postgres import PostgresStore
 from ingestd.store.postgres.rolling import close
 
 PLAN = RollupPlan(widths=(60, 3600))
-T0 = 1_700_000_000  # a whole hour
+T0 = 1_699_920_000  # a whole day (2023-11-14, UTC)
 
 
 def _pending(rng: random.Random) -> list[list[tuple[int, int, int, float]]]:
     """Pending rows of 1-300 records: 40 series, times from a small set (many
-    ties, across a minute's and an hour's edge), seq 0-2, any value."""
-    stamps = [(T0 + s) * NS + k for s in (0, 59, 60, 61, 3599, 3600) for k in (0, 1)]
+    ties, across a minute's, an hour's and a day's edge), seq 0-2, any value."""
+    edges = (0, 59, 60, 61, 89, 90, 3599, 3600, 86399, 86400)
+    stamps = [(T0 + s) * NS + k for s in edges for k in (0, 1)]
     return [
         [
             (rng.randrange(1, 41), rng.choice(stamps), rng.randrange(3), _value(rng))
@@ -40,7 +42,20 @@ def _value(rng: random.Random) -> float:
     return rng.choice(special) if rng.random() < 0.1 else rng.uniform(-1e6, 1e6)
 
 
-def test_the_servers_close_makes_ingestds_rows(pg_url: str) -> None:
+@pytest.mark.parametrize(
+    "widths",
+    [
+        (60, 3600),
+        # Widths that do not divide each other (60 and 90), a day; one alone.
+        (60, 90, 3600, 86400),
+        (3600,),
+    ],
+)
+def test_the_servers_close_makes_ingestds_rows(pg_url: str, widths: tuple[int, ...]) -> None:
+    """Every interval's rows are those of ingestd's own aggregate of the same
+    readings in the same order, with the readings' times on buckets' edges."""
+    plan = RollupPlan(widths=widths)
+
     async def run() -> None:
         store = PostgresStore(pg_url)
         await store.open()
@@ -62,12 +77,12 @@ def test_the_servers_close_makes_ingestds_rows(pg_url: str) -> None:
                 closed = 0
                 while True:
                     async with conn.transaction():
-                        n = await close(conn, PLAN, most)
+                        n = await close(conn, plan, most)
                     if n == 0:
                         break
                     closed += n
                 assert closed == len(everything)
-                want = aggregate(everything, PLAN.widths)
+                want = aggregate(everything, plan.widths)
                 got = {
                     (r[0], r[1], r[2]): list(r[3:11])
                     for r in await conn.fetch("SELECT * FROM rollups")
