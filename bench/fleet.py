@@ -10,15 +10,28 @@ one topic per process) while the consumer is not running, then timed as
 bench.bench times it: from the consumer's connection to its last reading
 committed. Broker as config/mosquitto.conf says (1000 in flight, no queue
 limit), QoS 1, acknowledged after commit.
+
+The SQLite fleets run on an empty store and again on a store already holding
+4,000,000 of their readings from before (`--held`), as a store is after days
+in the field: each series' readings then fill B-tree pages of their own, and
+a batch rewrites one page per series it holds. The held store is made once a
+run, with `ingestd import`, and copied for each round.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
+import contextlib
 import json
+import os
 import random
+import shutil
+import sqlite3
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -27,6 +40,7 @@ from pathlib import Path
 from bench import bench
 from bench.bench import T0, Result, Scenario
 from tests.support.brokers import Mosquitto
+from tests.support.config import SHIPPED_CONFIG
 from tests.support.mqtt import publish
 
 FAST = (("INGESTD_MQTT__BROKER_MAX_INFLIGHT", "1000"),)
@@ -40,6 +54,11 @@ class Shape:
     # Each round of the fleet in an order of its own (a field's devices do not
     # report in the order they were first seen, which is their series' ids).
     shuffled: bool = False
+    # Readings the SQLite store holds before the run, the fleet's own from
+    # before T0: a store after days in the field, where each series' readings
+    # fill B-tree pages of their own, not an empty one, where a few hundred
+    # thousand readings of thousands of series share pages.
+    held: int = 0
 
 
 SHAPES: dict[str, Shape] = {}
@@ -62,6 +81,8 @@ def scenarios() -> list[Scenario]:
             "ingestd, 20,000 devices x 2 metrics, each round in random order",
             Shape(20_000, shuffled=True),
         ),
+        _scenario(f"ingestd, 200 devices x 2 metrics, {held()}", Shape(200, held=HELD[0])),
+        _scenario(f"ingestd, 20,000 devices x 2 metrics, {held()}", Shape(20_000, held=HELD[0])),
         _scenario("ingestd -> PostgreSQL, 200 devices x 2 metrics", Shape(200), store="postgres"),
         _scenario(
             "ingestd -> PostgreSQL, 20,000 devices x 2 metrics", Shape(20_000), store="postgres"
@@ -97,6 +118,8 @@ def preload(
 ) -> None:
     """One topic per device, published with paho before the consumer runs."""
     shape = SHAPES.get(_current[0], Shape(bench.SENSORS))
+    if shape.held:
+        held_store(shape, workdir / "ingestd.db")
 
     order = list(range(shape.devices))
 
@@ -115,6 +138,50 @@ def preload(
 
 _current = [""]
 
+HELD = [4_000_000]  # readings in the store before the "already holding" runs (--held)
+
+
+def held() -> str:
+    return f"on a store already holding {HELD[0]:,} readings"
+
+
+_held: dict[Shape, Path] = {}  # a store made once a run, copied for each round
+
+
+def held_store(shape: Shape, into: Path) -> None:
+    """`into` (the run's SQLite file) holding `shape.held` readings of the
+    fleet's series, a reading every 10 s of each in the time before T0, as
+    `ingestd import` stores the fleet's messages (the daemon's own routes,
+    series and rollups), checkpointed."""
+    made = _held.get(shape)
+    if made is None:
+        work = Path(tempfile.mkdtemp(prefix="ingestd-bench-held-"))
+        atexit.register(shutil.rmtree, work, True)
+        made = work / "held.db"
+        messages = shape.held // shape.metrics
+        lines = work / "held.jsonl"
+        with lines.open("w") as fh:
+            for j in range(messages):
+                device = j % shape.devices
+                ts = T0 - 10.0 * (messages - j) / shape.devices
+                fields = ", ".join(f'"m{k}": {(j + k) % 100 / 4}' for k in range(shape.metrics))
+                payload = "{" + f'"ts": {ts:.3f}, {fields}' + "}"
+                topic = f"sensors/dev{device}/telemetry"
+                fh.write(json.dumps({"topic": topic, "payload": payload, "received": ts}) + "\n")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
+        subprocess.run(
+            [sys.executable, "-m", "ingestd", "import", "--config", str(SHIPPED_CONFIG),
+             "--db", str(made), "--no-progress", str(lines)],
+            env=env, check=True, capture_output=True,
+        )  # fmt: skip
+        lines.unlink()
+        with contextlib.closing(sqlite3.connect(made)) as db:
+            stored = db.execute("SELECT count(*) FROM samples").fetchone()[0]
+            assert stored == shape.held, f"the held store has {stored} readings"
+            db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        _held[shape] = made
+    shutil.copyfile(made, into)
+
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -125,7 +192,14 @@ def main() -> int:
         "--intervals", help="ingestd's [rollups] intervals, comma-separated ('' for off)"
     )
     p.add_argument("--profile", type=Path, help="sample ingestd with py-spy; profiles in DIR")
+    p.add_argument(
+        "--held",
+        type=int,
+        default=HELD[0],
+        help=f"readings the store holds before the runs on a store in use (default {HELD[0]:,})",
+    )
     args = p.parse_args()
+    HELD[0] = args.held
     chosen_env: tuple[tuple[str, str], ...] = ()
     if args.intervals is not None:
         names = [n.strip() for n in args.intervals.split(",") if n.strip()]
@@ -205,6 +279,13 @@ def report(results: dict[str, list[Result]], args: argparse.Namespace, seconds: 
             f"ingestd -> PostgreSQL, {narrow}",
         ),
     ]
+    pairs.append(
+        (
+            f"SQLite wide / narrow, {held()}",
+            f"ingestd, {wide}, {held()}",
+            f"ingestd, {narrow}, {held()}",
+        )
+    )
     for label, a, b in pairs:
         if a in rate and b in rate:
             lines.append(f"- {label}: {rate[a] / rate[b]:.2f}x")

@@ -31,7 +31,8 @@ def parts(quick: bool) -> list[tuple[str, list[str]]]:
             ("Throughput and latency", ["bench.bench", "--quick", "--latency-rate", "5000",
                                         "--latency-seconds", "3"]),
             ("Fleets: wide, and SenML as devices send it", ["bench.fleet", "--rounds", "1",
-                                                            "--messages", "20000"]),
+                                                            "--messages", "20000",
+                                                            "--held", "400000"]),
             ("500,000 series (here 20,000)", ["bench.huge", "--devices", "4000"]),
         ]  # fmt: skip
     return [
