@@ -3,7 +3,7 @@ times), SenML packs as RFC 8428 devices write them, and CPU per QoS 1 message
 against mosquitto_sub's, each ratio measured in the same run.
 
     .venv/bin/python -m bench.fleet                   # 3 interleaved rounds
-    .venv/bin/python -m bench.fleet --only wide --rounds 1
+    .venv/bin/python -m bench.fleet --only "20,000" --rounds 1
 
 The backlog is preloaded with paho (one topic per device; mosquitto_pub takes
 one topic per process) while the consumer is not running, then timed as
@@ -11,11 +11,14 @@ bench.bench times it: from the consumer's connection to its last reading
 committed. Broker as config/mosquitto.conf says (1000 in flight, no queue
 limit), QoS 1, acknowledged after commit.
 
-The SQLite fleets run on an empty store and again on a store already holding
-4,000,000 of their readings from before (`--held`), as a store is after days
-in the field: each series' readings then fill B-tree pages of their own, and
-a batch rewrites one page per series it holds. The held store is made once a
-run, with `ingestd import`, and copied for each round.
+The SQLite fleets in id order run on an empty store and again on a store
+already holding 4,000,000 of their readings from before (`--held`): 10,000
+a series for 200 devices (28 hours of one every 10 s), 100 a series for
+20,000 (17 minutes). Either way each series' readings fill B-tree pages of
+their own, as in a store in use, and a batch rewrites one page per series
+it holds; on an empty store a run's readings of many series share pages.
+The held store is made once a run, with `ingestd import`, and copied (and
+synced to disk) for each round.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ def preload(
     """One topic per device, published with paho before the consumer runs."""
     shape = SHAPES.get(_current[0], Shape(bench.SENSORS))
     if shape.held:
-        held_store(shape, workdir / "ingestd.db")
+        held_store(shape, workdir / "ingestd.db", _import_env[0])
 
     order = list(range(shape.devices))
 
@@ -137,6 +140,7 @@ def preload(
 
 
 _current = [""]
+_import_env: list[tuple[tuple[str, str], ...]] = [()]  # the run's --intervals, for the import
 
 HELD = [4_000_000]  # readings in the store before the "already holding" runs (--held)
 
@@ -145,15 +149,18 @@ def held() -> str:
     return f"on a store already holding {HELD[0]:,} readings"
 
 
-_held: dict[Shape, Path] = {}  # a store made once a run, copied for each round
+# A store made once a run (per shape and settings), copied for each round.
+_held: dict[tuple[Shape, tuple[tuple[str, str], ...]], Path] = {}
 
 
-def held_store(shape: Shape, into: Path) -> None:
+def held_store(shape: Shape, into: Path, env: tuple[tuple[str, str], ...] = ()) -> None:
     """`into` (the run's SQLite file) holding `shape.held` readings of the
     fleet's series, a reading every 10 s of each in the time before T0, as
     `ingestd import` stores the fleet's messages (the daemon's own routes,
-    series and rollups), checkpointed."""
-    made = _held.get(shape)
+    series and rollups; `env`: the run's settings, its intervals), checkpointed
+    and on disk before the run (a copy's dirty pages written back during it
+    would be timed with it)."""
+    made = _held.get((shape, env))
     if made is None:
         work = Path(tempfile.mkdtemp(prefix="ingestd-bench-held-"))
         atexit.register(shutil.rmtree, work, True)
@@ -168,19 +175,24 @@ def held_store(shape: Shape, into: Path) -> None:
                 payload = "{" + f'"ts": {ts:.3f}, {fields}' + "}"
                 topic = f"sensors/dev{device}/telemetry"
                 fh.write(json.dumps({"topic": topic, "payload": payload, "received": ts}) + "\n")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")}
-        subprocess.run(
+        done = subprocess.run(
             [sys.executable, "-m", "ingestd", "import", "--config", str(SHIPPED_CONFIG),
              "--db", str(made), "--no-progress", str(lines)],
-            env=env, check=True, capture_output=True,
+            env={**{k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")},
+                 **dict(env)},
+            check=False, capture_output=True, text=True,
         )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"bench: making the held store failed:\n{done.stderr[-3000:]}")
         lines.unlink()
         with contextlib.closing(sqlite3.connect(made)) as db:
             stored = db.execute("SELECT count(*) FROM samples").fetchone()[0]
             assert stored == shape.held, f"the held store has {stored} readings"
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        _held[shape] = made
+        _held[(shape, env)] = made
     shutil.copyfile(made, into)
+    with into.open("rb+") as fh:
+        os.fsync(fh.fileno())
 
 
 def main() -> int:
@@ -199,13 +211,17 @@ def main() -> int:
         help=f"readings the store holds before the runs on a store in use (default {HELD[0]:,})",
     )
     args = p.parse_args()
+    if args.held < 0 or args.held % 2:
+        p.error("--held: a number of readings >= 0, even (2 a message); 0: no such runs")
     HELD[0] = args.held
     chosen_env: tuple[tuple[str, str], ...] = ()
     if args.intervals is not None:
         names = [n.strip() for n in args.intervals.split(",") if n.strip()]
         chosen_env = (("INGESTD_ROLLUPS__INTERVALS", json.dumps(names)),)
+    _import_env[0] = chosen_env
     chosen = [
         s for s in scenarios()
+        if HELD[0] or "already holding" not in s.name
         if not args.only or any(w in s.name.lower() for w in args.only.lower().split("|"))
     ]  # fmt: skip
     bench.preload = preload  # the fleet's shapes, not bench's 8 topics

@@ -23,7 +23,8 @@ T0 = 1_699_920_000  # a whole day (2023-11-14, UTC)
 
 def _pending(rng: random.Random) -> list[list[tuple[int, int, int, float]]]:
     """Pending rows of 1-300 records: 40 series, times from a small set (many
-    ties, across a minute's, an hour's and a day's edge), seq 0-2, any value."""
+    ties, across a minute's, 90 s's, an hour's and a day's edge), seq 0-2, any
+    value."""
     edges = (0, 59, 60, 61, 89, 90, 3599, 3600, 86399, 86400)
     stamps = [(T0 + s) * NS + k for s in edges for k in (0, 1)]
     return [
