@@ -199,13 +199,28 @@ def scenarios() -> list[Scenario]:
 _PG: list[Postgres] = []
 
 
-def postgres_database() -> tuple[str, str]:
-    """(name, URL) of a new database on the benchmark's own PostgreSQL cluster
-    (started once)."""
+def postgres_cluster() -> Postgres:
+    """The benchmark's own PostgreSQL cluster (started once)."""
     if not _PG:
         _PG.append(Postgres(durable=True).start())
+    return _PG[0]
+
+
+# A database the next run's is made from (bench.fleet's store in use), if any.
+TEMPLATE = [""]
+
+
+def postgres_database() -> tuple[str, str]:
+    """(name, URL) of a new database on the benchmark's own PostgreSQL cluster:
+    empty, or a copy of TEMPLATE's, checkpointed (its pages written before
+    the run, not during it)."""
+    pg = postgres_cluster()
     name = f"bench_{time.monotonic_ns()}"
-    return name, _PG[0].create_db(name)
+    if not TEMPLATE[0]:
+        return name, pg.create_db(name)
+    pg.sql(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE[0]}" STRATEGY FILE_COPY')
+    pg.sql("CHECKPOINT")
+    return name, pg.url(name)
 
 
 def stop_postgres() -> None:

@@ -11,14 +11,15 @@ bench.bench times it: from the consumer's connection to its last reading
 committed. Broker as config/mosquitto.conf says (1000 in flight, no queue
 limit), QoS 1, acknowledged after commit.
 
-The SQLite fleets in id order run on an empty store and again on a store
-already holding 4,000,000 of their readings from before (`--held`): 10,000
-a series for 200 devices (28 hours of one every 10 s), 100 a series for
-20,000 (17 minutes). Either way each series' readings fill B-tree pages of
-their own, as in a store in use, and a batch rewrites one page per series
-it holds; on an empty store a run's readings of many series share pages.
-The held store is made once a run, with `ingestd import`, and copied (and
-synced to disk) for each round.
+The fleets in id order run on an empty store and again on a store already
+holding 4,000,000 of their readings from before (`--held`), SQLite's and
+PostgreSQL's: 10,000 a series for 200 devices (28 hours of one every 10 s),
+100 a series for 20,000 (17 minutes). Either way each series' readings fill
+B-tree pages of their own, as in a store in use, and a batch rewrites one
+page per series it holds; on an empty store a run's readings of many series
+share pages. The held store is made once a run, with `ingestd import`, and
+copied for each round: the SQLite file synced to disk, the PostgreSQL
+database (vacuumed and analyzed once) with `CREATE DATABASE ... TEMPLATE`.
 """
 
 from __future__ import annotations
@@ -65,10 +66,12 @@ class Shape:
 
 
 SHAPES: dict[str, Shape] = {}
+STORES: dict[str, str] = {}
 
 
 def _scenario(name: str, shape: Shape, messages: int | None = None, **kw: object) -> Scenario:
     SHAPES[name] = shape
+    STORES[name] = str(kw.get("store", "sqlite"))
     batch = 25 if shape.senml else 0
     return Scenario(
         name, "ingestd", 1, 1000, FAST, messages=messages, batch=batch,
@@ -82,6 +85,18 @@ def scenarios() -> list[Scenario]:
         _scenario(f"ingestd, 200 devices x 2 metrics, {held()}", Shape(200, held=HELD[0])),
         _scenario(f"ingestd, 20,000 devices x 2 metrics, {held()}", Shape(20_000, held=HELD[0])),
     ]
+    held_pg = [
+        _scenario(
+            f"ingestd -> PostgreSQL, 200 devices x 2 metrics, {held()}",
+            Shape(200, held=HELD[0]),
+            store="postgres",
+        ),
+        _scenario(
+            f"ingestd -> PostgreSQL, 20,000 devices x 2 metrics, {held()}",
+            Shape(20_000, held=HELD[0]),
+            store="postgres",
+        ),
+    ]
     return [
         _scenario("ingestd, 200 devices x 2 metrics", Shape(200)),
         _scenario("ingestd, 20,000 devices x 2 metrics", Shape(20_000)),
@@ -94,6 +109,7 @@ def scenarios() -> list[Scenario]:
         _scenario(
             "ingestd -> PostgreSQL, 20,000 devices x 2 metrics", Shape(20_000), store="postgres"
         ),
+        *(held_pg if HELD[0] else []),
         _scenario(
             "ingestd, SenML packs as devices send them (200 devices, 50 records)",
             Shape(200, senml=True),
@@ -127,7 +143,10 @@ def preload(
 ) -> None:
     """One topic per device, published with paho before the consumer runs."""
     shape = SHAPES.get(_current[0], Shape(bench.SENSORS))
-    if shape.held:
+    bench.TEMPLATE[0] = ""
+    if shape.held and STORES[_current[0]] == "postgres":
+        bench.TEMPLATE[0] = held_database(shape, _import_env[0])  # copied by the run
+    elif shape.held:
         held_store(shape, workdir / "ingestd.db", _import_env[0])
 
     order = list(range(shape.devices))
@@ -155,49 +174,75 @@ def held() -> str:
     return f"on a store already holding {HELD[0]:,} readings"
 
 
-# A store made once a run (per shape and settings), copied for each round.
-_held: dict[tuple[Shape, tuple[tuple[str, str], ...]], Path] = {}
+# A store made once a run (per shape, store and settings), copied for each round.
+_held: dict[tuple[Shape, str, tuple[tuple[str, str], ...]], str] = {}
+
+
+def _held_import(shape: Shape, work: Path, db: str, env: tuple[tuple[str, str], ...]) -> None:
+    """`ingestd import` into `db` (a file or a URL) of `shape.held` readings of
+    the fleet's series, a reading every 10 s of each in the time before T0, as
+    the daemon stores the fleet's messages (its own routes, series and
+    rollups; `env`: the run's settings, its intervals)."""
+    messages = shape.held // shape.metrics
+    lines = work / "held.jsonl"
+    with lines.open("w") as fh:
+        for j in range(messages):
+            device = j % shape.devices
+            ts = T0 - 10.0 * (messages - j) / shape.devices
+            payload = _json(j, shape, ts).decode()
+            topic = f"sensors/dev{device}/telemetry"
+            fh.write(json.dumps({"topic": topic, "payload": payload, "received": ts}) + "\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "ingestd", "import", "--config", str(SHIPPED_CONFIG),
+         "--db", db, "--no-progress", str(lines)],
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")},
+             **dict(env)},
+        check=False, capture_output=True, text=True,
+    )  # fmt: skip
+    lines.unlink()
+    if done.returncode != 0:
+        raise RuntimeError(f"bench: making the held store failed:\n{done.stderr[-3000:]}")
 
 
 def held_store(shape: Shape, into: Path, env: tuple[tuple[str, str], ...] = ()) -> None:
-    """`into` (the run's SQLite file) holding `shape.held` readings of the
-    fleet's series, a reading every 10 s of each in the time before T0, as
-    `ingestd import` stores the fleet's messages (the daemon's own routes,
-    series and rollups; `env`: the run's settings, its intervals), checkpointed
-    and on disk before the run (a copy's dirty pages written back during it
-    would be timed with it)."""
-    made = _held.get((shape, env))
+    """`into` (the run's SQLite file) holding `shape.held` readings
+    (`_held_import`), checkpointed and on disk before the run (a copy's dirty
+    pages written back during it would be timed with it)."""
+    made = _held.get((shape, "sqlite", env))
     if made is None:
         work = Path(tempfile.mkdtemp(prefix="ingestd-bench-held-"))
         atexit.register(shutil.rmtree, work, True)
-        made = work / "held.db"
-        messages = shape.held // shape.metrics
-        lines = work / "held.jsonl"
-        with lines.open("w") as fh:
-            for j in range(messages):
-                device = j % shape.devices
-                ts = T0 - 10.0 * (messages - j) / shape.devices
-                payload = _json(j, shape, ts).decode()
-                topic = f"sensors/dev{device}/telemetry"
-                fh.write(json.dumps({"topic": topic, "payload": payload, "received": ts}) + "\n")
-        done = subprocess.run(
-            [sys.executable, "-m", "ingestd", "import", "--config", str(SHIPPED_CONFIG),
-             "--db", str(made), "--no-progress", str(lines)],
-            env={**{k: v for k, v in os.environ.items() if not k.startswith("INGESTD_")},
-                 **dict(env)},
-            check=False, capture_output=True, text=True,
-        )  # fmt: skip
-        if done.returncode != 0:
-            raise RuntimeError(f"bench: making the held store failed:\n{done.stderr[-3000:]}")
-        lines.unlink()
+        made = str(work / "held.db")
+        _held_import(shape, work, made, env)
         with contextlib.closing(sqlite3.connect(made)) as db:
             stored = db.execute("SELECT count(*) FROM samples").fetchone()[0]
             assert stored == shape.held, f"the held store has {stored} readings"
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        _held[(shape, env)] = made
+        _held[(shape, "sqlite", env)] = made
     shutil.copyfile(made, into)
     with into.open("rb+") as fh:
         os.fsync(fh.fileno())
+
+
+def held_database(shape: Shape, env: tuple[tuple[str, str], ...] = ()) -> str:
+    """A database on the benchmark's PostgreSQL cluster holding `shape.held`
+    readings (`_held_import`), vacuumed and analyzed as autovacuum leaves a
+    store in use; each round's database is a copy (`bench.TEMPLATE`)."""
+    made = _held.get((shape, "postgres", env))
+    if made is None:
+        pg = bench.postgres_cluster()
+        made = f"held_{len(_held)}"
+        url = pg.create_db(made)
+        work = Path(tempfile.mkdtemp(prefix="ingestd-bench-held-"))
+        try:
+            _held_import(shape, work, url, env)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        stored = int(pg.sql("SELECT count(*) FROM samples", made)[0][0])
+        assert stored == shape.held, f"the held database has {stored} readings"
+        pg.sql("VACUUM ANALYZE", made)
+        _held[(shape, "postgres", env)] = made
+    return made
 
 
 def main() -> int:
@@ -302,6 +347,11 @@ def report(results: dict[str, list[Result]], args: argparse.Namespace, seconds: 
             f"SQLite wide / narrow, {held()}",
             f"ingestd, {wide}, {held()}",
             f"ingestd, {narrow}, {held()}",
+        ),
+        (
+            f"PostgreSQL wide / narrow, {held()}",
+            f"ingestd -> PostgreSQL, {wide}, {held()}",
+            f"ingestd -> PostgreSQL, {narrow}, {held()}",
         ),
     ]
     for label, a, b in pairs:
