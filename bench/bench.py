@@ -206,20 +206,25 @@ def postgres_cluster() -> Postgres:
     return _PG[0]
 
 
-# A database the next run's is made from (bench.fleet's store in use), if any.
+# A database the next run's is made from (bench.fleet's store in use), if
+# any; taken by that run (`postgres_database`), so it reaches no other.
 TEMPLATE = [""]
 
 
 def postgres_database() -> tuple[str, str]:
     """(name, URL) of a new database on the benchmark's own PostgreSQL cluster:
-    empty, or a copy of TEMPLATE's, checkpointed (its pages written before
-    the run, not during it)."""
+    empty, or a copy of TEMPLATE's, copied file by file (PostgreSQL 15's
+    default strategy, WAL_LOG, would write the whole copy into the WAL; before
+    15 a file copy is the only way). FILE_COPY checkpoints before and after
+    the copy, so its pages are on disk before the run, not written during it."""
     pg = postgres_cluster()
     name = f"bench_{time.monotonic_ns()}"
-    if not TEMPLATE[0]:
+    template, TEMPLATE[0] = TEMPLATE[0], ""
+    if not template:
         return name, pg.create_db(name)
-    pg.sql(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE[0]}" STRATEGY FILE_COPY')
-    pg.sql("CHECKPOINT")
+    version = int(pg.sql("SHOW server_version_num")[0][0])
+    strategy = " STRATEGY FILE_COPY" if version >= 150000 else ""
+    pg.sql(f'CREATE DATABASE "{name}" TEMPLATE "{template}"{strategy}')
     return name, pg.url(name)
 
 

@@ -58,10 +58,10 @@ class Shape:
     # Each round of the fleet in an order of its own (a field's devices do not
     # report in the order they were first seen, which is their series' ids).
     shuffled: bool = False
-    # Readings the SQLite store holds before the run, the fleet's own from
-    # before T0: a store after days in the field, where each series' readings
-    # fill B-tree pages of their own, not an empty one, where a few hundred
-    # thousand readings of thousands of series share pages.
+    # Readings the store (SQLite's or PostgreSQL's) holds before the run, the
+    # fleet's own from before T0: a store after days in the field, where each
+    # series' readings fill B-tree pages of their own, not an empty one, where
+    # a few hundred thousand readings of thousands of series share pages.
     held: int = 0
 
 
@@ -241,6 +241,16 @@ def held_database(shape: Shape, env: tuple[tuple[str, str], ...] = ()) -> str:
         stored = int(pg.sql("SELECT count(*) FROM samples", made)[0][0])
         assert stored == shape.held, f"the held database has {stored} readings"
         pg.sql("VACUUM ANALYZE", made)
+        # samples is split a partition a day (as shipped): the run's readings
+        # go to T0's, which holds the held readings of that day only (none
+        # when T0 is midnight, UTC).
+        day_ns = int(T0) // 86_400 * 86_400 * 10**9
+        today = int(pg.sql(f"SELECT count(*) FROM samples WHERE ts_ns >= {day_ns}", made)[0][0])
+        print(
+            f"bench: held database for {shape.devices:,} devices: {today:,} of its "
+            f"{stored:,} readings in the run's partition (T0's day)",
+            file=sys.stderr,
+        )
         _held[(shape, "postgres", env)] = made
     return made
 

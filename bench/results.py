@@ -3,7 +3,7 @@ latency run), the fleet-shaped loads (bench.fleet) and 500,000 series
 (bench.huge), one after the other on this machine, each table as its module
 prints it.
 
-    .venv/bin/python -m bench.results             # about 20 minutes, the 2 cores quiet
+    .venv/bin/python -m bench.results             # about 22 minutes, the 2 cores quiet
     .venv/bin/python -m bench.results --quick     # 1 round each, smaller: a smoke run
 
 Each part runs as its own process (its progress on stderr); a part that
