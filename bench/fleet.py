@@ -238,14 +238,16 @@ def held_database(shape: Shape, env: tuple[tuple[str, str], ...] = ()) -> str:
             _held_import(shape, work, url, env)
         finally:
             shutil.rmtree(work, ignore_errors=True)
-        stored = int(pg.sql("SELECT count(*) FROM samples", made)[0][0])
-        assert stored == shape.held, f"the held database has {stored} readings"
-        pg.sql("VACUUM ANALYZE", made)
         # samples is split a partition a day (as shipped): the run's readings
         # go to T0's, which holds the held readings of that day only (none
         # when T0 is midnight, UTC).
         day_ns = int(T0) // 86_400 * 86_400 * 10**9
-        today = int(pg.sql(f"SELECT count(*) FROM samples WHERE ts_ns >= {day_ns}", made)[0][0])
+        ((all_, in_day),) = pg.sql(
+            f"SELECT count(*), count(*) FILTER (WHERE ts_ns >= {day_ns}) FROM samples", made
+        )
+        stored, today = int(all_), int(in_day)
+        assert stored == shape.held, f"the held database has {stored} readings"
+        pg.sql("VACUUM ANALYZE", made)
         print(
             f"bench: held database for {shape.devices:,} devices: {today:,} of its "
             f"{stored:,} readings in the run's partition (T0's day)",

@@ -3,12 +3,13 @@ under ingestd's CPU a message that its SQLite store sets, beside
 `mosquitto_sub`'s (the floor for receiving and acknowledging).
 
 The backlog's rows (8 sensors x 2 metrics, a reading of each metric a
-message) are inserted as ingestd's store inserts them (`ingestd.store.sqlite.
-rows`: each batch sorted by key, in multi-row statements of 1,024, 128, 16
-and 1 rows), into ingestd's schema, WAL, synchronous FULL, a transaction a
-batch of 500 messages (half of the broker's window of 1,000 in flight, where
-ingestd's batches close). No broker, no decoding, no rollups: the SQLite
-library's own work and the least Python that drives it.
+message) are inserted in the statements ingestd's store makes of them
+(`ingestd.store.sqlite.rows.statements`: each batch sorted by key, in
+multi-row statements of 1,024, 128, 16 and 1 rows), into ingestd's schema,
+WAL, synchronous FULL, a transaction a batch of 500 messages (half of the
+broker's window of 1,000 in flight, where ingestd's batches close). No
+broker, no decoding, no rollups: the SQLite library's own work and the least
+Python that drives it.
 
     .venv/bin/python -m bench.store_floor               # 5 rounds, 100,000 messages
 """
@@ -20,10 +21,9 @@ import resource
 import sqlite3
 import statistics
 import tempfile
-from itertools import chain
 from pathlib import Path
 
-from ingestd.store.sqlite.rows import _KEY, _SIZES, _insert
+from ingestd.store.sqlite.rows import statements
 from ingestd.store.sqlite.schema import MIGRATIONS
 
 SENSORS = 8
@@ -58,17 +58,9 @@ def one_round(messages: int, per_batch: int) -> float:
         step = 2 * per_batch
         before = resource.getrusage(resource.RUSAGE_SELF)
         for start in range(0, len(backlog), step):
-            keyed = sorted(backlog[start : start + step], key=_KEY)
             db.execute("BEGIN IMMEDIATE")
-            at = 0
-            for size in _SIZES:
-                end = at + (len(keyed) - at) // size * size
-                if end > at:
-                    groups = [
-                        list(chain.from_iterable(keyed[i : i + size])) for i in range(at, end, size)
-                    ]
-                    db.executemany(_insert(size), groups)
-                    at = end
+            for sql, groups in statements(backlog[start : start + step]):
+                db.executemany(sql, groups)
             db.execute("COMMIT")
         after = resource.getrusage(resource.RUSAGE_SELF)
         stored = db.execute("SELECT count(*) FROM samples").fetchone()[0]

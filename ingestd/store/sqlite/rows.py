@@ -33,6 +33,22 @@ async def in_thread(conn: aiosqlite.Connection, fn: Callable[[sqlite3.Connection
     return cast(T, await conn._execute(fn, conn._conn))  # type: ignore[no-untyped-call]  # noqa: SLF001
 
 
+def statements(rows: Sequence[tuple[int, int, int, float]]) -> list[tuple[str, list[list[float]]]]:
+    """The rows' INSERT statements (`insert`), each with its parameter
+    lists: the rows in key order (a stable sort), in statements of
+    ROWS_PER_INSERT rows, then 128, 16 and 1."""
+    keyed = sorted(rows, key=_KEY)
+    work: list[tuple[str, list[list[float]]]] = []
+    at = 0
+    for size in _SIZES:
+        end = at + (len(keyed) - at) // size * size
+        if end > at:
+            groups = [list(chain.from_iterable(keyed[i : i + size])) for i in range(at, end, size)]
+            work.append((_insert(size), groups))
+            at = end
+    return work
+
+
 async def insert(
     conn: aiosqlite.Connection, rows: list[tuple[int, int, int, float]], first: Sequence[str] = ()
 ) -> int:
@@ -55,15 +71,7 @@ async def insert(
     ~25 ms), lets it have the GIL only every switch interval: each statement
     costs a wait (`GIL_SWITCH_INTERVAL`), so few of them.
     """
-    keyed = sorted(rows, key=_KEY)
-    work: list[tuple[str, list[list[float]]]] = []
-    at = 0
-    for size in _SIZES:
-        end = at + (len(keyed) - at) // size * size
-        if end > at:
-            groups = [list(chain.from_iterable(keyed[i : i + size])) for i in range(at, end, size)]
-            work.append((_insert(size), groups))
-            at = end
+    work = statements(rows)
 
     def run(db: sqlite3.Connection) -> int:
         for sql in first:
