@@ -13,6 +13,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from operator import attrgetter
 
 import structlog
 
@@ -23,6 +24,7 @@ from ingestd.metric_rules import Applied, MetricRules
 
 log = structlog.get_logger("ingestd.checks")
 _NEVER = 2**63  # beyond any int64 nanosecond time
+_STAMP = attrgetter("ts_ns")
 
 
 def apply_rules(
@@ -98,7 +100,10 @@ def apply_clock(
     the rest are quarantined (0 turns a check off)."""
     latest = int((now + max_future) * NS) if max_future else _NEVER
     earliest = int((now - max_age) * NS) if max_age else -_NEVER
-    if all(earliest <= r.ts_ns <= latest for r in readings):
+    if not readings:
+        return readings
+    stamps = list(map(_STAMP, readings))
+    if earliest <= min(stamps) and max(stamps) <= latest:  # all within: the common case
         return readings
     kept: list[Reading] = []
     for r in readings:

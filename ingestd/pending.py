@@ -11,13 +11,14 @@ import sys
 from array import array
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from random import Random
 from typing import Any
 
 from ingestd.rollups import NS, Key, RollupRow, Row, add_sums, aggregate
 
 PENDING = "SELECT records FROM rollup_pending ORDER BY id"
+_SERIES, _SEQ = itemgetter(0), itemgetter(2)
 
 
 # A batch whose gauges make at most one rollup row per DENSE readings (few
@@ -35,9 +36,9 @@ def dense(records: Sequence[tuple[int, int, int, float]], widths: int) -> bool:
     pending, and a row's first and last settle a tie of times by the order
     of merges (the earlier kept first, the later taken last), which is the
     readings' order only if they go the same way: pending, closed in order."""
-    if any(r[2] for r in records):
+    if any(map(_SEQ, records)):
         return False
-    return len({r[0] for r in records}) * widths * DENSE <= len(records)
+    return len(set(map(_SERIES, records))) * widths * DENSE <= len(records)
 
 
 def drained(pending: int, closed: int) -> int:

@@ -150,15 +150,17 @@ def aggregate(
         # its collector's work, that line alone cost more than the rest.)
         ts, vs = list(map(_STAMP, own)), list(map(_VALUE, own))
         lo, hi = min(ts), max(ts)
+        whole: tuple[float, ...] = ()  # the series' row, for every width it fits in one bucket of
         for width, per in pers:
             if lo // per != hi // per:
                 fold(out, sid, ts, vs, width)
                 continue
-            first = vs[ts.index(lo)]  # the first reading at the earliest time
-            last = vs[len(ts) - 1 - ts[::-1].index(hi)]  # the last at the latest
-            out[(width, sid, lo // per * width)] = [
-                len(ts), min(vs), max(vs), sum(vs), lo, first, hi, last, 0.0
-            ]  # fmt: skip
+            if not whole:
+                n = len(ts)
+                first = vs[ts.index(lo)]  # the first reading at the earliest time
+                last = vs[n - 1 - ts[::-1].index(hi)]  # the last at the latest
+                whole = (n, min(vs), max(vs), sum(vs), lo, first, hi, last, 0.0)
+            out[(width, sid, lo // per * width)] = list(whole)
     return out
 
 

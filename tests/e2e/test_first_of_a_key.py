@@ -1,4 +1,4 @@
-"""SQLite inserts a batch's rows in key order: the daemon against a model of
+"""SQLite inserts a batch's rows grouped by series: the daemon against a model of
 what was published. For every key (sensor, metric, ts_ns, seq) the value of
 the FIRST reading in publish order is stored; a later same-key
 reading is a duplicate (same value) or a quarantined conflict (another

@@ -1,7 +1,8 @@
-"""Rows inserted in key order and series keys sharing their strings, at the
-store: random batches against a model, both engines, rows across the
-256-row statements, odd series strings, a series cache far smaller than the
-series (SERIES_KEPT monkeypatched), and a reopen with the series known."""
+"""Rows inserted in order (SQLite: grouped by series; PostgreSQL: in key
+order) and series keys sharing their strings, at the store: random batches
+against a model, both engines, rows across the 256-row statements, odd
+series strings, a series cache far smaller than the series (SERIES_KEPT
+monkeypatched), and a reopen with the series known."""
 
 from __future__ import annotations
 
