@@ -4,7 +4,7 @@ under ingestd's CPU a message that its SQLite store sets, beside
 
 The backlog's rows (8 sensors x 2 metrics, a reading of each metric a
 message) are inserted in the statements ingestd's store makes of them
-(`ingestd.store.sqlite.rows.statements`: each batch sorted by key, in
+(`ingestd.store.sqlite.rows.statements`: each batch grouped by series, in
 multi-row statements of 1,024, 128, 16 and 1 rows), into ingestd's schema,
 WAL, synchronous FULL, a transaction a batch of 500 messages (half of the
 broker's window of 1,000 in flight, where ingestd's batches close). No

@@ -7,7 +7,7 @@ value); the rollups agree with the raw readings (a rebuild changes nothing).
 Messages are arrays with repeated timestamps (seq > 0) drawn from a small
 pool, so that one batch holds same-key readings inside one message and across
 messages, redeliveries and new readings, over 256 rows (multi-row statements
-and a remainder).
+of 128, 16 and 1 rows).
 """
 
 from __future__ import annotations

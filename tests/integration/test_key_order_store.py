@@ -1,6 +1,6 @@
 """Rows inserted in order (SQLite: grouped by series; PostgreSQL: in key
 order) and series keys sharing their strings, at the store: random batches
-against a model, both engines, rows across the 256-row statements, odd
+against a model, both engines, rows across multi-row statements, odd
 series strings, a series cache far smaller than the series (SERIES_KEPT
 monkeypatched), and a reopen with the series known."""
 

@@ -69,10 +69,10 @@ async def insert(
     2.48-2.56 us a row against 2.54-2.56 in key order, 400 series; 40,000
     series 4.07-4.28 against 4.19-4.21), and an int key sorts in a fraction
     of a tuple's time (a batch of 25,000 SenML readings: 1.4 ms against 8.5;
-    in bench.fleet's SenML packs, 4 rounds with the order alternating,
-    ingestd's CPU a message 419 us against 457, 125,930 readings/s against
-    115,927). Multi-row statements: ~30% less work per row than one row per
-    step.
+    in bench.fleet's SenML packs, this sort and the flat parameter list
+    switched in one tree, 4 rounds with the order alternating, ingestd's CPU
+    a message 419 us against 457, 125,930 readings/s against 115,927).
+    Multi-row statements: ~30% less work per row than one row per step.
 
     One step on the connection's thread (`in_thread`): the statements `first`
     (the batch's BEGIN, a savepoint), then the rows, a few large statements.
