@@ -131,8 +131,15 @@ def test_postgres_restarted_mid_stream_loses_and_doubles_nothing(
     # Without the spool ingestd holds the batch (the broker keeps the rest);
     # with it, it spools (the default): either way every reading once.
     what = "spooling batches to local disk" if spool == "true" else "holding the batch"
-    assert logs.count(f"store unavailable; {what}") >= 1
-    assert "store available again" in logs
+    # The outage is in the log either way: a batch that met it says the store
+    # is unavailable, then available again; a restart that fell between
+    # batches (ingestd idle through it: on 2026-12-07, a slow machine, 8 of 51
+    # runs of the restart cases, at b23d5de as since) shows as the idle
+    # connections found closed by the server.
+    if logs.count(f"store unavailable; {what}") >= 1:
+        assert "store available again" in logs
+    else:
+        assert "store connection closed by the server; reconnecting" in logs, logs
     record_property("postgres_fault", f"{how} at {at_fault:,} of {n:,}: stored {rows}")
     print(f"\n{how} at {at_fault:,}/{n:,} messages: stored {rows}; {text.count('condition')}")
 
