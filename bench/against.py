@@ -3,12 +3,17 @@ alternating in one run: a speed-up measured against its baseline on the same
 machine at the same time (this machine's speed drifts by a third from one day
 to the next, so a figure from another day says little).
 
-    .venv/bin/python -m bench.against 53e9ff7 --only SenML --rounds 6
+    .venv/bin/python -m bench.against 53e9ff7 --fix 6cbf528 --only SenML --rounds 6
 
 53e9ff7 is the code as it was when the fleet-scale issue was filed (it added
 bench/fleet.py and nothing else). The commit is checked out in a temporary
 git worktree, removed afterwards; its own bench.fleet drives its own daemon
-(so it must have bench/fleet.py), with this venv's libraries. Round i runs
+(so it must have bench/fleet.py), with this venv's libraries. `--fix C`
+applies commit C's changes to it first, a bench fix it lacks; C may touch
+bench/ only, so the daemon stays as it was. 53e9ff7 needs 6cbf528: its
+device times start at the top of the hour and run 500 s past it, so in an
+hour's first minutes they were more than 300 s ahead of the clock, were
+quarantined as from the future, and the run never ended. Round i runs
 the earlier tree first when i is odd, this one first when even. Prints each
 run's readings/s and ingestd's CPU a message, the medians, and the median of
 the rounds' ratios (this tree / the earlier one).
@@ -47,17 +52,23 @@ def run(tree: Path, only: str, messages: int | None) -> list[tuple[str, float, f
     return rows
 
 
+def git(*args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=True
+    ).stdout
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("commit", help="the earlier commit (it must have bench/fleet.py)")
     p.add_argument("--only", default="SenML", help="bench.fleet scenarios ('|'-separated)")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--messages", type=int, help="bench.fleet's --messages (default its own)")
+    p.add_argument(
+        "--fix", action="append", default=[], help="a commit of bench/ changes to apply first"
+    )
     a = p.parse_args()
-    head = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
+    head = git("rev-parse", "--short", "HEAD").strip()
     with tempfile.TemporaryDirectory(prefix="ingestd-against-") as tmp:
         old = Path(tmp) / "tree"
         subprocess.run(
@@ -67,6 +78,11 @@ def main() -> int:
         try:
             if not (old / "bench" / "fleet.py").exists():
                 raise SystemExit(f"bench.against: {a.commit} has no bench/fleet.py")
+            for fix in a.fix:
+                touched = git("diff-tree", "--no-commit-id", "--name-only", "-r", fix).split()
+                if not touched or any(not f.startswith("bench/") for f in touched):
+                    raise SystemExit(f"bench.against: --fix {fix} touches more than bench/")
+                subprocess.run(["git", "-C", str(old), "cherry-pick", "-n", fix], check=True)
             results: dict[str, dict[str, list[float]]] = {}
             print("| round | tree | scenario | readings/s | CPU us/message |")
             print("|---:|---|---|---:|---:|")
