@@ -82,7 +82,11 @@ def main() -> int:
                 touched = git("diff-tree", "--no-commit-id", "--name-only", "-r", fix).split()
                 if not touched or any(not f.startswith("bench/") for f in touched):
                     raise SystemExit(f"bench.against: --fix {fix} touches more than bench/")
-                subprocess.run(["git", "-C", str(old), "cherry-pick", "-n", fix], check=True)
+                subprocess.run(
+                    ["git", "-C", str(old), "cherry-pick", "-n", fix],
+                    stdout=subprocess.DEVNULL,  # "Auto-merging ...": not part of the table
+                    check=True,
+                )
             results: dict[str, dict[str, list[float]]] = {}
             print("| round | tree | scenario | readings/s | CPU us/message |")
             print("|---:|---|---|---:|---:|")
